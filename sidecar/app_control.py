@@ -1,0 +1,364 @@
+"""How the sidecar reaches the app: start it, watch it, forward signals, stop it.
+
+Wrapper mode: ``ChildApp`` (the app is our child). Alongside mode: ``PidApp``
+(a PID or PID file in a shared PID namespace), ``UrlApp`` (an HTTP shutdown
+endpoint) or ``ExternalApp`` (the orchestrator stops the app itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+
+from .clock import Clock
+from .config import KILL_REAP_TIMEOUT
+
+
+@dataclass(frozen=True)
+class StopResult:
+    status: int  # exit status to pass on (128 + N for signal N)
+    killed: bool  # SIGKILL was needed
+    how: str  # what happened, for the log
+
+
+def exit_status(wait_status: int) -> int:
+    """waitpid status -> shell-style exit status (128 + N when signal N ended it)."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code
+
+
+class App(Protocol):
+    """The lifecycle's handle on the app, whatever the mode."""
+
+    description: str
+    exited: asyncio.Future[int]  # resolves when the app ends on its own or after stop()
+
+    def forward(self, sig: signal.Signals) -> None: ...
+
+    def kill(self) -> None: ...
+
+    async def stop(self, sig: signal.Signals, timeout: float) -> StopResult: ...
+
+
+# --- wrapper mode -------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _libc_prctl() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]  # ctypes' private type
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None  # not Linux: no parent-death signal, the finally in cli still kills the app
+
+
+class Launcher(Protocol):
+    def spawn(self, argv: Sequence[str]) -> int: ...
+
+
+class PosixLauncher:
+    """Starts the app in its own process group, tied to the sidecar's life.
+
+    Own process group: a terminal's Ctrl-C reaches the sidecar only, which
+    then drains before the app hears anything. Parent-death signal (Linux):
+    if the sidecar is SIGKILLed, the kernel SIGKILLs the app, so it cannot
+    outlive the sidecar and keep serving unsupervised.
+
+    Call spawn before any thread exists (the lifecycle does): ``preexec_fn``
+    runs between fork and exec.
+    """
+
+    def __init__(self) -> None:
+        self._prctl = _libc_prctl()
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, argv: Sequence[str]) -> int:
+        parent = os.getpid()
+        prctl = self._prctl
+
+        def in_child() -> None:
+            if prctl is not None:
+                prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+                if os.getppid() != parent:  # the sidecar died before prctl took effect
+                    os._exit(128 + signal.SIGKILL)
+
+        proc = subprocess.Popen(list(argv), process_group=0, preexec_fn=in_child, close_fds=True)
+        # Keep the Popen object: dropping it would let subprocess's own cleanup
+        # waitpid() the app and steal its exit status from our reaper.
+        self._procs.append(proc)
+        return proc.pid
+
+    def mark_reaped(self, pid: int, status: int) -> None:
+        for p in self._procs:
+            if p.pid == pid:
+                p.returncode = status
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (as PID 1 does) so they can be reaped; Linux only."""
+    prctl = _libc_prctl()
+    return prctl is not None and prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+class ChildApp:
+    """The app as the sidecar's child (wrapper mode)."""
+
+    def __init__(self, argv: Sequence[str], launcher: Launcher, clock: Clock) -> None:
+        self.argv = list(argv)
+        self.description = f"child {self.argv[0]}"
+        self._launcher = launcher
+        self._clock = clock
+        self.pid: int | None = None
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.orphans_reaped = 0
+
+    def start(self) -> int:
+        """Spawn the app; raises OSError (FileNotFoundError, PermissionError) if it cannot."""
+        loop = asyncio.get_running_loop()
+        # Reaping runs in the event loop (not in the signal context): asyncio's
+        # signal handler only wakes the loop; the callback then collects every
+        # child that has ended - the app, and any orphan re-parented to us.
+        loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        self.pid = self._launcher.spawn(self.argv)
+        self.description = f"pid {self.pid} ({self.argv[0]})"
+        self.reap()  # in case it ended before the handler saw a SIGCHLD
+        return self.pid
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.pid:
+                code = exit_status(status)
+                mark = getattr(self._launcher, "mark_reaped", None)
+                if mark is not None:
+                    mark(pid, code)
+                if not self.exited.done():
+                    self.exited.set_result(code)
+            else:
+                self.orphans_reaped += 1
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None and not self.exited.done()
+
+    def forward(self, sig: signal.Signals) -> None:
+        if self.running:
+            assert self.pid is not None
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.kill_group()
+
+    def kill_group(self) -> bool:
+        """SIGKILL the app's whole process group; False if nothing was left in it."""
+        if self.pid is None:
+            return False
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
+        if self.exited.done():
+            return StopResult(self.exited.result(), False, "had already exited")
+        self.forward(sig)
+        try:
+            status = await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+            return StopResult(status, False, f"exited after {sig.name}")
+        except TimeoutError:
+            pass
+        self.kill_group()
+        try:
+            status = await asyncio.wait_for(asyncio.shield(self.exited), KILL_REAP_TIMEOUT)
+        except TimeoutError:
+            status = 128 + signal.SIGKILL
+        return StopResult(status, True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
+
+
+# --- alongside mode -----------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); it has exited for our purpose.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+class PidApp:
+    """An app in a shared PID namespace, known by PID or PID file (alongside mode)."""
+
+    POLL = 0.05
+
+    def __init__(self, pid: int | None, pid_file: Path | None, clock: Clock) -> None:
+        self._pid = pid
+        self._pid_file = pid_file
+        self._clock = clock
+        self.description = f"pid {pid}" if pid is not None else f"pid file {pid_file}"
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._watch: asyncio.Task[None] | None = None
+
+    def pid(self) -> int:
+        """The app's PID; raises OSError or ValueError with the reason if unknown."""
+        if self._pid is not None:
+            return self._pid
+        assert self._pid_file is not None
+        text = self._pid_file.read_text(encoding="utf-8").strip()
+        try:
+            pid = int(text)
+        except ValueError:
+            raise ValueError(f"{self._pid_file} does not hold a PID: {text[:40]!r}") from None
+        if pid <= 0:
+            raise ValueError(f"{self._pid_file} holds {pid}, not a PID")
+        return pid
+
+    def watch(self) -> None:
+        """Resolve ``exited`` when the process goes away (call once the app is up)."""
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        while True:  # the app may write its PID file after we start
+            try:
+                pid = self.pid()
+                break
+            except (OSError, ValueError):
+                await self._clock.sleep(0.5)
+        while _alive(pid):
+            await self._clock.sleep(self.POLL)
+        if not self.exited.done():
+            self.exited.set_result(0)
+
+    def forward(self, sig: signal.Signals) -> None:
+        try:
+            os.kill(self.pid(), sig)
+        except (OSError, ValueError):
+            pass
+
+    def kill(self) -> None:
+        self.forward(signal.SIGKILL)
+
+    async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
+        try:
+            pid = self.pid()
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return StopResult(0, False, "was already gone")
+        except (OSError, ValueError) as e:
+            return StopResult(1, False, f"could not be signalled: {e}")
+        deadline = self._clock.monotonic() + timeout
+        while _alive(pid):
+            if self._clock.monotonic() >= deadline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                return StopResult(128 + signal.SIGKILL, True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
+            await self._clock.sleep(self.POLL)
+        return StopResult(0, False, f"exited after {sig.name}")
+
+
+class UrlApp:
+    """An app that stops on ``POST shutdown_url`` (alongside mode, no shared PID namespace)."""
+
+    POLL = 0.1
+
+    def __init__(self, shutdown_url: str, check_url: str, clock: Clock) -> None:
+        self._shutdown_url = shutdown_url
+        self._check_url = check_url
+        self._clock = clock
+        self.description = f"POST {shutdown_url}"
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def forward(self, sig: signal.Signals) -> None:
+        pass  # no process to signal
+
+    def kill(self) -> None:
+        pass
+
+    async def _answers(self, session: aiohttp.ClientSession) -> bool:
+        try:
+            async with session.get(self._check_url, timeout=aiohttp.ClientTimeout(total=1)) as r:
+                await r.read()
+                return True
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
+        deadline = self._clock.monotonic() + timeout
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            try:
+                async with session.post(self._shutdown_url, timeout=aiohttp.ClientTimeout(total=max(0.1, timeout))) as r:
+                    await r.read()
+                    if r.status >= 400:
+                        return StopResult(1, False, f"POST {self._shutdown_url} answered {r.status}")
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                # A server that closes the connection as it stops is fine:
+                # whether the app is gone is decided below.
+                if not await self._answers(session):
+                    return StopResult(0, False, "stopped answering after the shutdown request")
+                return StopResult(1, False, f"POST {self._shutdown_url} failed: {e.__class__.__name__}: {e}")
+            while await self._answers(session):
+                if self._clock.monotonic() >= deadline:
+                    return StopResult(1, False, f"still answering {self._check_url} {timeout:g}s after the shutdown request")
+                await self._clock.sleep(self.POLL)
+        return StopResult(0, False, "stopped answering after the shutdown request")
+
+
+class ExternalApp:
+    """Alongside mode with no way to reach the app: the orchestrator stops it."""
+
+    description = "managed elsewhere"
+
+    def __init__(self) -> None:
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def forward(self, sig: signal.Signals) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+    async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
+        return StopResult(0, False, "left to the orchestrator (no [app] setting)")
+
+
+__all__ = [
+    "App",
+    "ChildApp",
+    "ExternalApp",
+    "Launcher",
+    "PidApp",
+    "PosixLauncher",
+    "StopResult",
+    "UrlApp",
+    "become_subreaper",
+    "exit_status",
+]

@@ -1,0 +1,173 @@
+"""The command line: parse, validate, wire the parts together, map failures to exit codes.
+
+    consul-sidecar run -c FILE [-- COMMAND [ARG...]]
+    consul-sidecar check-config -c FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__, log
+from .app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
+from .clock import SystemClock
+from .config import EX_CONFIG, Config, ConfigError, load_config
+from .consul_client import ConsulAgent
+from .durations import format_duration
+from .health import Prober
+from .lifecycle import EX_SOFTWARE, Sidecar
+from .registration import registration_payload
+from .status import Status, StatusServer, bind
+
+PROG = "consul-sidecar"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Register an HTTP service in the local Consul agent while it is healthy, and on SIGTERM "
+        "take it out of Consul before the app is asked to stop.",
+    )
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the sidecar (wrapper mode with a command after --, alongside mode without)",
+        description="Run the sidecar. With a command after '--' it starts the app as its child (wrapper mode); "
+        "without one the app runs elsewhere and [app] says how to stop it (alongside mode).",
+        usage=f"{PROG} run -c FILE [--log-format auto|json|console] [--log-level LEVEL] [-- COMMAND [ARG...]]",
+    )
+    run.add_argument("-c", "--config", required=True, type=Path, help="the TOML configuration file")
+    run.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                     help="auto: JSON lines unless stderr is a terminal (default)")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+    chk = sub.add_parser(
+        "check-config",
+        help="validate a configuration file and print what would be registered",
+        description="Validate the file, print the effective registration as JSON (token redacted) and the "
+        "worst-case shutdown time. Exit 0 when valid, 78 when not.",
+    )
+    chk.add_argument("-c", "--config", required=True, type=Path, help="the TOML configuration file")
+    return p
+
+
+def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    args = list(argv)
+    if "--" in args:
+        i = args.index("--")
+        return args[:i], args[i + 1 :]
+    return args, []
+
+
+def _fail(lines: Sequence[str], code: int) -> int:
+    for line in lines:
+        print(f"{PROG}: {line}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    own, command = _split_command(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(own)
+    if args.command != "run" and command:
+        return _fail([f"'{args.command}' takes no command after '--'"], 2)
+    try:
+        config = load_config(args.config, os.environ)
+    except ConfigError as e:
+        return _fail(e.problems, EX_CONFIG)
+    if args.command == "check-config":
+        return _check_config(config)
+    if command and config.app.configured:
+        return _fail([f"{config.source}: app: [app] is for alongside mode; with a command after '--' the sidecar starts the app itself"], EX_CONFIG)
+    log.configure(fmt=args.log_format, level=args.log_level, secrets=lambda: [t for t in [config.consul.token.read()] if t])
+    try:
+        return asyncio.run(_run(config, command))
+    except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were installed
+        return 130
+
+
+def _check_config(config: Config) -> int:
+    sd = config.shutdown
+    doc: dict[str, Any] = {
+        "consul": {
+            "address": config.consul.address,
+            "token": config.consul.token.describe(),
+            "ca_file": str(config.consul.ca_file) if config.consul.ca_file else None,
+            "timeout": format_duration(config.consul.timeout),
+        },
+        "registration": registration_payload(config, passing=config.startup.wait_healthy),
+        "startup": {"wait_healthy": config.startup.wait_healthy, "timeout": format_duration(config.startup.timeout)},
+        "shutdown": {
+            "deregister_timeout": format_duration(sd.deregister_timeout),
+            "propagation_delay": format_duration(sd.propagation_delay),
+            "app_signal": sd.app_signal.name,
+            "app_timeout": format_duration(sd.app_timeout),
+            "worst_case": format_duration(sd.worst_case),
+        },
+        "status": f"{config.status.host}:{config.status.port}" if config.status else None,
+    }
+    print(json.dumps(doc, indent=2))
+    print(
+        f"worst-case shutdown: {format_duration(sd.worst_case)} (deregister_timeout + propagation_delay + app_timeout + 1s "
+        "to reap after SIGKILL); give the platform's stop timeout at least this much",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _run(config: Config, command: list[str]) -> int:
+    clock = SystemClock()
+    logger = log.get_logger()
+    sock = None
+    if config.status is not None:
+        try:
+            sock = bind(config.status.host, config.status.port)
+        except OSError as e:
+            return _fail([f"{config.source}: status.listen: cannot listen on {config.status.host}:{config.status.port}: {e.strerror or e}"], EX_CONFIG)
+
+    app: App
+    child: ChildApp | None = None
+    if command:
+        child = ChildApp(command, PosixLauncher(), clock)
+        app = child
+        if os.getpid() == 1:
+            become_subreaper()  # PID 1 already adopts orphans; this is a no-op kept for clarity
+        start_app: Any = child.start
+    elif config.app.pid is not None or config.app.pid_file is not None:
+        pid_app = PidApp(config.app.pid, config.app.pid_file, clock)
+        app, start_app = pid_app, pid_app.watch
+    elif config.app.shutdown_url is not None:
+        app, start_app = UrlApp(config.app.shutdown_url, config.check.http, clock), lambda: None
+    else:
+        app, start_app = ExternalApp(), lambda: None
+
+    status = Status(clock, config.service.id)
+    prober = Prober(config.check.http, config.check.timeout)
+    sidecar = Sidecar(
+        config,
+        agent=ConsulAgent(config.consul, clock),
+        app=app,
+        start_app=start_app,
+        prober=prober,
+        clock=clock,
+        status=status,
+        log=logger,
+        status_server=StatusServer(status, sock) if sock is not None else None,
+    )
+    try:
+        return await sidecar.run()
+    except Exception:
+        logger.exception("sidecar.crashed", hint="this is a bug in consul-sidecar; the app is being killed")
+        return EX_SOFTWARE
+    finally:
+        await prober.close()
+        if child is not None and child.running:
+            child.kill_group()  # the app must not outlive the sidecar

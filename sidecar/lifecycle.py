@@ -1,0 +1,382 @@
+"""The order of operations. This module alone knows it.
+
+    start:     start the app -> wait until its check URL answers 2xx -> register (check passing)
+    running:   keep the registration (re-register if the agent forgot it); follow the app
+    SIGTERM:   stop re-registering -> deregister and confirm -> wait propagation_delay
+               -> signal the app -> wait app_timeout -> SIGKILL -> exit with the app's status
+    app exits: deregister and confirm -> exit with the app's status
+
+Every step has a deadline and logs one event with its elapsed time.
+Signals arrive through a queue (handlers only record); ``_on_signal`` decides
+what each one means at the current step:
+
+    SIGTERM / SIGINT   first one: start the drain. Later SIGTERMs change nothing.
+    second SIGINT      (an impatient Ctrl-C) ends the propagation delay now.
+    third SIGINT       SIGKILLs the app now.
+    SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH   forwarded to the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from .app_control import App, StopResult
+from .backoff import backoff
+from .clock import Clock
+from .config import Config
+from .consul_client import Agent, ConsulError, ConsulPermissionDenied, ConsulRejected, Deregistration
+from .registration import registration_payload
+from .signals import FORWARDED, SHUTDOWN, SignalInbox
+from .status import State, Status
+
+T = TypeVar("T")
+
+EX_UNAVAILABLE = 69  # the app never became healthy
+EX_SOFTWARE = 70  # a bug in the sidecar
+EX_NOPERM = 77  # Consul's ACLs refused the registration
+EX_CONFIG = 78  # the agent rejected the registration as malformed
+
+
+class Startable(Protocol):
+    @property
+    def address(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class Probe(Protocol):
+    async def probe(self) -> tuple[bool, str]: ...
+
+
+@dataclass(frozen=True)
+class _Interrupted:
+    reason: str  # "app_exited" or "shutdown"
+
+
+class Sidecar:
+    def __init__(
+        self,
+        config: Config,
+        agent: Agent,
+        app: App,
+        start_app: Callable[[], object],
+        prober: Probe,
+        clock: Clock,
+        status: Status,
+        log: Any,
+        status_server: Startable | None = None,
+        inbox: SignalInbox | None = None,
+    ) -> None:
+        self.config = config
+        self.agent = agent
+        self.app = app
+        self._start_app = start_app
+        self.prober = prober
+        self.clock = clock
+        self.status = status
+        self.log = log.bind(service_id=config.service.id)
+        self.status_server = status_server
+        self.inbox = inbox or SignalInbox()
+        self._shutdown = asyncio.Event()
+        self._skip_delay = asyncio.Event()
+        self._sigints = 0
+        self._registration_attempted = False
+        self._consul_ok: bool | None = None
+
+    # --- the whole life ---------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until the app is gone; return the exit status to pass on."""
+        t0 = self.clock.monotonic()
+        self.inbox.install()  # before the app exists: no signal may find us unprepared
+        dispatcher = asyncio.create_task(self._dispatch_signals())
+        try:
+            try:
+                self._start_app()
+            except OSError as e:
+                self.log.error("sidecar.app.start_failed", error=f"{e.__class__.__name__}: {e}")
+                return 127 if isinstance(e, FileNotFoundError) else 126
+            self.status.app = {"description": self.app.description}
+            self.log.info("sidecar.app.started", app=self.app.description, elapsed_ms=self._ms(t0))
+            if self.status_server is not None:
+                await self.status_server.start()
+                self.log.info("sidecar.status.listening", address=self.status_server.address)
+            return await self._live()
+        finally:
+            dispatcher.cancel()
+            self.inbox.uninstall()
+            self.status.enter(State.STOPPED)
+            if self.status_server is not None:
+                await self.status_server.stop()
+            await self.agent.close()
+
+    async def _live(self) -> int:
+        started = await self._race(self._startup())
+        if isinstance(started, _Interrupted):
+            return await self._end(started.reason)
+        if started != 0:
+            return await self._abort_startup(started)
+        keeper = asyncio.create_task(self._keep_registration())
+        try:
+            ended = await self._race(asyncio.Event().wait())  # until the app exits or a signal
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+        assert isinstance(ended, _Interrupted)
+        return await self._end(ended.reason)
+
+    async def _end(self, reason: str) -> int:
+        if reason == "app_exited":
+            return await self._after_app_exit()
+        return await self._drain()
+
+    # --- start --------------------------------------------------------------------
+
+    async def _startup(self) -> int:
+        """Wait for the app to be healthy, then register. 0, or an exit status to abort with."""
+        cfg = self.config
+        if cfg.startup.wait_healthy:
+            t = self.clock.monotonic()
+            healthy, detail = await self._wait_healthy(t + cfg.startup.timeout)
+            if not healthy:
+                self.log.error(
+                    "sidecar.startup.unhealthy",
+                    url=cfg.check.http,
+                    last_answer=detail,
+                    timeout_s=cfg.startup.timeout,
+                    elapsed_ms=self._ms(t),
+                )
+                self.status.last_error = f"app not healthy within {cfg.startup.timeout:g}s: {detail}"
+                return EX_UNAVAILABLE
+            self.log.info("sidecar.startup.healthy", url=cfg.check.http, elapsed_ms=self._ms(t))
+        return await self._register_until_done()
+
+    async def _wait_healthy(self, deadline: float) -> tuple[bool, str]:
+        detail = "no probe yet"
+        while True:
+            healthy, detail = await self.prober.probe()
+            if healthy:
+                return True, detail
+            if self.clock.monotonic() >= deadline:
+                return False, detail
+            await self.clock.sleep(min(0.1, max(0.0, deadline - self.clock.monotonic())))
+
+    async def _register_until_done(self) -> int:
+        """Register, retrying with backoff (1 s to 30 s, jittered) while the agent is unreachable."""
+        t = self.clock.monotonic()
+        delays = backoff(1.0, 30.0)
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                await self._register()
+                self._consul_state(True, None)
+                self.status.enter(State.REGISTERED)
+                self.log.info("sidecar.consul.registered", attempts=attempts, elapsed_ms=self._ms(t))
+                return 0
+            except ConsulPermissionDenied as e:
+                self.status.last_error = str(e)
+                self.log.error("sidecar.consul.permission_denied", error=str(e), hint=self._acl_hint())
+                return EX_NOPERM
+            except ConsulRejected as e:
+                self.status.last_error = str(e)
+                self.log.error("sidecar.consul.registration_rejected", error=str(e))
+                return EX_CONFIG
+            except ConsulError as e:
+                self._consul_state(False, str(e), retrying=True)
+            await self.clock.sleep(next(delays))
+
+    async def _register(self) -> None:
+        # Passing at once only if the app answers right now, as the agent will see it.
+        healthy, _ = await self.prober.probe()
+        self._registration_attempted = True
+        await self.agent.register(registration_payload(self.config, passing=healthy))
+
+    async def _abort_startup(self, code: int) -> int:
+        """Startup failed: nothing stays registered, the app is stopped, exit non-zero."""
+        if self._registration_attempted:
+            await self._deregister()
+        result = await self._stop_app()
+        self.log.info("sidecar.stopped", exit_status=code, app_status=result.status)
+        return code
+
+    # --- running ------------------------------------------------------------------
+
+    async def _keep_registration(self) -> None:
+        """Every check interval, ask the agent whether it still holds us; re-register if not.
+
+        An agent restarted without its data directory forgets every service;
+        this brings the registration back within one interval of its return.
+        """
+        interval = self.config.check.interval
+        sid = self.config.service.id
+        while True:
+            await self.clock.sleep(interval)
+            t = self.clock.monotonic()
+            try:
+                if await self.agent.registered(sid) is None:
+                    await self._register()
+                    self.log.warning("sidecar.consul.reregistered", reason="the agent no longer held the service", elapsed_ms=self._ms(t))
+                self._consul_state(True, None)
+            except ConsulPermissionDenied as e:
+                self._consul_state(False, str(e), level="error")
+            except ConsulError as e:
+                self._consul_state(False, str(e))
+
+    # --- stop ---------------------------------------------------------------------
+
+    async def _drain(self) -> int:
+        """SIGTERM/SIGINT: deregister, confirm, wait, then stop the app."""
+        cfg = self.config.shutdown
+        t0 = self.clock.monotonic()
+        self.status.enter(State.DRAINING)
+        self.log.info("sidecar.drain.started", propagation_delay_s=cfg.propagation_delay, app_timeout_s=cfg.app_timeout)
+        outcome = await self._deregister()
+
+        if self.app.exited.done():
+            pass  # nothing left to protect
+        elif not self._registration_attempted:
+            self.log.info("sidecar.drain.delay_skipped", reason="never registered")
+        else:
+            t = self.clock.monotonic()
+            skipped = await self._first(self._skip_delay.wait(), timeout=cfg.propagation_delay)
+            self.log.info(
+                "sidecar.drain.delay_done",
+                delay_s=cfg.propagation_delay,
+                cut_short_by="second SIGINT" if skipped else None,
+                deregistration=outcome.value,
+                elapsed_ms=self._ms(t),
+            )
+        result = await self._stop_app()
+        self.log.info("sidecar.stopped", exit_status=result.status, elapsed_ms=self._ms(t0))
+        return result.status
+
+    async def _after_app_exit(self) -> int:
+        """The app ended on its own: take it out of discovery at once, pass its status on."""
+        status = self.app.exited.result()
+        level = "error" if status == 128 + signal.SIGKILL else ("info" if status == 0 else "warning")
+        hint = "killed by SIGKILL: out of memory?" if status == 128 + signal.SIGKILL else None
+        getattr(self.log, level)("sidecar.app.exited", exit_status=status, hint=hint)
+        self.status.enter(State.DRAINING)
+        await self._deregister()
+        self.log.info("sidecar.stopped", exit_status=status)
+        return status
+
+    async def _deregister(self) -> Deregistration:
+        cfg = self.config
+        t = self.clock.monotonic()
+        result = await self.agent.deregister_confirmed(cfg.service.name, cfg.service.id, t + cfg.shutdown.deregister_timeout)
+        if result.outcome is Deregistration.CONFIRMED:
+            self.log.info("sidecar.consul.deregistered", attempts=result.attempts, elapsed_ms=self._ms(t))
+        elif result.outcome is Deregistration.BLOCKED:
+            self.status.last_error = result.error
+            self.log.error("sidecar.consul.deregister_blocked", error=result.error, attempts=result.attempts, elapsed_ms=self._ms(t), hint=self._acl_hint())
+        else:
+            self.status.last_error = result.error
+            self.log.error(
+                "sidecar.consul.deregister_unconfirmed",
+                error=result.error,
+                attempts=result.attempts,
+                elapsed_ms=self._ms(t),
+                hint="the instance may still receive traffic; the app is stopped anyway after the delay",
+            )
+        return result.outcome
+
+    async def _stop_app(self) -> StopResult:
+        cfg = self.config.shutdown
+        self.status.enter(State.STOPPING)
+        t = self.clock.monotonic()
+        result = await self.app.stop(cfg.app_signal, cfg.app_timeout)
+        if result.killed:
+            self.log.error("sidecar.app.killed", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t))
+        else:
+            self.log.info("sidecar.app.stopped", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t))
+        return result
+
+    # --- signals ------------------------------------------------------------------
+
+    async def _dispatch_signals(self) -> None:
+        while True:
+            self._on_signal(await self.inbox.queue.get())
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if sig in FORWARDED:
+            self.app.forward(sig)
+            self.log.debug("sidecar.signal.forwarded", signal=sig.name)
+            return
+        assert sig in SHUTDOWN
+        if sig == signal.SIGINT:
+            self._sigints += 1
+        if not self._shutdown.is_set():
+            self._shutdown.set()
+            self.log.info("sidecar.signal.received", signal=sig.name, action="drain")
+        elif sig == signal.SIGINT and self._sigints == 2:
+            self._skip_delay.set()
+            self.log.warning("sidecar.signal.received", signal=sig.name, action="end the propagation delay now")
+        elif sig == signal.SIGINT and self._sigints >= 3:
+            self.app.kill()
+            self.log.warning("sidecar.signal.received", signal=sig.name, action="SIGKILL the app now")
+        else:
+            self.log.debug("sidecar.signal.received", signal=sig.name, action="none: already draining")
+
+    # --- helpers ------------------------------------------------------------------
+
+    async def _race(self, work: Awaitable[T]) -> T | _Interrupted:
+        """Run ``work`` until it finishes, the app exits or a shutdown signal comes."""
+        task: asyncio.Future[T] = asyncio.ensure_future(work)
+        exited = asyncio.ensure_future(asyncio.shield(self.app.exited))
+        shutdown = asyncio.ensure_future(self._shutdown.wait())
+        try:
+            await asyncio.wait({task, exited, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in (exited, shutdown):
+                f.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return _Interrupted("app_exited" if self.app.exited.done() else "shutdown")
+
+    async def _first(self, event_wait: Awaitable[Any], timeout: float) -> bool:
+        """Wait ``timeout`` seconds or until ``event_wait`` (or the app's exit); True if cut short."""
+        waiter = asyncio.ensure_future(event_wait)
+        exited = asyncio.ensure_future(asyncio.shield(self.app.exited))
+        sleeper = asyncio.ensure_future(self.clock.sleep(timeout))
+        try:
+            await asyncio.wait({waiter, exited, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in (waiter, exited, sleeper):
+                f.cancel()
+        return not sleeper.done() or waiter.done()
+
+    def _consul_state(self, reachable: bool, error: str | None, level: str = "warning", retrying: bool = False) -> None:
+        """Log Consul reachability changes, not every failed request."""
+        if error is not None:
+            self.status.last_error = error
+        self.status.consul_reachable = reachable
+        if reachable == self._consul_ok:
+            return
+        self._consul_ok = reachable
+        if reachable:
+            self.log.info("sidecar.consul.reachable", address=self.agent.address)
+        else:
+            getattr(self.log, level)(
+                "sidecar.consul.unreachable",
+                address=self.agent.address,
+                error=error,
+                retrying="with backoff, 1s to 30s" if retrying else f"every {self.config.check.interval:g}s",
+            )
+
+    def _acl_hint(self) -> str | None:
+        if self.config.consul.token.describe() is None:
+            return "no ACL token is configured: set consul.token_file (or CONSUL_HTTP_TOKEN_FILE)"
+        return f"the token needs service:write on {self.config.service.name!r}"
+
+    def _ms(self, since: float) -> int:
+        return round((self.clock.monotonic() - since) * 1000)

@@ -1,0 +1,62 @@
+"""Structured logs: JSON lines for machines, readable lines on a terminal.
+
+Every lifecycle step logs one event with a stable dotted name
+(``sidecar.consul.deregistered``), the service ID and ``elapsed_ms``. A last
+processor removes the ACL token from anything about to be written, as a
+safety net behind the rule that no code path logs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+REDACTED = "<redacted>"
+
+
+def _scrubber(secrets: Callable[[], Iterable[str]]) -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]:
+    def scrub(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        try:
+            found = [s for s in secrets() if s]
+        except Exception:  # noqa: BLE001 - an unreadable token file must not stop logging
+            found = []
+        if found:
+            for key, value in list(event.items()):
+                text = value if isinstance(value, str) else None
+                if text is not None:
+                    for s in found:
+                        text = text.replace(s, REDACTED)
+                    event[key] = text
+        return event
+
+    return scrub
+
+
+def configure(
+    stream: TextIO = sys.stderr,
+    fmt: str = "auto",
+    level: str = "info",
+    secrets: Callable[[], Iterable[str]] = lambda: (),
+) -> None:
+    as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _scrubber(secrets),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**bound: Any) -> Any:
+    return structlog.get_logger(**bound)

@@ -1,0 +1,38 @@
+"""What the sidecar asks the agent to hold: the service definition with its HTTP check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import Config
+from .durations import format_duration
+
+
+def registration_payload(config: Config, passing: bool) -> dict[str, Any]:
+    """The body of ``PUT /v1/agent/service/register``.
+
+    ``passing`` is true when the sidecar has just seen the check URL answer 2xx:
+    the check then starts passing and the instance takes traffic at once,
+    instead of one check interval later (Consul starts new checks critical).
+    """
+    svc, chk = config.service, config.check
+    check: dict[str, Any] = {
+        "Name": f"{svc.name} HTTP check",
+        "HTTP": chk.http,
+        "Method": "GET",
+        "Interval": format_duration(chk.interval),
+        "Timeout": format_duration(chk.timeout),
+    }
+    if chk.deregister_critical_after > 0:
+        check["DeregisterCriticalServiceAfter"] = format_duration(chk.deregister_critical_after)
+    if passing:
+        check["Status"] = "passing"
+    return {
+        "ID": svc.id,
+        "Name": svc.name,
+        "Address": svc.address,
+        "Port": svc.port,
+        "Tags": list(svc.tags),
+        "Meta": dict(svc.meta),
+        "Check": check,
+    }

@@ -1,0 +1,29 @@
+"""Signal handlers only record: each delivery goes into a queue the lifecycle reads."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+# Ends the sidecar's life (drain first).
+SHUTDOWN = frozenset({signal.SIGTERM, signal.SIGINT})
+# Passed on to the app untouched, as a good init does.
+FORWARDED = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH})
+
+
+class SignalInbox:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        self._installed: list[signal.Signals] = []
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in sorted(SHUTDOWN | FORWARDED):
+            loop.add_signal_handler(sig, self.queue.put_nowait, sig)
+            self._installed.append(sig)
+
+    def uninstall(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._installed:
+            loop.remove_signal_handler(sig)
+        self._installed.clear()

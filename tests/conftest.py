@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import harness
+from .harness import Consul, Sidecar
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consul]:
+    """One real dev agent for the tests that do not restart it; each test uses its own service name."""
+    agent = Consul(tmp_path_factory.mktemp("consul"))
+    agent.start()
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture
+def fresh_consul(tmp_path: Path) -> Iterator[Consul]:
+    """A dev agent of the test's own, for tests that stop, restart or freeze it."""
+    agent = Consul(tmp_path)
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture(autouse=True)
+def _kill_what_the_test_started() -> Iterator[None]:
+    before = len(harness._started_sessions)
+    yield
+    for sid in harness._started_sessions[before:]:
+        harness.kill_session(sid)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_behind() -> Iterator[None]:
+    yield
+    harness.kill_all_started()
+    left = harness.leftovers()
+    assert not left, f"processes left behind by the suite: {left}"
+
+
+@pytest.fixture
+def service_name() -> str:
+    return f"svc{next(_names)}"
+
+
+def base_config(consul: Consul, name: str, port: int, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    cfg: dict[str, dict[str, Any]] = {
+        "consul": {"address": consul.address, "timeout": "1s"},
+        "service": {"name": name, "id": f"{name}-1", "address": "127.0.0.1", "port": port},
+        "check": {"interval": "1s", "timeout": "1s"},
+        "startup": {"timeout": "20s"},
+        "shutdown": {"propagation_delay": "1s", "app_timeout": "10s", "deregister_timeout": "3s"},
+        "status": {"listen": "127.0.0.1:0"},
+    }
+    return harness.merge(cfg, sections)
+
+
+StartSidecar = Callable[..., Sidecar]
+
+
+@pytest.fixture
+def start_sidecar(tmp_path: Path) -> StartSidecar:
+    """start_sidecar(config, command=None, env=None) -> a running Sidecar process."""
+
+    def start(config: dict[str, dict[str, Any]], command: list[str] | None = None, env: dict[str, str] | None = None) -> Sidecar:
+        return Sidecar(tmp_path, config, command, env)
+
+    return start

@@ -1,0 +1,298 @@
+"""Wrapper mode against a real Consul agent, a real app process and real signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import StartSidecar, base_config
+from .harness import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
+
+
+class CatalogWatcher(threading.Thread):
+    """Follows /v1/health/service/<name> with blocking queries and timestamps each change (monotonic)."""
+
+    def __init__(self, consul: Consul, name: str) -> None:
+        super().__init__(daemon=True)
+        self.consul, self.name = consul, name
+        self.changes: list[tuple[float, list[str]]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        index = "0"
+        while not self.stop.is_set():
+            url = f"{self.consul.address}/v1/health/service/{self.name}?index={index}&wait=2s"
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    body = json.loads(r.read())
+                    new_index = r.headers["X-Consul-Index"]
+            except OSError:
+                time.sleep(0.05)
+                continue
+            ids = sorted(e["Service"]["ID"] for e in body)
+            if not self.changes or self.changes[-1][1] != ids:
+                self.changes.append((time.monotonic(), ids))
+            index = new_index if int(new_index) >= int(index) else "0"
+
+    def first_time(self, pred: Any) -> float | None:
+        return next((t for t, ids in self.changes if pred(ids)), None)
+
+
+def test_registers_with_tags_meta_and_passing_at_once(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """1. The app is healthy; the sidecar registers it.
+    2. The catalog shows the instance with its tags, meta, address and port,
+       and its HTTP check is already passing although the check interval (30s)
+       has not elapsed once: the sidecar registered it passing.
+    """
+    port = free_port()
+    cfg = base_config(
+        consul, service_name, port,
+        service={"tags": ["v1", "blue"], "meta": {"version": "1.2.3"}},
+        check={"interval": "30s"},
+    )
+    sc = start_sidecar(cfg, app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    [entry] = consul.instances(service_name)
+    svc = entry["Service"]
+    assert (svc["ID"], svc["Address"], svc["Port"]) == (f"{service_name}-1", "127.0.0.1", port)
+    assert svc["Tags"] == ["v1", "blue"] and svc["Meta"] == {"version": "1.2.3"}
+    check = next(c for c in entry["Checks"] if c["ServiceID"] == svc["ID"])
+    assert check["Status"] == "passing"
+    assert check["Type"] == "http"
+    passing = consul.get(f"/v1/health/service/{service_name}?passing=1")
+    assert [e["Service"]["ID"] for e in passing] == [svc["ID"]]
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+
+
+def test_drain_order_deregister_then_delay_then_signal(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+    """1. A registered instance receives SIGTERM at its sidecar.
+    2. A watcher on /v1/health/service/<name> records when the instance disappears;
+       the app records when its SIGTERM arrives (both on the system-wide monotonic clock).
+    3. Expected: the instance is gone before the app's signal, and the signal comes
+       no earlier than propagation_delay (1.5 s) after that. Signalling first, or
+       not waiting, turns this red.
+    """
+    port = free_port()
+    siglog = tmp_path / "signals.log"
+    cfg = base_config(consul, service_name, port, shutdown={"propagation_delay": "1.5s"})
+    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
+    sc.wait_event("sidecar.consul.registered")
+    watcher = CatalogWatcher(consul, service_name)
+    watcher.start()
+    wait_for(lambda: watcher.changes and watcher.changes[-1][1] == [f"{service_name}-1"], 5, what="watcher sees the instance")
+    sent = time.monotonic()
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+    watcher.stop.set()
+    gone = watcher.first_time(lambda ids: not ids)
+    assert gone is not None, watcher.changes
+    [(name, signalled)] = read_signal_log(siglog)
+    assert name == "SIGTERM"
+    assert sent < gone < signalled, (sent, gone, signalled)
+    assert signalled - gone >= 1.5 - 0.05, f"app signalled {signalled - gone:.3f}s after deregistration"
+    assert signalled - gone < 1.5 + 3.0  # generous bound: the delay is not wildly overshot
+
+
+def test_inflight_request_completes(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """1. A 2-second request is in flight when the sidecar gets SIGTERM.
+    2. Expected: it completes with 200 (the app drains after its signal), and the sidecar exits 0.
+    """
+    port = free_port()
+    cfg = base_config(consul, service_name, port, shutdown={"propagation_delay": "0.5s"})
+    sc = start_sidecar(cfg, app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    result: dict[str, Any] = {}
+
+    def slow() -> None:
+        result["answer"] = http_get(f"http://127.0.0.1:{port}/slow?seconds=2", timeout=10)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.3)
+    sc.send(signal.SIGTERM)
+    t.join(15)
+    assert result["answer"][0] == 200
+    assert sc.wait() == 0
+    stopped = sc.event("sidecar.app.stopped")
+    assert stopped is not None and stopped["exit_status"] == 0
+
+
+@pytest.mark.parametrize(
+    ("app_args", "shutdown", "expected"),
+    [
+        ([], {}, 0),
+        (["--exit-code", "3"], {}, 3),
+        ([], {"app_signal": "SIGQUIT"}, 128 + signal.SIGQUIT),  # the app does not catch SIGQUIT: it dies of it
+        (["--ignore-sigterm"], {"app_timeout": "1s"}, 128 + signal.SIGKILL),
+    ],
+    ids=["clean-0", "status-3", "killed-by-SIGQUIT", "hung-SIGKILL"],
+)
+def test_exit_status_passes_through(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, app_args: list[str], shutdown: dict[str, str], expected: int
+) -> None:
+    """SIGTERM to the sidecar; the sidecar exits with the app's status (128 + N when signal N ended it)."""
+    port = free_port()
+    cfg = base_config(consul, service_name, port, shutdown={"propagation_delay": "0s", **shutdown})
+    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", *app_args))
+    sc.wait_event("sidecar.consul.registered")
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == expected
+    if expected == 128 + signal.SIGKILL:
+        killed = sc.event("sidecar.app.killed")
+        assert killed is not None and killed["level"] == "error"
+
+
+def test_app_crash_deregisters_within_a_second(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """1. The app exits on its own with status 3 about 2 s after start.
+    2. Expected: the instance leaves the catalog within 1 s of the app's exit and
+       the sidecar exits 3.
+    """
+    port = free_port()
+    cfg = base_config(consul, service_name, port)
+    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--crash-after", "2", "--crash-code", "3"))
+    sc.wait_event("sidecar.consul.registered")
+    watcher = CatalogWatcher(consul, service_name)
+    watcher.start()
+    app_pid = sc.app_pid()
+    wait_for(lambda: not pid_alive(app_pid), 10, 0.005, "the app to crash")
+    died = time.monotonic()
+    assert sc.wait() == 3
+    wait_for(lambda: watcher.changes and watcher.changes[-1][1] == [], 5, what="watcher sees the instance gone")
+    watcher.stop.set()
+    gone = watcher.first_time(lambda ids: not ids)
+    assert gone is not None and gone - died < 1.0, (died, watcher.changes)
+
+
+def test_app_never_healthy_registers_nothing(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """1. The app never answers 2xx on its health URL; startup.timeout is 2 s.
+    2. Expected: nothing is ever registered, the app is stopped, the sidecar exits 69.
+    """
+    port = free_port()
+    cfg = base_config(consul, service_name, port, startup={"timeout": "2s"})
+    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--unhealthy"))
+    app_pid = sc.app_pid()
+    assert sc.wait(20) == 69
+    assert consul.get(f"/v1/agent/service/{service_name}-1") is None
+    assert consul.instances(service_name) == []
+    assert sc.event("sidecar.consul.registered") is None
+    assert sc.event("sidecar.startup.unhealthy") is not None
+    assert not pid_alive(app_pid)
+
+
+def test_waits_for_health_before_registering(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """1. The app answers 503 for its first 1.5 s.
+    2. Expected: no registration exists while it is unhealthy; it appears (passing) once healthy.
+    """
+    port = free_port()
+    cfg = base_config(consul, service_name, port)
+    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--healthy-after", "1.5"))
+    sc.app_pid()
+    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 503 if _answers(port) else False, 10, what="app answering 503")
+    assert consul.instances(service_name) == []
+    sc.wait_event("sidecar.consul.registered")
+    healthy = sc.event("sidecar.startup.healthy")
+    assert healthy is not None and healthy["elapsed_ms"] >= 1000
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+
+
+def _answers(port: int) -> bool:
+    try:
+        http_get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
+        return True
+    except OSError:
+        return False
+
+
+def test_forwards_signals_to_the_app(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+    """SIGHUP, SIGUSR1, SIGUSR2 and SIGWINCH sent to the sidecar reach the app; the sidecar keeps running."""
+    port = free_port()
+    siglog = tmp_path / "signals.log"
+    sc = start_sidecar(base_config(consul, service_name, port), app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
+    sc.wait_event("sidecar.consul.registered")
+    sent = [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH]
+    for sig in sent:
+        sc.send(sig)
+        time.sleep(0.1)
+    wait_for(lambda: len(read_signal_log(siglog)) == 4, 5, what="four forwarded signals")
+    assert [n for n, _ in read_signal_log(siglog)] == [s.name for s in sent]
+    assert sc.proc.poll() is None
+    assert consul.service_ids(service_name) == [f"{service_name}-1"]
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+
+
+def test_double_ctrl_c_ends_the_delay_third_kills(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+    """1. propagation_delay is 60 s. SIGINT starts the drain; the instance is deregistered.
+    2. A second SIGINT ends the delay: the app gets SIGTERM within a second or two, not a minute.
+    3. The app ignores SIGTERM (app_timeout 60 s); a third SIGINT SIGKILLs it: exit 137.
+    4. Further SIGTERMs during the drain change nothing (no second deregistration).
+    """
+    port = free_port()
+    siglog = tmp_path / "signals.log"
+    cfg = base_config(consul, service_name, port, shutdown={"propagation_delay": "60s", "app_timeout": "60s"})
+    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--ignore-sigterm", "--signal-log", str(siglog)))
+    sc.wait_event("sidecar.consul.registered")
+    sc.send(signal.SIGINT)
+    sc.wait_event("sidecar.consul.deregistered")
+    assert consul.instances(service_name) == []
+    sc.send(signal.SIGTERM)
+    time.sleep(0.3)
+    assert read_signal_log(siglog) == [], "the app was signalled before the delay ended"
+    second = time.monotonic()
+    sc.send(signal.SIGINT)
+    wait_for(lambda: read_signal_log(siglog), 5, what="the app's SIGTERM after the second SIGINT")
+    assert read_signal_log(siglog)[0][0] == "SIGTERM"
+    assert read_signal_log(siglog)[0][1] - second < 3
+    assert sc.proc.poll() is None  # still waiting for the app, which ignores SIGTERM
+    sc.send(signal.SIGINT)
+    assert sc.wait(10) == 128 + signal.SIGKILL
+    assert len([e for e in sc.events() if e["event"] == "sidecar.consul.deregistered"]) == 1
+
+
+def test_app_does_not_outlive_a_killed_sidecar(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """SIGKILL to the sidecar (no chance to clean up): the kernel ends the app too."""
+    port = free_port()
+    sc = start_sidecar(base_config(consul, service_name, port), app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    app_pid = sc.app_pid()
+    assert pid_alive(app_pid)
+    sc.send(signal.SIGKILL)
+    sc.wait(5)
+    wait_for(lambda: not pid_alive(app_pid), 3, what="the app to die with its sidecar")
+
+
+def test_status_endpoint_reports_the_state(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """/healthz answers 200; /status shows registered, then draining during the delay."""
+    port = free_port()
+    cfg = base_config(consul, service_name, port, shutdown={"propagation_delay": "3s"})
+    sc = start_sidecar(cfg, app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    url = sc.status_url()
+    assert http_get(url + "/healthz")[0] == 200
+    st = json.loads(http_get(url + "/status")[1])
+    assert st["state"] == "registered" and st["service_id"] == f"{service_name}-1" and st["consul_reachable"] is True
+    sc.send(signal.SIGTERM)
+    sc.wait_event("sidecar.consul.deregistered")
+    st = json.loads(http_get(url + "/status")[1])
+    assert st["state"] == "draining"
+    assert sc.wait() == 0
+
+
+def test_command_not_found(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """A command that does not exist: exit 127, one error event, nothing registered."""
+    port = free_port()
+    sc = start_sidecar(base_config(consul, service_name, port), ["/nonexistent/app-binary"])
+    assert sc.wait(10) == 127
+    ev = sc.event("sidecar.app.start_failed")
+    assert ev is not None and "/nonexistent/app-binary" in ev["error"]
+    assert "Traceback" not in sc.output()
+    assert consul.instances(service_name) == []

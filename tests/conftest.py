@@ -32,10 +32,9 @@ def fresh_consul(tmp_path: Path) -> Iterator[Consul]:
 
 @pytest.fixture(autouse=True)
 def _kill_what_the_test_started() -> Iterator[None]:
-    before = len(harness._started_sessions)
+    before = len(harness._started)
     yield
-    for sid in harness._started_sessions[before:]:
-        harness.kill_session(sid)
+    harness.stop_started(before)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,9 +50,9 @@ def service_name() -> str:
     return f"svc{next(_names)}"
 
 
-def base_config(consul: Consul, name: str, port: int, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def base_config(agent: Consul, name: str, port: int, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
     cfg: dict[str, dict[str, Any]] = {
-        "consul": {"address": consul.address, "timeout": "1s"},
+        "consul": {"address": agent.address, "timeout": "1s"},
         "service": {"name": name, "id": f"{name}-1", "address": "127.0.0.1", "port": port},
         "check": {"interval": "1s", "timeout": "1s"},
         "startup": {"timeout": "20s"},

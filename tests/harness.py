@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "app" / "app.py"
 PY = sys.executable
 
-_started_sessions: list[int] = []
+_started: list[subprocess.Popen[bytes]] = []
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -43,7 +43,7 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     """Start a process in a session of its own (so teardown can find all it started)."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-    _started_sessions.append(proc.pid)
+    _started.append(proc)
     return proc
 
 
@@ -68,12 +68,19 @@ def kill_session(sid: int) -> None:
 
 
 def leftovers() -> list[int]:
-    return [p for sid in _started_sessions for p in session_members(sid)]
+    return [p for proc in _started for p in session_members(proc.pid)]
+
+
+def stop_started(since: int = 0) -> None:
+    """Kill every process in the sessions started since index ``since``, and reap the leaders."""
+    for proc in _started[since:]:
+        kill_session(proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
 
 
 def kill_all_started() -> None:
-    for sid in _started_sessions:
-        kill_session(sid)
+    stop_started(0)
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition") -> Any:

@@ -1,0 +1,199 @@
+"""The configuration file: defaults, interpolation, Consul's environment, and every bad-input case."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import ConfigError, load_config
+from sidecar.durations import format_duration, parse_duration
+
+from .harness import PY, ROOT, Consul
+
+MINIMAL = '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\n'
+
+
+def load(tmp_path: Path, text: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return load_config(p, env or {}, hostname=lambda: "host1", local_address=lambda h, p: "10.9.8.7")
+
+
+def problems(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, text, env)
+    return e.value.problems
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("5s", 5), ("1m", 60), ("1m30s", 90), ("1.5s", 1.5), ("0", 0), ("2h", 7200), ("250us", 0.00025)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5", "-1s", "5 s", "1x", "s", "1s2", "ms"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_format_duration_round_trips() -> None:
+    for s in (0.0, 0.25, 1.0, 1.5, 60.0, 29.0):
+        assert parse_duration(format_duration(s)) == pytest.approx(s)
+
+
+def test_defaults(tmp_path: Path) -> None:
+    c = load(tmp_path, MINIMAL)
+    assert c.consul.address == "http://127.0.0.1:8500"
+    assert c.service.id == "web-host1-8080"
+    assert c.check.http == "http://127.0.0.2:8080/healthz"
+    assert (c.check.interval, c.check.timeout, c.check.deregister_critical_after) == (1.0, 1.0, 60.0)
+    assert c.startup.wait_healthy and c.startup.timeout == 60
+    sd = c.shutdown
+    assert (sd.propagation_delay, sd.app_signal, sd.app_timeout, sd.deregister_timeout) == (5.0, signal.SIGTERM, 20.0, 3.0)
+    assert sd.worst_case == 29.0  # fits Kubernetes' 30 s grace period
+    assert c.status is not None and (c.status.host, c.status.port) == ("127.0.0.1", 8501)
+    assert c.consul.token.read() is None
+
+
+def test_service_address_defaults_to_the_interface_toward_consul(tmp_path: Path) -> None:
+    c = load(tmp_path, '[service]\nname = "web"\nport = 80\n')
+    assert c.service.address == "10.9.8.7"
+
+
+def test_interpolation(tmp_path: Path) -> None:
+    text = '[service]\nname = "${NAME}"\nport = 8080\naddress = "${ADDR:-127.0.0.3}"\ntags = ["${VER:-v0}"]\nmeta = { v = "$${literal}" }\n'
+    c = load(tmp_path, text, {"NAME": "api"})
+    assert (c.service.name, c.service.address, c.service.tags) == ("api", "127.0.0.3", ("v0",))
+    assert c.service.meta["v"] == "${literal}"
+
+
+def test_consul_environment_applies_where_the_file_is_silent(tmp_path: Path) -> None:
+    token_file = tmp_path / "tok"
+    token_file.write_text("s3cret-from-file\n")
+    env = {"CONSUL_HTTP_ADDR": "127.0.0.1:9500", "CONSUL_HTTP_TOKEN_FILE": str(token_file), "CONSUL_HTTP_SSL_VERIFY": "false"}
+    c = load(tmp_path, MINIMAL, env)
+    assert c.consul.address == "http://127.0.0.1:9500"
+    assert c.consul.token.read() == "s3cret-from-file"
+    assert c.consul.tls_verify is False
+    assert "s3cret" not in repr(c)
+    # The file wins over the environment.
+    c2 = load(tmp_path, '[consul]\naddress = "https://consul.local:8501"\ntoken = "t"\n' + MINIMAL, env)
+    assert c2.consul.address == "https://consul.local:8501"
+    assert c2.consul.token.read() == "t"
+
+
+def test_token_file_is_read_on_every_use(tmp_path: Path) -> None:
+    """A rotated token file takes effect without a restart."""
+    tf = tmp_path / "tok"
+    tf.write_text("one")
+    c = load(tmp_path, f'[consul]\ntoken_file = "{tf}"\n' + MINIMAL)
+    assert c.consul.token.read() == "one"
+    tf.write_text("two\n")
+    assert c.consul.token.read() == "two"
+
+
+BAD = [
+    ("missing-name", '[service]\nport = 8080\n', "service.name"),
+    ("missing-port", '[service]\nname = "web"\n', "service.port"),
+    ("port-zero", '[service]\nname = "web"\nport = 0\n', "service.port"),
+    ("port-too-big", '[service]\nname = "web"\nport = 70000\n', "service.port"),
+    ("port-string", '[service]\nname = "web"\nport = "http"\n', "service.port"),
+    ("bad-duration", MINIMAL + '[shutdown]\npropagation_delay = "5 seconds"\n', "shutdown.propagation_delay"),
+    ("bare-number-duration", MINIMAL + '[shutdown]\napp_timeout = "20"\n', "shutdown.app_timeout"),
+    ("duration-not-string", MINIMAL + "[shutdown]\napp_timeout = 20\n", "shutdown.app_timeout"),
+    ("unknown-key", MINIMAL + '[shutdown]\npropagation_dealy = "5s"\n', "shutdown.propagation_dealy"),
+    ("unknown-section", MINIMAL + "[servcie]\nx = 1\n", "servcie"),
+    ("unknown-signal", MINIMAL + '[shutdown]\napp_signal = "SIGTERMINATE"\n', "shutdown.app_signal"),
+    ("uncatchable-signal", MINIMAL + '[shutdown]\napp_signal = "SIGKILL"\n', "shutdown.app_signal"),
+    ("unreadable-token-file", '[consul]\ntoken_file = "/nonexistent/token"\n' + MINIMAL, "consul.token_file"),
+    ("token-and-token-file", '[consul]\ntoken = "a"\ntoken_file = "/etc/hostname"\n' + MINIMAL, "consul.token"),
+    ("bad-address", '[consul]\naddress = "ftp://x:1"\n' + MINIMAL, "consul.address"),
+    ("interval-under-1s", MINIMAL + '[check]\ninterval = "500ms"\n', "check.interval"),
+    ("deregister-under-1m", MINIMAL + '[check]\nderegister_critical_after = "30s"\n', "check.deregister_critical_after"),
+    ("remote-check-url", MINIMAL + '[check]\nhttp = "http://169.254.169.254/latest"\n', "check.http"),
+    ("unset-variable", '[service]\nname = "${NO_SUCH_VAR}"\nport = 1\n', "service.name"),
+    ("bad-name", '[service]\nname = "web app"\nport = 1\n', "service.name"),
+    ("meta-not-string", '[service]\nname = "w"\nport = 1\nmeta = { a = 1 }\n', "service.meta.a"),
+    ("tags-not-list", '[service]\nname = "w"\nport = 1\ntags = "v1"\n', "service.tags"),
+    ("two-app-targets", MINIMAL + '[app]\npid = 5\nshutdown_url = "http://127.0.0.2:8080/shutdown"\n', "app"),
+    ("bad-listen", MINIMAL + '[status]\nlisten = "nowhere"\n', "status.listen"),
+    ("wait-healthy-string", MINIMAL + '[startup]\nwait_healthy = "yes"\n', "startup.wait_healthy"),
+    ("not-toml", "[service\nname=", "not valid TOML"),
+    ("section-not-table", 'service = "web"\n', "service"),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "key"), BAD, ids=[b[0] for b in BAD])
+def test_bad_config_names_the_key(tmp_path: Path, case: str, text: str, key: str) -> None:
+    found = problems(tmp_path, text)
+    assert any(f"c.toml: {key}" in p or key in p for p in found), found
+    assert all(p.startswith(str(tmp_path / "c.toml")) for p in found), found
+
+
+def test_all_problems_reported_at_once(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[service]\nname = ""\nport = 0\n[shutdown]\napp_timeout = "x"\n')
+    keys = " ".join(found)
+    assert "service.name" in keys and "service.port" in keys and "shutdown.app_timeout" in keys
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "sidecar", *args], capture_output=True, text=True, timeout=30, cwd=ROOT, env=env)
+
+
+@pytest.mark.parametrize(("case", "text", "key"), BAD, ids=[b[0] for b in BAD])
+def test_cli_bad_config_exits_78_and_starts_nothing(consul: Consul, tmp_path: Path, case: str, text: str, key: str) -> None:
+    """`run` with a bad file: exit 78, a message naming the key, no traceback,
+    the app never started (its marker file is absent), nothing registered in the agent."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[consul]\naddress = "{consul.address}"\n' + text if "[consul]" not in text else text)
+    marker = tmp_path / "app-started"
+    before = consul.get("/v1/agent/services")
+    r = run_cli("run", "-c", str(cfg), "--", "touch", str(marker))
+    assert r.returncode == 78, r.stderr
+    assert key in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert not marker.exists()
+    assert consul.get("/v1/agent/services") == before
+
+
+def test_cli_missing_file() -> None:
+    r = run_cli("check-config", "-c", "/nonexistent/sidecar.toml")
+    assert r.returncode == 78
+    assert "/nonexistent/sidecar.toml" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_check_config_prints_registration_and_redacts_token(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[consul]\ntoken = "${TOK}"\n' + MINIMAL + '[service.meta]\nversion = "1.0"\n')
+    r = run_cli("check-config", "-c", str(cfg), env={"TOK": "very-secret-token", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert "very-secret-token" not in r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    reg = doc["registration"]
+    assert reg["Name"] == "web" and reg["Port"] == 8080 and reg["Meta"] == {"version": "1.0"}
+    assert reg["Check"]["HTTP"] == "http://127.0.0.2:8080/healthz"
+    assert doc["consul"]["token"].startswith("<redacted>")
+    assert doc["shutdown"]["worst_case"] == "29s"
+    assert "worst-case shutdown: 29s" in r.stderr
+
+
+def test_cli_app_section_in_wrapper_mode_is_an_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(MINIMAL + "[app]\npid = 5\n")
+    r = run_cli("run", "-c", str(cfg), "--", "true")
+    assert r.returncode == 78 and "[app] is for alongside mode" in r.stderr
+
+
+def test_cli_version_and_help() -> None:
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("consul-sidecar ")
+    for cmd in ([], ["run"], ["check-config"]):
+        h = run_cli(*cmd, "--help")
+        assert h.returncode == 0 and "usage:" in h.stdout

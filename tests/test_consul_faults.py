@@ -1,0 +1,100 @@
+"""The agent forgets us, is not there yet, or cannot be reached while we drain."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import StartSidecar, base_config
+from .harness import Consul, app_command, free_port, http_get, read_signal_log, wait_for
+
+
+def test_agent_restart_without_data_dir_reregisters(fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """1. Registered with tags and meta; the dev agent restarts and forgets every service.
+    2. Expected: the registration is back within the check interval (1 s) + 1 s of the
+       agent answering again: exactly one instance, tags and meta intact, passing.
+    """
+    fresh_consul.start()
+    port = free_port()
+    cfg = base_config(fresh_consul, service_name, port, service={"tags": ["v7"], "meta": {"build": "42"}})
+    sc = start_sidecar(cfg, app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    fresh_consul.restart()
+    back = time.monotonic()
+    wait_for(lambda: fresh_consul.service_ids(service_name), 10, 0.02, "re-registration")
+    took = time.monotonic() - back
+    assert took <= 1.0 + 1.0, f"re-registered {took:.2f}s after the agent came back"
+    [entry] = fresh_consul.instances(service_name)
+    assert entry["Service"]["Tags"] == ["v7"] and entry["Service"]["Meta"] == {"build": "42"}
+    wait_for(lambda: [c["Status"] for c in fresh_consul.instances(service_name)[0]["Checks"]] == ["passing", "passing"], 5, what="passing checks")
+    assert sc.event("sidecar.consul.reregistered") is not None
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+
+
+@pytest.mark.slow
+def test_consul_down_at_start_registers_once_it_is_up(fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """1. No agent listens yet. The app starts anyway and serves.
+    2. The agent starts 3 s later. Expected: the sidecar registers as soon as its
+       backoff (1 s to 30 s) next retries, logging one 'unreachable' and one
+       'reachable' event rather than one per retry.
+    """
+    port = free_port()
+    sc = start_sidecar(base_config(fresh_consul, service_name, port), app_command(port))
+    sc.wait_event("sidecar.consul.unreachable")
+    assert http_get(f"http://127.0.0.1:{port}/")[0] == 200  # the app runs meanwhile
+    time.sleep(3)
+    fresh_consul.start()
+    sc.wait_event("sidecar.consul.registered", timeout=40)
+    assert fresh_consul.service_ids(service_name) == [f"{service_name}-1"]
+    events = [e["event"] for e in sc.events()]
+    assert events.count("sidecar.consul.unreachable") == 1
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+
+
+def test_agent_down_for_the_whole_drain(fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+    """1. Registered; then the agent dies; SIGTERM to the sidecar.
+    2. Expected: deregistration cannot be confirmed (an error event says so), yet the
+       drain ends within its budget: the app is signalled after the delay and its
+       status (0) is the sidecar's.
+    """
+    fresh_consul.start()
+    port = free_port()
+    siglog = tmp_path / "signals.log"
+    cfg = base_config(fresh_consul, service_name, port, shutdown={"deregister_timeout": "1s", "propagation_delay": "1s"})
+    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
+    sc.wait_event("sidecar.consul.registered")
+    fresh_consul.stop()
+    sent = time.monotonic()
+    sc.send(signal.SIGTERM)
+    assert sc.wait(20) == 0
+    took = time.monotonic() - sent
+    ev = sc.event("sidecar.consul.deregister_unconfirmed")
+    assert ev is not None and ev["level"] == "error"
+    [(name, at)] = read_signal_log(siglog)
+    assert name == "SIGTERM" and at - sent >= 1.0 + 1.0 - 0.1  # deregister_timeout + propagation_delay
+    assert took < 1 + 1 + 10 + 1 + 3  # the worst case (+3 s of process start-up slack)
+
+
+def test_token_never_leaks(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+    """The token (from a token file) appears in no log line, no /status answer and no process argument."""
+    secret = "7f1c2d3e-aaaa-bbbb-cccc-0123456789ab"
+    tf = tmp_path / "token"
+    tf.write_text(secret + "\n")
+    port = free_port()
+    cfg = base_config(consul, service_name, port, consul={"token_file": str(tf)})
+    sc = start_sidecar(cfg, app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    status = http_get(sc.status_url() + "/status")[1].decode()
+    cmdline = Path(f"/proc/{sc.pid}/cmdline").read_bytes().decode()
+    app_cmdline = Path(f"/proc/{sc.app_pid()}/cmdline").read_bytes().decode()
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+    assert json.loads(status)["state"] == "registered"
+    for where, text in (("log", sc.output()), ("status", status), ("cmdline", cmdline), ("app cmdline", app_cmdline)):
+        assert secret not in text, where

@@ -12,7 +12,7 @@ import ctypes
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -55,9 +55,10 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def _libc_prctl() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]  # ctypes' private type
+def _libc_prctl() -> Callable[..., int] | None:
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+        fn: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+        return fn
     except (OSError, AttributeError):
         return None  # not Linux: no parent-death signal, the finally in cli still kills the app
 

@@ -43,7 +43,7 @@ class ConsulRejected(ConsulError):
     """400: the agent refused the request as malformed."""
 
 
-class _Transport(consul.base.HTTPClient):
+class _Transport(consul.base.HTTPClient):  # type: ignore[misc]  # python-consul2 has no type hints
     """python-consul2's HTTPClient contract, on one aiohttp session with deadlines."""
 
     def __init__(self, settings: ConsulSettings) -> None:
@@ -135,7 +135,7 @@ def _ssl_context(s: ConsulSettings) -> ssl.SSLContext:
     return ctx
 
 
-class _Endpoints(consul.base.Consul):
+class _Endpoints(consul.base.Consul):  # type: ignore[misc]  # python-consul2 has no type hints
     """python-consul2's endpoint groups bound to our transport.
 
     ``consul.base.Consul.__init__`` is deliberately not called: it reads

@@ -329,16 +329,17 @@ class Sidecar:
 
     async def _race(self, work: Awaitable[T]) -> T | _Interrupted:
         """Run ``work`` until it finishes, the app exits or a shutdown signal comes."""
-        task: asyncio.Future[T] = asyncio.ensure_future(work)
-        exited = asyncio.ensure_future(asyncio.shield(self.app.exited))
-        shutdown = asyncio.ensure_future(self._shutdown.wait())
+        task: asyncio.Future[Any] = asyncio.ensure_future(work)
+        exited: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(self.app.exited))
+        shutdown: asyncio.Future[Any] = asyncio.ensure_future(self._shutdown.wait())
         try:
             await asyncio.wait({task, exited, shutdown}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for f in (exited, shutdown):
                 f.cancel()
         if task.done():
-            return task.result()
+            result: T = task.result()
+            return result
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         return _Interrupted("app_exited" if self.app.exited.done() else "shutdown")

@@ -1,297 +1,33 @@
 """Real parts for the tests: a Consul dev agent on free ports, the sidecar and the example app as processes.
 
-Everything started here is tracked by session ID and killed in teardown, also
-when a test fails; ``leftovers()`` tells the suite whether anything survived.
+The process plumbing lives in ``examples/rollout/procs.py``, shared with the
+demo and the benchmarks, so that all three start and stop things the same way.
 """
 
-from __future__ import annotations
+from examples.rollout.procs import (
+    APP,
+    PY,
+    ROOT,
+    Consul,
+    Sidecar,
+    _started,
+    app_command,
+    free_port,
+    http_get,
+    kill_all_started,
+    kill_session,
+    leftovers,
+    merge,
+    pid_alive,
+    read_signal_log,
+    spawn,
+    stop_started,
+    wait_for,
+    write_config,
+)
 
-import contextlib
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
-
-ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "examples" / "app" / "app.py"
-PY = sys.executable
-
-_started: list[subprocess.Popen[bytes]] = []
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def consul_binary() -> str:
-    out = subprocess.run([str(ROOT / "scripts" / "install-consul")], check=True, capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[-1]
-
-
-def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start a process in a session of its own (so teardown can find all it started)."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-    _started.append(proc)
-    return proc
-
-
-def session_members(sid: int) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # fields[3]: session id; fields[0]: state
-            pids.append(int(d.name))
-    return pids
-
-
-def kill_session(sid: int) -> None:
-    for pid in session_members(sid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def leftovers() -> list[int]:
-    return [p for proc in _started for p in session_members(proc.pid)]
-
-
-def stop_started(since: int = 0) -> None:
-    """Kill every process in the sessions started since index ``since``, and reap the leaders."""
-    for proc in _started[since:]:
-        kill_session(proc.pid)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-
-
-def kill_all_started() -> None:
-    stop_started(0)
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-class Consul:
-    """A real ``consul agent -dev`` on free loopback ports."""
-
-    def __init__(self, workdir: Path, data_dir: Path | None = None, hcl: str | None = None) -> None:
-        self.binary = consul_binary()
-        self.workdir = workdir
-        self.data_dir = data_dir
-        self.hcl = hcl
-        self.http_port = free_port()
-        self.dns_port = free_port()
-        self.ports = [free_port() for _ in range(3)]
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = workdir / "consul.log"
-
-    @property
-    def address(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self) -> None:
-        server, lan, wan = self.ports
-        argv = [
-            self.binary, "agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1", "-node=test",
-            f"-http-port={self.http_port}", f"-dns-port={self.dns_port}", f"-server-port={server}",
-            f"-serf-lan-port={lan}", f"-serf-wan-port={wan}", "-grpc-port=-1", "-log-level=info",
-        ]
-        if self.data_dir is not None:
-            argv.append(f"-data-dir={self.data_dir}")
-        if self.hcl:
-            argv.append(f"-hcl={self.hcl}")
-        self.proc = spawn(argv, self.log)
-        wait_for(self._ready, 30, 0.1, f"consul agent on {self.address}")
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"consul exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-        try:
-            code, body = http_get(self.address + "/v1/catalog/nodes", timeout=1)
-        except OSError:
-            return False
-        return code == 200 and b'"test"' in body
-
-    def stop(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop(signal.SIGTERM)
-        self.start()
-
-    def get(self, path: str) -> Any:
-        code, body = http_get(self.address + path)
-        if code == 404:
-            return None
-        assert code == 200, (path, code, body)
-        return json.loads(body)
-
-    def instances(self, name: str) -> list[dict[str, Any]]:
-        """Entries of /v1/health/service/<name>: what consumers see."""
-        return list(self.get(f"/v1/health/service/{name}") or [])
-
-    def service_ids(self, name: str) -> list[str]:
-        return [e["Service"]["ID"] for e in self.instances(name)]
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return str(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for name, keys in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
-
-
-def merge(base: dict[str, dict[str, Any]], over: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    out = {k: dict(v) for k, v in base.items()}
-    for k, v in over.items():
-        out.setdefault(k, {}).update(v)
-    return out
-
-
-class Sidecar:
-    """``python -m sidecar run`` as a real process, with its JSON log lines at hand."""
-
-    def __init__(self, workdir: Path, config: dict[str, dict[str, Any]], command: list[str] | None, env: dict[str, str] | None = None) -> None:
-        self.workdir = workdir
-        self.config_path = write_config(workdir / f"sidecar-{id(self)}.toml", config)
-        self.log = workdir / f"sidecar-{id(self)}.log"
-        argv = [PY, "-m", "sidecar", "run", "-c", str(self.config_path), "--log-format", "json", "--log-level", "debug"]
-        if command:
-            argv += ["--", *command]
-        full_env = dict(os.environ)
-        for k in list(full_env):
-            if k.startswith("CONSUL_"):
-                del full_env[k]
-        full_env.update(env or {})
-        full_env["PYTHONPATH"] = str(ROOT)
-        self.proc = spawn(argv, self.log, full_env)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    out.append(json.loads(line))
-        return out
-
-    def event(self, name: str) -> dict[str, Any] | None:
-        return next((e for e in self.events() if e.get("event") == name), None)
-
-    def wait_event(self, name: str, timeout: float = 15) -> dict[str, Any]:
-        def found() -> dict[str, Any] | None:
-            e = self.event(name)
-            if e is None and self.proc.poll() is not None:
-                raise AssertionError(f"sidecar exited ({self.proc.returncode}) before {name}:\n{self.output()[-3000:]}")
-            return e
-
-        return wait_for(found, timeout, what=f"log event {name}")  # type: ignore[no-any-return]
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def send(self, sig: int) -> None:
-        os.kill(self.proc.pid, sig)
-
-    def wait(self, timeout: float = 40) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"sidecar still running after {timeout}s:\n{self.output()[-3000:]}") from None
-
-    def status_url(self) -> str:
-        return "http://" + self.wait_event("sidecar.status.listening")["address"]
-
-    def app_pid(self) -> int:
-        desc = self.wait_event("sidecar.app.started")["app"]
-        return int(desc.split()[1])
-
-
-def app_command(port: int, host: str = "127.0.0.1", *extra: str) -> list[str]:
-    return [PY, str(APP), "--host", host, "--port", str(port), *extra]
-
-
-def read_signal_log(path: Path) -> list[tuple[str, float]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        name, t = line.split()
-        out.append((name, float(t)))
-    return out
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[0] != "Z"
-
-
-def which(name: str) -> str | None:
-    return shutil.which(name)
-
-
-@contextlib.contextmanager
-def cleanup_on_exit() -> Iterator[None]:
-    try:
-        yield
-    finally:
-        kill_all_started()
+__all__ = [
+    "APP", "PY", "ROOT", "Consul", "Sidecar", "_started", "app_command", "free_port", "http_get",
+    "kill_all_started", "kill_session", "leftovers", "merge", "pid_alive", "read_signal_log", "spawn",
+    "stop_started", "wait_for", "write_config",
+]

@@ -2,6 +2,7 @@
 
     consul-sidecar run -c FILE [-- COMMAND [ARG...]]
     consul-sidecar check-config -c FILE
+    consul-sidecar wait [-c FILE] --service NAME (--id ID --passing | --min-passing N | --id ID --gone)
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from typing import Any
 from . import __version__, log
 from .app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
 from .clock import SystemClock
-from .config import EX_CONFIG, Config, ConfigError, load_config
+from . import wait
+from .config import EX_CONFIG, Config, ConfigError, load_config, load_consul_settings
 from .consul_client import ConsulAgent
-from .durations import format_duration
+from .durations import format_duration, parse_duration
 from .health import Prober
 from .lifecycle import EX_SOFTWARE, Sidecar
 from .registration import registration_payload
@@ -57,6 +59,23 @@ def _parser() -> argparse.ArgumentParser:
         "worst-case shutdown time. Exit 0 when valid, 78 when not.",
     )
     chk.add_argument("-c", "--config", required=True, type=Path, help="the TOML configuration file")
+
+    wt = sub.add_parser(
+        "wait",
+        help="block until Consul shows a condition (for deploy scripts)",
+        description="Block until Consul shows the condition, following it with blocking queries; exit 0 when it "
+        "holds, 1 at --timeout. Consul settings come from --consul-address, the [consul] section of -c FILE, "
+        "or the CONSUL_* environment, in that order.",
+    )
+    wt.add_argument("-c", "--config", type=Path, help="a sidecar configuration file (only [consul] is used)")
+    wt.add_argument("--consul-address", metavar="URL", help="e.g. http://127.0.0.1:8500")
+    wt.add_argument("--service", required=True, metavar="NAME")
+    wt.add_argument("--id", metavar="ID", help="the instance (service ID), with --passing or --gone")
+    what = wt.add_mutually_exclusive_group(required=True)
+    what.add_argument("--passing", action="store_true", help="the instance --id is registered and all its checks pass")
+    what.add_argument("--min-passing", type=int, metavar="N", help="at least N instances pass all their checks")
+    what.add_argument("--gone", action="store_true", help="the instance --id is no longer in the catalog")
+    wt.add_argument("--timeout", default="60s", metavar="DURATION", help='give up after this long (default "60s")')
     return p
 
 
@@ -79,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(own)
     if args.command != "run" and command:
         return _fail([f"'{args.command}' takes no command after '--'"], 2)
+    if args.command == "wait":
+        return _wait(args)
     try:
         config = load_config(args.config, os.environ)
     except ConfigError as e:
@@ -121,6 +142,45 @@ def _check_config(config: Config) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _wait(args: argparse.Namespace) -> int:
+    if (args.passing or args.gone) and not args.id:
+        return _fail(["wait: --passing and --gone need --id ID"], 2)
+    if args.min_passing is not None and args.min_passing < 1:
+        return _fail([f"wait: --min-passing {args.min_passing}: must be at least 1"], 2)
+    try:
+        timeout = parse_duration(args.timeout)
+    except ValueError as e:
+        return _fail([f"wait: --timeout: {e}"], 2)
+    try:
+        settings = load_consul_settings(args.config, os.environ, args.consul_address)
+    except ConfigError as e:
+        return _fail(e.problems, EX_CONFIG)
+    if args.passing:
+        cond = wait.instance_passing(args.service, args.id)
+    elif args.gone:
+        cond = wait.instance_gone(args.service, args.id)
+    else:
+        cond = wait.min_passing(args.service, args.min_passing)
+
+    async def go() -> wait.WaitResult:
+        agent = ConsulAgent(settings, SystemClock())
+        try:
+            return await wait.wait_for_condition(agent, args.service, cond, timeout, SystemClock())
+        finally:
+            await agent.close()
+
+    print(f"waiting for {cond.description} (Consul {settings.address}, timeout {format_duration(timeout)})", file=sys.stderr)
+    try:
+        result = asyncio.run(go())
+    except KeyboardInterrupt:
+        return 130
+    if result.ok:
+        print(f"{cond.description}: after {result.elapsed:.2f}s ({result.last_seen})")
+        return 0
+    why = result.error or f"timed out after {result.elapsed:.2f}s"
+    return _fail([f"wait: {cond.description}: {why}; last seen: {result.last_seen}"], 1)
 
 
 async def _run(config: Config, command: list[str]) -> int:

@@ -384,17 +384,7 @@ def load_config(
 ) -> Config:
     """Read and validate ``path``; raise ConfigError listing every problem."""
     problems = _Problems(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read the configuration file: {e.strerror or e}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([f"{path}: the configuration file is not UTF-8 text"]) from None
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
-
+    doc = _read_toml(path)
     for top in doc:
         if top not in _SECTIONS:
             problems.add(top, f"unknown section or key (known sections: {', '.join(_SECTIONS)})")
@@ -411,6 +401,36 @@ def load_config(
     if problems.lines:
         raise ConfigError(problems.lines)
     return Config(path, consul, service, check, startup, shutdown, app, status)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read the configuration file: {e.strerror or e}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: the configuration file is not UTF-8 text"]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+
+
+def load_consul_settings(path: Path | None, env: Mapping[str, str], address: str | None = None) -> ConsulSettings:
+    """Only the [consul] section (for commands that need no service, like ``wait``).
+
+    ``address`` (a command-line flag) wins over the file, which wins over CONSUL_HTTP_ADDR.
+    """
+    source = path or Path("<command line>")
+    problems = _Problems(source)
+    doc = _read_toml(path) if path is not None else {}
+    data = doc.get("consul", {})
+    if address is not None and isinstance(data, dict):
+        data = {**data, "address": address}
+    settings = _consul_settings(_Section("consul", data, env, problems), env, problems)
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    return settings
 
 
 def _consul_settings(sec: _Section, env: Mapping[str, str], problems: _Problems) -> ConsulSettings:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-import consul.base
+
+from ._consul_import import consul_base
 
 from .clock import Clock
 from .config import ConsulSettings
@@ -43,7 +44,7 @@ class ConsulRejected(ConsulError):
     """400: the agent refused the request as malformed."""
 
 
-class _Transport(consul.base.HTTPClient):  # type: ignore[misc]  # python-consul2 has no type hints
+class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul2 has no type hints
     """python-consul2's HTTPClient contract, on one aiohttp session with deadlines."""
 
     def __init__(self, settings: ConsulSettings) -> None:
@@ -67,7 +68,7 @@ class _Transport(consul.base.HTTPClient):  # type: ignore[misc]  # python-consul
 
     async def request(
         self,
-        callback: Callable[[consul.base.Response], Any],
+        callback: Callable[[Any], Any],
         method: str,
         path: str,
         params: Any = None,
@@ -89,7 +90,7 @@ class _Transport(consul.base.HTTPClient):  # type: ignore[misc]  # python-consul
             async with asyncio.timeout(limit):
                 async with self._get_session().request(method, uri, data=data, headers=hdrs, ssl=self._ssl or True) as resp:
                     body = await resp.text(encoding="utf-8")
-                    response = consul.base.Response(resp.status, resp.headers, body, body.encode())
+                    response = consul_base.Response(resp.status, resp.headers, body, body.encode())
         except TimeoutError:
             raise ConsulUnavailable(f"{what}: no answer from {self.settings.address} within {limit:g}s") from None
         except aiohttp.ClientConnectorCertificateError as e:
@@ -100,11 +101,11 @@ class _Transport(consul.base.HTTPClient):  # type: ignore[misc]  # python-consul
             raise ConsulUnavailable(f"{what}: {self.settings.address} unreachable: {e.__class__.__name__}: {e}") from None
         try:
             return callback(response)
-        except consul.base.ACLPermissionDenied as e:
+        except consul_base.ACLPermissionDenied as e:
             raise ConsulPermissionDenied(f"{what}: permission denied by Consul ACLs: {_one_line(e)}") from None
-        except consul.base.BadRequest as e:
+        except consul_base.BadRequest as e:
             raise ConsulRejected(f"{what}: rejected by the agent: {_one_line(e)}") from None
-        except consul.base.ConsulException as e:
+        except consul_base.ConsulException as e:
             raise ConsulUnavailable(f"{what}: agent error: {_one_line(e)}") from None
 
     # The contract python-consul2's endpoint classes call.
@@ -135,7 +136,7 @@ def _ssl_context(s: ConsulSettings) -> ssl.SSLContext:
     return ctx
 
 
-class _Endpoints(consul.base.Consul):  # type: ignore[misc]  # python-consul2 has no type hints
+class _Endpoints(consul_base.Consul):  # type: ignore[misc]  # python-consul2 has no type hints
     """python-consul2's endpoint groups bound to our transport.
 
     ``consul.base.Consul.__init__`` is deliberately not called: it reads
@@ -148,15 +149,15 @@ class _Endpoints(consul.base.Consul):  # type: ignore[misc]  # python-consul2 ha
         self.token = None  # the transport adds the token, read fresh per request
         self.dc = None
         self.consistency = "default"
-        self.agent = consul.base.Consul.Agent(self)
-        self.health = consul.base.Consul.Health(self)
+        self.agent = consul_base.Consul.Agent(self)
+        self.health = consul_base.Consul.Health(self)
 
 
-def _json_or_none(response: consul.base.Response) -> Any:
+def _json_or_none(response: Any) -> Any:
     """Callback: JSON body, or None for 404."""
     if response.code == 404:
         return None
-    consul.base.CB._status(response)
+    consul_base.CB._status(response)
     return json.loads(response.body)
 
 
@@ -238,7 +239,7 @@ class ConsulAgent:
         # of wait/16): the request deadline must cover it.
         extra = parse_duration(wait) * 1.1 if (index and wait) else 0.0
         idx, entries = await self._transport.request(
-            consul.base.CB.json(index=True),
+            consul_base.CB.json(index=True),
             "GET",
             f"/v1/health/service/{name}",
             params,

@@ -1,0 +1,252 @@
+"""The lifecycle's decisions with fakes for Consul, the app and signals (pure logic, milliseconds).
+
+The real-process tests prove the same paths end to end; these pin the order of
+calls and the meaning of each signal at each step, and run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from sidecar.app_control import StopResult
+from sidecar.clock import SystemClock
+from sidecar.config import Config, load_config
+from sidecar.consul_client import ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, DeregisterResult, Deregistration
+from sidecar.lifecycle import EX_CONFIG, EX_NOPERM, EX_UNAVAILABLE, Sidecar
+from sidecar.status import State, Status
+
+
+class FakeAgent:
+    address = "http://fake:8500"
+
+    def __init__(self, calls: list[str], register_errors: list[Exception] | None = None) -> None:
+        self.calls = calls
+        self.register_errors = list(register_errors or [])
+        self.held = False
+
+    async def register(self, payload: dict[str, Any]) -> None:
+        self.calls.append(f"register passing={payload['Check'].get('Status') == 'passing'}")
+        if self.register_errors:
+            raise self.register_errors.pop(0)
+        self.held = True
+
+    async def registered(self, service_id: str) -> dict[str, Any] | None:
+        return {"ID": service_id} if self.held else None
+
+    async def catalog_lists(self, name: str, service_id: str) -> bool:
+        return self.held
+
+    async def deregister_confirmed(self, name: str, service_id: str, deadline: float) -> DeregisterResult:
+        self.calls.append("deregister")
+        self.held = False
+        return DeregisterResult(Deregistration.CONFIRMED, 1, None)
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeApp:
+    description = "fake app"
+
+    def __init__(self, calls: list[str], exit_on_signal: bool = True) -> None:
+        self.calls = calls
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.exit_on_signal = exit_on_signal
+
+    def forward(self, sig: signal.Signals) -> None:
+        self.calls.append(f"forward {sig.name}")
+
+    def kill(self) -> None:
+        self.calls.append("kill")
+        if not self.exited.done():
+            self.exited.set_result(137)
+
+    async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
+        self.calls.append(f"stop {sig.name}")
+        if self.exit_on_signal and not self.exited.done():
+            self.exited.set_result(0)
+        try:
+            status = await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+            return StopResult(status, status == 137, "stopped")
+        except TimeoutError:
+            self.kill()
+            return StopResult(137, True, "killed")
+
+
+class FakeProber:
+    def __init__(self, healthy: bool = True) -> None:
+        self.healthy = healthy
+
+    async def probe(self) -> tuple[bool, str]:
+        return self.healthy, "HTTP 200" if self.healthy else "HTTP 503"
+
+
+class FakeInbox:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[signal.Signals] = asyncio.Queue()
+
+    def install(self) -> None:
+        pass
+
+    def uninstall(self) -> None:
+        pass
+
+
+def make_config(tmp_path: Path, **shutdown: str) -> Config:
+    extra = "".join(f'{k} = "{v}"\n' for k, v in shutdown.items())
+    p = tmp_path / "c.toml"
+    p.write_text(f'[service]\nname = "web"\nport = 8080\naddress = "127.0.0.1"\n[startup]\ntimeout = "300ms"\n[shutdown]\n{extra}')
+    return load_config(p, {})
+
+
+def make_sidecar(config: Config, agent: FakeAgent, app: FakeApp, prober: FakeProber | None = None) -> tuple[Sidecar, FakeInbox]:
+    inbox = FakeInbox()
+    sc = Sidecar(
+        config, agent=agent, app=app, start_app=lambda: app.calls.append("start"), prober=prober or FakeProber(),
+        clock=SystemClock(), status=Status(SystemClock(), config.service.id), log=structlog.get_logger(),
+        inbox=inbox,  # type: ignore[arg-type]
+    )
+    return sc, inbox
+
+
+async def until(pred: Any, timeout: float = 2.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.005)
+
+
+@pytest.mark.asyncio
+async def test_sigterm_order_deregister_delay_stop(tmp_path: Path) -> None:
+    """SIGTERM: deregister, then (after the delay) stop the app; never the other way round."""
+    calls: list[str] = []
+    app = FakeApp(calls)
+    sc, inbox = make_sidecar(make_config(tmp_path, propagation_delay="200ms"), FakeAgent(calls), app)
+    run = asyncio.create_task(sc.run())
+    await until(lambda: sc.status.state is State.REGISTERED)
+    loop = asyncio.get_running_loop()
+    t = loop.time()
+    inbox.queue.put_nowait(signal.SIGTERM)
+    assert await run == 0
+    assert loop.time() - t >= 0.2
+    assert calls == ["start", "register passing=True", "deregister", "stop SIGTERM"]
+
+
+@pytest.mark.asyncio
+async def test_second_sigint_ends_the_delay_and_sigterms_change_nothing(tmp_path: Path) -> None:
+    calls: list[str] = []
+    app = FakeApp(calls)
+    sc, inbox = make_sidecar(make_config(tmp_path, propagation_delay="30s"), FakeAgent(calls), app)
+    run = asyncio.create_task(sc.run())
+    await until(lambda: sc.status.state is State.REGISTERED)
+    inbox.queue.put_nowait(signal.SIGINT)
+    await until(lambda: "deregister" in calls)
+    for _ in range(5):
+        inbox.queue.put_nowait(signal.SIGTERM)
+    await asyncio.sleep(0.1)
+    assert "stop SIGTERM" not in calls
+    inbox.queue.put_nowait(signal.SIGINT)
+    assert await asyncio.wait_for(run, 2) == 0
+    assert calls.count("deregister") == 1 and calls[-1] == "stop SIGTERM"
+
+
+@pytest.mark.asyncio
+async def test_third_sigint_kills(tmp_path: Path) -> None:
+    calls: list[str] = []
+    app = FakeApp(calls, exit_on_signal=False)
+    sc, inbox = make_sidecar(make_config(tmp_path, propagation_delay="0s", app_timeout="30s"), FakeAgent(calls), app)
+    run = asyncio.create_task(sc.run())
+    await until(lambda: sc.status.state is State.REGISTERED)
+    for _ in range(3):
+        inbox.queue.put_nowait(signal.SIGINT)
+        await asyncio.sleep(0.05)
+    assert await asyncio.wait_for(run, 2) == 137
+    assert "kill" in calls
+
+
+@pytest.mark.asyncio
+async def test_forwarded_signals(tmp_path: Path) -> None:
+    calls: list[str] = []
+    app = FakeApp(calls)
+    sc, inbox = make_sidecar(make_config(tmp_path, propagation_delay="0s"), FakeAgent(calls), app)
+    run = asyncio.create_task(sc.run())
+    await until(lambda: sc.status.state is State.REGISTERED)
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH):
+        inbox.queue.put_nowait(sig)
+    await until(lambda: len([c for c in calls if c.startswith("forward")]) == 4)
+    inbox.queue.put_nowait(signal.SIGTERM)
+    assert await run == 0
+    assert [c for c in calls if c.startswith("forward")] == ["forward SIGHUP", "forward SIGUSR1", "forward SIGUSR2", "forward SIGWINCH"]
+
+
+@pytest.mark.asyncio
+async def test_app_exit_deregisters_and_passes_status(tmp_path: Path) -> None:
+    calls: list[str] = []
+    app = FakeApp(calls)
+    sc, _ = make_sidecar(make_config(tmp_path), FakeAgent(calls), app)
+    run = asyncio.create_task(sc.run())
+    await until(lambda: sc.status.state is State.REGISTERED)
+    app.exited.set_result(3)
+    assert await run == 3
+    assert calls[-1] == "deregister" and not any(c.startswith("stop") for c in calls)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [(ConsulPermissionDenied("403 Permission denied"), EX_NOPERM), (ConsulRejected("400 bad"), EX_CONFIG)],
+    ids=["acl-denied", "rejected"],
+)
+@pytest.mark.asyncio
+async def test_fatal_registration_errors_stop_the_app(tmp_path: Path, error: Exception, expected: int) -> None:
+    calls: list[str] = []
+    app = FakeApp(calls)
+    sc, _ = make_sidecar(make_config(tmp_path), FakeAgent(calls, [error]), app)
+    assert await asyncio.wait_for(sc.run(), 5) == expected
+    assert calls == ["start", "register passing=True", "deregister", "stop SIGTERM"]
+
+
+@pytest.mark.asyncio
+async def test_unhealthy_app_is_never_registered(tmp_path: Path) -> None:
+    calls: list[str] = []
+    app = FakeApp(calls)
+    sc, _ = make_sidecar(make_config(tmp_path), FakeAgent(calls), app, FakeProber(healthy=False))
+    assert await asyncio.wait_for(sc.run(), 5) == EX_UNAVAILABLE
+    assert calls == ["start", "stop SIGTERM"]
+
+
+@pytest.mark.asyncio
+async def test_unreachable_agent_logs_state_changes_not_retries(tmp_path: Path) -> None:
+    """Two failed attempts then success: one 'unreachable', one 'reachable' event."""
+    calls: list[str] = []
+    app = FakeApp(calls)
+    agent = FakeAgent(calls, [ConsulUnavailable("refused"), ConsulUnavailable("refused")])
+    sc, inbox = make_sidecar(make_config(tmp_path, propagation_delay="0s"), agent, app)
+    # Backoff starts at 0.5-1 s: two retries take about 1-3 s.
+    with structlog.testing.capture_logs() as logs:
+        run = asyncio.create_task(sc.run())
+        await until(lambda: sc.status.state is State.REGISTERED, timeout=10)
+        inbox.queue.put_nowait(signal.SIGTERM)
+        assert await run == 0
+    events = [e["event"] for e in logs]
+    assert events.count("sidecar.consul.unreachable") == 1
+    assert events.count("sidecar.consul.reachable") == 1
+    assert calls.count("register passing=True") == 3
+
+
+@pytest.mark.asyncio
+async def test_shutdown_before_registration_skips_the_delay(tmp_path: Path) -> None:
+    """SIGTERM while the app is still unhealthy: nothing was ever registered, so no propagation delay."""
+    calls: list[str] = []
+    app = FakeApp(calls)
+    cfg = make_config(tmp_path, propagation_delay="30s")
+    sc, inbox = make_sidecar(cfg, FakeAgent(calls), app, FakeProber(healthy=False))
+    run = asyncio.create_task(sc.run())
+    await asyncio.sleep(0.05)
+    inbox.queue.put_nowait(signal.SIGTERM)
+    assert await asyncio.wait_for(run, 2) == 0
+    assert not any(c.startswith("register") for c in calls)

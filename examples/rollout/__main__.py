@@ -1,0 +1,115 @@
+"""The rolling-update demo: ``python -m examples.rollout`` (``scripts/demo`` sets up and runs it).
+
+By default it runs the rollout twice on fresh clusters: once with the sidecar's
+drain, once naive (SIGTERM straight to the app), and prints both side by side.
+Everything it starts is stopped at the end, also on failure, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from .loadgen import Summary, summarize, write_csv
+from .procs import ROOT, kill_all_started, leftovers
+from .rollout import Cluster, RolloutResult, rollout
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through the same finally blocks as Ctrl-C
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="scripts/demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--naive", action="store_true", help="only the control: SIGTERM straight to the old apps")
+    mode.add_argument("--sidecar-only", action="store_true", help="only the rollout with the sidecar's drain")
+    ap.add_argument("--replicas", type=int, default=3, help="instances of v1 to replace (default 3)")
+    ap.add_argument("--rate", type=float, default=300.0, help="requests per second through nginx (default 300)")
+    ap.add_argument("--propagation-delay", default="3s", help='the sidecar\'s shutdown.propagation_delay (default "3s")')
+    ap.add_argument("--out", type=Path, default=ROOT / "out", help="where the PNG timelines and CSVs go (default out/)")
+    ap.add_argument("--no-plot", action="store_true", help="skip the PNG timeline")
+    return ap.parse_args(argv)
+
+
+def row(label: str, s: Summary, r: RolloutResult) -> str:
+    v1, v2 = s.by_version.get("v1", 0), s.by_version.get("v2", 0)
+    return (f"{label:9} {s.requests:9d} {s.failed:7d} {s.failure_rate * 100:8.2f}% {s.p50_ms:8.1f} {s.p99_ms:8.1f} "
+            f"{v1:8d} {v2:8d} {r.rollout_seconds:9.1f}s")
+
+
+def report(results: list[RolloutResult], out: Path, plot: bool) -> None:
+    print()
+    print(f"{'rollout':9} {'requests':>9} {'failed':>7} {'fail rate':>9} {'p50 ms':>8} {'p99 ms':>8} {'by v1':>8} {'by v2':>8} {'duration':>10}")
+    for r in results:
+        s = summarize(r.records)
+        print(row(r.mode, s, r))
+    for r in results:
+        s = summarize(r.records)
+        if s.errors:
+            print(f"  {r.mode} failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(s.errors.items(), key=lambda kv: -kv[1])))
+    out.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        write_csv(r.records, out / f"rollout-{r.mode}.csv")
+        if plot:
+            from .timeline import plot_timeline
+
+            s = summarize(r.records)
+            title = f"rolling update v1 -> v2, {r.mode}: {s.failed} failed of {s.requests} requests"
+            plot_timeline(r.records, r.marks(), out / f"rollout-{r.mode}.png", title)
+    print(f"\nper-request records: {out}/rollout-*.csv" + (f"; timelines: {out}/rollout-*.png" if plot else ""))
+
+
+async def run_modes(args: argparse.Namespace, work: Path) -> list[RolloutResult]:
+    modes = [True] if args.naive else [False] if args.sidecar_only else [False, True]
+    results = []
+    for naive in modes:
+        mode = "naive" if naive else "sidecar"
+        cluster = Cluster(work / mode, propagation_delay=args.propagation_delay)
+        try:
+            cluster.start()
+            results.append(await rollout(cluster, naive, replicas=args.replicas, rate=args.rate))
+        finally:
+            cluster.stop()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    work = Path(tempfile.mkdtemp(prefix="consul-sidecar-demo-"))
+    print(f"working directory (logs of every process): {work}")
+    t = time.monotonic()
+    try:
+        results = asyncio.run(run_modes(args, work))
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping everything", file=sys.stderr)
+        return 130
+    finally:
+        kill_all_started()
+        left = leftovers()
+        if left:
+            print(f"warning: processes still alive: {left}", file=sys.stderr)
+    report(results, args.out, plot=not args.no_plot)
+    print(f"demo took {time.monotonic() - t:.0f}s")
+    verdict = 0
+    for r in results:
+        failed = summarize(r.records).failed
+        if r.mode == "sidecar":
+            ok = failed == 0
+            print(f"with the sidecar: {'no request failed' if ok else f'{failed} requests FAILED'}")
+        else:
+            ok = failed > 0
+            print(f"naive control: {failed} requests failed" + ("" if ok else " (expected some: the harness should see failures)"))
+        verdict |= 0 if ok else 1
+    return verdict
+
+
+if __name__ == "__main__":
+    sys.exit(main())

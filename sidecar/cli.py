@@ -198,8 +198,9 @@ async def _run(config: Config, command: list[str]) -> int:
     if command:
         child = ChildApp(command, PosixLauncher(), clock)
         app = child
-        if os.getpid() == 1:
-            become_subreaper()  # PID 1 already adopts orphans; this is a no-op kept for clarity
+        # Orphans of the app become our children (PID 1 gets them anyway), so
+        # the reaper in ChildApp collects them and no zombie piles up.
+        become_subreaper()
         start_app: Any = child.start
     elif config.app.pid is not None or config.app.pid_file is not None:
         pid_app = PidApp(config.app.pid, config.app.pid_file, clock)

@@ -77,6 +77,7 @@ def main() -> int:
     consul = Consul(work)
     try:
         consul.start()
+        version = consul_version(consul)
         port = free_port()
         app = spawn(app_command(port), work / "app.log")
         wait_for(lambda: _answers(port), 10, what="the app")
@@ -114,7 +115,7 @@ def main() -> int:
         kill_all_started()
 
     print()
-    print(f"consul-sidecar lifecycle figures ({args.runs} runs, Consul {consul_version(consul)}, {os.cpu_count()} cores)")
+    print(f"consul-sidecar lifecycle figures ({args.runs} runs, Consul {version}, {os.cpu_count()} cores)")
     print(f"{'measure':44} {'median':>9} {'p99':>9} {'target':>12}")
     print(f"{'SIGTERM -> deregistration confirmed (ms)':44} {statistics.median(dereg_ms):9.1f} {pct(dereg_ms, 99):9.1f} {'p99 <= 20':>12}")
     print(f"{'start -> registered and passing (ms)':44} {statistics.median(start_ms):9.0f} {pct(start_ms, 99):9.0f} {'<= 300':>12}")

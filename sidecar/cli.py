@@ -132,6 +132,7 @@ def _check_config(config: Config) -> int:
             "app_signal": sd.app_signal.name,
             "app_timeout": format_duration(sd.app_timeout),
             "worst_case": format_duration(sd.worst_case),
+            "budget": format_duration(sd.budget),
         },
         "status": f"{config.status.host}:{config.status.port}" if config.status else None,
     }
@@ -141,6 +142,9 @@ def _check_config(config: Config) -> int:
         "to reap after SIGKILL); give the platform's stop timeout at least this much",
         file=sys.stderr,
     )
+    warning = sd.over_budget()
+    if warning:
+        print(f"{PROG}: warning: {config.source}: {warning}", file=sys.stderr)
     return 0
 
 

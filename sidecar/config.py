@@ -111,11 +111,27 @@ class ShutdownSettings:
     propagation_delay: float
     app_signal: signal.Signals
     app_timeout: float
+    budget: float  # the platform's stop timeout we must fit in (Kubernetes' default grace period: 30 s)
 
     @property
     def worst_case(self) -> float:
         """Longest time from SIGTERM to the sidecar's exit."""
         return self.deregister_timeout + self.propagation_delay + self.app_timeout + KILL_REAP_TIMEOUT
+
+    def over_budget(self) -> str | None:
+        """A warning naming what to change when the worst case exceeds the budget, else None."""
+        if self.worst_case <= self.budget:
+            return None
+        biggest = max(
+            (self.app_timeout, "shutdown.app_timeout"),
+            (self.propagation_delay, "shutdown.propagation_delay"),
+            (self.deregister_timeout, "shutdown.deregister_timeout"),
+        )[1]
+        return (
+            f"worst-case shutdown {format_duration(self.worst_case)} exceeds shutdown.budget "
+            f"{format_duration(self.budget)}: the platform would SIGKILL the sidecar mid-drain. Lower {biggest} "
+            "(or the other shutdown durations), or raise the platform's stop timeout and shutdown.budget with it"
+        )
 
 
 @dataclass(frozen=True)
@@ -160,6 +176,7 @@ DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             "propagation_delay": "5s",
             "app_signal": "SIGTERM",
             "app_timeout": "20s",
+            "budget": "30s",
         },
         "status": {"listen": "127.0.0.1:8501"},
     }
@@ -171,7 +188,7 @@ _SECTIONS: Mapping[str, frozenset[str]] = MappingProxyType(
         "service": frozenset({"name", "id", "address", "port", "tags", "meta"}),
         "check": frozenset({"http", "interval", "timeout", "deregister_critical_after", "allow_remote"}),
         "startup": frozenset({"wait_healthy", "timeout"}),
-        "shutdown": frozenset({"deregister_timeout", "propagation_delay", "app_signal", "app_timeout"}),
+        "shutdown": frozenset({"deregister_timeout", "propagation_delay", "app_signal", "app_timeout", "budget"}),
         "app": frozenset({"pid_file", "pid", "shutdown_url"}),
         "status": frozenset({"listen"}),
     }
@@ -600,6 +617,7 @@ def _shutdown_settings(sec: _Section, problems: _Problems) -> ShutdownSettings:
         propagation_delay=sec.duration("propagation_delay"),
         app_signal=sig,
         app_timeout=sec.duration("app_timeout", 0.001),
+        budget=sec.duration("budget", 0.001),
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import json
 import ssl
 from collections.abc import Callable
@@ -181,6 +182,8 @@ class Agent(Protocol):
 
     async def register(self, payload: dict[str, Any]) -> None: ...
 
+    def token_rotated(self) -> bool: ...
+
     async def registered(self, service_id: str) -> dict[str, Any] | None: ...
 
     async def catalog_lists(self, name: str, service_id: str) -> bool: ...
@@ -198,12 +201,25 @@ class ConsulAgent:
         self._c = _Endpoints(self._transport)
         self._clock = clock
         self.address = settings.address
+        self._registered_with: str | None = None  # digest of the token of the last registration
+
+    def _token_digest(self) -> str:
+        try:
+            token = self._transport.settings.token.read() or ""
+        except (OSError, UnicodeDecodeError):
+            return self._registered_with or ""  # unreadable now: the next request reports it
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def token_rotated(self) -> bool:
+        """Whether the token source now holds another token than the last registration used."""
+        return self._registered_with is not None and self._token_digest() != self._registered_with
 
     async def close(self) -> None:
         await self._transport.close()
 
     async def register(self, payload: dict[str, Any]) -> None:
         """PUT /v1/agent/service/register (replaces a definition with the same ID)."""
+        digest = self._token_digest()
         await self._c.agent.service.register(
             payload["Name"],
             service_id=payload["ID"],
@@ -213,6 +229,7 @@ class ConsulAgent:
             meta=payload["Meta"],
             check=payload["Check"],
         )
+        self._registered_with = digest
 
     async def registered(self, service_id: str) -> dict[str, Any] | None:
         """The agent's local definition of ``service_id``, or None if it holds none."""

@@ -94,6 +94,9 @@ class Sidecar:
     async def run(self) -> int:
         """Run until the app is gone; return the exit status to pass on."""
         t0 = self.clock.monotonic()
+        over = self.config.shutdown.over_budget()
+        if over:
+            self.log.warning("sidecar.config.over_budget", warning=over)
         self.inbox.install()  # before the app exists: no signal may find us unprepared
         dispatcher = asyncio.create_task(self._dispatch_signals())
         try:
@@ -223,6 +226,12 @@ class Sidecar:
                 if await self.agent.registered(sid) is None:
                     await self._register()
                     self.log.warning("sidecar.consul.reregistered", reason="the agent no longer held the service", elapsed_ms=self._ms(t))
+                elif self.agent.token_rotated():
+                    # The agent keeps the registering token for its catalog syncs (and
+                    # for a later deregistration): hand it the new one before the old
+                    # one is deleted.
+                    await self._register()
+                    self.log.info("sidecar.consul.reregistered", reason="the ACL token changed", elapsed_ms=self._ms(t))
                 self._consul_state(True, None)
             except ConsulPermissionDenied as e:
                 self._consul_state(False, str(e), level="error")
@@ -238,6 +247,11 @@ class Sidecar:
         self.status.enter(State.DRAINING)
         self.log.info("sidecar.drain.started", propagation_delay_s=cfg.propagation_delay, app_timeout_s=cfg.app_timeout)
         outcome = await self._deregister()
+        # Unconfirmed (agent frozen or down): keep trying in the background for
+        # as long as the drain lasts; a frozen agent that resumes is cleaned up.
+        late = None
+        if outcome is Deregistration.UNCONFIRMED:
+            late = asyncio.create_task(self._deregister(deadline=t0 + cfg.worst_case, late=True))
 
         if self.app.exited.done():
             pass  # nothing left to protect
@@ -254,6 +268,17 @@ class Sidecar:
                 elapsed_ms=self._ms(t),
             )
         result = await self._stop_app()
+        if late is not None:
+            if late.done():
+                late.result()
+            else:
+                late.cancel()
+                await asyncio.gather(late, return_exceptions=True)
+                self.log.error(
+                    "sidecar.consul.left_registered",
+                    hint="the agent never confirmed the deregistration; Consul removes the instance once its check "
+                    "has been critical for check.deregister_critical_after",
+                )
         self.log.info("sidecar.stopped", exit_status=result.status, elapsed_ms=self._ms(t0))
         return result.status
 
@@ -268,12 +293,16 @@ class Sidecar:
         self.log.info("sidecar.stopped", exit_status=status)
         return status
 
-    async def _deregister(self) -> Deregistration:
+    async def _deregister(self, deadline: float | None = None, late: bool = False) -> Deregistration:
         cfg = self.config
         t = self.clock.monotonic()
-        result = await self.agent.deregister_confirmed(cfg.service.name, cfg.service.id, t + cfg.shutdown.deregister_timeout)
+        if deadline is None:
+            deadline = t + cfg.shutdown.deregister_timeout
+        result = await self.agent.deregister_confirmed(cfg.service.name, cfg.service.id, deadline)
         if result.outcome is Deregistration.CONFIRMED:
-            self.log.info("sidecar.consul.deregistered", attempts=result.attempts, elapsed_ms=self._ms(t))
+            self.log.info("sidecar.consul.deregistered", attempts=result.attempts, late=late or None, elapsed_ms=self._ms(t))
+        elif late:
+            pass  # the caller reports what is left
         elif result.outcome is Deregistration.BLOCKED:
             self.status.last_error = result.error
             self.log.error("sidecar.consul.deregister_blocked", error=result.error, attempts=result.attempts, elapsed_ms=self._ms(t), hint=self._acl_hint())

@@ -36,6 +36,9 @@ class FakeAgent:
             raise self.register_errors.pop(0)
         self.held = True
 
+    def token_rotated(self) -> bool:
+        return False
+
     async def registered(self, service_id: str) -> dict[str, Any] | None:
         return {"ID": service_id} if self.held else None
 

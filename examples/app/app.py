@@ -132,6 +132,8 @@ class AppState:
         self.stop_requested: asyncio.Event = asyncio.Event()
         self.stop_signal: signal.Signals | None = None
         self.stop_via: str = "?"
+        self.health_status: int | None = None  # forced /healthz status (POST /health)
+        self.health_delay: float = 0.0
         # "<instance> <version>"; set once the listening port is known.
         self.backend: str = ""
 
@@ -146,6 +148,10 @@ STATE_KEY: web.AppKey[AppState] = web.AppKey("state", AppState)
 
 async def handle_healthz(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
+    if state.health_delay > 0:
+        await asyncio.sleep(state.health_delay)
+    if state.health_status is not None:
+        return web.Response(status=state.health_status, text=f"forced {state.health_status}")
     if state.healthy():
         return web.Response(text="ok")
     return web.Response(status=503, text="unhealthy")
@@ -165,6 +171,19 @@ async def handle_slow(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text=f"invalid seconds: {raw!r}\n")
     await asyncio.sleep(seconds)
     return web.Response(text=f"{request.app[STATE_KEY].backend} slept {seconds:g}s\n")
+
+
+async def handle_set_health(request: web.Request) -> web.Response:
+    """POST /health?status=500&delay=2: from now on /healthz answers that status after that delay
+    (status=auto returns to the normal behaviour). For fault tests."""
+    state = request.app[STATE_KEY]
+    status = request.query.get("status", "auto")
+    try:
+        state.health_status = None if status == "auto" else int(status)
+        state.health_delay = float(request.query.get("delay", "0"))
+    except ValueError:
+        raise web.HTTPBadRequest(text="status must be a number or auto, delay a number\n") from None
+    return web.Response(text=f"health: status={status} delay={state.health_delay:g}s\n")
 
 
 async def handle_shutdown(request: web.Request) -> web.Response:
@@ -189,6 +208,7 @@ def make_app(state: AppState) -> web.Application:
     app.router.add_get("/", handle_root)
     app.router.add_get("/slow", handle_slow)
     app.router.add_post("/shutdown", handle_shutdown)
+    app.router.add_post("/health", handle_set_health)
     app.on_response_prepare.append(add_backend_header)
     return app
 

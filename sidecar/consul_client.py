@@ -99,6 +99,9 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
         except aiohttp.ClientSSLError as e:
             raise ConsulRejected(f"{what}: TLS handshake with {self.settings.address} failed: {e}") from None
         except (aiohttp.ClientError, OSError) as e:
+            if _tls_failure(e):
+                hint = "" if self.settings.cert_file else " (does the agent require a client certificate? set consul.cert_file and consul.key_file)"
+                raise ConsulRejected(f"{what}: TLS handshake with {self.settings.address} failed: {e}{hint}") from None
             raise ConsulUnavailable(f"{what}: {self.settings.address} unreachable: {e.__class__.__name__}: {e}") from None
         try:
             return callback(response)
@@ -121,6 +124,16 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
 
     async def post(self, callback: Any, path: str, params: Any = None, data: Any = "", headers: Any = None) -> Any:
         return await self.request(callback, "POST", path, params, data, headers)
+
+
+def _tls_failure(e: BaseException) -> bool:
+    """An SSL error anywhere in the chain: a configuration problem, not an outage."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) or "[SSL:" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _one_line(e: Exception) -> str:
@@ -188,6 +201,8 @@ class Agent(Protocol):
 
     async def catalog_lists(self, name: str, service_id: str) -> bool: ...
 
+    async def check_catalog_visibility(self, name: str, service_id: str) -> bool: ...
+
     async def deregister_confirmed(self, name: str, service_id: str, deadline: float) -> DeregisterResult: ...
 
     async def close(self) -> None: ...
@@ -202,6 +217,7 @@ class ConsulAgent:
         self._clock = clock
         self.address = settings.address
         self._registered_with: str | None = None  # digest of the token of the last registration
+        self._catalog_visible: bool | None = None  # can our token read our own catalog entry?
 
     def _token_digest(self) -> str:
         try:
@@ -241,6 +257,21 @@ class ConsulAgent:
         _, entries = await self._c.health.service(name)
         return any(e.get("Service", {}).get("ID") == service_id for e in entries or [])
 
+    async def check_catalog_visibility(self, name: str, service_id: str) -> bool:
+        """Right after a registration: does the catalog show it to our token?
+
+        With ACLs, /v1/health/service answers an empty list to a token without
+        node:read, which would make every deregistration look confirmed. If we
+        cannot see ourselves, confirmations rely on the agent's answer alone.
+        """
+        for _ in range(5):
+            if await self.catalog_lists(name, service_id):
+                self._catalog_visible = True
+                return True
+            await self._clock.sleep(0.05)
+        self._catalog_visible = False
+        return False
+
     async def health_service(
         self, name: str, index: str | None = None, wait: str | None = None, passing: bool = False
     ) -> tuple[str, list[dict[str, Any]]]:
@@ -272,34 +303,38 @@ class ConsulAgent:
         A timed-out request is "unknown", not "done": the write may still be
         applied later (a frozen agent), so every round ends with reads of the
         agent and the catalog. The agent answers 200 even where ACLs keep the
-        catalog entry, which is why the catalog is read too.
+        catalog entry, which is why the catalog is read too. A round cut off by
+        the deadline does not erase what the previous complete round showed.
         """
         attempts = 0
-        error: str | None = None
+        outcome, error = Deregistration.UNCONFIRMED, f"no answer from {self.address} before the deregistration deadline"
         delay = 0.05
+        agent_gone = False
         while True:
             attempts += 1
-            outcome_if_late = Deregistration.UNCONFIRMED
             try:
                 # One round (deregister, read the agent, read the catalog) must
                 # not outlive the deadline, whatever the per-request timeout.
                 async with asyncio.timeout(max(0.001, deadline - self._clock.monotonic())):
-                    await self._c.agent.service.deregister(service_id)
+                    # Once the agent has dropped it, only read: with ACLs on, deregistering
+                    # an ID the agent no longer knows answers 500 "Unknown service".
+                    if not agent_gone:
+                        await self._c.agent.service.deregister(service_id)
                     agent_gone = await self.registered(service_id) is None
-                    listed = await self.catalog_lists(name, service_id)
+                    listed = self._catalog_visible is not False and await self.catalog_lists(name, service_id)
                 if agent_gone and not listed:
                     return DeregisterResult(Deregistration.CONFIRMED, attempts, None)
-                if agent_gone and listed:
+                if agent_gone:
+                    outcome = Deregistration.BLOCKED
                     error = "the agent dropped the service but the catalog still lists it (deregistration blocked by ACLs?)"
-                    outcome_if_late = Deregistration.BLOCKED
                 else:
-                    error = "the agent still holds the service after deregistering it"
+                    outcome, error = Deregistration.UNCONFIRMED, "the agent still holds the service after deregistering it"
             except TimeoutError:
-                error = f"no answer from {self.address} before the deregistration deadline"
+                pass
             except ConsulError as e:
-                error = str(e)
+                outcome, error = Deregistration.UNCONFIRMED, str(e)
             remaining = deadline - self._clock.monotonic()
             if remaining <= 0:
-                return DeregisterResult(outcome_if_late, attempts, error)
+                return DeregisterResult(outcome, attempts, error)
             await self._clock.sleep(min(delay, remaining))
             delay = min(delay * 2, 1.0)

@@ -182,6 +182,7 @@ class Sidecar:
                 self._consul_state(True, None)
                 self.status.enter(State.REGISTERED)
                 self.log.info("sidecar.consul.registered", attempts=attempts, elapsed_ms=self._ms(t))
+                await self._check_catalog_visibility()
                 return 0
             except ConsulPermissionDenied as e:
                 self.status.last_error = str(e)
@@ -194,6 +195,21 @@ class Sidecar:
             except ConsulError as e:
                 self._consul_state(False, str(e), retrying=True)
             await self.clock.sleep(next(delays))
+
+    async def _check_catalog_visibility(self) -> None:
+        svc = self.config.service
+        try:
+            visible = await self.agent.check_catalog_visibility(svc.name, svc.id)
+        except ConsulError as e:
+            self.log.warning("sidecar.consul.catalog_unreadable", error=str(e))
+            return
+        if not visible:
+            self.log.warning(
+                "sidecar.consul.catalog_unreadable",
+                hint=f"the token cannot read {svc.name!r} in the catalog (it needs service:read and node:read, e.g. "
+                'node_prefix "" { policy = "read" }): deregistrations are confirmed by the agent alone, and one '
+                "blocked by ACLs cannot be detected",
+            )
 
     async def _register(self) -> None:
         # Passing at once only if the app answers right now, as the agent will see it.

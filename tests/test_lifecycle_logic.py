@@ -45,6 +45,9 @@ class FakeAgent:
     async def catalog_lists(self, name: str, service_id: str) -> bool:
         return self.held
 
+    async def check_catalog_visibility(self, name: str, service_id: str) -> bool:
+        return True
+
     async def deregister_confirmed(self, name: str, service_id: str, deadline: float) -> DeregisterResult:
         self.calls.append("deregister")
         self.held = False

@@ -109,7 +109,11 @@ def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = No
 class Consul:
     """A real ``consul agent -dev`` on free loopback ports."""
 
-    def __init__(self, workdir: Path, data_dir: Path | None = None, hcl: str | None = None, dns_port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, data_dir: Path | None = None, hcl: str | None = None, dns_port: int | None = None,
+        admin_token: str | None = None,
+    ) -> None:
+        self.admin_token = admin_token  # used for the harness's own reads (ACL-enabled agents)
         self.binary = consul_binary()
         self.workdir = workdir
         self.data_dir = data_dir
@@ -143,7 +147,7 @@ class Consul:
         if self.proc.poll() is not None:
             raise AssertionError(f"consul exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
         try:
-            code, body = http_get(self.address + "/v1/catalog/nodes", timeout=1)
+            code, body = http_get(self.address + "/v1/catalog/nodes", timeout=1, headers=self._headers())
         except OSError:
             return False
         return code == 200 and b'"test"' in body
@@ -158,8 +162,11 @@ class Consul:
         self.stop(signal.SIGTERM)
         self.start()
 
+    def _headers(self) -> dict[str, str]:
+        return {"X-Consul-Token": self.admin_token} if self.admin_token else {}
+
     def get(self, path: str) -> Any:
-        code, body = http_get(self.address + path)
+        code, body = http_get(self.address + path, headers=self._headers())
         if code == 404:
             return None
         assert code == 200, (path, code, body)

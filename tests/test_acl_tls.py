@@ -1,0 +1,227 @@
+"""ACLs (a real agent with default_policy = "deny") and TLS (a real agent with a CA the test makes)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import StartSidecar, base_config
+from .harness import Consul, app_command, free_port, pid_alive, wait_for
+
+ROOT_TOKEN = "3d1a7b3e-0000-4000-8000-00000000root"
+ACL_HCL = f'acl {{ enabled = true, default_policy = "deny", tokens {{ master = "{ROOT_TOKEN}", agent = "{ROOT_TOKEN}" }} }}'
+
+
+@pytest.fixture(scope="module")
+def acl_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consul]:
+    agent = Consul(tmp_path_factory.mktemp("acl"), hcl=ACL_HCL, admin_token=ROOT_TOKEN)
+    agent.start()
+    yield agent
+    agent.stop()
+
+
+def api(agent: Consul, method: str, path: str, body: object = None) -> object:
+    req = urllib.request.Request(agent.address + path, method=method, headers={"X-Consul-Token": ROOT_TOKEN},
+                                 data=json.dumps(body).encode() if body is not None else None)
+    with urllib.request.urlopen(req, timeout=5) as r:
+        text = r.read().decode()
+    return json.loads(text) if text.strip() else None
+
+
+def make_token(agent: Consul, rules: str) -> str:
+    policy = api(agent, "PUT", "/v1/acl/policy", {"Name": f"p{free_port()}", "Rules": rules})
+    assert isinstance(policy, dict)
+    token = api(agent, "PUT", "/v1/acl/token", {"Policies": [{"ID": policy["ID"]}]})
+    assert isinstance(token, dict)
+    return str(token["SecretID"])
+
+
+def delete_token(agent: Consul, secret: str) -> None:
+    req = urllib.request.Request(agent.address + "/v1/acl/token/self", headers={"X-Consul-Token": secret})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        accessor = json.loads(r.read())["AccessorID"]
+    api(agent, "DELETE", f"/v1/acl/token/{accessor}")
+
+
+def writer_rules(name: str) -> str:
+    return f'service "{name}" {{ policy = "write" }}\nnode_prefix "" {{ policy = "read" }}'
+
+
+@pytest.mark.parametrize("token_kind", ["none", "unknown", "read-only"])
+def test_registration_denied_is_one_clear_error(acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, token_kind: str) -> None:
+    """No token, an unknown token, or a token without service:write: exit 77 at start, one error
+    naming the problem and the service, the app stopped, nothing registered, no token printed."""
+    tokens = {"none": None, "unknown": "5b1e4c52-dead-beef-0000-000000000000",
+              "read-only": make_token(acl_consul, 'service_prefix "" { policy = "read" }\nnode_prefix "" { policy = "read" }')}
+    token = tokens[token_kind]
+    consul_section: dict[str, object] = {}
+    if token:
+        (tmp_path / "token").write_text(token)
+        consul_section = {"token_file": str(tmp_path / "token")}
+    port = free_port()
+    sc = start_sidecar(base_config(acl_consul, service_name, port, consul=consul_section), app_command(port))
+    app = sc.app_pid()
+    assert sc.wait(30) == 77
+    [err] = [e for e in sc.events() if e["event"] == "sidecar.consul.permission_denied"]
+    expected = "ACL not found" if token_kind == "unknown" else f"Missing service:write on {service_name}"
+    assert expected in err["error"], err
+    assert err["hint"]
+    assert "Traceback" not in sc.output()
+    assert not pid_alive(app)
+    assert acl_consul.get(f"/v1/agent/service/{service_name}-1") is None
+    if token:
+        assert token not in sc.output()
+
+
+def test_token_file_rotation(acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+    """1. Registered with token A from consul.token_file.
+    2. The file is rewritten with token B; the sidecar re-registers with B (the agent keeps the
+       registering token for its catalog syncs); then A is deleted.
+    3. SIGTERM: the deregistration is confirmed (agent and catalog), no ACL error; neither token is logged.
+    """
+    a, b = make_token(acl_consul, writer_rules(service_name)), make_token(acl_consul, writer_rules(service_name))
+    tf = tmp_path / "token"
+    tf.write_text(a + "\n")
+    port = free_port()
+    sc = start_sidecar(base_config(acl_consul, service_name, port, consul={"token_file": str(tf)}), app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    assert sc.event("sidecar.consul.catalog_unreadable") is None
+    tf.write_text(b + "\n")
+    wait_for(lambda: sc.event("sidecar.consul.reregistered"), 5, what="re-registration with the new token")
+    delete_token(acl_consul, a)
+    assert acl_consul.service_ids(service_name) == [f"{service_name}-1"]
+    sc.send(signal.SIGTERM)
+    assert sc.wait(30) == 0
+    assert sc.event("sidecar.consul.deregistered") is not None
+    assert acl_consul.service_ids(service_name) == []
+    assert a not in sc.output() and b not in sc.output()
+
+
+def test_token_from_consul_http_token_file(acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+    token = make_token(acl_consul, writer_rules(service_name))
+    (tmp_path / "token").write_text(token)
+    port = free_port()
+    sc = start_sidecar(base_config(acl_consul, service_name, port), app_command(port),
+                       env={"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "token")})
+    sc.wait_event("sidecar.consul.registered")
+    assert acl_consul.service_ids(service_name) == [f"{service_name}-1"]
+    cmdline = Path(f"/proc/{sc.pid}/cmdline").read_bytes().decode()
+    sc.send(signal.SIGTERM)
+    assert sc.wait(30) == 0
+    assert token not in sc.output() and token not in cmdline
+
+
+def test_deregistration_blocked_by_acls_is_reported(acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+    """1. Registered with token A; the keeper is slow (30 s check interval), so the sidecar has not yet
+       re-registered when the file switches to token B and A is deleted.
+    2. SIGTERM: the agent answers 200 and drops its local copy, but its catalog sync runs with the
+       deleted token A, so the catalog keeps the instance. Expected: detected and reported loudly.
+    """
+    a, b = make_token(acl_consul, writer_rules(service_name)), make_token(acl_consul, writer_rules(service_name))
+    tf = tmp_path / "token"
+    tf.write_text(a)
+    port = free_port()
+    cfg = base_config(acl_consul, service_name, port, consul={"token_file": str(tf)}, check={"interval": "30s"},
+                      shutdown={"deregister_timeout": "1s", "propagation_delay": "0s"})
+    sc = start_sidecar(cfg, app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    tf.write_text(b)
+    delete_token(acl_consul, a)
+    sc.send(signal.SIGTERM)
+    assert sc.wait(30) == 0
+    blocked = sc.event("sidecar.consul.deregister_blocked")
+    assert blocked is not None and blocked["level"] == "error", sc.output()[-2000:]
+    assert acl_consul.service_ids(service_name) == [f"{service_name}-1"]  # what the sidecar reported
+    api(acl_consul, "PUT", "/v1/catalog/deregister", {"Node": "test", "ServiceID": f"{service_name}-1"})
+
+
+def test_token_without_node_read_is_warned_about(acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+    """A token with service:write but no node:read cannot see the catalog; the sidecar says so once."""
+    token = make_token(acl_consul, f'service "{service_name}" {{ policy = "write" }}')
+    (tmp_path / "token").write_text(token)
+    port = free_port()
+    sc = start_sidecar(base_config(acl_consul, service_name, port, consul={"token_file": str(tmp_path / "token")}), app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    warn = sc.wait_event("sidecar.consul.catalog_unreadable")
+    assert "node:read" in warn["hint"]
+    sc.send(signal.SIGTERM)
+    assert sc.wait(30) == 0
+    assert acl_consul.service_ids(service_name) == []
+
+
+# --- TLS ------------------------------------------------------------------------------
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_ca(d: Path, name: str) -> None:
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
+
+
+def make_cert(d: Path, ca: str, name: str, san: str) -> None:
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+    (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+
+
+@pytest.fixture(scope="module")
+def tls_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Consul, Path, int]]:
+    d = tmp_path_factory.mktemp("tls")
+    make_ca(d, "ca")
+    make_ca(d, "other-ca")
+    make_cert(d, "ca", "server", "IP:127.0.0.1,DNS:localhost")
+    make_cert(d, "ca", "client", "DNS:client")
+    https = free_port()
+    hcl = (f'ports {{ https = {https} }} ca_file = "{d}/ca.pem" cert_file = "{d}/server.pem" key_file = "{d}/server.key" '
+           "verify_incoming_https = true")
+    agent = Consul(d, hcl=hcl)
+    agent.start()
+    yield agent, d, https
+    agent.stop()
+
+
+def test_https_with_ca_and_client_certificate(tls_consul: tuple[Consul, Path, int], start_sidecar: StartSidecar, service_name: str) -> None:
+    """The agent serves HTTPS with a CA the test made and requires client certificates: the sidecar
+    registers and deregisters over HTTPS with ca_file, cert_file and key_file."""
+    agent, d, https = tls_consul
+    port = free_port()
+    consul_section = {"address": f"https://127.0.0.1:{https}", "ca_file": str(d / "ca.pem"),
+                      "cert_file": str(d / "client.pem"), "key_file": str(d / "client.key")}
+    sc = start_sidecar(base_config(agent, service_name, port, consul=consul_section), app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    assert agent.service_ids(service_name) == [f"{service_name}-1"]
+    sc.send(signal.SIGTERM)
+    assert sc.wait(30) == 0
+    assert sc.event("sidecar.consul.deregistered") is not None
+    assert agent.service_ids(service_name) == []
+
+
+@pytest.mark.parametrize("case", ["wrong-ca", "no-client-cert"])
+def test_https_misconfigured_is_a_clear_error(tls_consul: tuple[Consul, Path, int], start_sidecar: StartSidecar, service_name: str, case: str) -> None:
+    """A CA that did not sign the agent's certificate, or no client certificate where the agent
+    requires one: one clear TLS error at start (not endless retries), exit 78, nothing registered."""
+    agent, d, https = tls_consul
+    port = free_port()
+    consul_section: dict[str, object] = {"address": f"https://127.0.0.1:{https}", "timeout": "1s"}
+    if case == "wrong-ca":
+        consul_section |= {"ca_file": str(d / "other-ca.pem"), "cert_file": str(d / "client.pem"), "key_file": str(d / "client.key")}
+    else:
+        consul_section |= {"ca_file": str(d / "ca.pem")}
+    sc = start_sidecar(base_config(agent, service_name, port, consul=consul_section, startup={"timeout": "5s"}), app_command(port))
+    assert sc.wait(30) == 78
+    err = sc.event("sidecar.consul.registration_rejected")
+    assert err is not None and "TLS" in err["error"], sc.output()[-2000:]
+    assert ("not trusted" in err["error"]) if case == "wrong-ca" else ("client certificate" in err["error"])
+    assert agent.service_ids(service_name) == []
+    assert "Traceback" not in sc.output()
+

@@ -266,7 +266,7 @@ class Sidecar:
             raise AssertionError(f"sidecar still running after {timeout}s:\n{self.output()[-3000:]}") from None
 
     def status_url(self) -> str:
-        return "http://" + self.wait_event("sidecar.status.listening")["address"]
+        return "http://" + str(self.wait_event("sidecar.status.listening")["address"])
 
     def app_pid(self) -> int:
         desc = self.wait_event("sidecar.app.started")["app"]

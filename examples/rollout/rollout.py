@@ -99,7 +99,7 @@ class Cluster:
 
     def start_instance(self, version: str) -> Instance:
         address = self.next_address()
-        config = {
+        config: dict[str, dict[str, Any]] = {
             "consul": {"address": self.consul.address},
             "service": {"name": "web", "id": f"web-{address}", "address": address, "port": self.app_port,
                         "tags": [version], "meta": {"version": version}},

@@ -1,0 +1,1 @@
+"""Rolling-update experiments: processes, an open-loop load client and a timeline plot."""

@@ -12,7 +12,7 @@ import ctypes
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -64,7 +64,7 @@ def _libc_prctl() -> Callable[..., int] | None:
 
 
 class Launcher(Protocol):
-    def spawn(self, argv: Sequence[str]) -> int: ...
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int: ...
 
 
 class PosixLauncher:
@@ -83,7 +83,7 @@ class PosixLauncher:
         self._prctl = _libc_prctl()
         self._procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, argv: Sequence[str]) -> int:
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         parent = os.getpid()
         prctl = self._prctl
 
@@ -93,7 +93,7 @@ class PosixLauncher:
                 if os.getppid() != parent:  # the sidecar died before prctl took effect
                     os._exit(128 + signal.SIGKILL)
 
-        proc = subprocess.Popen(list(argv), process_group=0, preexec_fn=in_child, close_fds=True)
+        proc = subprocess.Popen(list(argv), process_group=0, preexec_fn=in_child, close_fds=True, env=env)
         # Keep the Popen object: dropping it would let subprocess's own cleanup
         # waitpid() the app and steal its exit status from our reaper.
         self._procs.append(proc)
@@ -114,8 +114,9 @@ def become_subreaper() -> bool:
 class ChildApp:
     """The app as the sidecar's child (wrapper mode)."""
 
-    def __init__(self, argv: Sequence[str], launcher: Launcher, clock: Clock) -> None:
+    def __init__(self, argv: Sequence[str], launcher: Launcher, clock: Clock, env: Mapping[str, str] | None = None) -> None:
         self.argv = list(argv)
+        self.env = env
         self.description = f"child {self.argv[0]}"
         self._launcher = launcher
         self._clock = clock
@@ -130,7 +131,7 @@ class ChildApp:
         # signal handler only wakes the loop; the callback then collects every
         # child that has ended - the app, and any orphan re-parented to us.
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
-        self.pid = self._launcher.spawn(self.argv)
+        self.pid = self._launcher.spawn(self.argv, self.env)
         self.description = f"pid {self.pid} ({self.argv[0]})"
         self.reap()  # in case it ended before the handler saw a SIGCHLD
         return self.pid

@@ -200,7 +200,9 @@ async def _run(config: Config, command: list[str]) -> int:
     app: App
     child: ChildApp | None = None
     if command:
-        child = ChildApp(command, PosixLauncher(), clock)
+        # The app inherits our environment, except the ACL token: it is the sidecar's secret.
+        app_env = {k: v for k, v in os.environ.items() if k != "CONSUL_HTTP_TOKEN"}
+        child = ChildApp(command, PosixLauncher(), clock, app_env)
         app = child
         # Orphans of the app become our children (PID 1 gets them anyway), so
         # the reaper in ChildApp collects them and no zombie piles up.

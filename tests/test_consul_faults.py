@@ -81,20 +81,26 @@ def test_agent_down_for_the_whole_drain(fresh_consul: Consul, start_sidecar: Sta
     assert took < 1 + 1 + 10 + 1 + 3  # the worst case (+3 s of process start-up slack)
 
 
-def test_token_never_leaks(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
-    """The token (from a token file) appears in no log line, no /status answer and no process argument."""
+@pytest.mark.parametrize("source", ["token_file", "CONSUL_HTTP_TOKEN"])
+def test_token_never_leaks(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, source: str) -> None:
+    """The token appears in no log line, no /status answer, no process argument, and not in the
+    app's environment (the app does not inherit CONSUL_HTTP_TOKEN)."""
     secret = "7f1c2d3e-aaaa-bbbb-cccc-0123456789ab"
     tf = tmp_path / "token"
     tf.write_text(secret + "\n")
     port = free_port()
-    cfg = base_config(consul, service_name, port, consul={"token_file": str(tf)})
-    sc = start_sidecar(cfg, app_command(port))
+    if source == "token_file":
+        sc = start_sidecar(base_config(consul, service_name, port, consul={"token_file": str(tf)}), app_command(port))
+    else:
+        sc = start_sidecar(base_config(consul, service_name, port), app_command(port), env={"CONSUL_HTTP_TOKEN": secret})
     sc.wait_event("sidecar.consul.registered")
     status = http_get(sc.status_url() + "/status")[1].decode()
     cmdline = Path(f"/proc/{sc.pid}/cmdline").read_bytes().decode()
     app_cmdline = Path(f"/proc/{sc.app_pid()}/cmdline").read_bytes().decode()
+    app_environ = Path(f"/proc/{sc.app_pid()}/environ").read_bytes().decode(errors="replace")
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
     assert json.loads(status)["state"] == "registered"
-    for where, text in (("log", sc.output()), ("status", status), ("cmdline", cmdline), ("app cmdline", app_cmdline)):
+    for where, text in (("log", sc.output()), ("status", status), ("cmdline", cmdline), ("app cmdline", app_cmdline),
+                        ("app environment", app_environ)):
         assert secret not in text, where

@@ -112,6 +112,10 @@ class ShutdownSettings:
     app_signal: signal.Signals
     app_timeout: float
     budget: float  # the platform's stop timeout we must fit in (Kubernetes' default grace period: 30 s)
+    strategy: str = "fixed"  # "fixed": wait propagation_delay; "traffic": wait for evidence, bounded by it
+    min_delay: float = 1.0  # "traffic": never signal the app sooner than this after confirmation
+    quiet_period: float = 1.0  # "traffic": no new connection and no inbound byte for this long
+    dns: tuple[tuple[str, int], ...] = ()  # "traffic": resolvers that must stop returning our address
 
     @property
     def worst_case(self) -> float:
@@ -177,6 +181,9 @@ DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             "app_signal": "SIGTERM",
             "app_timeout": "20s",
             "budget": "30s",
+            "strategy": "fixed",
+            "min_delay": "1s",
+            "quiet_period": "1s",
         },
         "status": {"listen": "127.0.0.1:8501"},
     }
@@ -188,7 +195,9 @@ _SECTIONS: Mapping[str, frozenset[str]] = MappingProxyType(
         "service": frozenset({"name", "id", "address", "port", "tags", "meta"}),
         "check": frozenset({"http", "interval", "timeout", "deregister_critical_after", "allow_remote"}),
         "startup": frozenset({"wait_healthy", "timeout"}),
-        "shutdown": frozenset({"deregister_timeout", "propagation_delay", "app_signal", "app_timeout", "budget"}),
+        "shutdown": frozenset(
+            {"deregister_timeout", "propagation_delay", "app_signal", "app_timeout", "budget", "strategy", "min_delay", "quiet_period", "dns"}
+        ),
         "app": frozenset({"pid_file", "pid", "shutdown_url"}),
         "status": frozenset({"listen"}),
     }
@@ -612,12 +621,39 @@ def _shutdown_settings(sec: _Section, problems: _Problems) -> ShutdownSettings:
     except ValueError as e:
         problems.add(sec.key("app_signal"), str(e))
         sig = signal.SIGTERM
+    strategy = sec.string("strategy") or "fixed"
+    if strategy not in ("fixed", "traffic"):
+        problems.add(sec.key("strategy"), f'{strategy!r}: use "fixed" (wait propagation_delay) or "traffic" (wait until the app\'s port is quiet)')
+    propagation_delay = sec.duration("propagation_delay")
+    min_delay = sec.duration("min_delay")
+    quiet_period = sec.duration("quiet_period", 0.1)
+    if strategy == "traffic" and min_delay > propagation_delay:
+        problems.add(sec.key("min_delay"), "is longer than shutdown.propagation_delay, the upper bound of the wait")
+    dns: list[tuple[str, int]] = []
+    raw_dns = sec.raw("dns")
+    if raw_dns is not None:
+        if not isinstance(raw_dns, list) or not all(isinstance(d, str) for d in raw_dns):
+            problems.add(sec.key("dns"), 'must be a list of "host:port" strings, e.g. ["127.0.0.1:8600"]')
+        else:
+            for d in raw_dns:
+                try:
+                    host, port = parse_listen(_interpolate(d, sec.key("dns"), sec.env, problems))
+                    if port == 0:
+                        raise ValueError(f"{d!r}: port 0")
+                    ipaddress.ip_address(host)
+                    dns.append((host, port))
+                except ValueError as e:
+                    problems.add(sec.key("dns"), f"{e} (give an IP address and port, e.g. \"127.0.0.1:8600\")")
     return ShutdownSettings(
         deregister_timeout=sec.duration("deregister_timeout", 0.001),
-        propagation_delay=sec.duration("propagation_delay"),
+        propagation_delay=propagation_delay,
         app_signal=sig,
         app_timeout=sec.duration("app_timeout", 0.001),
         budget=sec.duration("budget", 0.001),
+        strategy=strategy,
+        min_delay=min_delay,
+        quiet_period=quiet_period,
+        dns=tuple(dns),
     )
 
 

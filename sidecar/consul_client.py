@@ -199,7 +199,7 @@ class Agent(Protocol):
 
     async def registered(self, service_id: str) -> dict[str, Any] | None: ...
 
-    async def catalog_lists(self, name: str, service_id: str) -> bool: ...
+    async def catalog_lists(self, name: str, service_id: str, consistent: bool = False) -> bool: ...
 
     async def check_catalog_visibility(self, name: str, service_id: str) -> bool: ...
 
@@ -252,9 +252,15 @@ class ConsulAgent:
         result = await self._transport.get(_json_or_none, f"/v1/agent/service/{service_id}")
         return result if isinstance(result, dict) else None
 
-    async def catalog_lists(self, name: str, service_id: str) -> bool:
-        """Whether the servers' catalog (/v1/health/service/<name>) lists ``service_id``."""
-        _, entries = await self._c.health.service(name)
+    async def catalog_lists(self, name: str, service_id: str, consistent: bool = False) -> bool:
+        """Whether the servers' catalog (/v1/health/service/<name>) lists ``service_id``.
+
+        ``consistent``: read through the leader with a quorum check, not a possibly stale follower.
+        """
+        if consistent:
+            _, entries = await self.health_service(name, consistent=True)
+        else:
+            _, entries = await self._c.health.service(name)
         return any(e.get("Service", {}).get("ID") == service_id for e in entries or [])
 
     async def check_catalog_visibility(self, name: str, service_id: str) -> bool:
@@ -273,7 +279,7 @@ class ConsulAgent:
         return False
 
     async def health_service(
-        self, name: str, index: str | None = None, wait: str | None = None, passing: bool = False
+        self, name: str, index: str | None = None, wait: str | None = None, passing: bool = False, consistent: bool = False
     ) -> tuple[str, list[dict[str, Any]]]:
         """Blocking-capable read of /v1/health/service/<name>: (X-Consul-Index, entries)."""
         params: list[tuple[str, str]] = []
@@ -283,6 +289,8 @@ class ConsulAgent:
                 params += [("wait", wait)]
         if passing:
             params += [("passing", "1")]
+        if consistent:
+            params += [("consistent", "")]
         # A blocking query legitimately takes up to `wait` (plus Consul's jitter
         # of wait/16): the request deadline must cover it.
         extra = parse_duration(wait) * 1.1 if (index and wait) else 0.0

@@ -28,6 +28,7 @@ from .app_control import App, StopResult
 from .backoff import backoff
 from .clock import Clock
 from .config import Config
+from .drain_wait import DrainWait
 from .consul_client import Agent, ConsulError, ConsulPermissionDenied, ConsulRejected, Deregistration
 from .registration import registration_payload
 from .signals import FORWARDED, SHUTDOWN, SignalInbox
@@ -72,6 +73,7 @@ class Sidecar:
         log: Any,
         status_server: Startable | None = None,
         inbox: SignalInbox | None = None,
+        drain_wait: DrainWait | None = None,
     ) -> None:
         self.config = config
         self.agent = agent
@@ -83,6 +85,7 @@ class Sidecar:
         self.log = log.bind(service_id=config.service.id)
         self.status_server = status_server
         self.inbox = inbox or SignalInbox()
+        self.drain_wait = drain_wait or DrainWait(config, agent, clock, self.log, status)
         self._shutdown = asyncio.Event()
         self._skip_delay = asyncio.Event()
         self._sigints = 0
@@ -114,6 +117,7 @@ class Sidecar:
         finally:
             dispatcher.cancel()
             self.inbox.uninstall()
+            self.drain_wait.close()
             self.status.enter(State.STOPPED)
             if self.status_server is not None:
                 await self.status_server.stop()
@@ -183,6 +187,7 @@ class Sidecar:
                 self.status.enter(State.REGISTERED)
                 self.log.info("sidecar.consul.registered", attempts=attempts, elapsed_ms=self._ms(t))
                 await self._check_catalog_visibility()
+                self.drain_wait.prepare()
                 return 0
             except ConsulPermissionDenied as e:
                 self.status.last_error = str(e)
@@ -274,14 +279,15 @@ class Sidecar:
         elif not self._registration_attempted:
             self.log.info("sidecar.drain.delay_skipped", reason="never registered")
         else:
-            t = self.clock.monotonic()
-            skipped = await self._first(self._skip_delay.wait(), timeout=cfg.propagation_delay)
+            confirmed_at = self.clock.monotonic()
+            ended = await self._first(self.drain_wait.wait(confirmed_at), self._skip_delay.wait())
             self.log.info(
                 "sidecar.drain.delay_done",
-                delay_s=cfg.propagation_delay,
-                cut_short_by="second SIGINT" if skipped else None,
+                strategy=cfg.strategy,
+                reason=ended if ended is not None else ("second SIGINT" if self._skip_delay.is_set() else "the app exited"),
+                bound_s=cfg.propagation_delay,
                 deregistration=outcome.value,
-                elapsed_ms=self._ms(t),
+                elapsed_ms=self._ms(confirmed_at),
             )
         result = await self._stop_app()
         if late is not None:
@@ -389,17 +395,21 @@ class Sidecar:
         await asyncio.gather(task, return_exceptions=True)
         return _Interrupted("app_exited" if self.app.exited.done() else "shutdown")
 
-    async def _first(self, event_wait: Awaitable[Any], timeout: float) -> bool:
-        """Wait ``timeout`` seconds or until ``event_wait`` (or the app's exit); True if cut short."""
-        waiter = asyncio.ensure_future(event_wait)
-        exited = asyncio.ensure_future(asyncio.shield(self.app.exited))
-        sleeper = asyncio.ensure_future(self.clock.sleep(timeout))
+    async def _first(self, work: Awaitable[T], interrupt: Awaitable[Any]) -> T | None:
+        """Run ``work`` unless ``interrupt`` (or the app's exit) comes first; None if cut short."""
+        task: asyncio.Future[Any] = asyncio.ensure_future(work)
+        others: list[asyncio.Future[Any]] = [asyncio.ensure_future(interrupt), asyncio.ensure_future(asyncio.shield(self.app.exited))]
         try:
-            await asyncio.wait({waiter, exited, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, *others}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for f in (waiter, exited, sleeper):
+            for f in others:
                 f.cancel()
-        return not sleeper.done() or waiter.done()
+        if task.done():
+            result: T = task.result()
+            return result
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
 
     def _consul_state(self, reachable: bool, error: str | None, level: str = "warning", retrying: bool = False) -> None:
         """Log Consul reachability changes, not every failed request."""

@@ -37,6 +37,7 @@ class Status:
     consul_reachable: bool | None = None
     last_error: str | None = None
     app: dict[str, Any] = field(default_factory=dict)
+    drain: dict[str, Any] | None = None  # the drain's progress (which step, traffic seen)
 
     def __post_init__(self) -> None:
         self.since_wall = self.clock.wall()
@@ -56,6 +57,7 @@ class Status:
             "consul_reachable": self.consul_reachable,
             "last_error": self.last_error,
             "app": self.app,
+            "drain": self.drain,
         }
 
 

@@ -9,9 +9,15 @@ already drops TIME_WAIT sockets (``idiag_states``) and sockets of other local po
 ``tcpi_bytes_received``. Standard library only; Linux only: :func:`available` says
 whether it works here, and every failure is a :class:`TrafficWatchError`.
 
+Cost: the filters spare copying sockets out, not the kernel's walk over its whole
+established hash (every network namespace, TIME_WAIT included): about 0.5 ms of CPU per
+snapshot on an idle 2-core VM with 262,144 buckets, plus about 0.1 ms per 1,000 sockets there.
+
 Blind spot: a connection that opens and closes between two snapshots leaves no trace
 here (it is in TIME_WAIT or gone), and neither do the bytes that a connection received
-after the earlier snapshot if it closed before the later one.
+after the earlier snapshot if it closed before the later one. A connection still in the
+handshake (SYN_RECV, a request socket) has a cookie of its own, so it is "new" once more
+when it is established.
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ _REQ_TAIL = struct.Struct("=32xIII")
 # inet_diag_msg: family, state, timer, retrans, sport, dport (big-endian, swapped below), src[16], dst[16],
 # if, cookie[2], expires, rqueue, wqueue, uid, inode.
 _MSG = struct.Struct("=BB2xHH16s16s4xII20x")
+_EXPIRES = struct.Struct("=I")  # inet_diag_msg.idiag_expires: milliseconds left on the socket's timer
+_EXPIRES_AT = 52
+# Linux keeps a TIME_WAIT socket for TCP_TIMEWAIT_LEN, a compile-time 60 s.
+TIME_WAIT_SECONDS = 60.0
 _BC_OP = struct.Struct("=BBH")  # code, yes, no
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 _BUFSIZE = 65536
@@ -150,7 +160,9 @@ class PortWatcher:
     """Snapshots of the TCP sockets whose local port is ``port``, over IPv4 and IPv6.
 
     With ``addresses``, only sockets whose local address is one of them count (a listener on
-    0.0.0.0 or :: counts for any of them). One netlink socket is kept open until :meth:`close`.
+    0.0.0.0 or :: counts for any of them). That is the address as this network namespace sees
+    it: connections that reach the app through NAT or a port mapping have the inner address.
+    One netlink socket is kept open until :meth:`close`.
     Not thread-safe. Raises :class:`TrafficWatchError` when netlink cannot be used.
     """
 
@@ -208,13 +220,13 @@ class PortWatcher:
         self.close()
 
     def snapshot(self) -> PortSnapshot:
-        """One dump per family; a few hundred microseconds, independent of TIME_WAIT sockets."""
+        """One dump per family (AF_INET, then AF_INET6); see the module's docstring for the cost."""
         listening, counted = False, True
         conns: dict[ConnKey, int] = {}
         wanted = self._wanted
         try:
             for family in list(self._families):
-                for state, key, info in self._dump(family):
+                for state, key, info, _ in self._dump(family):
                     if key.sport != self.port:
                         continue
                     if state == _TCP_LISTEN:
@@ -245,18 +257,46 @@ class PortWatcher:
             self._sock.close()
             self._sock = None
 
-    def _dump(self, family: int) -> Iterator[tuple[int, ConnKey, memoryview | None]]:
+    def youngest_time_wait_age(self) -> float | None:
+        """Seconds since the newest TIME_WAIT socket on the port was created, or None if there is none.
+
+        A connection that the *app* closed first (HTTP/1.0, ``Connection: close``, nginx's default
+        upstream connections) leaves a TIME_WAIT socket on the app's port for 60 s, whose timer
+        dates its close. This catches connections too short for any snapshot to see. It costs a
+        copy of every TIME_WAIT socket of this port (tens of ms for 20,000), so call it only to
+        confirm a quiet period, not on every poll.
+        """
+        wanted = self._wanted
+        newest: int | None = None
+        try:
+            for family in list(self._families):
+                for _, key, _, expires in self._dump(family, 1 << _TCP_TIME_WAIT, with_info=False):
+                    if key.sport != self.port or (wanted is not None and key.src not in wanted):
+                        continue
+                    newest = expires if newest is None else max(newest, expires)
+        except (struct.error, ValueError, IndexError) as e:
+            self._reset()
+            raise TrafficWatchError(f"malformed sock_diag reply: {e}") from e
+        except BaseException:
+            self._reset()
+            raise
+        return None if newest is None else max(0.0, TIME_WAIT_SECONDS - newest / 1000)
+
+    def _dump(
+        self, family: int, states: int = _STATES, with_info: bool = True
+    ) -> Iterator[tuple[int, ConnKey, memoryview | None, int]]:
         sock = self._connect()
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-        body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, 1 << (_INET_DIAG_INFO - 1), 0, _STATES) + self._tail
+        ext = 1 << (_INET_DIAG_INFO - 1) if with_info else 0
+        body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, ext, 0, states) + self._tail
         request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0)
         buf = memoryview(self._buf)
         try:
             sock.sendto(request + body, (0, 0))
             while True:
                 n, _, flags, _ = sock.recvmsg_into([buf])
-                if flags & socket.MSG_TRUNC:
-                    raise TrafficWatchError("sock_diag reply truncated")
+                if flags & socket.MSG_TRUNC or n < _NLMSGHDR.size:
+                    raise TrafficWatchError(f"sock_diag reply truncated ({n} bytes)")
                 off = 0
                 while off + _NLMSGHDR.size <= n:
                     length, kind, _, mseq, _ = _NLMSGHDR.unpack_from(buf, off)
@@ -275,6 +315,8 @@ class PortWatcher:
                         raise TrafficWatchError(f"sock_diag dump refused: {os.strerror(err)}", err)
                     if kind != _SOCK_DIAG_BY_FAMILY:
                         continue
+                    if end - start < _MSG.size:
+                        raise TrafficWatchError(f"short inet_diag_msg ({end - start} bytes)")
                     fam, state, sport, dport, src, dst, c0, c1 = _MSG.unpack_from(buf, start)
                     key = ConnKey(_address(fam, src), socket.ntohs(sport), _address(fam, dst), socket.ntohs(dport),
                                   c0 | c1 << 32)
@@ -282,12 +324,12 @@ class PortWatcher:
                     a = start + _MSG.size
                     while a + _NLATTR.size <= end:
                         alen, atype = _NLATTR.unpack_from(buf, a)
-                        if alen < _NLATTR.size:
+                        if alen < _NLATTR.size or a + alen > end:
                             raise TrafficWatchError(f"bad netlink attribute length {alen}")
                         if atype & 0x3FFF == _INET_DIAG_INFO:
                             info = buf[a + _NLATTR.size:a + alen]
                         a += (alen + 3) & ~3
-                    yield state, key, info
+                    yield state, key, info, _EXPIRES.unpack_from(buf, start + _EXPIRES_AT)[0]
         except OSError as e:
             if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
                 raise TrafficWatchError("no sock_diag reply within 2 s", e.errno) from e

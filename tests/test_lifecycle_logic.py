@@ -42,7 +42,7 @@ class FakeAgent:
     async def registered(self, service_id: str) -> dict[str, Any] | None:
         return {"ID": service_id} if self.held else None
 
-    async def catalog_lists(self, name: str, service_id: str) -> bool:
+    async def catalog_lists(self, name: str, service_id: str, consistent: bool = False) -> bool:
         return self.held
 
     async def check_catalog_visibility(self, name: str, service_id: str) -> bool:

@@ -75,14 +75,19 @@ class RolloutResult:
 class Cluster:
     """Consul, nginx and the instances of service `web`, all on loopback."""
 
-    def __init__(self, workdir: Path, app_port: int | None = None, propagation_delay: str = "3s", log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, workdir: Path, app_port: int | None = None, propagation_delay: str = "3s", log: Callable[[str], None] = print,
+        shutdown: dict[str, Any] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.app_port = app_port or free_port()
-        self.propagation_delay = propagation_delay
+        # The sidecars' [shutdown] section: a fixed delay unless the caller says otherwise.
+        self.shutdown: dict[str, Any] = {"propagation_delay": propagation_delay, "app_timeout": "10s", **(shutdown or {})}
         self.log = log
         self.consul = Consul(workdir)
         self.nginx = Nginx(workdir / "nginx", self.consul.dns_port, free_port(), self.app_port)
         self.instances: list[Instance] = []
+        self.stopped: list[Instance] = []
         self._next_host = 2
 
     def start(self) -> None:
@@ -104,7 +109,7 @@ class Cluster:
             "service": {"name": "web", "id": f"web-{address}", "address": address, "port": self.app_port,
                         "tags": [version], "meta": {"version": version}},
             "check": {"interval": "1s", "timeout": "1s"},
-            "shutdown": {"propagation_delay": self.propagation_delay, "app_timeout": "10s"},
+            "shutdown": dict(self.shutdown),
             "status": {"listen": ""},
         }
         command = [PY, str(APP), "--host", address, "--port", str(self.app_port), "--version", version]
@@ -127,6 +132,7 @@ class Cluster:
             inst.sidecar.send(signal.SIGTERM)
         inst.sidecar.wait(60)
         self.instances.remove(inst)
+        self.stopped.append(inst)
 
     def stop(self) -> None:
         for inst in list(self.instances):

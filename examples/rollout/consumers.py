@@ -1,0 +1,145 @@
+"""Consumers of the `web` service that are not nginx, for the traffic-drain tests and benchmarks.
+
+- ``HorizonConsumer``: routes each request by the Consul answer it saw ``horizon`` seconds ago
+  (a known, fixed propagation horizon, like a DNS cache with a long TTL or a slow provider).
+- ``PooledConsumer``: keeps persistent keep-alive connections to every instance and stops using
+  an instance as soon as it leaves Consul, but keeps the connection open (like Envoy or HAProxy).
+
+Both send an open-loop request rate and record every request with the loadgen ``Record``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from itertools import count
+
+import aiohttp
+
+from .loadgen import Record
+
+
+def _passing_addresses(consul_address: str, name: str) -> list[str]:
+    with urllib.request.urlopen(f"{consul_address}/v1/health/service/{name}?passing=1", timeout=2) as r:
+        return sorted(e["Service"]["Address"] for e in json.loads(r.read()))
+
+
+@dataclass
+class _History:
+    times: list[float] = field(default_factory=list)
+    answers: list[list[str]] = field(default_factory=list)
+
+    def add(self, t: float, answer: list[str]) -> None:
+        self.times.append(t)
+        self.answers.append(answer)
+
+    def as_of(self, t: float) -> list[str]:
+        i = bisect.bisect_right(self.times, t) - 1
+        return self.answers[max(0, i)] if self.answers else []
+
+
+async def _follow(consul_address: str, name: str, history: _History, stop: asyncio.Event, every: float = 0.05) -> None:
+    while not stop.is_set():
+        try:
+            answer = await asyncio.to_thread(_passing_addresses, consul_address, name)
+            history.add(time.monotonic(), answer)
+        except OSError:
+            pass
+        await asyncio.sleep(every)
+
+
+async def _open_loop(rate: float, stop: asyncio.Event, one: object) -> None:
+    t0 = time.monotonic()
+    tasks: set[asyncio.Task[None]] = set()
+    for i in count():
+        if stop.is_set():
+            break
+        due = t0 + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one())  # type: ignore[operator]
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=5)
+
+
+class HorizonConsumer:
+    """Routes by the answer Consul gave ``horizon`` seconds ago; a new connection per request,
+    with ``Connection: close`` (the app closes it, as with nginx's default upstream connections)."""
+
+    def __init__(self, consul_address: str, name: str, port: int, horizon: float, rate: float = 50.0) -> None:
+        self.consul_address, self.name, self.port, self.horizon, self.rate = consul_address, name, port, horizon, rate
+        self.records: list[Record] = []
+        self.t0 = time.monotonic()
+
+    async def run(self, stop: asyncio.Event) -> list[Record]:
+        history = _History()
+        follower = asyncio.create_task(_follow(self.consul_address, self.name, history, stop))
+        rr = count()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=5)) as session:
+            session._retry_connection = False  # count every failure (see loadgen.run_load)
+
+            async def one() -> None:
+                began = time.monotonic()
+                answer = history.as_of(began - self.horizon)
+                if not answer:
+                    return
+                addr = answer[next(rr) % len(answer)]
+                status, error, backend = None, None, None
+                try:
+                    # Connection: close, as nginx's default upstream connections: the app closes.
+                    async with session.get(f"http://{addr}:{self.port}/", headers={"Connection": "close"}) as r:
+                        await r.read()
+                        status, backend = r.status, r.headers.get("X-Backend")
+                except Exception as e:  # noqa: BLE001 - every failure counts
+                    error = f"{type(e).__name__}: {addr}"
+                self.records.append(Record(began - self.t0, time.monotonic() - began, status, error, backend))
+
+            await _open_loop(self.rate, stop, one)
+        await follower
+        return self.records
+
+
+class PooledConsumer:
+    """Persistent connections to every instance; an instance that leaves Consul gets no more requests,
+    but its connection stays open until the instance closes it."""
+
+    def __init__(self, consul_address: str, name: str, port: int, rate: float = 50.0) -> None:
+        self.consul_address, self.name, self.port, self.rate = consul_address, name, port, rate
+        self.records: list[Record] = []
+        self.t0 = time.monotonic()
+
+    async def run(self, stop: asyncio.Event) -> list[Record]:
+        history = _History()
+        follower = asyncio.create_task(_follow(self.consul_address, self.name, history, stop))
+        rr = count()
+        # One session, keep-alive, one connection per instance reused for every request to it.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=1, keepalive_timeout=300),
+                                         timeout=aiohttp.ClientTimeout(total=5)) as session:
+            session._retry_connection = False
+
+            async def one() -> None:
+                began = time.monotonic()
+                answer = history.as_of(began)
+                if not answer:
+                    return
+                addr = answer[next(rr) % len(answer)]
+                status, error, backend = None, None, None
+                try:
+                    async with session.get(f"http://{addr}:{self.port}/") as r:
+                        await r.read()
+                        status, backend = r.status, r.headers.get("X-Backend")
+                except Exception as e:  # noqa: BLE001
+                    error = f"{type(e).__name__}: {addr}"
+                self.records.append(Record(began - self.t0, time.monotonic() - began, status, error, backend))
+
+            await _open_loop(self.rate, stop, one)
+        await follower
+        return self.records

@@ -24,6 +24,7 @@ to a shorter wait.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -74,6 +75,7 @@ class DrainWait:
         self._resolve = resolve
         self._watcher: PortWatcher | None = None
         self.unavailable: str | None = None
+        self.cpu_ms: float | None = None
 
     def prepare(self) -> None:
         """With the traffic strategy: check once, early, that the app's port is visible; say so if not."""
@@ -104,7 +106,17 @@ class DrainWait:
             self._watcher = None
 
     async def wait(self, confirmed_at: float) -> str:
-        """Wait as the strategy says, counting from ``confirmed_at`` (monotonic); return why it ended."""
+        """Wait as the strategy says, counting from ``confirmed_at`` (monotonic); return why it ended.
+
+        ``cpu_ms`` afterwards: the process CPU time the wait used (the cost of polling).
+        """
+        cpu0 = time.process_time()
+        try:
+            return await self._wait(confirmed_at)
+        finally:
+            self.cpu_ms = round((time.process_time() - cpu0) * 1000, 1)
+
+    async def _wait(self, confirmed_at: float) -> str:
         upper = confirmed_at + self.sd.propagation_delay
         if self.sd.strategy == "fixed" or self._watcher is None:
             self.status.drain = {"strategy": "fixed", "step": "delay"}

@@ -287,6 +287,7 @@ class Sidecar:
                 reason=ended if ended is not None else ("second SIGINT" if self._skip_delay.is_set() else "the app exited"),
                 bound_s=cfg.propagation_delay,
                 deregistration=outcome.value,
+                cpu_ms=self.drain_wait.cpu_ms,
                 elapsed_ms=self._ms(confirmed_at),
             )
         result = await self._stop_app()

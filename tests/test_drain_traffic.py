@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from examples.rollout.consumers import HorizonConsumer, PooledConsumer
+from examples.rollout.consumers import PooledConsumer, horizon_drain
 from examples.rollout.loadgen import summarize
 from examples.rollout.rollout import Cluster, rollout
 
@@ -68,47 +68,18 @@ async def test_behind_nginx_traffic_mode_is_fast_and_loses_nothing(tmp_path: Pat
         assert ev["elapsed_ms"] <= (1.0 + 2.5) * 1000, ev
 
 
-async def _horizon_scenario(consul: Consul, tmp_path: Path, shutdown: dict[str, str]) -> tuple[int, int, dict[str, Any]]:
-    """Two instances; a consumer that routes by the Consul answer of 5 s ago; SIGTERM the first."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    sidecars = []
-    for i, addr in enumerate(("127.0.0.21", "127.0.0.22")):
-        cfg = base_config(consul, "horizon", port, service={"id": f"horizon-{i}", "address": addr}, shutdown=shutdown)
-        sidecars.append(Sidecar(tmp_path, cfg, app_command(port, addr)))
-    for sc in sidecars:
-        sc.wait_event("sidecar.consul.registered")
-    consumer = HorizonConsumer(consul.address, "horizon", port, horizon=5.0, rate=100.0)
-    stop = asyncio.Event()
-    load = asyncio.create_task(consumer.run(stop))
-    await asyncio.sleep(6.0)  # the consumer's history now covers its horizon
-    sent = time.monotonic()
-    sidecars[0].send(signal.SIGTERM)
-    await asyncio.to_thread(sidecars[0].wait, 40)
-    await asyncio.sleep(1.0)
-    stop.set()
-    records = await load
-    ev = sidecars[0].event("sidecar.drain.delay_done")
-    assert ev is not None
-    sidecars[1].send(signal.SIGTERM)
-    await asyncio.to_thread(sidecars[1].wait, 40)
-    s = summarize(records)
-    failures = sorted((round(r.start - (sent - consumer.t0), 2), r.error) for r in records if r.failed)
-    return s.requests, s.failed, {**ev, "failures": failures[:3] + failures[-3:]}
-
-
 @pytest.mark.asyncio
 async def test_known_horizon_consumer_fixed_delay_loses_traffic_mode_does_not(consul: Consul, tmp_path: Path) -> None:
     """1. Control: fixed 3 s delay; the consumer still routes to the old instance for 5 s: failures.
     2. Traffic mode (30 s bound): no failure, and the wait is about horizon + quiet_period
        (between 5 s and 1.1 x 5 s + 1 s + polling slack), not the 30 s bound.
     """
-    requests, failed, ev = await _horizon_scenario(consul, tmp_path / "fixed", {"propagation_delay": "3s"})
+    requests, failed, ev = await horizon_drain(consul, tmp_path / "fixed", {"propagation_delay": "3s"})
     assert requests > 500 and failed > 0, "the fixed-delay control lost no request: the harness cannot see failures"
     assert ev["reason"] == "fixed delay"
 
-    requests, failed, ev = await _horizon_scenario(consul, tmp_path / "traffic", TRAFFIC)
-    assert requests > 500 and failed == 0, (requests, failed, ev["elapsed_ms"], ev["failures"])
+    requests, failed, ev = await horizon_drain(consul, tmp_path / "traffic", TRAFFIC)
+    assert requests > 500 and failed == 0, (requests, failed, ev)
     assert ev["reason"] == "traffic quiet", ev
     assert 5000 - 300 <= ev["elapsed_ms"] <= (1.1 * 5 + 1.0) * 1000 + 500, ev
 

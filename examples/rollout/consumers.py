@@ -18,9 +18,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from itertools import count
 
+import signal
+from pathlib import Path
+from typing import Any
+
 import aiohttp
 
-from .loadgen import Record
+from .loadgen import Record, summarize
+from .procs import APP, PY, Consul, Sidecar, free_port
 
 
 def _passing_addresses(consul_address: str, name: str) -> list[str]:
@@ -143,3 +148,44 @@ class PooledConsumer:
             await _open_loop(self.rate, stop, one)
         await follower
         return self.records
+
+
+async def horizon_drain(consul: Consul, workdir: Path, shutdown: dict[str, Any], horizon: float = 5.0,
+                        rate: float = 100.0, name: str = "horizon") -> tuple[int, int, dict[str, Any]]:
+    """Two instances; a HorizonConsumer (``horizon`` s); SIGTERM the first instance's sidecar.
+
+    Returns (requests, failed, the first sidecar's ``sidecar.drain.delay_done`` event).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    sidecars = []
+    for i, addr in enumerate(("127.0.0.21", "127.0.0.22")):
+        config: dict[str, dict[str, Any]] = {
+            "consul": {"address": consul.address},
+            "service": {"name": name, "id": f"{name}-{i}", "address": addr, "port": port},
+            "shutdown": {"app_timeout": "10s", **shutdown},
+            "status": {"listen": ""},
+        }
+        command = [PY, str(APP), "--host", addr, "--port", str(port)]
+        sidecars.append(Sidecar(workdir, config, command))
+    try:
+        for sc in sidecars:
+            sc.wait_event("sidecar.consul.registered")
+        consumer = HorizonConsumer(consul.address, name, port, horizon=horizon, rate=rate)
+        stop = asyncio.Event()
+        load = asyncio.create_task(consumer.run(stop))
+        await asyncio.sleep(horizon + 1.0)  # the consumer's history now covers its horizon
+        sidecars[0].send(signal.SIGTERM)
+        await asyncio.to_thread(sidecars[0].wait, 60)
+        await asyncio.sleep(1.0)
+        stop.set()
+        records = await load
+        event = sidecars[0].event("sidecar.drain.delay_done") or {}
+    finally:
+        for sc in sidecars:
+            if sc.proc.poll() is None:
+                sc.send(signal.SIGTERM)
+        for sc in sidecars:
+            await asyncio.to_thread(sc.wait, 60)
+    s = summarize(records)
+    return s.requests, s.failed, event

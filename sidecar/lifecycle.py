@@ -280,7 +280,7 @@ class Sidecar:
             self.log.info("sidecar.drain.delay_skipped", reason="never registered")
         else:
             confirmed_at = self.clock.monotonic()
-            ended = await self._first(self.drain_wait.wait(confirmed_at), self._skip_delay.wait())
+            _, ended = await self._first(self.drain_wait.wait(confirmed_at), self._skip_delay.wait())
             self.log.info(
                 "sidecar.drain.delay_done",
                 strategy=cfg.strategy,
@@ -381,23 +381,13 @@ class Sidecar:
 
     async def _race(self, work: Awaitable[T]) -> T | _Interrupted:
         """Run ``work`` until it finishes, the app exits or a shutdown signal comes."""
-        task: asyncio.Future[Any] = asyncio.ensure_future(work)
-        exited: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(self.app.exited))
-        shutdown: asyncio.Future[Any] = asyncio.ensure_future(self._shutdown.wait())
-        try:
-            await asyncio.wait({task, exited, shutdown}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for f in (exited, shutdown):
-                f.cancel()
-        if task.done():
-            result: T = task.result()
-            return result
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        finished, result = await self._first(work, self._shutdown.wait())
+        if finished:
+            return result  # type: ignore[return-value]  # finished: result is work's
         return _Interrupted("app_exited" if self.app.exited.done() else "shutdown")
 
-    async def _first(self, work: Awaitable[T], interrupt: Awaitable[Any]) -> T | None:
-        """Run ``work`` unless ``interrupt`` (or the app's exit) comes first; None if cut short."""
+    async def _first(self, work: Awaitable[T], interrupt: Awaitable[Any]) -> tuple[bool, T | None]:
+        """Run ``work`` unless ``interrupt`` or the app's exit comes first: (finished, its result)."""
         task: asyncio.Future[Any] = asyncio.ensure_future(work)
         others: list[asyncio.Future[Any]] = [asyncio.ensure_future(interrupt), asyncio.ensure_future(asyncio.shield(self.app.exited))]
         try:
@@ -407,10 +397,10 @@ class Sidecar:
                 f.cancel()
         if task.done():
             result: T = task.result()
-            return result
+            return True, result
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        return None
+        return False, None
 
     def _consul_state(self, reachable: bool, error: str | None, level: str = "warning", retrying: bool = False) -> None:
         """Log Consul reachability changes, not every failed request."""

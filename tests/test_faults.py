@@ -14,7 +14,6 @@ import pytest
 
 from .conftest import StartSidecar, base_config
 from .harness import Consul, app_command, free_port, pid_alive, read_signal_log, wait_for
-from .test_wrapper import CatalogWatcher
 
 
 def test_agent_restart_with_data_dir_no_duplicate_no_flapping(tmp_path: Path, start_sidecar: StartSidecar, service_name: str) -> None:

@@ -6,43 +6,15 @@ import json
 import signal
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from examples.rollout.fleet import CatalogWatcher
+
 from .conftest import StartSidecar, base_config
 from .harness import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
-
-
-class CatalogWatcher(threading.Thread):
-    """Follows /v1/health/service/<name> with blocking queries and timestamps each change (monotonic)."""
-
-    def __init__(self, consul: Consul, name: str) -> None:
-        super().__init__(daemon=True)
-        self.consul, self.name = consul, name
-        self.changes: list[tuple[float, list[str]]] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        index = "0"
-        while not self.stop.is_set():
-            url = f"{self.consul.address}/v1/health/service/{self.name}?index={index}&wait=2s"
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    body = json.loads(r.read())
-                    new_index = r.headers["X-Consul-Index"]
-            except OSError:
-                time.sleep(0.05)
-                continue
-            ids = sorted(e["Service"]["ID"] for e in body)
-            if not self.changes or self.changes[-1][1] != ids:
-                self.changes.append((time.monotonic(), ids))
-            index = new_index if int(new_index) >= int(index) else "0"
-
-    def first_time(self, pred: Any) -> float | None:
-        return next((t for t, ids in self.changes if pred(ids)), None)
 
 
 def test_registers_with_tags_meta_and_passing_at_once(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:

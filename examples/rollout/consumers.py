@@ -57,6 +57,20 @@ async def _follow(consul_address: str, name: str, history: _History, stop: async
         await asyncio.sleep(every)
 
 
+async def _get(session: aiohttp.ClientSession, addr: str, port: int, t0: float, records: list[Record],
+               headers: dict[str, str] | None = None) -> None:
+    """One GET to an instance, recorded whatever happens."""
+    began = time.monotonic()
+    status, error, backend = None, None, None
+    try:
+        async with session.get(f"http://{addr}:{port}/", headers=headers) as r:
+            await r.read()
+            status, backend = r.status, r.headers.get("X-Backend")
+    except Exception as e:  # noqa: BLE001 - every failure counts
+        error = f"{type(e).__name__}: {addr}"
+    records.append(Record(began - t0, time.monotonic() - began, status, error, backend))
+
+
 async def _open_loop(rate: float, stop: asyncio.Event, one: object) -> None:
     t0 = time.monotonic()
     tasks: set[asyncio.Task[None]] = set()
@@ -92,20 +106,11 @@ class HorizonConsumer:
             session._retry_connection = False  # count every failure (see loadgen.run_load)
 
             async def one() -> None:
-                began = time.monotonic()
-                answer = history.as_of(began - self.horizon)
-                if not answer:
-                    return
-                addr = answer[next(rr) % len(answer)]
-                status, error, backend = None, None, None
-                try:
+                answer = history.as_of(time.monotonic() - self.horizon)
+                if answer:
                     # Connection: close, as nginx's default upstream connections: the app closes.
-                    async with session.get(f"http://{addr}:{self.port}/", headers={"Connection": "close"}) as r:
-                        await r.read()
-                        status, backend = r.status, r.headers.get("X-Backend")
-                except Exception as e:  # noqa: BLE001 - every failure counts
-                    error = f"{type(e).__name__}: {addr}"
-                self.records.append(Record(began - self.t0, time.monotonic() - began, status, error, backend))
+                    addr = answer[next(rr) % len(answer)]
+                    await _get(session, addr, self.port, self.t0, self.records, {"Connection": "close"})
 
             await _open_loop(self.rate, stop, one)
         await follower
@@ -131,19 +136,9 @@ class PooledConsumer:
             session._retry_connection = False
 
             async def one() -> None:
-                began = time.monotonic()
-                answer = history.as_of(began)
-                if not answer:
-                    return
-                addr = answer[next(rr) % len(answer)]
-                status, error, backend = None, None, None
-                try:
-                    async with session.get(f"http://{addr}:{self.port}/") as r:
-                        await r.read()
-                        status, backend = r.status, r.headers.get("X-Backend")
-                except Exception as e:  # noqa: BLE001
-                    error = f"{type(e).__name__}: {addr}"
-                self.records.append(Record(began - self.t0, time.monotonic() - began, status, error, backend))
+                answer = history.as_of(time.monotonic())
+                if answer:
+                    await _get(session, answer[next(rr) % len(answer)], self.port, self.t0, self.records)
 
             await _open_loop(self.rate, stop, one)
         await follower

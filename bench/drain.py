@@ -53,6 +53,7 @@ async def nginx_run(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
 
 
 async def horizon_run(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
     consul = Consul(work)
     consul.start()
     try:

@@ -123,6 +123,7 @@ class ChildApp:
         self.pid: int | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.orphans_reaped = 0
+        self.leftovers_signalled = False
 
     def start(self) -> int:
         """Spawn the app; raises OSError (FileNotFoundError, PermissionError) if it cannot."""
@@ -181,10 +182,12 @@ class ChildApp:
 
     async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
         if self.exited.done():
+            await self._end_group(sig)
             return StopResult(self.exited.result(), False, "had already exited")
         self.forward(sig)
         try:
             status = await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+            await self._end_group(sig)
             return StopResult(status, False, f"exited after {sig.name}")
         except TimeoutError:
             pass
@@ -194,6 +197,31 @@ class ChildApp:
         except TimeoutError:
             status = 128 + signal.SIGKILL
         return StopResult(status, True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
+
+    def _group_alive(self) -> bool:
+        if self.pid is None:
+            return False
+        try:
+            os.killpg(self.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    async def _end_group(self, sig: signal.Signals) -> None:
+        """The app has exited: what it left in its process group (workers, helpers) goes too,
+        with the same signal, then SIGKILL after KILL_REAP_TIMEOUT (as tini -g, dumb-init)."""
+        if not self._group_alive():
+            return
+        self.leftovers_signalled = True
+        assert self.pid is not None
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = self._clock.monotonic() + KILL_REAP_TIMEOUT
+        while self._group_alive() and self._clock.monotonic() < deadline:
+            await self._clock.sleep(0.02)
+        self.kill_group()
 
 
 # --- alongside mode -----------------------------------------------------------
@@ -268,6 +296,8 @@ class PidApp:
         self.forward(signal.SIGKILL)
 
     async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
+        if self.exited.done():
+            return StopResult(0, False, "had already exited")  # do not signal a PID that may be reused
         try:
             pid = self.pid()
             os.kill(pid, sig)

@@ -19,8 +19,7 @@ from typing import Any
 from . import __version__, log
 from .app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
 from .clock import SystemClock
-from . import wait
-from .config import EX_CONFIG, Config, ConfigError, load_config, load_consul_settings
+from .config import EX_CONFIG, Config, ConfigError, address_toward, load_config, load_consul_settings
 from .consul_client import ConsulAgent
 from .durations import format_duration, parse_duration
 from .health import Prober
@@ -100,10 +99,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail([f"'{args.command}' takes no command after '--'"], 2)
     if args.command == "wait":
         return _wait(args)
+    unresolved: list[str] = []
+
+    def lenient_address(host: str, port: int) -> str:
+        # check-config may run where the agent's name does not resolve (CI, a laptop): say so, go on.
+        try:
+            return address_toward(host, port)
+        except OSError as e:
+            unresolved.append(f"service.address is not set and the address toward the Consul agent {host} could not be "
+                              f"found here ({e.strerror or e}); shown as 127.0.0.1, and `run` would refuse to start")
+            return "127.0.0.1"
+
     try:
-        config = load_config(args.config, os.environ)
+        config = load_config(args.config, os.environ, local_address=lenient_address if args.command == "check-config" else address_toward)
     except ConfigError as e:
         return _fail(e.problems, EX_CONFIG)
+    for warning in unresolved:
+        print(f"{PROG}: warning: {args.config}: {warning}", file=sys.stderr)
     if args.command == "check-config":
         return _check_config(config)
     if command and config.app.configured:
@@ -152,6 +164,8 @@ def _check_config(config: Config) -> int:
 
 
 def _wait(args: argparse.Namespace) -> int:
+    from . import wait  # only this command needs it
+
     if (args.passing or args.gone) and not args.id:
         return _fail(["wait: --passing and --gone need --id ID"], 2)
     if args.min_passing is not None and args.min_passing < 1:

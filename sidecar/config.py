@@ -377,15 +377,15 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def address_toward(host: str, port: int) -> str:
-    """This host's IP on the interface that routes to (host, port); no packet is sent."""
+    """This host's IP on the interface that routes to (host, port); no packet is sent.
+
+    Raises OSError when there is no route (or the agent's name does not resolve).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect(infos[0][4])
-            return str(s.getsockname()[0])
-    except OSError:
-        return "127.0.0.1"
+    infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(infos[0][4])
+        return str(s.getsockname()[0])
 
 
 def _url_host(url: str) -> str | None:
@@ -544,7 +544,14 @@ def _service_settings(
     if not sec.has("port"):
         problems.add(sec.key("port"), "required: the port the service listens on (1..65535)")
     port = sec.integer("port", 1, 65535) or 0
-    address = sec.string("address") or local_address(consul.host, consul.port)
+    address = sec.string("address") or ""
+    if not address:
+        try:
+            address = local_address(consul.host, consul.port)
+        except OSError as e:
+            problems.add(sec.key("address"), f"not set, and the address toward the Consul agent {consul.host} could not be found "
+                         f"({e.strerror or e}): set service.address")
+            address = "127.0.0.1"
     if any(c in address for c in "/ ") or "://" in address:
         problems.add(sec.key("address"), f"{address!r}: give an IP address or host name, without scheme or path")
     sid = sec.string("id") or f"{name}-{hostname()}-{port}"

@@ -111,6 +111,12 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
             raise ConsulRejected(f"{what}: rejected by the agent: {_one_line(e)}") from None
         except consul_base.ConsulException as e:
             raise ConsulUnavailable(f"{what}: agent error: {_one_line(e)}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            # A 200 whose body is not the agent's JSON, or no X-Consul-Index: not a Consul agent.
+            raise ConsulUnavailable(
+                f"{what}: unexpected answer from {self.settings.address} (HTTP {response.code}): is it a Consul agent? "
+                f"{e.__class__.__name__}: {_one_line(e)}"
+            ) from None
 
     # The contract python-consul2's endpoint classes call.
     async def get(self, callback: Any, path: str, params: Any = None, headers: Any = None) -> Any:
@@ -126,11 +132,16 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
         return await self.request(callback, "POST", path, params, data, headers)
 
 
+_CERT_PROBLEMS = ("CERTIFICATE", "UNKNOWN_CA", "WRONG_VERSION_NUMBER", "HANDSHAKE_FAILURE")
+
+
 def _tls_failure(e: BaseException) -> bool:
-    """An SSL error anywhere in the chain: a configuration problem, not an outage."""
+    """A certificate problem anywhere in the chain: configuration, not an outage. (An EOF in the
+    middle of a handshake, e.g. while the agent restarts, is an outage and is retried.)"""
     seen: BaseException | None = e
     while seen is not None:
-        if isinstance(seen, ssl.SSLError) or "[SSL:" in str(seen):
+        text = str(seen).upper()
+        if (isinstance(seen, ssl.SSLError) or "[SSL:" in text) and any(p in text for p in _CERT_PROBLEMS):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -236,7 +247,7 @@ class ConsulAgent:
     async def register(self, payload: dict[str, Any]) -> None:
         """PUT /v1/agent/service/register (replaces a definition with the same ID)."""
         digest = self._token_digest()
-        await self._c.agent.service.register(
+        ok = await self._c.agent.service.register(
             payload["Name"],
             service_id=payload["ID"],
             address=payload["Address"],
@@ -245,6 +256,8 @@ class ConsulAgent:
             meta=payload["Meta"],
             check=payload["Check"],
         )
+        if ok is not True:
+            raise ConsulRejected(f"PUT /v1/agent/service/register: {self.address} did not answer 200: is it a Consul agent?")
         self._registered_with = digest
 
     async def registered(self, service_id: str) -> dict[str, Any] | None:
@@ -270,13 +283,15 @@ class ConsulAgent:
         node:read, which would make every deregistration look confirmed. If we
         cannot see ourselves, confirmations rely on the agent's answer alone.
         """
-        for _ in range(5):
+        deadline = self._clock.monotonic() + max(1.0, self._transport.settings.timeout)
+        while True:
             if await self.catalog_lists(name, service_id):
                 self._catalog_visible = True
                 return True
-            await self._clock.sleep(0.05)
-        self._catalog_visible = False
-        return False
+            if self._clock.monotonic() >= deadline:
+                self._catalog_visible = False
+                return False
+            await self._clock.sleep(0.1)
 
     async def health_service(
         self, name: str, index: str | None = None, wait: str | None = None, passing: bool = False, consistent: bool = False

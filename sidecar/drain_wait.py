@@ -23,6 +23,7 @@ to a shorter wait.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable
@@ -133,10 +134,12 @@ class DrainWait:
         t = self.clock.monotonic()
         while True:
             try:
-                if not await self.catalog.catalog_lists(svc.name, svc.id, consistent=True):
+                async with asyncio.timeout(max(0.001, upper - self.clock.monotonic())):
+                    listed = await self.catalog.catalog_lists(svc.name, svc.id, consistent=True)
+                if not listed:
                     self.log.info("sidecar.drain.catalog_clear", elapsed_ms=self._ms(t))
                     return True
-            except ConsulError:
+            except (ConsulError, TimeoutError):
                 pass  # unknown: look again
             if not await self._tick(upper):
                 self.log.warning("sidecar.drain.catalog_not_clear", elapsed_ms=self._ms(t))
@@ -182,11 +185,12 @@ class DrainWait:
                     age = self._watcher.youngest_time_wait_age()
                 except TrafficWatchError:
                     age = None
-                if age is not None and age < quiet_for:
-                    last_activity = now - age
-                    continue
-                self.log.info("sidecar.drain.quiet", quiet_period_s=self.sd.quiet_period, open_connections=prev.connections, elapsed_ms=self._ms(t))
-                return "traffic quiet"
+                if age is not None and age + POLL < quiet_for:
+                    last_activity = now - age  # a connection the app closed since: poll on
+                    quiet_for = age
+                if quiet_for >= self.sd.quiet_period:
+                    self.log.info("sidecar.drain.quiet", quiet_period_s=self.sd.quiet_period, open_connections=prev.connections, elapsed_ms=self._ms(t))
+                    return "traffic quiet"
             if not await self._tick(upper):
                 self.log.warning("sidecar.drain.not_quiet", quiet_for_s=round(quiet_for, 3), open_connections=prev.connections, elapsed_ms=self._ms(t))
                 return "upper bound (propagation_delay)"

@@ -113,15 +113,21 @@ class Sidecar:
             if self.status_server is not None:
                 await self.status_server.start()
                 self.log.info("sidecar.status.listening", address=self.status_server.address)
-            return await self._live()
+            try:
+                return await self._live()
+            except Exception:
+                # A bug: the caller kills the app. Take the instance out of Consul first.
+                if self._registration_attempted:
+                    await self._deregister()
+                raise
         finally:
             dispatcher.cancel()
-            self.inbox.uninstall()
             self.drain_wait.close()
             self.status.enter(State.STOPPED)
             if self.status_server is not None:
                 await self.status_server.stop()
             await self.agent.close()
+            self.inbox.uninstall()
 
     async def _live(self) -> int:
         started = await self._race(self._startup())
@@ -311,9 +317,11 @@ class Sidecar:
         level = "error" if status == 128 + signal.SIGKILL else ("info" if status == 0 else "warning")
         hint = "killed by SIGKILL: out of memory?" if status == 128 + signal.SIGKILL else None
         getattr(self.log, level)("sidecar.app.exited", exit_status=status, hint=hint)
+        t = self.clock.monotonic()
         self.status.enter(State.DRAINING)
         await self._deregister()
-        self.log.info("sidecar.stopped", exit_status=status)
+        await self.app.stop(self.config.shutdown.app_signal, self.config.shutdown.app_timeout)  # what it left behind
+        self.log.info("sidecar.stopped", exit_status=status, elapsed_ms=self._ms(t))
         return status
 
     async def _deregister(self, deadline: float | None = None, late: bool = False) -> Deregistration:
@@ -345,10 +353,11 @@ class Sidecar:
         self.status.enter(State.STOPPING)
         t = self.clock.monotonic()
         result = await self.app.stop(cfg.app_signal, cfg.app_timeout)
+        extra = {"orphans_reaped": getattr(self.app, "orphans_reaped", None) or None}
         if result.killed:
-            self.log.error("sidecar.app.killed", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t))
+            self.log.error("sidecar.app.killed", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t), **extra)
         else:
-            self.log.info("sidecar.app.stopped", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t))
+            self.log.info("sidecar.app.stopped", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t), **extra)
         return result
 
     # --- signals ------------------------------------------------------------------
@@ -417,7 +426,7 @@ class Sidecar:
                 "sidecar.consul.unreachable",
                 address=self.agent.address,
                 error=error,
-                retrying="with backoff, 1s to 30s" if retrying else f"every {self.config.check.interval:g}s",
+                retrying="with jittered backoff, 1s to 30s" if retrying else f"every {self.config.check.interval:g}s",
             )
 
     def _acl_hint(self) -> str | None:

@@ -36,6 +36,27 @@ def _scrubber(secrets: Callable[[], Iterable[str]]) -> Callable[[Any, str, Mutab
     return scrub
 
 
+class _SafePrintLogger(structlog.PrintLogger):
+    """A log line that cannot be written (stderr closed, a broken pipe) is dropped, never raised:
+    the drain must go on whatever happens to the log's reader."""
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except (OSError, ValueError):
+            pass
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+
+class _SafeLoggerFactory:
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def __call__(self, *args: Any) -> _SafePrintLogger:
+        return _SafePrintLogger(self._stream)
+
+
 def configure(
     stream: TextIO = sys.stderr,
     fmt: str = "auto",
@@ -53,7 +74,7 @@ def configure(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=_SafeLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
 

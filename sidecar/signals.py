@@ -23,7 +23,10 @@ class SignalInbox:
             self._installed.append(sig)
 
     def uninstall(self) -> None:
+        """Done: later shutdown signals are ignored (the sidecar is exiting with the app's status)."""
         loop = asyncio.get_running_loop()
         for sig in self._installed:
             loop.remove_signal_handler(sig)
+            if sig in SHUTDOWN:
+                signal.signal(sig, signal.SIG_IGN)
         self._installed.clear()

@@ -80,8 +80,12 @@ async def wait_for_condition(agent: ConsulAgent, service: str, cond: Condition, 
         # adds up to wait/16 of jitter, so ask for a little less than remains.
         wait = format_duration(max(0.1, min(30.0, remaining * 0.9)))
         try:
-            new_index, entries = await agent.health_service(service, index=index, wait=wait)
+            async with asyncio.timeout(max(0.1, remaining)):  # a frozen agent must not stretch --timeout
+                new_index, entries = await agent.health_service(service, index=index, wait=wait)
             error = None
+        except TimeoutError:
+            error = f"no answer from {agent.address} before the timeout"
+            continue
         except (ConsulPermissionDenied, ConsulRejected) as e:
             return WaitResult(False, clock.monotonic() - t0, last_seen, str(e))
         except ConsulUnavailable as e:

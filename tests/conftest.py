@@ -32,9 +32,13 @@ def fresh_consul(tmp_path: Path) -> Iterator[Consul]:
 
 @pytest.fixture(autouse=True)
 def _kill_what_the_test_started() -> Iterator[None]:
+    """Whatever the test started is killed afterwards, also on failure. But first: a process whose
+    sidecar (or other starter) has already exited must not be alive, or the test fails."""
     before = len(harness._started)
     yield
+    left = harness.leftovers_of_exited(before)
     harness.stop_started(before)
+    assert not left, f"processes outlived the process that started them: {left}"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,6 +17,7 @@ from examples.rollout.procs import (
     kill_all_started,
     kill_session,
     leftovers,
+    leftovers_of_exited,
     merge,
     pid_alive,
     read_signal_log,
@@ -28,6 +29,6 @@ from examples.rollout.procs import (
 
 __all__ = [
     "APP", "PY", "ROOT", "Consul", "Sidecar", "_started", "app_command", "free_port", "http_get",
-    "kill_all_started", "kill_session", "leftovers", "merge", "pid_alive", "read_signal_log", "spawn",
+    "kill_all_started", "kill_session", "leftovers", "leftovers_of_exited", "merge", "pid_alive", "read_signal_log", "spawn",
     "stop_started", "wait_for", "write_config",
 ]

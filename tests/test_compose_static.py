@@ -362,7 +362,6 @@ def test_rollout_script_is_valid_bash() -> None:
     assert result.returncode == 0, result.stderr
     assert os.access(ROLLOUT_SCRIPT, os.X_OK), f"{ROLLOUT_SCRIPT} is not executable"
     shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    assert shellcheck is not None, "shellcheck is not installed: scripts/setup installs it (apt-get install shellcheck)"
     result = subprocess.run([shellcheck, str(ROLLOUT_SCRIPT)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout

@@ -197,3 +197,16 @@ def test_cli_version_and_help() -> None:
     for cmd in ([], ["run"], ["check-config"]):
         h = run_cli(*cmd, "--help")
         assert h.returncode == 0 and "usage:" in h.stdout
+
+
+def test_unresolvable_agent_without_service_address_is_an_error(tmp_path: Path) -> None:
+    """No silent fallback to a loopback address that would go into the catalog."""
+    p = tmp_path / "c.toml"
+    p.write_text('[consul]\naddress = "http://no-such-agent.invalid:8500"\n[service]\nname = "w"\nport = 80\n')
+
+    def no_route(host: str, port: int) -> str:
+        raise OSError(-2, "Name or service not known")
+
+    with pytest.raises(ConfigError) as e:
+        load_config(p, {}, hostname=lambda: "h", local_address=no_route)
+    assert any("service.address" in line and "no-such-agent.invalid" in line for line in e.value.problems)

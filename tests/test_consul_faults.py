@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port, http_get, read_signal_log, wait_for
+from .harness import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
 
 
 def test_agent_restart_without_data_dir_reregisters(fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
@@ -104,3 +104,70 @@ def test_token_never_leaks(consul: Consul, start_sidecar: StartSidecar, service_
     for where, text in (("log", sc.output()), ("status", status), ("cmdline", cmdline), ("app cmdline", app_cmdline),
                         ("app environment", app_environ)):
         assert secret not in text, where
+
+
+def test_not_a_consul_agent(start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+    """consul.address points at some other HTTP server (it answers 404 to everything): one clear
+    error, exit 78, the app stopped, no traceback."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+        do_PUT = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = free_port()
+        from .harness import merge
+
+        cfg = merge(
+            {"consul": {"address": f"http://127.0.0.1:{server.server_address[1]}", "timeout": "1s"},
+             "service": {"name": service_name, "id": f"{service_name}-1", "address": "127.0.0.1", "port": port},
+             "status": {"listen": ""}},
+            {},
+        )
+        sc = start_sidecar(cfg, app_command(port))
+        app = sc.app_pid()
+        assert sc.wait(30) == 78
+        ev = sc.event("sidecar.consul.registration_rejected")
+        assert ev is not None and "Consul agent" in ev["error"], sc.output()[-1500:]
+        assert "Traceback" not in sc.output()
+        wait_for(lambda: not pid_alive(app), 5, what="the app to be stopped")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_closed_log_pipe_does_not_break_the_drain(consul: Consul, service_name: str, tmp_path: Path) -> None:
+    """The sidecar's stderr is a pipe whose reader has gone (`... 2>&1 | jq`, then Ctrl-C kills jq).
+    Expected: SIGTERM still deregisters, signals the app after the delay, and passes its status on."""
+    import subprocess
+
+    from .harness import PY, ROOT, write_config
+
+    port = free_port()
+    siglog = tmp_path / "signals.log"
+    cfg = write_config(tmp_path / "c.toml", base_config(consul, service_name, port, shutdown={"propagation_delay": "0.5s"}))
+    proc = subprocess.Popen([PY, "-m", "sidecar", "run", "-c", str(cfg), "--", *app_command(port, "127.0.0.1", "--signal-log", str(siglog))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, start_new_session=True)
+    try:
+        wait_for(lambda: consul.service_ids(service_name), 15, what="registration")
+        assert proc.stderr is not None
+        proc.stderr.close()  # the reader goes away: every later write is EPIPE
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(20)
+        assert consul.service_ids(service_name) == []
+        assert [n for n, _ in read_signal_log(siglog)] == ["SIGTERM"]
+        assert code == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

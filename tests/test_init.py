@@ -42,6 +42,8 @@ def test_orphans_are_reaped(consul: Consul, start_sidecar: StartSidecar, service
     assert all(state != "Z" for _, state in children(sc.pid)), children(sc.pid)
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
+    stopped = sc.event("sidecar.app.stopped")
+    assert stopped is not None and stopped["orphans_reaped"] == 2, stopped  # adopted (subreaper) and reaped
 
 
 def test_as_pid1_in_a_new_pid_namespace(consul: Consul, tmp_path: Path, service_name: str) -> None:

@@ -45,8 +45,11 @@ RECORDED_SIGNALS: tuple[signal.Signals, ...] = (
 SHUTDOWN_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
 
 def log(message: str) -> None:
-    """Write one line to stderr."""
-    print(f"app: {message}", file=sys.stderr, flush=True)
+    """Write one line to stderr; a log nobody reads any more (a closed pipe) is not a reason to fail."""
+    try:
+        print(f"app: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def non_negative_float(text: str) -> float:

@@ -82,6 +82,18 @@ def stop_started(since: int = 0) -> None:
             proc.wait(5)
 
 
+def leftovers_of_exited(since: int = 0, grace: float = 2.0) -> list[str]:
+    """Processes still alive in the sessions (started since ``since``) whose leader has exited:
+    what a sidecar, nginx or the agent left behind. Waits up to ``grace`` for them to go."""
+    deadline = time.monotonic() + grace
+    while True:
+        left = [f"{str(proc.args)[:80]}: {session_members(proc.pid)}" for proc in _started[since:]
+                if proc.poll() is not None and session_members(proc.pid)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
 def kill_all_started() -> None:
     stop_started(0)
 

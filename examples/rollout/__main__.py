@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--replicas", type=int, default=3, help="instances of v1 to replace (default 3)")
     ap.add_argument("--rate", type=float, default=300.0, help="requests per second through nginx (default 300)")
     ap.add_argument("--propagation-delay", default="3s", help='the sidecar\'s shutdown.propagation_delay (default "3s")')
+    ap.add_argument("--strategy", choices=("fixed", "traffic"), default="fixed",
+                    help="the sidecars' shutdown.strategy; traffic waits for a quiet port, bounded by 30s (default fixed)")
     ap.add_argument("--out", type=Path, default=ROOT / "out", help="where the PNG timelines and CSVs go (default out/)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG timeline")
     return ap.parse_args(argv)
@@ -71,7 +73,8 @@ async def run_modes(args: argparse.Namespace, work: Path) -> list[RolloutResult]
     results = []
     for naive in modes:
         mode = "naive" if naive else "sidecar"
-        cluster = Cluster(work / mode, propagation_delay=args.propagation_delay)
+        shutdown = {"strategy": "traffic", "propagation_delay": "30s"} if args.strategy == "traffic" else None
+        cluster = Cluster(work / mode, propagation_delay=args.propagation_delay, shutdown=shutdown)
         try:
             cluster.start()
             results.append(await rollout(cluster, naive, replicas=args.replicas, rate=args.rate))

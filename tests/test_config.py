@@ -210,3 +210,16 @@ def test_unresolvable_agent_without_service_address_is_an_error(tmp_path: Path) 
     with pytest.raises(ConfigError) as e:
         load_config(p, {}, hostname=lambda: "h", local_address=no_route)
     assert any("service.address" in line and "no-such-agent.invalid" in line for line in e.value.problems)
+
+
+def test_check_config_warns_over_budget_and_names_the_setting(tmp_path: Path) -> None:
+    """Worst case 3 + 5 + 60 + 1 = 69 s over the default 30 s budget: a warning naming app_timeout;
+    raising shutdown.budget to match silences it."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(MINIMAL + '[shutdown]\napp_timeout = "60s"\n')
+    r = run_cli("check-config", "-c", str(cfg))
+    assert r.returncode == 0
+    assert "warning" in r.stderr and "69s exceeds shutdown.budget 30s" in r.stderr and "shutdown.app_timeout" in r.stderr
+    cfg.write_text(MINIMAL + '[shutdown]\napp_timeout = "60s"\nbudget = "70s"\n')
+    r = run_cli("check-config", "-c", str(cfg))
+    assert r.returncode == 0 and "warning" not in r.stderr

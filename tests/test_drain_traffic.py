@@ -7,6 +7,7 @@ pooled keep-alive consumer), real sockets. Each scenario also says what a fixed 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import threading
@@ -21,7 +22,7 @@ from examples.rollout.loadgen import summarize
 from examples.rollout.rollout import Cluster, rollout
 
 from .conftest import StartSidecar, base_config
-from .harness import Consul, Sidecar, app_command, free_port, read_signal_log, spawn, wait_for
+from .harness import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, spawn, wait_for
 
 TRAFFIC = {"strategy": "traffic", "propagation_delay": "30s", "min_delay": "1s", "quiet_period": "1s", "app_timeout": "10s"}
 
@@ -156,8 +157,13 @@ def test_dns_step_holds_the_quiet_window(consul: Consul, start_sidecar: StartSid
         cfg = base_config(consul, service_name, port, shutdown={**TRAFFIC, "dns": [f"127.0.0.1:{dns.port}"]})
         sc = start_sidecar(cfg, app_command(port))
         sc.wait_event("sidecar.drain.traffic_view")
+        url = sc.status_url()
         dns.until = time.monotonic() + 3.0
         sc.send(signal.SIGTERM)
+        sc.wait_event("sidecar.consul.deregistered")
+        time.sleep(1.0)
+        progress = json.loads(http_get(url + "/status")[1])
+        assert progress["state"] == "draining" and progress["drain"]["step"] == "dns", progress  # /status shows the step
         ev = delay_done(sc)
         clear = sc.event("sidecar.drain.dns_clear")
         assert clear is not None and clear["elapsed_ms"] >= 2500, clear

@@ -84,8 +84,7 @@ async def wait_for_condition(agent: ConsulAgent, service: str, cond: Condition, 
                 new_index, entries = await agent.health_service(service, index=index, wait=wait)
             error = None
         except TimeoutError:
-            error = f"no answer from {agent.address} before the timeout"
-            continue
+            continue  # a blocking query still open at our deadline: the condition did not come true
         except (ConsulPermissionDenied, ConsulRejected) as e:
             return WaitResult(False, clock.monotonic() - t0, last_seen, str(e))
         except ConsulUnavailable as e:

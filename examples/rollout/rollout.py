@@ -67,8 +67,8 @@ class RolloutResult:
     def marks(self) -> list[tuple[float, str]]:
         out: list[tuple[float, str]] = []
         for i, s in enumerate(self.steps, 1):
-            out.append((s.started_new, f"start {s.new}"))
-            out.append((s.stop_sent, f"stop {s.old}"))
+            out.append((s.started_new, f"v2 #{i} up"))
+            out.append((s.stop_sent, f"v1 #{i} stop"))
         return out
 
 

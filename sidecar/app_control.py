@@ -124,6 +124,7 @@ class ChildApp:
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.orphans_reaped = 0
         self.leftovers_signalled = False
+        self.killed_on_request = False
 
     def start(self) -> int:
         """Spawn the app; raises OSError (FileNotFoundError, PermissionError) if it cannot."""
@@ -168,6 +169,7 @@ class ChildApp:
                 pass
 
     def kill(self) -> None:
+        self.killed_on_request = True
         self.kill_group()
 
     def kill_group(self) -> bool:
@@ -188,6 +190,8 @@ class ChildApp:
         try:
             status = await asyncio.wait_for(asyncio.shield(self.exited), timeout)
             await self._end_group(sig)
+            if self.killed_on_request:
+                return StopResult(status, True, "SIGKILLed on request (third SIGINT)")
             return StopResult(status, False, f"exited after {sig.name}")
         except TimeoutError:
             pass

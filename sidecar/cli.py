@@ -94,7 +94,11 @@ def _fail(lines: Sequence[str], code: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     own, command = _split_command(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(own)
+    parser = _parser()
+    args, extra = parser.parse_known_args(own)
+    if extra:
+        hint = f" (the app's command goes after '--': {PROG} run -c FILE -- COMMAND [ARG...])" if args.command == "run" else ""
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if args.command != "run" and command:
         return _fail([f"'{args.command}' takes no command after '--'"], 2)
     if args.command == "wait":

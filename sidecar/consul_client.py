@@ -34,7 +34,15 @@ class ConsulError(Exception):
 
 
 class ConsulUnavailable(ConsulError):
-    """No answer, a timeout or a 5xx: the outcome is unknown; retrying may help."""
+    """No answer, a timeout or a 5xx: retrying may help.
+
+    ``maybe_applied`` is False only when the request cannot have reached the agent (the
+    connection was refused or the name did not resolve): then a write is known not to be done.
+    """
+
+    def __init__(self, message: str, maybe_applied: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
 
 
 class ConsulPermissionDenied(ConsulError):
@@ -102,7 +110,9 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
             if _tls_failure(e):
                 hint = "" if self.settings.cert_file else " (does the agent require a client certificate? set consul.cert_file and consul.key_file)"
                 raise ConsulRejected(f"{what}: TLS handshake with {self.settings.address} failed: {e}{hint}") from None
-            raise ConsulUnavailable(f"{what}: {self.settings.address} unreachable: {e.__class__.__name__}: {e}") from None
+            never_sent = isinstance(e, aiohttp.ClientConnectorError) and not isinstance(e, aiohttp.ClientSSLError)
+            raise ConsulUnavailable(f"{what}: {self.settings.address} unreachable: {e.__class__.__name__}: {e}",
+                                    maybe_applied=not never_sent) from None
         try:
             return callback(response)
         except consul_base.ACLPermissionDenied as e:

@@ -29,7 +29,7 @@ from .backoff import backoff
 from .clock import Clock
 from .config import Config
 from .drain_wait import DrainWait
-from .consul_client import Agent, ConsulError, ConsulPermissionDenied, ConsulRejected, Deregistration
+from .consul_client import Agent, ConsulError, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, Deregistration
 from .registration import registration_payload
 from .signals import FORWARDED, SHUTDOWN, SignalInbox
 from .status import State, Status
@@ -167,17 +167,25 @@ class Sidecar:
                 )
                 self.status.last_error = f"app not healthy within {cfg.startup.timeout:g}s: {detail}"
                 return EX_UNAVAILABLE
+            self.status.last_error = None
             self.log.info("sidecar.startup.healthy", url=cfg.check.http, elapsed_ms=self._ms(t))
         return await self._register_until_done()
 
     async def _wait_healthy(self, deadline: float) -> tuple[bool, str]:
-        detail = "no probe yet"
+        t = self.clock.monotonic()
+        detail, said = "no probe yet", t
         while True:
             healthy, detail = await self.prober.probe()
             if healthy:
                 return True, detail
-            if self.clock.monotonic() >= deadline:
+            self.status.last_error = f"health check: {detail}"
+            now = self.clock.monotonic()
+            if now >= deadline:
                 return False, detail
+            if now - said >= 5.0:  # progress for a slow or misconfigured app, not one line per probe
+                said = now
+                self.log.info("sidecar.startup.waiting", url=self.config.check.http, last_answer=detail,
+                              elapsed_ms=self._ms(t), gives_up_in_s=round(deadline - now, 1))
             await self.clock.sleep(min(0.1, max(0.0, deadline - self.clock.monotonic())))
 
     async def _register_until_done(self) -> int:
@@ -225,8 +233,13 @@ class Sidecar:
     async def _register(self) -> None:
         # Passing at once only if the app answers right now, as the agent will see it.
         healthy, _ = await self.prober.probe()
+        try:
+            await self.agent.register(registration_payload(self.config, passing=healthy))
+        except ConsulUnavailable as e:
+            # A timeout may still be applied later; a refused connection cannot have been.
+            self._registration_attempted |= e.maybe_applied
+            raise
         self._registration_attempted = True
-        await self.agent.register(registration_payload(self.config, passing=healthy))
 
     async def _abort_startup(self, code: int) -> int:
         """Startup failed: nothing stays registered, the app is stopped, exit non-zero."""
@@ -273,6 +286,12 @@ class Sidecar:
         t0 = self.clock.monotonic()
         self.status.enter(State.DRAINING)
         self.log.info("sidecar.drain.started", propagation_delay_s=cfg.propagation_delay, app_timeout_s=cfg.app_timeout)
+        if not self._registration_attempted:
+            # Nothing ever reached the agent: nothing to take out, nobody to wait for.
+            self.log.info("sidecar.drain.nothing_registered")
+            result = await self._stop_app()
+            self.log.info("sidecar.stopped", exit_status=result.status, elapsed_ms=self._ms(t0))
+            return result.status
         outcome = await self._deregister()
         # Unconfirmed (agent frozen or down): keep trying in the background for
         # as long as the drain lasts; a frozen agent that resumes is cleaned up.
@@ -282,8 +301,6 @@ class Sidecar:
 
         if self.app.exited.done():
             pass  # nothing left to protect
-        elif not self._registration_attempted:
-            self.log.info("sidecar.drain.delay_skipped", reason="never registered")
         else:
             confirmed_at = self.clock.monotonic()
             _, ended = await self._first(self.drain_wait.wait(confirmed_at), self._skip_delay.wait())
@@ -319,7 +336,8 @@ class Sidecar:
         getattr(self.log, level)("sidecar.app.exited", exit_status=status, hint=hint)
         t = self.clock.monotonic()
         self.status.enter(State.DRAINING)
-        await self._deregister()
+        if self._registration_attempted:
+            await self._deregister()
         await self.app.stop(self.config.shutdown.app_signal, self.config.shutdown.app_timeout)  # what it left behind
         self.log.info("sidecar.stopped", exit_status=status, elapsed_ms=self._ms(t))
         return status

@@ -57,6 +57,13 @@ class _SafeLoggerFactory:
         return _SafePrintLogger(self._stream)
 
 
+def _drop_none(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Fields that do not apply to this event (None) are left out of the line."""
+    for key in [k for k, v in event.items() if v is None]:
+        del event[key]
+    return event
+
+
 def configure(
     stream: TextIO = sys.stderr,
     fmt: str = "auto",
@@ -70,6 +77,7 @@ def configure(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _drop_none,
             _scrubber(secrets),
             renderer,
         ],

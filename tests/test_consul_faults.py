@@ -171,3 +171,19 @@ def test_closed_log_pipe_does_not_break_the_drain(consul: Consul, service_name: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_agent_never_reachable_nothing_to_drain(fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """No agent ever listens (connections refused): no registration can have reached it, so SIGTERM
+    stops the app at once instead of spending deregister_timeout + propagation_delay, and no error
+    claims an instance was left registered."""
+    port = free_port()
+    cfg = base_config(fresh_consul, service_name, port, shutdown={"propagation_delay": "5s", "deregister_timeout": "3s"})
+    sc = start_sidecar(cfg, app_command(port))
+    sc.wait_event("sidecar.consul.unreachable")
+    t = time.monotonic()
+    sc.send(signal.SIGTERM)
+    assert sc.wait(20) == 0
+    assert time.monotonic() - t < 3.0
+    assert sc.event("sidecar.drain.nothing_registered") is not None
+    assert sc.event("sidecar.consul.left_registered") is None and sc.event("sidecar.consul.deregister_unconfirmed") is None

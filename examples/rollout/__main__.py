@@ -46,7 +46,8 @@ def row(label: str, s: Summary, r: RolloutResult) -> str:
             f"{v1:8d} {v2:8d} {r.rollout_seconds:9.1f}s")
 
 
-def report(results: list[RolloutResult], out: Path, plot: bool) -> None:
+def report(results: list[RolloutResult], out: Path, plot: bool, strategy: str = "fixed") -> None:
+    strategy_note = f" (strategy {strategy})" if strategy != "fixed" else ""
     print()
     print(f"{'rollout':9} {'requests':>9} {'failed':>7} {'fail rate':>9} {'p50 ms':>8} {'p99 ms':>8} {'by v1':>8} {'by v2':>8} {'duration':>10}")
     for r in results:
@@ -57,13 +58,15 @@ def report(results: list[RolloutResult], out: Path, plot: bool) -> None:
         if s.errors:
             print(f"  {r.mode} failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(s.errors.items(), key=lambda kv: -kv[1])))
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("rollout-*.*"):  # a previous run's files would read as this run's
+        stale.unlink()
     for r in results:
         write_csv(r.records, out / f"rollout-{r.mode}.csv")
         if plot:
             from .timeline import plot_timeline
 
             s = summarize(r.records)
-            title = f"rolling update v1 -> v2, {r.mode}: {s.failed} failed of {s.requests} requests"
+            title = f"rolling update v1 -> v2, {r.mode}{strategy_note}: {s.failed} failed of {s.requests} requests"
             plot_timeline(r.records, r.marks(), out / f"rollout-{r.mode}.png", title)
     print(f"\nper-request records: {out}/rollout-*.csv" + (f"; timelines: {out}/rollout-*.png" if plot else ""))
 
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     work = Path(tempfile.mkdtemp(prefix="consul-sidecar-demo-"))
-    print(f"working directory (logs of every process): {work}")
+    print(f"logs of every process (kept after the demo): {work}")
     t = time.monotonic()
     try:
         results = asyncio.run(run_modes(args, work))
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         left = leftovers()
         if left:
             print(f"warning: processes still alive: {left}", file=sys.stderr)
-    report(results, args.out, plot=not args.no_plot)
+    report(results, args.out, plot=not args.no_plot, strategy=args.strategy)
     print(f"demo took {time.monotonic() - t:.0f}s")
     verdict = 0
     for r in results:

@@ -193,9 +193,13 @@ class Sidecar:
         t = self.clock.monotonic()
         delays = backoff(1.0, 30.0)
         attempts = 0
+        stale_checked = False
         while True:
             attempts += 1
             try:
+                if not stale_checked:
+                    await self._drop_stale_registration()
+                    stale_checked = True
                 await self._register()
                 self._consul_state(True, None)
                 self.status.enter(State.REGISTERED)
@@ -214,6 +218,20 @@ class Sidecar:
             except ConsulError as e:
                 self._consul_state(False, str(e), retrying=True)
             await self.clock.sleep(next(delays))
+
+    async def _drop_stale_registration(self) -> None:
+        """A registration with our ID left by a sidecar that died (SIGKILL, OOM) is removed first.
+
+        Registering over it would keep its check's status (Consul keeps the status of an
+        unchanged check), which is critical once the old app has gone, so the new instance
+        would wait a check interval for traffic. Its address is ours, so the gap is harmless.
+        """
+        svc = self.config.service
+        if await self.agent.registered(svc.id) is None:
+            return
+        t = self.clock.monotonic()
+        result = await self.agent.deregister_confirmed(svc.name, svc.id, t + self.config.shutdown.deregister_timeout)
+        self.log.warning("sidecar.consul.stale_registration_replaced", deregistration=result.outcome.value, elapsed_ms=self._ms(t))
 
     async def _check_catalog_visibility(self) -> None:
         svc = self.config.service

@@ -125,7 +125,9 @@ def test_killed_sidecar_restarted_replaces_its_registration(consul: Consul, star
     second.wait_event("sidecar.consul.registered")
     [entry] = consul.instances(service_name)
     assert entry["Service"]["Meta"] == {"generation": "2"}
+    # Passing at once: the stale entry (whose check went critical when app 1 died) was replaced.
     assert all(c["Status"] == "passing" for c in entry["Checks"])
+    assert second.event("sidecar.consul.stale_registration_replaced") is not None
     second.send(signal.SIGTERM)
     assert second.wait() == 0
 

@@ -10,6 +10,7 @@ Both send an open-loop request rate and record every request with the loadgen ``
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import bisect
 import json
@@ -88,61 +89,65 @@ async def _open_loop(rate: float, stop: asyncio.Event, one: object) -> None:
         await asyncio.wait(set(tasks), timeout=5)
 
 
-class HorizonConsumer:
-    """Routes by the answer Consul gave ``horizon`` seconds ago; a new connection per request,
-    with ``Connection: close`` (the app closes it, as with nginx's default upstream connections)."""
+class _Consumer(abc.ABC):
+    """Follows Consul's answer for ``name`` and sends ``rate`` requests/s, open loop, to the
+    instance that ``pick`` chooses; every request is recorded."""
 
-    def __init__(self, consul_address: str, name: str, port: int, horizon: float, rate: float = 50.0) -> None:
-        self.consul_address, self.name, self.port, self.horizon, self.rate = consul_address, name, port, horizon, rate
-        self.records: list[Record] = []
-        self.t0 = time.monotonic()
-
-    async def run(self, stop: asyncio.Event) -> list[Record]:
-        history = _History()
-        follower = asyncio.create_task(_follow(self.consul_address, self.name, history, stop))
-        rr = count()
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0),
-                                         timeout=aiohttp.ClientTimeout(total=5)) as session:
-            session._retry_connection = False  # count every failure (see loadgen.run_load)
-
-            async def one() -> None:
-                answer = history.as_of(time.monotonic() - self.horizon)
-                if answer:
-                    # Connection: close, as nginx's default upstream connections: the app closes.
-                    addr = answer[next(rr) % len(answer)]
-                    await _get(session, addr, self.port, self.t0, self.records, {"Connection": "close"})
-
-            await _open_loop(self.rate, stop, one)
-        await follower
-        return self.records
-
-
-class PooledConsumer:
-    """Persistent connections to every instance; an instance that leaves Consul gets no more requests,
-    but its connection stays open until the instance closes it."""
+    headers: dict[str, str] | None = None
 
     def __init__(self, consul_address: str, name: str, port: int, rate: float = 50.0) -> None:
         self.consul_address, self.name, self.port, self.rate = consul_address, name, port, rate
         self.records: list[Record] = []
         self.t0 = time.monotonic()
 
+    @abc.abstractmethod
+    def connector(self) -> aiohttp.TCPConnector:
+        """How this consumer holds connections."""
+
+    def answer(self, history: _History) -> list[str]:
+        return history.as_of(time.monotonic())
+
     async def run(self, stop: asyncio.Event) -> list[Record]:
         history = _History()
         follower = asyncio.create_task(_follow(self.consul_address, self.name, history, stop))
         rr = count()
-        # One session, keep-alive, one connection per instance reused for every request to it.
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=1, keepalive_timeout=300),
-                                         timeout=aiohttp.ClientTimeout(total=5)) as session:
-            session._retry_connection = False
+        async with aiohttp.ClientSession(connector=self.connector(), timeout=aiohttp.ClientTimeout(total=5)) as session:
+            session._retry_connection = False  # count every failure (see loadgen.run_load)
 
             async def one() -> None:
-                answer = history.as_of(time.monotonic())
+                answer = self.answer(history)
                 if answer:
-                    await _get(session, answer[next(rr) % len(answer)], self.port, self.t0, self.records)
+                    await _get(session, answer[next(rr) % len(answer)], self.port, self.t0, self.records, self.headers)
 
             await _open_loop(self.rate, stop, one)
         await follower
         return self.records
+
+
+class HorizonConsumer(_Consumer):
+    """Routes by the answer Consul gave ``horizon`` seconds ago; a new connection per request,
+    with ``Connection: close`` (the app closes it, as with nginx's default upstream connections)."""
+
+    headers = {"Connection": "close"}
+
+    def __init__(self, consul_address: str, name: str, port: int, horizon: float, rate: float = 50.0) -> None:
+        super().__init__(consul_address, name, port, rate)
+        self.horizon = horizon
+
+    def connector(self) -> aiohttp.TCPConnector:
+        return aiohttp.TCPConnector(force_close=True, limit=0)
+
+    def answer(self, history: _History) -> list[str]:
+        return history.as_of(time.monotonic() - self.horizon)
+
+
+class PooledConsumer(_Consumer):
+    """Persistent connections to every instance; an instance that leaves Consul gets no more requests,
+    but its connection stays open until the instance closes it."""
+
+    def connector(self) -> aiohttp.TCPConnector:
+        # Keep-alive: one connection per instance, reused for every request to it.
+        return aiohttp.TCPConnector(limit_per_host=1, keepalive_timeout=300)
 
 
 async def horizon_drain(consul: Consul, workdir: Path, shutdown: dict[str, Any], horizon: float = 5.0,

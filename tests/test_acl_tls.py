@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def api(agent: Consul, method: str, path: str, body: object = None) -> object:
 
 
 def make_token(agent: Consul, rules: str) -> str:
-    policy = api(agent, "PUT", "/v1/acl/policy", {"Name": f"p{free_port()}", "Rules": rules})
+    policy = api(agent, "PUT", "/v1/acl/policy", {"Name": f"policy-{uuid.uuid4().hex[:12]}", "Rules": rules})
     assert isinstance(policy, dict)
     token = api(agent, "PUT", "/v1/acl/token", {"Policies": [{"ID": policy["ID"]}]})
     assert isinstance(token, dict)

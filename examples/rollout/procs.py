@@ -10,6 +10,7 @@ tells whether anything survived.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ APP = ROOT / "examples" / "app" / "app.py"
 PY = sys.executable
 
 _started: list[subprocess.Popen[bytes]] = []
+_sidecar_numbers = itertools.count(1)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -228,8 +230,9 @@ class Sidecar:
 
     def __init__(self, workdir: Path, config: dict[str, dict[str, Any]], command: list[str] | None, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
-        self.config_path = write_config(workdir / f"sidecar-{id(self)}.toml", config)
-        self.log = workdir / f"sidecar-{id(self)}.log"
+        n = next(_sidecar_numbers)  # not id(self): ids are reused once an object is gone
+        self.config_path = write_config(workdir / f"sidecar-{os.getpid()}-{n}.toml", config)
+        self.log = workdir / f"sidecar-{os.getpid()}-{n}.log"
         argv = [PY, "-m", "sidecar", "run", "-c", str(self.config_path), "--log-format", "json", "--log-level", "debug"]
         if command:
             argv += ["--", *command]

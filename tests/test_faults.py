@@ -32,14 +32,14 @@ def test_agent_restart_with_data_dir_no_duplicate_no_flapping(tmp_path: Path, st
         agent.restart()
         back = time.monotonic()
         seen: list[tuple[float, list[str], list[str]]] = []
-        while time.monotonic() < back + 5:
+        while time.monotonic() < back + 7:
             entries = agent.instances(service_name)
             seen.append((time.monotonic() - back, [e["Service"]["ID"] for e in entries],
                          [c["Status"] for e in entries for c in e["Checks"] if c["ServiceID"]]))
             time.sleep(0.05)
         assert all(len(ids) <= 1 for _, ids, _ in seen), seen
-        first_passing = next(t for t, _, st in seen if st == ["passing"])
-        assert first_passing <= 1.0 + 1.0, seen  # one check interval (+1 s)
+        first_passing = next((t for t, _, st in seen if st == ["passing"]), None)
+        assert first_passing is not None and first_passing <= 5.0, seen  # Consul's first check run: a generous bound
         assert all(st == ["passing"] for t, _, st in seen if t >= first_passing), seen
         assert agent.service_ids(service_name) == [f"{service_name}-1"]
         assert sc.event("sidecar.consul.reregistered") is None

@@ -33,10 +33,19 @@ _started: list[subprocess.Popen[bytes]] = []
 _sidecar_numbers = itertools.count(1)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port the kernel reports free, never one this process handed out before: a port is free
+    again as soon as the probing socket closes, so two quick calls could otherwise collide."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def consul_binary() -> str:

@@ -15,10 +15,11 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
+from . import proctree
 from .clock import Clock
 from .config import KILL_REAP_TIMEOUT
 
@@ -112,19 +113,44 @@ def become_subreaper() -> bool:
 
 
 class ChildApp:
-    """The app as the sidecar's child (wrapper mode)."""
+    """The app as the sidecar's child (wrapper mode).
 
-    def __init__(self, argv: Sequence[str], launcher: Launcher, clock: Clock, env: Mapping[str, str] | None = None) -> None:
+    "The app" is the direct child and, as the sidecar is a child subreaper, everything it
+    starts: on every exit path every descendant is ended, whatever its session or process
+    group (see ``proctree``). A direct child that exits 0 while descendants listen on the
+    service port has daemonized (as for systemd's ``Type=forking``): those descendants are
+    then followed as the app, and ``exited`` resolves only when they are gone.
+    """
+
+    FOLLOW_POLL = 0.1
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        launcher: Launcher,
+        clock: Clock,
+        env: Mapping[str, str] | None = None,
+        follow_port: int | None = None,
+        log: Any = None,
+    ) -> None:
         self.argv = list(argv)
         self.env = env
         self.description = f"child {self.argv[0]}"
         self._launcher = launcher
         self._clock = clock
+        self._follow_port = follow_port
+        self._log = log
         self.pid: int | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.orphans_reaped = 0
-        self.leftovers_signalled = False
+        self.leftovers_signalled = 0  # descendants still alive once the app had exited
+        self.leftovers_killed = 0  # ... of which SIGKILL ended
         self.killed_on_request = False
+        self.followed: frozenset[int] = frozenset()  # the daemon's processes, once the direct child has left them
+        self._followed_roots: list[int] = []
+        self._followed_status: dict[int, int] = {}
+        self._follow_task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> int:
         """Spawn the app; raises OSError (FileNotFoundError, PermissionError) if it cannot."""
@@ -151,56 +177,168 @@ class ChildApp:
                 mark = getattr(self._launcher, "mark_reaped", None)
                 if mark is not None:
                     mark(pid, code)
-                if not self.exited.done():
+                if not self.exited.done() and not (code == 0 and self._follow_daemon()):
                     self.exited.set_result(code)
             else:
                 self.orphans_reaped += 1
+                if pid in self.followed:
+                    self._followed_status[pid] = exit_status(status)
+
+    # --- a daemonizing app ----------------------------------------------------------
+
+    def _follow_daemon(self) -> bool:
+        """The direct child exited 0: if descendants listen on the service port, it daemonized.
+
+        Deregistering then would take a live server out of discovery and leave it running
+        unsupervised; follow it instead. Not while stopping: an app asked to stop that
+        leaves listeners behind gets the leftovers' treatment (app_signal, then SIGKILL).
+        """
+        if self._follow_port is None or self._stopping or not proctree.usable():
+            return False
+        followed = proctree.listeners(proctree.descendants(os.getpid()), self._follow_port)
+        if not followed:
+            return False
+        self.followed = frozenset(followed)
+        # Signals go to the daemon's top processes (a master), not to each of its workers.
+        self._followed_roots = sorted(p for p in followed if proctree.parent(p) not in followed)
+        parent = self.pid
+        self.description = f"daemon pid {','.join(map(str, self._followed_roots))} (forked by pid {parent}, {self.argv[0]})"
+        if self._log is not None:
+            self._log.info("sidecar.app.daemon_followed", parent_pid=parent, pids=sorted(followed), port=self._follow_port,
+                           hint="the app's process exited 0 leaving these listening on the service port: they are the app now")
+        self._follow_task = asyncio.get_running_loop().create_task(self._watch_daemon())
+        return True
+
+    async def _watch_daemon(self) -> None:
+        while True:
+            self.reap()  # a daemon that is our child leaves its status here before it stops looking alive
+            if not any(proctree.alive(p) for p in self.followed):
+                break
+            await self._clock.sleep(self.FOLLOW_POLL)
+        # The status of the last one we reaped ourselves (a daemon re-parented to us, or its master); 0 if none was ours.
+        statuses = list(self._followed_status.values())
+        if not self.exited.done():
+            self.exited.set_result(statuses[-1] if statuses else 0)
+
+    # --- signals ----------------------------------------------------------------------
 
     @property
     def running(self) -> bool:
         return self.pid is not None and not self.exited.done()
 
+    def _targets(self) -> list[int]:
+        return self._followed_roots if self.followed else ([self.pid] if self.pid is not None else [])
+
     def forward(self, sig: signal.Signals) -> None:
         if self.running:
-            assert self.pid is not None
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
+            for pid in self._targets():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
 
     def kill(self) -> None:
         self.killed_on_request = True
-        self.kill_group()
+        self.kill_descendants()
 
-    def kill_group(self) -> bool:
-        """SIGKILL the app's whole process group; False if nothing was left in it."""
+    def _descendants(self) -> set[int] | None:
+        """Live descendants of the sidecar (the app's whole world), or None where /proc cannot tell."""
+        return proctree.descendants(os.getpid()) if proctree.usable() else None
+
+    def kill_descendants(self) -> bool:
+        """SIGKILL every descendant (the app's process group where /proc cannot tell); False if none was left.
+
+        Repeats until a pass finds nobody new: a process forking while we kill has its
+        children found in the next pass, and a process with SIGKILL pending forks no more.
+        """
         if self.pid is None:
             return False
+        if not proctree.usable():
+            return self._killpg(signal.SIGKILL)
+        killed: set[int] = set()
+        for _ in range(100):
+            new = proctree.descendants(os.getpid()) - killed
+            if not new:
+                break
+            for pid in new:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            killed |= new
+        return bool(killed)
+
+    def _killpg(self, sig: signal.Signals) -> bool:
+        assert self.pid is not None
         try:
-            os.killpg(self.pid, signal.SIGKILL)
+            os.killpg(self.pid, sig)
             return True
         except (ProcessLookupError, PermissionError):
             return False
 
+    # --- stop -------------------------------------------------------------------------
+
     async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
+        self._stopping = True
         if self.exited.done():
-            await self._end_group(sig)
+            await self._end_leftovers(sig)
             return StopResult(self.exited.result(), False, "had already exited")
         self.forward(sig)
         try:
             status = await asyncio.wait_for(asyncio.shield(self.exited), timeout)
-            await self._end_group(sig)
+            await self._end_leftovers(sig)
             if self.killed_on_request:
                 return StopResult(status, True, "SIGKILLed on request (third SIGINT)")
             return StopResult(status, False, f"exited after {sig.name}")
         except TimeoutError:
             pass
-        self.kill_group()
+        self.kill_descendants()
         try:
             status = await asyncio.wait_for(asyncio.shield(self.exited), KILL_REAP_TIMEOUT)
         except TimeoutError:
             status = 128 + signal.SIGKILL
+        await self._until_none_left()
         return StopResult(status, True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
+
+    async def _end_leftovers(self, sig: signal.Signals) -> None:
+        """The app has exited: every descendant it left (workers, helpers, a worker in its own
+        session, a daemon) gets the same signal, then SIGKILL after KILL_REAP_TIMEOUT (as tini -g,
+        dumb-init, systemd's KillMode=mixed)."""
+        if self.pid is None:
+            return
+        left = self._descendants()
+        if left is None:  # no usable /proc: the app's process group is all we can reach
+            if not self._group_alive():
+                return
+            self.leftovers_signalled += 1
+            self._killpg(sig)
+            deadline = self._clock.monotonic() + KILL_REAP_TIMEOUT
+            while self._group_alive() and self._clock.monotonic() < deadline:
+                await self._clock.sleep(0.02)
+            self._killpg(signal.SIGKILL)
+            return
+        signalled: set[int] = set()
+        deadline = self._clock.monotonic() + KILL_REAP_TIMEOUT
+        while left and self._clock.monotonic() < deadline:
+            for pid in left - signalled:  # also those forked since the last pass
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            signalled |= left
+            await self._clock.sleep(0.02)
+            left = proctree.descendants(os.getpid())
+        self.leftovers_signalled += len(signalled)
+        if left:
+            self.leftovers_killed += len(left)
+            self.kill_descendants()
+            await self._until_none_left()
+
+    async def _until_none_left(self) -> None:
+        """After SIGKILL: wait (bounded) until the kernel has ended them all, killing late forks too."""
+        deadline = self._clock.monotonic() + KILL_REAP_TIMEOUT
+        while proctree.usable() and self.kill_descendants() and self._clock.monotonic() < deadline:
+            await self._clock.sleep(0.02)
 
     def _group_alive(self) -> bool:
         if self.pid is None:
@@ -210,22 +348,6 @@ class ChildApp:
             return True
         except (ProcessLookupError, PermissionError):
             return False
-
-    async def _end_group(self, sig: signal.Signals) -> None:
-        """The app has exited: what it left in its process group (workers, helpers) goes too,
-        with the same signal, then SIGKILL after KILL_REAP_TIMEOUT (as tini -g, dumb-init)."""
-        if not self._group_alive():
-            return
-        self.leftovers_signalled = True
-        assert self.pid is not None
-        try:
-            os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = self._clock.monotonic() + KILL_REAP_TIMEOUT
-        while self._group_alive() and self._clock.monotonic() < deadline:
-            await self._clock.sleep(0.02)
-        self.kill_group()
 
 
 # --- alongside mode -----------------------------------------------------------

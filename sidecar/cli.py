@@ -223,7 +223,7 @@ async def _run(config: Config, command: list[str]) -> int:
     if command:
         # The app inherits our environment, except the ACL token: it is the sidecar's secret.
         app_env = {k: v for k, v in os.environ.items() if k != "CONSUL_HTTP_TOKEN"}
-        child = ChildApp(command, PosixLauncher(), clock, app_env)
+        child = ChildApp(command, PosixLauncher(), clock, app_env, follow_port=config.service.port, log=logger.bind(service_id=config.service.id))
         app = child
         # Orphans of the app become our children (PID 1 gets them anyway), so
         # the reaper in ChildApp collects them and no zombie piles up.
@@ -257,5 +257,7 @@ async def _run(config: Config, command: list[str]) -> int:
         return EX_SOFTWARE
     finally:
         await prober.close()
-        if child is not None and child.running:
-            child.kill_group()  # the app must not outlive the sidecar
+        if child is not None:
+            # The app must not outlive the sidecar, nor anything it started (a crash, or a
+            # process forked after the lifecycle's last sweep).
+            child.kill_descendants()

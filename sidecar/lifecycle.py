@@ -4,7 +4,9 @@
     running:   keep the registration (re-register if the agent forgot it); follow the app
     SIGTERM:   stop re-registering -> deregister and confirm -> wait propagation_delay
                -> signal the app -> wait app_timeout -> SIGKILL -> exit with the app's status
-    app exits: deregister and confirm -> exit with the app's status
+    app exits: deregister and confirm -> end what it left -> exit with the app's status
+               (a direct child that exits 0 leaving descendants on the service port has
+               daemonized: the daemon is the app until it exits, see ChildApp)
 
 Every step has a deadline and logs one event with its elapsed time.
 Signals arrive through a queue (handlers only record); ``_on_signal`` decides
@@ -351,12 +353,13 @@ class Sidecar:
         status = self.app.exited.result()
         level = "error" if status == 128 + signal.SIGKILL else ("info" if status == 0 else "warning")
         hint = "killed by SIGKILL: out of memory?" if status == 128 + signal.SIGKILL else None
-        getattr(self.log, level)("sidecar.app.exited", exit_status=status, hint=hint)
+        daemon = sorted(getattr(self.app, "followed", ())) or None
+        getattr(self.log, level)("sidecar.app.exited", exit_status=status, hint=hint, daemon_pids=daemon)
         t = self.clock.monotonic()
         self.status.enter(State.DRAINING)
         if self._registration_attempted:
             await self._deregister()
-        await self.app.stop(self.config.shutdown.app_signal, self.config.shutdown.app_timeout)  # what it left behind
+        await self._stop_app()  # what it left behind: app_signal, then SIGKILL
         self.log.info("sidecar.stopped", exit_status=status, elapsed_ms=self._ms(t))
         return status
 
@@ -389,7 +392,7 @@ class Sidecar:
         self.status.enter(State.STOPPING)
         t = self.clock.monotonic()
         result = await self.app.stop(cfg.app_signal, cfg.app_timeout)
-        extra = {"orphans_reaped": getattr(self.app, "orphans_reaped", None) or None}
+        extra = {k: getattr(self.app, k, None) or None for k in ("orphans_reaped", "leftovers_signalled", "leftovers_killed")}
         if result.killed:
             self.log.error("sidecar.app.killed", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t), **extra)
         else:

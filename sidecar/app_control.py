@@ -151,6 +151,7 @@ class ChildApp:
         self._followed_status: dict[int, int] = {}
         self._follow_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._listener_check: asyncio.Task[None] | None = None
 
     def start(self) -> int:
         """Spawn the app; raises OSError (FileNotFoundError, PermissionError) if it cannot."""
@@ -162,7 +163,34 @@ class ChildApp:
         self.pid = self._launcher.spawn(self.argv, self.env)
         self.description = f"pid {self.pid} ({self.argv[0]})"
         self.reap()  # in case it ended before the handler saw a SIGCHLD
+        if self._follow_port is not None and self._log is not None and proctree.usable():
+            self._listener_check = loop.create_task(self._check_listener(self._follow_port))
         return self.pid
+
+    LISTENER_POLL = 0.5
+    LISTENER_WATCH = 120.0  # past any sane start-up: stop looking
+
+    async def _check_listener(self, port: int) -> None:
+        """Warn once if the server on the service port is not the direct child (an entrypoint
+        script without ``exec``): only the direct child dies with a SIGKILLed sidecar."""
+        seen = 0
+        deadline = self._clock.monotonic() + self.LISTENER_WATCH
+        while self.running and not self.followed and self._clock.monotonic() < deadline:
+            held = proctree.listeners(proctree.descendants(os.getpid()), port)
+            if held:
+                if self.pid in held:
+                    return
+                seen += 1
+                if seen >= 2:  # twice in a row: not a daemon's parent about to exit
+                    self._log.warning(
+                        "sidecar.app.listener_not_direct_child", app_pid=self.pid, listener_pids=sorted(held), port=port,
+                        hint="the server is a grandchild (an entrypoint script without exec?): if the sidecar is SIGKILLed "
+                        "only its direct child dies, outside a container or a systemd cgroup. Start the server with exec",
+                    )
+                    return
+            else:
+                seen = 0
+            await self._clock.sleep(self.LISTENER_POLL)
 
     def reap(self) -> None:
         while True:

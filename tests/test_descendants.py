@@ -105,6 +105,7 @@ def test_a_worker_in_its_own_session_ends_with_the_app(
     stopped = sc.event("sidecar.app.stopped")
     assert stopped is not None and stopped["leftovers_signalled"] >= 1 and stopped.get("leftovers_killed") is None, stopped
     assert consul.instances(service_name) == []
+    assert sc.event("sidecar.app.listener_not_direct_child") is None  # the server is the direct child
 
 
 def test_a_killed_sidecar_leaves_no_descendant_behind_on_a_crash_path(
@@ -175,6 +176,7 @@ def test_a_daemonizing_app_stays_registered_and_is_drained(
     assert not pid_alive(daemon), "the daemon outlived the sidecar"
     stopped = sc.event("sidecar.app.stopped")
     assert stopped is not None and "daemon pid" in stopped["app"], stopped
+    assert sc.event("sidecar.app.listener_not_direct_child") is None  # a followed daemon is the app
 
 
 def test_a_followed_daemon_that_exits_is_deregistered_with_its_status(
@@ -215,7 +217,8 @@ def test_a_killed_sidecar_takes_its_direct_child_along(
 ) -> None:
     """1. The app is an entrypoint script without ``exec`` (bash, then the server as its child).
     2. SIGKILL to the sidecar: it can do nothing more.
-    3. Expected: the direct child (bash) dies with it (parent-death signal). The server, a
+    3. Expected: the sidecar has warned that the server is not its direct child; the direct child
+       (bash) dies with it (parent-death signal). The server, a
        grandchild, is re-parented: outside a PID namespace only the platform can end it (systemd's
        cgroup, a container), see the next test and docs/security.md.
     """
@@ -227,6 +230,8 @@ def test_a_killed_sidecar_takes_its_direct_child_along(
     sc.wait_event("sidecar.consul.registered")
     bash = sc.app_pid()
     assert server != bash and pid_alive(bash)
+    warned = sc.wait_event("sidecar.app.listener_not_direct_child", 10)
+    assert warned["app_pid"] == bash and warned["listener_pids"] == [server], warned
     sc.send(signal.SIGKILL)
     sc.wait(5)
     wait_for(lambda: not pid_alive(bash), 3, what="the direct child to die with its sidecar")

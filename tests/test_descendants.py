@@ -360,3 +360,38 @@ def test_ctrl_c_during_start_up_exits_130_without_a_traceback(consul: Consul, tm
         assert p.returncode in (0, 130), (delay, p.returncode, err.decode()[-2000:])
         codes.append(p.returncode)
     assert 130 in codes, codes
+
+
+# --- proctree, against this very process ---------------------------------------------------------
+
+
+def test_proctree_finds_descendants_in_other_sessions_and_the_listener_of_a_port() -> None:
+    """1. This process starts `sh`, which starts `sleep` in a session of its own (setsid); and
+       this process listens on a free port.
+    2. Expected: `sleep` is a descendant of `sh` although it left its session, and `sh` one of
+       ours; only this process holds the listening socket; once closed, the port has no listener.
+       Killed, `sleep` is no longer counted."""
+    import socket
+
+    from sidecar import proctree
+
+    child = subprocess.Popen(["sh", "-c", "setsid sleep 30 & wait"])
+    try:
+        def moved_out() -> list[int]:
+            return [p for p in proctree.descendants(child.pid) if os.getsid(p) == p != os.getsid(child.pid)]
+
+        [sleep] = wait_for(moved_out, 5, what="the sleep in its own session")
+        assert proctree.descendants(child.pid) == {sleep} and child.pid in proctree.descendants(os.getpid())
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            port = s.getsockname()[1]
+            assert proctree.listeners({child.pid, sleep, os.getpid()}, port) == {os.getpid()}
+        assert proctree.listeners({os.getpid()}, port) == set()
+        os.kill(sleep, signal.SIGKILL)
+        wait_for(lambda: not proctree.descendants(child.pid), 5, what="the sleep to be gone")
+    finally:
+        child.kill()
+        child.wait(5)
+        with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+            os.kill(sleep, signal.SIGKILL)

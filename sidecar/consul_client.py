@@ -270,11 +270,6 @@ class Deregistration(enum.Enum):
     BLOCKED = "blocked"
     UNCONFIRMED = "unconfirmed"  # the agent still holds it, or never answered before the deadline
 
-    @property
-    def agent_dropped(self) -> bool:
-        """The agent no longer holds the instance: it removes it from the catalog on its own."""
-        return self in (Deregistration.CONFIRMED, Deregistration.NO_LEADER, Deregistration.CATALOG_STALE, Deregistration.BLOCKED)
-
 
 @dataclass(frozen=True)
 class DeregisterResult:
@@ -282,6 +277,7 @@ class DeregisterResult:
     attempts: int
     error: str | None
     answered: bool = True  # False: no round finished before the deadline, the outcome says nothing new
+    agent_dropped: bool = False  # the agent's own answer showed it no longer holds the instance
 
 
 class Agent(Protocol):
@@ -371,7 +367,7 @@ class ConsulAgent:
     async def leader(self) -> str | None:
         """The servers' leader as the agent's server sees it ("" when there is none), or None if unknown."""
         try:
-            answer = await self._transport.get(_catalog_answer, "/v1/status/leader")
+            answer = await self._transport.request(_catalog_answer, "GET", "/v1/status/leader", timeout=min(1.0, self._transport.settings.timeout))
         except ConsulError:
             return None
         if isinstance(answer, _ServersUnavailable):
@@ -436,6 +432,7 @@ class ConsulAgent:
         attempts = 0
         outcome: Deregistration = Deregistration.UNCONFIRMED
         error: str | None = f"no answer from {self.address} before the deregistration deadline"
+        dropped = False
         delay = 0.05
         acls = _AclEvidence()
         answered = False
@@ -445,19 +442,20 @@ class ConsulAgent:
             try:
                 # One round must not outlive the deadline, whatever the per-request timeout.
                 async with asyncio.timeout(max(0.001, deadline - self._clock.monotonic())):
-                    outcome, error = await self._deregister_round(name, service_id, path, acls)
+                    outcome, error, dropped = await self._deregister_round(name, service_id, path, acls)
                     answered = True
                 if outcome is Deregistration.CONFIRMED:
-                    return DeregisterResult(outcome, attempts, None)
+                    return DeregisterResult(outcome, attempts, None, True, True)
             except TimeoutError:
                 pass
             remaining = deadline - self._clock.monotonic()
             if remaining <= 0:
-                return DeregisterResult(outcome, attempts, error, answered)
+                return DeregisterResult(outcome, attempts, error, answered, dropped)
             await self._clock.sleep(min(delay, remaining))
             delay = min(delay * 2, 1.0)
 
-    async def _deregister_round(self, name: str, service_id: str, path: str, acls: _AclEvidence) -> tuple[Deregistration, str | None]:
+    async def _deregister_round(self, name: str, service_id: str, path: str, acls: _AclEvidence) -> tuple[Deregistration, str | None, bool]:
+        """One deregistration and the reads that judge it: (outcome, why not confirmed, agent dropped it)."""
         write_error: str | None = None
         if not acls.enforced:  # an ACL agent answers every later one with "Unknown service": no use
             try:
@@ -468,25 +466,31 @@ class ConsulAgent:
         try:
             held = await self.registered(service_id) is not None
         except ConsulError as e:
-            return Deregistration.UNCONFIRMED, str(e)
+            # An agent syncing with servers that have no leader holds its state lock while it
+            # waits for them (up to 7 s): its own endpoints stop answering meanwhile.
+            if await self.leader() == "":
+                return Deregistration.NO_LEADER, f"the agent does not answer while the servers have no leader: {e}", False
+            return Deregistration.UNCONFIRMED, str(e), False
         if held:
-            return Deregistration.UNCONFIRMED, write_error or "the agent still holds the service after deregistering it"
+            return Deregistration.UNCONFIRMED, write_error or "the agent still holds the service after deregistering it", False
         if self._catalog_visible is False:
-            return Deregistration.CONFIRMED, None  # the token cannot see the catalog: the agent's word is all there is
+            return Deregistration.CONFIRMED, None, True  # the token cannot see the catalog: the agent's word is all there is
         try:
             entries = await self._catalog_entries(name)
         except ConsulError as e:
             entries = _ServersUnavailable(str(e))
         if isinstance(entries, _ServersUnavailable):
-            return Deregistration.NO_LEADER, f"the agent dropped the service, but the servers cannot answer a catalog read (no cluster leader?): {entries.detail}"
+            return (Deregistration.NO_LEADER,
+                    f"the agent dropped the service, but the servers cannot answer a catalog read (no cluster leader?): {entries.detail}", True)
         if not _lists(entries, service_id):
-            return Deregistration.CONFIRMED, None
+            return Deregistration.CONFIRMED, None, True
         if await self.leader() == "":
-            return Deregistration.NO_LEADER, "the agent dropped the service, but the catalog still lists it and the servers have no leader"
+            return Deregistration.NO_LEADER, "the agent dropped the service, but the catalog still lists it and the servers have no leader", True
         if acls.enforced:
             return Deregistration.BLOCKED, ("the agent dropped the service but the catalog still lists it: the agent enforces ACLs, "
-                                            "so its sync is most likely refused (deregistration blocked by ACLs?)")
-        return Deregistration.CATALOG_STALE, "the agent dropped the service but the catalog still lists it: the agent's sync to the servers has not succeeded yet"
+                                            "so its sync is most likely refused (deregistration blocked by ACLs?)"), True
+        return (Deregistration.CATALOG_STALE,
+                "the agent dropped the service but the catalog still lists it: the agent's sync to the servers has not succeeded yet", True)
 
 
 @dataclass

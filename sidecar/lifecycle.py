@@ -42,8 +42,8 @@ EX_NOPERM = 77  # Consul's ACLs refused the registration
 EX_CONFIG = 78  # the agent rejected the registration as malformed
 
 _UNCONFIRMED_HINTS = {
-    Deregistration.NO_LEADER: "the Consul servers have no leader (an election?): the agent has dropped the instance "
-    "and removes it from the catalog once they have one",
+    Deregistration.NO_LEADER: "the Consul servers have no leader (an election?): the agent removes the instance from "
+    "the catalog once they have one",
     Deregistration.CATALOG_STALE: "the agent has dropped the instance; the catalog follows once the agent's sync succeeds",
     Deregistration.UNCONFIRMED: "the instance may still receive traffic",
 }
@@ -413,7 +413,7 @@ class Sidecar:
         if result.outcome is Deregistration.CONFIRMED:
             return
         hint = self._acl_hint() if result.outcome is Deregistration.BLOCKED else _LEFT_HINTS[result.outcome]
-        self.log.error("sidecar.consul.left_registered", reason=result.outcome.value, agent_dropped=result.outcome.agent_dropped,
+        self.log.error("sidecar.consul.left_registered", reason=result.outcome.value, agent_dropped=result.agent_dropped,
                        error=result.error, hint=hint)
 
     async def _skip_or_bound(self, bound: float) -> None:

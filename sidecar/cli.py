@@ -121,10 +121,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in unresolved:
         print(f"{PROG}: warning: {args.config}: {warning}", file=sys.stderr)
     if args.command == "check-config":
+        for warning in config.warnings:
+            print(f"{PROG}: warning: {config.source}: {warning}", file=sys.stderr)
         return _check_config(config)
     if command and config.app.configured:
         return _fail([f"{config.source}: app: [app] is for alongside mode; with a command after '--' the sidecar starts the app itself"], EX_CONFIG)
     log.configure(fmt=args.log_format, level=args.log_level, secrets=lambda: [t for t in [config.consul.token.read()] if t])
+    for warning in config.warnings:
+        log.get_logger().warning("sidecar.config.warning", source=str(config.source), warning=warning)
     try:
         return asyncio.run(_run(config, command))
     except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were installed
@@ -221,8 +225,9 @@ async def _run(config: Config, command: list[str]) -> int:
     app: App
     child: ChildApp | None = None
     if command:
-        # The app inherits our environment, except the ACL token: it is the sidecar's secret.
-        app_env = {k: v for k, v in os.environ.items() if k != "CONSUL_HTTP_TOKEN"}
+        # The app inherits our environment, except what fed the ACL token (CONSUL_HTTP_TOKEN,
+        # CONSUL_HTTP_TOKEN_FILE, every ${VAR} in consul.token): it is the sidecar's secret.
+        app_env = {k: v for k, v in os.environ.items() if k not in config.secret_env}
         child = ChildApp(command, PosixLauncher(), clock, app_env, follow_port=config.service.port, log=logger.bind(service_id=config.service.id))
         app = child
         # Orphans of the app become our children (PID 1 gets them anyway), so

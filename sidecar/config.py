@@ -8,10 +8,14 @@ at once, so an operator fixes a file in one pass.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import ipaddress
+import os
 import re
 import signal
 import socket
+import stat
 import tomllib
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -56,18 +60,22 @@ class TokenSource:
     def read(self) -> str | None:
         """The token, or None if none is configured. Raises TokenError, whose message never holds the token."""
         if self.file is not None:
+            # Capped, regular files only: a token file swapped for a FIFO or /dev/zero must not hang
+            # or exhaust the sidecar on its next request.
             try:
-                token = self.file.read_text(encoding="utf-8").strip() or None
-            except (OSError, UnicodeDecodeError) as e:
-                raise TokenError(f"cannot read the ACL token file {self.file}: {e.__class__.__name__}: "
-                                 f"{e.strerror if isinstance(e, OSError) else 'not UTF-8'}") from None
+                data, _ = _read_capped(self.file, TOKEN_MAX_BYTES)
+                token = data.decode("utf-8").strip() or None
+            except _FileProblem as e:
+                raise TokenError(f"cannot use the ACL token file: {e}") from None
+            except UnicodeDecodeError:
+                raise TokenError(f"cannot use the ACL token file {self.file}: not UTF-8") from None
             where = f"the ACL token file {self.file}"
         else:
             token, where = self.value or None, f"the ACL token from {self.origin}"
         # A token goes into an HTTP header: a line break or control character inside it
         # (two tokens pasted into one file) would make every request fail, so it is refused here.
-        if token is not None and any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in token):
-            raise TokenError(f"{where} holds a line break, space or control character inside the token "
+        if token is not None and not _token_chars_ok(token):
+            raise TokenError(f"{where} holds a line break, space, control or non-ASCII character inside the token "
                              "(only leading and trailing whitespace is ignored): it must hold exactly one token")
         return token
 
@@ -182,6 +190,11 @@ class Config:
     shutdown: ShutdownSettings
     app: AppSettings
     status: StatusSettings | None
+    # Environment variables that fed a secret (the token, ${VAR}s in consul.token,
+    # CONSUL_HTTP_TOKEN_FILE): wrapper mode keeps them out of the app's environment.
+    secret_env: frozenset[str] = frozenset()
+    # "key: text" lines worth a warning at start and in check-config (not errors).
+    warnings: tuple[str, ...] = ()
 
 
 # --- defaults (the documented ones; README "Configuration") -------------------
@@ -220,19 +233,40 @@ _SECTIONS: Mapping[str, frozenset[str]] = MappingProxyType(
     }
 )
 
-_SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
-_SERVICE_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,256}$")
-_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# \Z, not $: "$" also matches before a trailing newline, which a ${VAR} read from a file often has.
+_SERVICE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")
+_SERVICE_ID = re.compile(r"\A[A-Za-z0-9._:@-]{1,256}\Z")
+_ID_PART = re.compile(r"\A[A-Za-z0-9._:-]{1,64}\Z")
+_META_KEY = re.compile(r"\A[A-Za-z0-9_-]{1,128}\Z")
+_HOST_NAME = re.compile(r"\A(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?\Z")
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+# Size caps for the files the loader reads: /dev/zero or a huge file must be a
+# clear error, not a MemoryError.
+CONFIG_MAX_BYTES = 1 << 20
+TOKEN_MAX_BYTES = 64 << 10
 
 
 class _Problems:
+    """What the loader found: errors (exit 78), warnings, and the variables that fed secrets."""
+
     def __init__(self, source: Path) -> None:
         self.source = source
         self.lines: list[str] = []
+        self.warnings: list[str] = []
+        self.secret_env: set[str] = set()
 
     def add(self, key: str, message: str) -> None:
-        self.lines.append(f"{self.source}: {key}: {message}")
+        self.lines.append(_one_line(f"{self.source}: {key}: {message}"))
+
+    def warn(self, key: str, message: str) -> None:
+        self.warnings.append(_one_line(f"{key}: {message}"))
+
+
+def _one_line(text: str) -> str:
+    """A problem is one line, whatever a key or value in it holds (TOML keys may contain newlines)."""
+    return _CONTROL.sub(lambda m: repr(m.group(0))[1:-1], text)
 
 
 def _interpolate(value: str, key: str, env: Mapping[str, str], problems: _Problems) -> str:
@@ -353,12 +387,67 @@ def _kind(v: Any) -> str:
     return type(v).__name__
 
 
+class _FileProblem(Exception):
+    """Why a file the configuration names cannot be used (a one-line reason)."""
+
+
+def _open_regular(p: Path) -> tuple[int, os.stat_result]:
+    """An fd for a regular file, opened without blocking: a FIFO with no writer must not hang the loader."""
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise _FileProblem(f"cannot read {p}: {e.strerror or e}") from None
+    except ValueError as e:  # an embedded NUL in the path
+        raise _FileProblem(f"cannot read {p!r}: {e}") from None
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise _FileProblem(f"cannot read {p}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _FileProblem(f"{p} is {_file_kind(st.st_mode)}, not a regular file")
+    return fd, st
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+def _read_capped(p: Path, limit: int) -> tuple[bytes, os.stat_result]:
+    """The contents of a small regular file (at most ``limit`` bytes) and its status; _FileProblem otherwise."""
+    fd, st = _open_regular(p)
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            try:
+                chunk = os.read(fd, limit + 1 - size)
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    continue
+                raise _FileProblem(f"cannot read {p}: {e.strerror or e}") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise _FileProblem(f"{p} is larger than {limit} bytes")
+    return b"".join(chunks), st
+
+
 def _readable(p: Path, key: str, problems: _Problems) -> Path:
     try:
-        with p.open("rb"):
-            pass
-    except OSError as e:
-        problems.add(key, f"cannot read {p}: {e.strerror or e}")
+        fd, _ = _open_regular(p)
+        os.close(fd)
+    except _FileProblem as e:
+        problems.add(key, str(e))
     return p
 
 
@@ -367,7 +456,10 @@ def parse_consul_address(text: str) -> tuple[str, str, int]:
     t = text.strip()
     if "://" not in t:
         t = "http://" + t
-    u = urllib.parse.urlsplit(t)
+    try:
+        u = urllib.parse.urlsplit(t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a URL like \"http://127.0.0.1:8500\"") from None
     if u.scheme not in ("http", "https"):
         raise ValueError(f"{text!r}: scheme must be http or https")
     if u.path not in ("", "/") or u.query or u.fragment or u.username or u.password:
@@ -383,7 +475,10 @@ def parse_consul_address(text: str) -> tuple[str, str, int]:
 
 def parse_listen(text: str) -> tuple[str, int]:
     """"host:port" or "[v6]:port" -> (host, port). ValueError if malformed."""
-    u = urllib.parse.urlsplit("//" + text.strip())
+    try:
+        u = urllib.parse.urlsplit("//" + text.strip())
+    except ValueError:
+        raise ValueError(f'{text!r} is not "host:port"') from None
     try:
         port = u.port
     except ValueError:
@@ -412,7 +507,8 @@ def _url_host(url: str) -> str | None:
         return None
 
 
-def _same_host(a: str, b: str) -> bool:
+def same_host(a: str, b: str) -> bool:
+    """Whether two addresses name the same host (IPs compared as addresses: ::1 == 0:0::1)."""
     try:
         return ipaddress.ip_address(a) == ipaddress.ip_address(b)
     except ValueError:
@@ -443,20 +539,22 @@ def load_config(
 
     if problems.lines:
         raise ConfigError(problems.lines)
-    return Config(path, consul, service, check, startup, shutdown, app, status)
+    return Config(path, consul, service, check, startup, shutdown, app, status,
+                  secret_env=frozenset(problems.secret_env), warnings=tuple(problems.warnings))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read the configuration file: {e.strerror or e}"]) from None
+        data, _ = _read_capped(path, CONFIG_MAX_BYTES)
+        text = data.decode("utf-8")
+    except _FileProblem as e:
+        raise ConfigError([_one_line(f"{path}: cannot use the configuration file: {e}")]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: the configuration file is not UTF-8 text"]) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+        raise ConfigError([_one_line(f"{path}: not valid TOML: {e}")]) from None
 
 
 def load_consul_settings(path: Path | None, env: Mapping[str, str], address: str | None = None) -> ConsulSettings:
@@ -524,25 +622,69 @@ def _consul_settings(sec: _Section, env: Mapping[str, str], problems: _Problems)
 def _token_source(sec: _Section, env: Mapping[str, str], problems: _Problems) -> TokenSource:
     if sec.has("token") and sec.has("token_file"):
         problems.add(sec.key("token"), "set token or token_file, not both")
+    # Consul's own variables hold the sidecar's token whichever source wins: never the app's.
+    problems.secret_env.update({"CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"})
     if sec.has("token_file"):
-        p = sec.path("token_file")
-        src = TokenSource(file=p, origin=sec.key("token_file")) if p else TokenSource()
+        text = sec.string("token_file")
+        if not text:
+            return TokenSource()
+        src, key = TokenSource(file=Path(text), origin=sec.key("token_file")), sec.key("token_file")
     elif sec.has("token"):
-        src = TokenSource(value=sec.string("token") or None, origin=sec.key("token"))
+        raw = sec.raw("token")
+        if isinstance(raw, str):  # every ${VAR} in it carries (part of) the secret
+            problems.secret_env.update(m.group(1) for m in _VAR.finditer(raw) if m.group(1))
+        value = sec.string("token") or None
+        if value is not None and not _token_chars_ok(value):
+            problems.add(sec.key("token"), "the token contains a control character, a space or a non-ASCII character "
+                         "(a line break from ${VAR}?); it goes into an HTTP header")
+        return TokenSource(value=value, origin=sec.key("token"))
     elif env.get("CONSUL_HTTP_TOKEN_FILE"):
-        p = _readable(Path(env["CONSUL_HTTP_TOKEN_FILE"]), "CONSUL_HTTP_TOKEN_FILE (environment)", problems)
-        src = TokenSource(file=p, origin="CONSUL_HTTP_TOKEN_FILE")
+        src = TokenSource(file=Path(env["CONSUL_HTTP_TOKEN_FILE"]), origin="CONSUL_HTTP_TOKEN_FILE")
+        key = "CONSUL_HTTP_TOKEN_FILE (environment)"
     elif env.get("CONSUL_HTTP_TOKEN"):
-        src = TokenSource(value=env["CONSUL_HTTP_TOKEN"], origin="CONSUL_HTTP_TOKEN")
+        if not _token_chars_ok(env["CONSUL_HTTP_TOKEN"]):
+            problems.add("CONSUL_HTTP_TOKEN (environment)", "the token contains a control character, a space or a "
+                         "non-ASCII character (a trailing line break?); it goes into an HTTP header")
+        return TokenSource(value=env["CONSUL_HTTP_TOKEN"], origin="CONSUL_HTTP_TOKEN")
     else:
-        src = TokenSource()
-    if not problems.lines:
-        try:
-            if src.read() is None and src.file is not None:
-                problems.add(src.origin, f"token file {src.file} is empty")
+        return TokenSource()
+    assert src.file is not None
+    if _token_file_ok(src.file, key, problems):
+        try:  # what every request will do: it must not fail later where a config error belongs now
+            if src.read() is None:
+                problems.add(key, f"token file {src.file} is empty")
         except TokenError as e:
-            problems.add(src.origin, str(e))
+            problems.add(key, str(e))
     return src
+
+
+def _token_chars_ok(token: str) -> bool:
+    return all("!" <= c <= "~" for c in token)
+
+
+def _token_file_ok(path: Path, key: str, problems: _Problems) -> bool:
+    """Check a token file as the loader sees it; never put its content in a message."""
+    try:
+        data, st = _read_capped(path, TOKEN_MAX_BYTES)
+    except _FileProblem as e:
+        problems.add(key, f"token file: {e}")
+        return False
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problems.warn(key, f"token file {path} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o}): whoever "
+                      "can write it chooses the sidecar's ACL token; chmod 600 it")
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        problems.add(key, f"token file {path} is not UTF-8 text")
+        return False
+    if not token:
+        problems.add(key, f"token file {path} is empty")
+        return False
+    if not _token_chars_ok(token):
+        problems.add(key, f"token file {path}: the token contains a control character, a space or a non-ASCII character "
+                     "(two lines in the file?); it goes into an HTTP header")
+        return False
+    return True
 
 
 def _service_settings(
@@ -569,11 +711,16 @@ def _service_settings(
             problems.add(sec.key("address"), f"not set, and the address toward the Consul agent {consul.host} could not be found "
                          f"({e.strerror or e}): set service.address")
             address = "127.0.0.1"
-    if any(c in address for c in "/ ") or "://" in address:
-        problems.add(sec.key("address"), f"{address!r}: give an IP address or host name, without scheme or path")
-    sid = sec.string("id") or f"{name}-{hostname()}-{port}"
-    if not _SERVICE_ID.match(sid):
-        problems.add(sec.key("id"), f"{sid!r}: use letters, digits and . _ : @ - (it goes into agent API paths)")
+    if not _valid_address(address):
+        problems.add(sec.key("address"), f"{address!r}: give an IP address or host name, without scheme, port or path")
+    given_id = sec.string("id")
+    sid = given_id or default_service_id(name, hostname(), address, port)
+    if not given_id and not _SERVICE_NAME.match(name):
+        pass  # the default ID is built from the name, whose problem is reported already
+    elif not _SERVICE_ID.match(sid):
+        problems.add(sec.key("id"), f"{sid!r}: use letters, digits and . _ : @ - (at most 256; it goes into agent API paths)")
+    elif sid in (".", ".."):
+        problems.add(sec.key("id"), f"{sid!r} is a dot segment: URL libraries rewrite it, so the agent would never see this ID")
 
     tags: tuple[str, ...] = ()
     raw_tags = sec.raw("tags")
@@ -603,17 +750,58 @@ def _service_settings(
     return ServiceSettings(name, sid, address, port, tags, MappingProxyType(meta))
 
 
+def _valid_address(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+        return True
+    except ValueError:
+        return bool(_HOST_NAME.match(address))
+
+
+def default_service_id(name: str, hostname: str, address: str, port: int) -> str:
+    """``<name>-<hostname>-<address>-<port>``: two sidecars on one host that differ only in
+    their address (one loopback alias or interface each) must not share an ID.
+
+    A part that is long or holds characters an ID may not (an IPv6 zone's ``%``) is
+    shortened and given a digest of the original, so the ID stays valid and unique.
+    """
+
+    def part(text: str) -> str:
+        if _ID_PART.match(text):
+            return text
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        return re.sub(r"[^A-Za-z0-9._:-]", "_", text)[:40] + "-" + digest
+
+    return f"{name}-{part(hostname)}-{part(address)}-{port}"
+
+
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` is not a usable http(s) URL, or None."""
+    if any(c.isspace() or _CONTROL.match(c) for c in url):
+        return f"{url!r} contains whitespace or a control character"
+    try:
+        u = urllib.parse.urlsplit(url)
+        u.port  # noqa: B018 - raises ValueError for a port outside 0..65535
+    except ValueError as e:
+        return f"{url!r} is not a valid URL ({e})"
+    if u.scheme not in ("http", "https") or not u.hostname:
+        return f"{url!r} is not an http:// or https:// URL"
+    return None
+
+
 def _check_settings(sec: _Section, service: ServiceSettings, problems: _Problems) -> CheckSettings:
     host = f"[{service.address}]" if ":" in service.address else service.address
-    http = sec.string("http") or f"http://{host}:{service.port}/healthz"
+    given = sec.string("http")
+    http = given or f"http://{host}:{service.port}/healthz"
     allow_remote = sec.boolean("allow_remote")
-    u = urllib.parse.urlsplit(http)
-    if u.scheme not in ("http", "https") or not u.hostname:
-        problems.add(sec.key("http"), f"{http!r} is not an http:// or https:// URL")
-    elif not allow_remote and not _same_host(u.hostname, service.address):
+    bad_url = _url_problem(http)
+    if bad_url is not None:
+        if given:  # a default built from a bad service.address: that key is already reported
+            problems.add(sec.key("http"), bad_url)
+    elif not allow_remote and not same_host(urllib.parse.urlsplit(http).hostname or "", service.address):
         problems.add(
             sec.key("http"),
-            f"{http!r} points at {u.hostname}, not at the service's address {service.address}; "
+            f"{http!r} points at {urllib.parse.urlsplit(http).hostname}, not at the service's address {service.address}; "
             "the agent fetches this URL, so set check.allow_remote = true only if that is intended",
         )
     interval = sec.duration("interval", 1.0, " (Consul raises shorter intervals to 1s)")
@@ -686,9 +874,9 @@ def _app_settings(sec: _Section, problems: _Problems) -> AppSettings:
     pid = sec.integer("pid", 1, 2**22)
     url = sec.string("shutdown_url") or None
     if url is not None:
-        u = urllib.parse.urlsplit(url)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            problems.add(sec.key("shutdown_url"), f"{url!r} is not an http:// or https:// URL")
+        bad_url = _url_problem(url)
+        if bad_url is not None:
+            problems.add(sec.key("shutdown_url"), bad_url)
     if sum(x is not None for x in (pid_file, pid, url)) > 1:
         problems.add("app", "set one of pid_file, pid or shutdown_url")
     return AppSettings(pid_file, pid, url)

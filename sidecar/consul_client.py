@@ -326,6 +326,8 @@ class Agent(Protocol):
 
     async def registered(self, service_id: str) -> dict[str, Any] | None: ...
 
+    async def check_status(self, service_id: str) -> str | None: ...
+
     async def catalog_lists(self, name: str, service_id: str, consistent: bool = False) -> bool: ...
 
     async def check_catalog_visibility(self, name: str, service_id: str) -> bool: ...
@@ -382,6 +384,17 @@ class ConsulAgent:
         """The agent's local definition of ``service_id``, or None if it holds none."""
         result = await self._transport.get(_json_or_none, f"/v1/agent/service/{_segment(service_id)}")
         return result if isinstance(result, dict) else None
+
+    async def check_status(self, service_id: str) -> str | None:
+        """The worst status of the agent's checks of ``service_id`` ("critical", "warning",
+        "passing"), or None when it holds no check for it."""
+        checks = await self._transport.get(_json_or_none, "/v1/agent/checks")
+        if not isinstance(checks, dict):
+            return None
+        found = {str(c.get("Status")) for c in checks.values() if isinstance(c, dict) and c.get("ServiceID") == service_id}
+        if not found:
+            return None
+        return next((s for s in ("critical", "warning", "passing") if s in found), "unknown")
 
     async def catalog_lists(self, name: str, service_id: str, consistent: bool = False) -> bool:
         """Whether the servers' catalog (/v1/health/service/<name>) lists ``service_id``.

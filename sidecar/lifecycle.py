@@ -34,10 +34,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from . import instance_claim
 from .app_control import App, StopResult
 from .backoff import backoff
 from .clock import Clock
-from .config import Config
+from .config import Config, same_host
 from .drain_wait import DrainWait
 from .consul_client import Agent, ConsulError, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, DeregisterResult, Deregistration
 from .registration import registration_payload
@@ -252,19 +253,51 @@ class Sidecar:
             await self.clock.sleep(next(delays))
 
     async def _drop_stale_registration(self) -> None:
-        """A registration with our ID left by a sidecar that died (SIGKILL, OOM) is removed first.
+        """A registration with our ID is replaced only if its owner is provably gone; else refuse.
 
-        Registering over it would keep its check's status (Consul keeps the status of an
-        unchanged check), which is critical once the old app has gone, so the new instance
-        would wait a check interval for traffic. Its address is ours, so the gap is harmless.
+        Registering over a registration left by a sidecar that died (SIGKILL, OOM) would keep
+        its check's status (Consul keeps the status of an unchanged check), critical once the
+        old app has gone, so the new instance would wait a check interval for traffic: it is
+        removed first. But the same ID may belong to a live instance (two sidecars configured
+        with one service.id): replacing it would take over its entry, and either one's drain
+        would then remove the other's. Its owner is provably gone when
+
+          - it is registered for our address and port, and no live process on this host holds
+            the claim on the ID (instance_claim: the kernel drops it when its holder dies), or
+          - it is registered for another address or port, and the agent's check of it is critical.
+
+        Otherwise: ConsulRejected (nothing registered, the app stopped, exit 78).
         """
         svc = self.config.service
-        if await self.agent.registered(svc.id) is None:
+        claimed = instance_claim.claim(self, self.agent.address, svc.id)
+        existing = await self.agent.registered(svc.id)
+        if existing is None:
             return
+        address, port = str(existing.get("Address") or ""), existing.get("Port")
+        theirs = f"{address or '<the node address>'}:{port}"
+        if same_host(address, svc.address) and port == svc.port:
+            if claimed is False:
+                raise ConsulRejected(
+                    f"service.id {svc.id!r} is already registered for {theirs} by a live consul-sidecar on this host; "
+                    f"this one ({svc.address}:{svc.port}) would take over its entry. Run one sidecar per instance, "
+                    "or give each its own service.id"
+                )
+            reason = "its sidecar is gone (no live process on this host holds the service ID)"
+        else:
+            status = await self.agent.check_status(svc.id)
+            if status != "critical":
+                raise ConsulRejected(
+                    f"service.id {svc.id!r} is already registered for {theirs} (check {status or 'absent'}): a live "
+                    f"instance; this sidecar would register {svc.address}:{svc.port} under the same ID and take over its "
+                    "entry. Give each instance its own service.id (the default, <name>-<hostname>-<address>-<port>, is "
+                    "unique per address)"
+                )
+            reason = "its check is critical"
         self._registration_attempted = True  # it carries our ID: a drain from here on must remove it
         t = self.clock.monotonic()
         result = await self.agent.deregister_confirmed(svc.name, svc.id, t + self.config.shutdown.deregister_timeout)
-        self.log.warning("sidecar.consul.stale_registration_replaced", deregistration=result.outcome.value, elapsed_ms=self._ms(t))
+        self.log.warning("sidecar.consul.stale_registration_replaced", previous=theirs, reason=reason,
+                         deregistration=result.outcome.value, elapsed_ms=self._ms(t))
         if result.outcome is Deregistration.CONFIRMED:
             self._registration_attempted = False  # proven gone: nothing of ours is registered now
 

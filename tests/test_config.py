@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import resource
 import signal
+import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from sidecar.config import ConfigError, load_config
-from sidecar.durations import format_duration, parse_duration
+from sidecar.config import ConfigError, default_service_id, load_config
+from sidecar.durations import MAX_SECONDS, format_duration, parse_duration
 
 from .harness import PY, ROOT, Consul
 
@@ -51,7 +56,7 @@ def test_format_duration_round_trips() -> None:
 def test_defaults(tmp_path: Path) -> None:
     c = load(tmp_path, MINIMAL)
     assert c.consul.address == "http://127.0.0.1:8500"
-    assert c.service.id == "web-host1-8080"
+    assert c.service.id == "web-host1-127.0.0.2-8080"
     assert c.check.http == "http://127.0.0.2:8080/healthz"
     assert (c.check.interval, c.check.timeout, c.check.deregister_critical_after) == (1.0, 1.0, 60.0)
     assert c.startup.wait_healthy and c.startup.timeout == 60
@@ -127,6 +132,27 @@ BAD = [
     ("wait-healthy-string", MINIMAL + '[startup]\nwait_healthy = "yes"\n', "startup.wait_healthy"),
     ("not-toml", "[service\nname=", "not valid TOML"),
     ("section-not-table", 'service = "web"\n', "service"),
+    # Issue 8: each of these gave a traceback, passed, or failed only once the agent answered.
+    ("check-url-bad-ipv6", MINIMAL + '[check]\nhttp = "http://[::1"\n', "check.http"),
+    ("check-url-bad-port", MINIMAL + '[check]\nhttp = "http://127.0.0.2:99999/healthz"\n', "check.http"),
+    ("check-url-newline", MINIMAL + '[check]\nhttp = "http://127.0.0.2:8080/\\nx"\n', "check.http"),
+    ("shutdown-url-bad-ipv6", MINIMAL + '[app]\nshutdown_url = "http://[zz"\n', "app.shutdown_url"),
+    ("address-with-colon", '[service]\nname = "web"\nport = 8080\naddress = "a:b"\n', "service.address"),
+    ("address-with-port", '[service]\nname = "web"\nport = 8080\naddress = "10.0.0.1:8080"\n', "service.address"),
+    ("duration-320-digits", MINIMAL + f'[shutdown]\napp_timeout = "{"9" * 320}s"\n', "shutdown.app_timeout"),
+    ("interval-past-go-max", MINIMAL + '[check]\ninterval = "3000000h"\n', "check.interval"),
+    ("check-timeout-past-go-max", MINIMAL + '[check]\ntimeout = "2562048h"\n', "check.timeout"),
+    ("deregister-after-past-go-max", MINIMAL + '[check]\nderegister_critical_after = "9223372037s"\n', "check.deregister_critical_after"),
+    ("delay-past-go-max", MINIMAL + '[shutdown]\npropagation_delay = "3000000h"\n', "shutdown.propagation_delay"),
+    ("id-dot", '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\nid = "."\n', "service.id"),
+    ("id-dot-dot", '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\nid = ".."\n', "service.id"),
+    ("id-slash", '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\nid = "a/../b"\n', "service.id"),
+    ("id-trailing-newline", '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\nid = "web-1\\n"\n', "service.id"),
+    ("id-control-char", '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\nid = "a\\u0007b"\n', "service.id"),
+    ("name-trailing-newline", '[service]\nname = "web\\n"\nport = 8080\naddress = "127.0.0.2"\n', "service.name"),
+    ("meta-key-trailing-newline", MINIMAL + '[service.meta]\n"v\\n" = "1"\n', "service.meta.v"),
+    ("token-with-newline", '[consul]\ntoken = "tok-1\\ntok-2"\n' + MINIMAL, "consul.token"),
+    ("config-file-too-big", MINIMAL + "# " + "x" * (1 << 20) + "\n", "larger than"),
 ]
 
 
@@ -143,8 +169,14 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     assert "service.name" in keys and "service.port" in keys and "shutdown.app_timeout" in keys
 
 
+def _limit_memory() -> None:
+    # A loader that reads /dev/zero whole must fail here, not eat the machine's memory.
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, "-m", "sidecar", *args], capture_output=True, text=True, timeout=30, cwd=ROOT, env=env)
+    return subprocess.run([PY, "-m", "sidecar", *args], capture_output=True, text=True, timeout=30, cwd=ROOT, env=env,
+                          preexec_fn=_limit_memory)
 
 
 @pytest.mark.parametrize(("case", "text", "key"), BAD, ids=[b[0] for b in BAD])
@@ -223,3 +255,108 @@ def test_check_config_warns_over_budget_and_names_the_setting(tmp_path: Path) ->
     cfg.write_text(MINIMAL + '[shutdown]\napp_timeout = "60s"\nbudget = "70s"\n')
     r = run_cli("check-config", "-c", str(cfg))
     assert r.returncode == 0 and "warning" not in r.stderr
+
+
+# --- issue 8: hostile input gives one line naming the key, exit 78, nothing started -------------
+
+
+def test_durations_are_bounded_by_what_consul_accepts() -> None:
+    """Consul 1.8.7 takes Interval/Timeout/DeregisterCriticalServiceAfter up to Go's maximum duration
+    (9223372036.854775807s: 200) and answers 400 one nanosecond later; the sidecar refuses beyond it
+    at load time, and writes every accepted value back without an exponent."""
+    assert parse_duration("2562047h") == 2562047 * 3600
+    assert parse_duration("2562047h47m16.854s") == MAX_SECONDS
+    for text in ("2562047h47m16.855s", "3000000h", "9" * 309 + "s", "9" * 5000 + "ns", "1" * 400 + ".5h"):
+        with pytest.raises(ValueError, match="longest duration Consul accepts"):
+            parse_duration(text)
+    assert format_duration(MAX_SECONDS) == "9223372036.854s"
+    assert format_duration(2562047 * 3600 + 0.5) == "9223369200.5s"
+    assert format_duration(90.25) == "90.25s"
+
+
+def test_default_id_is_unique_per_address_and_always_valid() -> None:
+    """Same name, host and port, different addresses: different IDs. Odd hosts and addresses (an IPv6
+    zone, a long DNS name) still give a valid ID, distinct per address."""
+    a = default_service_id("web", "host1", "127.0.0.2", 8080)
+    b = default_service_id("web", "host1", "127.0.0.3", 8080)
+    assert (a, b) == ("web-host1-127.0.0.2-8080", "web-host1-127.0.0.3-8080")
+    odd = [default_service_id("web", "h", addr, 80) for addr in ("fe80::1%eth0", "fe80::1%eth1", "a" * 60 + ".example.com", "b" * 60 + ".example.com")]
+    assert len(set(odd)) == 4
+    assert all(re.fullmatch(r"[A-Za-z0-9._:@-]{1,256}", i) for i in odd), odd
+
+
+def test_name_from_a_variable_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
+    """`name = "${NAME}"` with NAME="web\n" (a value read from a file): refused, not registered as 'web\n'."""
+    found = problems(tmp_path, '[service]\nname = "${NAME}"\nport = 8080\naddress = "127.0.0.2"\n', {"NAME": "web\n"})
+    assert len(found) == 1 and "service.name" in found[0] and "\n" not in found[0], found
+
+
+def _one_clean_line(r: subprocess.CompletedProcess[str], key: str) -> None:
+    assert r.returncode == 78, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0], lines
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory"])
+def test_config_file_that_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
+    """/dev/zero, a FIFO nobody writes to, or a directory as the configuration file: one line saying
+    what it is, exit 78, at once (no MemoryError, no hang)."""
+    path = {"dev-zero": Path("/dev/zero"), "fifo": tmp_path / "fifo", "directory": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    t = time.monotonic()
+    r = run_cli("check-config", "-c", str(path))
+    _one_clean_line(r, str(path))
+    assert "not a regular file" in r.stderr
+    assert time.monotonic() - t < 20
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "two-lines", "too-big", "not-utf8"])
+def test_bad_token_file_is_one_config_line(consul: Consul, tmp_path: Path, kind: str) -> None:
+    """A token file that is /dev/zero, a FIFO, holds two lines (`tok-1\ntok-2`), is huge or is not
+    UTF-8: `run` exits 78 with one line naming consul.token_file, the app never starts, nothing is
+    registered, and the token never appears in the message."""
+    tf = tmp_path / "token"
+    if kind == "dev-zero":
+        tf = Path("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(tf)
+    else:
+        tf.write_bytes({"two-lines": b"tok-1-secret\ntok-2-secret\n", "too-big": b"t" * (1 << 20), "not-utf8": b"\xff\xfe"}[kind])
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[consul]\naddress = "{consul.address}"\ntoken_file = "{tf}"\n' + MINIMAL)
+    marker = tmp_path / "app-started"
+    before = consul.get("/v1/agent/services")
+    r = run_cli("run", "-c", str(cfg), "--", "touch", str(marker))
+    _one_clean_line(r, "consul.token_file")
+    assert "secret" not in r.stderr
+    assert not marker.exists()
+    assert consul.get("/v1/agent/services") == before
+    _one_clean_line(run_cli("check-config", "-c", str(cfg)), "consul.token_file")
+
+
+def test_check_config_refuses_an_interval_consul_would_refuse(tmp_path: Path) -> None:
+    """`check.interval = "3000000h"`: check-config exits 78 naming check.interval (it used to pass, and
+    `run` started the app before the agent answered 400)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(MINIMAL + '[check]\ninterval = "3000000h"\n')
+    _one_clean_line(run_cli("check-config", "-c", str(cfg)), "check.interval")
+
+
+def test_writable_token_file_warns_in_check_config(tmp_path: Path) -> None:
+    """A group- or world-writable token file: check-config still passes (exit 0) but warns in one line
+    naming the file and the mode; a 0600 file gives no warning."""
+    tf = tmp_path / "token"
+    tf.write_text("tok\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[consul]\ntoken_file = "{tf}"\n' + MINIMAL)
+    for mode, warned in ((0o666, True), (0o620, True), (0o600, False)):
+        tf.chmod(mode)
+        r = run_cli("check-config", "-c", str(cfg))
+        assert r.returncode == 0, r.stderr
+        lines = [line for line in r.stderr.splitlines() if "writable" in line]
+        assert bool(lines) == warned, (oct(mode), r.stderr)
+        if warned:
+            assert len(lines) == 1 and "consul.token_file" in lines[0] and str(tf) in lines[0] and f"{mode:04o}" in lines[0]
+            assert stat.S_IMODE(tf.stat().st_mode) == mode

@@ -635,7 +635,7 @@ def _token_source(sec: _Section, env: Mapping[str, str], problems: _Problems) ->
             problems.secret_env.update(m.group(1) for m in _VAR.finditer(raw) if m.group(1))
         value = sec.string("token") or None
         if value is not None and not _token_chars_ok(value):
-            problems.add(sec.key("token"), "the token contains a control character, a space or a non-ASCII character "
+            problems.add(sec.key("token"), "the token contains a line break, control character, space or non-ASCII character "
                          "(a line break from ${VAR}?); it goes into an HTTP header")
         return TokenSource(value=value, origin=sec.key("token"))
     elif env.get("CONSUL_HTTP_TOKEN_FILE"):
@@ -643,7 +643,7 @@ def _token_source(sec: _Section, env: Mapping[str, str], problems: _Problems) ->
         key = "CONSUL_HTTP_TOKEN_FILE (environment)"
     elif env.get("CONSUL_HTTP_TOKEN"):
         if not _token_chars_ok(env["CONSUL_HTTP_TOKEN"]):
-            problems.add("CONSUL_HTTP_TOKEN (environment)", "the token contains a control character, a space or a "
+            problems.add("CONSUL_HTTP_TOKEN (environment)", "the token contains a line break, control character, space or "
                          "non-ASCII character (a trailing line break?); it goes into an HTTP header")
         return TokenSource(value=env["CONSUL_HTTP_TOKEN"], origin="CONSUL_HTTP_TOKEN")
     else:
@@ -681,7 +681,7 @@ def _token_file_ok(path: Path, key: str, problems: _Problems) -> bool:
         problems.add(key, f"token file {path} is empty")
         return False
     if not _token_chars_ok(token):
-        problems.add(key, f"token file {path}: the token contains a control character, a space or a non-ASCII character "
+        problems.add(key, f"token file {path}: the token contains a line break, control character, space or non-ASCII character "
                      "(two lines in the file?); it goes into an HTTP header")
         return False
     return True

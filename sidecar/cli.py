@@ -3,29 +3,26 @@
     consul-sidecar run -c FILE [-- COMMAND [ARG...]]
     consul-sidecar check-config -c FILE
     consul-sidecar wait [-c FILE] --service NAME (--id ID --passing | --min-passing N | --id ID --gone)
+
+Each command imports what it needs when it runs, not here: aiohttp alone (its client loads the
+system's CA certificates twice at import) costs several times the interpreter's own start, which
+``--version`` and ``check-config`` never need and ``wait`` needs without structlog or the lifecycle.
+tests/test_cli_imports.py holds each command to its list.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, log
-from .app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
-from .clock import SystemClock
-from .config import EX_CONFIG, Config, ConfigError, address_toward, load_config, load_consul_settings
-from .consul_client import ConsulAgent
-from .durations import format_duration, parse_duration
-from .health import Prober
-from .lifecycle import EX_SOFTWARE, Sidecar
-from .registration import registration_payload
-from .status import Status, StatusServer, bind
+from . import __version__
+
+if TYPE_CHECKING:
+    from .config import Config
 
 PROG = "consul-sidecar"
 
@@ -103,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail([f"'{args.command}' takes no command after '--'"], 2)
     if args.command == "wait":
         return _wait(args)
+    from .config import EX_CONFIG, ConfigError, address_toward, load_config  # the standard library only
+
     unresolved: list[str] = []
 
     def lenient_address(host: str, port: int) -> str:
@@ -126,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(config)
     if command and config.app.configured:
         return _fail([f"{config.source}: app: [app] is for alongside mode; with a command after '--' the sidecar starts the app itself"], EX_CONFIG)
+    import asyncio
+
+    from . import log
+
     log.configure(fmt=args.log_format, level=args.log_level, secrets=lambda: [t for t in [config.consul.token.read()] if t])
     for warning in config.warnings:
         log.get_logger().warning("sidecar.config.warning", source=str(config.source), warning=warning)
@@ -136,6 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_config(config: Config) -> int:
+    import json
+
+    from .durations import format_duration
+    from .registration import registration_payload
+
     sd = config.shutdown
     doc: dict[str, Any] = {
         "consul": {
@@ -172,7 +180,13 @@ def _check_config(config: Config) -> int:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    from . import wait  # only this command needs it
+    import asyncio
+
+    from . import wait
+    from .clock import SystemClock
+    from .config import EX_CONFIG, ConfigError, load_consul_settings
+    from .consul_client import ConsulAgent
+    from .durations import format_duration, parse_duration
 
     if (args.passing or args.gone) and not args.id:
         return _fail(["wait: --passing and --gone need --id ID"], 2)
@@ -213,6 +227,15 @@ def _wait(args: argparse.Namespace) -> int:
 
 
 async def _run(config: Config, command: list[str]) -> int:
+    from . import log
+    from .app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
+    from .clock import SystemClock
+    from .config import EX_CONFIG
+    from .consul_client import ConsulAgent
+    from .health import Prober
+    from .lifecycle import EX_SOFTWARE, Sidecar
+    from .status import Status, StatusServer, bind
+
     clock = SystemClock()
     logger = log.get_logger()
     sock = None

@@ -30,7 +30,6 @@ from ._consul_import import consul_base
 from .clock import Clock
 from .config import ConsulSettings, TokenError
 from .durations import parse_duration
-from .log import get_logger
 
 
 class ConsulError(Exception):
@@ -60,15 +59,24 @@ class ConsulRejected(ConsulError):
 class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul2 has no type hints
     """python-consul2's HTTPClient contract, on one aiohttp session with deadlines."""
 
-    def __init__(self, settings: ConsulSettings, log: Any) -> None:
+    def __init__(self, settings: ConsulSettings, log: Any = None) -> None:
         super().__init__(settings.host, settings.port, settings.scheme, verify=settings.tls_verify)
         self.settings = settings
         self.base_uri = settings.address
-        self._log = log
+        self._logger = log
         self._session: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | None = _ssl_context(settings) if settings.scheme == "https" else None
         self._last_token: str | None = None  # the last token read successfully
         self._token_problem: str | None = None  # why the source gives none now (warned once)
+
+    @property
+    def _log(self) -> Any:
+        if self._logger is None:
+            # Resolved when first needed: `wait` never logs and does not import structlog.
+            from .log import get_logger
+
+            self._logger = get_logger()
+        return self._logger
 
     def token(self) -> str | None:
         """The token for the next request: the source's, or the last good one while the source fails.
@@ -341,7 +349,7 @@ class ConsulAgent:
     """The local Consul agent, reached through python-consul2 with deadlines."""
 
     def __init__(self, settings: ConsulSettings, clock: Clock, log: Any = None) -> None:
-        self._transport = _Transport(settings, log if log is not None else get_logger())
+        self._transport = _Transport(settings, log)
         self._c = _Endpoints(self._transport)
         self._clock = clock
         self.address = settings.address

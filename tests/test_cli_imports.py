@@ -1,0 +1,96 @@
+"""Each command imports only what it needs (issue 13): checked on sys.modules, not on timings.
+
+`--version` and `check-config` must answer without aiohttp, structlog, the Consul client or
+asyncio (their start-up is measured against `python -c "import asyncio"`); `wait` needs aiohttp
+and python-consul2 but not structlog nor the lifecycle. bench/cli.py measures what this buys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from .harness import PY, ROOT, Consul, write_config
+
+# Runs the command as the console script does and records sys.modules as the process exits.
+PROBE = (
+    "import atexit, json, os, sys\n"
+    "atexit.register(lambda: open(os.environ['MODULES_OUT'], 'w').write(json.dumps(sorted(sys.modules))))\n"
+    "from sidecar.__main__ import entry\n"
+    "sys.exit(entry())\n"
+)
+
+HEAVY = (
+    "aiohttp", "structlog", "yarl", "multidict", "consul", "consul.base", "sidecar._consul_base", "six", "asyncio", "ssl",
+    "sidecar.consul_client", "sidecar.log", "sidecar.lifecycle", "sidecar.app_control", "sidecar.status", "sidecar.wait",
+)
+NOT_FOR_WAIT = (
+    "structlog", "sidecar.log", "sidecar.lifecycle", "sidecar.app_control", "sidecar.status", "sidecar.health",
+    "sidecar.drain_wait", "sidecar.traffic", "aiohttp.web", "requests", "consul.std",
+)
+
+
+def run_probe(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    out = tmp_path / "modules.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+    env["MODULES_OUT"] = str(out)
+    done = subprocess.run([PY, "-c", PROBE, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    return done, set(json.loads(out.read_text()))
+
+
+def config_file(tmp_path: Path, address: str) -> Path:
+    return write_config(tmp_path / "c.toml", {
+        "consul": {"address": address},
+        "service": {"name": "web", "address": "127.0.0.1", "port": 8080},
+    })
+
+
+def test_version_imports_nothing_heavy(tmp_path: Path) -> None:
+    """`--version` prints the version and exits 0 having imported none of the heavy modules
+    (the control: the probe does see sidecar.cli)."""
+    done, modules = run_probe(tmp_path, "--version")
+    assert done.returncode == 0 and done.stdout.startswith("consul-sidecar "), done.stderr
+    assert "sidecar.cli" in modules
+    assert sorted(modules.intersection(HEAVY)) == []
+
+
+def test_check_config_imports_nothing_heavy(tmp_path: Path) -> None:
+    """`check-config` validates a file and prints the registration (exit 0) without aiohttp,
+    structlog, python-consul2 or asyncio; a bad file exits 78 the same way."""
+    done, modules = run_probe(tmp_path, "check-config", "-c", str(config_file(tmp_path, "http://127.0.0.1:8500")))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["registration"]["Name"] == "web"
+    assert {"sidecar.config", "sidecar.registration"} <= modules
+    assert sorted(modules.intersection(HEAVY)) == []
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[service]\nname = "web"\nport = "eighty"\n')
+    done, modules = run_probe(tmp_path, "check-config", "-c", str(bad))
+    assert done.returncode == 78 and "port" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(modules.intersection(HEAVY)) == []
+
+
+def test_wait_imports_the_client_but_not_logging_nor_the_lifecycle(consul: Consul, tmp_path: Path) -> None:
+    """`wait --min-passing 1` for an instance that passes ends with 0 at once, having imported the
+    Consul client (aiohttp, python-consul2) but neither structlog nor the lifecycle's modules; the
+    same holds for a wait that fails (its error path)."""
+    name = "cli-imports-wait"
+    body = json.dumps({"Name": name, "ID": f"{name}-1", "Port": 1}).encode()
+    urllib.request.urlopen(urllib.request.Request(f"{consul.address}/v1/agent/service/register", data=body, method="PUT"), timeout=5).close()
+    try:
+        done, modules = run_probe(tmp_path, "wait", "--consul-address", consul.address, "--service", name, "--min-passing", "1",
+                                  "--timeout", "20s")
+        assert done.returncode == 0, done.stderr
+        assert {"aiohttp", "sidecar.consul_client", "sidecar.wait"} <= modules
+        assert sorted(modules.intersection(NOT_FOR_WAIT)) == []
+
+        done, modules = run_probe(tmp_path, "wait", "--consul-address", "http://127.0.0.1:1", "--service", name,
+                                  "--min-passing", "1", "--timeout", "0.5s")
+        assert done.returncode == 1 and "unreachable" in done.stderr, done.stderr
+        assert sorted(modules.intersection(NOT_FOR_WAIT)) == []
+    finally:
+        urllib.request.urlopen(urllib.request.Request(f"{consul.address}/v1/agent/service/deregister/{name}-1", method="PUT"),
+                               timeout=5).close()

@@ -57,14 +57,28 @@ class ConsulRejected(ConsulError):
 
 
 class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul2 has no type hints
-    """python-consul2's HTTPClient contract, on one aiohttp session with deadlines."""
+    """python-consul2's HTTPClient contract, on aiohttp sessions with deadlines.
+
+    Reads (GET) go over one kept-alive connection: the registration check every second then
+    costs one request, not a connect, a close and a TIME_WAIT socket each time. A pooled
+    connection can be dead on reuse (the agent restarted or closed it at that moment): a read
+    that meets a dropped connection is sent once more on a fresh one, within its deadline.
+    Writes are never re-sent (one that may have been sent counts as applied, see lifecycle.py)
+    and keep one short connection each, as before: they never meet a stale pooled connection,
+    so "connection refused" still proves a write was not sent.
+
+    aiohttp would re-send a dropped GET, PUT or DELETE by itself, once, from whatever its pool
+    holds; that is turned off (``_session``): a registration could be sent twice, and a re-send
+    refused by a restarting agent would report "not sent" for a write that may have landed.
+    """
 
     def __init__(self, settings: ConsulSettings, log: Any = None) -> None:
         super().__init__(settings.host, settings.port, settings.scheme, verify=settings.tls_verify)
         self.settings = settings
         self.base_uri = settings.address
         self._logger = log
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # reads: kept alive
+        self._write_session: aiohttp.ClientSession | None = None  # writes: one connection per request
         self._ssl: ssl.SSLContext | None = _ssl_context(settings) if settings.scheme == "https" else None
         self._last_token: str | None = None  # the last token read successfully
         self._token_problem: str | None = None  # why the source gives none now (warned once)
@@ -101,17 +115,32 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
         self._last_token = token
         return token
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    def _get_session(self, method: str = "GET") -> aiohttp.ClientSession:
+        if method != "GET":
+            if self._write_session is None or self._write_session.closed:
+                self._write_session = _session(force_close=True)
+            return self._write_session
         if self._session is None or self._session.closed:
-            # force_close: one short connection per request. A pooled keep-alive
-            # connection to an agent that restarted fails on reuse, which would
-            # look like an outage; a loopback connect costs well under 1 ms.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+            self._session = _session(force_close=False)
         return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._write_session):
+            if session is not None:
+                await session.close()
+
+    async def _exchange(self, session: aiohttp.ClientSession, method: str, uri: yarl.URL, data: Any, headers: dict[str, str]) -> Any:
+        async with session.request(method, uri, data=data, headers=headers, ssl=self._ssl or True) as resp:
+            content = await resp.read()
+            # Whatever answers at the agent's address (a proxy's latin-1 502 page) may
+            # not be UTF-8: the status decides what it means, the body only explains.
+            body = content.decode("utf-8", errors="replace")
+            return consul_base.Response(resp.status, resp.headers, body, content)
+
+    async def _read_again(self, uri: yarl.URL, headers: dict[str, str]) -> Any:
+        """A read once more, on a connection of its own (never one from the pool)."""
+        async with _session(force_close=True) as fresh:
+            return await self._exchange(fresh, "GET", uri, None, headers)
 
     def uri(self, path: str, params: Any = None) -> yarl.URL:
         """``path`` as built by this module, already percent-encoded (see ``_segment``), sent as is:
@@ -138,12 +167,12 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
         what = f"{method} {path}"
         try:
             async with asyncio.timeout(limit):
-                async with self._get_session().request(method, uri, data=data, headers=hdrs, ssl=self._ssl or True) as resp:
-                    content = await resp.read()
-                    # Whatever answers at the agent's address (a proxy's latin-1 502 page) may
-                    # not be UTF-8: the status decides what it means, the body only explains.
-                    body = content.decode("utf-8", errors="replace")
-                    response = consul_base.Response(resp.status, resp.headers, body, content)
+                try:
+                    response = await self._exchange(self._get_session(method), method, uri, data, hdrs)
+                except _DROPPED as e:
+                    if method != "GET" or isinstance(e, aiohttp.ClientConnectorError):
+                        raise
+                    response = await self._read_again(uri, hdrs)
         except TimeoutError:
             raise ConsulUnavailable(f"{what}: no answer from {self.settings.address} within {limit:g}s") from None
         except aiohttp.ClientConnectorCertificateError as e:
@@ -190,6 +219,19 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
     async def post(self, callback: Any, path: str, params: Any = None, data: Any = "", headers: Any = None) -> Any:
         return await self.request(callback, "POST", path, params, data, headers)
 
+
+def _session(force_close: bool) -> aiohttp.ClientSession:
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=force_close))
+    # What aiohttp's own test client does to stop it re-sending requests (see _Transport);
+    # tests/test_consul_contract.py fails if the switch goes away.
+    session._retry_connection = False
+    return session
+
+
+# The agent closed the connection without answering (reset, broken pipe, EOF): what a pooled
+# connection does on reuse when the agent has restarted. (ClientConnectorError, a connect that
+# failed, is excluded where this is caught: a fresh connection would fail the same way.)
+_DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 _CERT_PROBLEMS = ("CERTIFICATE", "UNKNOWN_CA", "WRONG_VERSION_NUMBER", "HANDSHAKE_FAILURE")
 

@@ -312,7 +312,7 @@ def configure(
             "dropped_total": total,
             "reason": "the log's reader stalled and the sidecar's log buffer was full",
         }
-        return str(renderer(None, "warning", stamp(None, "warning", structlog.processors.add_log_level(None, "warning", event))))
+        return str(renderer(None, "warning", stamp(None, "warning", structlog.processors.add_log_level(None, "warning", event)))) + "\n"
 
     try:
         fd = os.dup(stream.fileno())  # our own fd (close-on-exec): the app never inherits it

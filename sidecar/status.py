@@ -258,6 +258,13 @@ class StatusServer:
                 if code == 405:
                     head += "Allow: GET, HEAD\r\n"
                 await loop.sock_sendall(conn, head.encode() + b"\r\n" + (b"" if head_only else body))
+                if code == 431:
+                    # Unread request bytes would turn our close into a reset that discards the answer:
+                    # end our side, then read (and drop) what the client still sends, within the timeout.
+                    conn.shutdown(socket.SHUT_WR)
+                    discarded = 0
+                    while discarded < 16 * MAX_HEAD and (data := await loop.sock_recv(conn, 4096)):
+                        discarded += len(data)
         except (TimeoutError, OSError):
             pass  # a slow or vanished client: nothing to answer
         finally:

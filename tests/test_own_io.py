@@ -152,19 +152,20 @@ def test_stalled_stderr_pipe_does_not_block_the_drain(consul: Consul, tmp_path: 
                 return int(json.loads(http_get(status_url, timeout=1)[1]).get("log", {}).get("dropped_lines", 0))
             return 0
 
-        flood_until = time.monotonic() + 20
+        flood_until = time.monotonic() + 10
         while time.monotonic() < flood_until:
             for _ in range(200):
                 os.kill(proc.pid, signal.SIGUSR1)
                 time.sleep(0.0005)
             if dropped() > 0:
                 break
-        assert dropped() > 0, "/status reports no dropped log lines although the pipe is full"
+        dropped_before_sigterm = dropped()
         assert pipe_bytes(r) >= 4096 - 200, "the test must keep the pipe full until after the drain"
 
         t_term = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         watch_drain(consul, service_name, sid, sigfile, timeout=3 + 1 + 5)
+        assert dropped_before_sigterm > 0, "/status reported no dropped log lines although the pipe was full"
         reader.start()  # the log shipper comes back
         code = proc.wait(timeout=worst_case + 5)
         elapsed = time.monotonic() - t_term
@@ -238,11 +239,15 @@ def test_idle_status_connections_cannot_exhaust_descriptors(consul: Consul, tmp_
     with idle_connections(status_port, 600):
         time.sleep(2)  # let the server take what it will
         held = open_fds(sc.pid)
-        assert held <= 128, f"the sidecar holds {held} descriptors of its 256"
-        assert http_get(status + "/healthz", timeout=3)[0] == 200
+        try:
+            healthz: int | str = http_get(status + "/healthz", timeout=3)[0]
+        except OSError as e:
+            healthz = str(e)
         sc.send(signal.SIGTERM)
         watch_drain(consul, service_name, sid, sigfile, timeout=3 + 1 + 5)
         assert sc.wait(20) == 0
+    assert held <= 128, f"the sidecar held {held} descriptors of its 256"
+    assert healthz == 200, f"/healthz under the flood: {healthz}"
     dereg = sc.event("sidecar.consul.deregistered")
     assert dereg is not None, sc.output()[-3000:]
     assert consul.service_ids(service_name) == [] and consul.get(f"/v1/agent/service/{sid}") is None

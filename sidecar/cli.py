@@ -125,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command and config.app.configured:
         return _fail([f"{config.source}: app: [app] is for alongside mode; with a command after '--' the sidecar starts the app itself"], EX_CONFIG)
     log.configure(fmt=args.log_format, level=args.log_level, secrets=lambda: [t for t in [config.consul.token.read()] if t])
+    if not command:
+        log.start()  # no child to fork: write from the start (wrapper mode starts it after the spawn)
     try:
         return asyncio.run(_run(config, command))
     except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were installed

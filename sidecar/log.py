@@ -99,10 +99,11 @@ def _drop_none(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mut
 class _Gap:
     """Where lines were dropped, and how many in a row."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "total")
 
     def __init__(self) -> None:
         self.count = 0
+        self.total = 0  # dropped since start, up to the end of this gap
 
 
 class QueueSink:
@@ -110,7 +111,7 @@ class QueueSink:
 
     def __init__(self, fd: int, report: Callable[[int, int], str], budget: int = BUDGET) -> None:
         self._fd = fd
-        self._report = report  # (dropped in this gap, dropped in all) -> the rendered report line
+        self._report = report  # (dropped in this gap, dropped up to its end) -> the rendered report line
         self._budget = budget
         self._debug_budget = int(budget * DEBUG_SHARE)
         # Reentrant: a Python-level signal handler that logs may run while this thread is inside emit.
@@ -142,6 +143,7 @@ class QueueSink:
                         last = _Gap()
                         self._items.append(last)
                     last.count += 1
+                    last.total = self._dropped
                 return
             self._items.append(data)
             self._bytes += len(data)
@@ -178,7 +180,7 @@ class QueueSink:
                 data = item if isinstance(item, bytes) else None
                 if data is None:
                     assert isinstance(item, _Gap)
-                    data = self._report(item.count, self._dropped).encode("utf-8", "backslashreplace")
+                    data = self._report(item.count, item.total).encode("utf-8", "backslashreplace")
                 if parts and size + len(data) > CHUNK:
                     break
                 self._items.popleft()

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from sidecar.clock import SystemClock
+from sidecar.log import QueueSink
 from sidecar.status import Status, StatusServer, bind
 
 from . import harness
@@ -181,7 +182,7 @@ def test_stalled_stderr_pipe_does_not_block_the_drain(consul: Consul, tmp_path: 
     names = [e["event"] for e in events]
     reports = [e for e in events if e["event"] == "sidecar.log.dropped"]
     assert reports, "no sidecar.log.dropped line once the pipe drained"
-    assert all(e["dropped"] > 0 for e in reports) and reports[-1]["dropped_total"] >= sum(e["dropped"] for e in reports)
+    assert all(e["dropped"] > 0 for e in reports) and reports[-1]["dropped_total"] == sum(e["dropped"] for e in reports)
     for name in ("sidecar.signal.received", "sidecar.consul.deregistered", "sidecar.app.stopped", "sidecar.stopped"):
         assert name in names, f"{name} was lost in the debug flood"
     assert not errfile.exists(), f"the app's own writes failed: {errfile.read_text()}"
@@ -387,6 +388,57 @@ def test_status_server_evicts_the_oldest_idle_connection_at_its_cap() -> None:
     held, first_closed, answer = asyncio.run(go())
     assert held <= 4 and first_closed
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok\n")
+
+
+# --- the log queue, in-process with a real pipe ---------------------------------------------------
+
+
+def test_log_queue_drops_when_full_and_reports_the_gap_where_it_was() -> None:
+    """A full pipe (nobody reads), a queue of 1,000 bytes: emit never blocks; lines beyond the budget
+    are dropped (debug lines already at 750 bytes) and counted; once the pipe is read, the output is the
+    queued lines in order, then one report with the count where the lines went missing, then later lines."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
+    os.write(w, b"x" * 4096)  # full
+    sink = QueueSink(w, lambda n, total: f"GAP {n} {total}\n", budget=1000)
+    sink.start()
+    try:
+        sink.emit(b"first\n")
+        wait_for(lambda: sink.queued_bytes == 0, 5, what="the writer to take the first line and block")
+        t = time.monotonic()
+        for i in range(7):
+            sink.emit(b"%03d" % i + b"-" * 96 + b"\n")  # 100 bytes each: 700 queued
+        sink.emit(b"d" * 99 + b"\n", important=False)  # 800 > 750: dropped
+        for i in range(7, 12):
+            sink.emit(b"%03d" % i + b"-" * 96 + b"\n")  # 3 fit (1000), 2 dropped
+        assert time.monotonic() - t < 0.5, "emit blocked"
+        assert sink.dropped_total == 3
+        out = b""
+        while b"GAP" not in out or not out.endswith(b"\n"):
+            out += os.read(r, 65536)
+        sink.emit(b"later\n")
+        while not out.endswith(b"later\n"):
+            out += os.read(r, 65536)
+    finally:
+        sink.close(1)
+        os.close(r)
+        os.close(w)
+    lines = [x[:7] for x in out[4096:].decode().splitlines()]
+    assert lines == ["first", "000----", "001----", "002----", "003----", "004----", "005----", "006----", "GAP 1 1",
+                     "007----", "008----", "009----", "GAP 2 3", "later"], lines
+
+
+def test_log_queue_after_the_reader_is_gone() -> None:
+    """The pipe's reader closes: the writer stops on EPIPE, later lines are counted as dropped, emit never raises."""
+    r, w = os.pipe()
+    sink = QueueSink(w, lambda n, total: f"GAP {n} {total}\n")
+    sink.start()
+    os.close(r)
+    sink.emit(b"one\n")
+    assert sink.close(5), "the writer thread did not end"
+    sink.emit(b"two\n")
+    os.close(w)
+    assert sink.dropped_total >= 1
 
 
 if __name__ == "__main__":

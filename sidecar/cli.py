@@ -25,7 +25,7 @@ from .durations import format_duration, parse_duration
 from .health import Prober
 from .lifecycle import EX_SOFTWARE, Sidecar
 from .registration import registration_payload
-from .status import Status, StatusServer, bind
+from .status import Status, StatusServer, bind, listen_warnings, raise_nofile_limit
 
 PROG = "consul-sidecar"
 
@@ -127,12 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command and config.app.configured:
         return _fail([f"{config.source}: app: [app] is for alongside mode; with a command after '--' the sidecar starts the app itself"], EX_CONFIG)
     log.configure(fmt=args.log_format, level=args.log_level, secrets=lambda: [t for t in [config.consul.token.read()] if t])
+    if not command:
+        log.start()  # no child to fork: write from the start (wrapper mode starts it after the spawn)
     for warning in config.warnings:
         log.get_logger().warning("sidecar.config.warning", source=str(config.source), warning=warning)
     try:
         return asyncio.run(_run(config, command))
     except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were installed
         return 130
+    finally:
+        log.close()  # bounded: a stalled log reader loses the last lines, never the exit
 
 
 def _check_config(config: Config) -> int:
@@ -157,7 +161,7 @@ def _check_config(config: Config) -> int:
             "worst_case": format_duration(sd.worst_case),
             "budget": format_duration(sd.budget),
         },
-        "status": f"{config.status.host}:{config.status.port}" if config.status else None,
+        "status": _status_listen(config),
     }
     print(json.dumps(doc, indent=2))
     print(
@@ -165,10 +169,23 @@ def _check_config(config: Config) -> int:
         "to reap after SIGKILL); give the platform's stop timeout at least this much",
         file=sys.stderr,
     )
-    warning = sd.over_budget()
-    if warning:
-        print(f"{PROG}: warning: {config.source}: {warning}", file=sys.stderr)
+    if config.status is not None and config.status.port == 0:
+        print(f"status: {config.status.host}, on a free port chosen at start (logged as sidecar.status.listening, "
+              "shown in /status); set status.listen to a fixed port for a probe", file=sys.stderr)
+    warnings = [sd.over_budget()]
+    if config.status is not None:
+        warnings += listen_warnings(config.status.host, config.status.port, config.consul.address)
+    for warning in warnings:
+        if warning:
+            print(f"{PROG}: warning: {config.source}: {warning}", file=sys.stderr)
     return 0
+
+
+def _status_listen(config: Config) -> str | None:
+    if config.status is None:
+        return None
+    host = f"[{config.status.host}]" if ":" in config.status.host else config.status.host
+    return f"{host}:{config.status.port}"
 
 
 def _wait(args: argparse.Namespace) -> int:
@@ -217,10 +234,14 @@ async def _run(config: Config, command: list[str]) -> int:
     logger = log.get_logger()
     sock = None
     if config.status is not None:
+        conflicts = listen_warnings(config.status.host, config.status.port, config.consul.address)
         try:
             sock = bind(config.status.host, config.status.port)
         except OSError as e:
-            return _fail([f"{config.source}: status.listen: cannot listen on {config.status.host}:{config.status.port}: {e.strerror or e}"], EX_CONFIG)
+            why = f" ({conflicts[0]})" if conflicts else ""
+            return _fail([f"{config.source}: status.listen: cannot listen on {_status_listen(config)}: {e.strerror or e}{why}"], EX_CONFIG)
+        for warning in conflicts:
+            logger.warning("sidecar.status.listen_warning", warning=warning)
 
     app: App
     child: ChildApp | None = None
@@ -242,18 +263,28 @@ async def _run(config: Config, command: list[str]) -> int:
     else:
         app, start_app = ExternalApp(), lambda: None
 
+    def start_app_then_own_io() -> object:
+        try:
+            return start_app()
+        finally:
+            # Only now: the launcher's preexec_fn must run in a process with one thread, and
+            # the app keeps the platform's descriptor limit (select()-based code relies on 1024).
+            before, after = raise_nofile_limit()
+            log.start()
+            logger.debug("sidecar.limits.nofile", soft_before=before, soft=after)
+
     status = Status(clock, config.service.id)
     prober = Prober(config.check.http, config.check.timeout)
     sidecar = Sidecar(
         config,
         agent=ConsulAgent(config.consul, clock),
         app=app,
-        start_app=start_app,
+        start_app=start_app_then_own_io,
         prober=prober,
         clock=clock,
         status=status,
         log=logger,
-        status_server=StatusServer(status, sock) if sock is not None else None,
+        status_server=StatusServer(status, sock, logger) if sock is not None else None,
     )
     try:
         return await sidecar.run()

@@ -215,7 +215,7 @@ DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             "min_delay": "1s",
             "quiet_period": "1s",
         },
-        "status": {"listen": "127.0.0.1:8501"},
+        "status": {"listen": "127.0.0.1:0"},  # any free port: a fixed default collides (see status.py)
     }
 )
 

@@ -384,3 +384,42 @@ def test_app_in_its_own_network_namespace(consul: Consul, tmp_path: Path, servic
         assert ev["reason"] == "traffic quiet" and AFTER * 1000 <= ev["elapsed_ms"] <= (AFTER + 3.0) * 1000, ev
     finally:
         fwd.close()
+
+
+# --- whose port is it -------------------------------------------------------------------------------
+
+def test_foreign_process_on_the_port_nothing_registered_exit_69(consul: Consul, tmp_path: Path, service_name: str) -> None:
+    """Another server already listens on the app's port and answers the health check; the app (here a
+    process that never manages to bind, like one retrying) is not the owner. Expected: nothing is
+    registered, exit 69, one error naming the owner's PID and command."""
+    port = free_port()
+    foreign = spawn(app_command(port, "127.0.0.1", "--instance", "someone-else"), tmp_path / "foreign.log")
+    wait_for(lambda: _answers(port), 10, what="the foreign server")
+    sc = Sidecar(tmp_path, base_config(consul, service_name, port), ["sleep", "30"])
+    assert sc.wait(30) == 69, sc.output()[-2000:]
+    err = sc.event("sidecar.startup.port_not_the_apps")
+    assert err is not None and err["owner_pid"] == foreign.pid and "someone-else" in err["owner_command"], err
+    assert sc.event("sidecar.consul.registered") is None
+    assert consul.service_ids(service_name) == []
+    foreign.kill()
+    foreign.wait(5)
+
+
+def test_the_apps_own_port_is_checked_and_accepted(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """The app, started through a shell (the listener is held by the shell's child, not by the PID the
+    sidecar started), owns the port: the check says it is the app's and registration goes on."""
+    port = free_port()
+    sc = start_sidecar(base_config(consul, service_name, port), ["sh", "-c", " ".join(app_command(port)) + "; true"])
+    ok = sc.wait_event("sidecar.startup.port_owner")
+    assert "app's process tree" in ok["detail"], ok
+    sc.wait_event("sidecar.consul.registered")
+    sc.send(signal.SIGTERM)
+    assert sc.wait() in (0, 143)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False

@@ -423,3 +423,24 @@ def _answers(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_check_config_shows_the_traffic_view_and_the_new_keys(tmp_path: Path) -> None:
+    """check-config with strategy = "traffic": the sources this host allows, the verdict, the queried DNS
+    name and the opt-in are shown; a malformed dns_name is one clear error naming the key (exit 78)."""
+    import json
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[service]\nname = "web"\nport = 8080\naddress = "127.0.0.1"\n'
+                   '[shutdown]\nstrategy = "traffic"\ndns_name = "v2.web.service.dc1.consul"\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([PY, "-m", "sidecar", "check-config", "-c", str(cfg)], capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 0, r.stderr
+    sd = json.loads(r.stdout)["shutdown"]
+    assert sd["dns_name"] == "v2.web.service.dc1.consul" and sd["traffic_poll_only_accepts_misses"] is False, sd
+    view = sd["traffic_view_here"]
+    assert view["sources"][0] == "destroy_events" and view["sources"][-1] == "poll", view
+    assert view["verdict"] == "complete: every connection is seen", view
+    cfg.write_text(cfg.read_text().replace("v2.web.service.dc1.consul", "web..consul"))
+    r = subprocess.run([PY, "-m", "sidecar", "check-config", "-c", str(cfg)], capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 78 and "shutdown.dns_name" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -43,7 +44,7 @@ from typing import Any, Protocol
 from .clock import Clock
 from .config import Config
 from .consul_client import ConsulError
-from .dns_probe import DnsError, resolve_a
+from .dns_probe import DnsError, resolve_addresses
 from .netns_counters import Counters, namespace_is_apps, read_counters
 from .status import Status
 from .tcp_events import DestroyEvents
@@ -79,7 +80,7 @@ class DrainWait:
         log: Any,
         status: Status,
         watcher_factory: WatcherFactory = PortWatcher,
-        resolve: Resolve = resolve_a,
+        resolve: Resolve = resolve_addresses,
         events_factory: EventsFactory = DestroyEvents,
         counters: Callable[[], Counters] = read_counters,
         own_namespace: Callable[[int], tuple[bool, str]] = namespace_is_apps,
@@ -99,6 +100,7 @@ class DrainWait:
         self.unavailable: str | None = None
         self.sources: list[str] = []
         self.blind: str | None = None  # why the view misses short connections (poll alone), else None
+        self.addresses: frozenset[str] | None = None  # the instance's addresses, for the DNS step
         self.cpu_ms: float | None = None
 
     @property
@@ -111,6 +113,8 @@ class DrainWait:
         if self.sd.strategy != "traffic" or self._watcher is not None:
             return
         svc = self.config.service
+        if self.sd.dns:
+            self.addresses = self._instance_addresses(svc.address, svc.port)
         try:
             watcher = self._factory(svc.port, _ip_or_none(svc.address))
             if not watcher.snapshot().listening:
@@ -164,6 +168,24 @@ class DrainWait:
                              hint="give the sidecar its own network namespace with the app (a pod, compose's "
                              'network_mode: "service:<app>"), or set shutdown.traffic_poll_only_accepts_misses = true '
                              "to end the drain on the poll alone")
+
+    def _instance_addresses(self, address: str, port: int) -> frozenset[str]:
+        """The addresses consumers resolve the instance to: the IP itself, or what a host name
+        resolves to now, at registration (the DNS step looks for any of them)."""
+        try:
+            return frozenset({str(ipaddress.ip_address(address))})
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            self.log.warning("sidecar.drain.address_unresolved", address=address, error=str(e),
+                             consequence="the DNS step cannot tell whether the instance is still handed out: it "
+                             "waits the upper bound")
+            return frozenset()
+        found = frozenset(str(ipaddress.ip_address(str(info[4][0]).split("%")[0])) for info in infos)
+        self.log.info("sidecar.drain.address_resolved", address=address, addresses=sorted(found))
+        return found
 
     def close(self) -> None:
         if self._watcher is not None:
@@ -229,7 +251,8 @@ class DrainWait:
             for server in list(pending):
                 try:
                     remaining = max(0.05, min(1.0, upper - self.clock.monotonic()))
-                    if svc.address not in await self._resolve(server, name, remaining):
+                    answer = {str(ipaddress.ip_address(a)) for a in await self._resolve(server, name, remaining)}
+                    if self.addresses and not answer & self.addresses:
                         pending.remove(server)
                 except DnsError as e:
                     errors[f"{server[0]}:{server[1]}"] = str(e)

@@ -444,3 +444,94 @@ def test_check_config_shows_the_traffic_view_and_the_new_keys(tmp_path: Path) ->
     cfg.write_text(cfg.read_text().replace("v2.web.service.dc1.consul", "web..consul"))
     r = subprocess.run([PY, "-m", "sidecar", "check-config", "-c", str(cfg)], capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode == 78 and "shutdown.dns_name" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# --- every address family and name ------------------------------------------------------------------
+
+class TruncatingDns(threading.Thread):
+    """A resolver on 127.0.0.1 (UDP and TCP) that, until ``until`` (monotonic), answers ``name``'s AAAA
+    question with ``address`` — over UDP only with the TC bit set and no record, so the full answer is
+    to be had over TCP alone — and its A question with no record; then NXDOMAIN. Other names: NXDOMAIN."""
+
+    def __init__(self, name: str, address: str) -> None:
+        super().__init__(daemon=True)
+        self.name, self.address = name.lower(), address
+        self.until = float("inf")
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.port = self.udp.getsockname()[1]
+        self.tcp = socket.create_server(("127.0.0.1", self.port))
+        self.udp.settimeout(0.1)
+        self.tcp.settimeout(0.1)
+        self.stop = threading.Event()
+        self.asked: list[tuple[str, int, str]] = []
+
+    def answer(self, q: bytes, over: str) -> bytes:
+        end, labels = 12, []
+        while q[end] != 0:
+            labels.append(q[end + 1 : end + 1 + q[end]].decode())
+            end += 1 + q[end]
+        qtype = struct.unpack("!H", q[end + 1 : end + 3])[0]
+        name = ".".join(labels).lower()
+        self.asked.append((name, qtype, over))
+        question = q[12 : end + 5]
+        live = name == self.name and time.monotonic() < self.until
+        if not live:
+            return q[:2] + b"\x81\x83\x00\x01\x00\x00\x00\x00\x00\x00" + question
+        if qtype == 28 and over == "udp":
+            return q[:2] + b"\x83\x80\x00\x01\x00\x00\x00\x00\x00\x00" + question  # TC
+        if qtype == 28:
+            rr = b"\xc0\x0c" + struct.pack("!HHIH", 28, 1, 0, 16) + socket.inet_pton(socket.AF_INET6, self.address)
+            return q[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + question + rr
+        return q[:2] + b"\x81\x80\x00\x01\x00\x00\x00\x00\x00\x00" + question
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(OSError):
+                q, peer = self.udp.recvfrom(512)
+                self.udp.sendto(self.answer(q, "udp"), peer)
+            with contextlib.suppress(OSError):
+                c, _ = self.tcp.accept()
+                with c:
+                    c.settimeout(1)
+                    size = struct.unpack("!H", c.recv(2))[0]
+                    q = b""
+                    while len(q) < size:
+                        q += c.recv(size - len(q))
+                    a = self.answer(q, "tcp")
+                    c.sendall(struct.pack("!H", len(a)) + a)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(2)
+        self.udp.close()
+        self.tcp.close()
+
+
+def test_ipv6_service_dns_step_asks_aaaa_over_tcp_when_truncated(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """An IPv6 loopback service ([::1]) and a resolver, asked for a configured name (a tag and a
+    datacenter), that keeps handing out the instance's AAAA record for 3 s after SIGTERM, over UDP only
+    truncated. Expected: the DNS step asks AAAA for that name, retries over TCP, clears only after
+    ~3 s; the drain ends on quiet ~1 s later; the port view works for the IPv6 listener."""
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))  # no IPv6 loopback here: an error, not a skip
+        port = probe.getsockname()[1]
+    name = f"v2.{service_name}.service.dc1.consul"
+    dns = TruncatingDns(name, "::1")
+    dns.start()
+    try:
+        cfg = base_config(consul, service_name, port, service={"address": "::1"},
+                          shutdown={**TRAFFIC, "dns": [f"127.0.0.1:{dns.port}"], "dns_name": name})
+        sc = start_sidecar(cfg, app_command(port, "::1"))
+        view = sc.wait_event("sidecar.drain.traffic_view")
+        assert view["level"] == "info" and "destroy_events" in view["sources"], view
+        dns.until = time.monotonic() + 3.0
+        sc.send(signal.SIGTERM)
+        ev = sc.wait_event("sidecar.drain.delay_done", 40)
+        clear = sc.event("sidecar.drain.dns_clear")
+        assert clear is not None and clear["elapsed_ms"] >= 2500, (clear, ev)
+        assert ev["reason"] == "traffic quiet" and 3000 + 1000 - 300 <= ev["elapsed_ms"] <= 3000 + 1000 + 1500, ev
+        assert (name, 28, "tcp") in dns.asked and (name, 1, "udp") in dns.asked, dns.asked[:6]
+        assert sc.wait() == 0
+    finally:
+        dns.close()

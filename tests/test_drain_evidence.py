@@ -216,8 +216,6 @@ def test_filter_denies_netlink_membership() -> None:
 def start_restricted(workdir: Path, config: dict[str, dict[str, Any]], command: list[str], prefix: list[str],
                      deny_events: bool) -> Sidecar:
     """Like harness.Sidecar, but argv prefixed and the child optionally under the seccomp filter."""
-    from examples.rollout import procs
-
     real_popen = subprocess.Popen
 
     def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
@@ -225,12 +223,11 @@ def start_restricted(workdir: Path, config: dict[str, dict[str, Any]], command: 
             kw["preexec_fn"] = _deny_netlink_membership
         return real_popen([*prefix, *argv], **kw)
 
-    old = procs.subprocess.Popen
-    procs.subprocess.Popen = popen  # type: ignore[misc,assignment]
+    subprocess.Popen = popen  # type: ignore[misc,assignment]  # procs.spawn's, for this one start
     try:
         return Sidecar(workdir, config, command)
     finally:
-        procs.subprocess.Popen = old  # type: ignore[misc]
+        subprocess.Popen = real_popen  # type: ignore[misc]
 
 
 def test_poll_alone_waits_the_upper_bound_and_says_why(consul: Consul, tmp_path: Path, service_name: str) -> None:

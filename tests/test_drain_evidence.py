@@ -133,7 +133,7 @@ def client(address: str, port: int, mode: str) -> Iterator[CachedClient]:
 def drain_with_client(sc: Sidecar, address: str, port: int, mode: str) -> tuple[CachedClient, dict[str, Any], float]:
     """Client running; SIGTERM; the client goes on for AFTER s after the deregistration.
     Returns the client, the delay_done event and how long after the deregistration the client stopped."""
-    sc.wait_event("sidecar.consul.registered")
+    sc.wait_event("sidecar.consul.registered", 40)  # a loaded machine can take seconds to start the app
     with client(address, port, mode) as c:
         time.sleep(1.0)
         sc.send(signal.SIGTERM)
@@ -159,7 +159,7 @@ def test_short_connections_after_deregistration_hold_the_drain(
     (not the 20 s bound), and not one request fails."""
     port = free_port()
     sc = start_sidecar(base_config(consul, service_name, port, shutdown=TRAFFIC), app_command(port))
-    view = sc.wait_event("sidecar.drain.traffic_view")
+    view = sc.wait_event("sidecar.drain.traffic_view", 40)
     assert "destroy_events" in view["sources"], view
     c, ev, stopped_after = drain_with_client(sc, "127.0.0.1", port, mode)
     assert not c.failed and c.ok >= RATE * AFTER, (c.ok, c.failed[:3], ev)

@@ -392,3 +392,28 @@ def test_youngest_time_wait_age_dates_connections_the_server_closed() -> None:
         time.sleep(0.5)
         age = w.youngest_time_wait_age()
         assert age is not None and 0.4 <= age <= 1.5, age
+
+
+def test_destroy_events_only_the_ports_connections(track: Track) -> None:
+    """sock_diag's destroy events through DestroyEvents: 5 client-closed connections to another port
+    and that port's listener closing are not counted; 3 to our port,
+    each lasting ~1 ms, are 3 events."""
+    from sidecar.tcp_events import DestroyEvents
+
+    ours, port = listener(track)
+    other, _ = listener(track)
+    with DestroyEvents(port, ["127.0.0.1"]) as events:
+        for _ in range(5):
+            client, server = connect(track, other)
+            client.close()
+            server.close()
+        other.close()
+        time.sleep(0.2)
+        assert events.read().ended == 0
+        for _ in range(3):
+            client, server = connect(track, ours)
+            client.close()
+            server.close()
+        time.sleep(0.2)
+        batch = events.read()
+        assert (batch.ended, batch.lost) == (3, False), batch

@@ -157,7 +157,10 @@ def _check_config(config: Config) -> int:
             "app_timeout": format_duration(sd.app_timeout),
             "strategy": sd.strategy,
             **({"min_delay": format_duration(sd.min_delay), "quiet_period": format_duration(sd.quiet_period),
-                "dns": [f"{h}:{p}" for h, p in sd.dns]} if sd.strategy == "traffic" else {}),
+                "dns": [f"{h}:{p}" for h, p in sd.dns],
+                "dns_name": sd.dns_name or f"{config.service.name}.service.consul",
+                "traffic_poll_only_accepts_misses": sd.traffic_poll_only_accepts_misses,
+                "traffic_view_here": _traffic_view_here(config)} if sd.strategy == "traffic" else {}),
             "worst_case": format_duration(sd.worst_case),
             "budget": format_duration(sd.budget),
         },
@@ -186,6 +189,41 @@ def _status_listen(config: Config) -> str | None:
         return None
     host = f"[{config.status.host}]" if ":" in config.status.host else config.status.host
     return f"{host}:{config.status.port}"
+
+
+def _traffic_view_here(config: Config) -> dict[str, Any]:
+    """The traffic sources this host and namespace allow now (``run`` chooses again at start)."""
+    from .netns_counters import namespace_is_apps, read_counters
+    from .tcp_events import can_join
+    from .traffic import TrafficWatchError, available
+
+    sources: list[str] = []
+    missing: dict[str, str] = {}
+    checks = {
+        "destroy_events": can_join,
+        "passive_opens": lambda: namespace_is_apps(config.service.port),
+        "listen_drops": lambda: (True, "") if read_counters() else (False, ""),
+        "poll": available,
+    }
+    for name, check in checks.items():
+        try:
+            ok, why = check()
+        except TrafficWatchError as e:
+            ok, why = False, str(e)
+        if ok:
+            sources.append(name)
+        else:
+            missing[name] = why
+    complete = "destroy_events" in sources or "passive_opens" in sources
+    if "poll" not in sources:
+        verdict = "the port cannot be seen: the drain waits propagation_delay"
+    elif complete:
+        verdict = "complete: every connection is seen"
+    elif config.shutdown.traffic_poll_only_accepts_misses:
+        verdict = "the poll alone (opted in): short connections may be missed"
+    else:
+        verdict = "the poll alone misses short connections: the drain waits propagation_delay"
+    return {"sources": sources, "missing": missing or None, "verdict": verdict}
 
 
 def _wait(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ def _has(cmd: str) -> bool:
 
 @pytest.mark.compose
 def test_compose_rollout_loses_nothing_with_the_sidecar_and_the_naive_control_fails(tmp_path: Path) -> None:
-    """1. scripts/compose-demo: a fresh stack per mode; 2 "web" replicas and the alongside pair
+    """1. scripts/compose-demo: a fresh stack per mode; 3 "web" replicas and the alongside pair
           rolled v1 -> v2 with scripts/compose-rollout at 60 requests/s on each of / and /alongside/.
        Expected: with the sidecar 0 failed requests, both versions served on both paths, and
        `compose up -d --dry-run` afterwards has nothing to create, recreate or start.
@@ -51,7 +51,7 @@ def test_compose_rollout_loses_nothing_with_the_sidecar_and_the_naive_control_fa
     result_file = tmp_path / "result.json"
     t = time.monotonic()
     proc = subprocess.run(
-        [str(DEMO), "--replicas", "2", "--rate", "60", "--json", str(result_file), "--out", str(tmp_path / "out")],
+        [str(DEMO), "--rate", "60", "--json", str(result_file), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
     took = time.monotonic() - t
@@ -66,7 +66,7 @@ def test_compose_rollout_loses_nothing_with_the_sidecar_and_the_naive_control_fa
         assert target["by_version"].get("v1", 0) > 50 and target["by_version"].get("v2", 0) > 50, f"{path}: {target}"
     assert sidecar["failed"] == 0, f"{sidecar['failed']} requests failed with the sidecar: {sidecar['targets']}\n{tail}"
     assert sidecar["end_state_ok"], f"after the rollout a plain `up -d` would change things:\n{sidecar['end_state']}"
-    assert len(sidecar["steps"]) == 2 + 2, f"2 web steps and 2 pair handovers expected: {sidecar['steps']}"
+    assert len(sidecar["steps"]) == 3 + 2, f"3 web steps and 2 pair handovers expected: {sidecar['steps']}"
     assert naive["failed"] > 0, f"the naive rollout lost no request: the harness cannot see failures\n{tail}"
     assert proc.returncode == 0, f"scripts/compose-demo exited {proc.returncode}:\n{tail}"
     assert (tmp_path / "out" / "compose-rollout.png").stat().st_size > 10_000

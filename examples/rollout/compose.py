@@ -145,6 +145,10 @@ class Stack:
         return ok, text
 
     def down(self) -> None:
+        # nginx's and Consul's own logs, for when something failed (kept in the work directory).
+        for service in ("nginx", "consul"):
+            logs = self.compose("logs", "--no-color", "--timestamps", service, check=False, timeout=60)
+            (self.workdir / f"{service}.log").write_text(logs.stdout + logs.stderr)
         self.compose("--profile", "standby", "down", "--volumes", "--remove-orphans", "--timeout", "1", check=False)
 
 

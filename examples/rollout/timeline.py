@@ -215,7 +215,7 @@ def plot_timeline(
 
 # Mark kinds: colour, line style, legend text.
 MARK_STYLES: dict[str, tuple[str, str, str]] = {
-    "passing": ("#2ca02c", "-", "new instance passing in Consul"),
+    "passing": ("#9467bd", "-", "new instance passing in Consul"),
     "stop": ("#333333", ":", "stop sent to the old container/instance"),
     "deregistered": ("#1f77b4", "--", "deregistration confirmed"),
     "signalled": ("#ff7f0e", "-.", "app signalled (SIGTERM)"),
@@ -301,8 +301,8 @@ def plot_comparison(
             for v in versions:
                 ys = ok[v]
                 top.step(edges, [*ys, ys[-1]], where="post", color=colour_of[v], linewidth=2.2, zorder=2)
-            # The upper 40 % of the panel is the band for the marks' labels.
-            top.set_ylim(0, ok_top * 1.7)
+            # The upper half of the panel is the band for the marks' labels.
+            top.set_ylim(0, ok_top * 2.05)
             top.set_ylabel(f"ok requests / s\n({width:g} s bins)")
             top.set_title(p.title, loc="left", fontweight="bold")
             top.grid(True, alpha=0.3)
@@ -334,8 +334,9 @@ def plot_comparison(
                     ax.axvline(t, color=colour, linestyle=style, linewidth=1.1, zorder=1)
                 x = max(t, last_x + min_gap)
                 last_x = x
-                top.text(x, 0.985, label, transform=trans, rotation=90, ha="center", va="top", fontsize=7.5,
-                         color=colour, clip_on=False)
+                top.text(x + 1.5 / px_per_second, 0.985, label, transform=trans, rotation=90, ha="left", va="top",
+                         fontsize=7.5, color=colour, clip_on=False,
+                         bbox={"boxstyle": "square,pad=0.05", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
 
         handles: list[Any] = [Line2D([], [], color="#666666", linestyle="--", label="sent")]
         handles += [Line2D([], [], color=colour_of[v], linewidth=2.2, label=f"{v} ok") for v in versions]

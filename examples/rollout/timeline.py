@@ -271,12 +271,17 @@ def plot_comparison(
         return k if k in red_of else _OTHER_FAILURES
 
     data = []
-    for p in panels:
-        sent = _rates([r.start for r in p.records], edges)
-        ok = {v: _active_only(_rates([r.start for r in p.records if not r.failed and (r.version or "?") == v], edges)) for v in versions}
+    for p, end in zip(panels, ends):
+        # A shorter run's lines stop where its load stopped (not drop to zero).
+        def within(ys: list[float], end: float = end) -> list[float]:
+            return [y if a < end - 1e-9 else math.nan for y, a in zip(ys, lefts)]
+
+        sent = within(_rates([r.start for r in p.records], edges))
+        ok = {v: within(_active_only(_rates([r.start for r in p.records if not r.failed and (r.version or "?") == v], edges)))
+              for v in versions}
         fails = {k: _rates([r.start for r in p.records if r.failed and kind_of(r) == k], edges) for k in kinds}
         data.append((sent, ok, fails))
-    ok_top = max([max(sent, default=0.0) for sent, _, _ in data] + [1.0])
+    ok_top = max([max((y for y in sent if not math.isnan(y)), default=0.0) for sent, _, _ in data] + [1.0])
     fail_top = max([max((sum(v) for v in zip(*f.values())), default=0.0) if f else 0.0 for _, _, f in data] + [1.0])
 
     n = len(panels)

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--propagation-delay", default="3s", help='the sidecar\'s shutdown.propagation_delay (default "3s")')
     ap.add_argument("--strategy", choices=("fixed", "traffic"), default="fixed",
                     help="the sidecars' shutdown.strategy; traffic waits for a quiet port, bounded by 30s (default fixed)")
-    ap.add_argument("--out", type=Path, default=ROOT / "out", help="where the PNG timelines and CSVs go (default out/)")
+    ap.add_argument("--out", type=Path, default=ROOT / "out", help="where the PNG timeline and the CSVs go (default out/)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG timeline")
     return ap.parse_args(argv)
 

@@ -233,9 +233,24 @@ class Panel:
     window: tuple[float, float] | None = None
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where plot_comparison put things, in pixels of the saved figure ((x0, y0, x1, y1) boxes),
+    and each run's axis limits: what a test needs to check that nothing is clipped or hidden."""
+
+    size: tuple[float, float]
+    x_limits: list[tuple[float, float]]
+    ok_limits: list[tuple[float, float]]
+    failed_limits: list[tuple[float, float]]
+    axes: list[tuple[float, float, float, float]]
+    labels: list[tuple[float, float, float, float]]
+    legend: tuple[float, float, float, float]
+    caption: tuple[float, float, float, float] | None
+
+
 def plot_comparison(
     panels: Sequence[Panel], path: Path, title: str, *, caption: str = "", bin_seconds: float | None = None
-) -> None:
+) -> Layout:
     """Write one PNG with every run on a shared time axis, bin width and y scales.
 
     Per run, two rows: successful requests per second by version (with all sent, dashed),
@@ -347,9 +362,27 @@ def plot_comparison(
         handles += [Line2D([], [], color=colour_of[v], linewidth=2.2, label=f"{v} ok") for v in versions]
         handles += [Line2D([], [], color=c, linestyle=s, label=text) for c, s, text in MARK_STYLES.values()]  # type: ignore[arg-type]  # the styles are valid line styles
         handles += [Patch(color=red_of[k], label=f"failed: {k}") for k in kinds]
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), frameon=False,
-                   bbox_to_anchor=(0.5, (0.12 + 0.22 * len(caption_lines)) / height))
+        legend = fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), frameon=False,
+                            bbox_to_anchor=(0.5, (0.12 + 0.22 * len(caption_lines)) / height))
+        note = None
         if caption_lines:
-            fig.text(0.07, 0.1 / height, "\n".join(caption_lines), ha="left", va="bottom", fontsize=9.5, color="#333333")
+            note = fig.text(0.07, 0.1 / height, "\n".join(caption_lines), ha="left", va="bottom", fontsize=9.5, color="#333333")
         fig.savefig(path, dpi=_DPI)
+        renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]  # Agg canvas
+
+        def box(artist: Any) -> tuple[float, float, float, float]:
+            b = artist.get_window_extent(renderer)
+            return (float(b.x0), float(b.y0), float(b.x1), float(b.y1))
+
+        layout = Layout(
+            size=(float(fig.bbox.width), float(fig.bbox.height)),
+            x_limits=[tuple(ax.get_xlim()) for ax in axes[0::2]],
+            ok_limits=[tuple(ax.get_ylim()) for ax in axes[0::2]],
+            failed_limits=[tuple(ax.get_ylim()) for ax in axes[1::2]],
+            axes=[box(ax) for ax in axes],
+            labels=[box(t) for ax in axes[0::2] for t in ax.texts if t.get_rotation() == 90],
+            legend=box(legend),
+            caption=None if note is None else box(note),
+        )
         plt.close(fig)
+        return layout

@@ -394,8 +394,8 @@ def test_dockerfile_installs_the_project_and_runs_the_sidecar_as_non_root() -> N
 
 
 def test_dockerfile_stop_signal_and_healthcheck_match_the_sidecar_config() -> None:
-    """STOPSIGNAL is the one the sidecar drains on; the HEALTHCHECK asks the status endpoint the
-    image's config (config/compose-web.toml) listens on."""
+    """STOPSIGNAL is the one the sidecar drains on; the HEALTHCHECK asks the status endpoint both
+    compose sidecar configs listen on (a port-0 default there would make every container unhealthy)."""
     instructions = dockerfile_instructions()
     assert [rest for op, rest in instructions if op == "STOPSIGNAL"] == ["SIGTERM"]
     health = [rest for op, rest in instructions if op == "HEALTHCHECK"]
@@ -403,10 +403,11 @@ def test_dockerfile_stop_signal_and_healthcheck_match_the_sidecar_config() -> No
     env = " ".join(rest for op, rest in instructions if op == "ENV")
     url = re.search(r"SIDECAR_HEALTH_URL=(\S+)", env)
     assert url is not None and "SIDECAR_HEALTH_URL" in health[0], (env, health)
-    status = load(ROOT / "config" / "compose-web.toml", {}).status
-    assert status is not None, "config/compose-web.toml must keep its status endpoint: the HEALTHCHECK asks it"
-    listen = f"{status.host}:{status.port}"
-    assert url.group(1) == f"http://{listen}/healthz", f"HEALTHCHECK asks {url.group(1)}; the sidecar listens on {listen}"
+    for name in ("compose-web.toml", "compose-alongside.toml"):  # both sidecar containers run this image
+        status = load(ROOT / "config" / name, {}).status
+        assert status is not None, f"config/{name} must keep its status endpoint: the HEALTHCHECK asks it"
+        listen = f"{status.host}:{status.port}"
+        assert url.group(1) == f"http://{listen}/healthz", f"HEALTHCHECK asks {url.group(1)}; config/{name} listens on {listen}"
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS)

@@ -130,12 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import log
 
     log.configure(fmt=args.log_format, level=args.log_level, secrets=lambda: [t for t in [config.consul.token.read()] if t])
+    if not command:
+        log.start()  # no child to fork: write from the start (wrapper mode starts it after the spawn)
     for warning in config.warnings:
         log.get_logger().warning("sidecar.config.warning", source=str(config.source), warning=warning)
     try:
         return asyncio.run(_run(config, command))
     except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were installed
         return 130
+    finally:
+        log.close()  # bounded: a stalled log reader loses the last lines, never the exit
 
 
 def _check_config(config: Config) -> int:
@@ -143,6 +147,7 @@ def _check_config(config: Config) -> int:
 
     from .durations import format_duration
     from .registration import registration_payload
+    from .status import listen_warnings
 
     sd = config.shutdown
     doc: dict[str, Any] = {
@@ -161,11 +166,14 @@ def _check_config(config: Config) -> int:
             "app_timeout": format_duration(sd.app_timeout),
             "strategy": sd.strategy,
             **({"min_delay": format_duration(sd.min_delay), "quiet_period": format_duration(sd.quiet_period),
-                "dns": [f"{h}:{p}" for h, p in sd.dns]} if sd.strategy == "traffic" else {}),
+                "dns": [f"{h}:{p}" for h, p in sd.dns],
+                "dns_name": sd.dns_name or f"{config.service.name}.service.consul",
+                "traffic_poll_only_accepts_misses": sd.traffic_poll_only_accepts_misses,
+                "traffic_view_here": _traffic_view_here(config)} if sd.strategy == "traffic" else {}),
             "worst_case": format_duration(sd.worst_case),
             "budget": format_duration(sd.budget),
         },
-        "status": f"{config.status.host}:{config.status.port}" if config.status else None,
+        "status": _status_listen(config),
     }
     print(json.dumps(doc, indent=2))
     print(
@@ -173,10 +181,58 @@ def _check_config(config: Config) -> int:
         "to reap after SIGKILL); give the platform's stop timeout at least this much",
         file=sys.stderr,
     )
-    warning = sd.over_budget()
-    if warning:
-        print(f"{PROG}: warning: {config.source}: {warning}", file=sys.stderr)
+    if config.status is not None and config.status.port == 0:
+        print(f"status: {config.status.host}, on a free port chosen at start (logged as sidecar.status.listening, "
+              "shown in /status); set status.listen to a fixed port for a probe", file=sys.stderr)
+    warnings = [sd.over_budget()]
+    if config.status is not None:
+        warnings += listen_warnings(config.status.host, config.status.port, config.consul.address)
+    for warning in warnings:
+        if warning:
+            print(f"{PROG}: warning: {config.source}: {warning}", file=sys.stderr)
     return 0
+
+
+def _status_listen(config: Config) -> str | None:
+    if config.status is None:
+        return None
+    host = f"[{config.status.host}]" if ":" in config.status.host else config.status.host
+    return f"{host}:{config.status.port}"
+
+
+def _traffic_view_here(config: Config) -> dict[str, Any]:
+    """The traffic sources this host and namespace allow now (``run`` chooses again at start)."""
+    from .netns_counters import namespace_is_apps, read_counters
+    from .tcp_events import can_join
+    from .traffic import TrafficWatchError, available
+
+    sources: list[str] = []
+    missing: dict[str, str] = {}
+    checks = {
+        "destroy_events": can_join,
+        "passive_opens": lambda: namespace_is_apps(config.service.port),
+        "listen_drops": lambda: (True, "") if read_counters() else (False, ""),
+        "poll": available,
+    }
+    for name, check in checks.items():
+        try:
+            ok, why = check()
+        except TrafficWatchError as e:
+            ok, why = False, str(e)
+        if ok:
+            sources.append(name)
+        else:
+            missing[name] = why
+    complete = "destroy_events" in sources or "passive_opens" in sources
+    if "poll" not in sources:
+        verdict = "the port cannot be seen: the drain waits propagation_delay"
+    elif complete:
+        verdict = "complete: every connection is seen"
+    elif config.shutdown.traffic_poll_only_accepts_misses:
+        verdict = "the poll alone (opted in): short connections may be missed"
+    else:
+        verdict = "the poll alone misses short connections: the drain waits propagation_delay"
+    return {"sources": sources, "missing": missing or None, "verdict": verdict}
 
 
 def _wait(args: argparse.Namespace) -> int:
@@ -234,16 +290,20 @@ async def _run(config: Config, command: list[str]) -> int:
     from .consul_client import ConsulAgent
     from .health import Prober
     from .lifecycle import EX_SOFTWARE, Sidecar
-    from .status import Status, StatusServer, bind
+    from .status import Status, StatusServer, bind, listen_warnings, raise_nofile_limit
 
     clock = SystemClock()
     logger = log.get_logger()
     sock = None
     if config.status is not None:
+        conflicts = listen_warnings(config.status.host, config.status.port, config.consul.address)
         try:
             sock = bind(config.status.host, config.status.port)
         except OSError as e:
-            return _fail([f"{config.source}: status.listen: cannot listen on {config.status.host}:{config.status.port}: {e.strerror or e}"], EX_CONFIG)
+            why = f" ({conflicts[0]})" if conflicts else ""
+            return _fail([f"{config.source}: status.listen: cannot listen on {_status_listen(config)}: {e.strerror or e}{why}"], EX_CONFIG)
+        for warning in conflicts:
+            logger.warning("sidecar.status.listen_warning", warning=warning)
 
     app: App
     child: ChildApp | None = None
@@ -265,18 +325,28 @@ async def _run(config: Config, command: list[str]) -> int:
     else:
         app, start_app = ExternalApp(), lambda: None
 
+    def start_app_then_own_io() -> object:
+        try:
+            return start_app()
+        finally:
+            # Only now: the launcher's preexec_fn must run in a process with one thread, and
+            # the app keeps the platform's descriptor limit (select()-based code relies on 1024).
+            before, after = raise_nofile_limit()
+            log.start()
+            logger.debug("sidecar.limits.nofile", soft_before=before, soft=after)
+
     status = Status(clock, config.service.id)
     prober = Prober(config.check.http, config.check.timeout)
     sidecar = Sidecar(
         config,
         agent=ConsulAgent(config.consul, clock),
         app=app,
-        start_app=start_app,
+        start_app=start_app_then_own_io,
         prober=prober,
         clock=clock,
         status=status,
         log=logger,
-        status_server=StatusServer(status, sock) if sock is not None else None,
+        status_server=StatusServer(status, sock, logger) if sock is not None else None,
     )
     try:
         return await sidecar.run()

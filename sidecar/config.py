@@ -141,6 +141,10 @@ class ShutdownSettings:
     min_delay: float = 1.0  # "traffic": never signal the app sooner than this after confirmation
     quiet_period: float = 1.0  # "traffic": no new connection and no inbound byte for this long
     dns: tuple[tuple[str, int], ...] = ()  # "traffic": resolvers that must stop returning our address
+    dns_name: str = ""  # "traffic": the name consumers look up ("" = <service.name>.service.consul)
+    # "traffic": when the poll of the socket table is the only view left (it misses short connections),
+    # end the drain on it anyway instead of waiting propagation_delay.
+    traffic_poll_only_accepts_misses: bool = False
 
     @property
     def worst_case(self) -> float:
@@ -214,8 +218,10 @@ DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             "strategy": "fixed",
             "min_delay": "1s",
             "quiet_period": "1s",
+            "dns_name": "",
+            "traffic_poll_only_accepts_misses": False,
         },
-        "status": {"listen": "127.0.0.1:8501"},
+        "status": {"listen": "127.0.0.1:0"},  # any free port: a fixed default collides (see status.py)
     }
 )
 
@@ -226,7 +232,8 @@ _SECTIONS: Mapping[str, frozenset[str]] = MappingProxyType(
         "check": frozenset({"http", "interval", "timeout", "deregister_critical_after", "allow_remote"}),
         "startup": frozenset({"wait_healthy", "timeout"}),
         "shutdown": frozenset(
-            {"deregister_timeout", "propagation_delay", "app_signal", "app_timeout", "budget", "strategy", "min_delay", "quiet_period", "dns"}
+            {"deregister_timeout", "propagation_delay", "app_signal", "app_timeout", "budget", "strategy", "min_delay", "quiet_period", "dns",
+             "dns_name", "traffic_poll_only_accepts_misses"}
         ),
         "app": frozenset({"pid_file", "pid", "shutdown_url"}),
         "status": frozenset({"listen"}),
@@ -237,6 +244,7 @@ _SECTIONS: Mapping[str, frozenset[str]] = MappingProxyType(
 _SERVICE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")
 _SERVICE_ID = re.compile(r"\A[A-Za-z0-9._:@-]{1,256}\Z")
 _ID_PART = re.compile(r"\A[A-Za-z0-9._:-]{1,64}\Z")
+_DNS_LABEL = re.compile(r"\A[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 _META_KEY = re.compile(r"\A[A-Za-z0-9_-]{1,128}\Z")
 _HOST_NAME = re.compile(r"\A(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?\Z")
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -856,6 +864,10 @@ def _shutdown_settings(sec: _Section, problems: _Problems) -> ShutdownSettings:
                     dns.append((host, port))
                 except ValueError as e:
                     problems.add(sec.key("dns"), f"{e} (give an IP address and port, e.g. \"127.0.0.1:8600\")")
+    dns_name = (sec.string("dns_name") or "").rstrip(".")
+    if dns_name and (len(dns_name) > 253 or not all(_DNS_LABEL.match(label) for label in dns_name.split("."))):
+        problems.add(sec.key("dns_name"), f"{dns_name!r} is not a DNS name (labels of letters, digits, '-' and '_', "
+                     'e.g. "v2.web.service.dc1.consul")')
     return ShutdownSettings(
         deregister_timeout=sec.duration("deregister_timeout", 0.001),
         propagation_delay=propagation_delay,
@@ -866,6 +878,8 @@ def _shutdown_settings(sec: _Section, problems: _Problems) -> ShutdownSettings:
         min_delay=min_delay,
         quiet_period=quiet_period,
         dns=tuple(dns),
+        dns_name=dns_name,
+        traffic_poll_only_accepts_misses=sec.boolean("traffic_poll_only_accepts_misses"),
     )
 
 

@@ -41,6 +41,7 @@ from .clock import Clock
 from .config import Config, same_host
 from .drain_wait import DrainWait
 from .consul_client import Agent, ConsulError, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, DeregisterResult, Deregistration
+from .port_owner import verify_app_port
 from .registration import registration_payload
 from .signals import FORWARDED, SHUTDOWN, SignalInbox
 from .status import State, Status
@@ -202,6 +203,10 @@ class Sidecar:
                 return EX_UNAVAILABLE
             self.status.last_error = None
             self.log.info("sidecar.startup.healthy", url=cfg.check.http, elapsed_ms=self._ms(t))
+        refused = verify_app_port(cfg.service.address, cfg.service.port, self.app, self.log)
+        if refused is not None:  # someone else answers on the app's port: register nothing
+            self.status.last_error = refused
+            return EX_UNAVAILABLE
         return await self._register_until_done()
 
     async def _wait_healthy(self, deadline: float) -> tuple[bool, str]:

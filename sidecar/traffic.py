@@ -34,7 +34,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import NamedTuple
 
-__all__ = ["Activity", "ConnKey", "PortSnapshot", "PortWatcher", "TrafficWatchError", "activity_between", "available"]
+__all__ = [
+    "Activity", "ConnKey", "Listener", "PortSnapshot", "PortWatcher", "TrafficWatchError", "activity_between", "available",
+    "listeners",
+]
 
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
@@ -63,6 +66,8 @@ _REQ_TAIL = struct.Struct("=32xIII")
 # inet_diag_msg: family, state, timer, retrans, sport, dport (big-endian, swapped below), src[16], dst[16],
 # if, cookie[2], expires, rqueue, wqueue, uid, inode.
 _MSG = struct.Struct("=BB2xHH16s16s4xII20x")
+_INODE = struct.Struct("=I")  # inet_diag_msg.idiag_inode
+_INODE_AT = 68
 _EXPIRES = struct.Struct("=I")  # inet_diag_msg.idiag_expires: milliseconds left on the socket's timer
 _EXPIRES_AT = 52
 # Linux keeps a TIME_WAIT socket for TCP_TIMEWAIT_LEN, a compile-time 60 s.
@@ -90,6 +95,14 @@ class ConnKey(NamedTuple):
     dst: str
     dport: int
     cookie: int
+
+
+class Listener(NamedTuple):
+    """A listening socket: its local address and port, and its inode (as in /proc/<pid>/fd's socket:[inode])."""
+
+    address: str
+    port: int
+    inode: int
 
 
 @dataclass(frozen=True)
@@ -166,8 +179,8 @@ class PortWatcher:
     Not thread-safe. Raises :class:`TrafficWatchError` when netlink cannot be used.
     """
 
-    def __init__(self, port: int, addresses: Iterable[str] | None = None) -> None:
-        if not 1 <= port <= 65535:
+    def __init__(self, port: int, addresses: Iterable[str] | None = None, *, any_port: bool = False) -> None:
+        if not 1 <= port <= 65535 and not (any_port and port == 0):
             raise ValueError(f"port out of range: {port}")
         self.port = port
         self._wanted = None if addresses is None else frozenset(_normal(a)[1] for a in addresses)
@@ -181,10 +194,10 @@ class PortWatcher:
             _BC_OP.pack(_INET_DIAG_BC_S_GE, 8, 20), _BC_OP.pack(0, 0, port),
             _BC_OP.pack(_INET_DIAG_BC_S_LE, 8, 12), _BC_OP.pack(0, 0, port),
         ))
-        self._tail = (
-            _REQ_PORTS.pack(port, 0) + _REQ_TAIL.pack(0, _INET_DIAG_NOCOOKIE, _INET_DIAG_NOCOOKIE)
-            + _NLATTR.pack(_NLATTR.size + len(bytecode), _INET_DIAG_REQ_BYTECODE) + bytecode
-        )
+        self._tail = _REQ_PORTS.pack(port, 0) + _REQ_TAIL.pack(0, _INET_DIAG_NOCOOKIE, _INET_DIAG_NOCOOKIE)
+        if not any_port:
+            self._tail += _NLATTR.pack(_NLATTR.size + len(bytecode), _INET_DIAG_REQ_BYTECODE) + bytecode
+        self._any_port = any_port
         self._connect()
 
     def _connect(self) -> socket.socket:
@@ -226,7 +239,7 @@ class PortWatcher:
         wanted = self._wanted
         try:
             for family in list(self._families):
-                for state, key, info, _ in self._dump(family):
+                for state, key, info, _, _ in self._dump(family):
                     if key.sport != self.port:
                         continue
                     if state == _TCP_LISTEN:
@@ -270,7 +283,7 @@ class PortWatcher:
         newest: int | None = None
         try:
             for family in list(self._families):
-                for _, key, _, expires in self._dump(family, 1 << _TCP_TIME_WAIT, with_info=False):
+                for _, key, _, expires, _ in self._dump(family, 1 << _TCP_TIME_WAIT, with_info=False):
                     if key.sport != self.port or (wanted is not None and key.src not in wanted):
                         continue
                     newest = expires if newest is None else max(newest, expires)
@@ -282,9 +295,26 @@ class PortWatcher:
             raise
         return None if newest is None else max(0.0, TIME_WAIT_SECONDS - newest / 1000)
 
+    def listeners(self) -> list[Listener]:
+        """The listening sockets on this watcher's port (every port with ``any_port``), IPv4 and IPv6,
+        whatever their local address (a wildcard bind shows as 0.0.0.0 or ::)."""
+        found: list[Listener] = []
+        try:
+            for family in list(self._families):
+                for _, key, _, _, inode in self._dump(family, 1 << _TCP_LISTEN, with_info=False):
+                    if self._any_port or key.sport == self.port:
+                        found.append(Listener(key.src, key.sport, inode))
+        except (struct.error, ValueError, IndexError) as e:
+            self._reset()
+            raise TrafficWatchError(f"malformed sock_diag reply: {e}") from e
+        except BaseException:
+            self._reset()
+            raise
+        return found
+
     def _dump(
         self, family: int, states: int = _STATES, with_info: bool = True
-    ) -> Iterator[tuple[int, ConnKey, memoryview | None, int]]:
+    ) -> Iterator[tuple[int, ConnKey, memoryview | None, int, int]]:
         sock = self._connect()
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
         ext = 1 << (_INET_DIAG_INFO - 1) if with_info else 0
@@ -329,11 +359,18 @@ class PortWatcher:
                         if atype & 0x3FFF == _INET_DIAG_INFO:
                             info = buf[a + _NLATTR.size:a + alen]
                         a += (alen + 3) & ~3
-                    yield state, key, info, _EXPIRES.unpack_from(buf, start + _EXPIRES_AT)[0]
+                    yield (state, key, info, _EXPIRES.unpack_from(buf, start + _EXPIRES_AT)[0],
+                           _INODE.unpack_from(buf, start + _INODE_AT)[0])
         except OSError as e:
             if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
                 raise TrafficWatchError("no sock_diag reply within 2 s", e.errno) from e
             raise TrafficWatchError(f"sock_diag dump failed: {e}", e.errno) from e
+
+
+def listeners(port: int | None = None) -> list[Listener]:
+    """The listening TCP sockets of this network namespace (on ``port``, or all). Raises TrafficWatchError."""
+    with PortWatcher(port or 0, any_port=port is None) as w:
+        return w.listeners()
 
 
 def available() -> tuple[bool, str]:

@@ -63,7 +63,7 @@ def test_defaults(tmp_path: Path) -> None:
     sd = c.shutdown
     assert (sd.propagation_delay, sd.app_signal, sd.app_timeout, sd.deregister_timeout) == (5.0, signal.SIGTERM, 20.0, 3.0)
     assert sd.worst_case == 29.0  # fits Kubernetes' 30 s grace period
-    assert c.status is not None and (c.status.host, c.status.port) == ("127.0.0.1", 8501)
+    assert c.status is not None and (c.status.host, c.status.port) == ("127.0.0.1", 0)  # any free port: cannot collide
     assert c.consul.token.read() is None
 
 

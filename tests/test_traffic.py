@@ -175,7 +175,7 @@ def test_connections_of_other_ports_are_not_counted(track: Track, watchers: Call
     mine = w.snapshot()
     assert mine.listening and mine.connections == 0 and mine.bytes_received == 0
     # The kernel already drops them (bytecode and id.idiag_sport), not just the Python side.
-    assert [key.sport for family in (socket.AF_INET, socket.AF_INET6) for _, key, _, _ in w._dump(family)] == [port]
+    assert [key.sport for family in (socket.AF_INET, socket.AF_INET6) for _, key, _, _, _ in w._dump(family)] == [port]
     theirs = watchers(other_port).snapshot()
     assert theirs.connections == 3 and theirs.bytes_received >= 300
 
@@ -194,7 +194,9 @@ def test_time_wait_sockets_are_not_counted(track: Track, watchers: Callable[...,
     deadline = time.monotonic() + 5
     while time_wait_on(port) < 5 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert time_wait_on(port) == 5, "the test did not make the TIME_WAIT sockets it meant to"
+    # At least: an unrelated connection elsewhere on the machine may have used this number as its
+    # ephemeral port and left a TIME_WAIT socket of its own (seen with several suites at once).
+    assert time_wait_on(port) >= 5, "the test did not make the TIME_WAIT sockets it meant to"
     snap = w.snapshot()
     assert snap.listening
     assert snap.connections == 1
@@ -217,11 +219,11 @@ def test_local_address_filter(track: Track, watchers: Callable[..., PortWatcher]
 
 def test_wildcard_listener_counts_for_the_addresses_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without binding a wildcard address here: the kernel's answer is faked, the filter is real."""
-    def fake_dump(w: PortWatcher, family: int) -> Iterator[tuple[int, ConnKey, None, int]]:
+    def fake_dump(w: PortWatcher, family: int) -> Iterator[tuple[int, ConnKey, None, int, int]]:
         if family == socket.AF_INET:
-            yield 10, ConnKey(v4_listener, 8080, "0.0.0.0", 0, 1), None, 0
+            yield 10, ConnKey(v4_listener, 8080, "0.0.0.0", 0, 1), None, 0, 0
         else:
-            yield 10, ConnKey(v6_listener, 8080, "::", 0, 2), None, 0
+            yield 10, ConnKey(v6_listener, 8080, "::", 0, 2), None, 0, 0
 
     monkeypatch.setattr(PortWatcher, "_dump", fake_dump)
     for v4_listener, v6_listener, wanted, expected in [
@@ -392,3 +394,28 @@ def test_youngest_time_wait_age_dates_connections_the_server_closed() -> None:
         time.sleep(0.5)
         age = w.youngest_time_wait_age()
         assert age is not None and 0.4 <= age <= 1.5, age
+
+
+def test_destroy_events_only_the_ports_connections(track: Track) -> None:
+    """sock_diag's destroy events through DestroyEvents: 5 client-closed connections to another port
+    and that port's listener closing are not counted; 3 to our port,
+    each lasting ~1 ms, are 3 events."""
+    from sidecar.tcp_events import DestroyEvents
+
+    ours, port = listener(track)
+    other, _ = listener(track)
+    with DestroyEvents(port, ["127.0.0.1"]) as events:
+        for _ in range(5):
+            client, server = connect(track, other)
+            client.close()
+            server.close()
+        other.close()
+        time.sleep(0.2)
+        assert events.read().ended == 0
+        for _ in range(3):
+            client, server = connect(track, ours)
+            client.close()
+            server.close()
+        time.sleep(0.2)
+        batch = events.read()
+        assert (batch.ended, batch.lost) == (3, False), batch

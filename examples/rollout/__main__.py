@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--propagation-delay", default="3s", help='the sidecar\'s shutdown.propagation_delay (default "3s")')
     ap.add_argument("--strategy", choices=("fixed", "traffic"), default="fixed",
                     help="the sidecars' shutdown.strategy; traffic waits for a quiet port, bounded by 30s (default fixed)")
-    ap.add_argument("--out", type=Path, default=ROOT / "out", help="where the PNG timelines and CSVs go (default out/)")
+    ap.add_argument("--out", type=Path, default=ROOT / "out", help="where the PNG timeline and the CSVs go (default out/)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG timeline")
     return ap.parse_args(argv)
 
@@ -58,17 +58,27 @@ def report(results: list[RolloutResult], out: Path, plot: bool, strategy: str = 
         if s.errors:
             print(f"  {r.mode} failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(s.errors.items(), key=lambda kv: -kv[1])))
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("rollout-*.*"):  # a previous run's files would read as this run's
+    for stale in out.glob("rollout*.*"):  # a previous run's files would read as this run's
         stale.unlink()
     for r in results:
         write_csv(r.records, out / f"rollout-{r.mode}.csv")
-        if plot:
-            from .timeline import plot_timeline
+    if plot:
+        from .timeline import Panel, plot_comparison
 
+        panels = []
+        for r in results:
             s = summarize(r.records)
-            title = f"rolling update v1 -> v2, {r.mode}{strategy_note}: {s.failed} failed of {s.requests} requests"
-            plot_timeline(r.records, r.marks(), out / f"rollout-{r.mode}.png", title)
-    print(f"\nper-request records: {out}/rollout-*.csv" + (f"; timelines: {out}/rollout-*.png" if plot else ""))
+            panels.append(Panel(f"{r.mode}: {s.failed} failed of {s.requests} requests", r.records,
+                                r.kinded_marks(), (r.rollout_start, r.rollout_end)))
+        plot_comparison(panels, out / "rollout.png", f"rolling update v1 -> v2 behind nginx{strategy_note}", caption=NAIVE_CAPTION)
+    print(f"\nper-request records: {out}/rollout-*.csv" + (f"; timeline: {out}/rollout.png" if plot else ""))
+
+
+NAIVE_CAPTION = (
+    "Naive: the app gets SIGTERM while it is still in Consul; its sidecar deregisters only after the app has gone. "
+    "Failures go on after the last stop because nginx keeps the answer of its last DNS lookup for up to valid=1s "
+    "after Consul dropped the instance. With the sidecar, the app is signalled only after the deregistration and the delay."
+)
 
 
 async def run_modes(args: argparse.Namespace, work: Path) -> list[RolloutResult]:

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import time
+from datetime import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,9 @@ class Step:
     new_passing: float
     stop_sent: float
     old_gone: float
+    # From the old instance's sidecar log (None when it did not log them, e.g. naive).
+    deregistered: float | None = None
+    app_signalled: float | None = None
 
 
 @dataclass
@@ -65,10 +69,18 @@ class RolloutResult:
         return self.rollout_end - self.rollout_start
 
     def marks(self) -> list[tuple[float, str]]:
-        out: list[tuple[float, str]] = []
+        return [(t, label) for t, label, _ in self.kinded_marks()]
+
+    def kinded_marks(self) -> list[tuple[float, str, str]]:
+        """(seconds, label, kind) with kinds as in timeline.MARK_STYLES."""
+        out: list[tuple[float, str, str]] = []
         for i, s in enumerate(self.steps, 1):
-            out.append((s.started_new, f"v2 #{i} up"))
-            out.append((s.stop_sent, f"v1 #{i} stop"))
+            out.append((s.new_passing, f"v2 #{i} passing", "passing"))
+            out.append((s.stop_sent, f"v1 #{i} stop", "stop"))
+            if s.deregistered is not None:
+                out.append((s.deregistered, f"v1 #{i} dereg.", "deregistered"))
+            if s.app_signalled is not None:
+                out.append((s.app_signalled, f"v1 #{i} app signalled", "signalled"))
         return out
 
 
@@ -174,6 +186,7 @@ async def rollout(
 
     stop = asyncio.Event()
     t0 = time.monotonic()
+    t0_wall = time.time()
     load = asyncio.create_task(run_load(cluster.nginx.url, rate, stop, timeout=5.0, t0=t0))
     now: Callable[[], float] = lambda: time.monotonic() - t0  # noqa: E731
     log(f"[{mode}] load: {rate:g} requests/s through nginx, open loop")
@@ -191,12 +204,26 @@ async def rollout(
         await run(cluster.stop_instance, inst, naive)
         gone = now()
         log(f"[{mode}] step {n}/{replicas}: v1 {inst.address} stopped after {gone - sent:.1f}s")
-        steps.append(Step(inst.address, new.address, started, passing, sent, gone))
+        dereg, signalled = _drain_times(inst, t0_wall)
+        steps.append(Step(inst.address, new.address, started, passing, sent, gone, dereg,
+                          sent if naive else signalled))
     rollout_end = now()
     await asyncio.sleep(cooldown)
     stop.set()
     records = await load
     return RolloutResult(mode, records, steps, rollout_start, rollout_end, now(), rss)
+
+
+def _drain_times(inst: Instance, t0_wall: float) -> tuple[float | None, float | None]:
+    """When the old instance's sidecar confirmed its deregistration and when it signalled the
+    app (the end of the delay), in seconds since the load began, from its JSON log."""
+    def at(name: str) -> float | None:
+        ev = inst.sidecar.event(name)
+        if not ev or "timestamp" not in ev:
+            return None
+        return datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp() - t0_wall
+
+    return at("sidecar.consul.deregistered"), at("sidecar.drain.delay_done")
 
 
 def sidecar_pids(cluster: Cluster) -> list[int]:

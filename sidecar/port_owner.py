@@ -1,0 +1,136 @@
+"""Whose port is it? Before registering, check that the socket listening on service.address:port
+belongs to the app's process tree, not to some other server that happens to answer the health check.
+
+The listening sockets come from sock_diag (with their inodes), their owners from /proc/<pid>/fd
+(``socket:[inode]``). The app's tree is its PID and every descendant; in wrapper mode, every
+descendant of the sidecar (it is the subreaper of the app's orphans, so a daemonised worker
+stays in the tree). Linux only; where the port cannot be seen (another network namespace), the
+check says so and does not refuse.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .netns_counters import own_socket_inodes
+from .traffic import Listener, TrafficWatchError, listeners
+
+__all__ = ["OwnerCheck", "app_tree", "check_port_owner"]
+
+
+@dataclass(frozen=True)
+class OwnerCheck:
+    ok: bool  # False: a listener on the address and port is not the app's: do not register
+    checked: bool  # False: nothing could be checked (no listener visible here, netlink refused)
+    detail: str
+    owner_pid: int | None = None
+    owner_command: str | None = None
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", encoding="ascii", errors="replace") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def app_tree(root: int, include_root: bool = True) -> set[int]:
+    """``root`` and all its descendants, as /proc shows them now."""
+    kids = _children()
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid in tree:
+            continue
+        tree.add(pid)
+        todo.extend(kids.get(pid, ()))
+    if not include_root:
+        tree.discard(root)
+    return tree
+
+
+def _command(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    text = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    return text[:200] or "?"
+
+
+def _serves(listener: Listener, address: str) -> bool:
+    """Whether a connection to ``address`` would reach this listener (a wildcard serves its family;
+    an IPv6 wildcard also serves IPv4, unless IPV6_V6ONLY, which sock_diag does not show: counted)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return True  # a host name: any listener on the port may be the one
+    if listener.address == "::":
+        return True
+    if listener.address == "0.0.0.0":
+        return ip.version == 4
+    return ipaddress.ip_address(listener.address) == ip
+
+
+def check_port_owner(address: str, port: int, tree: set[int]) -> OwnerCheck:
+    """Whether every socket listening on ``address``:``port`` is held by a process in ``tree``."""
+    try:
+        found = [lst for lst in listeners(port) if _serves(lst, address)]
+    except TrafficWatchError as e:
+        return OwnerCheck(True, False, f"the listening sockets cannot be read here: {e}")
+    if not found:
+        return OwnerCheck(True, False, f"no socket listens on port {port} in this network namespace")
+    inodes = {lst.inode for lst in found}
+    for pid in tree:
+        inodes -= own_socket_inodes(pid)
+        if not inodes:
+            return OwnerCheck(True, True, "the app's process tree holds the listening socket")
+    # Someone else's: find whom, to name it.
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) not in tree and own_socket_inodes(d) & inodes:
+            pid = int(d)
+            return OwnerCheck(False, True, f"another process listens on {address}:{port}: PID {pid} ({_command(pid)})",
+                              pid, _command(pid))
+    return OwnerCheck(False, True, f"a process outside the app's tree listens on {address}:{port} (socket inode "
+                      f"{min(inodes)}, owner not visible from here: another PID namespace?)")
+
+
+def verify_app_port(address: str, port: int, app: object, log: Any) -> str | None:
+    """The check as the lifecycle runs it before registering: one log event; the reason to refuse
+    (naming the owner) or None. Without a PID to check (shutdown_url, nothing), warns once."""
+    from .app_control import ChildApp, PidApp
+
+    if isinstance(app, ChildApp) and app.pid is not None:
+        tree = app_tree(os.getpid(), include_root=False)  # the app, its descendants, and orphans we reaped into ours
+    elif isinstance(app, PidApp):
+        try:
+            tree = app_tree(app.pid())
+        except (OSError, ValueError) as e:
+            log.warning("sidecar.startup.port_owner_unchecked", port=port, reason=f"the app's PID is not known: {e}")
+            return None
+    else:
+        log.warning("sidecar.startup.port_owner_unchecked", port=port,
+                    reason="no PID to check against (set app.pid or app.pid_file, or run the app after '--')")
+        return None
+    result = check_port_owner(address, port, tree)
+    if not result.checked:
+        log.warning("sidecar.startup.port_owner_unchecked", port=port, reason=result.detail)
+        return None
+    if not result.ok:
+        log.error("sidecar.startup.port_not_the_apps", address=address, port=port, owner_pid=result.owner_pid,
+                  owner_command=result.owner_command, error=result.detail,
+                  hint="stop the other server or give the app another port; nothing was registered")
+        return result.detail
+    log.info("sidecar.startup.port_owner", address=address, port=port, detail=result.detail)
+    return None

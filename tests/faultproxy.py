@@ -1,7 +1,7 @@
 """A fault-injecting HTTP proxy between the sidecar (a real process) and a real Consul agent.
 
-The sidecar opens one connection per request (``force_close``), so the proxy reads one
-request per connection and answers it, forwarded or forged. A test arms rules per endpoint
+The proxy reads one request per connection and answers it, forwarded or forged, always with
+``Connection: close``: the sidecar's kept-alive reads then also open a connection each. A test arms rules per endpoint
 (method + path prefix); the first matching rule with uses left decides what happens:
 
     forward            pass it on (what happens without a rule)

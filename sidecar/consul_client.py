@@ -231,7 +231,8 @@ def _session(force_close: bool) -> aiohttp.ClientSession:
 # The agent closed the connection without answering (reset, broken pipe, EOF): what a pooled
 # connection does on reuse when the agent has restarted. (ClientConnectorError, a connect that
 # failed, is excluded where this is caught: a fresh connection would fail the same way.)
-_DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# (aiohttp's ClientConnectionResetError, "cannot write to closing transport", is a ConnectionResetError.)
+_DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionResetError, BrokenPipeError)
 
 _CERT_PROBLEMS = ("CERTIFICATE", "UNKNOWN_CA", "WRONG_VERSION_NUMBER", "HANDSHAKE_FAILURE")
 

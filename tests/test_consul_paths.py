@@ -94,14 +94,14 @@ def test_servers_without_a_leader_are_told_from_other_answers(body: str) -> None
 
 
 def test_other_answers_are_not_taken_for_a_missing_leader() -> None:
-    import consul.base
+    from sidecar._consul_import import consul_base  # the sidecar's copy: a plain `import consul` gets another
 
-    with pytest.raises(consul.base.ACLPermissionDenied):
+    with pytest.raises(consul_base.ACLPermissionDenied):
         _catalog_answer(Answer(403, "Permission denied"))
-    with pytest.raises(consul.base.ConsulException):
+    with pytest.raises(consul_base.ConsulException):
         _catalog_answer(Answer(500, "something else broke"))
     assert _catalog_answer(Answer(200, json.dumps([{"Service": {"ID": "x"}}]))) == [{"Service": {"ID": "x"}}]
     assert _deregister_answer(Answer(500, 'Unknown service "x"')) is False  # an ACL agent: it no longer holds x
     assert _deregister_answer(Answer(200, "")) is True
-    with pytest.raises(consul.base.ConsulException):
+    with pytest.raises(consul_base.ConsulException):
         _deregister_answer(Answer(500, "No cluster leader"))

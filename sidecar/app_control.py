@@ -22,6 +22,7 @@ import aiohttp
 from . import proctree
 from .clock import Clock
 from .config import KILL_REAP_TIMEOUT
+from .exit_codes import by_signal
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class StopResult:
 def exit_status(wait_status: int) -> int:
     """waitpid status -> shell-style exit status (128 + N when signal N ended it)."""
     code = os.waitstatus_to_exitcode(wait_status)
-    return 128 - code if code < 0 else code
+    return by_signal(-code) if code < 0 else code
 
 
 class App(Protocol):
@@ -92,7 +93,7 @@ class PosixLauncher:
             if prctl is not None:
                 prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
                 if os.getppid() != parent:  # the sidecar died before prctl took effect
-                    os._exit(128 + signal.SIGKILL)
+                    os._exit(by_signal(signal.SIGKILL))
 
         proc = subprocess.Popen(list(argv), process_group=0, preexec_fn=in_child, close_fds=True, env=env)
         # Keep the Popen object: dropping it would let subprocess's own cleanup
@@ -324,7 +325,7 @@ class ChildApp:
         try:
             status = await asyncio.wait_for(asyncio.shield(self.exited), KILL_REAP_TIMEOUT)
         except TimeoutError:
-            status = 128 + signal.SIGKILL
+            status = by_signal(signal.SIGKILL)
         await self._until_none_left()
         return StopResult(status, True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
 
@@ -466,7 +467,7 @@ class PidApp:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-                return StopResult(128 + signal.SIGKILL, True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
+                return StopResult(by_signal(signal.SIGKILL), True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
             await self._clock.sleep(self.POLL)
         return StopResult(0, False, f"exited after {sig.name}")
 

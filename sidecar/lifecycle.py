@@ -40,6 +40,7 @@ from .backoff import backoff
 from .clock import Clock
 from .config import Config, same_host
 from .drain_wait import DrainWait
+from .exit_codes import EX_CANNOT_EXECUTE, EX_CONFIG, EX_NOPERM, EX_NOT_FOUND, EX_UNAVAILABLE, by_signal
 from .consul_client import Agent, ConsulError, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, DeregisterResult, Deregistration
 from .port_owner import verify_app_port
 from .registration import registration_payload
@@ -47,11 +48,6 @@ from .signals import FORWARDED, SHUTDOWN, SignalInbox
 from .status import State, Status
 
 T = TypeVar("T")
-
-EX_UNAVAILABLE = 69  # the app never became healthy
-EX_SOFTWARE = 70  # a bug in the sidecar
-EX_NOPERM = 77  # Consul's ACLs refused the registration
-EX_CONFIG = 78  # the agent rejected the registration as malformed
 
 _UNCONFIRMED_HINTS = {
     Deregistration.NO_LEADER: "the Consul servers have no leader (an election?): the agent removes the instance from "
@@ -136,7 +132,7 @@ class Sidecar:
                 self._start_app()
             except OSError as e:
                 self.log.error("sidecar.app.start_failed", error=f"{e.__class__.__name__}: {e}")
-                return 127 if isinstance(e, FileNotFoundError) else 126
+                return EX_NOT_FOUND if isinstance(e, FileNotFoundError) else EX_CANNOT_EXECUTE
             self.status.app = {"description": self.app.description}
             self.log.info("sidecar.app.started", app=self.app.description, elapsed_ms=self._ms(t0))
             if self.status_server is not None:
@@ -514,8 +510,8 @@ class Sidecar:
     async def _after_app_exit(self) -> int:
         """The app ended on its own: take it out of discovery at once, pass its status on."""
         status = self.app.exited.result()
-        level = "error" if status == 128 + signal.SIGKILL else ("info" if status == 0 else "warning")
-        hint = "killed by SIGKILL: out of memory?" if status == 128 + signal.SIGKILL else None
+        level = "error" if status == by_signal(signal.SIGKILL) else ("info" if status == 0 else "warning")
+        hint = "killed by SIGKILL: out of memory?" if status == by_signal(signal.SIGKILL) else None
         daemon = sorted(getattr(self.app, "followed", ())) or None
         getattr(self.log, level)("sidecar.app.exited", exit_status=status, hint=hint, daemon_pids=daemon)
         t = self.clock.monotonic()

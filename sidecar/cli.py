@@ -293,24 +293,19 @@ async def _run(config: Config, command: list[str]) -> int:
         # Orphans of the app become our children (PID 1 gets them anyway), so
         # the reaper in ChildApp collects them and no zombie piles up.
         become_subreaper()
-        start_app: Any = child.start
     elif config.app.pid is not None or config.app.pid_file is not None:
-        pid_app = PidApp(config.app.pid, config.app.pid_file, clock)
-        app, start_app = pid_app, pid_app.watch
+        app = PidApp(config.app.pid, config.app.pid_file, clock)
     elif config.app.shutdown_url is not None:
-        app, start_app = UrlApp(config.app.shutdown_url, config.check.http, clock), lambda: None
+        app = UrlApp(config.app.shutdown_url, config.check.http, clock)
     else:
-        app, start_app = ExternalApp(), lambda: None
+        app = ExternalApp()
 
-    def start_app_then_own_io() -> object:
-        try:
-            return start_app()
-        finally:
-            # Only now: the launcher's preexec_fn must run in a process with one thread, and
-            # the app keeps the platform's descriptor limit (select()-based code relies on 1024).
-            before, after = raise_nofile_limit()
-            log.start()
-            logger.debug("sidecar.limits.nofile", soft_before=before, soft=after)
+    def own_io() -> None:
+        # Only once the app is spawned: the launcher's preexec_fn must run in a process with one
+        # thread, and the app keeps the platform's descriptor limit (select()-based code relies on 1024).
+        before, after = raise_nofile_limit()
+        log.start()
+        logger.debug("sidecar.limits.nofile", soft_before=before, soft=after)
 
     status = Status(clock, config.service.id)
     prober = Prober(config.check.http, config.check.timeout)
@@ -318,12 +313,12 @@ async def _run(config: Config, command: list[str]) -> int:
         config,
         agent=ConsulAgent(config.consul, clock),
         app=app,
-        start_app=start_app_then_own_io,
         prober=prober,
         clock=clock,
         status=status,
         log=logger,
         status_server=StatusServer(status, sock, logger) if sock is not None else None,
+        after_start=own_io,
     )
     try:
         return await sidecar.run()

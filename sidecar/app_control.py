@@ -99,6 +99,10 @@ def _libc_prctl() -> Callable[..., int] | None:
 class Launcher(Protocol):
     def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int: ...
 
+    def mark_reaped(self, pid: int, status: int) -> None:
+        """The sidecar's reaper collected ``pid``: a launcher that keeps a handle on it records the status."""
+        ...
+
 
 class PosixLauncher:
     """Starts the app in its own process group, tied to the sidecar's life.
@@ -233,9 +237,7 @@ class ChildApp:
                 return
             if pid == self.pid:
                 code = exit_status(status)
-                mark = getattr(self._launcher, "mark_reaped", None)
-                if mark is not None:
-                    mark(pid, code)
+                self._launcher.mark_reaped(pid, code)
                 if not self.exited.done() and not (code == 0 and self._follow_daemon()):
                     self.exited.set_result(code)
             else:

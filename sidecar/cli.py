@@ -19,11 +19,12 @@ from typing import Any
 from . import __version__, log
 from .app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
 from .clock import SystemClock
-from .config import EX_CONFIG, Config, ConfigError, address_toward, load_config, load_consul_settings
+from .config import Config, ConfigError, address_toward, load_config, load_consul_settings
 from .consul_client import ConsulAgent
 from .durations import format_duration, parse_duration
 from .health import Prober
-from .lifecycle import EX_SOFTWARE, Sidecar
+from .exit_codes import EX_BAD_COMMAND_LINE, EX_CONFIG, EX_INTERRUPTED, EX_SOFTWARE
+from .lifecycle import Sidecar
 from .registration import registration_payload
 from .status import Status, StatusServer, bind, listen_warnings, raise_nofile_limit
 
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" (the app's command goes after '--': {PROG} run -c FILE -- COMMAND [ARG...])" if args.command == "run" else ""
         parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if args.command != "run" and command:
-        return _fail([f"'{args.command}' takes no command after '--'"], 2)
+        return _fail([f"'{args.command}' takes no command after '--'"], EX_BAD_COMMAND_LINE)
     if args.command == "wait":
         return _wait(args)
     unresolved: list[str] = []
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_run(config, command))
     except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were installed
-        return 130
+        return EX_INTERRUPTED
     finally:
         log.close()  # bounded: a stalled log reader loses the last lines, never the exit
 
@@ -230,13 +231,13 @@ def _wait(args: argparse.Namespace) -> int:
     from . import wait  # only this command needs it
 
     if (args.passing or args.gone) and not args.id:
-        return _fail(["wait: --passing and --gone need --id ID"], 2)
+        return _fail(["wait: --passing and --gone need --id ID"], EX_BAD_COMMAND_LINE)
     if args.min_passing is not None and args.min_passing < 1:
-        return _fail([f"wait: --min-passing {args.min_passing}: must be at least 1"], 2)
+        return _fail([f"wait: --min-passing {args.min_passing}: must be at least 1"], EX_BAD_COMMAND_LINE)
     try:
         timeout = parse_duration(args.timeout)
     except ValueError as e:
-        return _fail([f"wait: --timeout: {e}"], 2)
+        return _fail([f"wait: --timeout: {e}"], EX_BAD_COMMAND_LINE)
     try:
         settings = load_consul_settings(args.config, os.environ, args.consul_address)
     except ConfigError as e:
@@ -259,7 +260,7 @@ def _wait(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(go())
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
     if result.ok:
         print(f"{cond.description}: after {result.elapsed:.2f}s ({result.last_seen})")
         return 0
@@ -292,24 +293,19 @@ async def _run(config: Config, command: list[str]) -> int:
         # Orphans of the app become our children (PID 1 gets them anyway), so
         # the reaper in ChildApp collects them and no zombie piles up.
         become_subreaper()
-        start_app: Any = child.start
     elif config.app.pid is not None or config.app.pid_file is not None:
-        pid_app = PidApp(config.app.pid, config.app.pid_file, clock)
-        app, start_app = pid_app, pid_app.watch
+        app = PidApp(config.app.pid, config.app.pid_file, clock)
     elif config.app.shutdown_url is not None:
-        app, start_app = UrlApp(config.app.shutdown_url, config.check.http, clock), lambda: None
+        app = UrlApp(config.app.shutdown_url, config.check.http, clock)
     else:
-        app, start_app = ExternalApp(), lambda: None
+        app = ExternalApp()
 
-    def start_app_then_own_io() -> object:
-        try:
-            return start_app()
-        finally:
-            # Only now: the launcher's preexec_fn must run in a process with one thread, and
-            # the app keeps the platform's descriptor limit (select()-based code relies on 1024).
-            before, after = raise_nofile_limit()
-            log.start()
-            logger.debug("sidecar.limits.nofile", soft_before=before, soft=after)
+    def own_io() -> None:
+        # Only once the app is spawned: the launcher's preexec_fn must run in a process with one
+        # thread, and the app keeps the platform's descriptor limit (select()-based code relies on 1024).
+        before, after = raise_nofile_limit()
+        log.start()
+        logger.debug("sidecar.limits.nofile", soft_before=before, soft=after)
 
     status = Status(clock, config.service.id)
     prober = Prober(config.check.http, config.check.timeout)
@@ -317,12 +313,12 @@ async def _run(config: Config, command: list[str]) -> int:
         config,
         agent=ConsulAgent(config.consul, clock),
         app=app,
-        start_app=start_app_then_own_io,
         prober=prober,
         clock=clock,
         status=status,
         log=logger,
         status_server=StatusServer(status, sock, logger) if sock is not None else None,
+        after_start=own_io,
     )
     try:
         return await sidecar.run()

@@ -26,8 +26,6 @@ from typing import Any
 
 from .durations import format_duration, parse_duration
 
-EX_CONFIG = 78  # sysexits.h: configuration error
-
 # How long the sidecar waits for the app to be reaped after SIGKILL. Not
 # configurable: SIGKILL cannot be refused, so this only bounds the kernel's work.
 KILL_REAP_TIMEOUT = 1.0

@@ -20,7 +20,7 @@ import ssl
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import yarl
@@ -31,6 +31,10 @@ from .clock import Clock
 from .config import ConsulSettings, TokenError
 from .durations import parse_duration
 from .log import get_logger
+
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 
 class ConsulError(Exception):
@@ -60,7 +64,7 @@ class ConsulRejected(ConsulError):
 class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul2 has no type hints
     """python-consul2's HTTPClient contract, on one aiohttp session with deadlines."""
 
-    def __init__(self, settings: ConsulSettings, log: Any) -> None:
+    def __init__(self, settings: ConsulSettings, log: FilteringBoundLogger) -> None:
         super().__init__(settings.host, settings.port, settings.scheme, verify=settings.tls_verify)
         self.settings = settings
         self.base_uri = settings.address
@@ -340,7 +344,7 @@ class Agent(Protocol):
 class ConsulAgent:
     """The local Consul agent, reached through python-consul2 with deadlines."""
 
-    def __init__(self, settings: ConsulSettings, clock: Clock, log: Any = None) -> None:
+    def __init__(self, settings: ConsulSettings, clock: Clock, log: FilteringBoundLogger | None = None) -> None:
         self._transport = _Transport(settings, log if log is not None else get_logger())
         self._c = _Endpoints(self._transport)
         self._clock = clock

@@ -35,11 +35,12 @@ to a shorter wait.
 from __future__ import annotations
 
 import asyncio
+import enum
 import ipaddress
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .clock import Clock
 from .config import Config
@@ -50,8 +51,29 @@ from .status import Status
 from .tcp_events import DestroyEvents
 from .traffic import PortSnapshot, PortWatcher, TrafficWatchError, activity_between
 
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
 POLL = 0.1  # seconds between two looks at the catalog, the resolvers or the port (poll alone)
 POLL_WITH_EVENTS = 1.0  # between two looks at the port when a complete source sees short connections (CPU: ~3 ms a look on a busy host)
+
+
+class DrainEnd(enum.Enum):
+    """Why the wait before the app's signal ended: ``reason`` in ``sidecar.drain.delay_done``.
+
+    The values are logged as they stand and documented: operators match on them.
+    """
+
+    FIXED = "fixed delay"
+    FIXED_VIEW_UNAVAILABLE = "fixed delay (traffic view unavailable)"
+    TRAFFIC_QUIET = "traffic quiet"
+    UPPER_BOUND = "upper bound (propagation_delay)"
+    UPPER_BOUND_BLIND = "upper bound (traffic view blind to short connections)"
+    UPPER_BOUND_VIEW_LOST = "upper bound (traffic view lost)"
+    # Decided by the lifecycle, which cuts the wait short:
+    SECOND_SIGINT = "second SIGINT"
+    APP_EXITED = "the app exited"
+    DRAIN_BOUND = "the drain's bound (deregister_timeout + propagation_delay)"
 
 
 class Catalog(Protocol):
@@ -77,7 +99,7 @@ class DrainWait:
         config: Config,
         catalog: Catalog,
         clock: Clock,
-        log: Any,
+        log: FilteringBoundLogger,
         status: Status,
         watcher_factory: WatcherFactory = PortWatcher,
         resolve: Resolve = resolve_addresses,
@@ -192,7 +214,7 @@ class DrainWait:
             self._watcher.close()
             self._watcher = None
 
-    async def wait(self, confirmed_at: float) -> str:
+    async def wait(self, confirmed_at: float) -> DrainEnd:
         """Wait as the strategy says, counting from ``confirmed_at`` (monotonic); return why it ended.
 
         ``cpu_ms`` afterwards: the process CPU time the wait used (the cost of polling).
@@ -203,23 +225,23 @@ class DrainWait:
         finally:
             self.cpu_ms = round((time.process_time() - cpu0) * 1000, 1)
 
-    async def _wait(self, confirmed_at: float) -> str:
+    async def _wait(self, confirmed_at: float) -> DrainEnd:
         upper = confirmed_at + self.sd.propagation_delay
         if self.sd.strategy == "fixed" or self._watcher is None:
             self.status.drain = {"strategy": "fixed", "step": "delay"}
             await self.clock.sleep(upper - self.clock.monotonic())
-            return "fixed delay" if self.sd.strategy == "fixed" else "fixed delay (traffic view unavailable)"
+            return DrainEnd.FIXED if self.sd.strategy == "fixed" else DrainEnd.FIXED_VIEW_UNAVAILABLE
         if self.blind is not None and not self.sd.traffic_poll_only_accepts_misses:
             return await self._blind_wait(upper, self.blind)
         for step in (self._catalog_clear, self._dns_clear):
             if not await step(upper):
-                return "upper bound (propagation_delay)"
+                return DrainEnd.UPPER_BOUND
         return await self._quiet(confirmed_at + self.sd.min_delay, upper)
 
-    async def _blind_wait(self, upper: float, why: str) -> str:
+    async def _blind_wait(self, upper: float, why: str) -> DrainEnd:
         self._progress("delay", blind=why)
         await self.clock.sleep(upper - self.clock.monotonic())
-        return "upper bound (traffic view blind to short connections)"
+        return DrainEnd.UPPER_BOUND_BLIND
 
     async def _catalog_clear(self, upper: float) -> bool:
         svc = self.config.service
@@ -262,7 +284,7 @@ class DrainWait:
         self.log.info("sidecar.drain.dns_clear", resolvers=[f"{h}:{p}" for h, p in self.sd.dns], elapsed_ms=self._ms(t))
         return True
 
-    async def _quiet(self, earliest: float, upper: float) -> str:
+    async def _quiet(self, earliest: float, upper: float) -> DrainEnd:
         assert self._watcher is not None
         svc = self.config.service
         t = self.clock.monotonic()
@@ -307,7 +329,7 @@ class DrainWait:
                 events.close()
 
     async def _quiet_loop(self, earliest: float, upper: float, t: float, state: dict[str, Any],
-                          events: DestroyEvents | None, take_events: Callable[[], None] | None) -> str:
+                          events: DestroyEvents | None, take_events: Callable[[], None] | None) -> DrainEnd:
         assert self._watcher is not None
         interval = POLL_WITH_EVENTS if self.complete else POLL
         use_counters = "listen_drops" in self.sources
@@ -336,18 +358,18 @@ class DrainWait:
                 if quiet_for >= self.sd.quiet_period:
                     self.log.info("sidecar.drain.quiet", quiet_period_s=self.sd.quiet_period, open_connections=prev.connections,
                                   ended_connections=state["ended"], sources=self.sources, elapsed_ms=self._ms(t))
-                    return "traffic quiet"
+                    return DrainEnd.TRAFFIC_QUIET
             due = min(now + interval, max(state["last"] + self.sd.quiet_period, earliest))
             if not await self._tick(upper, max(0.001, due - now)):
                 self.log.warning("sidecar.drain.not_quiet", quiet_for_s=round(quiet_for, 3), open_connections=prev.connections,
                                  ended_connections=state["ended"], elapsed_ms=self._ms(t))
-                return "upper bound (propagation_delay)"
+                return DrainEnd.UPPER_BOUND
             try:
                 snap = self._watcher.snapshot()
             except TrafficWatchError as e:
                 self.log.warning("sidecar.drain.traffic_unavailable", reason=str(e), fallback="wait until the upper bound")
                 await self.clock.sleep(upper - self.clock.monotonic())
-                return "upper bound (traffic view lost)"
+                return DrainEnd.UPPER_BOUND_VIEW_LOST
             act = activity_between(prev, snap)
             window = {"new_connections": act.new_connections, "bytes_in": act.bytes_in}
             busy = not act.quiet

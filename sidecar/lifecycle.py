@@ -29,29 +29,29 @@ what each one means at the current step:
 from __future__ import annotations
 
 import asyncio
+import enum
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from . import instance_claim
 from .app_control import App, StopResult
 from .backoff import backoff
 from .clock import Clock
 from .config import Config, same_host
-from .drain_wait import DrainWait
+from .drain_wait import DrainEnd, DrainWait
+from .exit_codes import EX_CANNOT_EXECUTE, EX_CONFIG, EX_NOPERM, EX_NOT_FOUND, EX_UNAVAILABLE, by_signal
 from .consul_client import Agent, ConsulError, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, DeregisterResult, Deregistration
 from .port_owner import verify_app_port
 from .registration import registration_payload
 from .signals import FORWARDED, SHUTDOWN, SignalInbox
 from .status import State, Status
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
-EX_UNAVAILABLE = 69  # the app never became healthy
-EX_SOFTWARE = 70  # a bug in the sidecar
-EX_NOPERM = 77  # Consul's ACLs refused the registration
-EX_CONFIG = 78  # the agent rejected the registration as malformed
+T = TypeVar("T")
 
 _UNCONFIRMED_HINTS = {
     Deregistration.NO_LEADER: "the Consul servers have no leader (an election?): the agent removes the instance from "
@@ -79,9 +79,16 @@ class Probe(Protocol):
     async def probe(self) -> tuple[bool, str]: ...
 
 
+class Interruption(enum.Enum):
+    """Why a step was cut short: the app ended on its own, or a shutdown signal came."""
+
+    APP_EXITED = "app_exited"
+    SHUTDOWN = "shutdown"
+
+
 @dataclass(frozen=True)
 class _Interrupted:
-    reason: str  # "app_exited" or "shutdown"
+    reason: Interruption
 
 
 class Sidecar:
@@ -90,19 +97,21 @@ class Sidecar:
         config: Config,
         agent: Agent,
         app: App,
-        start_app: Callable[[], object],
         prober: Probe,
         clock: Clock,
         status: Status,
-        log: Any,
+        log: FilteringBoundLogger,
         status_server: Startable | None = None,
         inbox: SignalInbox | None = None,
         drain_wait: DrainWait | None = None,
+        after_start: Callable[[], None] = lambda: None,
     ) -> None:
+        """``after_start`` runs right after ``app.start()``, even if it failed: what the caller
+        may only do once the app has been spawned (threads, descriptor limits; see ``PosixLauncher``)."""
         self.config = config
         self.agent = agent
         self.app = app
-        self._start_app = start_app
+        self._after_start = after_start
         self.prober = prober
         self.clock = clock
         self.status = status
@@ -133,10 +142,13 @@ class Sidecar:
         dispatcher = asyncio.create_task(self._dispatch_signals())
         try:
             try:
-                self._start_app()
+                try:
+                    self.app.start()
+                finally:
+                    self._after_start()
             except OSError as e:
                 self.log.error("sidecar.app.start_failed", error=f"{e.__class__.__name__}: {e}")
-                return 127 if isinstance(e, FileNotFoundError) else 126
+                return EX_NOT_FOUND if isinstance(e, FileNotFoundError) else EX_CANNOT_EXECUTE
             self.status.app = {"description": self.app.description}
             self.log.info("sidecar.app.started", app=self.app.description, elapsed_ms=self._ms(t0))
             if self.status_server is not None:
@@ -178,8 +190,8 @@ class Sidecar:
         assert isinstance(ended, _Interrupted)
         return await self._end(ended.reason)
 
-    async def _end(self, reason: str) -> int:
-        if reason == "app_exited":
+    async def _end(self, reason: Interruption) -> int:
+        if reason is Interruption.APP_EXITED:
             return await self._after_app_exit()
         return await self._drain()
 
@@ -484,19 +496,19 @@ class Sidecar:
                 finished, late = await self._first(self._deregister(deadline=bound, late=True), self._skip_delay.wait())
                 if finished and late is not None and late.answered:
                     last, outcome = late, late.outcome
-            ended: str | None = None
+            ended: DrainEnd | None = None
             confirmed_at = self.clock.monotonic()
             if outcome is Deregistration.CONFIRMED:
                 # A late confirmation shortens the delay rather than push the app past the worst case.
                 _, ended = await self._first(self.drain_wait.wait(confirmed_at), self._skip_or_bound(bound))
             if ended is None:
-                ended = ("second SIGINT" if self._skip_delay.is_set() else "the app exited" if self.app.exited.done()
-                         else "the drain's bound (deregister_timeout + propagation_delay)")
+                ended = (DrainEnd.SECOND_SIGINT if self._skip_delay.is_set() else DrainEnd.APP_EXITED
+                         if self.app.exited.done() else DrainEnd.DRAIN_BOUND)
             unconfirmed = outcome is not Deregistration.CONFIRMED
             (self.log.error if unconfirmed else self.log.info)(
                 "sidecar.drain.delay_done",
                 strategy=cfg.strategy,
-                reason=ended,
+                reason=ended.value,
                 bound_s=cfg.propagation_delay,
                 deregistration=outcome.value,
                 cpu_ms=self.drain_wait.cpu_ms,
@@ -514,10 +526,10 @@ class Sidecar:
     async def _after_app_exit(self) -> int:
         """The app ended on its own: take it out of discovery at once, pass its status on."""
         status = self.app.exited.result()
-        level = "error" if status == 128 + signal.SIGKILL else ("info" if status == 0 else "warning")
-        hint = "killed by SIGKILL: out of memory?" if status == 128 + signal.SIGKILL else None
-        daemon = sorted(getattr(self.app, "followed", ())) or None
-        getattr(self.log, level)("sidecar.app.exited", exit_status=status, hint=hint, daemon_pids=daemon)
+        oom = status == by_signal(signal.SIGKILL)
+        emit = self.log.error if oom else self.log.info if status == 0 else self.log.warning
+        emit("sidecar.app.exited", exit_status=status, hint="killed by SIGKILL: out of memory?" if oom else None,
+             daemon_pids=sorted(self.app.followed) or None)
         t = self.clock.monotonic()
         self.status.enter(State.DRAINING)
         deadline = t + self.config.shutdown.deregister_timeout
@@ -585,7 +597,9 @@ class Sidecar:
         self.status.enter(State.STOPPING)
         t = self.clock.monotonic()
         result = await self.app.stop(cfg.app_signal, cfg.app_timeout)
-        extra = {k: getattr(self.app, k, None) or None for k in ("orphans_reaped", "leftovers_signalled", "leftovers_killed")}
+        app = self.app
+        extra = {"orphans_reaped": app.orphans_reaped or None, "leftovers_signalled": app.leftovers_signalled or None,
+                 "leftovers_killed": app.leftovers_killed or None}
         if result.killed:
             self.log.error("sidecar.app.killed", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t), **extra)
         else:
@@ -625,7 +639,7 @@ class Sidecar:
         finished, result = await self._first(work, self._shutdown.wait())
         if finished:
             return result  # type: ignore[return-value]  # finished: result is work's
-        return _Interrupted("app_exited" if self.app.exited.done() else "shutdown")
+        return _Interrupted(Interruption.APP_EXITED if self.app.exited.done() else Interruption.SHUTDOWN)
 
     async def _first(self, work: Awaitable[T], interrupt: Awaitable[Any]) -> tuple[bool, T | None]:
         """Run ``work`` unless ``interrupt`` or the app's exit comes first: (finished, its result)."""
@@ -643,7 +657,8 @@ class Sidecar:
         await asyncio.gather(task, return_exceptions=True)
         return False, None
 
-    def _consul_state(self, reachable: bool, error: str | None, level: str = "warning", retrying: bool = False) -> None:
+    def _consul_state(self, reachable: bool, error: str | None, level: Literal["warning", "error"] = "warning",
+                      retrying: bool = False) -> None:
         """Log Consul reachability changes, not every failed request."""
         if error is not None:
             self.status.last_error = error
@@ -654,7 +669,7 @@ class Sidecar:
         if reachable:
             self.log.info("sidecar.consul.reachable", address=self.agent.address)
         else:
-            getattr(self.log, level)(
+            (self.log.error if level == "error" else self.log.warning)(
                 "sidecar.consul.unreachable",
                 address=self.agent.address,
                 error=error,

@@ -14,10 +14,14 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .netns_counters import own_socket_inodes
 from .traffic import Listener, TrafficWatchError, listeners
+
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 __all__ = ["OwnerCheck", "app_tree", "check_port_owner"]
 
@@ -106,7 +110,7 @@ def check_port_owner(address: str, port: int, tree: set[int]) -> OwnerCheck:
                       f"{min(inodes)}, owner not visible from here: another PID namespace?)")
 
 
-def verify_app_port(address: str, port: int, app: object, log: Any) -> str | None:
+def verify_app_port(address: str, port: int, app: object, log: FilteringBoundLogger) -> str | None:
     """The check as the lifecycle runs it before registering: one log event; the reason to refuse
     (naming the owner) or None. Without a PID to check (shutdown_url, nothing), warns once."""
     from .app_control import ChildApp, PidApp

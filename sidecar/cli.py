@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__, log
 from .app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
 from .clock import SystemClock
-from .config import EX_CONFIG, Config, ConfigError, address_toward, load_config, load_consul_settings
+from .config import EX_CONFIG, Config, ConfigError, Strategy, address_toward, load_config, load_consul_settings
 from .consul_client import ConsulAgent
 from .durations import format_duration, parse_duration
 from .health import Prober
@@ -140,30 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_config(config: Config) -> int:
+    from .config.docs import effective
+
     sd = config.shutdown
+    shutdown = effective(config, "shutdown")
+    if sd.strategy is Strategy.TRAFFIC:
+        shutdown |= {"dns_name": sd.dns_name or f"{config.service.name}.service.consul",
+                     "traffic_view_here": _traffic_view_here(config)}
     doc: dict[str, Any] = {
-        "consul": {
-            "address": config.consul.address,
-            "token": config.consul.token.describe(),
-            "ca_file": str(config.consul.ca_file) if config.consul.ca_file else None,
-            "timeout": format_duration(config.consul.timeout),
-        },
+        "consul": effective(config, "consul"),
         "registration": registration_payload(config, passing=config.startup.wait_healthy),
-        "startup": {"wait_healthy": config.startup.wait_healthy, "timeout": format_duration(config.startup.timeout)},
-        "shutdown": {
-            "deregister_timeout": format_duration(sd.deregister_timeout),
-            "propagation_delay": format_duration(sd.propagation_delay),
-            "app_signal": sd.app_signal.name,
-            "app_timeout": format_duration(sd.app_timeout),
-            "strategy": sd.strategy,
-            **({"min_delay": format_duration(sd.min_delay), "quiet_period": format_duration(sd.quiet_period),
-                "dns": [f"{h}:{p}" for h, p in sd.dns],
-                "dns_name": sd.dns_name or f"{config.service.name}.service.consul",
-                "traffic_poll_only_accepts_misses": sd.traffic_poll_only_accepts_misses,
-                "traffic_view_here": _traffic_view_here(config)} if sd.strategy == "traffic" else {}),
-            "worst_case": format_duration(sd.worst_case),
-            "budget": format_duration(sd.budget),
-        },
+        "startup": effective(config, "startup"),
+        "shutdown": shutdown | {"worst_case": format_duration(sd.worst_case), "budget": format_duration(sd.budget)},
+        **({"app": effective(config, "app")} if config.app.configured else {}),
         "status": _status_listen(config),
     }
     print(json.dumps(doc, indent=2))

@@ -63,11 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         "wait",
         help="block until Consul shows a condition (for deploy scripts)",
         description="Block until Consul shows the condition, following it with blocking queries; exit 0 when it "
-        "holds, 1 at --timeout. Consul settings come from --consul-address, the [consul] section of -c FILE, "
+        "holds, 1 at --timeout. Consul settings come from --http-addr, the [consul] section of -c FILE, "
         "or the CONSUL_* environment, in that order.",
     )
     wt.add_argument("-c", "--config", type=Path, help="a sidecar configuration file (only [consul] is used)")
-    wt.add_argument("--consul-address", metavar="URL", help="e.g. http://127.0.0.1:8500")
+    # The consul CLI's name for it (-http-addr; Go takes --http-addr too); --consul-address is the older alias.
+    wt.add_argument("--http-addr", "-http-addr", "--consul-address", dest="consul_address", metavar="ADDRESS",
+                    help="the agent, as for the consul CLI: http://127.0.0.1:8500, host:port, unix:///path/to/consul.sock")
     wt.add_argument("--service", required=True, metavar="NAME")
     wt.add_argument("--id", metavar="ID", help="the instance (service ID), with --passing or --gone")
     what = wt.add_mutually_exclusive_group(required=True)

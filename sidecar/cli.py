@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__, log
 from .app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
 from .clock import SystemClock
-from .config import Config, ConfigError, address_toward, load_config, load_consul_settings
+from .config import Config, ConfigError, Strategy, address_toward, load_config, load_consul_settings
 from .consul_client import ConsulAgent
 from .durations import format_duration, parse_duration
 from .health import Prober
@@ -64,11 +64,13 @@ def _parser() -> argparse.ArgumentParser:
         "wait",
         help="block until Consul shows a condition (for deploy scripts)",
         description="Block until Consul shows the condition, following it with blocking queries; exit 0 when it "
-        "holds, 1 at --timeout. Consul settings come from --consul-address, the [consul] section of -c FILE, "
+        "holds, 1 at --timeout. Consul settings come from --http-addr, the [consul] section of -c FILE, "
         "or the CONSUL_* environment, in that order.",
     )
     wt.add_argument("-c", "--config", type=Path, help="a sidecar configuration file (only [consul] is used)")
-    wt.add_argument("--consul-address", metavar="URL", help="e.g. http://127.0.0.1:8500")
+    # The consul CLI's name for it (-http-addr; Go takes --http-addr too); --consul-address is the older alias.
+    wt.add_argument("--http-addr", "-http-addr", "--consul-address", dest="consul_address", metavar="ADDRESS",
+                    help="the agent, as for the consul CLI: http://127.0.0.1:8500, host:port, unix:///path/to/consul.sock")
     wt.add_argument("--service", required=True, metavar="NAME")
     wt.add_argument("--id", metavar="ID", help="the instance (service ID), with --passing or --gone")
     what = wt.add_mutually_exclusive_group(required=True)
@@ -141,30 +143,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_config(config: Config) -> int:
+    from .config.docs import effective
+
     sd = config.shutdown
+    shutdown = effective(config, "shutdown")
+    if sd.strategy is Strategy.TRAFFIC:
+        shutdown |= {"dns_name": sd.dns_name or f"{config.service.name}.service.consul",
+                     "traffic_view_here": _traffic_view_here(config)}
     doc: dict[str, Any] = {
-        "consul": {
-            "address": config.consul.address,
-            "token": config.consul.token.describe(),
-            "ca_file": str(config.consul.ca_file) if config.consul.ca_file else None,
-            "timeout": format_duration(config.consul.timeout),
-        },
+        "consul": effective(config, "consul"),
         "registration": registration_payload(config, passing=config.startup.wait_healthy),
-        "startup": {"wait_healthy": config.startup.wait_healthy, "timeout": format_duration(config.startup.timeout)},
-        "shutdown": {
-            "deregister_timeout": format_duration(sd.deregister_timeout),
-            "propagation_delay": format_duration(sd.propagation_delay),
-            "app_signal": sd.app_signal.name,
-            "app_timeout": format_duration(sd.app_timeout),
-            "strategy": sd.strategy,
-            **({"min_delay": format_duration(sd.min_delay), "quiet_period": format_duration(sd.quiet_period),
-                "dns": [f"{h}:{p}" for h, p in sd.dns],
-                "dns_name": sd.dns_name or f"{config.service.name}.service.consul",
-                "traffic_poll_only_accepts_misses": sd.traffic_poll_only_accepts_misses,
-                "traffic_view_here": _traffic_view_here(config)} if sd.strategy == "traffic" else {}),
-            "worst_case": format_duration(sd.worst_case),
-            "budget": format_duration(sd.budget),
-        },
+        "startup": effective(config, "startup"),
+        "shutdown": shutdown | {"worst_case": format_duration(sd.worst_case), "budget": format_duration(sd.budget)},
+        **({"app": effective(config, "app")} if config.app.configured else {}),
         "status": _status_listen(config),
     }
     print(json.dumps(doc, indent=2))

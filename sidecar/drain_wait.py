@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .clock import Clock
-from .config import Config
+from .config import Config, Strategy
 from .consul_client import ConsulError
 from .dns_probe import DnsError, resolve_addresses
 from .netns_counters import Counters, namespace_is_apps, read_counters
@@ -132,7 +132,7 @@ class DrainWait:
     def prepare(self) -> None:
         """With the traffic strategy: check once, early, that the app's port is visible, choose the
         sources this host allows, and say which (and what a missing one costs)."""
-        if self.sd.strategy != "traffic" or self._watcher is not None:
+        if self.sd.strategy is not Strategy.TRAFFIC or self._watcher is not None:
             return
         svc = self.config.service
         if self.sd.dns:
@@ -227,10 +227,10 @@ class DrainWait:
 
     async def _wait(self, confirmed_at: float) -> DrainEnd:
         upper = confirmed_at + self.sd.propagation_delay
-        if self.sd.strategy == "fixed" or self._watcher is None:
+        if self.sd.strategy is Strategy.FIXED or self._watcher is None:
             self.status.drain = {"strategy": "fixed", "step": "delay"}
             await self.clock.sleep(upper - self.clock.monotonic())
-            return DrainEnd.FIXED if self.sd.strategy == "fixed" else DrainEnd.FIXED_VIEW_UNAVAILABLE
+            return DrainEnd.FIXED if self.sd.strategy is Strategy.FIXED else DrainEnd.FIXED_VIEW_UNAVAILABLE
         if self.blind is not None and not self.sd.traffic_poll_only_accepts_misses:
             return await self._blind_wait(upper, self.blind)
         for step in (self._catalog_clear, self._dns_clear):

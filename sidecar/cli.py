@@ -22,6 +22,7 @@ from .clock import SystemClock
 from .config import EX_CONFIG, Config, ConfigError, address_toward, load_config, load_consul_settings
 from .consul_client import ConsulAgent
 from .durations import format_duration, parse_duration
+from .executor import DaemonThreadExecutor
 from .health import Prober
 from .lifecycle import EX_SOFTWARE, Sidecar
 from .registration import registration_payload
@@ -268,6 +269,9 @@ def _wait(args: argparse.Namespace) -> int:
 
 
 async def _run(config: Config, command: list[str]) -> int:
+    # Blocking calls (host-name look-ups) in daemon threads: a resolver that does not answer must
+    # not keep the sidecar alive past its drain (asyncio.run waits for a pool's threads).
+    asyncio.get_running_loop().set_default_executor(DaemonThreadExecutor())
     clock = SystemClock()
     logger = log.get_logger()
     sock = None

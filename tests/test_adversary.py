@@ -6,7 +6,12 @@ Real Consul, real sidecar and app processes, real signals and capabilities.
 from __future__ import annotations
 
 import signal
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from .conftest import base_config
 from .harness import Consul, app_command, free_port, spawn, wait_for
@@ -57,3 +62,64 @@ def test_foreign_owner_still_refused_when_the_apps_descriptors_are_hidden(
     finally:
         foreign.kill()
         foreign.wait(5)
+
+
+# --- a resolver that never answers ----------------------------------------------------------------
+
+@pytest.fixture
+def hung_resolver(tmp_path: Path) -> Iterator[list[str]]:
+    """A DNS server that reads every query and answers none (an overloaded or partitioned resolver),
+    and the argv prefix that runs a process in a mount namespace whose /etc/resolv.conf points at it
+    (glibc then waits 30 s per look-up)."""
+    hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    hole.bind(("127.0.0.77", 53))
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.77\noptions timeout:30 attempts:1\n")
+    try:
+        yield ["unshare", "-m", "sh", "-c", f'mount --bind {conf} /etc/resolv.conf && exec "$@"', "sh"]
+    finally:
+        hole.close()
+
+
+def test_hung_resolver_for_a_host_name_address_does_not_block_the_drain(
+        consul: Consul, tmp_path: Path, service_name: str, hung_resolver: list[str]) -> None:
+    """service.address is a host name and the traffic strategy has a DNS step, so the sidecar resolves
+    the name at registration; the resolver never answers. SIGTERM right after the registration.
+    Expected: the drain starts at once and the sidecar exits within its worst case (3 + 5 + 10 + 1 =
+    19 s), nothing left registered. On main: getaddrinfo runs on the event loop, which sees the
+    SIGTERM only ~30 s later (the drain starts after the worst case has passed)."""
+    port = free_port()
+    cfg = base_config(consul, service_name, port, service={"address": "app.hung-resolver.example"},
+                      check={"http": f"http://127.0.0.1:{port}/healthz", "allow_remote": True},
+                      shutdown={"strategy": "traffic", "dns": [f"127.0.0.1:{consul.dns_port}"], "propagation_delay": "5s"})
+    sc = start_restricted(tmp_path, cfg, app_command(port), hung_resolver, deny_events=False)
+    sc.wait_event("sidecar.consul.registered", 30)
+    t = time.monotonic()
+    sc.send(signal.SIGTERM)
+    sc.wait_event("sidecar.drain.started", 60)
+    started = time.monotonic() - t
+    assert sc.wait(60) == 0, sc.output()[-2000:]
+    took = time.monotonic() - t
+    assert started < 3.0, f"the drain started {started:.1f}s after SIGTERM"
+    assert took < 19.0, f"exited {took:.1f}s after SIGTERM, past the worst case of 19s"
+    assert consul.service_ids(service_name) == []
+
+
+def test_hung_resolver_for_the_agents_name_does_not_keep_the_sidecar_alive(
+        consul: Consul, tmp_path: Path, service_name: str, hung_resolver: list[str]) -> None:
+    """consul.address names the agent by a host name (compose's "http://consul:8500") and the resolver
+    never answers: the agent is unreachable, the app runs unregistered. SIGTERM. Expected: the sidecar
+    stops the app and exits within its worst case (3 + 1 + 10 + 1 = 15 s), and well before: nothing
+    was registered. On main: it logs sidecar.stopped at once, then the process waits ~30 s for the
+    look-up threads of asyncio's default executor before it can exit."""
+    port = free_port()
+    cfg = base_config(consul, service_name, port, consul={"address": f"http://consul.hung-resolver.example:{consul.http_port}"})
+    sc = start_restricted(tmp_path, cfg, app_command(port), hung_resolver, deny_events=False)
+    sc.wait_event("sidecar.consul.unreachable", 30)
+    t = time.monotonic()
+    sc.send(signal.SIGTERM)
+    sc.wait_event("sidecar.stopped", 30)
+    assert sc.wait(60) == 0, sc.output()[-2000:]
+    took = time.monotonic() - t
+    assert took < 15.0, f"exited {took:.1f}s after SIGTERM, past the worst case of 15s"
+    assert consul.service_ids(service_name) == []

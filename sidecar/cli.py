@@ -22,6 +22,7 @@ from .clock import SystemClock
 from .config import Config, ConfigError, Strategy, address_toward, load_config, load_consul_settings
 from .consul_client import ConsulAgent
 from .durations import format_duration, parse_duration
+from .executor import DaemonThreadExecutor
 from .health import Prober
 from .exit_codes import EX_BAD_COMMAND_LINE, EX_CONFIG, EX_INTERRUPTED, EX_SOFTWARE
 from .lifecycle import Sidecar
@@ -260,6 +261,9 @@ def _wait(args: argparse.Namespace) -> int:
 
 
 async def _run(config: Config, command: list[str]) -> int:
+    # Blocking calls (host-name look-ups) in daemon threads: a resolver that does not answer must
+    # not keep the sidecar alive past its drain (asyncio.run waits for a pool's threads).
+    asyncio.get_running_loop().set_default_executor(DaemonThreadExecutor())
     clock = SystemClock()
     logger = log.get_logger()
     sock = None

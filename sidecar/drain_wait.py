@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 POLL = 0.1  # seconds between two looks at the catalog, the resolvers or the port (poll alone)
+RESOLVE_TIMEOUT = 5.0  # for service.address's host name at registration (the DNS step's addresses)
 POLL_WITH_EVENTS = 1.0  # between two looks at the port when a complete source sees short connections (CPU: ~3 ms a look on a busy host)
 
 
@@ -129,14 +130,14 @@ class DrainWait:
     def complete(self) -> bool:
         return "destroy_events" in self.sources or "passive_opens" in self.sources
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         """With the traffic strategy: check once, early, that the app's port is visible, choose the
         sources this host allows, and say which (and what a missing one costs)."""
         if self.sd.strategy is not Strategy.TRAFFIC or self._watcher is not None:
             return
         svc = self.config.service
         if self.sd.dns:
-            self.addresses = self._instance_addresses(svc.address, svc.port)
+            self.addresses = await self._instance_addresses(svc.address, svc.port)
         try:
             watcher = self._factory(svc.port, _ip_or_none(svc.address))
             if not watcher.snapshot().listening:
@@ -191,17 +192,22 @@ class DrainWait:
                              'network_mode: "service:<app>"), or set shutdown.traffic_poll_only_accepts_misses = true '
                              "to end the drain on the poll alone")
 
-    def _instance_addresses(self, address: str, port: int) -> frozenset[str]:
+    async def _instance_addresses(self, address: str, port: int) -> frozenset[str]:
         """The addresses consumers resolve the instance to: the IP itself, or what a host name
-        resolves to now, at registration (the DNS step looks for any of them)."""
+        resolves to now, at registration (the DNS step looks for any of them).
+
+        Off the event loop and with a deadline: a resolver that does not answer holds getaddrinfo
+        for tens of seconds, and a loop blocked in it would not even see a SIGTERM."""
         try:
             return frozenset({str(ipaddress.ip_address(address))})
         except ValueError:
             pass
         try:
-            infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
-        except OSError as e:
-            self.log.warning("sidecar.drain.address_unresolved", address=address, error=str(e),
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                infos = await asyncio.get_running_loop().getaddrinfo(address, port, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError) as e:
+            error = str(e) or f"no answer within {RESOLVE_TIMEOUT:g}s"
+            self.log.warning("sidecar.drain.address_unresolved", address=address, error=error,
                              consequence="the DNS step cannot tell whether the instance is still handed out: it "
                              "waits the upper bound")
             return frozenset()

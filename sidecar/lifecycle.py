@@ -255,7 +255,7 @@ class Sidecar:
                 self.status.enter(State.REGISTERED)
                 self.log.info("sidecar.consul.registered", attempts=attempts, elapsed_ms=self._ms(t))
                 await self._check_catalog_visibility()
-                self.drain_wait.prepare()
+                await self.drain_wait.prepare()
                 return 0
             except ConsulPermissionDenied as e:
                 self.status.last_error = str(e)

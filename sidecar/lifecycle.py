@@ -386,32 +386,38 @@ class Sidecar:
         self.log.info("sidecar.consul.write_fenced", in_flight=len(pending), settled=not left, elapsed_ms=self._ms(t))
         return not left
 
-    async def _verify_gone(self, wait_again: float | None) -> None:
+    async def _verify_gone(self, bound: float, wait_again: bool) -> DeregisterResult | None:
         """After the deregistration: did a write that went unanswered land since? Read the agent.
 
-        If the instance is back, deregister it again and (``wait_again``: a monotonic bound) give
-        consumers the propagation delay again, up to that bound, before the app is signalled.
+        If the instance is back, deregister it again and (``wait_again``) give consumers the
+        propagation delay again before the app is signalled. Everything here ends by ``bound``
+        (monotonic), so the worst case still holds. Returns what the caller must report as
+        unconfirmed (the final read failed, or the second deregistration did not confirm), else None.
         """
         if not self._unanswered_write:
-            return  # every write was answered before the deregistration: none can land later
+            return None  # every write was answered before the deregistration: none can land later
         cfg = self.config
         t = self.clock.monotonic()
         try:
-            async with asyncio.timeout(cfg.consul.timeout):
+            # A loopback read takes milliseconds: the floor only spares a bound already reached.
+            async with asyncio.timeout(max(0.25, min(cfg.consul.timeout, bound - t))):
                 back = await self.agent.registered(cfg.service.id) is not None
         except (ConsulError, TimeoutError) as e:
-            self.log.warning("sidecar.consul.final_read_failed", error=str(e) or "timeout", elapsed_ms=self._ms(t))
-            return
+            error = str(e) or "timeout"
+            self.log.warning("sidecar.consul.final_read_failed", error=error, elapsed_ms=self._ms(t))
+            return DeregisterResult(Deregistration.UNCONFIRMED, 0, f"the final read failed: {error}", answered=False)
         if not back:
             self.log.debug("sidecar.consul.final_read", registered=False, elapsed_ms=self._ms(t))
-            return
+            return None
         self.log.error("sidecar.consul.reappeared", hint="a registration write that went unanswered landed after the "
-                       "deregistration; deregistering again" + (" and waiting the propagation delay again" if wait_again is not None else ""))
-        outcome = (await self._deregister()).outcome
-        if wait_again is not None and outcome is not Deregistration.UNCONFIRMED and not self.app.exited.done():
-            # Within the drain's bound, so that the worst case still holds.
-            again = min(cfg.shutdown.propagation_delay, max(0.0, wait_again - self.clock.monotonic()))
+                       "deregistration; deregistering again" + (" and waiting the propagation delay again" if wait_again else ""))
+        result = await self._deregister(deadline=max(bound, self.clock.monotonic() + 0.25))
+        if result.outcome is not Deregistration.CONFIRMED:
+            return result
+        if wait_again and not self.app.exited.done():
+            again = min(cfg.shutdown.propagation_delay, max(0.0, bound - self.clock.monotonic()))
             await self._first(self.clock.sleep(again), self._skip_delay.wait())
+        return None
 
     async def _abort_startup(self, code: int) -> int:
         """Startup failed: nothing stays registered, the app is stopped, exit non-zero."""
@@ -419,7 +425,7 @@ class Sidecar:
         await self._fence_writes(deadline)
         if self._registration_attempted:
             await self._deregister(deadline)
-            await self._verify_gone(wait_again=None)
+            await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
         result = await self._stop_app()
         self.log.info("sidecar.stopped", exit_status=code, app_status=result.status)
         return code
@@ -516,7 +522,9 @@ class Sidecar:
                 hint="the app is signalled although the catalog may still list the instance" if unconfirmed else None,
             )
             if outcome is Deregistration.CONFIRMED:
-                await self._verify_gone(wait_again=bound)
+                again = await self._verify_gone(bound, wait_again=True)
+                if again is not None:  # a landed write could not be taken out again: report it at the end
+                    last, outcome = again, again.outcome
         result = await self._stop_app()
         if outcome is not Deregistration.CONFIRMED:
             await self._final_check(last, t0 + cfg.worst_case)
@@ -534,10 +542,15 @@ class Sidecar:
         self.status.enter(State.DRAINING)
         deadline = t + self.config.shutdown.deregister_timeout
         await self._fence_writes(deadline)
+        last = DeregisterResult(Deregistration.CONFIRMED, 0, None)  # nothing registered: nothing to report
         if self._registration_attempted:
-            if (await self._deregister(deadline)).outcome is not Deregistration.UNCONFIRMED:
-                await self._verify_gone(wait_again=None)
+            last = await self._deregister(deadline)
+            if last.outcome is not Deregistration.UNCONFIRMED:
+                again = await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
+                last = again or last
         await self._stop_app()  # what it left behind: app_signal, then SIGKILL
+        if self._registration_attempted and last.outcome is not Deregistration.CONFIRMED:
+            await self._final_check(last, t + self.config.shutdown.worst_case)  # the last word, as the drain gives it
         self.log.info("sidecar.stopped", exit_status=status, elapsed_ms=self._ms(t))
         return status
 

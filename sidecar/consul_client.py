@@ -20,7 +20,7 @@ import ssl
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import yarl
@@ -29,7 +29,12 @@ from ._consul_import import consul_base
 
 from .clock import Clock
 from .config import ConsulSettings, TokenError
+from .config.files import read_ca_dir
 from .durations import parse_duration
+
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 
 class ConsulError(Exception):
@@ -72,10 +77,10 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
     refused by a restarting agent would report "not sent" for a write that may have landed.
     """
 
-    def __init__(self, settings: ConsulSettings, log: Any = None) -> None:
+    def __init__(self, settings: ConsulSettings, log: FilteringBoundLogger | None = None) -> None:
         super().__init__(settings.host, settings.port, settings.scheme, verify=settings.tls_verify)
         self.settings = settings
-        self.base_uri = settings.address
+        self.base_uri = settings.base_url
         self._logger = log
         self._session: aiohttp.ClientSession | None = None  # reads: kept alive
         self._write_session: aiohttp.ClientSession | None = None  # writes: one connection per request
@@ -84,7 +89,7 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
         self._token_problem: str | None = None  # why the source gives none now (warned once)
 
     @property
-    def _log(self) -> Any:
+    def _log(self) -> FilteringBoundLogger:
         if self._logger is None:
             # Resolved when first needed: `wait` never logs and does not import structlog.
             from .log import get_logger
@@ -118,10 +123,10 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
     def _get_session(self, method: str = "GET") -> aiohttp.ClientSession:
         if method != "GET":
             if self._write_session is None or self._write_session.closed:
-                self._write_session = _session(force_close=True)
+                self._write_session = _session(self.settings, force_close=True)
             return self._write_session
         if self._session is None or self._session.closed:
-            self._session = _session(force_close=False)
+            self._session = _session(self.settings, force_close=False)
         return self._session
 
     async def close(self) -> None:
@@ -130,7 +135,8 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
                 await session.close()
 
     async def _exchange(self, session: aiohttp.ClientSession, method: str, uri: yarl.URL, data: Any, headers: dict[str, str]) -> Any:
-        async with session.request(method, uri, data=data, headers=headers, ssl=self._ssl or True) as resp:
+        async with session.request(method, uri, data=data, headers=headers, ssl=self._ssl or True,
+                                   server_hostname=self.settings.tls_server_name) as resp:
             content = await resp.read()
             # Whatever answers at the agent's address (a proxy's latin-1 502 page) may
             # not be UTF-8: the status decides what it means, the body only explains.
@@ -139,7 +145,7 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
 
     async def _read_again(self, uri: yarl.URL, headers: dict[str, str]) -> Any:
         """A read once more, on a connection of its own (never one from the pool)."""
-        async with _session(force_close=True) as fresh:
+        async with _session(self.settings, force_close=True) as fresh:
             return await self._exchange(fresh, "GET", uri, None, headers)
 
     def uri(self, path: str, params: Any = None) -> yarl.URL:
@@ -220,20 +226,6 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
         return await self.request(callback, "POST", path, params, data, headers)
 
 
-def _session(force_close: bool) -> aiohttp.ClientSession:
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=force_close))
-    # What aiohttp's own test client does to stop it re-sending requests (see _Transport);
-    # tests/test_consul_contract.py fails if the switch goes away.
-    session._retry_connection = False
-    return session
-
-
-# The agent closed the connection without answering (reset, broken pipe, EOF): what a pooled
-# connection does on reuse when the agent has restarted. (ClientConnectorError, a connect that
-# failed, is excluded where this is caught: a fresh connection would fail the same way.)
-# (aiohttp's ClientConnectionResetError, "cannot write to closing transport", is a ConnectionResetError.)
-_DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionResetError, BrokenPipeError)
-
 _CERT_PROBLEMS = ("CERTIFICATE", "UNKNOWN_CA", "WRONG_VERSION_NUMBER", "HANDSHAKE_FAILURE")
 
 
@@ -308,8 +300,32 @@ def _one_line(e: Exception, secret: str | None = None) -> str:
     return " ".join(text.split())[:300]
 
 
+def _session(s: ConsulSettings, force_close: bool) -> aiohttp.ClientSession:
+    session = aiohttp.ClientSession(connector=_connector(s, force_close=force_close))
+    # What aiohttp's own test client does to stop it re-sending requests (see _Transport);
+    # tests/test_consul_contract.py fails if the switch goes away.
+    session._retry_connection = False
+    return session
+
+
+# The agent closed the connection without answering (reset, broken pipe, EOF): what a pooled
+# connection does on reuse when the agent has restarted. (ClientConnectorError, a connect that
+# failed, is excluded where this is caught: a fresh connection would fail the same way.)
+# (aiohttp's ClientConnectionResetError, "cannot write to closing transport", is a ConnectionResetError.)
+_DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionResetError, BrokenPipeError)
+
+
+def _connector(s: ConsulSettings, **options: Any) -> aiohttp.BaseConnector:
+    """TCP, or the agent's unix socket (``unix:///path``, as the consul CLI takes it); the URL's host is then only a Host header."""
+    if s.unix_socket is not None:
+        return aiohttp.UnixConnector(path=s.unix_socket, **options)
+    return aiohttp.TCPConnector(**options)
+
+
 def _ssl_context(s: ConsulSettings) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+    # A CA directory is read as the consul CLI reads it (every file, PEM), not as OpenSSL's hashed capath.
+    cadata = read_ca_dir(s.ca_path) if s.ca_path is not None and s.ca_file is None else None
+    ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None, cadata=cadata)
     if s.cert_file and s.key_file:
         ctx.load_cert_chain(str(s.cert_file), str(s.key_file))
     if not s.tls_verify:
@@ -391,7 +407,7 @@ class Agent(Protocol):
 class ConsulAgent:
     """The local Consul agent, reached through python-consul2 with deadlines."""
 
-    def __init__(self, settings: ConsulSettings, clock: Clock, log: Any = None) -> None:
+    def __init__(self, settings: ConsulSettings, clock: Clock, log: FilteringBoundLogger | None = None) -> None:
         self._transport = _Transport(settings, log)
         self._c = _Endpoints(self._transport)
         self._clock = clock

@@ -59,6 +59,7 @@ from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 REDACTED = "<redacted>"
 BUDGET = 256 * 1024  # bytes of log lines held while the reader stalls
@@ -281,9 +282,8 @@ class _LibraryHandler(logging.Handler):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a library's bad format string must not break logging
             message = str(record.msg)
-        logger = structlog.get_logger()
-        level = "error" if record.levelno >= logging.ERROR else "warning"
-        getattr(logger, level)(
+        logger = get_logger()
+        (logger.error if record.levelno >= logging.ERROR else logger.warning)(
             "sidecar.library.log",
             logger=record.name,
             message=message,
@@ -360,5 +360,8 @@ def dropped_total() -> int:
     return _sink.dropped_total if _sink is not None else 0
 
 
-def get_logger(**bound: Any) -> Any:
-    return structlog.get_logger(**bound)
+def get_logger(**bound: Any) -> FilteringBoundLogger:
+    """The sidecar's logger: what ``configure`` set up (``make_filtering_bound_logger``), or
+    structlog's default, also a filtering bound logger, before it."""
+    logger: FilteringBoundLogger = structlog.get_logger(**bound)
+    return logger

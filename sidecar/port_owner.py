@@ -14,10 +14,13 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .netns_counters import own_socket_inodes
 from .traffic import Listener, TrafficWatchError, listeners
+
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 __all__ = ["OwnerCheck", "app_tree", "check_port_owner"]
 
@@ -92,21 +95,57 @@ def check_port_owner(address: str, port: int, tree: set[int]) -> OwnerCheck:
     if not found:
         return OwnerCheck(True, False, f"no socket listens on port {port} in this network namespace")
     inodes = {lst.inode for lst in found}
+    hidden: list[int] = []  # the app's processes whose descriptors we may not read
     for pid in tree:
-        inodes -= own_socket_inodes(pid)
+        held = _socket_inodes(pid)
+        if held is None:
+            hidden.append(pid)
+            continue
+        inodes -= held
         if not inodes:
             return OwnerCheck(True, True, "the app's process tree holds the listening socket")
     # Someone else's: find whom, to name it.
     for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) not in tree and own_socket_inodes(d) & inodes:
+        if d.isdigit() and int(d) not in tree and (_socket_inodes(d) or set()) & inodes:
             pid = int(d)
             return OwnerCheck(False, True, f"another process listens on {address}:{port}: PID {pid} ({_command(pid)})",
                               pid, _command(pid))
+    if hidden:
+        # An app that runs as another user (gosu, su-exec, setpriv, a server that drops privileges)
+        # hides its descriptors from a sidecar without CAP_SYS_PTRACE, which Docker does not grant
+        # by default: the socket is most likely its own. Not proven either way: say so, never refuse.
+        return OwnerCheck(True, False, f"the descriptors of the app's PID {min(hidden)} cannot be read (it runs as "
+                          "another user and the sidecar lacks CAP_SYS_PTRACE?): the owner of the listening socket "
+                          "cannot be told")
     return OwnerCheck(False, True, f"a process outside the app's tree listens on {address}:{port} (socket inode "
                       f"{min(inodes)}, owner not visible from here: another PID namespace?)")
 
 
-def verify_app_port(address: str, port: int, app: object, log: Any) -> str | None:
+def _socket_inodes(pid: int | str) -> set[int] | None:
+    """Inodes of the sockets ``pid`` holds; None when its descriptors cannot be read (another user's
+    process and no CAP_SYS_PTRACE: the kernel refuses readlink on /proc/<pid>/fd/N). A process that
+    ends meanwhile holds nothing."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except PermissionError:
+        return None
+    except OSError:
+        return set()
+    found: set[int] = set()
+    for name in names:
+        try:
+            link = os.readlink(f"{fd_dir}/{name}")
+        except PermissionError:
+            return None
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("socket:["):
+            found.add(int(link[8:-1]))
+    return found
+
+
+def verify_app_port(address: str, port: int, app: object, log: FilteringBoundLogger) -> str | None:
     """The check as the lifecycle runs it before registering: one log event; the reason to refuse
     (naming the owner) or None. Without a PID to check (shutdown_url, nothing), warns once."""
     from .app_control import ChildApp, PidApp

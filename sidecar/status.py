@@ -37,9 +37,13 @@ import socket
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .clock import Clock
+
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 DEFAULT_LISTEN = "127.0.0.1:0"
 MAX_CONNECTIONS = 32
@@ -162,7 +166,7 @@ class StatusServer:
         self,
         status: Status,
         sock: socket.socket,
-        log: Any = None,
+        log: FilteringBoundLogger | None = None,
         max_connections: int | None = None,
         header_timeout: float = HEADER_TIMEOUT,
     ) -> None:

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 
 from sidecar._consul_import import consul_base
+from sidecar.config import ConsulSettings, TokenSource
 from sidecar.consul_client import _Endpoints, _session
 
 from .harness import PY, ROOT
@@ -157,7 +158,9 @@ async def test_aiohttp_still_has_the_switch_that_stops_re_sending() -> None:
     assert "_retry_connection" in aiohttp.ClientSession.ATTRS, "aiohttp renamed ClientSession._retry_connection"
     assert "self._retry_connection" in inspect.getsource(aiohttp.ClientSession._request), (
         "aiohttp changed how it decides to re-send a request: check consul_client._session")
-    session = _session(force_close=True)
+    settings = ConsulSettings(scheme="http", host="127.0.0.1", port=8500, token=TokenSource(), ca_file=None, cert_file=None,
+                              key_file=None, tls_verify=True, timeout=2.0)
+    session = _session(settings, force_close=True)
     try:
         assert session._retry_connection is False
     finally:

@@ -18,7 +18,8 @@ from sidecar.app_control import StopResult
 from sidecar.clock import SystemClock
 from sidecar.config import Config, load_config
 from sidecar.consul_client import ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, DeregisterResult, Deregistration
-from sidecar.lifecycle import EX_CONFIG, EX_NOPERM, EX_UNAVAILABLE, Sidecar
+from sidecar.exit_codes import EX_CONFIG, EX_NOPERM, EX_UNAVAILABLE
+from sidecar.lifecycle import Sidecar
 from sidecar.status import State, Status
 
 
@@ -59,11 +60,18 @@ class FakeAgent:
 
 class FakeApp:
     description = "fake app"
+    followed: frozenset[int] = frozenset()
+    orphans_reaped = 0
+    leftovers_signalled = 0
+    leftovers_killed = 0
 
     def __init__(self, calls: list[str], exit_on_signal: bool = True) -> None:
         self.calls = calls
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.exit_on_signal = exit_on_signal
+
+    def start(self) -> None:
+        self.calls.append("start")
 
     def forward(self, sig: signal.Signals) -> None:
         self.calls.append(f"forward {sig.name}")
@@ -114,7 +122,7 @@ def make_config(tmp_path: Path, **shutdown: str) -> Config:
 def make_sidecar(config: Config, agent: FakeAgent, app: FakeApp, prober: FakeProber | None = None) -> tuple[Sidecar, FakeInbox]:
     inbox = FakeInbox()
     sc = Sidecar(
-        config, agent=agent, app=app, start_app=lambda: app.calls.append("start"), prober=prober or FakeProber(),
+        config, agent=agent, app=app, prober=prober or FakeProber(),
         clock=SystemClock(), status=Status(SystemClock(), config.service.id), log=structlog.get_logger(),
         inbox=inbox,  # type: ignore[arg-type]
     )

@@ -268,3 +268,18 @@ def test_command_not_found(consul: Consul, start_sidecar: StartSidecar, service_
     assert ev is not None and "/nonexistent/app-binary" in ev["error"]
     assert "Traceback" not in sc.output()
     assert consul.instances(service_name) == []
+
+
+def test_command_not_executable(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+    """A command that exists but may not be executed (no x bit): exit 126, as a shell would, one
+    error event naming it, no traceback, nothing registered."""
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    port = free_port()
+    sc = start_sidecar(base_config(consul, service_name, port), [str(script)])
+    assert sc.wait(10) == 126
+    ev = sc.event("sidecar.app.start_failed")
+    assert ev is not None and "PermissionError" in ev["error"] and str(script) in ev["error"], ev
+    assert "Traceback" not in sc.output()
+    assert consul.instances(service_name) == []

@@ -29,7 +29,6 @@ for its first request, ~5 KB each, and logs a traceback per failed accept):
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
 import resource
@@ -39,10 +38,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from .clock import Clock
-
-
 if TYPE_CHECKING:
+    # At run time the server's methods import asyncio: check-config imports this module for
+    # listen_warnings alone and answers faster without it (tests/test_cli_imports.py).
+    import asyncio
+
+    from .clock import Clock
+
     from structlog.typing import FilteringBoundLogger
 
 DEFAULT_LISTEN = "127.0.0.1:0"
@@ -194,11 +196,15 @@ class StatusServer:
         return len(self._conns)
 
     async def start(self) -> None:
+        import asyncio
+
         if self.max_connections is None:
             self.max_connections = connection_cap()  # after the limit was raised
         self._accepting = asyncio.create_task(self._accept_loop())
 
     async def stop(self) -> None:
+        import asyncio
+
         tasks = [t for t in (self._accepting, *self._conns) if t is not None]
         for t in tasks:
             t.cancel()
@@ -208,6 +214,8 @@ class StatusServer:
     # --- accepting ------------------------------------------------------------------------
 
     async def _accept_loop(self) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         assert self.max_connections is not None
         while True:
@@ -256,6 +264,8 @@ class StatusServer:
     # --- one connection -------------------------------------------------------------------
 
     async def _serve(self, conn: socket.socket) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.header_timeout):
@@ -278,6 +288,8 @@ class StatusServer:
             conn.close()
 
     async def _answer(self, conn: socket.socket) -> tuple[int, str, bytes, bool]:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         buf = b""
         while b"\r\n\r\n" not in buf and b"\n\n" not in buf:

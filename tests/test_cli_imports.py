@@ -1,9 +1,8 @@
 """Each command imports only what it needs (issue 13): checked on sys.modules, not on timings.
 
-`--version` and `check-config` must answer without aiohttp, structlog or the Consul client (their
-start-up is measured against `python -c "import asyncio"`: `--version` does without asyncio too,
-`check-config` may load it with status.py's address checks); `wait` needs aiohttp and
-python-consul2 but not structlog nor the lifecycle. bench/cli.py measures what this buys.
+`--version` and `check-config` must answer without aiohttp, structlog, the Consul client or even
+asyncio (their start-up is measured against `python -c "import asyncio"`); `wait` needs aiohttp
+and python-consul2 but not structlog nor the lifecycle. bench/cli.py measures what this buys.
 """
 
 from __future__ import annotations
@@ -28,7 +27,8 @@ HEAVY = (
     "aiohttp", "structlog", "yarl", "multidict", "consul", "consul.base", "sidecar._consul_base", "six",
     "sidecar.consul_client", "sidecar.log", "sidecar.lifecycle", "sidecar.app_control", "sidecar.wait", "sidecar.health",
 )
-NOT_FOR_VERSION = (*HEAVY, "asyncio", "ssl", "sidecar.config", "sidecar.status")
+NOT_FOR_CHECK_CONFIG = (*HEAVY, "asyncio", "ssl", "sidecar.clock")
+NOT_FOR_VERSION = (*NOT_FOR_CHECK_CONFIG, "sidecar.config", "sidecar.status")
 NOT_FOR_WAIT = (
     "structlog", "sidecar.log", "sidecar.lifecycle", "sidecar.app_control", "sidecar.status", "sidecar.health",
     "sidecar.drain_wait", "sidecar.traffic", "aiohttp.web", "requests", "consul.std",
@@ -61,18 +61,18 @@ def test_version_imports_nothing_heavy(tmp_path: Path) -> None:
 
 def test_check_config_imports_nothing_heavy(tmp_path: Path) -> None:
     """`check-config` validates a file and prints the registration (exit 0) without aiohttp,
-    structlog or python-consul2; a bad file exits 78 the same way."""
+    structlog, python-consul2 or asyncio; a bad file exits 78 the same way."""
     done, modules = run_probe(tmp_path, "check-config", "-c", str(config_file(tmp_path, "http://127.0.0.1:8500")))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["registration"]["Name"] == "web"
     assert {"sidecar.config", "sidecar.registration"} <= modules
-    assert sorted(modules.intersection(HEAVY)) == []
+    assert sorted(modules.intersection(NOT_FOR_CHECK_CONFIG)) == []
 
     bad = tmp_path / "bad.toml"
     bad.write_text('[service]\nname = "web"\nport = "eighty"\n')
     done, modules = run_probe(tmp_path, "check-config", "-c", str(bad))
     assert done.returncode == 78 and "port" in done.stderr and "Traceback" not in done.stderr
-    assert sorted(modules.intersection(HEAVY)) == []
+    assert sorted(modules.intersection(NOT_FOR_CHECK_CONFIG)) == []
 
 
 def test_wait_imports_the_client_but_not_logging_nor_the_lifecycle(consul: Consul, tmp_path: Path) -> None:

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.rollout.consumers import horizon_drain  # noqa: E402
 from examples.rollout.loadgen import summarize  # noqa: E402
-from examples.rollout.procs import Consul, kill_all_started  # noqa: E402
 from examples.rollout.rollout import Cluster, rollout  # noqa: E402
+from testkit import Consul, kill_all_started  # noqa: E402
 
 STRATEGIES: dict[str, dict[str, str]] = {
     "fixed 5s": {"strategy": "fixed", "propagation_delay": "5s"},
@@ -75,7 +75,7 @@ def short_run_sync(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
     import threading
     import time
 
-    from examples.rollout.procs import Sidecar, app_command, free_port
+    from testkit import Sidecar, app_command, free_port
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.test_drain_evidence import AFTER, CachedClient

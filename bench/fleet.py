@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.rollout.fleet import FleetResult, run_fleet  # noqa: E402
-from examples.rollout.procs import Consul, kill_all_started  # noqa: E402
+from testkit import Consul, kill_all_started  # noqa: E402
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.rollout.procs import Consul, Sidecar, app_command, free_port, kill_all_started, spawn, wait_for  # noqa: E402
+from testkit import Consul, Sidecar, app_command, free_port, kill_all_started, spawn, wait_for  # noqa: E402
 
 
 def config(consul: Consul, name: str, port: int, **extra: dict[str, object]) -> dict[str, dict[str, object]]:

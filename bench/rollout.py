@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.rollout.loadgen import summarize  # noqa: E402
-from examples.rollout.procs import kill_all_started  # noqa: E402
 from examples.rollout.rollout import Cluster, RolloutResult, rollout  # noqa: E402
+from testkit import kill_all_started  # noqa: E402
 
 
 async def one(work: Path, naive: bool, args: argparse.Namespace) -> RolloutResult:

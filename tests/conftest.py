@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from . import harness
-from .harness import Consul, ConsulCluster, Sidecar
+import testkit
+from testkit import Consul, ConsulCluster, Sidecar
 
 _names = itertools.count(1)
 
@@ -57,18 +57,18 @@ def default_timing_cluster(tmp_path: Path) -> Iterator[ConsulCluster]:
 def _kill_what_the_test_started() -> Iterator[None]:
     """Whatever the test started is killed afterwards, also on failure. But first: a process whose
     sidecar (or other starter) has already exited must not be alive, or the test fails."""
-    before = len(harness._started)
+    before = testkit.started_count()
     yield
-    left = harness.leftovers_of_exited(before)
-    harness.stop_started(before)
+    left = testkit.leftovers_of_exited(before)
+    testkit.stop_started(before)
     assert not left, f"processes outlived the process that started them: {left}"
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_left_behind() -> Iterator[None]:
     yield
-    harness.kill_all_started()
-    left = harness.leftovers()
+    testkit.kill_all_started()
+    left = testkit.leftovers()
     assert not left, f"processes left behind by the suite: {left}"
 
 
@@ -86,7 +86,7 @@ def base_config(agent: Consul, name: str, port: int, **sections: dict[str, Any])
         "shutdown": {"propagation_delay": "1s", "app_timeout": "10s", "deregister_timeout": "3s"},
         "status": {"listen": "127.0.0.1:0"},
     }
-    return harness.merge(cfg, sections)
+    return testkit.merge(cfg, sections)
 
 
 StartSidecar = Callable[..., Sidecar]

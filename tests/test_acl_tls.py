@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from testkit import Consul, app_command, free_port, pid_alive, wait_for
+
 from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port, pid_alive, wait_for
 
 ROOT_TOKEN = "3d1a7b3e-0000-4000-8000-00000000root"
 ACL_HCL = f'acl {{ enabled = true, default_policy = "deny", tokens {{ master = "{ROOT_TOKEN}", agent = "{ROOT_TOKEN}" }} }}'

@@ -6,8 +6,9 @@ import signal
 import time
 from pathlib import Path
 
+from testkit import Consul, app_command, free_port, pid_alive, read_signal_log, spawn, wait_for
+
 from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port, pid_alive, read_signal_log, spawn, wait_for
 
 
 def _deregistered_at(sc_events: list[dict[str, object]]) -> str:

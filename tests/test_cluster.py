@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from testkit import ConsulCluster, app_command, free_port, read_signal_log, wait_for
+
 from .conftest import StartSidecar
-from .harness import ConsulCluster, app_command, free_port, read_signal_log, wait_for
 
 
 class CatalogWatch:

@@ -16,8 +16,7 @@ import pytest
 
 from sidecar.config import ConfigError, default_service_id, load_config
 from sidecar.durations import MAX_SECONDS, format_duration, parse_duration
-
-from .harness import PY, ROOT, Consul
+from testkit import PY, ROOT, Consul
 
 MINIMAL = '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\n'
 

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 from sidecar import cli
 from sidecar.config import _SECTIONS, Config, ConfigError, load_config
-
-from examples.rollout.procs import toml_value
+from testkit import toml_value
 
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

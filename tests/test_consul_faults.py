@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from testkit import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
+
 from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
 
 
 def test_agent_restart_without_data_dir_reregisters(fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
@@ -126,7 +127,7 @@ def test_not_a_consul_agent(start_sidecar: StartSidecar, service_name: str, tmp_
     thread.start()
     try:
         port = free_port()
-        from .harness import merge
+        from testkit import merge
 
         cfg = merge(
             {"consul": {"address": f"http://127.0.0.1:{server.server_address[1]}", "timeout": "1s"},
@@ -151,7 +152,7 @@ def test_closed_log_pipe_does_not_break_the_drain(consul: Consul, service_name: 
     Expected: SIGTERM still deregisters, signals the app after the delay, and passes its status on."""
     import subprocess
 
-    from .harness import PY, ROOT, write_config
+    from testkit import PY, ROOT, write_config
 
     port = free_port()
     siglog = tmp_path / "signals.log"

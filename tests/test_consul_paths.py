@@ -18,8 +18,7 @@ from sidecar.consul_client import (
     _deregister_answer,
     _ServersUnavailable,
 )
-
-from .harness import Consul
+from testkit import Consul
 
 
 def agent_for(consul: Consul) -> ConsulAgent:

@@ -19,9 +19,21 @@ from pathlib import Path
 import pytest
 
 from examples.rollout.fleet import CatalogWatcher
+from testkit import (
+    PY,
+    ROOT,
+    Consul,
+    app_command,
+    free_port,
+    http_get,
+    pid_alive,
+    read_signal_log,
+    spawn,
+    wait_for,
+    write_config,
+)
 
 from .conftest import StartSidecar, base_config
-from .harness import PY, ROOT, Consul, app_command, free_port, http_get, pid_alive, read_signal_log, spawn, wait_for, write_config
 
 FAMILY = str(Path(__file__).resolve().parent / "data" / "family.py")
 

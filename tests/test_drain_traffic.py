@@ -20,9 +20,9 @@ import pytest
 from examples.rollout.consumers import PooledConsumer, horizon_drain
 from examples.rollout.loadgen import summarize
 from examples.rollout.rollout import Cluster, rollout
+from testkit import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, spawn, wait_for
 
 from .conftest import StartSidecar, base_config
-from .harness import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, spawn, wait_for
 
 TRAFFIC = {"strategy": "traffic", "propagation_delay": "30s", "min_delay": "1s", "quiet_period": "1s", "app_timeout": "10s"}
 

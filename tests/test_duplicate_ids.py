@@ -12,8 +12,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from testkit import Consul, app_command, pid_alive, spawn, wait_for
+
 from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, pid_alive, spawn, wait_for
 
 
 def free_port_on(*hosts: str) -> int:

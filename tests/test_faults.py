@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from testkit import Consul, app_command, free_port, pid_alive, read_signal_log, wait_for
+
 from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port, pid_alive, read_signal_log, wait_for
 
 
 def test_agent_restart_with_data_dir_no_duplicate_no_flapping(tmp_path: Path, start_sidecar: StartSidecar, service_name: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from .harness import PY, ROOT
+from testkit import PY, ROOT
 
 
 def test_sidecar_does_not_import_requests() -> None:

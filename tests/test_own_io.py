@@ -26,13 +26,13 @@ from typing import Any
 
 import pytest
 
+import testkit
 from sidecar.clock import SystemClock
 from sidecar.log import QueueSink
 from sidecar.status import Status, StatusServer, bind
+from testkit import PY, ROOT, Consul, app_command, free_port, http_get, read_signal_log, wait_for
 
-from . import harness
 from .conftest import StartSidecar, base_config
-from .harness import PY, ROOT, Consul, app_command, free_port, http_get, read_signal_log, wait_for
 
 F_SETPIPE_SZ = 1031
 
@@ -84,15 +84,15 @@ def sidecar_argv(config_path: Path, command: list[str]) -> list[str]:
     return [PY, "-m", "sidecar", "run", "-c", str(config_path), "--log-format", "json", "--log-level", "debug", "--", *command]
 
 
-class LimitedSidecar(harness.Sidecar):
+class LimitedSidecar(testkit.Sidecar):
     """A harness Sidecar whose process runs under ``prlimit --nofile=N:N``."""
 
     def __init__(self, workdir: Path, config: dict[str, dict[str, Any]], command: list[str], nofile: int) -> None:
         self.workdir = workdir
-        self.config_path = harness.write_config(workdir / "limited-sidecar.toml", config)
+        self.config_path = testkit.write_config(workdir / "limited-sidecar.toml", config)
         self.log = workdir / "limited-sidecar.log"
         argv = ["prlimit", f"--nofile={nofile}:{nofile}", "--", *sidecar_argv(self.config_path, command)]
-        self.proc = harness.spawn(argv, self.log, sidecar_env())
+        self.proc = testkit.spawn(argv, self.log, sidecar_env())
 
 
 def watch_drain(consul: Consul, name: str, sid: str, sigfile: Path, timeout: float) -> float:
@@ -135,13 +135,13 @@ def test_stalled_stderr_pipe_does_not_block_the_drain(consul: Consul, tmp_path: 
     sigfile, errfile = tmp_path / "app-signals", tmp_path / "app-write-errors"
     cfg = base_config(consul, service_name, app_port, status={"listen": f"127.0.0.1:{status_port}"},
                       shutdown={"propagation_delay": "1s", "app_timeout": "10s", "deregister_timeout": "3s"})
-    config_path = harness.write_config(tmp_path / "sidecar.toml", cfg)
+    config_path = testkit.write_config(tmp_path / "sidecar.toml", cfg)
     worst_case = 3 + 1 + 10 + 1
     r, w = os.pipe()
     fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
     proc = subprocess.Popen(sidecar_argv(config_path, [PY, str(script), str(app_port), str(sigfile), str(errfile)]),
                             stdin=subprocess.DEVNULL, stdout=w, stderr=w, start_new_session=True, env=sidecar_env())
-    harness._started.append(proc)
+    testkit.track(proc)
     os.close(w)
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: _read_to_eof(r, chunks), daemon=True)

@@ -18,13 +18,12 @@ import pytest
 import structlog
 
 from examples.rollout.fleet import CatalogWatcher
+from sidecar.status import State
+from testkit import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, wait_for
 
 from .conftest import StartSidecar, base_config
 from .faultproxy import FaultProxy
-from .harness import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, wait_for
 from .test_acl_tls import acl_consul, make_token, writer_rules  # noqa: F401 - acl_consul: the ACL agent fixture
-from sidecar.status import State
-
 from .test_lifecycle_logic import FakeAgent, FakeApp, make_config, make_sidecar, until
 
 REGISTER = "/v1/agent/service/register"

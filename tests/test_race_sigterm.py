@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from examples.rollout.fleet import CatalogWatcher
+from testkit import Consul, app_command, free_port, read_signal_log, wait_for
 
 from .conftest import StartSidecar, base_config
 from .faultproxy import FaultProxy
-from .harness import Consul, app_command, free_port, read_signal_log, wait_for
 from .test_promise_writes import REGISTER, remove_behind_its_back
 
 SEED = int(os.environ.get("SIDECAR_RACE_SEED", "20261127"))

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from testkit import Consul, app_command, free_port
+
 from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port
 
 
 def app_environment(pid: int) -> dict[str, str]:

@@ -6,8 +6,9 @@ import signal
 import subprocess
 import time
 
+from testkit import PY, ROOT, Consul, app_command, free_port
+
 from .conftest import StartSidecar, base_config
-from .harness import PY, ROOT, Consul, app_command, free_port
 
 
 def wait_cmd(consul: Consul, *args: str) -> subprocess.Popen[str]:

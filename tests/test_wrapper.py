@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from examples.rollout.fleet import CatalogWatcher
+from testkit import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
 
 from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
 
 
 def test_registers_with_tags_meta_and_passing_at_once(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:

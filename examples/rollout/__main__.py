@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from testkit import ROOT, kill_all_started, leftovers
+
 from .loadgen import Summary, summarize, write_csv
-from .procs import ROOT, kill_all_started, leftovers
 from .rollout import Cluster, RolloutResult, rollout
 
 

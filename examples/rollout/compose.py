@@ -28,8 +28,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from testkit import ROOT, free_port, http_get
+
 from .loadgen import Record, summarize, write_csv
-from .procs import ROOT, free_port, http_get
 
 ROLLOUT = ROOT / "scripts" / "compose-rollout"
 PATHS = {"web": "/", "alongside": "/alongside/"}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .procs import APP, PY, Consul, Sidecar, free_port, read_signal_log, wait_for
+from testkit import APP, PY, Consul, Sidecar, free_port, read_signal_log, wait_for
 
 
 class CatalogWatcher(threading.Thread):

@@ -14,7 +14,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from .procs import spawn, wait_for
+from testkit import spawn, wait_for
 
 CONF = """\
 worker_processes 1;

@@ -16,15 +16,16 @@ import os
 import signal
 import subprocess
 import time
-from datetime import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from testkit import APP, PY, ROOT, Consul, Sidecar, free_port, pid_alive, wait_for
+
 from .loadgen import Record, run_load
 from .nginx import Nginx
-from .procs import APP, PY, ROOT, Consul, Sidecar, free_port, pid_alive, wait_for
 
 
 @dataclass

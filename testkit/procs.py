@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,11 +20,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "app" / "app.py"
 PY = sys.executable
 
@@ -57,8 +56,19 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     """Start a process in a session of its own (so teardown can find all it started)."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    return track(proc)
+
+
+def track(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """Count a process started elsewhere (in a session of its own) among those teardown kills."""
     _started.append(proc)
     return proc
+
+
+def started_count() -> int:
+    """How many processes were tracked so far: ``stop_started(since)`` and ``leftovers_of_exited(since)``
+    take it to mean "started after this point"."""
+    return len(_started)
 
 
 def session_members(sid: int) -> list[int]:

@@ -40,9 +40,17 @@ from .app_control import App, StopResult
 from .backoff import backoff
 from .clock import Clock
 from .config import Config, same_host
+from .consul_client import (
+    Agent,
+    ConsulError,
+    ConsulPermissionDenied,
+    ConsulRejected,
+    ConsulUnavailable,
+    DeregisterResult,
+    Deregistration,
+)
 from .drain_wait import DrainEnd, DrainWait
 from .exit_codes import EX_CANNOT_EXECUTE, EX_CONFIG, EX_NOPERM, EX_NOT_FOUND, EX_UNAVAILABLE, by_signal
-from .consul_client import Agent, ConsulError, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, DeregisterResult, Deregistration
 from .port_owner import verify_app_port
 from .registration import registration_payload
 from .signals import FORWARDED, SHUTDOWN, SignalInbox
@@ -535,7 +543,8 @@ class Sidecar:
         deadline = t + self.config.shutdown.deregister_timeout
         await self._fence_writes(deadline)
         if self._registration_attempted:
-            if (await self._deregister(deadline)).outcome is not Deregistration.UNCONFIRMED:
+            result = await self._deregister(deadline)
+            if result.outcome is not Deregistration.UNCONFIRMED:
                 await self._verify_gone(wait_again=None)
         await self._stop_app()  # what it left behind: app_signal, then SIGKILL
         self.log.info("sidecar.stopped", exit_status=status, elapsed_ms=self._ms(t))

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 from .netns_counters import own_socket_inodes
 from .traffic import Listener, TrafficWatchError, listeners
 
-
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 

@@ -36,12 +36,11 @@ import resource
 import socket
 import urllib.parse
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from . import log as _log
 from .clock import Clock
-
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -91,7 +90,7 @@ class Status:
     def as_json(self) -> dict[str, Any]:
         return {
             "state": self.state.value,
-            "since": datetime.fromtimestamp(self.since_wall, timezone.utc).isoformat(),
+            "since": datetime.fromtimestamp(self.since_wall, UTC).isoformat(),
             "seconds_in_state": round(self.clock.monotonic() - self.since_mono, 3),
             "service_id": self.service_id,
             "consul_reachable": self.consul_reachable,

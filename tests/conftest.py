@@ -22,6 +22,19 @@ def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consul]:
     agent.stop()
 
 
+ROOT_TOKEN = "3d1a7b3e-0000-4000-8000-00000000root"
+ACL_HCL = f'acl {{ enabled = true, default_policy = "deny", tokens {{ master = "{ROOT_TOKEN}", agent = "{ROOT_TOKEN}" }} }}'
+
+
+@pytest.fixture(scope="module")
+def acl_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consul]:
+    """A dev agent with ACLs on and default_policy "deny" (ROOT_TOKEN is its master token), one per test module."""
+    agent = Consul(tmp_path_factory.mktemp("acl"), hcl=ACL_HCL, admin_token=ROOT_TOKEN)
+    agent.start()
+    yield agent
+    agent.stop()
+
+
 @pytest.fixture
 def fresh_consul(tmp_path: Path) -> Iterator[Consul]:
     """A dev agent of the test's own, for tests that stop, restart or freeze it."""

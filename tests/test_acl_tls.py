@@ -14,18 +14,7 @@ import pytest
 
 from testkit import Consul, app_command, free_port, pid_alive, wait_for
 
-from .conftest import StartSidecar, base_config
-
-ROOT_TOKEN = "3d1a7b3e-0000-4000-8000-00000000root"
-ACL_HCL = f'acl {{ enabled = true, default_policy = "deny", tokens {{ master = "{ROOT_TOKEN}", agent = "{ROOT_TOKEN}" }} }}'
-
-
-@pytest.fixture(scope="module")
-def acl_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consul]:
-    agent = Consul(tmp_path_factory.mktemp("acl"), hcl=ACL_HCL, admin_token=ROOT_TOKEN)
-    agent.start()
-    yield agent
-    agent.stop()
+from .conftest import ROOT_TOKEN, StartSidecar, base_config
 
 
 def api(agent: Consul, method: str, path: str, body: object = None) -> object:

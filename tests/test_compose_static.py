@@ -136,9 +136,8 @@ def sidecar_config_of(name: str, service: Mapping[str, Any]) -> Path | None:
     if not builds_project_image(service):
         return None
     entrypoint, cmd, copies = image_defaults()
-    if "entrypoint" in service:
-        if as_argv(service["entrypoint"]) != entrypoint:
-            return None
+    if "entrypoint" in service and as_argv(service["entrypoint"]) != entrypoint:
+        return None
     argv = as_argv(service["command"]) if "command" in service else cmd
     own = argv[: argv.index("--")] if "--" in argv else argv
     if not own or own[0] != "run":

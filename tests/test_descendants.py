@@ -368,7 +368,7 @@ def test_ctrl_c_during_start_up_exits_130_without_a_traceback(consul: Consul, tm
     for delay in (0.0, 0.0, 0.01, 0.03, 0.06, 0.1):
         p = subprocess.Popen([PY, "-m", "sidecar", "check-config", "-c", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-        wait_for(lambda: importing_aiohttp(p.pid) or p.poll() is not None, 10, 0.001, "the sidecar's imports")
+        wait_for(lambda p=p: importing_aiohttp(p.pid) or p.poll() is not None, 10, 0.001, "the sidecar's imports")
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=20)

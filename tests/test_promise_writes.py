@@ -23,7 +23,7 @@ from testkit import Consul, Sidecar, app_command, free_port, http_get, read_sign
 
 from .conftest import StartSidecar, base_config
 from .faultproxy import FaultProxy
-from .test_acl_tls import acl_consul, make_token, writer_rules  # noqa: F401 - acl_consul: the ACL agent fixture
+from .test_acl_tls import make_token, writer_rules
 from .test_lifecycle_logic import FakeAgent, FakeApp, make_config, make_sidecar, until
 
 REGISTER = "/v1/agent/service/register"

@@ -113,7 +113,7 @@ class SignalLog:
     """Appends one fsynced line per received signal to a file."""
 
     def __init__(self, path: str) -> None:
-        self._file: TextIO = open(path, "a", encoding="utf-8")
+        self._file: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115  # open for the app's life; close() ends it
 
     def record(self, sig: signal.Signals, when: float) -> None:
         self._file.write(f"{sig.name} {when:.6f}\n")

@@ -13,6 +13,7 @@ Everything it starts is stopped at the end, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -89,7 +90,7 @@ def main() -> int:
             name = f"bench{i}"
             t0 = time.monotonic()
             sc = Sidecar(work, config(consul, name, port, app={}), None)  # alongside, no [app]: nothing to stop
-            wait_for(lambda name=name: passing(consul, name), 15, 0.002, "registered and passing")
+            wait_for(functools.partial(passing, consul, name), 15, 0.002, "registered and passing")
             start_ms.append((time.monotonic() - t0) * 1000)
             rss.append(rss_mb(sc.pid))
             sc.send(signal.SIGTERM)

@@ -139,15 +139,22 @@ def main() -> int:
     finally:
         kill_all_started()
     print(f"\ndrain strategies, {args.runs} runs each (medians; failed requests listed per run)")
-    print(f"{'consumer':11} {'strategy':9} {'failed per run':>18} {'drain s':>8} {'max drain':>9} {'rollout s':>9} {'poll CPU ms/s':>13}")
+    print(
+        f"{'consumer':11} {'strategy':9} {'failed per run':>18} {'drain s':>8} {'max drain':>9} "
+        f"{'rollout s':>9} {'poll CPU ms/s':>13}"
+    )
     ok = True
     for (consumer, name), rows in results.items():
         drains = [d for r in rows for d in r["drain_s"]]
         cpu = [c for r in rows for c in r["cpu_per_s"]]
         rollouts = [r["rollout_s"] for r in rows if r["rollout_s"] is not None]
         failed = [r["failed"] for r in rows]
-        print(f"{consumer:11} {name:9} {' '.join(str(f) for f in failed):>18} {statistics.median(drains):8.2f} {max(drains):9.2f} "
-              f"{(f'{statistics.median(rollouts):.1f}' if rollouts else '-'):>9} {(f'{statistics.median(cpu):.1f}' if cpu else '-'):>13}")
+        print(
+            f"{consumer:11} {name:9} {' '.join(str(f) for f in failed):>18} "
+            f"{statistics.median(drains):8.2f} {max(drains):9.2f} "
+            f"{(f'{statistics.median(rollouts):.1f}' if rollouts else '-'):>9} "
+            f"{(f'{statistics.median(cpu):.1f}' if cpu else '-'):>13}"
+        )
         if name == "traffic":
             ok &= all(f == 0 for f in failed)
             if not consumer.startswith("nginx"):

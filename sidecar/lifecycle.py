@@ -64,13 +64,14 @@ T = TypeVar("T")
 _UNCONFIRMED_HINTS = {
     Deregistration.NO_LEADER: "the Consul servers have no leader (an election?): the agent removes the instance from "
     "the catalog once they have one",
-    Deregistration.CATALOG_STALE: "the agent has dropped the instance; the catalog follows once the agent's sync succeeds",
+    Deregistration.CATALOG_STALE: "the agent has dropped the instance; "
+    "the catalog follows once the agent's sync succeeds",
     Deregistration.UNCONFIRMED: "the instance may still receive traffic",
 }
 _LEFT_HINTS = {
     **_UNCONFIRMED_HINTS,
-    Deregistration.UNCONFIRMED: "the agent never confirmed the deregistration; Consul removes the instance once its check "
-    "has been critical for check.deregister_critical_after",
+    Deregistration.UNCONFIRMED: "the agent never confirmed the deregistration; "
+    "Consul removes the instance once its check has been critical for check.deregister_critical_after",
 }
 
 
@@ -313,9 +314,9 @@ class Sidecar:
             if status != "critical":
                 raise ConsulRejected(
                     f"service.id {svc.id!r} is already registered for {theirs} (check {status or 'absent'}): a live "
-                    f"instance; this sidecar would register {svc.address}:{svc.port} under the same ID and take over its "
-                    "entry. Give each instance its own service.id (the default, <name>-<hostname>-<address>-<port>, is "
-                    "unique per address)"
+                    f"instance; this sidecar would register {svc.address}:{svc.port} "
+                    "under the same ID and take over its entry. Give each instance its own service.id "
+                    "(the default, <name>-<hostname>-<address>-<port>, is unique per address)"
                 )
             reason = "its check is critical"
         self._registration_attempted = True  # it carries our ID: a drain from here on must remove it
@@ -413,8 +414,12 @@ class Sidecar:
         if not back:
             self.log.debug("sidecar.consul.final_read", registered=False, elapsed_ms=self._ms(t))
             return
-        self.log.error("sidecar.consul.reappeared", hint="a registration write that went unanswered landed after the "
-                       "deregistration; deregistering again" + (" and waiting the propagation delay again" if wait_again is not None else ""))
+        self.log.error(
+            "sidecar.consul.reappeared",
+            hint="a registration write that went unanswered landed after the "
+            "deregistration; deregistering again"
+            + (" and waiting the propagation delay again" if wait_again is not None else ""),
+        )
         outcome = (await self._deregister()).outcome
         if wait_again is not None and outcome is not Deregistration.UNCONFIRMED and not self.app.exited.done():
             # Within the drain's bound, so that the worst case still holds.
@@ -460,7 +465,11 @@ class Sidecar:
             try:
                 if await self.agent.registered(sid) is None:
                     await self._register()
-                    self.log.warning("sidecar.consul.reregistered", reason="the agent no longer held the service", elapsed_ms=self._ms(t))
+                    self.log.warning(
+                        "sidecar.consul.reregistered",
+                        reason="the agent no longer held the service",
+                        elapsed_ms=self._ms(t),
+                    )
                 elif self.agent.token_rotated():
                     # The agent keeps the registering token for its catalog syncs (and
                     # for a later deregistration): hand it the new one before the old
@@ -550,7 +559,9 @@ class Sidecar:
         self.log.info("sidecar.stopped", exit_status=status, elapsed_ms=self._ms(t))
         return status
 
-    async def _deregister(self, deadline: float | None = None, late: bool = False, retry_until: float | None = None) -> DeregisterResult:
+    async def _deregister(
+        self, deadline: float | None = None, late: bool = False, retry_until: float | None = None
+    ) -> DeregisterResult:
         """Deregister and confirm until ``deadline`` (default: deregister_timeout from now).
 
         ``late``: a retry of an unconfirmed one; only success is logged (the caller reports the rest).
@@ -562,7 +573,9 @@ class Sidecar:
             deadline = t + cfg.shutdown.deregister_timeout
         result = await self.agent.deregister_confirmed(cfg.service.name, cfg.service.id, deadline)
         if result.outcome is Deregistration.CONFIRMED:
-            self.log.info("sidecar.consul.deregistered", attempts=result.attempts, late=late or None, elapsed_ms=self._ms(t))
+            self.log.info(
+                "sidecar.consul.deregistered", attempts=result.attempts, late=late or None, elapsed_ms=self._ms(t)
+            )
             return result
         if late:
             return result
@@ -588,8 +601,13 @@ class Sidecar:
         if result.outcome is Deregistration.CONFIRMED:
             return
         hint = self._acl_hint() if result.outcome is Deregistration.BLOCKED else _LEFT_HINTS[result.outcome]
-        self.log.error("sidecar.consul.left_registered", reason=result.outcome.value, agent_dropped=result.agent_dropped,
-                       error=result.error, hint=hint)
+        self.log.error(
+            "sidecar.consul.left_registered",
+            reason=result.outcome.value,
+            agent_dropped=result.agent_dropped,
+            error=result.error,
+            hint=hint,
+        )
 
     async def _skip_or_bound(self, bound: float) -> None:
         """Until a second SIGINT or the monotonic time ``bound``, whichever comes first."""
@@ -610,9 +628,23 @@ class Sidecar:
         extra = {"orphans_reaped": app.orphans_reaped or None, "leftovers_signalled": app.leftovers_signalled or None,
                  "leftovers_killed": app.leftovers_killed or None}
         if result.killed:
-            self.log.error("sidecar.app.killed", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t), **extra)
+            self.log.error(
+                "sidecar.app.killed",
+                app=self.app.description,
+                how=result.how,
+                exit_status=result.status,
+                elapsed_ms=self._ms(t),
+                **extra,
+            )
         else:
-            self.log.info("sidecar.app.stopped", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t), **extra)
+            self.log.info(
+                "sidecar.app.stopped",
+                app=self.app.description,
+                how=result.how,
+                exit_status=result.status,
+                elapsed_ms=self._ms(t),
+                **extra,
+            )
         return result
 
     # --- signals ------------------------------------------------------------------
@@ -653,7 +685,10 @@ class Sidecar:
     async def _first(self, work: Awaitable[T], interrupt: Awaitable[Any]) -> tuple[bool, T | None]:
         """Run ``work`` unless ``interrupt`` or the app's exit comes first: (finished, its result)."""
         task: asyncio.Future[Any] = asyncio.ensure_future(work)
-        others: list[asyncio.Future[Any]] = [asyncio.ensure_future(interrupt), asyncio.ensure_future(asyncio.shield(self.app.exited))]
+        others: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(interrupt),
+            asyncio.ensure_future(asyncio.shield(self.app.exited)),
+        ]
         try:
             await asyncio.wait({task, *others}, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -55,7 +55,9 @@ def consul_binary() -> str:
 def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a process in a session of its own (so teardown can find all it started)."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+        )
     return track(proc)
 
 
@@ -247,7 +249,13 @@ def merge(base: dict[str, dict[str, Any]], over: dict[str, dict[str, Any]]) -> d
 class Sidecar:
     """``python -m sidecar run`` as a real process, with its JSON log lines at hand."""
 
-    def __init__(self, workdir: Path, config: dict[str, dict[str, Any]], command: list[str] | None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, dict[str, Any]],
+        command: list[str] | None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         n = next(_sidecar_numbers)  # not id(self): ids are reused once an object is gone
         self.config_path = write_config(workdir / f"sidecar-{os.getpid()}-{n}.toml", config)
@@ -397,8 +405,14 @@ class ConsulCluster:
 
     def _alive_check(self) -> None:
         for i, proc in enumerate(self.procs):
-            if proc is not None and proc.poll() is not None and proc.returncode not in (-signal.SIGKILL, -signal.SIGTERM):
-                raise AssertionError(f"consul {self.names[i]} exited with {proc.returncode}: {self.log(i).read_text()[-2000:]}")
+            if (
+                proc is not None
+                and proc.poll() is not None
+                and proc.returncode not in (-signal.SIGKILL, -signal.SIGTERM)
+            ):
+                raise AssertionError(
+                    f"consul {self.names[i]} exited with {proc.returncode}: {self.log(i).read_text()[-2000:]}"
+                )
 
     def _ready(self) -> bool:
         self._alive_check()

@@ -23,7 +23,9 @@ def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consul]:
 
 
 ROOT_TOKEN = "3d1a7b3e-0000-4000-8000-00000000root"
-ACL_HCL = f'acl {{ enabled = true, default_policy = "deny", tokens {{ master = "{ROOT_TOKEN}", agent = "{ROOT_TOKEN}" }} }}'
+ACL_HCL = (
+    f'acl {{ enabled = true, default_policy = "deny", tokens {{ master = "{ROOT_TOKEN}", agent = "{ROOT_TOKEN}" }} }}'
+)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,9 @@ StartSidecar = Callable[..., Sidecar]
 def start_sidecar(tmp_path: Path) -> StartSidecar:
     """start_sidecar(config, command=None, env=None) -> a running Sidecar process."""
 
-    def start(config: dict[str, dict[str, Any]], command: list[str] | None = None, env: dict[str, str] | None = None) -> Sidecar:
+    def start(
+        config: dict[str, dict[str, Any]], command: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> Sidecar:
         return Sidecar(tmp_path, config, command, env)
 
     return start

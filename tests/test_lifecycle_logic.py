@@ -121,11 +121,16 @@ class FakeInbox:
 def make_config(tmp_path: Path, **shutdown: str) -> Config:
     extra = "".join(f'{k} = "{v}"\n' for k, v in shutdown.items())
     p = tmp_path / "c.toml"
-    p.write_text(f'[service]\nname = "web"\nport = 8080\naddress = "127.0.0.1"\n[startup]\ntimeout = "300ms"\n[shutdown]\n{extra}')
+    p.write_text(
+        '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.1"\n'
+        f'[startup]\ntimeout = "300ms"\n[shutdown]\n{extra}'
+    )
     return load_config(p, {})
 
 
-def make_sidecar(config: Config, agent: FakeAgent, app: FakeApp, prober: FakeProber | None = None) -> tuple[Sidecar, FakeInbox]:
+def make_sidecar(
+    config: Config, agent: FakeAgent, app: FakeApp, prober: FakeProber | None = None
+) -> tuple[Sidecar, FakeInbox]:
     inbox = FakeInbox()
     sc = Sidecar(
         config, agent=agent, app=app, prober=prober or FakeProber(),
@@ -201,7 +206,12 @@ async def test_forwarded_signals(tmp_path: Path) -> None:
     await until(lambda: len([c for c in calls if c.startswith("forward")]) == 4)
     inbox.queue.put_nowait(signal.SIGTERM)
     assert await run == 0
-    assert [c for c in calls if c.startswith("forward")] == ["forward SIGHUP", "forward SIGUSR1", "forward SIGUSR2", "forward SIGWINCH"]
+    assert [c for c in calls if c.startswith("forward")] == [
+        "forward SIGHUP",
+        "forward SIGUSR1",
+        "forward SIGUSR2",
+        "forward SIGWINCH",
+    ]
 
 
 @pytest.mark.asyncio

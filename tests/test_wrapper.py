@@ -17,7 +17,9 @@ from testkit import Consul, app_command, free_port, http_get, pid_alive, read_si
 from .conftest import StartSidecar, base_config
 
 
-def test_registers_with_tags_meta_and_passing_at_once(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_registers_with_tags_meta_and_passing_at_once(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """1. The app is healthy; the sidecar registers it.
     2. The catalog shows the instance with its tags, meta, address and port,
        and its HTTP check is already passing although the check interval (30s)
@@ -44,7 +46,9 @@ def test_registers_with_tags_meta_and_passing_at_once(consul: Consul, start_side
     assert sc.wait() == 0
 
 
-def test_drain_order_deregister_then_delay_then_signal(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_drain_order_deregister_then_delay_then_signal(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
     """1. A registered instance receives SIGTERM at its sidecar.
     2. A watcher on /v1/health/service/<name> records when the instance disappears;
        the app records when its SIGTERM arrives (both on the system-wide monotonic clock).
@@ -59,7 +63,9 @@ def test_drain_order_deregister_then_delay_then_signal(consul: Consul, start_sid
     sc.wait_event("sidecar.consul.registered")
     watcher = CatalogWatcher(consul, service_name)
     watcher.start()
-    wait_for(lambda: watcher.changes and watcher.changes[-1][1] == [f"{service_name}-1"], 5, what="watcher sees the instance")
+    wait_for(
+        lambda: watcher.changes and watcher.changes[-1][1] == [f"{service_name}-1"], 5, what="watcher sees the instance"
+    )
     sent = time.monotonic()
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
@@ -108,7 +114,12 @@ def test_inflight_request_completes(consul: Consul, start_sidecar: StartSidecar,
     ids=["clean-0", "status-3", "killed-by-SIGQUIT", "hung-SIGKILL"],
 )
 def test_exit_status_passes_through(
-    consul: Consul, start_sidecar: StartSidecar, service_name: str, app_args: list[str], shutdown: dict[str, str], expected: int
+    consul: Consul,
+    start_sidecar: StartSidecar,
+    service_name: str,
+    app_args: list[str],
+    shutdown: dict[str, str],
+    expected: int,
 ) -> None:
     """SIGTERM to the sidecar; the sidecar exits with the app's status (128 + N when signal N ended it)."""
     port = free_port()
@@ -167,7 +178,11 @@ def test_waits_for_health_before_registering(consul: Consul, start_sidecar: Star
     cfg = base_config(consul, service_name, port)
     sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--healthy-after", "1.5"))
     sc.app_pid()
-    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 503 if _answers(port) else False, 10, what="app answering 503")
+    wait_for(
+        lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 503 if _answers(port) else False,
+        10,
+        what="app answering 503",
+    )
     assert consul.instances(service_name) == []
     sc.wait_event("sidecar.consul.registered")
     healthy = sc.event("sidecar.startup.healthy")
@@ -184,11 +199,15 @@ def _answers(port: int) -> bool:
         return False
 
 
-def test_forwards_signals_to_the_app(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_forwards_signals_to_the_app(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
     """SIGHUP, SIGUSR1, SIGUSR2 and SIGWINCH sent to the sidecar reach the app; the sidecar keeps running."""
     port = free_port()
     siglog = tmp_path / "signals.log"
-    sc = start_sidecar(base_config(consul, service_name, port), app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
+    sc = start_sidecar(
+        base_config(consul, service_name, port), app_command(port, "127.0.0.1", "--signal-log", str(siglog))
+    )
     sc.wait_event("sidecar.consul.registered")
     sent = [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH]
     for sig in sent:
@@ -202,7 +221,9 @@ def test_forwards_signals_to_the_app(consul: Consul, start_sidecar: StartSidecar
     assert sc.wait() == 0
 
 
-def test_double_ctrl_c_ends_the_delay_third_kills(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_double_ctrl_c_ends_the_delay_third_kills(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
     """1. propagation_delay is 60 s. SIGINT starts the drain; the instance is deregistered.
     2. A second SIGINT ends the delay: the app gets SIGTERM within a second or two, not a minute.
     3. The app ignores SIGTERM (app_timeout 60 s); a third SIGINT SIGKILLs it: exit 137.

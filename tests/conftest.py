@@ -117,3 +117,30 @@ def start_sidecar(tmp_path: Path) -> StartSidecar:
         return Sidecar(tmp_path, config, command, env)
 
     return start
+
+
+RegisteredSidecar = Callable[..., tuple[Sidecar, int]]
+
+
+@pytest.fixture
+def registered_sidecar(
+    request: pytest.FixtureRequest, start_sidecar: StartSidecar, service_name: str
+) -> RegisteredSidecar:
+    """registered_sidecar(*app_args, agent=None, env=None, **sections) -> (sidecar, app port).
+
+    The example app (with ``app_args``) on a free port under a sidecar configured with
+    ``base_config(agent, service_name, port, **sections)``, returned once the sidecar has logged
+    ``sidecar.consul.registered``. ``agent`` defaults to the session's ``consul`` agent."""
+
+    def start(
+        *app_args: str, agent: Consul | None = None, env: dict[str, str] | None = None, **sections: dict[str, Any]
+    ) -> tuple[Sidecar, int]:
+        if agent is None:
+            agent = request.getfixturevalue("consul")
+        port = testkit.free_port()
+        cfg = base_config(agent, service_name, port, **sections)
+        sc = start_sidecar(cfg, testkit.app_command(port, "127.0.0.1", *app_args), env)
+        sc.wait_event("sidecar.consul.registered")
+        return sc, port
+
+    return start

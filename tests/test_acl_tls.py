@@ -14,7 +14,7 @@ import pytest
 
 from testkit import Consul, app_command, free_port, pid_alive, wait_for
 
-from .conftest import ROOT_TOKEN, StartSidecar, base_config
+from .conftest import ROOT_TOKEN, RegisteredSidecar, StartSidecar, base_config
 
 
 def api(agent: Consul, method: str, path: str, body: object = None) -> object:
@@ -78,7 +78,7 @@ def test_registration_denied_is_one_clear_error(
 
 
 def test_token_file_rotation(
-    acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+    acl_consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
 ) -> None:
     """1. Registered with token A from consul.token_file.
     2. The file is rewritten with token B; the sidecar re-registers with B (the agent keeps the
@@ -88,9 +88,7 @@ def test_token_file_rotation(
     a, b = make_token(acl_consul, writer_rules(service_name)), make_token(acl_consul, writer_rules(service_name))
     tf = tmp_path / "token"
     tf.write_text(a + "\n")
-    port = free_port()
-    sc = start_sidecar(base_config(acl_consul, service_name, port, consul={"token_file": str(tf)}), app_command(port))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar(agent=acl_consul, consul={"token_file": str(tf)})
     assert sc.event("sidecar.consul.catalog_unreadable") is None
     tf.write_text(b + "\n")
     wait_for(lambda: sc.event("sidecar.consul.reregistered"), 5, what="re-registration with the new token")
@@ -104,14 +102,11 @@ def test_token_file_rotation(
 
 
 def test_token_from_consul_http_token_file(
-    acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+    acl_consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
 ) -> None:
     token = make_token(acl_consul, writer_rules(service_name))
     (tmp_path / "token").write_text(token)
-    port = free_port()
-    sc = start_sidecar(base_config(acl_consul, service_name, port), app_command(port),
-                       env={"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "token")})
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar(agent=acl_consul, env={"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "token")})
     assert acl_consul.service_ids(service_name) == [f"{service_name}-1"]
     cmdline = Path(f"/proc/{sc.pid}/cmdline").read_bytes().decode()
     sc.send(signal.SIGTERM)
@@ -120,7 +115,7 @@ def test_token_from_consul_http_token_file(
 
 
 def test_deregistration_blocked_by_acls_is_reported(
-    acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+    acl_consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
 ) -> None:
     """1. Registered with token A; the keeper is slow (30 s check interval), so the sidecar has not yet
        re-registered when the file switches to token B and A is deleted.
@@ -130,11 +125,8 @@ def test_deregistration_blocked_by_acls_is_reported(
     a, b = make_token(acl_consul, writer_rules(service_name)), make_token(acl_consul, writer_rules(service_name))
     tf = tmp_path / "token"
     tf.write_text(a)
-    port = free_port()
-    cfg = base_config(acl_consul, service_name, port, consul={"token_file": str(tf)}, check={"interval": "30s"},
-                      shutdown={"deregister_timeout": "1s", "propagation_delay": "0s"})
-    sc = start_sidecar(cfg, app_command(port))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar(agent=acl_consul, consul={"token_file": str(tf)}, check={"interval": "30s"},
+                               shutdown={"deregister_timeout": "1s", "propagation_delay": "0s"})
     tf.write_text(b)
     delete_token(acl_consul, a)
     sc.send(signal.SIGTERM)
@@ -146,16 +138,12 @@ def test_deregistration_blocked_by_acls_is_reported(
 
 
 def test_token_without_node_read_is_warned_about(
-    acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+    acl_consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
 ) -> None:
     """A token with service:write but no node:read cannot see the catalog; the sidecar says so once."""
     token = make_token(acl_consul, f'service "{service_name}" {{ policy = "write" }}')
     (tmp_path / "token").write_text(token)
-    port = free_port()
-    sc = start_sidecar(
-        base_config(acl_consul, service_name, port, consul={"token_file": str(tmp_path / "token")}), app_command(port)
-    )
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar(agent=acl_consul, consul={"token_file": str(tmp_path / "token")})
     warn = sc.wait_event("sidecar.consul.catalog_unreadable")
     assert "node:read" in warn["hint"]
     sc.send(signal.SIGTERM)
@@ -213,16 +201,14 @@ def tls_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Consu
 
 
 def test_https_with_ca_and_client_certificate(
-    tls_consul: tuple[Consul, Path, int], start_sidecar: StartSidecar, service_name: str
+    tls_consul: tuple[Consul, Path, int], registered_sidecar: RegisteredSidecar, service_name: str
 ) -> None:
     """The agent serves HTTPS with a CA the test made and requires client certificates: the sidecar
     registers and deregisters over HTTPS with ca_file, cert_file and key_file."""
     agent, d, https = tls_consul
-    port = free_port()
     consul_section = {"address": f"https://127.0.0.1:{https}", "ca_file": str(d / "ca.pem"),
                       "cert_file": str(d / "client.pem"), "key_file": str(d / "client.key")}
-    sc = start_sidecar(base_config(agent, service_name, port, consul=consul_section), app_command(port))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar(agent=agent, consul=consul_section)
     assert agent.service_ids(service_name) == [f"{service_name}-1"]
     sc.send(signal.SIGTERM)
     assert sc.wait(30) == 0

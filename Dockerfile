@@ -8,7 +8,7 @@
 #   docker build --build-arg WHEELHOUSE=wheelhouse -t consul-sidecar-example .
 # or point pip at a local index: --build-arg PIP_INDEX=http://host:port/simple/
 # BASE_IMAGE: any Debian-like image with Python >= 3.11 and pip (scripts/compose-demo
-# passes its stand-in when no registry answers; see README "Docker Compose").
+# passes its stand-in when no registry answers; see docs/compose.md).
 #
 # ENTRYPOINT is the sidecar; the default CMD runs the example app in wrapper mode with
 # config/compose-web.toml (a Consul agent reachable as "consul", or CONSUL_HTTP_ADDR).

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from examples.rollout.procs import PY, Consul, app_command, free_port, kill_all_started, spawn, wait_for, write_config  # noqa: E402
+from testkit import PY, Consul, app_command, free_port, kill_all_started, spawn, wait_for, write_config  # noqa: E402
 
 # What the console script does; -P keeps the current directory off sys.path, so PYTHONPATH alone
 # decides which tree's `sidecar` is imported.
@@ -52,7 +52,9 @@ def main() -> int:
     trees = {"new": ROOT}
     if args.old:
         (work / "old").mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.old, "sidecar"], check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", args.old, "sidecar"], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(work / "old")], input=archive, check=True)
         trees["old"] = work / "old"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_") and k != "PYTHONDONTWRITEBYTECODE"}
@@ -74,8 +76,15 @@ def main() -> int:
         def short(argv: list[str], tree: Path | None) -> Callable[[], float]:
             def go() -> float:
                 t0 = time.perf_counter()
-                subprocess.run(argv, env=env_for(tree) if tree else env, cwd=work, check=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                subprocess.run(
+                    argv,
+                    env=env_for(tree) if tree else env,
+                    cwd=work,
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL,
+                )
                 return (time.perf_counter() - t0) * 1000
 
             return go
@@ -97,8 +106,20 @@ def main() -> int:
 
             return go
 
-        cases: dict[tuple[str, str], Callable[[], float]] = {("baseline", ""): short([PY, "-c", "import asyncio"], None)}
-        wait_args = ["wait", "--consul-address", consul.address, "--service", "bench-wait", "--min-passing", "1", "--timeout", "10s"]
+        cases: dict[tuple[str, str], Callable[[], float]] = {
+            ("baseline", ""): short([PY, "-c", "import asyncio"], None)
+        }
+        wait_args = [
+            "wait",
+            "--consul-address",
+            consul.address,
+            "--service",
+            "bench-wait",
+            "--min-passing",
+            "1",
+            "--timeout",
+            "10s",
+        ]
         for variant, tree in trees.items():
             cases[("--version", variant)] = short([*ENTRY, "--version"], tree)
             cases[("check-config", variant)] = short([*ENTRY, "check-config", "-c", str(check_cfg)], tree)
@@ -112,8 +133,11 @@ def main() -> int:
             random.shuffle(order)
             for key in order:
                 times[key].append(cases[key]())
-            print(f"round {i + 1}/{args.runs}: " + ", ".join(f"{c} {v or ''} {times[(c, v)][-1]:.0f}".replace("  ", " ")
-                                                              for c, v in cases), file=sys.stderr)
+            print(
+                f"round {i + 1}/{args.runs}: "
+                + ", ".join(f"{c} {v or ''} {times[(c, v)][-1]:.0f}".replace("  ", " ") for c, v in cases),
+                file=sys.stderr,
+            )
         app.send_signal(signal.SIGTERM)
         app.wait(10)
     finally:
@@ -124,8 +148,11 @@ def main() -> int:
     base = med[("baseline", "")]
     targets = {"--version": 1.5, "check-config": 1.5, "wait": 2.0}
     print()
-    print(f"consul-sidecar CLI start-up, median of {args.runs} runs, ms ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}); "
-          f"baseline {BASELINE}: {base:.0f} ms")
+    print(
+        f"consul-sidecar CLI start-up, median of {args.runs} runs, ms "
+        f"({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}); "
+        f"baseline {BASELINE}: {base:.0f} ms"
+    )
     print(f"{'command':14} {'old':>8} {'new':>8} {'old/base':>9} {'new/base':>9} {'target':>22}")
     for command in ("--version", "check-config", "wait", "run"):
         old = med.get((command, "old"))

@@ -50,24 +50,44 @@ def main() -> int:
         return 1
     runs: list[dict[str, Any]] = json.loads((out / "result.json").read_text())["runs"]
 
-    print(f"\ncompose rollout benchmark: {args.runs} runs per mode, {args.replicas} x web and the alongside pair v1 -> v2, "
-          f"{args.rate:g} requests/s on each of / and /alongside/ through nginx (resolver valid=1s), propagation_delay 5s; "
-          f"{took:.0f}s in all")
-    print(f"{'mode':8} {'run':>3} {'requests':>9} {'failed /':>9} {'failed /alongside/':>19} {'rollout s':>10} {'up s':>6} {'down s':>7}")
+    print(
+        f"\ncompose rollout benchmark: {args.runs} runs per mode, {args.replicas} x web "
+        "and the alongside pair v1 -> v2, "
+        f"{args.rate:g} requests/s on each of / and /alongside/ through nginx (resolver valid=1s), "
+        "propagation_delay 5s; "
+        f"{took:.0f}s in all"
+    )
+    print(
+        f"{'mode':8} {'run':>3} {'requests':>9} {'failed /':>9} {'failed /alongside/':>19} "
+        f"{'rollout s':>10} {'up s':>6} {'down s':>7}"
+    )
     for r in runs:
         t_ = r["targets"]
-        print(f"{r['mode']:8} {r['run'] + 1:3d} {r['requests']:9d} {t_['web']['failed']:9d} {t_['alongside']['failed']:19d} "
-              f"{r['rollout_seconds']:10.1f} {r['phases'].get('up', float('nan')):6.1f} {r['phases'].get('down', float('nan')):7.1f}")
-    print("\nper step, medians (s unless ms): compose up = compose creating the new container(s); passing = until "
-          "`wait --passing` returned; stop = stop sent -> container removed; docker = stop - (dereg + delay + app exit)")
-    print(f"{'mode':8} {'unit':14} {'steps':>5} {'compose up':>10} {'passing':>8} {'stop':>6} {'dereg ms':>9} {'delay':>6} {'app exit ms':>11} {'docker':>7}")
+        print(
+            f"{r['mode']:8} {r['run'] + 1:3d} {r['requests']:9d} "
+            f"{t_['web']['failed']:9d} {t_['alongside']['failed']:19d} "
+            f"{r['rollout_seconds']:10.1f} {r['phases'].get('up', float('nan')):6.1f} "
+            f"{r['phases'].get('down', float('nan')):7.1f}"
+        )
+    print(
+        "\nper step, medians (s unless ms): compose up = compose creating the new container(s); passing = until "
+        "`wait --passing` returned; stop = stop sent -> container removed; docker = stop - (dereg + delay + app exit)"
+    )
+    print(
+        f"{'mode':8} {'unit':14} {'steps':>5} {'compose up':>10} {'passing':>8} {'stop':>6} "
+        f"{'dereg ms':>9} {'delay':>6} {'app exit ms':>11} {'docker':>7}"
+    )
     for mode in ("sidecar", "naive"):
         for unit in ("web", "web-alongside"):
             steps = [s for r in runs if r["mode"] == mode for s in r["steps"] if s["unit"] == unit]
             if not steps:
                 continue
-            rest = [s["stop_total"] - ((s["deregister_ms"] or 0) / 1000 + (s["delay"] or 0) + (s["app_exit_ms"] or 0) / 1000)
-                    for s in steps if s["stop_total"] is not None]
+            rest = [
+                s["stop_total"]
+                - ((s["deregister_ms"] or 0) / 1000 + (s["delay"] or 0) + (s["app_exit_ms"] or 0) / 1000)
+                for s in steps
+                if s["stop_total"] is not None
+            ]
             print(f"{mode:8} {unit:14} {len(steps):5d} {med([s['compose_up'] for s in steps]):10.1f} "
                   f"{med([s['until_passing'] for s in steps]):8.1f} {med([s['stop_total'] for s in steps]):6.1f} "
                   f"{med([s['deregister_ms'] for s in steps]):9.1f} {med([s['delay'] for s in steps]):6.2f} "

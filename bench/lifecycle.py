@@ -15,6 +15,7 @@ Everything it starts is stopped at the end, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from examples.rollout.procs import Consul, Sidecar, app_command, free_port, kill_all_started, spawn, wait_for, write_config  # noqa: E402
+from testkit import Consul, Sidecar, app_command, free_port, kill_all_started, spawn, wait_for, write_config  # noqa: E402
 
 
 def config(consul: Consul, name: str, port: int, **extra: dict[str, object]) -> dict[str, dict[str, object]]:
@@ -84,7 +85,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--idle", type=float, default=60.0, help="seconds of idle CPU measurement")
-    ap.add_argument("--old", metavar="REF", help="also measure the idle CPU of this git ref's code, over the same window")
+    ap.add_argument("--old", metavar="REF", help="also measure the idle CPU of this git ref's code, in the same window")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-lifecycle-"))
     consul = Consul(work)
@@ -102,7 +103,7 @@ def main() -> int:
             name = f"bench{i}"
             t0 = time.monotonic()
             sc = Sidecar(work, config(consul, name, port, app={}), None)  # alongside, no [app]: nothing to stop
-            wait_for(lambda: passing(consul, name), 15, 0.002, "registered and passing")
+            wait_for(functools.partial(passing, consul, name), 15, 0.002, "registered and passing")
             start_ms.append((time.monotonic() - t0) * 1000)
             rss.append(rss_mb(sc.pid))
             sc.send(signal.SIGTERM)
@@ -110,12 +111,16 @@ def main() -> int:
             got = sc.wait_event("sidecar.consul.deregistered")
             sent = sc.wait_event("sidecar.signal.received")
             dereg_ms.append((ts(got) - ts(sent)) * 1000)
-            print(f"run {i + 1}/{args.runs}: start {start_ms[-1]:.0f} ms, deregistered {dereg_ms[-1]:.1f} ms", file=sys.stderr)
+            print(
+                f"run {i + 1}/{args.runs}: start {start_ms[-1]:.0f} ms, deregistered {dereg_ms[-1]:.1f} ms",
+                file=sys.stderr,
+            )
 
         # Idle CPU: one registered sidecar, keeping its registration (check interval 1 s).
         sc = Sidecar(work, config(consul, "idle", port, app={}, check={"interval": "1s"}), None)
         sc.wait_event("sidecar.consul.registered")
-        old = start_old(work, args.old, config(consul, "idle-old", port, app={}, check={"interval": "1s"})) if args.old else None
+        old_cfg = config(consul, "idle-old", port, app={}, check={"interval": "1s"})
+        old = start_old(work, args.old, old_cfg) if args.old else None
         if old is not None:
             wait_for(lambda: passing(consul, "idle-old"), 15, what="the old code's sidecar registered")
         time.sleep(2)
@@ -139,15 +144,24 @@ def main() -> int:
     print()
     print(f"consul-sidecar lifecycle figures ({args.runs} runs, Consul {version}, {os.cpu_count()} cores)")
     print(f"{'measure':44} {'median':>9} {'p99':>9} {'target':>12}")
-    print(f"{'SIGTERM -> deregistration confirmed (ms)':44} {statistics.median(dereg_ms):9.1f} {pct(dereg_ms, 99):9.1f} {'p99 <= 20':>12}")
-    print(f"{'start -> registered and passing (ms)':44} {statistics.median(start_ms):9.0f} {pct(start_ms, 99):9.0f} {'<= 300':>12}")
+    print(
+        f"{'SIGTERM -> deregistration confirmed (ms)':44} "
+        f"{statistics.median(dereg_ms):9.1f} {pct(dereg_ms, 99):9.1f} {'p99 <= 20':>12}"
+    )
+    print(
+        f"{'start -> registered and passing (ms)':44} "
+        f"{statistics.median(start_ms):9.0f} {pct(start_ms, 99):9.0f} {'<= 300':>12}"
+    )
     print(f"{'resident memory after registration (MB)':44} {statistics.median(rss):9.1f} {max(rss):9.1f} {'<= 40':>12}")
     print(f"{'resident memory after idle period (MB)':44} {idle_rss:9.1f} {'':>9} {'<= 40':>12}")
     print(f"{'CPU while idle, % of one core':44} {idle_pct:9.2f} {'':>9} {'<= 0.3':>12}")
     if old_pct is not None and old_rss is not None:
         print(f"{args.old + ' (same window): CPU while idle, %':44} {old_pct:9.2f}")
         print(f"{args.old + ' (same window): memory after idle period (MB)':44} {old_rss:9.1f}")
-    print(f"(idle measured over {args.idle:g} s with the registration checked every 1 s; p99 column for memory is the max)")
+    print(
+        f"(idle measured over {args.idle:g} s with the registration checked every 1 s; "
+        "p99 column for memory is the max)"
+    )
     return 0
 
 
@@ -155,11 +169,13 @@ def start_old(work: Path, ref: str, cfg: dict[str, dict[str, object]]) -> subpro
     """A sidecar running ``ref``'s code: its package from git, the same interpreter and virtualenv."""
     tree = work / "old"
     tree.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "sidecar"], check=True, capture_output=True).stdout
+    git = ["git", "-C", str(ROOT), "archive", ref, "sidecar"]
+    archive = subprocess.run(git, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
     env["PYTHONPATH"] = str(tree)  # -P below: the current directory does not come first
-    argv = [sys.executable, "-P", "-m", "sidecar", "run", "-c", str(write_config(work / "old.toml", cfg)), "--log-format", "json"]
+    config_file = write_config(work / "old.toml", cfg)
+    argv = [sys.executable, "-P", "-m", "sidecar", "run", "-c", str(config_file), "--log-format", "json"]
     return spawn(argv, work / "old.log", env)
 
 

@@ -218,9 +218,13 @@ class ChildApp:
                 seen += 1
                 if seen >= 2:  # twice in a row: not a daemon's parent about to exit
                     log.warning(
-                        "sidecar.app.listener_not_direct_child", app_pid=self.pid, listener_pids=sorted(held), port=port,
-                        hint="the server is a grandchild (an entrypoint script without exec?): if the sidecar is SIGKILLed "
-                        "only its direct child dies, outside a container or a systemd cgroup. Start the server with exec",
+                        "sidecar.app.listener_not_direct_child",
+                        app_pid=self.pid,
+                        listener_pids=sorted(held),
+                        port=port,
+                        hint="the server is a grandchild (an entrypoint script without exec?): "
+                        "if the sidecar is SIGKILLed only its direct child dies, "
+                        "outside a container or a systemd cgroup. Start the server with exec",
                     )
                     return
             else:
@@ -263,10 +267,17 @@ class ChildApp:
         # Signals go to the daemon's top processes (a master), not to each of its workers.
         self._followed_roots = sorted(p for p in followed if proctree.parent(p) not in followed)
         parent = self.pid
-        self.description = f"daemon pid {','.join(map(str, self._followed_roots))} (forked by pid {parent}, {self.argv[0]})"
+        self.description = (
+            f"daemon pid {','.join(map(str, self._followed_roots))} (forked by pid {parent}, {self.argv[0]})"
+        )
         if self._log is not None:
-            self._log.info("sidecar.app.daemon_followed", parent_pid=parent, pids=sorted(followed), port=self._follow_port,
-                           hint="the app's process exited 0 leaving these listening on the service port: they are the app now")
+            self._log.info(
+                "sidecar.app.daemon_followed",
+                parent_pid=parent,
+                pids=sorted(followed),
+                port=self._follow_port,
+                hint="the app's process exited 0 leaving these listening on the service port: they are the app now",
+            )
         self._follow_task = asyncio.get_running_loop().create_task(self._watch_daemon())
         return True
 
@@ -276,7 +287,8 @@ class ChildApp:
             if not any(proctree.alive(p) for p in self.followed):
                 break
             await self._clock.sleep(self.FOLLOW_POLL)
-        # The status of the last one we reaped ourselves (a daemon re-parented to us, or its master); 0 if none was ours.
+        # The status of the last one we reaped ourselves (a daemon re-parented to us, or its master);
+        # 0 if none was ours.
         statuses = list(self._followed_status.values())
         if not self.exited.done():
             self.exited.set_result(statuses[-1] if statuses else 0)
@@ -508,7 +520,9 @@ class PidApp(_NotOurChild):
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-                return StopResult(by_signal(signal.SIGKILL), True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
+                return StopResult(
+                    by_signal(signal.SIGKILL), True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL"
+                )
             await self._clock.sleep(self.POLL)
         return StopResult(0, False, f"exited after {sig.name}")
 
@@ -546,7 +560,9 @@ class UrlApp(_NotOurChild):
         deadline = self._clock.monotonic() + timeout
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
             try:
-                async with session.post(self._shutdown_url, timeout=aiohttp.ClientTimeout(total=max(0.1, timeout))) as r:
+                async with session.post(
+                    self._shutdown_url, timeout=aiohttp.ClientTimeout(total=max(0.1, timeout))
+                ) as r:
                     await r.read()
                     if r.status >= 400:
                         return StopResult(1, False, f"POST {self._shutdown_url} answered {r.status}")
@@ -558,7 +574,9 @@ class UrlApp(_NotOurChild):
                 return StopResult(1, False, f"POST {self._shutdown_url} failed: {e.__class__.__name__}: {e}")
             while await self._answers(session):
                 if self._clock.monotonic() >= deadline:
-                    return StopResult(1, False, f"still answering {self._check_url} {timeout:g}s after the shutdown request")
+                    return StopResult(
+                        1, False, f"still answering {self._check_url} {timeout:g}s after the shutdown request"
+                    )
                 await self._clock.sleep(self.POLL)
         return StopResult(0, False, "stopped answering after the shutdown request")
 

@@ -1,4 +1,4 @@
-"""The sidecar's own exit statuses: the README's "Exit status" table, in one place.
+"""The sidecar's own exit statuses: the "Exit status" table of docs/operations.md, in one place.
 
 sysexits.h (``os.EX_*``) where one fits, the shell's conventions for the rest. A bad command
 line exits 2 as argparse (and every shell builtin) does, not sysexits' EX_USAGE (64): the

@@ -40,9 +40,17 @@ from .app_control import App, StopResult
 from .backoff import backoff
 from .clock import Clock
 from .config import Config, same_host
+from .consul_client import (
+    Agent,
+    ConsulError,
+    ConsulPermissionDenied,
+    ConsulRejected,
+    ConsulUnavailable,
+    DeregisterResult,
+    Deregistration,
+)
 from .drain_wait import DrainEnd, DrainWait
 from .exit_codes import EX_CANNOT_EXECUTE, EX_CONFIG, EX_NOPERM, EX_NOT_FOUND, EX_UNAVAILABLE, by_signal
-from .consul_client import Agent, ConsulError, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, DeregisterResult, Deregistration
 from .port_owner import verify_app_port
 from .registration import registration_payload
 from .signals import FORWARDED, SHUTDOWN, SignalInbox
@@ -56,13 +64,14 @@ T = TypeVar("T")
 _UNCONFIRMED_HINTS = {
     Deregistration.NO_LEADER: "the Consul servers have no leader (an election?): the agent removes the instance from "
     "the catalog once they have one",
-    Deregistration.CATALOG_STALE: "the agent has dropped the instance; the catalog follows once the agent's sync succeeds",
+    Deregistration.CATALOG_STALE: "the agent has dropped the instance; "
+    "the catalog follows once the agent's sync succeeds",
     Deregistration.UNCONFIRMED: "the instance may still receive traffic",
 }
 _LEFT_HINTS = {
     **_UNCONFIRMED_HINTS,
-    Deregistration.UNCONFIRMED: "the agent never confirmed the deregistration; Consul removes the instance once its check "
-    "has been critical for check.deregister_critical_after",
+    Deregistration.UNCONFIRMED: "the agent never confirmed the deregistration; "
+    "Consul removes the instance once its check has been critical for check.deregister_critical_after",
 }
 
 
@@ -305,9 +314,9 @@ class Sidecar:
             if status != "critical":
                 raise ConsulRejected(
                     f"service.id {svc.id!r} is already registered for {theirs} (check {status or 'absent'}): a live "
-                    f"instance; this sidecar would register {svc.address}:{svc.port} under the same ID and take over its "
-                    "entry. Give each instance its own service.id (the default, <name>-<hostname>-<address>-<port>, is "
-                    "unique per address)"
+                    f"instance; this sidecar would register {svc.address}:{svc.port} "
+                    "under the same ID and take over its entry. Give each instance its own service.id "
+                    "(the default, <name>-<hostname>-<address>-<port>, is unique per address)"
                 )
             reason = "its check is critical"
         self._registration_attempted = True  # it carries our ID: a drain from here on must remove it
@@ -458,7 +467,11 @@ class Sidecar:
             try:
                 if await self.agent.registered(sid) is None:
                     await self._register()
-                    self.log.warning("sidecar.consul.reregistered", reason="the agent no longer held the service", elapsed_ms=self._ms(t))
+                    self.log.warning(
+                        "sidecar.consul.reregistered",
+                        reason="the agent no longer held the service",
+                        elapsed_ms=self._ms(t),
+                    )
                 elif self.agent.token_rotated():
                     # The agent keeps the registering token for its catalog syncs (and
                     # for a later deregistration): hand it the new one before the old
@@ -554,7 +567,9 @@ class Sidecar:
         self.log.info("sidecar.stopped", exit_status=status, elapsed_ms=self._ms(t))
         return status
 
-    async def _deregister(self, deadline: float | None = None, late: bool = False, retry_until: float | None = None) -> DeregisterResult:
+    async def _deregister(
+        self, deadline: float | None = None, late: bool = False, retry_until: float | None = None
+    ) -> DeregisterResult:
         """Deregister and confirm until ``deadline`` (default: deregister_timeout from now).
 
         ``late``: a retry of an unconfirmed one; only success is logged (the caller reports the rest).
@@ -566,7 +581,9 @@ class Sidecar:
             deadline = t + cfg.shutdown.deregister_timeout
         result = await self.agent.deregister_confirmed(cfg.service.name, cfg.service.id, deadline)
         if result.outcome is Deregistration.CONFIRMED:
-            self.log.info("sidecar.consul.deregistered", attempts=result.attempts, late=late or None, elapsed_ms=self._ms(t))
+            self.log.info(
+                "sidecar.consul.deregistered", attempts=result.attempts, late=late or None, elapsed_ms=self._ms(t)
+            )
             return result
         if late:
             return result
@@ -592,8 +609,13 @@ class Sidecar:
         if result.outcome is Deregistration.CONFIRMED:
             return
         hint = self._acl_hint() if result.outcome is Deregistration.BLOCKED else _LEFT_HINTS[result.outcome]
-        self.log.error("sidecar.consul.left_registered", reason=result.outcome.value, agent_dropped=result.agent_dropped,
-                       error=result.error, hint=hint)
+        self.log.error(
+            "sidecar.consul.left_registered",
+            reason=result.outcome.value,
+            agent_dropped=result.agent_dropped,
+            error=result.error,
+            hint=hint,
+        )
 
     async def _skip_or_bound(self, bound: float) -> None:
         """Until a second SIGINT or the monotonic time ``bound``, whichever comes first."""
@@ -614,9 +636,23 @@ class Sidecar:
         extra = {"orphans_reaped": app.orphans_reaped or None, "leftovers_signalled": app.leftovers_signalled or None,
                  "leftovers_killed": app.leftovers_killed or None}
         if result.killed:
-            self.log.error("sidecar.app.killed", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t), **extra)
+            self.log.error(
+                "sidecar.app.killed",
+                app=self.app.description,
+                how=result.how,
+                exit_status=result.status,
+                elapsed_ms=self._ms(t),
+                **extra,
+            )
         else:
-            self.log.info("sidecar.app.stopped", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t), **extra)
+            self.log.info(
+                "sidecar.app.stopped",
+                app=self.app.description,
+                how=result.how,
+                exit_status=result.status,
+                elapsed_ms=self._ms(t),
+                **extra,
+            )
         return result
 
     # --- signals ------------------------------------------------------------------
@@ -657,7 +693,10 @@ class Sidecar:
     async def _first(self, work: Awaitable[T], interrupt: Awaitable[Any]) -> tuple[bool, T | None]:
         """Run ``work`` unless ``interrupt`` or the app's exit comes first: (finished, its result)."""
         task: asyncio.Future[Any] = asyncio.ensure_future(work)
-        others: list[asyncio.Future[Any]] = [asyncio.ensure_future(interrupt), asyncio.ensure_future(asyncio.shield(self.app.exited))]
+        others: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(interrupt),
+            asyncio.ensure_future(asyncio.shield(self.app.exited)),
+        ]
         try:
             await asyncio.wait({task, *others}, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -69,7 +69,9 @@ CLOSE_TIMEOUT = 0.5  # seconds the queue may take to drain at exit
 LIBRARY_INTERVAL = 10.0  # seconds: one line per library log cause, at most
 
 
-def _scrubber(secrets: Callable[[], Iterable[str]]) -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]:
+def _scrubber(
+    secrets: Callable[[], Iterable[str]],
+) -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]:
     def scrub(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         try:
             found = [s for s in secrets() if s]
@@ -314,7 +316,14 @@ def configure(
             "dropped_total": total,
             "reason": "the log's reader stalled and the sidecar's log buffer was full",
         }
-        return str(renderer(None, "warning", stamp(None, "warning", structlog.processors.add_log_level(None, "warning", event)))) + "\n"
+        return (
+            str(
+                renderer(
+                    None, "warning", stamp(None, "warning", structlog.processors.add_log_level(None, "warning", event))
+                )
+            )
+            + "\n"
+        )
 
     try:
         fd = os.dup(stream.fileno())  # our own fd (close-on-exec): the app never inherits it

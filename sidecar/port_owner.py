@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from .traffic import Listener, TrafficWatchError, listeners
 
-
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 

@@ -13,7 +13,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from .harness import PY, ROOT, Consul, write_config
+from testkit import PY, ROOT, Consul, write_config
 
 # Runs the command as the console script does and records sys.modules as the process exits.
 PROBE = (
@@ -24,14 +24,35 @@ PROBE = (
 )
 
 HEAVY = (
-    "aiohttp", "structlog", "yarl", "multidict", "consul", "consul.base", "sidecar._consul_base", "six",
-    "sidecar.consul_client", "sidecar.log", "sidecar.lifecycle", "sidecar.app_control", "sidecar.wait", "sidecar.health",
+    "aiohttp",
+    "structlog",
+    "yarl",
+    "multidict",
+    "consul",
+    "consul.base",
+    "sidecar._consul_base",
+    "six",
+    "sidecar.consul_client",
+    "sidecar.log",
+    "sidecar.lifecycle",
+    "sidecar.app_control",
+    "sidecar.wait",
+    "sidecar.health",
 )
 NOT_FOR_CHECK_CONFIG = (*HEAVY, "asyncio", "ssl", "sidecar.clock")
 NOT_FOR_VERSION = (*NOT_FOR_CHECK_CONFIG, "sidecar.config", "sidecar.status")
 NOT_FOR_WAIT = (
-    "structlog", "sidecar.log", "sidecar.lifecycle", "sidecar.app_control", "sidecar.status", "sidecar.health",
-    "sidecar.drain_wait", "sidecar.traffic", "aiohttp.web", "requests", "consul.std",
+    "structlog",
+    "sidecar.log",
+    "sidecar.lifecycle",
+    "sidecar.app_control",
+    "sidecar.status",
+    "sidecar.health",
+    "sidecar.drain_wait",
+    "sidecar.traffic",
+    "aiohttp.web",
+    "requests",
+    "consul.std",
 )
 
 
@@ -44,10 +65,13 @@ def run_probe(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[s
 
 
 def config_file(tmp_path: Path, address: str) -> Path:
-    return write_config(tmp_path / "c.toml", {
-        "consul": {"address": address},
-        "service": {"name": "web", "address": "127.0.0.1", "port": 8080},
-    })
+    return write_config(
+        tmp_path / "c.toml",
+        {
+            "consul": {"address": address},
+            "service": {"name": "web", "address": "127.0.0.1", "port": 8080},
+        },
+    )
 
 
 def test_version_imports_nothing_heavy(tmp_path: Path) -> None:
@@ -81,18 +105,41 @@ def test_wait_imports_the_client_but_not_logging_nor_the_lifecycle(consul: Consu
     same holds for a wait that fails (its error path)."""
     name = "cli-imports-wait"
     body = json.dumps({"Name": name, "ID": f"{name}-1", "Port": 1}).encode()
-    urllib.request.urlopen(urllib.request.Request(f"{consul.address}/v1/agent/service/register", data=body, method="PUT"), timeout=5).close()
+    urllib.request.urlopen(
+        urllib.request.Request(f"{consul.address}/v1/agent/service/register", data=body, method="PUT"), timeout=5
+    ).close()
     try:
-        done, modules = run_probe(tmp_path, "wait", "--consul-address", consul.address, "--service", name, "--min-passing", "1",
-                                  "--timeout", "20s")
+        done, modules = run_probe(
+            tmp_path,
+            "wait",
+            "--consul-address",
+            consul.address,
+            "--service",
+            name,
+            "--min-passing",
+            "1",
+            "--timeout",
+            "20s",
+        )
         assert done.returncode == 0, done.stderr
         assert {"aiohttp", "sidecar.consul_client", "sidecar.wait"} <= modules
         assert sorted(modules.intersection(NOT_FOR_WAIT)) == []
 
-        done, modules = run_probe(tmp_path, "wait", "--consul-address", "http://127.0.0.1:1", "--service", name,
-                                  "--min-passing", "1", "--timeout", "0.5s")
+        done, modules = run_probe(
+            tmp_path,
+            "wait",
+            "--consul-address",
+            "http://127.0.0.1:1",
+            "--service",
+            name,
+            "--min-passing",
+            "1",
+            "--timeout",
+            "0.5s",
+        )
         assert done.returncode == 1 and "unreachable" in done.stderr, done.stderr
         assert sorted(modules.intersection(NOT_FOR_WAIT)) == []
     finally:
-        urllib.request.urlopen(urllib.request.Request(f"{consul.address}/v1/agent/service/deregister/{name}-1", method="PUT"),
-                               timeout=5).close()
+        urllib.request.urlopen(
+            urllib.request.Request(f"{consul.address}/v1/agent/service/deregister/{name}-1", method="PUT"), timeout=5
+        ).close()

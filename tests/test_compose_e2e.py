@@ -27,9 +27,15 @@ DEMO = ROOT / "scripts" / "compose-demo"
 
 def _docker_state() -> tuple[bool, str]:
     """Whether a Docker daemon answers, and the iptables chains that exist (to compare after)."""
-    answers = subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0 if _has("docker") else False
-    chains = subprocess.run(["sh", "-c", "iptables -S 2>/dev/null; iptables -t nat -S 2>/dev/null; ip -o link show type bridge"],
-                            capture_output=True, text=True, timeout=30).stdout
+    answers = (
+        subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0 if _has("docker") else False
+    )
+    chains = subprocess.run(
+        ["sh", "-c", "iptables -S 2>/dev/null; iptables -t nat -S 2>/dev/null; ip -o link show type bridge"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
     return answers, chains
 
 
@@ -56,7 +62,9 @@ def test_compose_rollout_loses_nothing_with_the_sidecar_and_the_naive_control_fa
     )
     took = time.monotonic() - t
     tail = (proc.stdout[-4000:] + "\n--- stderr ---\n" + proc.stderr[-4000:])
-    assert result_file.exists(), f"scripts/compose-demo exited {proc.returncode} after {took:.0f}s without results:\n{tail}"
+    assert result_file.exists(), (
+        f"scripts/compose-demo exited {proc.returncode} after {took:.0f}s without results:\n{tail}"
+    )
     runs = {r["mode"]: r for r in json.loads(result_file.read_text())["runs"]}
     assert set(runs) == {"sidecar", "naive"}, runs.keys()
 
@@ -74,6 +82,8 @@ def test_compose_rollout_loses_nothing_with_the_sidecar_and_the_naive_control_fa
     daemon_after, net_after = _docker_state()
     if not daemon_before:
         assert not daemon_after, "the demo started dockerd and left it running"
-        assert net_after == net_before, f"iptables or bridges differ after the demo:\nbefore:\n{net_before}\nafter:\n{net_after}"
+        assert net_after == net_before, (
+            f"iptables or bridges differ after the demo:\nbefore:\n{net_before}\nafter:\n{net_after}"
+        )
     print(f"compose e2e took {took:.0f}s: sidecar {sidecar['failed']} failed of {sidecar['requests']}, "
           f"naive {naive['failed']} failed of {naive['requests']}")

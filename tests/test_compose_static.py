@@ -136,9 +136,8 @@ def sidecar_config_of(name: str, service: Mapping[str, Any]) -> Path | None:
     if not builds_project_image(service):
         return None
     entrypoint, cmd, copies = image_defaults()
-    if "entrypoint" in service:
-        if as_argv(service["entrypoint"]) != entrypoint:
-            return None
+    if "entrypoint" in service and as_argv(service["entrypoint"]) != entrypoint:
+        return None
     argv = as_argv(service["command"]) if "command" in service else cmd
     own = argv[: argv.index("--")] if "--" in argv else argv
     if not own or own[0] != "run":
@@ -220,7 +219,9 @@ def test_every_sidecar_container_outlasts_the_sidecars_worst_case_shutdown() -> 
     # Both modes are there; otherwise this test would check nothing.
     assert {"web", "web-alongside-sidecar"} <= set(managed), f"sidecar services found: {sorted(managed)}"
     used = {str(path.relative_to(ROOT)) for path in managed.values()}
-    assert used <= set(SIDECAR_CONFIGS), f"configs used {sorted(used)}; add new ones to SIDECAR_CONFIGS (check-config test)"
+    assert used <= set(SIDECAR_CONFIGS), (
+        f"configs used {sorted(used)}; add new ones to SIDECAR_CONFIGS (check-config test)"
+    )
 
     problems = []
     for name, config_path in sorted(managed.items()):
@@ -278,7 +279,9 @@ def test_nginx_resolves_consul_dns_through_the_consul_service_by_name() -> None:
     assert len(resolvers) == 1, f"expected one resolver directive, found {resolvers}"
     address, *options = resolvers[0].split()
     host, _, port = address.rpartition(":")
-    assert host == "consul", f"resolver {address}: the consul service's name (Docker's DNS resolves it when nginx loads)"
+    assert host == "consul", (
+        f"resolver {address}: the consul service's name (Docker's DNS resolves it when nginx loads)"
+    )
     assert port == "8600", f"resolver {address}: Consul DNS listens on 8600"
     assert "valid=1s" in options and "ipv6=off" in options, f"resolver options {options}"
 
@@ -313,7 +316,9 @@ def test_each_rollout_unit_has_its_own_version_variable() -> None:
     the other differing from the compose file (a plain `up -d` would recreate it without a surge)."""
     services = compose_file()["services"]
     raw = COMPOSE_FILE.read_text(encoding="utf-8")
-    assert "APP_VERSION:-" not in raw.replace("$$APP_VERSION", ""), "a shared ${APP_VERSION} is back in docker-compose.yml"
+    assert "APP_VERSION:-" not in raw.replace("$$APP_VERSION", ""), (
+        "a shared ${APP_VERSION} is back in docker-compose.yml"
+    )
 
     def variables(service: Mapping[str, Any]) -> set[str]:
         text = json.dumps({k: v for k, v in service.items() if k in ("environment", "command")})
@@ -321,7 +326,11 @@ def test_each_rollout_unit_has_its_own_version_variable() -> None:
 
     assert variables(services["web"]) == {"WEB_VERSION"}
     assert variables(services["web-alongside"]) == variables(services["web-alongside-sidecar"]) == {"ALONGSIDE_VERSION"}
-    assert variables(services["web-alongside-standby"]) == variables(services["web-alongside-standby-sidecar"]) == {"ALONGSIDE_STANDBY_VERSION"}
+    assert (
+        variables(services["web-alongside-standby"])
+        == variables(services["web-alongside-standby-sidecar"])
+        == {"ALONGSIDE_STANDBY_VERSION"}
+    )
 
 
 def test_nginx_routes_to_the_names_the_sidecars_register_without_retries() -> None:
@@ -329,7 +338,9 @@ def test_nginx_routes_to_the_names_the_sidecars_register_without_retries() -> No
     doc = compose_file()
     nginx = doc["services"]["nginx"]
     assert re.search(r"^\s*listen\s+80\s*;", conf, re.M), "nginx must listen on 80"
-    assert [interpolate(str(p), {}) for p in nginx["ports"]] == ["8080:80"], "nginx: the host's $NGINX_PORT, 8080 by default"
+    assert [interpolate(str(p), {}) for p in nginx["ports"]] == ["8080:80"], (
+        "nginx: the host's $NGINX_PORT, 8080 by default"
+    )
     assert f"./{NGINX_CONF.relative_to(ROOT)}:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
     assert re.search(r"^\s*proxy_next_upstream\s+off\s*;", conf, re.M), "proxy_next_upstream off is required"
 
@@ -341,7 +352,9 @@ def test_nginx_routes_to_the_names_the_sidecars_register_without_retries() -> No
     registered = {
         load(path, service_environment(services[name])).service.name for name, path in sidecar_services().items()
     }
-    assert wanted and wanted <= registered, f"nginx asks Consul DNS for {sorted(wanted)}; sidecars register {sorted(registered)}"
+    assert wanted and wanted <= registered, (
+        f"nginx asks Consul DNS for {sorted(wanted)}; sidecars register {sorted(registered)}"
+    )
 
 
 # --- (d) check-config -------------------------------------------------------------------------
@@ -357,7 +370,11 @@ def test_sidecar_config_passes_check_config(config: str) -> None:
     path = ROOT / config
     # The environment a container of the service has: nothing inherited that the file reads,
     # plus the service's own environment from the compose file.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_") and k not in ("SERVICE_ADDRESS", "APP_VERSION")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CONSUL_") and k not in ("SERVICE_ADDRESS", "APP_VERSION")
+    }
     services = compose_file()["services"]
     for name, used in sidecar_services().items():
         if used == path.resolve():
@@ -407,7 +424,9 @@ def test_dockerfile_stop_signal_and_healthcheck_match_the_sidecar_config() -> No
         status = load(ROOT / "config" / name, {}).status
         assert status is not None, f"config/{name} must keep its status endpoint: the HEALTHCHECK asks it"
         listen = f"{status.host}:{status.port}"
-        assert url.group(1) == f"http://{listen}/healthz", f"HEALTHCHECK asks {url.group(1)}; config/{name} listens on {listen}"
+        assert url.group(1) == f"http://{listen}/healthz", (
+            f"HEALTHCHECK asks {url.group(1)}; config/{name} listens on {listen}"
+        )
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS)

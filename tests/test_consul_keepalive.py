@@ -18,9 +18,9 @@ import pytest
 from sidecar.clock import SystemClock
 from sidecar.config import ConsulSettings, TokenSource
 from sidecar.consul_client import ConsulAgent, ConsulUnavailable
+from testkit import Consul, app_command, free_port
 
 from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port
 
 
 def _connections(pid: int, remote_port: int) -> set[int]:
@@ -42,7 +42,9 @@ def _connections(pid: int, remote_port: int) -> set[int]:
     return ports
 
 
-def test_registration_checks_reuse_one_connection(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_registration_checks_reuse_one_connection(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """A registered sidecar checks its registration every second: over 5 s, sampled every 0.1 s,
     it holds one connection to the agent, always the same one, where one connection per request
     would be seen rarely and from a new local port each time."""
@@ -92,7 +94,9 @@ class ScriptedAgent:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
                 method, path = lines[0].split(" ")[:2]
-                length = next((int(v) for k, _, v in (ln.partition(":") for ln in lines[1:]) if k.lower() == "content-length"), 0)
+                length = next(
+                    (int(v) for k, _, v in (ln.partition(":") for ln in lines[1:]) if k.lower() == "content-length"), 0
+                )
                 await reader.readexactly(length)
                 n += 1
                 self.requests.append((conn, method, path))
@@ -103,8 +107,10 @@ class ScriptedAgent:
                 if action != "answer":
                     break
                 body = b"{}" if method == "GET" else b"true"
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Consul-Index: 1\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Consul-Index: 1\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -113,8 +119,17 @@ class ScriptedAgent:
 
 
 def agent_at(port: int) -> ConsulAgent:
-    settings = ConsulSettings(scheme="http", host="127.0.0.1", port=port, token=TokenSource(), ca_file=None, cert_file=None,
-                              key_file=None, tls_verify=True, timeout=2.0)
+    settings = ConsulSettings(
+        scheme="http",
+        host="127.0.0.1",
+        port=port,
+        token=TokenSource(),
+        ca_file=None,
+        cert_file=None,
+        key_file=None,
+        tls_verify=True,
+        timeout=2.0,
+    )
     return ConsulAgent(settings, SystemClock())
 
 
@@ -159,8 +174,17 @@ async def test_a_write_on_a_dropped_connection_is_not_sent_again() -> None:
         try:
             assert await agent.registered("web-1") == {}
             with pytest.raises(ConsulUnavailable) as caught:
-                await agent.register({"Name": "web", "ID": "web-1", "Address": "127.0.0.1", "Port": 1, "Tags": [], "Meta": {},
-                                      "Check": {"TTL": "30s"}})
+                await agent.register(
+                    {
+                        "Name": "web",
+                        "ID": "web-1",
+                        "Address": "127.0.0.1",
+                        "Port": 1,
+                        "Tags": [],
+                        "Meta": {},
+                        "Check": {"TTL": "30s"},
+                    }
+                )
             assert caught.value.maybe_applied
         finally:
             await agent.close()
@@ -177,8 +201,17 @@ async def test_a_dropped_write_stays_maybe_applied_when_the_agent_then_refuses_c
         agent = agent_at(server.port)
         try:
             with pytest.raises(ConsulUnavailable) as caught:
-                await agent.register({"Name": "web", "ID": "web-1", "Address": "127.0.0.1", "Port": 1, "Tags": [], "Meta": {},
-                                      "Check": {"TTL": "30s"}})
+                await agent.register(
+                    {
+                        "Name": "web",
+                        "ID": "web-1",
+                        "Address": "127.0.0.1",
+                        "Port": 1,
+                        "Tags": [],
+                        "Meta": {},
+                        "Check": {"TTL": "30s"},
+                    }
+                )
         finally:
             await agent.close()
     assert caught.value.maybe_applied, str(caught.value)

@@ -1,5 +1,6 @@
 """The typed contracts between the parts: the App protocol every mode fulfils, the exit statuses
-and the drain's end reasons as the README documents them (pure checks, and one real process)."""
+and the drain's end reasons as docs/operations.md and docs/events.md document them (pure checks,
+and one real process)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from sidecar.app_control import App, ChildApp, ExternalApp, PidApp, PosixLaunche
 from sidecar.clock import SystemClock
 from sidecar.drain_wait import DrainEnd
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+OPERATIONS = ROOT / "docs" / "operations.md"  # signals, exit statuses, modes
+EVENTS = ROOT / "docs" / "events.md"  # the log events and their fields
 
 
 def _protocol_members() -> set[str]:
@@ -68,36 +71,38 @@ async def test_alongside_start_watches_the_app_until_it_exits() -> None:
         proc.wait()
 
 
-def _readme_section(title: str) -> str:
-    text = README.read_text(encoding="utf-8")
+def _doc_section(doc: Path, title: str) -> str:
+    text = doc.read_text(encoding="utf-8")
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start : end if end != -1 else len(text)]
 
 
-def test_exit_codes_are_the_readme_table() -> None:
-    """Every status in the README's "Exit status" table that the sidecar decides itself (all but
+def test_exit_codes_are_the_documented_table() -> None:
+    """Every status in docs/operations.md's "Exit status" table that the sidecar decides itself (all but
     the app's own, and alongside mode's 0 / 1 / 137) is a constant in sidecar.exit_codes, and every
     constant there is in the table: the two cannot drift apart."""
     documented: set[int] = set()
-    for row in _readme_section("Exit status").splitlines():
+    for row in _doc_section(OPERATIONS, "Exit status").splitlines():
         cells = [c.strip() for c in row.strip().strip("|").split("|")]
         if not row.startswith("|") or not re.fullmatch(r"[\d / ]+", cells[0]) or "alongside mode" in cells[1]:
             continue
         documented |= {int(n) for n in re.findall(r"\d+", cells[0])}
     defined = {v for k, v in vars(exit_codes).items() if k.startswith("EX_")}
     assert documented == defined == {2, 69, 70, 77, 78, 126, 127, 130}
-    assert exit_codes.by_signal(9) == 137 and exit_codes.by_signal(34 + 3) == 165  # a real-time signal has no Signals member
+    assert (
+        exit_codes.by_signal(9) == 137 and exit_codes.by_signal(34 + 3) == 165
+    )  # a real-time signal has no Signals member
 
 
 def test_drain_end_reasons_are_documented() -> None:
-    """Each reason ``sidecar.drain.delay_done`` can log is listed, verbatim, in the README."""
-    text = " ".join(README.read_text(encoding="utf-8").split())  # a line break in Markdown is a space
+    """Each reason ``sidecar.drain.delay_done`` can log is listed, verbatim, in docs/events.md."""
+    text = " ".join(EVENTS.read_text(encoding="utf-8").split())  # a line break in Markdown is a space
     assert [r.value for r in DrainEnd if f"`{r.value}`" not in text] == []
 
 
 def test_command_line_error_exits_2_without_traceback() -> None:
     """A command after '--' for a command that takes none: exit 2 (bad command line), one message."""
     r = subprocess.run([sys.executable, "-m", "sidecar", "check-config", "-c", "/nonexistent.toml", "--", "true"],
-                       capture_output=True, text=True, timeout=60, cwd=README.parent)
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "takes no command after '--'" in r.stderr and "Traceback" not in r.stderr, r

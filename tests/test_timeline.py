@@ -54,7 +54,7 @@ def test_both_runs_share_axes_and_nothing_is_clipped_or_hidden(tmp_path: Path) -
     width, height = layout.size
     assert len(layout.labels) == len(sidecar.marks) + len(naive.marks)
     for box in layout.labels:
-        assert 0 <= box[0] and box[2] <= width and 0 <= box[1] and box[3] <= height, f"label clipped: {box}"
+        assert box[0] >= 0 and box[2] <= width and box[1] >= 0 and box[3] <= height, f"label clipped: {box}"
     for axes in layout.axes:
         assert not overlaps(layout.legend, axes), "the legend covers a plot"
         assert layout.caption is not None and not overlaps(layout.caption, axes), "the caption covers a plot"

@@ -28,8 +28,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from testkit import ROOT, free_port, http_get
+
 from .loadgen import Record, summarize, write_csv
-from .procs import ROOT, free_port, http_get
 
 ROLLOUT = ROOT / "scripts" / "compose-rollout"
 PATHS = {"web": "/", "alongside": "/alongside/"}
@@ -102,7 +103,9 @@ class Stack:
             "ALONGSIDE_VERSION": "v1",
         }
 
-    def compose(self, *args: str, check: bool = True, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    def compose(
+        self, *args: str, check: bool = True, timeout: float = 300, **env: str
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [*compose_cmd(), *args], cwd=ROOT, env={**self.env, **env}, capture_output=True, text=True, timeout=timeout
         )
@@ -195,7 +198,9 @@ def short(sid: str) -> str:
     return f"{m.group(1)} {m.group(2)[:4]}" if m else sid
 
 
-def marks_and_steps(events: list[tuple[float, str, list[str]]], logs: dict[str, dict[str, dict[str, Any]]], t0_wall: float, naive: bool) -> tuple[list[Mark], list[StepTimes]]:
+def marks_and_steps(
+    events: list[tuple[float, str, list[str]]], logs: dict[str, dict[str, dict[str, Any]]], t0_wall: float, naive: bool
+) -> tuple[list[Mark], list[StepTimes]]:
     marks: list[Mark] = []
     steps: list[StepTimes] = []
     starting: dict[str, float] = {}
@@ -251,7 +256,9 @@ async def run_rollout(stack: Stack, naive: bool, workdir: Path, log: Any) -> Non
     env = {**stack.env, "ROLLOUT_EVENTS": str(workdir / "events"), "ROLLOUT_LOGS": str(workdir / "logs")}
     for unit in ("web", "web-alongside"):
         argv = [str(ROLLOUT), *(["--naive"] if naive else []), unit, "v2"]
-        proc = await asyncio.create_subprocess_exec(*argv, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        proc = await asyncio.create_subprocess_exec(
+            *argv, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
         assert proc.stdout is not None
         out = []
         async for raw in proc.stdout:
@@ -263,7 +270,9 @@ async def run_rollout(stack: Stack, naive: bool, workdir: Path, log: Any) -> Non
             raise RuntimeError(f"{' '.join(argv)} failed:\n" + "\n".join(out[-40:]))
 
 
-async def one_mode(mode: str, run: int, args: argparse.Namespace, work: Path, projects_file: Path | None, log: Any) -> ModeRun:
+async def one_mode(
+    mode: str, run: int, args: argparse.Namespace, work: Path, projects_file: Path | None, log: Any
+) -> ModeRun:
     naive = mode == "naive"
     project = f"csdemo{os.getpid()}{mode[0]}{run}"
     if projects_file is not None:
@@ -285,7 +294,9 @@ async def one_mode(mode: str, run: int, args: argparse.Namespace, work: Path, pr
         from .loadgen import run_load
 
         loads = {
-            name: asyncio.create_task(run_load(f"http://127.0.0.1:{stack.nginx_port}{path}", args.rate, stop, timeout=5.0, t0=t0))
+            name: asyncio.create_task(
+                run_load(f"http://127.0.0.1:{stack.nginx_port}{path}", args.rate, stop, timeout=5.0, t0=t0)
+            )
             for name, path in PATHS.items()
         }
         log(f"[{mode}] load: {args.rate:g} requests/s on each of {', '.join(PATHS.values())} through nginx, open loop")
@@ -300,7 +311,10 @@ async def one_mode(mode: str, run: int, args: argparse.Namespace, work: Path, pr
         t = time.monotonic()
         ok, text = await asyncio.to_thread(stack.dry_run)
         phases["dry_run"] = time.monotonic() - t
-        log(f"[{mode}] end state: `compose up -d --dry-run` " + ("has nothing to do" if ok else f"WOULD CHANGE THINGS:\n{text}"))
+        log(
+            f"[{mode}] end state: `compose up -d --dry-run` "
+            + ("has nothing to do" if ok else f"WOULD CHANGE THINGS:\n{text}")
+        )
         events = read_events(workdir / "events", t0_wall)
         marks, steps = marks_and_steps(events, sidecar_events(workdir / "logs"), t0_wall, naive)
         return ModeRun(mode, run, project, records, marks, steps, rollout_start, rollout_end, ok, text, phases)
@@ -319,7 +333,10 @@ def _row(label: str, records: list[Record], seconds: float) -> str:
 
 def report(runs: list[ModeRun], out: Path, plot: bool) -> None:
     print()
-    print(f"{'rollout':17} {'requests':>9} {'failed':>7} {'fail rate':>9} {'p50 ms':>8} {'p99 ms':>8} {'by v1':>8} {'by v2':>8} {'duration':>10}")
+    print(
+        f"{'rollout':17} {'requests':>9} {'failed':>7} {'fail rate':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'by v1':>8} {'by v2':>8} {'duration':>10}"
+    )
     for r in runs:
         tag = f" #{r.run + 1}" if any(x.run for x in runs) else ""
         for name, recs in r.records.items():
@@ -328,7 +345,10 @@ def report(runs: list[ModeRun], out: Path, plot: bool) -> None:
         for name, recs in r.records.items():
             s = summarize(recs)
             if s.errors:
-                print(f"  {r.mode} {name} failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(s.errors.items(), key=lambda kv: -kv[1])))
+                print(
+                    f"  {r.mode} {name} failures: "
+                    + ", ".join(f"{k} x{v}" for k, v in sorted(s.errors.items(), key=lambda kv: -kv[1]))
+                )
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("compose-rollout*.*"):
         stale.unlink()
@@ -354,7 +374,10 @@ def report(runs: list[ModeRun], out: Path, plot: bool) -> None:
             "docker compose: rolling update v1 -> v2 of 'web' (x3) and the alongside pair, under load through nginx",
             caption=NAIVE_CAPTION,
         )
-    print(f"\nper-request records: {out}/compose-rollout-*.csv" + (f"; timeline: {out}/compose-rollout.png" if plot else ""))
+    print(
+        f"\nper-request records: {out}/compose-rollout-*.csv"
+        + (f"; timeline: {out}/compose-rollout.png" if plot else "")
+    )
 
 
 NAIVE_CAPTION = (
@@ -375,21 +398,34 @@ def to_json(runs: list[ModeRun]) -> dict[str, Any]:
         for name, recs in r.records.items():
             s = summarize(recs)
             per[name] = {"requests": s.requests, "failed": s.failed, "by_version": s.by_version, "errors": s.errors}
-        out.append({
-            "mode": r.mode, "run": r.run, "project": r.project, "targets": per,
-            "failed": sum(int(v["failed"]) for v in per.values()), "requests": sum(int(v["requests"]) for v in per.values()),
-            "rollout_seconds": r.rollout_seconds, "end_state_ok": r.end_state_ok, "end_state": r.end_state,
-            "steps": [step_dict(s) for s in r.steps], "phases": r.phases,
-        })
+        out.append(
+            {
+                "mode": r.mode,
+                "run": r.run,
+                "project": r.project,
+                "targets": per,
+                "failed": sum(int(v["failed"]) for v in per.values()),
+                "requests": sum(int(v["requests"]) for v in per.values()),
+                "rollout_seconds": r.rollout_seconds,
+                "end_state_ok": r.end_state_ok,
+                "end_state": r.end_state,
+                "steps": [step_dict(s) for s in r.steps],
+                "phases": r.phases,
+            }
+        )
     return {"runs": out}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="scripts/compose-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="scripts/compose-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--modes", default="sidecar,naive", help="comma-separated: sidecar, naive (default both)")
     ap.add_argument("--runs", type=int, default=1, help="repeat each mode (default 1; bench/compose_rollout.py uses 3)")
     ap.add_argument("--replicas", type=int, default=3, help="'web' replicas to roll (default 3)")
-    ap.add_argument("--rate", type=float, default=100.0, help="requests per second on each path through nginx (default 100)")
+    ap.add_argument(
+        "--rate", type=float, default=100.0, help="requests per second on each path through nginx (default 100)"
+    )
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of load before the rollout (default 3)")
     ap.add_argument("--cooldown", type=float, default=3.0, help="seconds of load after it (default 3)")
     ap.add_argument("--out", type=Path, default=ROOT / "out", help="where the PNG and CSVs go (default out/)")
@@ -401,8 +437,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def main_async(args: argparse.Namespace, work: Path) -> list[ModeRun]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    subprocess.run([*compose_cmd(), "build", "web"], cwd=ROOT, check=True, capture_output=True, text=True,
-                   env={**os.environ, "COMPOSE_FILE": str(ROOT / "docker-compose.yml"), "COMPOSE_PROJECT_NAME": "csdemobuild"})
+    subprocess.run(
+        [*compose_cmd(), "build", "web"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COMPOSE_FILE": str(ROOT / "docker-compose.yml"), "COMPOSE_PROJECT_NAME": "csdemobuild"},
+    )
     runs = []
     for i in range(args.runs):
         for mode in modes:
@@ -439,7 +481,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"with the sidecar: {'no request failed' if ok else f'{failed} requests FAILED'}")
         else:
             ok = failed > 0
-            print(f"naive control: {failed} requests failed" + ("" if ok else " (expected some: the harness should see failures)"))
+            print(
+                f"naive control: {failed} requests failed"
+                + ("" if ok else " (expected some: the harness should see failures)")
+            )
         verdict |= 0 if ok else 1
         if not r.end_state_ok:
             print(f"{r.mode}: the end state is not what a plain `up -d` expects:\n{r.end_state}")

@@ -16,15 +16,16 @@ import os
 import signal
 import subprocess
 import time
-from datetime import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from testkit import APP, PY, ROOT, Consul, Sidecar, free_port, pid_alive, wait_for
+
 from .loadgen import Record, run_load
 from .nginx import Nginx
-from .procs import APP, PY, ROOT, Consul, Sidecar, free_port, pid_alive, wait_for
 
 
 @dataclass
@@ -88,13 +89,21 @@ class Cluster:
     """Consul, nginx and the instances of service `web`, all on loopback."""
 
     def __init__(
-        self, workdir: Path, app_port: int | None = None, propagation_delay: str = "3s", log: Callable[[str], None] = print,
+        self,
+        workdir: Path,
+        app_port: int | None = None,
+        propagation_delay: str = "3s",
+        log: Callable[[str], None] = print,
         shutdown: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = workdir
         self.app_port = app_port or free_port()
         # The sidecars' [shutdown] section: a fixed delay unless the caller says otherwise.
-        self.shutdown: dict[str, Any] = {"propagation_delay": propagation_delay, "app_timeout": "10s", **(shutdown or {})}
+        self.shutdown: dict[str, Any] = {
+            "propagation_delay": propagation_delay,
+            "app_timeout": "10s",
+            **(shutdown or {}),
+        }
         self.log = log
         self.consul = Consul(workdir)
         self.nginx = Nginx(workdir / "nginx", self.consul.dns_port, free_port(), self.app_port)
@@ -107,7 +116,10 @@ class Cluster:
         self.consul.start()
         self.log(f"consul agent -dev: HTTP {self.consul.address}, DNS 127.0.0.1:{self.consul.dns_port}")
         self.nginx.start()
-        self.log(f"nginx: {self.nginx.url} -> web.service.consul:{self.app_port} (resolver valid=1s, proxy_next_upstream off)")
+        self.log(
+            f"nginx: {self.nginx.url} -> web.service.consul:{self.app_port} "
+            "(resolver valid=1s, proxy_next_upstream off)"
+        )
 
     def next_address(self) -> str:
         addr = f"127.0.0.{self._next_host}"
@@ -198,8 +210,11 @@ async def rollout(
         new = cluster.start_instance("v2")
         await run(cluster.wait_passing, new)
         passing = now()
-        log(f"[{mode}] step {n}/{replicas}: v2 {new.address} passing after {passing - started:.1f}s; stopping v1 {inst.address}"
-            + (" (SIGTERM to the app)" if naive else " (SIGTERM to its sidecar)"))
+        log(
+            f"[{mode}] step {n}/{replicas}: v2 {new.address} passing after {passing - started:.1f}s; "
+            f"stopping v1 {inst.address}"
+            + (" (SIGTERM to the app)" if naive else " (SIGTERM to its sidecar)")
+        )
         sent = now()
         await run(cluster.stop_instance, inst, naive)
         gone = now()

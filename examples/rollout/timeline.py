@@ -11,8 +11,8 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from .loadgen import Record
 
@@ -157,10 +157,14 @@ def plot_timeline(
         )
         fig.suptitle(title, fontsize=14, fontweight="bold")
 
-        top.step(edges, steps(sent), where="post", color="#666666", linestyle="--", linewidth=1.3, label="sent", zorder=3)
+        top.step(
+            edges, steps(sent), where="post", color="#666666", linestyle="--", linewidth=1.3, label="sent", zorder=3
+        )
         for i, v in enumerate(versions):
             colour = _VERSION_COLOURS[i % len(_VERSION_COLOURS)]
-            top.step(edges, steps(ok_by_version[v]), where="post", color=colour, linewidth=2.4, label=f"{v} ok", zorder=2)
+            top.step(
+                edges, steps(ok_by_version[v]), where="post", color=colour, linewidth=2.4, label=f"{v} ok", zorder=2
+            )
         top.set_ylabel(f"successful requests / s\n({bins_text})")
         top.set_ylim(0, max([*sent, 1.0]) * 1.3)
         top.grid(True, alpha=0.3)
@@ -292,8 +296,12 @@ def plot_comparison(
             return [y if a < end - 1e-9 else math.nan for y, a in zip(ys, lefts)]
 
         sent = within(_rates([r.start for r in p.records], edges))
-        ok = {v: within(_active_only(_rates([r.start for r in p.records if not r.failed and (r.version or "?") == v], edges)))
-              for v in versions}
+        ok = {
+            v: within(
+                _active_only(_rates([r.start for r in p.records if not r.failed and (r.version or "?") == v], edges))
+            )
+            for v in versions
+        }
         fails = {k: _rates([r.start for r in p.records if r.failed and kind_of(r) == k], edges) for k in kinds}
         data.append((sent, ok, fails))
     ok_top = max([max((y for y in sent if not math.isnan(y)), default=0.0) for sent, _, _ in data] + [1.0])
@@ -366,7 +374,9 @@ def plot_comparison(
                             bbox_to_anchor=(0.5, (0.12 + 0.22 * len(caption_lines)) / height))
         note = None
         if caption_lines:
-            note = fig.text(0.07, 0.1 / height, "\n".join(caption_lines), ha="left", va="bottom", fontsize=9.5, color="#333333")
+            note = fig.text(
+                0.07, 0.1 / height, "\n".join(caption_lines), ha="left", va="bottom", fontsize=9.5, color="#333333"
+            )
         fig.savefig(path, dpi=_DPI)
         renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]  # Agg canvas
 

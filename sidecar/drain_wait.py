@@ -15,12 +15,19 @@ The evidence for step 3 comes from the sources this host allows, chosen at start
 
     destroy_events   sock_diag's TCP destroy multicast: every connection of the port when it ends,
                      however short, whichever side closed first (tcp_events.py)
-    passive_opens    the namespace's PassiveOpens counter: every accepted connection; only when
-                     the network namespace is the app's own (netns_counters.py)
+    passive_opens    the namespace's PassiveOpens counter: every accepted connection, less those
+                     the sidecar's status server accepted; only when the network namespace is the
+                     app's own (netns_counters.py); needed only without destroy events
     listen_drops     ListenOverflows + ListenDrops: SYNs dropped on a full accept queue (their
                      retransmit may come after "quiet")
-    poll             a look at the socket table: open connections, new ones, inbound bytes;
-                     every 100 ms alone, every POLL_WITH_EVENTS seconds beside a complete source
+    poll             a look at the socket table: open connections, each dated by its last inbound
+                     data (tcpi_last_data_recv); every 100 ms alone, beside a complete source only
+                     when the quiet period is due (its dates need no frequent look)
+
+Cost (measured with 28,000 TIME_WAIT sockets on the host): a look walks the kernel's whole
+established hash, ~4 ms per address family; a wake-up of the event loop ~80 µs; a destroy event
+read ~3 µs. So the events are read in batches (EVENT_HOLD) and the table is looked at about once
+per quiet period, never per event.
 
 A connection opened and closed by the *client* between two polls leaves no trace in the socket
 table, so the poll alone is blind to the most common short client. With neither destroy events

@@ -383,6 +383,66 @@ def test_app_in_its_own_network_namespace(consul: Consul, tmp_path: Path, servic
         fwd.close()
 
 
+class StatusScraper(threading.Thread):
+    """GET ``url`` every 0.1 s (a monitoring scrape) until ``stop``; counts the answers."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.answers = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import urllib.request
+
+        while not self.stop.is_set():
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(self.url, timeout=1) as r:
+                    r.read()
+                    self.answers += 1
+            self.stop.wait(0.1)
+
+
+@pytest.mark.parametrize("events", [False, True], ids=["counters", "events_and_counters"])
+def test_status_scrapes_in_the_apps_namespace_do_not_hold_the_drain(
+    consul: Consul, tmp_path: Path, service_name: str, netns: Netns, events: bool
+) -> None:
+    """The sidecar and its app in a network namespace of their own, the status server listening on the
+    namespace's address, and a monitor scraping /status every 0.1 s through the whole drain; no request
+    reaches the app. The scrapes are connections the namespace's PassiveOpens counts, but the sidecar
+    accepted them itself. Expected: the drain ends on quiet after about min_delay + quiet_period (not at
+    the 20 s bound), while the scraper kept getting answers (it was scraping during the drain)."""
+    fwd = Forwarder(netns.host_ip, ("127.0.0.1", consul.http_port))
+    fwd.start()
+    scraper: StatusScraper | None = None
+    try:
+        port = free_port()
+        cfg = base_config(consul, service_name, port, consul={"address": f"http://{netns.host_ip}:{fwd.port}"},
+                          service={"address": netns.inner_ip}, check={"allow_remote": False},
+                          status={"listen": f"{netns.inner_ip}:0"}, shutdown=TRAFFIC)
+        sc = start_restricted(tmp_path, cfg, app_command(port, netns.inner_ip), ["ip", "netns", "exec", netns.name],
+                              deny_events=not events)
+        view = sc.wait_event("sidecar.drain.traffic_view", 30)
+        assert "passive_opens" in view["sources"] and ("destroy_events" in view["sources"]) is events, view
+        sc.wait_event("sidecar.consul.registered", 40)
+        scraper = StatusScraper(sc.status_url() + "/status")
+        scraper.start()
+        wait_for(lambda: scraper is not None and scraper.answers >= 3, 10, what="the scraper's first answers")
+        sc.send(signal.SIGTERM)
+        sc.wait_event("sidecar.consul.deregistered")
+        before = scraper.answers
+        ev = sc.wait_event("sidecar.drain.delay_done", 40)
+        during = scraper.answers - before
+        assert ev["reason"] == "traffic quiet" and ev["elapsed_ms"] <= 1000 + 1000 + 2500, (ev, during)
+        assert during >= 5, f"the scraper got only {during} answers during the drain: it did not exercise it"
+        assert sc.wait(40) == 0
+    finally:
+        if scraper is not None:
+            scraper.stop.set()
+            scraper.join(5)
+        fwd.close()
+
+
 # --- whose port is it -------------------------------------------------------------------------------
 
 def test_foreign_process_on_the_port_nothing_registered_exit_69(consul: Consul, tmp_path: Path, service_name: str) -> None:

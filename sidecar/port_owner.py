@@ -2,7 +2,7 @@
 belongs to the app's process tree, not to some other server that happens to answer the health check.
 
 The listening sockets come from sock_diag (with their inodes), their owners from /proc/<pid>/fd
-(``socket:[inode]``). The app's tree is its PID and every descendant; in wrapper mode, every
+(``socket:[inode]``): proctree.py's mechanism, the one daemon following uses too. The app's tree is its PID and every descendant; in wrapper mode, every
 descendant of the sidecar (it is the subreaper of the app's orphans, so a daemonised worker
 stays in the tree). Linux only; where the port cannot be seen (another network namespace), the
 check says so and does not refuse.
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .netns_counters import own_socket_inodes
-from .traffic import Listener, TrafficWatchError, listeners
+from . import proctree
+from .traffic import Listener, TrafficWatchError
 
 __all__ = ["OwnerCheck", "app_tree", "check_port_owner"]
 
@@ -31,33 +31,9 @@ class OwnerCheck:
     owner_command: str | None = None
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", encoding="ascii", errors="replace") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
 def app_tree(root: int, include_root: bool = True) -> set[int]:
     """``root`` and all its descendants, as /proc shows them now."""
-    kids = _children()
-    tree, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid in tree:
-            continue
-        tree.add(pid)
-        todo.extend(kids.get(pid, ()))
-    if not include_root:
-        tree.discard(root)
-    return tree
+    return proctree.tree(root, include_root)
 
 
 def _command(pid: int) -> str:
@@ -86,20 +62,19 @@ def _serves(listener: Listener, address: str) -> bool:
 def check_port_owner(address: str, port: int, tree: set[int]) -> OwnerCheck:
     """Whether every socket listening on ``address``:``port`` is held by a process in ``tree``."""
     try:
-        found = [lst for lst in listeners(port) if _serves(lst, address)]
+        found = [lst for lst in proctree.listening_sockets(port) if _serves(lst, address)]
     except TrafficWatchError as e:
         return OwnerCheck(True, False, f"the listening sockets cannot be read here: {e}")
     if not found:
         return OwnerCheck(True, False, f"no socket listens on port {port} in this network namespace")
     inodes = {lst.inode for lst in found}
     for pid in tree:
-        inodes -= own_socket_inodes(pid)
+        inodes -= proctree.socket_inodes(pid)
         if not inodes:
             return OwnerCheck(True, True, "the app's process tree holds the listening socket")
     # Someone else's: find whom, to name it.
-    for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) not in tree and own_socket_inodes(d) & inodes:
-            pid = int(d)
+    for pid in proctree.all_pids():
+        if pid not in tree and proctree.socket_inodes(pid) & inodes:
             return OwnerCheck(False, True, f"another process listens on {address}:{port}: PID {pid} ({_command(pid)})",
                               pid, _command(pid))
     return OwnerCheck(False, True, f"a process outside the app's tree listens on {address}:{port} (socket inode "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 
 from .conftest import StartSidecar, base_config
-from .harness import PY, ROOT, Consul, Sidecar, app_command, free_port, spawn, wait_for
+from .harness import PY, ROOT, Consul, Sidecar, app_command, free_port, http_get, spawn, wait_for
 
 TRAFFIC = {"strategy": "traffic", "propagation_delay": "20s", "min_delay": "1s", "quiet_period": "1s", "app_timeout": "10s"}
 RATE = 3.0  # requests per second
@@ -165,6 +166,35 @@ def test_short_connections_after_deregistration_hold_the_drain(
     assert not c.failed and c.ok >= RATE * AFTER, (c.ok, c.failed[:3], ev)
     assert ev["reason"] == "traffic quiet", ev
     assert AFTER * 1000 <= ev["elapsed_ms"] <= (AFTER + 1.0 + 2.0) * 1000, ev
+
+
+def test_a_connection_idle_since_its_request_is_dated_by_that_request(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
+    """Right after the deregistration a client opens a keep-alive connection, sends one request, reads the
+    answer and keeps the connection open, idle (a pooled upstream connection). Expected: the drain dates
+    that activity by the request's data, so it ends about quiet_period after it (~1.2 s), not one
+    quiet_period after the first look at the socket table that happened to find the connection (>= 2 s).
+    /status tells when the quiet step has begun."""
+    port = free_port()
+    sc = start_sidecar(base_config(consul, service_name, port, shutdown=TRAFFIC), app_command(port))
+    sc.wait_event("sidecar.consul.registered", 40)
+    url = sc.status_url() + "/status"
+    sc.send(signal.SIGTERM)
+    sc.wait_event("sidecar.consul.deregistered")
+    t = time.monotonic()
+    # Once the quiet step has begun (it has seen the port without this connection).
+    wait_for(lambda: (json.loads(http_get(url)[1] or "{}").get("drain") or {}).get("step") == "quiet", 5,
+             what="the drain's quiet step")
+    c = CachedClient("127.0.0.1", port, "pooled")
+    with c._connect() as s:
+        s.sendall(c.request())
+        assert c._response(s).startswith(b"HTTP/1.1 200")
+        answered = time.monotonic() - t
+        ev = sc.wait_event("sidecar.drain.delay_done", 30)
+    assert answered < 0.7, f"the request was answered only {answered:.2f}s after the deregistration: too slow to judge"
+    assert ev["reason"] == "traffic quiet" and 1000 <= ev["elapsed_ms"] <= 1700, ev
+    assert sc.wait(40) == 0
 
 
 def test_control_fixed_one_second_loses_the_short_connections(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:

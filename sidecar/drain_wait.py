@@ -18,8 +18,9 @@ The evidence for step 3 comes from the sources this host allows, chosen at start
     passive_opens    the namespace's PassiveOpens counter: every accepted connection, less those
                      the sidecar's status server accepted; only when the network namespace is the
                      app's own (netns_counters.py); needed only without destroy events
-    listen_drops     ListenOverflows + ListenDrops: SYNs dropped on a full accept queue (their
-                     retransmit may come after "quiet")
+    listen_drops     SYNs dropped on a full accept queue of the app's port (their retransmit may
+                     come after "quiet"): its listeners' sk_drops, or the namespace's
+                     ListenOverflows + ListenDrops where the kernel does not give those
     poll             a look at the socket table: open connections, each dated by its last inbound
                      data (tcpi_last_data_recv); every 100 ms alone, beside a complete source only
                      when the quiet period is due (its dates need no frequent look)
@@ -386,7 +387,14 @@ class DrainWait:
         assert self._watcher is not None
         poll_only = not self.complete
         counters_complete = reader is None and "passive_opens" in self.sources
-        counters = self._read_counters() if "listen_drops" in self.sources else None
+        # SYNs dropped: counted per listener of the app's port where the kernel says (sk_drops), so another
+        # server's full queue in a shared namespace does not hold the drain; else the namespace's counters.
+        try:
+            port_drops = self._watcher.listen_drops() if "listen_drops" in self.sources else None
+        except TrafficWatchError:
+            port_drops = None
+        read_counters = counters_complete or (port_drops is None and "listen_drops" in self.sources)
+        counters = self._read_counters() if read_counters else None
         own_before = self._own_opens() if self._own_opens is not None else 0
         # No look now: the first one dates everything since (an idle connection from before counts for nothing).
         prev = PortSnapshot(True, taken_at=time.monotonic())
@@ -413,6 +421,11 @@ class DrainWait:
                     # the socket table's clock is time.monotonic(); the drain's may be another
                     seen.mark(self.clock.monotonic() - (snap.taken_at - newest), "open_connections")
                 prev = snap
+                if port_drops is not None and snap.listen_drops is not None:
+                    if snap.listen_drops > port_drops:
+                        seen.mark(self.clock.monotonic(), "listen_drops")
+                        window["syns_dropped"] = snap.listen_drops - port_drops
+                    port_drops = snap.listen_drops
                 if counters is not None and not counters_complete:
                     counters, drops, own_before = self._counters_grew(seen, counters, own_before, False)
                     if drops:

@@ -27,6 +27,8 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 _INET_DIAG_REQ_BYTECODE = 1
 _INET_DIAG_INFO = 2
+_INET_DIAG_SKMEMINFO = 7  # u32[SK_MEMINFO_VARS]; SK_MEMINFO_DROPS is index 8
+_SK_MEMINFO_DROPS_AT = 8 * 4
 _INET_DIAG_BC_S_GE, _INET_DIAG_BC_S_LE = 2, 3
 _INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 TCP_TIME_WAIT, TCP_LISTEN = 6, 10
@@ -81,6 +83,7 @@ class DiagSocket:
     has_info: bool = False
     last_data_recv_ms: int | None = None
     bytes_received: int | None = None
+    drops: int | None = None  # sk_drops, with meminfo: for a listener, SYNs and handshakes it dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,11 +111,13 @@ def address(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw)
 
 
-def dump_request(seq: int, family: int, states: int, port: int | None = None, with_info: bool = True) -> bytes:
+def dump_request(seq: int, family: int, states: int, port: int | None = None, with_info: bool = True,
+                 with_meminfo: bool = False) -> bytes:
     """A SOCK_DIAG_BY_FAMILY dump request for TCP sockets of ``family`` in ``states`` (a bit mask of TCP
-    states), with ``tcp_info`` if ``with_info``. With ``port``, the kernel itself drops the sockets of
-    other local ports (``id.idiag_sport`` and a bytecode ``local port >= port and <= port``)."""
-    ext = 1 << (_INET_DIAG_INFO - 1) if with_info else 0
+    states), with ``tcp_info`` if ``with_info`` and the socket's memory counters (``drops``) if
+    ``with_meminfo``. With ``port``, the kernel itself drops the sockets of other local ports
+    (``id.idiag_sport`` and a bytecode ``local port >= port and <= port``)."""
+    ext = (1 << (_INET_DIAG_INFO - 1) if with_info else 0) | (1 << (_INET_DIAG_SKMEMINFO - 1) if with_meminfo else 0)
     body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, ext, 0, states)
     body += _REQ_PORTS.pack(port or 0, 0) + _REQ_TAIL.pack(0, _INET_DIAG_NOCOOKIE, _INET_DIAG_NOCOOKIE)
     if port is not None:
@@ -146,6 +151,7 @@ def parse(buf: bytes | bytearray | memoryview, seq: int | None = None) -> Iterat
             raise DecodeError(f"short inet_diag_msg ({end - start} bytes)")
         fam, state, sport, dport, src, dst, c0, c1, expires, rq, wq, _, inode = _MSG.unpack_from(view, start)
         info: memoryview | None = None
+        drops: int | None = None
         a = start + _MSG.size
         while a + _NLATTR.size <= end:
             alen, atype = _NLATTR.unpack_from(view, a)
@@ -153,6 +159,8 @@ def parse(buf: bytes | bytearray | memoryview, seq: int | None = None) -> Iterat
                 raise DecodeError(f"bad netlink attribute length {alen}")
             if atype & 0x3FFF == _INET_DIAG_INFO:
                 info = view[a + _NLATTR.size:a + alen]
+            elif atype & 0x3FFF == _INET_DIAG_SKMEMINFO and alen >= _NLATTR.size + _SK_MEMINFO_DROPS_AT + 4:
+                drops = _U32.unpack_from(view, a + _NLATTR.size + _SK_MEMINFO_DROPS_AT)[0]
             a += (alen + 3) & ~3
         last = received = None
         if info is not None:
@@ -162,7 +170,7 @@ def parse(buf: bytes | bytearray | memoryview, seq: int | None = None) -> Iterat
                 received = _U64.unpack_from(info, _TCPI_BYTES_RECEIVED_AT)[0]
         yield DiagSocket(fam, state, address(fam, src), int.from_bytes(sport, "big"), address(fam, dst),
                          int.from_bytes(dport, "big"), c0 | c1 << 32, expires, rq, wq, inode,
-                         info is not None, last, received)
+                         info is not None, last, received, drops)
 
 
 # --- the destroy multicast's filter ---------------------------------------------------------------

@@ -98,6 +98,8 @@ class PortSnapshot:
     ``idle_ms`` maps each connection to ``tcpi_last_data_recv``, the milliseconds since it last
     received data (since its handshake if it never did), or None for a connection still in the
     handshake (no tcp_info yet: it counts as active at ``taken_at``).
+    ``listen_drops`` (from ``snapshot(narrow=True)``) is the sum of the listeners' ``sk_drops``: what
+    the namespace's ListenOverflows/ListenDrops count, for this port alone.
     """
 
     listening: bool
@@ -105,6 +107,7 @@ class PortSnapshot:
     bytes_counted: bool = True
     idle_ms: Mapping[ConnKey, int | None] = field(default_factory=dict, hash=False)
     taken_at: float = 0.0
+    listen_drops: int | None = None  # with ``narrow``: SYNs and handshakes the port's listeners dropped, ever
 
     @property
     def connections(self) -> int:
@@ -230,11 +233,15 @@ class PortWatcher:
         wanted = self._wanted
         states = _STATES
         families = list(self._families)
+        drops: int | None = None
         try:
             if narrow:
-                found = {rec.family for fam in families for rec in self._dump(fam, 1 << _TCP_LISTEN, with_info=False)
-                         if rec.sport == self.port and self._serves_wanted(rec.src)}
+                mine = [rec for fam in families for rec in self._dump(fam, 1 << _TCP_LISTEN, False, True)
+                        if rec.sport == self.port and self._serves_wanted(rec.src)]
+                found = {rec.family for rec in mine}
                 listening = bool(found)
+                if all(rec.drops is not None for rec in mine):
+                    drops = sum(rec.drops or 0 for rec in mine)
                 families = [f for f in families if f in found] or families
                 states &= ~(1 << _TCP_LISTEN)
             taken_at = time.monotonic()
@@ -256,7 +263,24 @@ class PortWatcher:
         except BaseException:
             self._reset()  # whatever is left of the dump must not be read as the next one's
             raise
-        return PortSnapshot(listening, MappingProxyType(conns), counted, MappingProxyType(idle), taken_at)
+        return PortSnapshot(listening, MappingProxyType(conns), counted, MappingProxyType(idle), taken_at, drops)
+
+    def listen_drops(self) -> int | None:
+        """What the port's listeners (serving the watched addresses) dropped so far (``sk_drops``: SYNs
+        and handshakes refused on a full accept queue); None where the kernel does not say. Cheap: the
+        listening hash only."""
+        total = 0
+        try:
+            for family in list(self._families):
+                for rec in self._dump(family, 1 << _TCP_LISTEN, False, True):
+                    if rec.sport == self.port and self._serves_wanted(rec.src):
+                        if rec.drops is None:
+                            return None
+                        total += rec.drops
+        except BaseException:
+            self._reset()
+            raise
+        return total
 
     def _reset(self) -> None:
         if self._sock is not None:
@@ -299,11 +323,12 @@ class PortWatcher:
             raise
         return found
 
-    def _dump(self, family: int, states: int = _STATES, with_info: bool = True) -> Iterator[DiagSocket]:
+    def _dump(self, family: int, states: int = _STATES, with_info: bool = True,
+              with_meminfo: bool = False) -> Iterator[DiagSocket]:
         """The sockets of one dump (sock_diag.py decodes); every failure a TrafficWatchError."""
         sock = self._connect()
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-        request = dump_request(seq, family, states, None if self._any_port else self.port, with_info)
+        request = dump_request(seq, family, states, None if self._any_port else self.port, with_info, with_meminfo)
         buf = memoryview(self._buf)
         try:
             sock.sendto(request, (0, 0))

@@ -197,6 +197,53 @@ def test_a_connection_idle_since_its_request_is_dated_by_that_request(
     assert sc.wait(40) == 0
 
 
+def test_another_servers_full_accept_queue_does_not_hold_the_drain(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
+    """A neighbour in the same (shared) network namespace: a server whose accept queue (backlog 1) is full
+    and which accepts nothing, and a client knocking on it every 50 ms through the whole drain, so the
+    namespace's ListenOverflows/ListenDrops keep growing. The app's port gets nothing. Expected: the drain
+    ends on quiet after about min_delay + quiet_period, not at the 20 s bound; the control shows the
+    namespace's counters did grow meanwhile."""
+    from sidecar.netns_counters import read_counters
+
+    port = free_port()
+    sc = start_sidecar(base_config(consul, service_name, port, shutdown=TRAFFIC), app_command(port))
+    sc.wait_event("sidecar.consul.registered", 40)
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(1)
+    stop = threading.Event()
+    knockers: list[socket.socket] = []
+
+    def knock() -> None:
+        while not stop.wait(0.05):
+            c = socket.socket()
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(full.getsockname())
+            knockers.append(c)
+            while len(knockers) > 20:
+                knockers.pop(0).close()
+
+    th = threading.Thread(target=knock, daemon=True)
+    try:
+        th.start()
+        before = read_counters().listen_drops
+        sc.send(signal.SIGTERM)
+        ev = sc.wait_event("sidecar.drain.delay_done", 40)
+        grew = read_counters().listen_drops - before
+    finally:
+        stop.set()
+        th.join(5)
+        for c in knockers:
+            c.close()
+        full.close()
+    assert grew >= 10, f"the namespace's listen drops grew by {grew} only: the neighbour did not overflow"
+    assert ev["reason"] == "traffic quiet" and ev["elapsed_ms"] <= 1000 + 1000 + 2500, ev
+    assert sc.wait(40) == 0
+
+
 def test_control_fixed_one_second_loses_the_short_connections(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
     """Control for the test above: a fixed 1 s delay stops the app while the client still sends:
     requests fail (the harness sees failures)."""

@@ -149,3 +149,13 @@ def test_destroy_filter_keeps_only_the_ports_connections(
     """The BPF program, run on canned destroy events: the port, a peer, and the local address (also v4-mapped)."""
     verdict = run_bpf(destroy_filter(8080, addresses), event(family, state, src, sport, dport))
     assert (verdict != 0) is kept
+
+
+def test_parse_meminfo_drops() -> None:
+    """INET_DIAG_SKMEMINFO (attribute 7, u32[9]): ``drops`` is SK_MEMINFO_DROPS (index 8); asked for with ext bit 6."""
+    meminfo = struct.pack("=9I", 1, 2, 3, 4, 5, 6, 7, 8, 31337)
+    body = diag_msg(socket.AF_INET, 10, "127.0.0.1", 8080, "0.0.0.0", 0)
+    body += struct.pack("=HH", 4 + len(meminfo), 7) + meminfo
+    [rec, end] = list(parse(nlmsg(20, 9, body) + nlmsg(3, 9, struct.pack("=i", 0)), 9))
+    assert isinstance(rec, DiagSocket) and rec.drops == 31337 and not rec.has_info and end == End(0)
+    assert dump_request(1, socket.AF_INET, 1 << 10, 8080, with_info=False, with_meminfo=True)[18] == 1 << 6

@@ -218,7 +218,8 @@ def test_local_address_filter(track: Track, watchers: Callable[..., PortWatcher]
 
 def test_wildcard_listener_counts_for_the_addresses_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without binding a wildcard address here: the kernel's answer is faked, the filter is real."""
-    def fake_dump(w: PortWatcher, family: int, states: int = 0, with_info: bool = True) -> Iterator[DiagSocket]:
+    def fake_dump(w: PortWatcher, family: int, states: int = 0, with_info: bool = True,
+                  with_meminfo: bool = False) -> Iterator[DiagSocket]:
         if family == socket.AF_INET:
             yield DiagSocket(family, 10, v4_listener, 8080, "0.0.0.0", 0, 1, 0, 0, 0, 0)
         else:
@@ -453,3 +454,28 @@ def test_destroy_events_filter_the_address_in_the_kernel(track: Track) -> None:
             server.close()
         time.sleep(0.2)
         assert events.read().ended == 2
+
+
+def test_listen_drops_are_the_ports_own(track: Track, watchers: Callable[..., PortWatcher]) -> None:
+    """A listener with a backlog of 1 that accepts nothing, and 6 connection attempts: its own sk_drops
+    grow (SYNs and retransmits refused), while a watcher of another port sees none of them."""
+    full, port = listener(track)
+    full.listen(1)
+    _, other = listener(track)
+    w, w_other = watchers(port, ["127.0.0.1"]), watchers(other, ["127.0.0.1"])
+    assert w.listen_drops() == 0 and w_other.listen_drops() == 0
+    for _ in range(6):
+        c = track(socket.socket())
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+    deadline = time.monotonic() + 5
+    while not w.listen_drops() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    drops = w.listen_drops()
+    assert drops is not None and drops >= 1, drops
+    snap = w.snapshot(narrow=True)
+    assert snap.listen_drops is not None and snap.listen_drops >= drops
+    assert w_other.listen_drops() == 0 and w_other.snapshot(narrow=True).listen_drops == 0

@@ -444,7 +444,8 @@ class DrainWait:
                            ended_connections=seen.ended or None, last_window=dict(window))
             if quiet_for >= self.sd.quiet_period and now >= earliest and not poll_only:
                 self.log.info("sidecar.drain.quiet", quiet_period_s=self.sd.quiet_period, open_connections=prev.connections,
-                              ended_connections=seen.ended, last_activity=seen.by, sources=self.sources,
+                              ended_connections=seen.ended, last_activity=seen.by,
+                              last_activity_ms=round((seen.last - t) * 1000), sources=self.sources,
                               elapsed_ms=self._ms(t))
                 return "traffic quiet"
             if poll_only and quiet_for >= self.sd.quiet_period and now >= earliest:
@@ -459,7 +460,8 @@ class DrainWait:
                 else:
                     self.log.info("sidecar.drain.quiet", quiet_period_s=self.sd.quiet_period,
                                   open_connections=prev.connections, ended_connections=seen.ended,
-                                  last_activity=seen.by, sources=self.sources, elapsed_ms=self._ms(t))
+                                  last_activity=seen.by, last_activity_ms=round((seen.last - t) * 1000),
+                                  sources=self.sources, elapsed_ms=self._ms(t))
                     return "traffic quiet"
             if poll_only or counters_complete:
                 interval = POLL

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.rollout.consumers import horizon_drain  # noqa: E402
 from examples.rollout.loadgen import summarize  # noqa: E402
-from examples.rollout.procs import Consul, kill_all_started  # noqa: E402
 from examples.rollout.rollout import Cluster, rollout  # noqa: E402
+from testkit import Consul, kill_all_started  # noqa: E402
 
 STRATEGIES: dict[str, dict[str, str]] = {
     "fixed 5s": {"strategy": "fixed", "propagation_delay": "5s"},
@@ -102,7 +102,7 @@ def short_run_sync(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
     import threading
     import time
 
-    from examples.rollout.procs import Sidecar, app_command, free_port
+    from testkit import Sidecar, app_command, free_port
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.test_drain_evidence import AFTER, CachedClient
@@ -168,8 +168,10 @@ def main() -> int:
     finally:
         kill_all_started()
     print(f"\ndrain strategies, {args.runs} runs each (medians; failed requests listed per run)")
-    print(f"{'consumer':11} {'strategy':9} {'failed per run':>18} {'drain s':>8} {'max drain':>9} {'rollout s':>9} "
-          f"{'poll CPU ms/s':>13} {'lag ms':>7}")
+    print(
+        f"{'consumer':11} {'strategy':9} {'failed per run':>18} {'drain s':>8} {'max drain':>9} "
+        f"{'rollout s':>9} {'poll CPU ms/s':>13} {'lag ms':>7}"
+    )
     ok = True
     for (consumer, name), rows in results.items():
         drains = [d for r in rows for d in r["drain_s"]]
@@ -177,9 +179,13 @@ def main() -> int:
         rollouts = [r["rollout_s"] for r in rows if r["rollout_s"] is not None]
         failed = [r["failed"] for r in rows]
         lag = [x for r in rows for x in r.get("lag_s", [])]
-        print(f"{consumer:11} {name:9} {' '.join(str(f) for f in failed):>18} {statistics.median(drains):8.2f} {max(drains):9.2f} "
-              f"{(f'{statistics.median(rollouts):.1f}' if rollouts else '-'):>9} {(f'{statistics.median(cpu):.1f}' if cpu else '-'):>13} "
-              f"{(f'{statistics.median(lag) * 1000:.0f}' if lag else '-'):>7}")
+        print(
+            f"{consumer:11} {name:9} {' '.join(str(f) for f in failed):>18} "
+            f"{statistics.median(drains):8.2f} {max(drains):9.2f} "
+            f"{(f'{statistics.median(rollouts):.1f}' if rollouts else '-'):>9} "
+            f"{(f'{statistics.median(cpu):.1f}' if cpu else '-'):>13} "
+            f"{(f'{statistics.median(lag) * 1000:.0f}' if lag else '-'):>7}"
+        )
         if name == "traffic":
             ok &= all(f == 0 for f in failed)
             if not consumer.startswith("nginx"):

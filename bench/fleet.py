@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.rollout.fleet import FleetResult, run_fleet  # noqa: E402
-from examples.rollout.procs import Consul, kill_all_started  # noqa: E402
+from testkit import Consul, kill_all_started  # noqa: E402
 
 
 def main() -> int:
@@ -36,15 +36,21 @@ def main() -> int:
                 consul.stop()
                 kill_all_started()
             ok = not r.left_in_catalog and not r.signalled_before_gone and r.exit_codes == [0] * args.n
-            print(f"run {i + 1}: all passing {r.start_to_all_passing:.1f}s, all gone {r.sigterm_to_all_gone * 1000:.0f}ms, "
-                  f"all exited {r.sigterm_to_all_exited:.1f}s, {'ok' if ok else 'NOT OK'}", file=sys.stderr)
+            print(
+                f"run {i + 1}: all passing {r.start_to_all_passing:.1f}s, "
+                f"all gone {r.sigterm_to_all_gone * 1000:.0f}ms, "
+                f"all exited {r.sigterm_to_all_exited:.1f}s, {'ok' if ok else 'NOT OK'}",
+                file=sys.stderr,
+            )
             results.append(r)
     finally:
         kill_all_started()
     print(f"\n{args.n} sidecars on one agent, {args.runs} runs (medians)")
     print(f"start -> all registered and passing   {statistics.median(r.start_to_all_passing for r in results):7.1f} s")
-    print(f"SIGTERM -> all gone from the catalog  {statistics.median(r.sigterm_to_all_gone for r in results) * 1000:7.0f} ms")
-    print(f"SIGTERM -> all sidecars exited        {statistics.median(r.sigterm_to_all_exited for r in results):7.1f} s  (includes propagation_delay 1 s)")
+    gone_ms = statistics.median(r.sigterm_to_all_gone for r in results) * 1000
+    exited_s = statistics.median(r.sigterm_to_all_exited for r in results)
+    print(f"SIGTERM -> all gone from the catalog  {gone_ms:7.0f} ms")
+    print(f"SIGTERM -> all sidecars exited        {exited_s:7.1f} s  (includes propagation_delay 1 s)")
     bad = [r for r in results if r.left_in_catalog or r.signalled_before_gone]
     print(f"left in the catalog or signalled before deregistration: {len(bad)} of {len(results)} runs")
     return 1 if bad else 0

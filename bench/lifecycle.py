@@ -13,6 +13,7 @@ Everything it starts is stopped at the end, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.rollout.procs import Consul, Sidecar, app_command, free_port, kill_all_started, spawn, wait_for  # noqa: E402
+from testkit import Consul, Sidecar, app_command, free_port, kill_all_started, spawn, wait_for  # noqa: E402
 
 
 def config(consul: Consul, name: str, port: int, **extra: dict[str, object]) -> dict[str, dict[str, object]]:
@@ -89,7 +90,7 @@ def main() -> int:
             name = f"bench{i}"
             t0 = time.monotonic()
             sc = Sidecar(work, config(consul, name, port, app={}), None)  # alongside, no [app]: nothing to stop
-            wait_for(lambda: passing(consul, name), 15, 0.002, "registered and passing")
+            wait_for(functools.partial(passing, consul, name), 15, 0.002, "registered and passing")
             start_ms.append((time.monotonic() - t0) * 1000)
             rss.append(rss_mb(sc.pid))
             sc.send(signal.SIGTERM)
@@ -97,7 +98,10 @@ def main() -> int:
             got = sc.wait_event("sidecar.consul.deregistered")
             sent = sc.wait_event("sidecar.signal.received")
             dereg_ms.append((ts(got) - ts(sent)) * 1000)
-            print(f"run {i + 1}/{args.runs}: start {start_ms[-1]:.0f} ms, deregistered {dereg_ms[-1]:.1f} ms", file=sys.stderr)
+            print(
+                f"run {i + 1}/{args.runs}: start {start_ms[-1]:.0f} ms, deregistered {dereg_ms[-1]:.1f} ms",
+                file=sys.stderr,
+            )
 
         # Idle CPU: one registered sidecar, keeping its registration (check interval 1 s).
         sc = Sidecar(work, config(consul, "idle", port, app={}, check={"interval": "1s"}), None)
@@ -117,12 +121,21 @@ def main() -> int:
     print()
     print(f"consul-sidecar lifecycle figures ({args.runs} runs, Consul {version}, {os.cpu_count()} cores)")
     print(f"{'measure':44} {'median':>9} {'p99':>9} {'target':>12}")
-    print(f"{'SIGTERM -> deregistration confirmed (ms)':44} {statistics.median(dereg_ms):9.1f} {pct(dereg_ms, 99):9.1f} {'p99 <= 20':>12}")
-    print(f"{'start -> registered and passing (ms)':44} {statistics.median(start_ms):9.0f} {pct(start_ms, 99):9.0f} {'<= 300':>12}")
+    print(
+        f"{'SIGTERM -> deregistration confirmed (ms)':44} "
+        f"{statistics.median(dereg_ms):9.1f} {pct(dereg_ms, 99):9.1f} {'p99 <= 20':>12}"
+    )
+    print(
+        f"{'start -> registered and passing (ms)':44} "
+        f"{statistics.median(start_ms):9.0f} {pct(start_ms, 99):9.0f} {'<= 300':>12}"
+    )
     print(f"{'resident memory after registration (MB)':44} {statistics.median(rss):9.1f} {max(rss):9.1f} {'<= 40':>12}")
     print(f"{'resident memory after idle period (MB)':44} {idle_rss:9.1f} {'':>9} {'<= 40':>12}")
     print(f"{'CPU while idle, % of one core':44} {idle_pct:9.2f} {'':>9} {'<= 0.5':>12}")
-    print(f"(idle measured over {args.idle:g} s with the registration checked every 1 s; p99 column for memory is the max)")
+    print(
+        f"(idle measured over {args.idle:g} s with the registration checked every 1 s; "
+        "p99 column for memory is the max)"
+    )
     return 0
 
 

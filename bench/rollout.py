@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.rollout.loadgen import summarize  # noqa: E402
-from examples.rollout.procs import kill_all_started  # noqa: E402
 from examples.rollout.rollout import Cluster, RolloutResult, rollout  # noqa: E402
+from testkit import kill_all_started  # noqa: E402
 
 
 async def one(work: Path, naive: bool, args: argparse.Namespace) -> RolloutResult:
@@ -40,7 +40,11 @@ async def main_async(args: argparse.Namespace) -> list[RolloutResult]:
         for naive in (False, True):  # interleaved, so both modes see the same machine noise
             r = await one(work / f"{i}-{'naive' if naive else 'sidecar'}", naive, args)
             s = summarize(r.records)
-            print(f"run {i + 1}/{args.runs} {r.mode:7}: {s.failed} failed of {s.requests}, rollout {r.rollout_seconds:.1f}s", file=sys.stderr)
+            print(
+                f"run {i + 1}/{args.runs} {r.mode:7}: {s.failed} failed of {s.requests}, "
+                f"rollout {r.rollout_seconds:.1f}s",
+                file=sys.stderr,
+            )
             results.append(r)
     return results
 
@@ -59,7 +63,10 @@ def main() -> int:
 
     print(f"\nrollout benchmark: {args.runs} runs per mode, {args.replicas} instances v1 -> v2, "
           f"{args.rate:g} requests/s through nginx (resolver valid=1s), propagation_delay {args.propagation_delay}")
-    print(f"{'mode':8} {'run':>3} {'requests':>9} {'failed':>7} {'p99 steady ms':>14} {'p99 rollout ms':>15} {'rollout s':>10} {'sidecar RSS MB':>15}")
+    print(
+        f"{'mode':8} {'run':>3} {'requests':>9} {'failed':>7} {'p99 steady ms':>14} {'p99 rollout ms':>15} "
+        f"{'rollout s':>10} {'sidecar RSS MB':>15}"
+    )
     for mode in ("sidecar", "naive"):
         rows = [r for r in results if r.mode == mode]
         for i, r in enumerate(rows, 1):
@@ -72,8 +79,11 @@ def main() -> int:
     for mode in ("sidecar", "naive"):
         rows = [r for r in results if r.mode == mode]
         failed = [summarize(r.records).failed for r in rows]
-        print(f"{mode:8} median failed {statistics.median(failed):g}, runs with failures {sum(f > 0 for f in failed)}/{len(rows)}, "
-              f"median rollout {statistics.median(r.rollout_seconds for r in rows):.1f}s")
+        print(
+            f"{mode:8} median failed {statistics.median(failed):g}, "
+            f"runs with failures {sum(f > 0 for f in failed)}/{len(rows)}, "
+            f"median rollout {statistics.median(r.rollout_seconds for r in rows):.1f}s"
+        )
     sc = [summarize(r.records).failed for r in results if r.mode == "sidecar"]
     nv = [summarize(r.records).failed for r in results if r.mode == "naive"]
     ok = all(f == 0 for f in sc) and all(f > 0 for f in nv)

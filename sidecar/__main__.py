@@ -8,6 +8,8 @@ status a shell reports for SIGINT. Hence the import inside the function.
 
 import sys
 
+from .exit_codes import EX_INTERRUPTED  # os and signal only: loaded before any Ctrl-C can matter
+
 
 def entry() -> int:
     try:
@@ -15,7 +17,7 @@ def entry() -> int:
 
         return main()
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
 
 
 if __name__ == "__main__":

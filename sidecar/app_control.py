@@ -15,13 +15,17 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
 from . import proctree
 from .clock import Clock
 from .config import KILL_REAP_TIMEOUT
+from .exit_codes import by_signal
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 
 @dataclass(frozen=True)
@@ -34,14 +38,42 @@ class StopResult:
 def exit_status(wait_status: int) -> int:
     """waitpid status -> shell-style exit status (128 + N when signal N ended it)."""
     code = os.waitstatus_to_exitcode(wait_status)
-    return 128 - code if code < 0 else code
+    return by_signal(-code) if code < 0 else code
 
 
 class App(Protocol):
-    """The lifecycle's handle on the app, whatever the mode."""
+    """The lifecycle's handle on the app, whatever the mode.
+
+    Every mode provides every member; where one does not apply it holds a neutral value
+    (no process of ours: nothing reaped, nothing followed, no leftovers).
+    """
 
     description: str
     exited: asyncio.Future[int]  # resolves when the app ends on its own or after stop()
+
+    @property
+    def followed(self) -> frozenset[int]:
+        """The processes of a daemon followed as the app since its parent exited 0 (wrapper mode)."""
+        ...
+
+    @property
+    def orphans_reaped(self) -> int:
+        """Exited processes other than the app that the sidecar reaped (it is their subreaper)."""
+        ...
+
+    @property
+    def leftovers_signalled(self) -> int:
+        """Processes the app left behind once it had exited, signalled with ``stop``'s signal."""
+        ...
+
+    @property
+    def leftovers_killed(self) -> int:
+        """Of ``leftovers_signalled``, those that SIGKILL had to end."""
+        ...
+
+    def start(self) -> None:
+        """Start the app, or begin watching it; raises OSError if the app cannot be started."""
+        ...
 
     def forward(self, sig: signal.Signals) -> None: ...
 
@@ -66,6 +98,10 @@ def _libc_prctl() -> Callable[..., int] | None:
 
 class Launcher(Protocol):
     def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int: ...
+
+    def mark_reaped(self, pid: int, status: int) -> None:
+        """The sidecar's reaper collected ``pid``: a launcher that keeps a handle on it records the status."""
+        ...
 
 
 class PosixLauncher:
@@ -92,7 +128,7 @@ class PosixLauncher:
             if prctl is not None:
                 prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
                 if os.getppid() != parent:  # the sidecar died before prctl took effect
-                    os._exit(128 + signal.SIGKILL)
+                    os._exit(by_signal(signal.SIGKILL))
 
         proc = subprocess.Popen(list(argv), process_group=0, preexec_fn=in_child, close_fds=True, env=env)
         # Keep the Popen object: dropping it would let subprocess's own cleanup
@@ -131,7 +167,7 @@ class ChildApp:
         clock: Clock,
         env: Mapping[str, str] | None = None,
         follow_port: int | None = None,
-        log: Any = None,
+        log: FilteringBoundLogger | None = None,
     ) -> None:
         self.argv = list(argv)
         self.env = env
@@ -153,7 +189,7 @@ class ChildApp:
         self._stopping = False
         self._listener_check: asyncio.Task[None] | None = None
 
-    def start(self) -> int:
+    def start(self) -> None:
         """Spawn the app; raises OSError (FileNotFoundError, PermissionError) if it cannot."""
         loop = asyncio.get_running_loop()
         # Reaping runs in the event loop (not in the signal context): asyncio's
@@ -164,13 +200,12 @@ class ChildApp:
         self.description = f"pid {self.pid} ({self.argv[0]})"
         self.reap()  # in case it ended before the handler saw a SIGCHLD
         if self._follow_port is not None and self._log is not None and proctree.usable():
-            self._listener_check = loop.create_task(self._check_listener(self._follow_port))
-        return self.pid
+            self._listener_check = loop.create_task(self._check_listener(self._follow_port, self._log))
 
     LISTENER_POLL = 0.5
     LISTENER_WATCH = 120.0  # past any sane start-up: stop looking
 
-    async def _check_listener(self, port: int) -> None:
+    async def _check_listener(self, port: int, log: FilteringBoundLogger) -> None:
         """Warn once if the server on the service port is not the direct child (an entrypoint
         script without ``exec``): only the direct child dies with a SIGKILLed sidecar."""
         seen = 0
@@ -182,10 +217,14 @@ class ChildApp:
                     return
                 seen += 1
                 if seen >= 2:  # twice in a row: not a daemon's parent about to exit
-                    self._log.warning(
-                        "sidecar.app.listener_not_direct_child", app_pid=self.pid, listener_pids=sorted(held), port=port,
-                        hint="the server is a grandchild (an entrypoint script without exec?): if the sidecar is SIGKILLed "
-                        "only its direct child dies, outside a container or a systemd cgroup. Start the server with exec",
+                    log.warning(
+                        "sidecar.app.listener_not_direct_child",
+                        app_pid=self.pid,
+                        listener_pids=sorted(held),
+                        port=port,
+                        hint="the server is a grandchild (an entrypoint script without exec?): "
+                        "if the sidecar is SIGKILLed only its direct child dies, "
+                        "outside a container or a systemd cgroup. Start the server with exec",
                     )
                     return
             else:
@@ -202,9 +241,7 @@ class ChildApp:
                 return
             if pid == self.pid:
                 code = exit_status(status)
-                mark = getattr(self._launcher, "mark_reaped", None)
-                if mark is not None:
-                    mark(pid, code)
+                self._launcher.mark_reaped(pid, code)
                 if not self.exited.done() and not (code == 0 and self._follow_daemon()):
                     self.exited.set_result(code)
             else:
@@ -230,10 +267,17 @@ class ChildApp:
         # Signals go to the daemon's top processes (a master), not to each of its workers.
         self._followed_roots = sorted(p for p in followed if proctree.parent(p) not in followed)
         parent = self.pid
-        self.description = f"daemon pid {','.join(map(str, self._followed_roots))} (forked by pid {parent}, {self.argv[0]})"
+        self.description = (
+            f"daemon pid {','.join(map(str, self._followed_roots))} (forked by pid {parent}, {self.argv[0]})"
+        )
         if self._log is not None:
-            self._log.info("sidecar.app.daemon_followed", parent_pid=parent, pids=sorted(followed), port=self._follow_port,
-                           hint="the app's process exited 0 leaving these listening on the service port: they are the app now")
+            self._log.info(
+                "sidecar.app.daemon_followed",
+                parent_pid=parent,
+                pids=sorted(followed),
+                port=self._follow_port,
+                hint="the app's process exited 0 leaving these listening on the service port: they are the app now",
+            )
         self._follow_task = asyncio.get_running_loop().create_task(self._watch_daemon())
         return True
 
@@ -243,7 +287,8 @@ class ChildApp:
             if not any(proctree.alive(p) for p in self.followed):
                 break
             await self._clock.sleep(self.FOLLOW_POLL)
-        # The status of the last one we reaped ourselves (a daemon re-parented to us, or its master); 0 if none was ours.
+        # The status of the last one we reaped ourselves (a daemon re-parented to us, or its master);
+        # 0 if none was ours.
         statuses = list(self._followed_status.values())
         if not self.exited.done():
             self.exited.set_result(statuses[-1] if statuses else 0)
@@ -324,7 +369,7 @@ class ChildApp:
         try:
             status = await asyncio.wait_for(asyncio.shield(self.exited), KILL_REAP_TIMEOUT)
         except TimeoutError:
-            status = 128 + signal.SIGKILL
+            status = by_signal(signal.SIGKILL)
         await self._until_none_left()
         return StopResult(status, True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
 
@@ -396,7 +441,16 @@ def _alive(pid: int) -> bool:
         return True
 
 
-class PidApp:
+class _NotOurChild:
+    """Alongside mode: the app is not the sidecar's child, so nothing of it is reaped, followed or left over."""
+
+    followed: frozenset[int] = frozenset()
+    orphans_reaped = 0
+    leftovers_signalled = 0
+    leftovers_killed = 0
+
+
+class PidApp(_NotOurChild):
     """An app in a shared PID namespace, known by PID or PID file (alongside mode)."""
 
     POLL = 0.05
@@ -423,8 +477,8 @@ class PidApp:
             raise ValueError(f"{self._pid_file} holds {pid}, not a PID")
         return pid
 
-    def watch(self) -> None:
-        """Resolve ``exited`` when the process goes away (call once the app is up)."""
+    def start(self) -> None:
+        """Watch the app: resolve ``exited`` when its process goes away (it runs already, or soon)."""
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
 
@@ -466,12 +520,14 @@ class PidApp:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-                return StopResult(128 + signal.SIGKILL, True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
+                return StopResult(
+                    by_signal(signal.SIGKILL), True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL"
+                )
             await self._clock.sleep(self.POLL)
         return StopResult(0, False, f"exited after {sig.name}")
 
 
-class UrlApp:
+class UrlApp(_NotOurChild):
     """An app that stops on ``POST shutdown_url`` (alongside mode, no shared PID namespace)."""
 
     POLL = 0.1
@@ -482,6 +538,9 @@ class UrlApp:
         self._clock = clock
         self.description = f"POST {shutdown_url}"
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def start(self) -> None:
+        pass  # the app runs elsewhere; without a PID its exit cannot be watched
 
     def forward(self, sig: signal.Signals) -> None:
         pass  # no process to signal
@@ -501,7 +560,9 @@ class UrlApp:
         deadline = self._clock.monotonic() + timeout
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
             try:
-                async with session.post(self._shutdown_url, timeout=aiohttp.ClientTimeout(total=max(0.1, timeout))) as r:
+                async with session.post(
+                    self._shutdown_url, timeout=aiohttp.ClientTimeout(total=max(0.1, timeout))
+                ) as r:
                     await r.read()
                     if r.status >= 400:
                         return StopResult(1, False, f"POST {self._shutdown_url} answered {r.status}")
@@ -513,18 +574,23 @@ class UrlApp:
                 return StopResult(1, False, f"POST {self._shutdown_url} failed: {e.__class__.__name__}: {e}")
             while await self._answers(session):
                 if self._clock.monotonic() >= deadline:
-                    return StopResult(1, False, f"still answering {self._check_url} {timeout:g}s after the shutdown request")
+                    return StopResult(
+                        1, False, f"still answering {self._check_url} {timeout:g}s after the shutdown request"
+                    )
                 await self._clock.sleep(self.POLL)
         return StopResult(0, False, "stopped answering after the shutdown request")
 
 
-class ExternalApp:
+class ExternalApp(_NotOurChild):
     """Alongside mode with no way to reach the app: the orchestrator stops it."""
 
     description = "managed elsewhere"
 
     def __init__(self) -> None:
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def start(self) -> None:
+        pass  # the orchestrator starts and stops it
 
     def forward(self, sig: signal.Signals) -> None:
         pass

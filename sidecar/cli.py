@@ -19,11 +19,13 @@ from typing import Any
 from . import __version__, log
 from .app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
 from .clock import SystemClock
-from .config import EX_CONFIG, Config, ConfigError, address_toward, load_config, load_consul_settings
+from .config import Config, ConfigError, Strategy, address_toward, load_config, load_consul_settings
 from .consul_client import ConsulAgent
 from .durations import format_duration, parse_duration
+from .executor import DaemonThreadExecutor
 from .health import Prober
-from .lifecycle import EX_SOFTWARE, Sidecar
+from .exit_codes import EX_BAD_COMMAND_LINE, EX_CONFIG, EX_INTERRUPTED, EX_SOFTWARE
+from .lifecycle import Sidecar
 from .registration import registration_payload
 from .status import Status, StatusServer, bind, listen_warnings, raise_nofile_limit
 
@@ -63,11 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         "wait",
         help="block until Consul shows a condition (for deploy scripts)",
         description="Block until Consul shows the condition, following it with blocking queries; exit 0 when it "
-        "holds, 1 at --timeout. Consul settings come from --consul-address, the [consul] section of -c FILE, "
+        "holds, 1 at --timeout. Consul settings come from --http-addr, the [consul] section of -c FILE, "
         "or the CONSUL_* environment, in that order.",
     )
     wt.add_argument("-c", "--config", type=Path, help="a sidecar configuration file (only [consul] is used)")
-    wt.add_argument("--consul-address", metavar="URL", help="e.g. http://127.0.0.1:8500")
+    # The consul CLI's name for it (-http-addr; Go takes --http-addr too); --consul-address is the older alias.
+    wt.add_argument("--http-addr", "-http-addr", "--consul-address", dest="consul_address", metavar="ADDRESS",
+                    help="the agent, as for the consul CLI: http://127.0.0.1:8500, host:port, unix:///path/to/consul.sock")
     wt.add_argument("--service", required=True, metavar="NAME")
     wt.add_argument("--id", metavar="ID", help="the instance (service ID), with --passing or --gone")
     what = wt.add_mutually_exclusive_group(required=True)
@@ -100,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" (the app's command goes after '--': {PROG} run -c FILE -- COMMAND [ARG...])" if args.command == "run" else ""
         parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if args.command != "run" and command:
-        return _fail([f"'{args.command}' takes no command after '--'"], 2)
+        return _fail([f"'{args.command}' takes no command after '--'"], EX_BAD_COMMAND_LINE)
     if args.command == "wait":
         return _wait(args)
     unresolved: list[str] = []
@@ -134,36 +138,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_run(config, command))
     except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were installed
-        return 130
+        return EX_INTERRUPTED
     finally:
         log.close()  # bounded: a stalled log reader loses the last lines, never the exit
 
 
 def _check_config(config: Config) -> int:
+    from .config.docs import effective
+
     sd = config.shutdown
+    shutdown = effective(config, "shutdown")
+    if sd.strategy is Strategy.TRAFFIC:
+        shutdown |= {"dns_name": sd.dns_name or f"{config.service.name}.service.consul",
+                     "traffic_view_here": _traffic_view_here(config)}
     doc: dict[str, Any] = {
-        "consul": {
-            "address": config.consul.address,
-            "token": config.consul.token.describe(),
-            "ca_file": str(config.consul.ca_file) if config.consul.ca_file else None,
-            "timeout": format_duration(config.consul.timeout),
-        },
+        "consul": effective(config, "consul"),
         "registration": registration_payload(config, passing=config.startup.wait_healthy),
-        "startup": {"wait_healthy": config.startup.wait_healthy, "timeout": format_duration(config.startup.timeout)},
-        "shutdown": {
-            "deregister_timeout": format_duration(sd.deregister_timeout),
-            "propagation_delay": format_duration(sd.propagation_delay),
-            "app_signal": sd.app_signal.name,
-            "app_timeout": format_duration(sd.app_timeout),
-            "strategy": sd.strategy,
-            **({"min_delay": format_duration(sd.min_delay), "quiet_period": format_duration(sd.quiet_period),
-                "dns": [f"{h}:{p}" for h, p in sd.dns],
-                "dns_name": sd.dns_name or f"{config.service.name}.service.consul",
-                "traffic_poll_only_accepts_misses": sd.traffic_poll_only_accepts_misses,
-                "traffic_view_here": _traffic_view_here(config)} if sd.strategy == "traffic" else {}),
-            "worst_case": format_duration(sd.worst_case),
-            "budget": format_duration(sd.budget),
-        },
+        "startup": effective(config, "startup"),
+        "shutdown": shutdown | {"worst_case": format_duration(sd.worst_case), "budget": format_duration(sd.budget)},
+        **({"app": effective(config, "app")} if config.app.configured else {}),
         "status": _status_listen(config),
     }
     print(json.dumps(doc, indent=2))
@@ -230,13 +223,13 @@ def _wait(args: argparse.Namespace) -> int:
     from . import wait  # only this command needs it
 
     if (args.passing or args.gone) and not args.id:
-        return _fail(["wait: --passing and --gone need --id ID"], 2)
+        return _fail(["wait: --passing and --gone need --id ID"], EX_BAD_COMMAND_LINE)
     if args.min_passing is not None and args.min_passing < 1:
-        return _fail([f"wait: --min-passing {args.min_passing}: must be at least 1"], 2)
+        return _fail([f"wait: --min-passing {args.min_passing}: must be at least 1"], EX_BAD_COMMAND_LINE)
     try:
         timeout = parse_duration(args.timeout)
     except ValueError as e:
-        return _fail([f"wait: --timeout: {e}"], 2)
+        return _fail([f"wait: --timeout: {e}"], EX_BAD_COMMAND_LINE)
     try:
         settings = load_consul_settings(args.config, os.environ, args.consul_address)
     except ConfigError as e:
@@ -259,7 +252,7 @@ def _wait(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(go())
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
     if result.ok:
         print(f"{cond.description}: after {result.elapsed:.2f}s ({result.last_seen})")
         return 0
@@ -268,6 +261,9 @@ def _wait(args: argparse.Namespace) -> int:
 
 
 async def _run(config: Config, command: list[str]) -> int:
+    # Blocking calls (host-name look-ups) in daemon threads: a resolver that does not answer must
+    # not keep the sidecar alive past its drain (asyncio.run waits for a pool's threads).
+    asyncio.get_running_loop().set_default_executor(DaemonThreadExecutor())
     clock = SystemClock()
     logger = log.get_logger()
     sock = None
@@ -292,24 +288,19 @@ async def _run(config: Config, command: list[str]) -> int:
         # Orphans of the app become our children (PID 1 gets them anyway), so
         # the reaper in ChildApp collects them and no zombie piles up.
         become_subreaper()
-        start_app: Any = child.start
     elif config.app.pid is not None or config.app.pid_file is not None:
-        pid_app = PidApp(config.app.pid, config.app.pid_file, clock)
-        app, start_app = pid_app, pid_app.watch
+        app = PidApp(config.app.pid, config.app.pid_file, clock)
     elif config.app.shutdown_url is not None:
-        app, start_app = UrlApp(config.app.shutdown_url, config.check.http, clock), lambda: None
+        app = UrlApp(config.app.shutdown_url, config.check.http, clock)
     else:
-        app, start_app = ExternalApp(), lambda: None
+        app = ExternalApp()
 
-    def start_app_then_own_io() -> object:
-        try:
-            return start_app()
-        finally:
-            # Only now: the launcher's preexec_fn must run in a process with one thread, and
-            # the app keeps the platform's descriptor limit (select()-based code relies on 1024).
-            before, after = raise_nofile_limit()
-            log.start()
-            logger.debug("sidecar.limits.nofile", soft_before=before, soft=after)
+    def own_io() -> None:
+        # Only once the app is spawned: the launcher's preexec_fn must run in a process with one
+        # thread, and the app keeps the platform's descriptor limit (select()-based code relies on 1024).
+        before, after = raise_nofile_limit()
+        log.start()
+        logger.debug("sidecar.limits.nofile", soft_before=before, soft=after)
 
     status = Status(clock, config.service.id)
     prober = Prober(config.check.http, config.check.timeout)
@@ -317,12 +308,12 @@ async def _run(config: Config, command: list[str]) -> int:
         config,
         agent=ConsulAgent(config.consul, clock),
         app=app,
-        start_app=start_app_then_own_io,
         prober=prober,
         clock=clock,
         status=status,
         log=logger,
         status_server=StatusServer(status, sock, logger) if sock is not None else None,
+        after_start=own_io,
     )
     try:
         return await sidecar.run()

@@ -20,7 +20,7 @@ import ssl
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import yarl
@@ -29,8 +29,13 @@ from ._consul_import import consul_base
 
 from .clock import Clock
 from .config import ConsulSettings, TokenError
+from .config.files import read_ca_dir
 from .durations import parse_duration
 from .log import get_logger
+
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 
 class ConsulError(Exception):
@@ -60,10 +65,10 @@ class ConsulRejected(ConsulError):
 class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul2 has no type hints
     """python-consul2's HTTPClient contract, on one aiohttp session with deadlines."""
 
-    def __init__(self, settings: ConsulSettings, log: Any) -> None:
+    def __init__(self, settings: ConsulSettings, log: FilteringBoundLogger) -> None:
         super().__init__(settings.host, settings.port, settings.scheme, verify=settings.tls_verify)
         self.settings = settings
-        self.base_uri = settings.address
+        self.base_uri = settings.base_url
         self._log = log
         self._session: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | None = _ssl_context(settings) if settings.scheme == "https" else None
@@ -98,7 +103,7 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
             # force_close: one short connection per request. A pooled keep-alive
             # connection to an agent that restarted fails on reuse, which would
             # look like an outage; a loopback connect costs well under 1 ms.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+            self._session = aiohttp.ClientSession(connector=_connector(self.settings, force_close=True))
         return self._session
 
     async def close(self) -> None:
@@ -130,7 +135,8 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
         what = f"{method} {path}"
         try:
             async with asyncio.timeout(limit):
-                async with self._get_session().request(method, uri, data=data, headers=hdrs, ssl=self._ssl or True) as resp:
+                async with self._get_session().request(method, uri, data=data, headers=hdrs, ssl=self._ssl or True,
+                                                      server_hostname=self.settings.tls_server_name) as resp:
                     content = await resp.read()
                     # Whatever answers at the agent's address (a proxy's latin-1 502 page) may
                     # not be UTF-8: the status decides what it means, the body only explains.
@@ -257,8 +263,17 @@ def _one_line(e: Exception, secret: str | None = None) -> str:
     return " ".join(text.split())[:300]
 
 
+def _connector(s: ConsulSettings, **options: Any) -> aiohttp.BaseConnector:
+    """TCP, or the agent's unix socket (``unix:///path``, as the consul CLI takes it); the URL's host is then only a Host header."""
+    if s.unix_socket is not None:
+        return aiohttp.UnixConnector(path=s.unix_socket, **options)
+    return aiohttp.TCPConnector(**options)
+
+
 def _ssl_context(s: ConsulSettings) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+    # A CA directory is read as the consul CLI reads it (every file, PEM), not as OpenSSL's hashed capath.
+    cadata = read_ca_dir(s.ca_path) if s.ca_path is not None and s.ca_file is None else None
+    ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None, cadata=cadata)
     if s.cert_file and s.key_file:
         ctx.load_cert_chain(str(s.cert_file), str(s.key_file))
     if not s.tls_verify:
@@ -340,7 +355,7 @@ class Agent(Protocol):
 class ConsulAgent:
     """The local Consul agent, reached through python-consul2 with deadlines."""
 
-    def __init__(self, settings: ConsulSettings, clock: Clock, log: Any = None) -> None:
+    def __init__(self, settings: ConsulSettings, clock: Clock, log: FilteringBoundLogger | None = None) -> None:
         self._transport = _Transport(settings, log if log is not None else get_logger())
         self._c = _Endpoints(self._transport)
         self._clock = clock

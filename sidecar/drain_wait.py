@@ -43,14 +43,15 @@ to a shorter wait.
 from __future__ import annotations
 
 import asyncio
+import enum
 import ipaddress
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .clock import Clock
-from .config import Config
+from .config import Config, Strategy
 from .consul_client import ConsulError
 from .dns_probe import DnsError, resolve_addresses
 from .netns_counters import Counters, namespace_is_apps, read_counters
@@ -58,9 +59,31 @@ from .status import Status
 from .tcp_events import DestroyEvents
 from .traffic import PortSnapshot, PortWatcher, TrafficWatchError, activity_between
 
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
 POLL = 0.1  # seconds between two looks at the catalog, the resolvers or the port (poll alone)
+RESOLVE_TIMEOUT = 5.0  # for service.address's host name at registration (the DNS step's addresses)
 POLL_WITH_EVENTS = 1.0  # most time between two wake-ups (for /status) when a complete source sees short connections
 EVENT_HOLD = 0.05  # the destroy events' reader stays off this long after each wake-up (see _EventReader)
+
+
+class DrainEnd(enum.Enum):
+    """Why the wait before the app's signal ended: ``reason`` in ``sidecar.drain.delay_done``.
+
+    The values are logged as they stand and documented: operators match on them.
+    """
+
+    FIXED = "fixed delay"
+    FIXED_VIEW_UNAVAILABLE = "fixed delay (traffic view unavailable)"
+    TRAFFIC_QUIET = "traffic quiet"
+    UPPER_BOUND = "upper bound (propagation_delay)"
+    UPPER_BOUND_BLIND = "upper bound (traffic view blind to short connections)"
+    UPPER_BOUND_VIEW_LOST = "upper bound (traffic view lost)"
+    # Decided by the lifecycle, which cuts the wait short:
+    SECOND_SIGINT = "second SIGINT"
+    APP_EXITED = "the app exited"
+    DRAIN_BOUND = "the drain's bound (deregister_timeout + propagation_delay)"
 
 
 class Catalog(Protocol):
@@ -99,7 +122,7 @@ class _EventReader:
     off for EVENT_HOLD, so a busy port costs at most 1/EVENT_HOLD wake-ups a second, and an event is
     dated at most EVENT_HOLD late (later only ever makes the drain longer)."""
 
-    def __init__(self, events: DestroyEvents, seen: _Seen, clock: Clock, log: Any) -> None:
+    def __init__(self, events: DestroyEvents, seen: _Seen, clock: Clock, log: FilteringBoundLogger) -> None:
         self.events, self.seen, self.clock, self.log = events, seen, clock, log
         self.loop = asyncio.get_running_loop()
         self.fd = events.fileno()
@@ -165,7 +188,7 @@ class DrainWait:
         config: Config,
         catalog: Catalog,
         clock: Clock,
-        log: Any,
+        log: FilteringBoundLogger,
         status: Status,
         watcher_factory: WatcherFactory = PortWatcher,
         resolve: Resolve = resolve_addresses,
@@ -198,14 +221,14 @@ class DrainWait:
     def complete(self) -> bool:
         return "destroy_events" in self.sources or "passive_opens" in self.sources
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         """With the traffic strategy: check once, early, that the app's port is visible, choose the
         sources this host allows, and say which (and what a missing one costs)."""
-        if self.sd.strategy != "traffic" or self._watcher is not None:
+        if self.sd.strategy is not Strategy.TRAFFIC or self._watcher is not None:
             return
         svc = self.config.service
         if self.sd.dns:
-            self.addresses = self._instance_addresses(svc.address, svc.port)
+            self.addresses = await self._instance_addresses(svc.address, svc.port)
         try:
             watcher = self._factory(svc.port, _ip_or_none(svc.address))
             if not watcher.snapshot(narrow=True).listening:
@@ -260,17 +283,22 @@ class DrainWait:
                              'network_mode: "service:<app>"), or set shutdown.traffic_poll_only_accepts_misses = true '
                              "to end the drain on the poll alone")
 
-    def _instance_addresses(self, address: str, port: int) -> frozenset[str]:
+    async def _instance_addresses(self, address: str, port: int) -> frozenset[str]:
         """The addresses consumers resolve the instance to: the IP itself, or what a host name
-        resolves to now, at registration (the DNS step looks for any of them)."""
+        resolves to now, at registration (the DNS step looks for any of them).
+
+        Off the event loop and with a deadline: a resolver that does not answer holds getaddrinfo
+        for tens of seconds, and a loop blocked in it would not even see a SIGTERM."""
         try:
             return frozenset({str(ipaddress.ip_address(address))})
         except ValueError:
             pass
         try:
-            infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
-        except OSError as e:
-            self.log.warning("sidecar.drain.address_unresolved", address=address, error=str(e),
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                infos = await asyncio.get_running_loop().getaddrinfo(address, port, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError) as e:
+            error = str(e) or f"no answer within {RESOLVE_TIMEOUT:g}s"
+            self.log.warning("sidecar.drain.address_unresolved", address=address, error=error,
                              consequence="the DNS step cannot tell whether the instance is still handed out: it "
                              "waits the upper bound")
             return frozenset()
@@ -283,7 +311,7 @@ class DrainWait:
             self._watcher.close()
             self._watcher = None
 
-    async def wait(self, confirmed_at: float) -> str:
+    async def wait(self, confirmed_at: float) -> DrainEnd:
         """Wait as the strategy says, counting from ``confirmed_at`` (monotonic); return why it ended.
 
         ``cpu_ms`` afterwards: the process CPU time the wait used (the cost of polling).
@@ -294,23 +322,23 @@ class DrainWait:
         finally:
             self.cpu_ms = round((time.process_time() - cpu0) * 1000, 1)
 
-    async def _wait(self, confirmed_at: float) -> str:
+    async def _wait(self, confirmed_at: float) -> DrainEnd:
         upper = confirmed_at + self.sd.propagation_delay
-        if self.sd.strategy == "fixed" or self._watcher is None:
+        if self.sd.strategy is Strategy.FIXED or self._watcher is None:
             self.status.drain = {"strategy": "fixed", "step": "delay"}
             await self.clock.sleep(upper - self.clock.monotonic())
-            return "fixed delay" if self.sd.strategy == "fixed" else "fixed delay (traffic view unavailable)"
+            return DrainEnd.FIXED if self.sd.strategy is Strategy.FIXED else DrainEnd.FIXED_VIEW_UNAVAILABLE
         if self.blind is not None and not self.sd.traffic_poll_only_accepts_misses:
             return await self._blind_wait(upper, self.blind)
         for step in (self._catalog_clear, self._dns_clear):
             if not await step(upper):
-                return "upper bound (propagation_delay)"
+                return DrainEnd.UPPER_BOUND
         return await self._quiet(confirmed_at + self.sd.min_delay, upper)
 
-    async def _blind_wait(self, upper: float, why: str) -> str:
+    async def _blind_wait(self, upper: float, why: str) -> DrainEnd:
         self._progress("delay", blind=why)
         await self.clock.sleep(upper - self.clock.monotonic())
-        return "upper bound (traffic view blind to short connections)"
+        return DrainEnd.UPPER_BOUND_BLIND
 
     async def _catalog_clear(self, upper: float) -> bool:
         svc = self.config.service
@@ -353,7 +381,8 @@ class DrainWait:
         self.log.info("sidecar.drain.dns_clear", resolvers=[f"{h}:{p}" for h, p in self.sd.dns], elapsed_ms=self._ms(t))
         return True
 
-    async def _quiet(self, earliest: float, upper: float) -> str:
+    async def _quiet(self, earliest: float, upper: float) -> DrainEnd:
+        assert self._watcher is not None
         svc = self.config.service
         t = self.clock.monotonic()
         seen = _Seen(t)
@@ -373,7 +402,8 @@ class DrainWait:
             if reader is not None:
                 reader.stop()
 
-    async def _quiet_loop(self, earliest: float, upper: float, t: float, seen: _Seen, reader: _EventReader | None) -> str:
+    async def _quiet_loop(self, earliest: float, upper: float, t: float, seen: _Seen, reader: _EventReader | None
+                          ) -> DrainEnd:
         """Sleep until the evidence says ``quiet_period`` has passed without activity, then look at the port
         (and the counters) to confirm; their activity is dated, so one look per quiet period suffices.
 
@@ -412,7 +442,7 @@ class DrainWait:
                 except TrafficWatchError as e:
                     self.log.warning("sidecar.drain.traffic_unavailable", reason=str(e), fallback="wait until the upper bound")
                     await self.clock.sleep(upper - self.clock.monotonic())
-                    return "upper bound (traffic view lost)"
+                    return DrainEnd.UPPER_BOUND_VIEW_LOST
                 looked = snap.taken_at
                 act = activity_between(prev, snap)
                 window = {"new_connections": act.new_connections, "bytes_in": act.bytes_in}
@@ -447,7 +477,7 @@ class DrainWait:
                               ended_connections=seen.ended, last_activity=seen.by,
                               last_activity_ms=round((seen.last - t) * 1000), sources=self.sources,
                               elapsed_ms=self._ms(t))
-                return "traffic quiet"
+                return DrainEnd.TRAFFIC_QUIET
             if poll_only and quiet_for >= self.sd.quiet_period and now >= earliest:
                 # The poll alone misses short connections; the ones the app closed left a dated
                 # TIME_WAIT socket behind. Confirm with the youngest of them.
@@ -462,16 +492,14 @@ class DrainWait:
                                   open_connections=prev.connections, ended_connections=seen.ended,
                                   last_activity=seen.by, last_activity_ms=round((seen.last - t) * 1000),
                                   sources=self.sources, elapsed_ms=self._ms(t))
-                    return "traffic quiet"
-            if poll_only or counters_complete:
-                interval = POLL
-            else:
-                interval = POLL_WITH_EVENTS  # only for /status: the evidence needs no look before the deadline
+                    return DrainEnd.TRAFFIC_QUIET
+            # Beside the events, wake-ups before the deadline are only for /status: the evidence needs no look.
+            interval = POLL if poll_only or counters_complete else POLL_WITH_EVENTS
             due = min(now + interval, max(seen.last + self.sd.quiet_period, earliest))
             if not await self._tick(upper, max(0.001, due - now)):
                 self.log.warning("sidecar.drain.not_quiet", quiet_for_s=round(quiet_for, 3), open_connections=prev.connections,
                                  ended_connections=seen.ended, last_activity=seen.by, elapsed_ms=self._ms(t))
-                return "upper bound (propagation_delay)"
+                return DrainEnd.UPPER_BOUND
 
     def _counters_grew(self, seen: _Seen, before: Counters, own_before: int,
                        count_opens: bool) -> tuple[Counters | None, int, int]:

@@ -45,7 +45,9 @@ def parse_duration(text: str) -> float:
         try:  # Decimal, not float: 400 digits must not become inf (or a traceback)
             total += Decimal(match.group(1)) * _UNITS[match.group(2)]
         except InvalidOperation:
-            raise ValueError(f"{_short(text)} is longer than the longest duration Consul accepts ({MAX_TEXT})") from None
+            raise ValueError(
+                f"{_short(text)} is longer than the longest duration Consul accepts ({MAX_TEXT})"
+            ) from None
         pos = match.end()
         if total > Decimal(str(MAX_SECONDS)):
             raise ValueError(f"{_short(text)} is longer than the longest duration Consul accepts ({MAX_TEXT})")

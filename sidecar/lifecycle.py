@@ -29,40 +29,49 @@ what each one means at the current step:
 from __future__ import annotations
 
 import asyncio
+import enum
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from . import instance_claim
 from .app_control import App, StopResult
 from .backoff import backoff
 from .clock import Clock
 from .config import Config, same_host
-from .drain_wait import DrainWait
-from .consul_client import Agent, ConsulError, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, DeregisterResult, Deregistration
+from .consul_client import (
+    Agent,
+    ConsulError,
+    ConsulPermissionDenied,
+    ConsulRejected,
+    ConsulUnavailable,
+    DeregisterResult,
+    Deregistration,
+)
+from .drain_wait import DrainEnd, DrainWait
+from .exit_codes import EX_CANNOT_EXECUTE, EX_CONFIG, EX_NOPERM, EX_NOT_FOUND, EX_UNAVAILABLE, by_signal
 from .port_owner import verify_app_port
 from .registration import registration_payload
 from .signals import FORWARDED, SHUTDOWN, SignalInbox
 from .status import State, Status
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
-EX_UNAVAILABLE = 69  # the app never became healthy
-EX_SOFTWARE = 70  # a bug in the sidecar
-EX_NOPERM = 77  # Consul's ACLs refused the registration
-EX_CONFIG = 78  # the agent rejected the registration as malformed
+T = TypeVar("T")
 
 _UNCONFIRMED_HINTS = {
     Deregistration.NO_LEADER: "the Consul servers have no leader (an election?): the agent removes the instance from "
     "the catalog once they have one",
-    Deregistration.CATALOG_STALE: "the agent has dropped the instance; the catalog follows once the agent's sync succeeds",
+    Deregistration.CATALOG_STALE: "the agent has dropped the instance; "
+    "the catalog follows once the agent's sync succeeds",
     Deregistration.UNCONFIRMED: "the instance may still receive traffic",
 }
 _LEFT_HINTS = {
     **_UNCONFIRMED_HINTS,
-    Deregistration.UNCONFIRMED: "the agent never confirmed the deregistration; Consul removes the instance once its check "
-    "has been critical for check.deregister_critical_after",
+    Deregistration.UNCONFIRMED: "the agent never confirmed the deregistration; "
+    "Consul removes the instance once its check has been critical for check.deregister_critical_after",
 }
 
 
@@ -81,9 +90,16 @@ class Probe(Protocol):
     async def probe(self) -> tuple[bool, str]: ...
 
 
+class Interruption(enum.Enum):
+    """Why a step was cut short: the app ended on its own, or a shutdown signal came."""
+
+    APP_EXITED = "app_exited"
+    SHUTDOWN = "shutdown"
+
+
 @dataclass(frozen=True)
 class _Interrupted:
-    reason: str  # "app_exited" or "shutdown"
+    reason: Interruption
 
 
 class Sidecar:
@@ -92,19 +108,21 @@ class Sidecar:
         config: Config,
         agent: Agent,
         app: App,
-        start_app: Callable[[], object],
         prober: Probe,
         clock: Clock,
         status: Status,
-        log: Any,
+        log: FilteringBoundLogger,
         status_server: Startable | None = None,
         inbox: SignalInbox | None = None,
         drain_wait: DrainWait | None = None,
+        after_start: Callable[[], None] = lambda: None,
     ) -> None:
+        """``after_start`` runs right after ``app.start()``, even if it failed: what the caller
+        may only do once the app has been spawned (threads, descriptor limits; see ``PosixLauncher``)."""
         self.config = config
         self.agent = agent
         self.app = app
-        self._start_app = start_app
+        self._after_start = after_start
         self.prober = prober
         self.clock = clock
         self.status = status
@@ -136,10 +154,13 @@ class Sidecar:
         dispatcher = asyncio.create_task(self._dispatch_signals())
         try:
             try:
-                self._start_app()
+                try:
+                    self.app.start()
+                finally:
+                    self._after_start()
             except OSError as e:
                 self.log.error("sidecar.app.start_failed", error=f"{e.__class__.__name__}: {e}")
-                return 127 if isinstance(e, FileNotFoundError) else 126
+                return EX_NOT_FOUND if isinstance(e, FileNotFoundError) else EX_CANNOT_EXECUTE
             self.status.app = {"description": self.app.description}
             self.log.info("sidecar.app.started", app=self.app.description, elapsed_ms=self._ms(t0))
             if self.status_server is not None:
@@ -181,8 +202,8 @@ class Sidecar:
         assert isinstance(ended, _Interrupted)
         return await self._end(ended.reason)
 
-    async def _end(self, reason: str) -> int:
-        if reason == "app_exited":
+    async def _end(self, reason: Interruption) -> int:
+        if reason is Interruption.APP_EXITED:
             return await self._after_app_exit()
         return await self._drain()
 
@@ -246,7 +267,7 @@ class Sidecar:
                 self.status.enter(State.REGISTERED)
                 self.log.info("sidecar.consul.registered", attempts=attempts, elapsed_ms=self._ms(t))
                 await self._check_catalog_visibility()
-                self.drain_wait.prepare()
+                await self.drain_wait.prepare()
                 return 0
             except ConsulPermissionDenied as e:
                 self.status.last_error = str(e)
@@ -296,9 +317,9 @@ class Sidecar:
             if status != "critical":
                 raise ConsulRejected(
                     f"service.id {svc.id!r} is already registered for {theirs} (check {status or 'absent'}): a live "
-                    f"instance; this sidecar would register {svc.address}:{svc.port} under the same ID and take over its "
-                    "entry. Give each instance its own service.id (the default, <name>-<hostname>-<address>-<port>, is "
-                    "unique per address)"
+                    f"instance; this sidecar would register {svc.address}:{svc.port} "
+                    "under the same ID and take over its entry. Give each instance its own service.id "
+                    "(the default, <name>-<hostname>-<address>-<port>, is unique per address)"
                 )
             reason = "its check is critical"
         self._registration_attempted = True  # it carries our ID: a drain from here on must remove it
@@ -377,32 +398,38 @@ class Sidecar:
         self.log.info("sidecar.consul.write_fenced", in_flight=len(pending), settled=not left, elapsed_ms=self._ms(t))
         return not left
 
-    async def _verify_gone(self, wait_again: float | None) -> None:
+    async def _verify_gone(self, bound: float, wait_again: bool) -> DeregisterResult | None:
         """After the deregistration: did a write that went unanswered land since? Read the agent.
 
-        If the instance is back, deregister it again and (``wait_again``: a monotonic bound) give
-        consumers the propagation delay again, up to that bound, before the app is signalled.
+        If the instance is back, deregister it again and (``wait_again``) give consumers the
+        propagation delay again before the app is signalled. Everything here ends by ``bound``
+        (monotonic), so the worst case still holds. Returns what the caller must report as
+        unconfirmed (the final read failed, or the second deregistration did not confirm), else None.
         """
         if not self._unanswered_write:
-            return  # every write was answered before the deregistration: none can land later
+            return None  # every write was answered before the deregistration: none can land later
         cfg = self.config
         t = self.clock.monotonic()
         try:
-            async with asyncio.timeout(cfg.consul.timeout):
+            # A loopback read takes milliseconds: the floor only spares a bound already reached.
+            async with asyncio.timeout(max(0.25, min(cfg.consul.timeout, bound - t))):
                 back = await self.agent.registered(cfg.service.id) is not None
         except (ConsulError, TimeoutError) as e:
-            self.log.warning("sidecar.consul.final_read_failed", error=str(e) or "timeout", elapsed_ms=self._ms(t))
-            return
+            error = str(e) or "timeout"
+            self.log.warning("sidecar.consul.final_read_failed", error=error, elapsed_ms=self._ms(t))
+            return DeregisterResult(Deregistration.UNCONFIRMED, 0, f"the final read failed: {error}", answered=False)
         if not back:
             self.log.debug("sidecar.consul.final_read", registered=False, elapsed_ms=self._ms(t))
-            return
+            return None
         self.log.error("sidecar.consul.reappeared", hint="a registration write that went unanswered landed after the "
-                       "deregistration; deregistering again" + (" and waiting the propagation delay again" if wait_again is not None else ""))
-        outcome = (await self._deregister()).outcome
-        if wait_again is not None and outcome is not Deregistration.UNCONFIRMED and not self.app.exited.done():
-            # Within the drain's bound, so that the worst case still holds.
-            again = min(cfg.shutdown.propagation_delay, max(0.0, wait_again - self.clock.monotonic()))
+                       "deregistration; deregistering again" + (" and waiting the propagation delay again" if wait_again else ""))
+        result = await self._deregister(deadline=max(bound, self.clock.monotonic() + 0.25))
+        if result.outcome is not Deregistration.CONFIRMED:
+            return result
+        if wait_again and not self.app.exited.done():
+            again = min(cfg.shutdown.propagation_delay, max(0.0, bound - self.clock.monotonic()))
             await self._first(self.clock.sleep(again), self._skip_delay.wait())
+        return None
 
     async def _abort_startup(self, code: int) -> int:
         """Startup failed: nothing stays registered, the app is stopped, exit non-zero."""
@@ -410,7 +437,7 @@ class Sidecar:
         await self._fence_writes(deadline)
         if self._registration_attempted:
             await self._deregister(deadline)
-            await self._verify_gone(wait_again=None)
+            await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
         result = await self._stop_app()
         self.log.info("sidecar.stopped", exit_status=code, app_status=result.status)
         return code
@@ -443,7 +470,11 @@ class Sidecar:
             try:
                 if await self.agent.registered(sid) is None:
                     await self._register()
-                    self.log.warning("sidecar.consul.reregistered", reason="the agent no longer held the service", elapsed_ms=self._ms(t))
+                    self.log.warning(
+                        "sidecar.consul.reregistered",
+                        reason="the agent no longer held the service",
+                        elapsed_ms=self._ms(t),
+                    )
                 elif self.agent.token_rotated():
                     # The agent keeps the registering token for its catalog syncs (and
                     # for a later deregistration): hand it the new one before the old
@@ -487,19 +518,19 @@ class Sidecar:
                 finished, late = await self._first(self._deregister(deadline=bound, late=True), self._skip_delay.wait())
                 if finished and late is not None and late.answered:
                     last, outcome = late, late.outcome
-            ended: str | None = None
+            ended: DrainEnd | None = None
             confirmed_at = self.clock.monotonic()
             if outcome is Deregistration.CONFIRMED:
                 # A late confirmation shortens the delay rather than push the app past the worst case.
                 _, ended = await self._first(self.drain_wait.wait(confirmed_at), self._skip_or_bound(bound))
             if ended is None:
-                ended = ("second SIGINT" if self._skip_delay.is_set() else "the app exited" if self.app.exited.done()
-                         else "the drain's bound (deregister_timeout + propagation_delay)")
+                ended = (DrainEnd.SECOND_SIGINT if self._skip_delay.is_set() else DrainEnd.APP_EXITED
+                         if self.app.exited.done() else DrainEnd.DRAIN_BOUND)
             unconfirmed = outcome is not Deregistration.CONFIRMED
             (self.log.error if unconfirmed else self.log.info)(
                 "sidecar.drain.delay_done",
                 strategy=cfg.strategy,
-                reason=ended,
+                reason=ended.value,
                 bound_s=cfg.propagation_delay,
                 deregistration=outcome.value,
                 cpu_ms=self.drain_wait.cpu_ms,
@@ -507,7 +538,9 @@ class Sidecar:
                 hint="the app is signalled although the catalog may still list the instance" if unconfirmed else None,
             )
             if outcome is Deregistration.CONFIRMED:
-                await self._verify_gone(wait_again=bound)
+                again = await self._verify_gone(bound, wait_again=True)
+                if again is not None:  # a landed write could not be taken out again: report it at the end
+                    last, outcome = again, again.outcome
         result = await self._stop_app()
         if outcome is not Deregistration.CONFIRMED:
             await self._final_check(last, t0 + cfg.worst_case)
@@ -517,22 +550,29 @@ class Sidecar:
     async def _after_app_exit(self) -> int:
         """The app ended on its own: take it out of discovery at once, pass its status on."""
         status = self.app.exited.result()
-        level = "error" if status == 128 + signal.SIGKILL else ("info" if status == 0 else "warning")
-        hint = "killed by SIGKILL: out of memory?" if status == 128 + signal.SIGKILL else None
-        daemon = sorted(getattr(self.app, "followed", ())) or None
-        getattr(self.log, level)("sidecar.app.exited", exit_status=status, hint=hint, daemon_pids=daemon)
+        oom = status == by_signal(signal.SIGKILL)
+        emit = self.log.error if oom else self.log.info if status == 0 else self.log.warning
+        emit("sidecar.app.exited", exit_status=status, hint="killed by SIGKILL: out of memory?" if oom else None,
+             daemon_pids=sorted(self.app.followed) or None)
         t = self.clock.monotonic()
         self.status.enter(State.DRAINING)
         deadline = t + self.config.shutdown.deregister_timeout
         await self._fence_writes(deadline)
+        last = DeregisterResult(Deregistration.CONFIRMED, 0, None)  # nothing registered: nothing to report
         if self._registration_attempted:
-            if (await self._deregister(deadline)).outcome is not Deregistration.UNCONFIRMED:
-                await self._verify_gone(wait_again=None)
+            last = await self._deregister(deadline)
+            if last.outcome is not Deregistration.UNCONFIRMED:
+                again = await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
+                last = again or last
         await self._stop_app()  # what it left behind: app_signal, then SIGKILL
+        if self._registration_attempted and last.outcome is not Deregistration.CONFIRMED:
+            await self._final_check(last, t + self.config.shutdown.worst_case)  # the last word, as the drain gives it
         self.log.info("sidecar.stopped", exit_status=status, elapsed_ms=self._ms(t))
         return status
 
-    async def _deregister(self, deadline: float | None = None, late: bool = False, retry_until: float | None = None) -> DeregisterResult:
+    async def _deregister(
+        self, deadline: float | None = None, late: bool = False, retry_until: float | None = None
+    ) -> DeregisterResult:
         """Deregister and confirm until ``deadline`` (default: deregister_timeout from now).
 
         ``late``: a retry of an unconfirmed one; only success is logged (the caller reports the rest).
@@ -544,7 +584,9 @@ class Sidecar:
             deadline = t + cfg.shutdown.deregister_timeout
         result = await self.agent.deregister_confirmed(cfg.service.name, cfg.service.id, deadline)
         if result.outcome is Deregistration.CONFIRMED:
-            self.log.info("sidecar.consul.deregistered", attempts=result.attempts, late=late or None, elapsed_ms=self._ms(t))
+            self.log.info(
+                "sidecar.consul.deregistered", attempts=result.attempts, late=late or None, elapsed_ms=self._ms(t)
+            )
             return result
         if late:
             return result
@@ -570,8 +612,13 @@ class Sidecar:
         if result.outcome is Deregistration.CONFIRMED:
             return
         hint = self._acl_hint() if result.outcome is Deregistration.BLOCKED else _LEFT_HINTS[result.outcome]
-        self.log.error("sidecar.consul.left_registered", reason=result.outcome.value, agent_dropped=result.agent_dropped,
-                       error=result.error, hint=hint)
+        self.log.error(
+            "sidecar.consul.left_registered",
+            reason=result.outcome.value,
+            agent_dropped=result.agent_dropped,
+            error=result.error,
+            hint=hint,
+        )
 
     async def _skip_or_bound(self, bound: float) -> None:
         """Until a second SIGINT or the monotonic time ``bound``, whichever comes first."""
@@ -588,11 +635,27 @@ class Sidecar:
         self.status.enter(State.STOPPING)
         t = self.clock.monotonic()
         result = await self.app.stop(cfg.app_signal, cfg.app_timeout)
-        extra = {k: getattr(self.app, k, None) or None for k in ("orphans_reaped", "leftovers_signalled", "leftovers_killed")}
+        app = self.app
+        extra = {"orphans_reaped": app.orphans_reaped or None, "leftovers_signalled": app.leftovers_signalled or None,
+                 "leftovers_killed": app.leftovers_killed or None}
         if result.killed:
-            self.log.error("sidecar.app.killed", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t), **extra)
+            self.log.error(
+                "sidecar.app.killed",
+                app=self.app.description,
+                how=result.how,
+                exit_status=result.status,
+                elapsed_ms=self._ms(t),
+                **extra,
+            )
         else:
-            self.log.info("sidecar.app.stopped", app=self.app.description, how=result.how, exit_status=result.status, elapsed_ms=self._ms(t), **extra)
+            self.log.info(
+                "sidecar.app.stopped",
+                app=self.app.description,
+                how=result.how,
+                exit_status=result.status,
+                elapsed_ms=self._ms(t),
+                **extra,
+            )
         return result
 
     # --- signals ------------------------------------------------------------------
@@ -628,12 +691,15 @@ class Sidecar:
         finished, result = await self._first(work, self._shutdown.wait())
         if finished:
             return result  # type: ignore[return-value]  # finished: result is work's
-        return _Interrupted("app_exited" if self.app.exited.done() else "shutdown")
+        return _Interrupted(Interruption.APP_EXITED if self.app.exited.done() else Interruption.SHUTDOWN)
 
     async def _first(self, work: Awaitable[T], interrupt: Awaitable[Any]) -> tuple[bool, T | None]:
         """Run ``work`` unless ``interrupt`` or the app's exit comes first: (finished, its result)."""
         task: asyncio.Future[Any] = asyncio.ensure_future(work)
-        others: list[asyncio.Future[Any]] = [asyncio.ensure_future(interrupt), asyncio.ensure_future(asyncio.shield(self.app.exited))]
+        others: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(interrupt),
+            asyncio.ensure_future(asyncio.shield(self.app.exited)),
+        ]
         try:
             await asyncio.wait({task, *others}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -646,7 +712,8 @@ class Sidecar:
         await asyncio.gather(task, return_exceptions=True)
         return False, None
 
-    def _consul_state(self, reachable: bool, error: str | None, level: str = "warning", retrying: bool = False) -> None:
+    def _consul_state(self, reachable: bool, error: str | None, level: Literal["warning", "error"] = "warning",
+                      retrying: bool = False) -> None:
         """Log Consul reachability changes, not every failed request."""
         if error is not None:
             self.status.last_error = error
@@ -657,7 +724,7 @@ class Sidecar:
         if reachable:
             self.log.info("sidecar.consul.reachable", address=self.agent.address)
         else:
-            getattr(self.log, level)(
+            (self.log.error if level == "error" else self.log.warning)(
                 "sidecar.consul.unreachable",
                 address=self.agent.address,
                 error=error,

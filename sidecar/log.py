@@ -59,6 +59,7 @@ from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 REDACTED = "<redacted>"
 BUDGET = 256 * 1024  # bytes of log lines held while the reader stalls
@@ -68,7 +69,9 @@ CLOSE_TIMEOUT = 0.5  # seconds the queue may take to drain at exit
 LIBRARY_INTERVAL = 10.0  # seconds: one line per library log cause, at most
 
 
-def _scrubber(secrets: Callable[[], Iterable[str]]) -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]:
+def _scrubber(
+    secrets: Callable[[], Iterable[str]],
+) -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]:
     def scrub(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         try:
             found = [s for s in secrets() if s]
@@ -281,9 +284,8 @@ class _LibraryHandler(logging.Handler):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a library's bad format string must not break logging
             message = str(record.msg)
-        logger = structlog.get_logger()
-        level = "error" if record.levelno >= logging.ERROR else "warning"
-        getattr(logger, level)(
+        logger = get_logger()
+        (logger.error if record.levelno >= logging.ERROR else logger.warning)(
             "sidecar.library.log",
             logger=record.name,
             message=message,
@@ -314,7 +316,14 @@ def configure(
             "dropped_total": total,
             "reason": "the log's reader stalled and the sidecar's log buffer was full",
         }
-        return str(renderer(None, "warning", stamp(None, "warning", structlog.processors.add_log_level(None, "warning", event)))) + "\n"
+        return (
+            str(
+                renderer(
+                    None, "warning", stamp(None, "warning", structlog.processors.add_log_level(None, "warning", event))
+                )
+            )
+            + "\n"
+        )
 
     try:
         fd = os.dup(stream.fileno())  # our own fd (close-on-exec): the app never inherits it
@@ -360,5 +369,8 @@ def dropped_total() -> int:
     return _sink.dropped_total if _sink is not None else 0
 
 
-def get_logger(**bound: Any) -> Any:
-    return structlog.get_logger(**bound)
+def get_logger(**bound: Any) -> FilteringBoundLogger:
+    """The sidecar's logger: what ``configure`` set up (``make_filtering_bound_logger``), or
+    structlog's default, also a filtering bound logger, before it."""
+    logger: FilteringBoundLogger = structlog.get_logger(**bound)
+    return logger

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .proctree import socket_inodes as own_socket_inodes
+from .proctree import socket_inodes
 from .traffic import TrafficWatchError, listeners
 
 __all__ = ["Counters", "namespace_is_apps", "own_socket_inodes", "read_counters"]
@@ -43,6 +43,11 @@ def read_counters(proc: str = "/proc") -> Counters:
         return Counters(tcp["PassiveOpens"], ext.get("ListenOverflows", 0) + ext.get("ListenDrops", 0))
     except (OSError, ValueError, KeyError) as e:
         raise TrafficWatchError(f"cannot read the TCP counters in {proc}/net: {e}") from e
+
+
+def own_socket_inodes(pid: int | str = "self") -> set[int]:
+    """Inodes of the sockets a process holds (proctree.socket_inodes; unreadable counts as none)."""
+    return socket_inodes(pid) or set()
 
 
 def namespace_is_apps(port: int) -> tuple[bool, str]:

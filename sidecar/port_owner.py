@@ -2,10 +2,10 @@
 belongs to the app's process tree, not to some other server that happens to answer the health check.
 
 The listening sockets come from sock_diag (with their inodes), their owners from /proc/<pid>/fd
-(``socket:[inode]``): proctree.py's mechanism, the one daemon following uses too. The app's tree is its PID and every descendant; in wrapper mode, every
-descendant of the sidecar (it is the subreaper of the app's orphans, so a daemonised worker
-stays in the tree). Linux only; where the port cannot be seen (another network namespace), the
-check says so and does not refuse.
+(``socket:[inode]``): proctree.py's mechanism, the one daemon following uses too. The app's tree
+is its PID and every descendant; in wrapper mode, every descendant of the sidecar (it is the
+subreaper of the app's orphans, so a daemonised worker stays in the tree). Linux only; where the
+port cannot be seen (another network namespace), the check says so and does not refuse.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import proctree
 from .traffic import Listener, TrafficWatchError
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 __all__ = ["OwnerCheck", "app_tree", "check_port_owner"]
 
@@ -68,20 +71,32 @@ def check_port_owner(address: str, port: int, tree: set[int]) -> OwnerCheck:
     if not found:
         return OwnerCheck(True, False, f"no socket listens on port {port} in this network namespace")
     inodes = {lst.inode for lst in found}
+    hidden: list[int] = []  # the app's processes whose descriptors we may not read
     for pid in tree:
-        inodes -= proctree.socket_inodes(pid)
+        held = proctree.socket_inodes(pid)
+        if held is None:
+            hidden.append(pid)
+            continue
+        inodes -= held
         if not inodes:
             return OwnerCheck(True, True, "the app's process tree holds the listening socket")
     # Someone else's: find whom, to name it.
     for pid in proctree.all_pids():
-        if pid not in tree and proctree.socket_inodes(pid) & inodes:
+        if pid not in tree and (proctree.socket_inodes(pid) or set()) & inodes:
             return OwnerCheck(False, True, f"another process listens on {address}:{port}: PID {pid} ({_command(pid)})",
                               pid, _command(pid))
+    if hidden:
+        # An app that runs as another user (gosu, su-exec, setpriv, a server that drops privileges)
+        # hides its descriptors from a sidecar without CAP_SYS_PTRACE, which Docker does not grant
+        # by default: the socket is most likely its own. Not proven either way: say so, never refuse.
+        return OwnerCheck(True, False, f"the descriptors of the app's PID {min(hidden)} cannot be read (it runs as "
+                          "another user and the sidecar lacks CAP_SYS_PTRACE?): the owner of the listening socket "
+                          "cannot be told")
     return OwnerCheck(False, True, f"a process outside the app's tree listens on {address}:{port} (socket inode "
                       f"{min(inodes)}, owner not visible from here: another PID namespace?)")
 
 
-def verify_app_port(address: str, port: int, app: object, log: Any) -> str | None:
+def verify_app_port(address: str, port: int, app: object, log: FilteringBoundLogger) -> str | None:
     """The check as the lifecycle runs it before registering: one log event; the reason to refuse
     (naming the owner) or None. Without a PID to check (shutdown_url, nothing), warns once."""
     from .app_control import ChildApp, PidApp

@@ -105,17 +105,23 @@ def descendants(root: int) -> set[int]:
 # of the namespace, TIME_WAIT included: ~0.5 s with 28,000 of them on a busy host.
 
 
-def socket_inodes(pid: int | str = "self") -> set[int]:
-    """Inodes of the sockets a process holds (its /proc/<pid>/fd links ``socket:[inode]``); empty if gone."""
-    found: set[int] = set()
+def socket_inodes(pid: int | str = "self") -> set[int] | None:
+    """Inodes of the sockets ``pid`` holds (its /proc/<pid>/fd links ``socket:[inode]``); None when its
+    descriptors cannot be read (another user's process and no CAP_SYS_PTRACE: the kernel refuses
+    readlink on /proc/<pid>/fd/N). A process that ends meanwhile holds nothing."""
     fd_dir = f"/proc/{pid}/fd"
     try:
         names = os.listdir(fd_dir)
+    except PermissionError:
+        return None
     except OSError:
-        return found  # gone, or another user's process
+        return set()
+    found: set[int] = set()
     for name in names:
         try:
             link = os.readlink(f"{fd_dir}/{name}")
+        except PermissionError:
+            return None
         except OSError:
             continue  # closed meanwhile
         if link.startswith("socket:["):

@@ -142,7 +142,7 @@ def parse(buf: bytes | bytearray | memoryview, seq: int | None = None) -> Iterat
         start, end, off = off + NLMSGHDR.size, off + length, off + ((length + 3) & ~3)
         if seq is not None and mseq != seq:
             continue
-        if kind == NLMSG_DONE or kind == NLMSG_ERROR:
+        if kind in (NLMSG_DONE, NLMSG_ERROR):
             yield End(-_ERRNO.unpack_from(view, start)[0] if end - start >= 4 else 0)
             return
         if kind != SOCK_DIAG_BY_FAMILY:
@@ -208,7 +208,8 @@ def destroy_filter(port: int, addresses: Iterable[str] | None = None) -> bytes:
         for i, packed in enumerate(v6):
             nxt = f"next{i}"
             for w in range(4):
-                prog += [(_LD_W, None, None, _SRC_AT + 4 * w), (_JEQ, None, nxt, int.from_bytes(packed[4 * w:4 * w + 4], "big"))]
+                word = int.from_bytes(packed[4 * w:4 * w + 4], "big")
+                prog += [(_LD_W, None, None, _SRC_AT + 4 * w), (_JEQ, None, nxt, word)]
             prog.append((_JA, None, None, -2))  # to keep, resolved below
             labels[nxt] = len(prog)
         prog.append((_JA, None, None, -1))

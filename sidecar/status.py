@@ -40,11 +40,14 @@ import socket
 import struct
 import urllib.parse
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from . import log as _log
 from .clock import Clock
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 DEFAULT_LISTEN = "127.0.0.1:0"
 MAX_CONNECTIONS = 32
@@ -91,7 +94,7 @@ class Status:
     def as_json(self) -> dict[str, Any]:
         return {
             "state": self.state.value,
-            "since": datetime.fromtimestamp(self.since_wall, timezone.utc).isoformat(),
+            "since": datetime.fromtimestamp(self.since_wall, UTC).isoformat(),
             "seconds_in_state": round(self.clock.monotonic() - self.since_mono, 3),
             "service_id": self.service_id,
             "consul_reachable": self.consul_reachable,
@@ -148,8 +151,10 @@ def listen_warnings(host: str, port: int, consul_address: str) -> list[str]:
     agent_host = local.get((u.hostname or "").lower(), u.hostname or "")
     mine = local.get(host.lower(), host)
     if u.scheme in ("http", "https") and port == agent_port and (mine == agent_host or mine in ("0.0.0.0", "::", "")):
-        out.append(f"status.listen {host}:{port} is the Consul agent's address (consul.address = {consul_address!r}): "
-                   "the sidecar cannot listen there while the agent runs, and takes the agent's port if it starts first")
+        out.append(
+            f"status.listen {host}:{port} is the Consul agent's address (consul.address = {consul_address!r}): "
+            "the sidecar cannot listen there while the agent runs, and takes the agent's port if it starts first"
+        )
     elif port in CONSUL_PORTS:
         out.append(f"status.listen {host}:{port}: {port} is Consul's conventional {CONSUL_PORTS[port]} port; a local "
                    f"Consul agent may need it (use port 0 for any free port, the default)")
@@ -169,7 +174,7 @@ class StatusServer:
         self,
         status: Status,
         sock: socket.socket,
-        log: Any = None,
+        log: FilteringBoundLogger | None = None,
         max_connections: int | None = None,
         header_timeout: float = HEADER_TIMEOUT,
     ) -> None:

@@ -154,7 +154,9 @@ class DestroyEvents:
         try:
             for rec in parse(datagram):
                 # A listener (freed in state CLOSE, after the app closed it) has no peer port.
-                if not isinstance(rec, DiagSocket) or rec.state == TCP_LISTEN or rec.dport == 0 or rec.sport != self.port:
+                if not isinstance(rec, DiagSocket) or rec.state == TCP_LISTEN or rec.dport == 0:
+                    continue
+                if rec.sport != self.port:
                     continue
                 if self._wanted is not None and rec.src not in self._wanted:
                     continue

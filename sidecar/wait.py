@@ -55,7 +55,9 @@ def instance_gone(service: str, sid: str) -> Condition:
     def holds(entries: list[dict[str, Any]]) -> bool:
         return all(e["Service"]["ID"] != sid for e in entries)
 
-    return Condition(f"{service} instance {sid} gone", holds, lambda entries: "still registered" if not holds(entries) else "gone")
+    return Condition(
+        f"{service} instance {sid} gone", holds, lambda entries: "still registered" if not holds(entries) else "gone"
+    )
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,9 @@ class WaitResult:
     error: str | None = None
 
 
-async def wait_for_condition(agent: ConsulAgent, service: str, cond: Condition, timeout: float, clock: Clock) -> WaitResult:
+async def wait_for_condition(
+    agent: ConsulAgent, service: str, cond: Condition, timeout: float, clock: Clock
+) -> WaitResult:
     t0 = clock.monotonic()
     deadline = t0 + timeout
     index: str | None = None

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from . import harness
-from .harness import Consul, ConsulCluster, Sidecar
+import testkit
+from testkit import Consul, ConsulCluster, Sidecar
 
 _names = itertools.count(1)
 
@@ -17,6 +17,21 @@ _names = itertools.count(1)
 def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consul]:
     """One real dev agent for the tests that do not restart it; each test uses its own service name."""
     agent = Consul(tmp_path_factory.mktemp("consul"))
+    agent.start()
+    yield agent
+    agent.stop()
+
+
+ROOT_TOKEN = "3d1a7b3e-0000-4000-8000-00000000root"
+ACL_HCL = (
+    f'acl {{ enabled = true, default_policy = "deny", tokens {{ master = "{ROOT_TOKEN}", agent = "{ROOT_TOKEN}" }} }}'
+)
+
+
+@pytest.fixture(scope="module")
+def acl_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consul]:
+    """A dev agent with ACLs on and default_policy "deny" (ROOT_TOKEN is its master token), one per test module."""
+    agent = Consul(tmp_path_factory.mktemp("acl"), hcl=ACL_HCL, admin_token=ROOT_TOKEN)
     agent.start()
     yield agent
     agent.stop()
@@ -57,18 +72,18 @@ def default_timing_cluster(tmp_path: Path) -> Iterator[ConsulCluster]:
 def _kill_what_the_test_started() -> Iterator[None]:
     """Whatever the test started is killed afterwards, also on failure. But first: a process whose
     sidecar (or other starter) has already exited must not be alive, or the test fails."""
-    before = len(harness._started)
+    before = testkit.started_count()
     yield
-    left = harness.leftovers_of_exited(before)
-    harness.stop_started(before)
+    left = testkit.leftovers_of_exited(before)
+    testkit.stop_started(before)
     assert not left, f"processes outlived the process that started them: {left}"
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_left_behind() -> Iterator[None]:
     yield
-    harness.kill_all_started()
-    left = harness.leftovers()
+    testkit.kill_all_started()
+    left = testkit.leftovers()
     assert not left, f"processes left behind by the suite: {left}"
 
 
@@ -86,7 +101,7 @@ def base_config(agent: Consul, name: str, port: int, **sections: dict[str, Any])
         "shutdown": {"propagation_delay": "1s", "app_timeout": "10s", "deregister_timeout": "3s"},
         "status": {"listen": "127.0.0.1:0"},
     }
-    return harness.merge(cfg, sections)
+    return testkit.merge(cfg, sections)
 
 
 StartSidecar = Callable[..., Sidecar]
@@ -96,7 +111,36 @@ StartSidecar = Callable[..., Sidecar]
 def start_sidecar(tmp_path: Path) -> StartSidecar:
     """start_sidecar(config, command=None, env=None) -> a running Sidecar process."""
 
-    def start(config: dict[str, dict[str, Any]], command: list[str] | None = None, env: dict[str, str] | None = None) -> Sidecar:
+    def start(
+        config: dict[str, dict[str, Any]], command: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> Sidecar:
         return Sidecar(tmp_path, config, command, env)
+
+    return start
+
+
+RegisteredSidecar = Callable[..., tuple[Sidecar, int]]
+
+
+@pytest.fixture
+def registered_sidecar(
+    request: pytest.FixtureRequest, start_sidecar: StartSidecar, service_name: str
+) -> RegisteredSidecar:
+    """registered_sidecar(*app_args, agent=None, env=None, **sections) -> (sidecar, app port).
+
+    The example app (with ``app_args``) on a free port under a sidecar configured with
+    ``base_config(agent, service_name, port, **sections)``, returned once the sidecar has logged
+    ``sidecar.consul.registered``. ``agent`` defaults to the session's ``consul`` agent."""
+
+    def start(
+        *app_args: str, agent: Consul | None = None, env: dict[str, str] | None = None, **sections: dict[str, Any]
+    ) -> tuple[Sidecar, int]:
+        if agent is None:
+            agent = request.getfixturevalue("consul")
+        port = testkit.free_port()
+        cfg = base_config(agent, service_name, port, **sections)
+        sc = start_sidecar(cfg, testkit.app_command(port, "127.0.0.1", *app_args), env)
+        sc.wait_event("sidecar.consul.registered")
+        return sc, port
 
     return start

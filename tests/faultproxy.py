@@ -38,7 +38,9 @@ LATIN1_502 = ("<html><body><h1>502 Bad Gateway</h1><p>Passerelle dÃ©faillante â€
 class Rule:
     method: str
     prefix: str
-    action: str  # "forward", "hold_request", "hold_response", "delay", "reset", "status", "latin1", "truncated", "garbage"
+    action: (
+        str  # "forward", "hold_request", "hold_response", "delay", "reset", "status", "latin1", "truncated", "garbage"
+    )
     seconds: float = 0.0
     status: int = 500
     uses: int | None = None  # None: every matching request
@@ -99,7 +101,9 @@ class FaultProxy:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def add(self, method: str, prefix: str, action: str, seconds: float = 0.0, status: int = 500, uses: int | None = None) -> Rule:
+    def add(
+        self, method: str, prefix: str, action: str, seconds: float = 0.0, status: int = 500, uses: int | None = None
+    ) -> Rule:
         rule = Rule(method.upper(), prefix, action, seconds, status, uses)
         with self._lock:
             self.rules.append(rule)
@@ -199,8 +203,17 @@ def _read_request(sock: socket.socket) -> tuple[bytes, bytes]:
 
 
 def _response(status: int, body: bytes, content_type: str) -> bytes:
-    reason = {200: "OK", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway"}.get(status, "X")
-    head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    reason = {
+        200: "OK",
+        404: "Not Found",
+        429: "Too Many Requests",
+        500: "Internal Server Error",
+        502: "Bad Gateway",
+    }.get(status, "X")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
     return head.encode("latin-1") + body
 
 

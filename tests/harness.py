@@ -1,35 +1,8 @@
-"""Real parts for the tests: a Consul dev agent on free ports, the sidecar and the example app as processes.
+"""Moved: the process harness is the ``testkit`` package at the top of the repository (``from testkit import ...``).
 
-The process plumbing lives in ``examples/rollout/procs.py``, shared with the
-demo and the benchmarks, so that all three start and stop things the same way.
+This module only re-exports it, so that tests written before the move still import; new tests import testkit.
 """
 
-from examples.rollout.procs import (
-    APP,
-    PY,
-    ROOT,
-    Consul,
-    ConsulCluster,
-    Sidecar,
-    _started,
-    app_command,
-    free_port,
-    http_get,
-    kill_all_started,
-    kill_session,
-    leftovers,
-    leftovers_of_exited,
-    merge,
-    pid_alive,
-    read_signal_log,
-    spawn,
-    stop_started,
-    wait_for,
-    write_config,
-)
-
-__all__ = [
-    "APP", "PY", "ROOT", "Consul", "ConsulCluster", "Sidecar", "_started", "app_command", "free_port", "http_get",
-    "kill_all_started", "kill_session", "leftovers", "leftovers_of_exited", "merge", "pid_alive", "read_signal_log", "spawn",
-    "stop_started", "wait_for", "write_config",
-]
+from testkit import *  # noqa: F403  # a re-export of the whole public API is this module's only purpose
+from testkit import __all__ as __all__
+from testkit.procs import _started as _started

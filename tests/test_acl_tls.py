@@ -12,19 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port, pid_alive, wait_for
+from testkit import Consul, app_command, free_port, pid_alive, wait_for
 
-ROOT_TOKEN = "3d1a7b3e-0000-4000-8000-00000000root"
-ACL_HCL = f'acl {{ enabled = true, default_policy = "deny", tokens {{ master = "{ROOT_TOKEN}", agent = "{ROOT_TOKEN}" }} }}'
-
-
-@pytest.fixture(scope="module")
-def acl_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consul]:
-    agent = Consul(tmp_path_factory.mktemp("acl"), hcl=ACL_HCL, admin_token=ROOT_TOKEN)
-    agent.start()
-    yield agent
-    agent.stop()
+from .conftest import ROOT_TOKEN, RegisteredSidecar, StartSidecar, base_config
 
 
 def api(agent: Consul, method: str, path: str, body: object = None) -> object:
@@ -55,11 +45,18 @@ def writer_rules(name: str) -> str:
 
 
 @pytest.mark.parametrize("token_kind", ["none", "unknown", "read-only"])
-def test_registration_denied_is_one_clear_error(acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, token_kind: str) -> None:
+def test_registration_denied_is_one_clear_error(
+    acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, token_kind: str
+) -> None:
     """No token, an unknown token, or a token without service:write: exit 77 at start, one error
     naming the problem and the service, the app stopped, nothing registered, no token printed."""
-    tokens = {"none": None, "unknown": "5b1e4c52-dead-beef-0000-000000000000",
-              "read-only": make_token(acl_consul, 'service_prefix "" { policy = "read" }\nnode_prefix "" { policy = "read" }')}
+    tokens = {
+        "none": None,
+        "unknown": "5b1e4c52-dead-beef-0000-000000000000",
+        "read-only": make_token(
+            acl_consul, 'service_prefix "" { policy = "read" }\nnode_prefix "" { policy = "read" }'
+        ),
+    }
     token = tokens[token_kind]
     consul_section: dict[str, object] = {}
     if token:
@@ -80,7 +77,9 @@ def test_registration_denied_is_one_clear_error(acl_consul: Consul, start_sideca
         assert token not in sc.output()
 
 
-def test_token_file_rotation(acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_token_file_rotation(
+    acl_consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
+) -> None:
     """1. Registered with token A from consul.token_file.
     2. The file is rewritten with token B; the sidecar re-registers with B (the agent keeps the
        registering token for its catalog syncs); then A is deleted.
@@ -89,9 +88,7 @@ def test_token_file_rotation(acl_consul: Consul, start_sidecar: StartSidecar, se
     a, b = make_token(acl_consul, writer_rules(service_name)), make_token(acl_consul, writer_rules(service_name))
     tf = tmp_path / "token"
     tf.write_text(a + "\n")
-    port = free_port()
-    sc = start_sidecar(base_config(acl_consul, service_name, port, consul={"token_file": str(tf)}), app_command(port))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar(agent=acl_consul, consul={"token_file": str(tf)})
     assert sc.event("sidecar.consul.catalog_unreadable") is None
     tf.write_text(b + "\n")
     wait_for(lambda: sc.event("sidecar.consul.reregistered"), 5, what="re-registration with the new token")
@@ -104,13 +101,12 @@ def test_token_file_rotation(acl_consul: Consul, start_sidecar: StartSidecar, se
     assert a not in sc.output() and b not in sc.output()
 
 
-def test_token_from_consul_http_token_file(acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_token_from_consul_http_token_file(
+    acl_consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
+) -> None:
     token = make_token(acl_consul, writer_rules(service_name))
     (tmp_path / "token").write_text(token)
-    port = free_port()
-    sc = start_sidecar(base_config(acl_consul, service_name, port), app_command(port),
-                       env={"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "token")})
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar(agent=acl_consul, env={"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "token")})
     assert acl_consul.service_ids(service_name) == [f"{service_name}-1"]
     cmdline = Path(f"/proc/{sc.pid}/cmdline").read_bytes().decode()
     sc.send(signal.SIGTERM)
@@ -118,7 +114,9 @@ def test_token_from_consul_http_token_file(acl_consul: Consul, start_sidecar: St
     assert token not in sc.output() and token not in cmdline
 
 
-def test_deregistration_blocked_by_acls_is_reported(acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_deregistration_blocked_by_acls_is_reported(
+    acl_consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
+) -> None:
     """1. Registered with token A; the keeper is slow (30 s check interval), so the sidecar has not yet
        re-registered when the file switches to token B and A is deleted.
     2. SIGTERM: the agent answers 200 and drops its local copy, but its catalog sync runs with the
@@ -127,11 +125,8 @@ def test_deregistration_blocked_by_acls_is_reported(acl_consul: Consul, start_si
     a, b = make_token(acl_consul, writer_rules(service_name)), make_token(acl_consul, writer_rules(service_name))
     tf = tmp_path / "token"
     tf.write_text(a)
-    port = free_port()
-    cfg = base_config(acl_consul, service_name, port, consul={"token_file": str(tf)}, check={"interval": "30s"},
-                      shutdown={"deregister_timeout": "1s", "propagation_delay": "0s"})
-    sc = start_sidecar(cfg, app_command(port))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar(agent=acl_consul, consul={"token_file": str(tf)}, check={"interval": "30s"},
+                               shutdown={"deregister_timeout": "1s", "propagation_delay": "0s"})
     tf.write_text(b)
     delete_token(acl_consul, a)
     sc.send(signal.SIGTERM)
@@ -142,13 +137,13 @@ def test_deregistration_blocked_by_acls_is_reported(acl_consul: Consul, start_si
     api(acl_consul, "PUT", "/v1/catalog/deregister", {"Node": "test", "ServiceID": f"{service_name}-1"})
 
 
-def test_token_without_node_read_is_warned_about(acl_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_token_without_node_read_is_warned_about(
+    acl_consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
+) -> None:
     """A token with service:write but no node:read cannot see the catalog; the sidecar says so once."""
     token = make_token(acl_consul, f'service "{service_name}" {{ policy = "write" }}')
     (tmp_path / "token").write_text(token)
-    port = free_port()
-    sc = start_sidecar(base_config(acl_consul, service_name, port, consul={"token_file": str(tmp_path / "token")}), app_command(port))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar(agent=acl_consul, consul={"token_file": str(tmp_path / "token")})
     warn = sc.wait_event("sidecar.consul.catalog_unreadable")
     assert "node:read" in warn["hint"]
     sc.send(signal.SIGTERM)
@@ -169,7 +164,19 @@ def make_ca(d: Path, name: str) -> None:
 
 
 def make_cert(d: Path, ca: str, name: str, san: str) -> None:
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        cwd=d,
+    )
     (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
     openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
@@ -183,23 +190,25 @@ def tls_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Consu
     make_cert(d, "ca", "server", "IP:127.0.0.1,DNS:localhost")
     make_cert(d, "ca", "client", "DNS:client")
     https = free_port()
-    hcl = (f'ports {{ https = {https} }} ca_file = "{d}/ca.pem" cert_file = "{d}/server.pem" key_file = "{d}/server.key" '
-           "verify_incoming_https = true")
+    hcl = (
+        f'ports {{ https = {https} }} ca_file = "{d}/ca.pem" cert_file = "{d}/server.pem" key_file = "{d}/server.key" '
+        "verify_incoming_https = true"
+    )
     agent = Consul(d, hcl=hcl)
     agent.start()
     yield agent, d, https
     agent.stop()
 
 
-def test_https_with_ca_and_client_certificate(tls_consul: tuple[Consul, Path, int], start_sidecar: StartSidecar, service_name: str) -> None:
+def test_https_with_ca_and_client_certificate(
+    tls_consul: tuple[Consul, Path, int], registered_sidecar: RegisteredSidecar, service_name: str
+) -> None:
     """The agent serves HTTPS with a CA the test made and requires client certificates: the sidecar
     registers and deregisters over HTTPS with ca_file, cert_file and key_file."""
     agent, d, https = tls_consul
-    port = free_port()
     consul_section = {"address": f"https://127.0.0.1:{https}", "ca_file": str(d / "ca.pem"),
                       "cert_file": str(d / "client.pem"), "key_file": str(d / "client.key")}
-    sc = start_sidecar(base_config(agent, service_name, port, consul=consul_section), app_command(port))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar(agent=agent, consul=consul_section)
     assert agent.service_ids(service_name) == [f"{service_name}-1"]
     sc.send(signal.SIGTERM)
     assert sc.wait(30) == 0
@@ -208,17 +217,25 @@ def test_https_with_ca_and_client_certificate(tls_consul: tuple[Consul, Path, in
 
 
 @pytest.mark.parametrize("case", ["wrong-ca", "no-client-cert"])
-def test_https_misconfigured_is_a_clear_error(tls_consul: tuple[Consul, Path, int], start_sidecar: StartSidecar, service_name: str, case: str) -> None:
+def test_https_misconfigured_is_a_clear_error(
+    tls_consul: tuple[Consul, Path, int], start_sidecar: StartSidecar, service_name: str, case: str
+) -> None:
     """A CA that did not sign the agent's certificate, or no client certificate where the agent
     requires one: one clear TLS error at start (not endless retries), exit 78, nothing registered."""
     agent, d, https = tls_consul
     port = free_port()
     consul_section: dict[str, object] = {"address": f"https://127.0.0.1:{https}", "timeout": "1s"}
     if case == "wrong-ca":
-        consul_section |= {"ca_file": str(d / "other-ca.pem"), "cert_file": str(d / "client.pem"), "key_file": str(d / "client.key")}
+        consul_section |= {
+            "ca_file": str(d / "other-ca.pem"),
+            "cert_file": str(d / "client.pem"),
+            "key_file": str(d / "client.key"),
+        }
     else:
         consul_section |= {"ca_file": str(d / "ca.pem")}
-    sc = start_sidecar(base_config(agent, service_name, port, consul=consul_section, startup={"timeout": "5s"}), app_command(port))
+    sc = start_sidecar(
+        base_config(agent, service_name, port, consul=consul_section, startup={"timeout": "5s"}), app_command(port)
+    )
     assert sc.wait(30) == 78
     err = sc.event("sidecar.consul.registration_rejected")
     assert err is not None and "TLS" in err["error"], sc.output()[-2000:]

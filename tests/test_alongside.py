@@ -6,8 +6,9 @@ import signal
 import time
 from pathlib import Path
 
+from testkit import Consul, app_command, free_port, pid_alive, read_signal_log, spawn, wait_for
+
 from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port, pid_alive, read_signal_log, spawn, wait_for
 
 
 def _deregistered_at(sc_events: list[dict[str, object]]) -> str:
@@ -22,7 +23,9 @@ def test_pid_file(consul: Consul, start_sidecar: StartSidecar, service_name: str
     """
     port = free_port()
     pid_file, siglog = tmp_path / "app.pid", tmp_path / "signals.log"
-    app = spawn(app_command(port, "127.0.0.1", "--pid-file", str(pid_file), "--signal-log", str(siglog)), tmp_path / "app.log")
+    app = spawn(
+        app_command(port, "127.0.0.1", "--pid-file", str(pid_file), "--signal-log", str(siglog)), tmp_path / "app.log"
+    )
     cfg = base_config(consul, service_name, port, app={"pid_file": str(pid_file)}, shutdown={"propagation_delay": "1s"})
     sc = start_sidecar(cfg)
     sc.wait_event("sidecar.consul.registered")
@@ -40,7 +43,9 @@ def test_pid_hung_app_is_killed(consul: Consul, start_sidecar: StartSidecar, ser
     """An app given by PID that ignores SIGTERM is SIGKILLed after app_timeout; the sidecar exits 137."""
     port = free_port()
     app = spawn(app_command(port, "127.0.0.1", "--ignore-sigterm"), tmp_path / "app.log")
-    cfg = base_config(consul, service_name, port, app={"pid": app.pid}, shutdown={"propagation_delay": "0s", "app_timeout": "1s"})
+    cfg = base_config(
+        consul, service_name, port, app={"pid": app.pid}, shutdown={"propagation_delay": "0s", "app_timeout": "1s"}
+    )
     sc = start_sidecar(cfg)
     sc.wait_event("sidecar.consul.registered")
     sc.send(signal.SIGTERM)
@@ -70,7 +75,9 @@ def test_shutdown_url(consul: Consul, start_sidecar: StartSidecar, service_name:
     assert "POST /shutdown" in (tmp_path / "app.log").read_text()
 
 
-def test_no_app_setting_deregisters_waits_and_exits(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_no_app_setting_deregisters_waits_and_exits(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
     """Without [app], the sidecar deregisters, waits the delay and exits 0, leaving the app to the orchestrator."""
     port = free_port()
     app = spawn(app_command(port), tmp_path / "app.log")
@@ -83,7 +90,9 @@ def test_no_app_setting_deregisters_waits_and_exits(consul: Consul, start_sideca
     assert app.poll() is None, "the sidecar must not touch an app it was not told how to stop"
 
 
-def test_app_gone_on_its_own_deregisters(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_app_gone_on_its_own_deregisters(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
     """The app (known by PID) exits on its own: the sidecar deregisters at once and exits."""
     port = free_port()
     app = spawn(app_command(port, "127.0.0.1", "--crash-after", "2"), tmp_path / "app.log")

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from testkit import ConsulCluster, app_command, free_port, read_signal_log, wait_for
+
 from .conftest import StartSidecar
-from .harness import ConsulCluster, app_command, free_port, read_signal_log, wait_for
 
 
 class CatalogWatch:
@@ -48,19 +49,33 @@ def cluster_config(cluster: ConsulCluster, name: str, port: int, **shutdown: str
         "service": {"name": name, "id": f"{name}-1", "address": "127.0.0.1", "port": port},
         "check": {"interval": "1s", "timeout": "1s"},
         "startup": {"timeout": "20s"},
-        "shutdown": {"deregister_timeout": "3s", "propagation_delay": "1s", "app_timeout": "10s", "budget": "60s", **shutdown},
+        "shutdown": {
+            "deregister_timeout": "3s",
+            "propagation_delay": "1s",
+            "app_timeout": "10s",
+            "budget": "60s",
+            **shutdown,
+        },
         "status": {"listen": "127.0.0.1:0"},
     }
 
 
-def drain_with_leader_killed(cluster: ConsulCluster, start_sidecar: StartSidecar, name: str, tmp_path: Path,
-                             servers_to_kill: int, **shutdown: str) -> tuple[Any, float, float | None, list[tuple[str, float]]]:
+def drain_with_leader_killed(
+    cluster: ConsulCluster,
+    start_sidecar: StartSidecar,
+    name: str,
+    tmp_path: Path,
+    servers_to_kill: int,
+    **shutdown: str,
+) -> tuple[Any, float, float | None, list[tuple[str, float]]]:
     """Register through the client agent; kill the leader (and more servers if asked), then SIGTERM the
     sidecar at once. Returns the sidecar, when SIGTERM was sent, the start of the last read that saw the
     instance in any server's catalog, and the app's signal log."""
     port = free_port()
     siglog = tmp_path / f"signals-{name}.log"
-    sc = start_sidecar(cluster_config(cluster, name, port, **shutdown), app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
+    sc = start_sidecar(
+        cluster_config(cluster, name, port, **shutdown), app_command(port, "127.0.0.1", "--signal-log", str(siglog))
+    )
     sc.wait_event("sidecar.consul.registered")
     wait_for(lambda: cluster.listed_anywhere(name, f"{name}-1"), 10, what="the instance in the servers' catalog")
     with CatalogWatch(cluster, name, f"{name}-1") as watch:
@@ -80,8 +95,9 @@ def drain_with_leader_killed(cluster: ConsulCluster, start_sidecar: StartSidecar
     return sc, sent, watch.last_listed, read_signal_log(siglog)
 
 
-def test_leader_killed_before_sigterm_is_waited_for_not_blamed_on_acls(cluster: ConsulCluster, start_sidecar: StartSidecar,
-                                                                     service_name: str, tmp_path: Path) -> None:
+def test_leader_killed_before_sigterm_is_waited_for_not_blamed_on_acls(
+    cluster: ConsulCluster, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
     """1. 3 servers (fast raft timing) + a client agent, no ACLs; the sidecar registered through the client.
     2. The Raft leader is SIGKILLed, then the sidecar gets SIGTERM at once. The agent drops the instance,
        but the catalog can be neither read nor updated until the other servers elect a leader (~1-3 s).
@@ -141,8 +157,15 @@ def test_leader_killed_with_production_raft_timing(default_timing_cluster: Consu
     3. Expected: no ACL blame, the deregistration confirmed late, the app signalled only after the
        last read of any server's catalog that listed the instance, nothing reported as left behind.
     """
-    sc, sent, last_listed, signals = drain_with_leader_killed(default_timing_cluster, start_sidecar, service_name, tmp_path, 1,
-                                                              deregister_timeout="20s", propagation_delay="2s")
+    sc, sent, last_listed, signals = drain_with_leader_killed(
+        default_timing_cluster,
+        start_sidecar,
+        service_name,
+        tmp_path,
+        1,
+        deregister_timeout="20s",
+        propagation_delay="2s",
+    )
     out = sc.output()
     assert sc.event("sidecar.consul.deregister_blocked") is None and "blocked by ACLs" not in out, out[-3000:]
     assert sc.event("sidecar.consul.deregistered") is not None, out[-3000:]

@@ -5,9 +5,11 @@
 (b) every container that runs the sidecar has a stop_grace_period above the worst-case
     shutdown of the configuration file it really runs with;
 (c) ``nginx -t`` accepts config/nginx-compose.conf, and nginx's resolver is the consul
-    container's fixed address;
+    service, by name (no fixed address or subnet: two copies of the stack fit on one daemon);
 (d) the sidecar configurations pass ``consul-sidecar check-config``;
-plus the Dockerfile's essentials and the rollout script's syntax.
+plus the Dockerfile's essentials, what lets two copies run side by side (host ports from the
+environment, no fixed subnet or address, one version variable per rollout unit), and the
+scripts' syntax (bash -n, shellcheck).
 
 Needs jsonschema and PyYAML, and nginx on the machine (the nginx test fails, not skips,
 without it).
@@ -40,6 +42,7 @@ SCHEMA_FILE = ROOT / "tests" / "data" / "compose-spec.json"
 NGINX_CONF = ROOT / "config" / "nginx-compose.conf"
 DOCKERFILE = ROOT / "Dockerfile"
 ROLLOUT_SCRIPT = ROOT / "scripts" / "compose-rollout"
+SHELL_SCRIPTS = ("compose-rollout", "compose-demo", "compose-images", "install-docker")
 SIDECAR_CONFIGS = ("config/compose-web.toml", "config/compose-alongside.toml")
 
 DOCKER_DEFAULT_STOP_TIMEOUT = 10.0  # seconds, when a service sets no stop_grace_period
@@ -133,9 +136,8 @@ def sidecar_config_of(name: str, service: Mapping[str, Any]) -> Path | None:
     if not builds_project_image(service):
         return None
     entrypoint, cmd, copies = image_defaults()
-    if "entrypoint" in service:
-        if as_argv(service["entrypoint"]) != entrypoint:
-            return None
+    if "entrypoint" in service and as_argv(service["entrypoint"]) != entrypoint:
+        return None
     argv = as_argv(service["command"]) if "command" in service else cmd
     own = argv[: argv.index("--")] if "--" in argv else argv
     if not own or own[0] != "run":
@@ -217,7 +219,9 @@ def test_every_sidecar_container_outlasts_the_sidecars_worst_case_shutdown() -> 
     # Both modes are there; otherwise this test would check nothing.
     assert {"web", "web-alongside-sidecar"} <= set(managed), f"sidecar services found: {sorted(managed)}"
     used = {str(path.relative_to(ROOT)) for path in managed.values()}
-    assert used <= set(SIDECAR_CONFIGS), f"configs used {sorted(used)}; add new ones to SIDECAR_CONFIGS (check-config test)"
+    assert used <= set(SIDECAR_CONFIGS), (
+        f"configs used {sorted(used)}; add new ones to SIDECAR_CONFIGS (check-config test)"
+    )
 
     problems = []
     for name, config_path in sorted(managed.items()):
@@ -249,11 +253,14 @@ def nginx_binary() -> str:
 
 def test_nginx_accepts_the_compose_configuration(tmp_path: Path) -> None:
     nginx = nginx_binary()
-    # The configuration names no host that only Docker could resolve (the resolver is the
-    # consul container's fixed IP; upstream names are resolved per request), so it is
-    # checked exactly as it is. A prefix of our own keeps nginx away from system paths.
+    # The resolver is the consul service by name, which only Docker's embedded DNS knows:
+    # nginx resolves it when it loads the file, so the copy checked here names 127.0.0.1
+    # instead (upstream names are resolved per request, never at load). A prefix of our own
+    # keeps nginx away from system paths.
     conf = tmp_path / "nginx.conf"
-    shutil.copyfile(NGINX_CONF, conf)
+    text = NGINX_CONF.read_text(encoding="utf-8")
+    assert "resolver consul:8600 " in text
+    conf.write_text(text.replace("resolver consul:8600 ", "resolver 127.0.0.1:8600 "), encoding="utf-8")
     result = subprocess.run(
         [nginx, "-t", "-p", f"{tmp_path}/", "-c", str(conf), "-e", str(tmp_path / "error.log")],
         capture_output=True,
@@ -263,7 +270,7 @@ def test_nginx_accepts_the_compose_configuration(tmp_path: Path) -> None:
     assert result.returncode == 0, f"nginx -t rejects {NGINX_CONF.relative_to(ROOT)}:\n{result.stderr}"
 
 
-def test_nginx_resolves_consul_dns_at_the_consul_containers_fixed_address() -> None:
+def test_nginx_resolves_consul_dns_through_the_consul_service_by_name() -> None:
     conf = nginx_directives()
     doc = compose_file()
     services = doc["services"]
@@ -272,25 +279,58 @@ def test_nginx_resolves_consul_dns_at_the_consul_containers_fixed_address() -> N
     assert len(resolvers) == 1, f"expected one resolver directive, found {resolvers}"
     address, *options = resolvers[0].split()
     host, _, port = address.rpartition(":")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pytest.fail(f"resolver {address}: an IP address is needed (nginx resolves a name only once, at load time)")
+    assert host == "consul", (
+        f"resolver {address}: the consul service's name (Docker's DNS resolves it when nginx loads)"
+    )
     assert port == "8600", f"resolver {address}: Consul DNS listens on 8600"
     assert "valid=1s" in options and "ipv6=off" in options, f"resolver options {options}"
 
     consul = services["consul"]
-    fixed = {net: (cfg or {}).get("ipv4_address") for net, cfg in consul["networks"].items()}
-    assert host in fixed.values(), f"nginx's resolver {host} is not the consul container's address {fixed}"
-    net = next(n for n, ip in fixed.items() if ip == host)
-    ipam = doc["networks"][net]["ipam"]["config"][0]
-    assert ipaddress.ip_address(host) in ipaddress.ip_network(ipam["subnet"])
-    assert ipaddress.ip_address(host) not in ipaddress.ip_network(ipam["ip_range"]), (
-        "the consul address must lie outside ip_range, or another container may take it first"
-    )
     command = as_argv(consul["command"])
     assert "-dev" in command and "-client=0.0.0.0" in command and "-dns-port=8600" in command, command
-    assert net in services["nginx"]["networks"], "nginx is not on the consul container's network"
+    # nginx looks the name up once, at load: consul must be there (and answering) by then.
+    depends = services["nginx"]["depends_on"]
+    assert isinstance(depends, dict) and depends.get("consul", {}).get("condition") == "service_healthy", depends
+    nets = set(consul["networks"]) & set(services["nginx"]["networks"])
+    assert nets, "nginx is not on the consul container's network"
+
+
+def test_two_copies_of_the_stack_can_run_on_one_daemon() -> None:
+    """No fixed subnet, address or container name; every host port comes from the environment."""
+    doc = compose_file()
+    for name, net in (doc.get("networks") or {}).items():
+        assert not (net or {}).get("ipam"), f"network {name}: a fixed subnet collides with a second copy of the stack"
+    for name, service in doc["services"].items():
+        assert "container_name" not in service, f"service {name}: container_name allows one copy per daemon"
+        nets = service.get("networks") or []
+        if isinstance(nets, dict):
+            for net, cfg in nets.items():
+                assert not (cfg or {}).get("ipv4_address"), f"service {name}: fixed address on {net}"
+        for port in service.get("ports") or []:
+            published = str(port).rsplit(":", 1)[0]
+            assert "${" in published, f"service {name}: host port in {port!r} is fixed; take it from the environment"
+
+
+def test_each_rollout_unit_has_its_own_version_variable() -> None:
+    """web and the alongside pair each follow one variable, so rolling one of them never leaves
+    the other differing from the compose file (a plain `up -d` would recreate it without a surge)."""
+    services = compose_file()["services"]
+    raw = COMPOSE_FILE.read_text(encoding="utf-8")
+    assert "APP_VERSION:-" not in raw.replace("$$APP_VERSION", ""), (
+        "a shared ${APP_VERSION} is back in docker-compose.yml"
+    )
+
+    def variables(service: Mapping[str, Any]) -> set[str]:
+        text = json.dumps({k: v for k, v in service.items() if k in ("environment", "command")})
+        return set(re.findall(r"\$\{([A-Z_]+_VERSION)", text))
+
+    assert variables(services["web"]) == {"WEB_VERSION"}
+    assert variables(services["web-alongside"]) == variables(services["web-alongside-sidecar"]) == {"ALONGSIDE_VERSION"}
+    assert (
+        variables(services["web-alongside-standby"])
+        == variables(services["web-alongside-standby-sidecar"])
+        == {"ALONGSIDE_STANDBY_VERSION"}
+    )
 
 
 def test_nginx_routes_to_the_names_the_sidecars_register_without_retries() -> None:
@@ -298,7 +338,9 @@ def test_nginx_routes_to_the_names_the_sidecars_register_without_retries() -> No
     doc = compose_file()
     nginx = doc["services"]["nginx"]
     assert re.search(r"^\s*listen\s+80\s*;", conf, re.M), "nginx must listen on 80"
-    assert "8080:80" in [str(p) for p in nginx["ports"]], "nginx must be published on the host's 8080"
+    assert [interpolate(str(p), {}) for p in nginx["ports"]] == ["8080:80"], (
+        "nginx: the host's $NGINX_PORT, 8080 by default"
+    )
     assert f"./{NGINX_CONF.relative_to(ROOT)}:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
     assert re.search(r"^\s*proxy_next_upstream\s+off\s*;", conf, re.M), "proxy_next_upstream off is required"
 
@@ -310,7 +352,9 @@ def test_nginx_routes_to_the_names_the_sidecars_register_without_retries() -> No
     registered = {
         load(path, service_environment(services[name])).service.name for name, path in sidecar_services().items()
     }
-    assert wanted and wanted <= registered, f"nginx asks Consul DNS for {sorted(wanted)}; sidecars register {sorted(registered)}"
+    assert wanted and wanted <= registered, (
+        f"nginx asks Consul DNS for {sorted(wanted)}; sidecars register {sorted(registered)}"
+    )
 
 
 # --- (d) check-config -------------------------------------------------------------------------
@@ -326,7 +370,11 @@ def test_sidecar_config_passes_check_config(config: str) -> None:
     path = ROOT / config
     # The environment a container of the service has: nothing inherited that the file reads,
     # plus the service's own environment from the compose file.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_") and k not in ("SERVICE_ADDRESS", "APP_VERSION")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CONSUL_") and k not in ("SERVICE_ADDRESS", "APP_VERSION")
+    }
     services = compose_file()["services"]
     for name, used in sidecar_services().items():
         if used == path.resolve():
@@ -344,24 +392,58 @@ def test_sidecar_config_passes_check_config(config: str) -> None:
 
 def test_dockerfile_installs_the_project_and_runs_the_sidecar_as_non_root() -> None:
     instructions = dockerfile_instructions()
+    args = dict(rest.partition("=")[::2] for op, rest in instructions if op == "ARG")
     froms = [rest for op, rest in instructions if op == "FROM"]
-    assert len(froms) == 1 and re.fullmatch(r"python:3\.11\.\d+-slim-\w+", froms[0]), (
-        f"FROM {froms}: python 3.11 slim, pinned to a patch release"
+    assert froms == ["${BASE_IMAGE}"], f"FROM {froms}: the base image is the build argument BASE_IMAGE"
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", args.get("BASE_IMAGE", "")), (
+        f"ARG BASE_IMAGE={args.get('BASE_IMAGE')}: python 3.11 slim by default, pinned to a patch release"
     )
     users = [rest for op, rest in instructions if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), f"USER {users}"
-    assert any(op == "RUN" and "pip install ." in rest for op, rest in instructions)
+    run = " ".join(rest for op, rest in instructions if op == "RUN")
+    assert "pip install /src" in run
+    # Offline: from a wheelhouse in the build context, without any index.
+    assert "WHEELHOUSE" in args and "--no-index --find-links" in run
     entrypoint, cmd, copies = image_defaults()
     assert entrypoint == ["consul-sidecar"]
     assert cmd[:1] == ["run"]
     assert copies.get("/app/examples/app/app.py") == "examples/app/app.py"
 
 
-def test_rollout_script_is_valid_bash() -> None:
-    result = subprocess.run(["bash", "-n", str(ROLLOUT_SCRIPT)], capture_output=True, text=True, timeout=30)
+def test_dockerfile_stop_signal_and_healthcheck_match_the_sidecar_config() -> None:
+    """STOPSIGNAL is the one the sidecar drains on; the HEALTHCHECK asks the status endpoint both
+    compose sidecar configs listen on (a port-0 default there would make every container unhealthy)."""
+    instructions = dockerfile_instructions()
+    assert [rest for op, rest in instructions if op == "STOPSIGNAL"] == ["SIGTERM"]
+    health = [rest for op, rest in instructions if op == "HEALTHCHECK"]
+    assert len(health) == 1 and "CMD" in health[0], health
+    env = " ".join(rest for op, rest in instructions if op == "ENV")
+    url = re.search(r"SIDECAR_HEALTH_URL=(\S+)", env)
+    assert url is not None and "SIDECAR_HEALTH_URL" in health[0], (env, health)
+    for name in ("compose-web.toml", "compose-alongside.toml"):  # both sidecar containers run this image
+        status = load(ROOT / "config" / name, {}).status
+        assert status is not None, f"config/{name} must keep its status endpoint: the HEALTHCHECK asks it"
+        listen = f"{status.host}:{status.port}"
+        assert url.group(1) == f"http://{listen}/healthz", (
+            f"HEALTHCHECK asks {url.group(1)}; config/{name} listens on {listen}"
+        )
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS)
+def test_compose_scripts_are_valid_bash(script: str) -> None:
+    path = ROOT / "scripts" / script
+    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    assert os.access(ROLLOUT_SCRIPT, os.X_OK), f"{ROLLOUT_SCRIPT} is not executable"
+    assert os.access(path, os.X_OK), f"{path} is not executable"
     shellcheck = shutil.which("shellcheck")
     assert shellcheck is not None, "shellcheck is not installed: scripts/setup installs it (apt-get install shellcheck)"
-    result = subprocess.run([shellcheck, str(ROLLOUT_SCRIPT)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([shellcheck, str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
+
+
+def test_rollout_script_never_passes_no_deps_to_compose() -> None:
+    """Compose v2.26.0-2.29.2 change the config-hash label of containers created with --no-deps;
+    a later plain `up -d` then recreated every new container at once."""
+    commands = [ln for ln in ROLLOUT_SCRIPT.read_text(encoding="utf-8").splitlines() if not ln.lstrip().startswith("#")]
+    assert not [ln for ln in commands if "--no-deps" in ln]
+    assert any("--no-recreate" in ln for ln in commands)

@@ -16,8 +16,7 @@ import pytest
 
 from sidecar.config import ConfigError, default_service_id, load_config
 from sidecar.durations import MAX_SECONDS, format_duration, parse_duration
-
-from .harness import PY, ROOT, Consul
+from testkit import PY, ROOT, Consul
 
 MINIMAL = '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\n'
 
@@ -61,7 +60,12 @@ def test_defaults(tmp_path: Path) -> None:
     assert (c.check.interval, c.check.timeout, c.check.deregister_critical_after) == (1.0, 1.0, 60.0)
     assert c.startup.wait_healthy and c.startup.timeout == 60
     sd = c.shutdown
-    assert (sd.propagation_delay, sd.app_signal, sd.app_timeout, sd.deregister_timeout) == (5.0, signal.SIGTERM, 20.0, 3.0)
+    assert (sd.propagation_delay, sd.app_signal, sd.app_timeout, sd.deregister_timeout) == (
+        5.0,
+        signal.SIGTERM,
+        20.0,
+        3.0,
+    )
     assert sd.worst_case == 29.0  # fits Kubernetes' 30 s grace period
     assert c.status is not None and (c.status.host, c.status.port) == ("127.0.0.1", 0)  # any free port: cannot collide
     assert c.consul.token.read() is None
@@ -73,7 +77,10 @@ def test_service_address_defaults_to_the_interface_toward_consul(tmp_path: Path)
 
 
 def test_interpolation(tmp_path: Path) -> None:
-    text = '[service]\nname = "${NAME}"\nport = 8080\naddress = "${ADDR:-127.0.0.3}"\ntags = ["${VER:-v0}"]\nmeta = { v = "$${literal}" }\n'
+    text = (
+        '[service]\nname = "${NAME}"\nport = 8080\naddress = "${ADDR:-127.0.0.3}"\n'
+        'tags = ["${VER:-v0}"]\nmeta = { v = "$${literal}" }\n'
+    )
     c = load(tmp_path, text, {"NAME": "api"})
     assert (c.service.name, c.service.address, c.service.tags) == ("api", "127.0.0.3", ("v0",))
     assert c.service.meta["v"] == "${literal}"
@@ -82,7 +89,11 @@ def test_interpolation(tmp_path: Path) -> None:
 def test_consul_environment_applies_where_the_file_is_silent(tmp_path: Path) -> None:
     token_file = tmp_path / "tok"
     token_file.write_text("s3cret-from-file\n")
-    env = {"CONSUL_HTTP_ADDR": "127.0.0.1:9500", "CONSUL_HTTP_TOKEN_FILE": str(token_file), "CONSUL_HTTP_SSL_VERIFY": "false"}
+    env = {
+        "CONSUL_HTTP_ADDR": "127.0.0.1:9500",
+        "CONSUL_HTTP_TOKEN_FILE": str(token_file),
+        "CONSUL_HTTP_SSL_VERIFY": "false",
+    }
     c = load(tmp_path, MINIMAL, env)
     assert c.consul.address == "http://127.0.0.1:9500"
     assert c.consul.token.read() == "s3cret-from-file"
@@ -105,7 +116,7 @@ def test_token_file_is_read_on_every_use(tmp_path: Path) -> None:
 
 
 BAD = [
-    ("missing-name", '[service]\nport = 8080\n', "service.name"),
+    ("missing-name", "[service]\nport = 8080\n", "service.name"),
     ("missing-port", '[service]\nname = "web"\n', "service.port"),
     ("port-zero", '[service]\nname = "web"\nport = 0\n', "service.port"),
     ("port-too-big", '[service]\nname = "web"\nport = 70000\n', "service.port"),
@@ -121,7 +132,11 @@ BAD = [
     ("token-and-token-file", '[consul]\ntoken = "a"\ntoken_file = "/etc/hostname"\n' + MINIMAL, "consul.token"),
     ("bad-address", '[consul]\naddress = "ftp://x:1"\n' + MINIMAL, "consul.address"),
     ("interval-under-1s", MINIMAL + '[check]\ninterval = "500ms"\n', "check.interval"),
-    ("deregister-under-1m", MINIMAL + '[check]\nderegister_critical_after = "30s"\n', "check.deregister_critical_after"),
+    (
+        "deregister-under-1m",
+        MINIMAL + '[check]\nderegister_critical_after = "30s"\n',
+        "check.deregister_critical_after",
+    ),
     ("remote-check-url", MINIMAL + '[check]\nhttp = "http://169.254.169.254/latest"\n', "check.http"),
     ("unset-variable", '[service]\nname = "${NO_SUCH_VAR}"\nport = 1\n', "service.name"),
     ("bad-name", '[service]\nname = "web app"\nport = 1\n', "service.name"),
@@ -142,13 +157,25 @@ BAD = [
     ("duration-320-digits", MINIMAL + f'[shutdown]\napp_timeout = "{"9" * 320}s"\n', "shutdown.app_timeout"),
     ("interval-past-go-max", MINIMAL + '[check]\ninterval = "3000000h"\n', "check.interval"),
     ("check-timeout-past-go-max", MINIMAL + '[check]\ntimeout = "2562048h"\n', "check.timeout"),
-    ("deregister-after-past-go-max", MINIMAL + '[check]\nderegister_critical_after = "9223372037s"\n', "check.deregister_critical_after"),
+    (
+        "deregister-after-past-go-max",
+        MINIMAL + '[check]\nderegister_critical_after = "9223372037s"\n',
+        "check.deregister_critical_after",
+    ),
     ("delay-past-go-max", MINIMAL + '[shutdown]\npropagation_delay = "3000000h"\n', "shutdown.propagation_delay"),
     ("id-dot", '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\nid = "."\n', "service.id"),
     ("id-dot-dot", '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\nid = ".."\n', "service.id"),
     ("id-slash", '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\nid = "a/../b"\n', "service.id"),
-    ("id-trailing-newline", '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\nid = "web-1\\n"\n', "service.id"),
-    ("id-control-char", '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\nid = "a\\u0007b"\n', "service.id"),
+    (
+        "id-trailing-newline",
+        '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\nid = "web-1\\n"\n',
+        "service.id",
+    ),
+    (
+        "id-control-char",
+        '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\nid = "a\\u0007b"\n',
+        "service.id",
+    ),
     ("name-trailing-newline", '[service]\nname = "web\\n"\nport = 8080\naddress = "127.0.0.2"\n', "service.name"),
     ("meta-key-trailing-newline", MINIMAL + '[service.meta]\n"v\\n" = "1"\n', "service.meta.v"),
     ("token-with-newline", '[consul]\ntoken = "tok-1\\ntok-2"\n' + MINIMAL, "consul.token"),
@@ -180,7 +207,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 @pytest.mark.parametrize(("case", "text", "key"), BAD, ids=[b[0] for b in BAD])
-def test_cli_bad_config_exits_78_and_starts_nothing(consul: Consul, tmp_path: Path, case: str, text: str, key: str) -> None:
+def test_cli_bad_config_exits_78_and_starts_nothing(
+    consul: Consul, tmp_path: Path, case: str, text: str, key: str
+) -> None:
     """`run` with a bad file: exit 78, a message naming the key, no traceback,
     the app never started (its marker file is absent), nothing registered in the agent."""
     cfg = tmp_path / "c.toml"
@@ -251,7 +280,9 @@ def test_check_config_warns_over_budget_and_names_the_setting(tmp_path: Path) ->
     cfg.write_text(MINIMAL + '[shutdown]\napp_timeout = "60s"\n')
     r = run_cli("check-config", "-c", str(cfg))
     assert r.returncode == 0
-    assert "warning" in r.stderr and "69s exceeds shutdown.budget 30s" in r.stderr and "shutdown.app_timeout" in r.stderr
+    assert (
+        "warning" in r.stderr and "69s exceeds shutdown.budget 30s" in r.stderr and "shutdown.app_timeout" in r.stderr
+    )
     cfg.write_text(MINIMAL + '[shutdown]\napp_timeout = "60s"\nbudget = "70s"\n')
     r = run_cli("check-config", "-c", str(cfg))
     assert r.returncode == 0 and "warning" not in r.stderr
@@ -280,7 +311,10 @@ def test_default_id_is_unique_per_address_and_always_valid() -> None:
     a = default_service_id("web", "host1", "127.0.0.2", 8080)
     b = default_service_id("web", "host1", "127.0.0.3", 8080)
     assert (a, b) == ("web-host1-127.0.0.2-8080", "web-host1-127.0.0.3-8080")
-    odd = [default_service_id("web", "h", addr, 80) for addr in ("fe80::1%eth0", "fe80::1%eth1", "a" * 60 + ".example.com", "b" * 60 + ".example.com")]
+    odd = [
+        default_service_id("web", "h", addr, 80)
+        for addr in ("fe80::1%eth0", "fe80::1%eth1", "a" * 60 + ".example.com", "b" * 60 + ".example.com")
+    ]
     assert len(set(odd)) == 4
     assert all(re.fullmatch(r"[A-Za-z0-9._:@-]{1,256}", i) for i in odd), odd
 
@@ -323,7 +357,9 @@ def test_bad_token_file_is_one_config_line(consul: Consul, tmp_path: Path, kind:
     elif kind == "fifo":
         os.mkfifo(tf)
     else:
-        tf.write_bytes({"two-lines": b"tok-1-secret\ntok-2-secret\n", "too-big": b"t" * (1 << 20), "not-utf8": b"\xff\xfe"}[kind])
+        tf.write_bytes(
+            {"two-lines": b"tok-1-secret\ntok-2-secret\n", "too-big": b"t" * (1 << 20), "not-utf8": b"\xff\xfe"}[kind]
+        )
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[consul]\naddress = "{consul.address}"\ntoken_file = "{tf}"\n' + MINIMAL)
     marker = tmp_path / "app-started"
@@ -358,5 +394,10 @@ def test_writable_token_file_warns_in_check_config(tmp_path: Path) -> None:
         lines = [line for line in r.stderr.splitlines() if "writable" in line]
         assert bool(lines) == warned, (oct(mode), r.stderr)
         if warned:
-            assert len(lines) == 1 and "consul.token_file" in lines[0] and str(tf) in lines[0] and f"{mode:04o}" in lines[0]
+            assert (
+                len(lines) == 1
+                and "consul.token_file" in lines[0]
+                and str(tf) in lines[0]
+                and f"{mode:04o}" in lines[0]
+            )
             assert stat.S_IMODE(tf.stat().st_mode) == mode

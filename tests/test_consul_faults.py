@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from testkit import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
+
 from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
 
 
-def test_agent_restart_without_data_dir_reregisters(fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_agent_restart_without_data_dir_reregisters(
+    fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """1. Registered with tags and meta; the dev agent restarts and forgets every service.
     2. Expected: the registration is back within the check interval (1 s) + 1 s of the
        agent answering again: exactly one instance, tags and meta intact, passing.
@@ -30,14 +33,20 @@ def test_agent_restart_without_data_dir_reregisters(fresh_consul: Consul, start_
     assert took <= 1.0 + 1.0, f"re-registered {took:.2f}s after the agent came back"
     [entry] = fresh_consul.instances(service_name)
     assert entry["Service"]["Tags"] == ["v7"] and entry["Service"]["Meta"] == {"build": "42"}
-    wait_for(lambda: [c["Status"] for c in fresh_consul.instances(service_name)[0]["Checks"]] == ["passing", "passing"], 5, what="passing checks")
+    wait_for(
+        lambda: [c["Status"] for c in fresh_consul.instances(service_name)[0]["Checks"]] == ["passing", "passing"],
+        5,
+        what="passing checks",
+    )
     assert sc.event("sidecar.consul.reregistered") is not None
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
 
 
 @pytest.mark.slow
-def test_consul_down_at_start_registers_once_it_is_up(fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_consul_down_at_start_registers_once_it_is_up(
+    fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """1. No agent listens yet. The app starts anyway and serves.
     2. The agent starts 3 s later. Expected: the sidecar registers as soon as its
        backoff (1 s to 30 s) next retries, logging one 'unreachable' and one
@@ -57,7 +66,9 @@ def test_consul_down_at_start_registers_once_it_is_up(fresh_consul: Consul, star
     assert sc.wait() == 0
 
 
-def test_agent_down_for_the_whole_drain(fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_agent_down_for_the_whole_drain(
+    fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
     """1. Registered; then the agent dies; SIGTERM to the sidecar.
     2. Expected: deregistration cannot be confirmed (an error event says so), yet the
        drain ends within its budget: the app is signalled after the delay and its
@@ -66,7 +77,9 @@ def test_agent_down_for_the_whole_drain(fresh_consul: Consul, start_sidecar: Sta
     fresh_consul.start()
     port = free_port()
     siglog = tmp_path / "signals.log"
-    cfg = base_config(fresh_consul, service_name, port, shutdown={"deregister_timeout": "1s", "propagation_delay": "1s"})
+    cfg = base_config(
+        fresh_consul, service_name, port, shutdown={"deregister_timeout": "1s", "propagation_delay": "1s"}
+    )
     sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
     sc.wait_event("sidecar.consul.registered")
     fresh_consul.stop()
@@ -82,7 +95,9 @@ def test_agent_down_for_the_whole_drain(fresh_consul: Consul, start_sidecar: Sta
 
 
 @pytest.mark.parametrize("source", ["token_file", "CONSUL_HTTP_TOKEN"])
-def test_token_never_leaks(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, source: str) -> None:
+def test_token_never_leaks(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, source: str
+) -> None:
     """The token appears in no log line, no /status answer, no process argument, and not in the
     app's environment (the app does not inherit CONSUL_HTTP_TOKEN)."""
     secret = "7f1c2d3e-aaaa-bbbb-cccc-0123456789ab"
@@ -92,7 +107,9 @@ def test_token_never_leaks(consul: Consul, start_sidecar: StartSidecar, service_
     if source == "token_file":
         sc = start_sidecar(base_config(consul, service_name, port, consul={"token_file": str(tf)}), app_command(port))
     else:
-        sc = start_sidecar(base_config(consul, service_name, port), app_command(port), env={"CONSUL_HTTP_TOKEN": secret})
+        sc = start_sidecar(
+            base_config(consul, service_name, port), app_command(port), env={"CONSUL_HTTP_TOKEN": secret}
+        )
     sc.wait_event("sidecar.consul.registered")
     status = http_get(sc.status_url() + "/status")[1].decode()
     cmdline = Path(f"/proc/{sc.pid}/cmdline").read_bytes().decode()
@@ -126,7 +143,7 @@ def test_not_a_consul_agent(start_sidecar: StartSidecar, service_name: str, tmp_
     thread.start()
     try:
         port = free_port()
-        from .harness import merge
+        from testkit import merge
 
         cfg = merge(
             {"consul": {"address": f"http://127.0.0.1:{server.server_address[1]}", "timeout": "1s"},
@@ -151,13 +168,29 @@ def test_closed_log_pipe_does_not_break_the_drain(consul: Consul, service_name: 
     Expected: SIGTERM still deregisters, signals the app after the delay, and passes its status on."""
     import subprocess
 
-    from .harness import PY, ROOT, write_config
+    from testkit import PY, ROOT, write_config
 
     port = free_port()
     siglog = tmp_path / "signals.log"
-    cfg = write_config(tmp_path / "c.toml", base_config(consul, service_name, port, shutdown={"propagation_delay": "0.5s"}))
-    proc = subprocess.Popen([PY, "-m", "sidecar", "run", "-c", str(cfg), "--", *app_command(port, "127.0.0.1", "--signal-log", str(siglog))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, start_new_session=True)
+    cfg = write_config(
+        tmp_path / "c.toml", base_config(consul, service_name, port, shutdown={"propagation_delay": "0.5s"})
+    )
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "sidecar",
+            "run",
+            "-c",
+            str(cfg),
+            "--",
+            *app_command(port, "127.0.0.1", "--signal-log", str(siglog)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: consul.service_ids(service_name), 15, what="registration")
         assert proc.stderr is not None
@@ -173,12 +206,16 @@ def test_closed_log_pipe_does_not_break_the_drain(consul: Consul, service_name: 
             proc.wait()
 
 
-def test_agent_never_reachable_nothing_to_drain(fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_agent_never_reachable_nothing_to_drain(
+    fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """No agent ever listens (connections refused): no registration can have reached it, so SIGTERM
     stops the app at once instead of spending deregister_timeout + propagation_delay, and no error
     claims an instance was left registered."""
     port = free_port()
-    cfg = base_config(fresh_consul, service_name, port, shutdown={"propagation_delay": "5s", "deregister_timeout": "3s"})
+    cfg = base_config(
+        fresh_consul, service_name, port, shutdown={"propagation_delay": "5s", "deregister_timeout": "3s"}
+    )
     sc = start_sidecar(cfg, app_command(port))
     sc.wait_event("sidecar.consul.unreachable")
     t = time.monotonic()
@@ -186,4 +223,6 @@ def test_agent_never_reachable_nothing_to_drain(fresh_consul: Consul, start_side
     assert sc.wait(20) == 0
     assert time.monotonic() - t < 3.0
     assert sc.event("sidecar.drain.nothing_registered") is not None
-    assert sc.event("sidecar.consul.left_registered") is None and sc.event("sidecar.consul.deregister_unconfirmed") is None
+    assert (
+        sc.event("sidecar.consul.left_registered") is None and sc.event("sidecar.consul.deregister_unconfirmed") is None
+    )

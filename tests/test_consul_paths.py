@@ -18,8 +18,7 @@ from sidecar.consul_client import (
     _deregister_answer,
     _ServersUnavailable,
 )
-
-from .harness import Consul
+from testkit import Consul
 
 
 def agent_for(consul: Consul) -> ConsulAgent:
@@ -62,7 +61,9 @@ async def test_odd_ids_round_trip(consul: Consul, service_name: str, service_id:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("service_id", [".", "..", "a/../b", "a/./b", "a//b", "/a"])
-async def test_ids_the_agent_would_read_as_another_path_are_never_registered(consul: Consul, service_name: str, service_id: str) -> None:
+async def test_ids_the_agent_would_read_as_another_path_are_never_registered(
+    consul: Consul, service_name: str, service_id: str
+) -> None:
     """The agent cleans the decoded path and redirects (`..`, `a/../b`...): such an ID could be
     registered but never read back or deregistered. Expected: refused as malformed (ConsulRejected,
     exit 78 in the sidecar) before anything is sent; nothing registered."""
@@ -81,12 +82,16 @@ class Answer:
         self.code, self.body, self.headers = code, body, {"X-Consul-Index": "7"}
 
 
-@pytest.mark.parametrize("body", [
-    "No cluster leader",
-    "rpc error making call: rpc error getting client: failed to get conn: dial tcp 127.0.9.2:0->127.0.9.3:8300: connect: connection refused",
-    "rpc error getting client: failed to get conn: dial tcp: i/o timeout",
-    "No known Consul servers",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "No cluster leader",
+        "rpc error making call: rpc error getting client: failed to get conn: "
+        "dial tcp 127.0.9.2:0->127.0.9.3:8300: connect: connection refused",
+        "rpc error getting client: failed to get conn: dial tcp: i/o timeout",
+        "No known Consul servers",
+    ],
+)
 def test_servers_without_a_leader_are_told_from_other_answers(body: str) -> None:
     """What a client agent answers (HTTP 500) while the servers have no leader is 'servers unavailable',
     whatever the server it asked; a 403 stays an ACL denial and a 200 is the entries."""

@@ -19,9 +19,21 @@ from pathlib import Path
 import pytest
 
 from examples.rollout.fleet import CatalogWatcher
+from testkit import (
+    PY,
+    ROOT,
+    Consul,
+    app_command,
+    free_port,
+    http_get,
+    pid_alive,
+    read_signal_log,
+    spawn,
+    wait_for,
+    write_config,
+)
 
 from .conftest import StartSidecar, base_config
-from .harness import PY, ROOT, Consul, app_command, free_port, http_get, pid_alive, read_signal_log, spawn, wait_for, write_config
 
 FAMILY = str(Path(__file__).resolve().parent / "data" / "family.py")
 
@@ -78,7 +90,13 @@ def tree(root: int) -> list[int]:
     ids=["drain", "app-exits-on-its-own", "startup-fails"],
 )
 def test_a_worker_in_its_own_session_ends_with_the_app(
-    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, escaped: list[int], ending: str, expected: int
+    consul: Consul,
+    start_sidecar: StartSidecar,
+    service_name: str,
+    tmp_path: Path,
+    escaped: list[int],
+    ending: str,
+    expected: int,
 ) -> None:
     """1. The app starts a worker in a session of its own (setsid) that serves on a second port.
     2. The sidecar ends: a drain on SIGTERM, the app exiting on its own (status 3), or a startup
@@ -91,7 +109,18 @@ def test_a_worker_in_its_own_session_ends_with_the_app(
     extra = {"app-exits": ["--crash-after", "4"], "never-healthy": ["--unhealthy"]}.get(ending, [])
     # A short start-up bound only where it is the point: a loaded machine starts apps slowly.
     cfg = base_config(consul, service_name, port, startup={"timeout": "4s" if ending == "never-healthy" else "30s"})
-    sc = start_sidecar(cfg, [PY, FAMILY, "setsid-worker", str(worker_port), str(worker_pid_file), "--", *app_command(port, "127.0.0.1", *extra)])
+    sc = start_sidecar(
+        cfg,
+        [
+            PY,
+            FAMILY,
+            "setsid-worker",
+            str(worker_port),
+            str(worker_pid_file),
+            "--",
+            *app_command(port, "127.0.0.1", *extra),
+        ],
+    )
     worker = read_pid(worker_pid_file)
     escaped.append(worker)
     assert os.getsid(worker) == worker != os.getsid(sc.pid), "the worker runs in a session of its own"
@@ -104,7 +133,9 @@ def test_a_worker_in_its_own_session_ends_with_the_app(
     assert not alive, "the worker outlived the sidecar"
     assert not answers(worker_port)
     stopped = sc.event("sidecar.app.stopped")
-    assert stopped is not None and stopped["leftovers_signalled"] >= 1 and stopped.get("leftovers_killed") is None, stopped
+    assert stopped is not None and stopped["leftovers_signalled"] >= 1 and stopped.get("leftovers_killed") is None, (
+        stopped
+    )
     assert consul.instances(service_name) == []
     assert sc.event("sidecar.app.listener_not_direct_child") is None  # the server is the direct child
 
@@ -166,7 +197,9 @@ def test_a_daemonizing_app_stays_registered_and_is_drained(
 
     watcher = CatalogWatcher(consul, service_name)
     watcher.start()
-    wait_for(lambda: watcher.changes and watcher.changes[-1][1] == [f"{service_name}-1"], 5, what="watcher sees the instance")
+    wait_for(
+        lambda: watcher.changes and watcher.changes[-1][1] == [f"{service_name}-1"], 5, what="watcher sees the instance"
+    )
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
     watcher.stop.set()
@@ -208,7 +241,11 @@ def no_exec_entrypoint(tmp_path: Path, port: int) -> tuple[list[str], Path]:
     """An entrypoint script that forgets ``exec``: bash stays the direct child, the server is its child."""
     pid_file = tmp_path / "server.pid"
     script = tmp_path / "entrypoint.sh"
-    script.write_text("#!/bin/bash\n" + " ".join(app_command(port, "127.0.0.1", "--pid-file", str(pid_file))) + "\necho server ended >&2\n")
+    script.write_text(
+        "#!/bin/bash\n"
+        + " ".join(app_command(port, "127.0.0.1", "--pid-file", str(pid_file)))
+        + "\necho server ended >&2\n"
+    )
     script.chmod(0o755)
     return [str(script)], pid_file
 
@@ -239,7 +276,9 @@ def test_a_killed_sidecar_takes_its_direct_child_along(
     os.kill(server, signal.SIGKILL)  # the harness would count it as a leftover of the exited sidecar
 
 
-def test_in_a_pid_namespace_a_killed_sidecar_takes_every_descendant_along(consul: Consul, tmp_path: Path, service_name: str) -> None:
+def test_in_a_pid_namespace_a_killed_sidecar_takes_every_descendant_along(
+    consul: Consul, tmp_path: Path, service_name: str
+) -> None:
     """1. The sidecar runs as PID 1 of a new PID namespace (``unshare --pid --fork``, as in a
        container), wrapping an entrypoint without ``exec`` whose server is a grandchild.
     2. SIGKILL to the sidecar (PID 1 inside).
@@ -250,7 +289,22 @@ def test_in_a_pid_namespace_a_killed_sidecar_takes_every_descendant_along(consul
     command, _ = no_exec_entrypoint(tmp_path, port)
     cfg = write_config(tmp_path / "c.toml", base_config(consul, service_name, port))
     log = tmp_path / "sidecar.log"
-    argv = ["unshare", "--pid", "--fork", "--kill-child", PY, "-m", "sidecar", "run", "-c", str(cfg), "--log-format", "json", "--", *command]
+    argv = [
+        "unshare",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        PY,
+        "-m",
+        "sidecar",
+        "run",
+        "-c",
+        str(cfg),
+        "--log-format",
+        "json",
+        "--",
+        *command,
+    ]
     outer = spawn(argv, log, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wait_for(lambda: "sidecar.consul.registered" in log.read_text(), 15, 0.05, "registration")
     [pid1] = [p for p in tree(outer.pid) if f"NSpid:\t{p}\t1\n" in Path(f"/proc/{p}/status").read_text()]
@@ -279,15 +333,22 @@ def test_the_example_unit_uses_kill_mode_mixed_with_room_for_the_drain() -> None
     assert unit_setting("KillSignal") == "SIGTERM"
     timeout = unit_setting("TimeoutStopSec")
     assert timeout.endswith("s") and int(timeout[:-1]) >= 30  # the config's default shutdown.budget is 30s
-    out = subprocess.run([PY, "-m", "sidecar", "check-config", "-c", str(ROOT / "config" / "web.toml")], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    out = subprocess.run(
+        [PY, "-m", "sidecar", "check-config", "-c", str(ROOT / "config" / "web.toml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     worst = out.stderr.split("worst-case shutdown: ", 1)[1].split()[0]
     assert worst.endswith("s") and float(worst[:-1]) <= int(timeout[:-1]), (worst, timeout)
 
 
 @pytest.mark.parametrize("kill_mode", ["mixed", "control-group"])
-def test_systemd_kill_mode(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, kill_mode: str) -> None:
+def test_systemd_kill_mode(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, kill_mode: str
+) -> None:
     """Signals as systemd sends them on `systemctl stop` (the unit's processes are the sidecar and
     its descendants, all in one cgroup):
     - mixed (the shipped unit's): SIGTERM to the main process only; after TimeoutStopSec, SIGKILL
@@ -304,7 +365,9 @@ def test_systemd_kill_mode(consul: Consul, start_sidecar: StartSidecar, service_
     sc.wait_event("sidecar.consul.registered")
     watcher = CatalogWatcher(consul, service_name)
     watcher.start()
-    wait_for(lambda: watcher.changes and watcher.changes[-1][1] == [f"{service_name}-1"], 5, what="watcher sees the instance")
+    wait_for(
+        lambda: watcher.changes and watcher.changes[-1][1] == [f"{service_name}-1"], 5, what="watcher sees the instance"
+    )
     cgroup = [sc.pid, *tree(sc.pid)]
     assert len(cgroup) == 2
     sent = time.monotonic()
@@ -344,7 +407,9 @@ def importing_aiohttp(pid: int) -> bool:
         return False
 
 
-def test_ctrl_c_during_start_up_exits_130_without_a_traceback(consul: Consul, tmp_path: Path, service_name: str) -> None:
+def test_ctrl_c_during_start_up_exits_130_without_a_traceback(
+    consul: Consul, tmp_path: Path, service_name: str
+) -> None:
     """1. `consul-sidecar check-config` gets SIGINT (a terminal's Ctrl-C) while it imports its
        modules: as soon as aiohttp's extensions are mapped, then a little later.
     2. Expected: exit 130 (or 0 if it finished first) and no traceback; at least one run exited 130
@@ -354,9 +419,13 @@ def test_ctrl_c_during_start_up_exits_130_without_a_traceback(consul: Consul, tm
     cfg = write_config(tmp_path / "c.toml", base_config(consul, service_name, free_port()))
     codes = []
     for delay in (0.0, 0.0, 0.01, 0.03, 0.06, 0.1):
-        p = subprocess.Popen([PY, "-m", "sidecar", "check-config", "-c", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-        wait_for(lambda: importing_aiohttp(p.pid) or p.poll() is not None, 10, 0.001, "the sidecar's imports")
+        p = subprocess.Popen(
+            [PY, "-m", "sidecar", "check-config", "-c", str(cfg)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        wait_for(lambda p=p: importing_aiohttp(p.pid) or p.poll() is not None, 10, 0.001, "the sidecar's imports")
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=20)

@@ -24,8 +24,9 @@ from typing import Any
 
 import pytest
 
+from testkit import PY, ROOT, Consul, Sidecar, app_command, free_port, http_get, spawn, wait_for
+
 from .conftest import StartSidecar, base_config
-from .harness import PY, ROOT, Consul, Sidecar, app_command, free_port, http_get, spawn, wait_for
 
 TRAFFIC = {"strategy": "traffic", "propagation_delay": "20s", "min_delay": "1s", "quiet_period": "1s", "app_timeout": "10s"}
 RATE = 3.0  # requests per second
@@ -292,7 +293,7 @@ def test_filter_denies_netlink_membership() -> None:
 
 def start_restricted(workdir: Path, config: dict[str, dict[str, Any]], command: list[str], prefix: list[str],
                      deny_events: bool) -> Sidecar:
-    """Like harness.Sidecar, but argv prefixed and the child optionally under the seccomp filter."""
+    """Like testkit.Sidecar, but argv prefixed and the child optionally under the seccomp filter."""
     real_popen = subprocess.Popen
 
     def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
@@ -300,7 +301,7 @@ def start_restricted(workdir: Path, config: dict[str, dict[str, Any]], command: 
             kw["preexec_fn"] = _deny_netlink_membership
         return real_popen([*prefix, *argv], **kw)
 
-    subprocess.Popen = popen  # type: ignore[misc,assignment]  # procs.spawn's, for this one start
+    subprocess.Popen = popen  # type: ignore[misc,assignment]  # testkit.spawn's, for this one start
     try:
         return Sidecar(workdir, config, command)
     finally:
@@ -473,10 +474,9 @@ class StatusScraper(threading.Thread):
         import urllib.request
 
         while not self.stop.is_set():
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(self.url, timeout=1) as r:
-                    r.read()
-                    self.answers += 1
+            with contextlib.suppress(OSError), urllib.request.urlopen(self.url, timeout=1) as r:
+                r.read()
+                self.answers += 1
             self.stop.wait(0.1)
 
 

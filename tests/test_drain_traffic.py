@@ -20,11 +20,17 @@ import pytest
 from examples.rollout.consumers import PooledConsumer, horizon_drain
 from examples.rollout.loadgen import summarize
 from examples.rollout.rollout import Cluster, rollout
+from testkit import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, spawn, wait_for
 
 from .conftest import StartSidecar, base_config
-from .harness import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, spawn, wait_for
 
-TRAFFIC = {"strategy": "traffic", "propagation_delay": "30s", "min_delay": "1s", "quiet_period": "1s", "app_timeout": "10s"}
+TRAFFIC = {
+    "strategy": "traffic",
+    "propagation_delay": "30s",
+    "min_delay": "1s",
+    "quiet_period": "1s",
+    "app_timeout": "10s",
+}
 
 
 def delay_done(sc: Sidecar) -> dict[str, Any]:
@@ -32,7 +38,9 @@ def delay_done(sc: Sidecar) -> dict[str, Any]:
     return ev
 
 
-def test_no_traffic_ends_after_max_of_min_delay_and_quiet_period(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_no_traffic_ends_after_max_of_min_delay_and_quiet_period(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """Nobody sends traffic: the wait is max(min_delay 1 s, quiet_period 1.5 s), not the 30 s bound."""
     port = free_port()
     cfg = base_config(consul, service_name, port, shutdown={**TRAFFIC, "quiet_period": "1.5s"})
@@ -49,8 +57,12 @@ async def _rollout_with(tmp_path: Path, shutdown: dict[str, str]) -> tuple[int, 
     cluster = Cluster(tmp_path, log=lambda _: None, shutdown=shutdown)
     try:
         cluster.start()
-        result = await rollout(cluster, naive=False, replicas=2, rate=200.0, warmup=2.0, cooldown=1.0, log=lambda _: None)
-        delays = [ev for inst in cluster.stopped for ev in inst.sidecar.events() if ev["event"] == "sidecar.drain.delay_done"]
+        result = await rollout(
+            cluster, naive=False, replicas=2, rate=200.0, warmup=2.0, cooldown=1.0, log=lambda _: None
+        )
+        delays = [
+            ev for inst in cluster.stopped for ev in inst.sidecar.events() if ev["event"] == "sidecar.drain.delay_done"
+        ]
     finally:
         cluster.stop()
     s = summarize(result.records)
@@ -163,7 +175,9 @@ def test_dns_step_holds_the_quiet_window(consul: Consul, start_sidecar: StartSid
         sc.wait_event("sidecar.consul.deregistered")
         time.sleep(1.0)
         progress = json.loads(http_get(url + "/status")[1])
-        assert progress["state"] == "draining" and progress["drain"]["step"] == "dns", progress  # /status shows the step
+        assert progress["state"] == "draining" and progress["drain"]["step"] == "dns", (
+            progress
+        )  # /status shows the step
         ev = delay_done(sc)
         clear = sc.event("sidecar.drain.dns_clear")
         assert clear is not None and clear["elapsed_ms"] >= 2500, clear
@@ -180,8 +194,16 @@ def test_port_not_visible_falls_back_to_the_fixed_delay(consul: Consul, tmp_path
     says so once, and waits the full propagation_delay (2 s here), never less."""
     port = free_port()
     siglog = tmp_path / "signals.log"
-    app = spawn(["unshare", "--net", "sh", "-c", f"ip link set lo up; exec {' '.join(app_command(port, '127.0.0.1', '--signal-log', str(siglog)))}"],
-                tmp_path / "app.log")
+    app = spawn(
+        [
+            "unshare",
+            "--net",
+            "sh",
+            "-c",
+            f"ip link set lo up; exec {' '.join(app_command(port, '127.0.0.1', '--signal-log', str(siglog)))}",
+        ],
+        tmp_path / "app.log",
+    )
     time.sleep(0.5)
     cfg = base_config(consul, service_name, port, app={"pid": app.pid}, startup={"wait_healthy": False},
                       shutdown={**TRAFFIC, "propagation_delay": "2s"})

@@ -12,8 +12,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from testkit import Consul, app_command, pid_alive, spawn, wait_for
+
 from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, pid_alive, spawn, wait_for
 
 
 def free_port_on(*hosts: str) -> int:
@@ -55,7 +56,9 @@ def test_default_ids_differ_per_address(consul: Consul, start_sidecar: StartSide
     first.wait_event("sidecar.consul.registered")
     second = start_sidecar(config_at(consul, service_name, "127.0.0.3", port, None), app_command(port, "127.0.0.3"))
     second.wait_event("sidecar.consul.registered")
-    ids = wait_for(lambda: (lambda p: p if len(p) == 2 else None)(passing(consul, service_name)), 10, 0.1, "two passing instances")
+    ids = wait_for(
+        lambda: (lambda p: p if len(p) == 2 else None)(passing(consul, service_name)), 10, 0.1, "two passing instances"
+    )
     assert sorted(ids.values()) == ["127.0.0.2", "127.0.0.3"], ids
     assert all(ids[i] in i for i in ids), ids  # the ID names the address: readable, and unique per address
     assert second.event("sidecar.consul.stale_registration_replaced") is None
@@ -67,7 +70,9 @@ def test_default_ids_differ_per_address(consul: Consul, start_sidecar: StartSide
     assert consul.instances(service_name) == []
 
 
-def test_same_id_other_address_live_instance_refused(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_same_id_other_address_live_instance_refused(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """1. A sidecar registers service.id X for 127.0.0.2 and stays up (its check passing).
     2. A second sidecar with the same X but address 127.0.0.3 starts.
     Expected: the second exits 78 with one error naming both addresses, its app stopped, nothing of it
@@ -93,7 +98,9 @@ def test_same_id_other_address_live_instance_refused(consul: Consul, start_sidec
     assert consul.instances(service_name) == []
 
 
-def test_same_id_same_address_live_sidecar_refused(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_same_id_same_address_live_sidecar_refused(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
     """Alongside mode: one app, two sidecars with the same configuration (same ID, address and port).
     Expected: the second sees that a live sidecar holds the ID, exits 78 naming the address, and does
     not touch the first's registration; the first then drains normally."""
@@ -116,7 +123,9 @@ def test_same_id_same_address_live_sidecar_refused(consul: Consul, start_sidecar
     assert consul.instances(service_name) == []
 
 
-def test_same_id_other_address_dead_owner_replaced(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_same_id_other_address_dead_owner_replaced(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """1. A sidecar for 127.0.0.2 is SIGKILLed (its app dies with it); its entry stays and its check
        goes critical.
     2. A sidecar with the same ID for 127.0.0.3 starts. Expected: the dead entry is replaced (its owner
@@ -129,12 +138,21 @@ def test_same_id_other_address_dead_owner_replaced(consul: Consul, start_sidecar
     first.send(signal.SIGKILL)
     first.wait(5)
     wait_for(lambda: not pid_alive(app1), 3, what="the first app to die with its sidecar")
-    wait_for(lambda: [c["Status"] for e in consul.instances(service_name) for c in e["Checks"] if c["ServiceID"] == sid] == ["critical"],
-             15, 0.1, "the dead instance's check to go critical")
+    wait_for(
+        lambda: (
+            [c["Status"] for e in consul.instances(service_name) for c in e["Checks"] if c["ServiceID"] == sid]
+            == ["critical"]
+        ),
+        15,
+        0.1,
+        "the dead instance's check to go critical",
+    )
     second = start_sidecar(config_at(consul, service_name, "127.0.0.3", port, sid), app_command(port, "127.0.0.3"))
     second.wait_event("sidecar.consul.registered")
     replaced = second.event("sidecar.consul.stale_registration_replaced")
-    assert replaced is not None and replaced["reason"] == "its check is critical" and "127.0.0.2" in replaced["previous"]
+    assert (
+        replaced is not None and replaced["reason"] == "its check is critical" and "127.0.0.2" in replaced["previous"]
+    )
     assert passing(consul, service_name) == {sid: "127.0.0.3"}
     second.send(signal.SIGTERM)
     assert second.wait(30) == 0

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port, pid_alive, read_signal_log, wait_for
+from testkit import Consul, app_command, free_port, pid_alive, read_signal_log, wait_for
+
+from .conftest import RegisteredSidecar, StartSidecar, base_config
 
 
-def test_agent_restart_with_data_dir_no_duplicate_no_flapping(tmp_path: Path, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_agent_restart_with_data_dir_no_duplicate_no_flapping(
+    tmp_path: Path, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """1. The agent keeps its state in a data dir; it restarts while the sidecar runs.
     2. Expected: the agent restores the registration itself, so the sidecar does not re-register;
        exactly one instance with that ID; once its check has run after the restart it is passing
@@ -49,7 +52,9 @@ def test_agent_restart_with_data_dir_no_duplicate_no_flapping(tmp_path: Path, st
         agent.stop()
 
 
-def test_agent_frozen_during_drain(fresh_consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_agent_frozen_during_drain(
+    fresh_consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
+) -> None:
     """1. SIGSTOP the agent, then SIGTERM the sidecar.
     2. Expected: the drain still ends within its budget, the app is signalled and stops, an error
        event says the deregistration is unconfirmed.
@@ -57,12 +62,9 @@ def test_agent_frozen_during_drain(fresh_consul: Consul, start_sidecar: StartSid
        catalog does not keep the instance.
     """
     fresh_consul.start()
-    port = free_port()
     siglog = tmp_path / "signals.log"
-    cfg = base_config(fresh_consul, service_name, port,
-                      shutdown={"deregister_timeout": "1s", "propagation_delay": "3s", "app_timeout": "5s"})
-    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
-    sc.wait_event("sidecar.consul.registered")
+    shutdown = {"deregister_timeout": "1s", "propagation_delay": "3s", "app_timeout": "5s"}
+    sc, _ = registered_sidecar("--signal-log", str(siglog), agent=fresh_consul, shutdown=shutdown)
     assert fresh_consul.proc is not None
     fresh_consul.proc.send_signal(signal.SIGSTOP)
     try:
@@ -83,19 +85,23 @@ def test_agent_frozen_during_drain(fresh_consul: Consul, start_sidecar: StartSid
 
 
 @pytest.mark.parametrize("fault", ["status=500", "status=200&delay=3"], ids=["http-500", "slow"])
-def test_failing_health_check_leaves_routing_to_consul(consul: Consul, start_sidecar: StartSidecar, service_name: str, fault: str) -> None:
+def test_failing_health_check_leaves_routing_to_consul(
+    consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, fault: str
+) -> None:
     """1. The app starts answering its health check with 500 (or too slowly for the 1 s check timeout).
     2. Expected: Consul marks the check critical and stops handing out the instance; the sidecar keeps
        running and keeps the registration as it is (no re-registration, no deregistration).
     """
-    port = free_port()
-    sc = start_sidecar(base_config(consul, service_name, port), app_command(port))
-    sc.wait_event("sidecar.consul.registered")
-    with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/health?{fault}", method="POST"), timeout=5) as r:
+    sc, port = registered_sidecar()
+    with urllib.request.urlopen(
+        urllib.request.Request(f"http://127.0.0.1:{port}/health?{fault}", method="POST"), timeout=5
+    ) as r:
         assert r.status == 200
 
     def critical() -> bool:
-        return any(c["Status"] == "critical" for e in consul.instances(service_name) for c in e["Checks"] if c["ServiceID"])
+        return any(
+            c["Status"] == "critical" for e in consul.instances(service_name) for c in e["Checks"] if c["ServiceID"]
+        )
 
     wait_for(critical, 10, 0.1, "Consul to mark the check critical")
     assert consul.get(f"/v1/health/service/{service_name}?passing=1") == []
@@ -108,7 +114,9 @@ def test_failing_health_check_leaves_routing_to_consul(consul: Consul, start_sid
     assert sc.wait(30) == 0
 
 
-def test_killed_sidecar_restarted_replaces_its_registration(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_killed_sidecar_restarted_replaces_its_registration(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """1. SIGKILL the sidecar (wrapper mode): its app dies with it, the registration stays behind.
     2. A new sidecar with the same service ID starts: expected one instance, not two, and passing.
     """
@@ -121,7 +129,9 @@ def test_killed_sidecar_restarted_replaces_its_registration(consul: Consul, star
     first.wait(5)
     wait_for(lambda: not pid_alive(app1), 3, what="the first app to die with its sidecar")
     assert consul.service_ids(service_name) == [f"{service_name}-1"]  # stale, left behind
-    second = start_sidecar(base_config(consul, service_name, port, service={"meta": {"generation": "2"}}), app_command(port))
+    second = start_sidecar(
+        base_config(consul, service_name, port, service={"meta": {"generation": "2"}}), app_command(port)
+    )
     second.wait_event("sidecar.consul.registered")
     [entry] = consul.instances(service_name)
     assert entry["Service"]["Meta"] == {"generation": "2"}
@@ -132,16 +142,13 @@ def test_killed_sidecar_restarted_replaces_its_registration(consul: Consul, star
     assert second.wait() == 0
 
 
-def test_signal_storm(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_signal_storm(consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path) -> None:
     """1. Within 100 ms: 30 SIGTERMs, 10 SIGHUPs and one SIGINT, interleaved.
     2. Expected: one drain, one deregistration, the SIGHUPs reach the app (signals of one kind may
        coalesce, so at least one), the app ends with 0 after the full delay, no traceback.
     """
-    port = free_port()
     siglog = tmp_path / "signals.log"
-    cfg = base_config(consul, service_name, port, shutdown={"propagation_delay": "1s"})
-    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar("--signal-log", str(siglog), shutdown={"propagation_delay": "1s"})
     t = time.monotonic()
     for i in range(30):
         sc.send(signal.SIGTERM)
@@ -160,28 +167,37 @@ def test_signal_storm(consul: Consul, start_sidecar: StartSidecar, service_name:
 
 
 def _faketime_lib() -> str:
-    for cand in ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1"):
+    for cand in (
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ):
         if Path(cand).exists():
             return cand
-    found = subprocess.run(["sh", "-c", "ls /usr/lib/*/faketime/libfaketime.so.1 2>/dev/null | head -n1"], capture_output=True, text=True).stdout.strip()
+    found = subprocess.run(
+        ["sh", "-c", "ls /usr/lib/*/faketime/libfaketime.so.1 2>/dev/null | head -n1"], capture_output=True, text=True
+    ).stdout.strip()
     assert found, "libfaketime is missing: scripts/setup installs Debian's faketime package"
     return found
 
 
-def test_wall_clock_jump_does_not_change_the_delay(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_wall_clock_jump_does_not_change_the_delay(
+    consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
+) -> None:
     """1. The sidecar runs under libfaketime with a wall clock read from a file; the monotonic clock is real.
     2. During a 2 s propagation delay the wall clock jumps one hour forward, then a day back.
     3. Expected: the app is still signalled 2 s (not 0 s, not never) after the deregistration.
     """
     lib = _faketime_lib()
-    port = free_port()
     siglog = tmp_path / "signals.log"
     stamp = tmp_path / "faketime"
     stamp.write_text("+0s\n")
-    env = {"LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": str(stamp), "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
-    cfg = base_config(consul, service_name, port, shutdown={"propagation_delay": "2s"})
-    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--signal-log", str(siglog)), env=env)
-    sc.wait_event("sidecar.consul.registered")
+    env = {
+        "LD_PRELOAD": lib,
+        "FAKETIME_TIMESTAMP_FILE": str(stamp),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+    sc, _ = registered_sidecar("--signal-log", str(siglog), env=env, shutdown={"propagation_delay": "2s"})
     sc.send(signal.SIGTERM)
     sc.wait_event("sidecar.consul.deregistered")
     gone = time.monotonic()

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from examples.rollout.fleet import run_fleet
-
-from .harness import Consul
+from testkit import Consul
 
 
 def test_fifty_sidecars_register_and_drain_together(consul: Consul, tmp_path: Path) -> None:

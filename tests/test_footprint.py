@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 
-from .harness import PY, ROOT
+from testkit import PY, ROOT
 
 
 def test_sidecar_does_not_import_requests() -> None:
-    code = "import sys, sidecar.cli; print(sorted(m for m in ('requests', 'urllib3', 'consul.std') if m in sys.modules))"
+    code = (
+        "import sys, sidecar.cli; print(sorted(m for m in ('requests', 'urllib3', 'consul.std') if m in sys.modules))"
+    )
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
     assert out == "[]"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,15 @@ import structlog
 from sidecar.app_control import StopResult
 from sidecar.clock import SystemClock
 from sidecar.config import Config, load_config
-from sidecar.consul_client import ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, DeregisterResult, Deregistration
-from sidecar.lifecycle import EX_CONFIG, EX_NOPERM, EX_UNAVAILABLE, Sidecar
+from sidecar.consul_client import (
+    ConsulPermissionDenied,
+    ConsulRejected,
+    ConsulUnavailable,
+    DeregisterResult,
+    Deregistration,
+)
+from sidecar.exit_codes import EX_CONFIG, EX_NOPERM, EX_UNAVAILABLE
+from sidecar.lifecycle import Sidecar
 from sidecar.status import State, Status
 
 
@@ -59,11 +68,18 @@ class FakeAgent:
 
 class FakeApp:
     description = "fake app"
+    followed: frozenset[int] = frozenset()
+    orphans_reaped = 0
+    leftovers_signalled = 0
+    leftovers_killed = 0
 
     def __init__(self, calls: list[str], exit_on_signal: bool = True) -> None:
         self.calls = calls
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.exit_on_signal = exit_on_signal
+
+    def start(self) -> None:
+        self.calls.append("start")
 
     def forward(self, sig: signal.Signals) -> None:
         self.calls.append(f"forward {sig.name}")
@@ -107,14 +123,19 @@ class FakeInbox:
 def make_config(tmp_path: Path, **shutdown: str) -> Config:
     extra = "".join(f'{k} = "{v}"\n' for k, v in shutdown.items())
     p = tmp_path / "c.toml"
-    p.write_text(f'[service]\nname = "web"\nport = 8080\naddress = "127.0.0.1"\n[startup]\ntimeout = "300ms"\n[shutdown]\n{extra}')
+    p.write_text(
+        '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.1"\n'
+        f'[startup]\ntimeout = "300ms"\n[shutdown]\n{extra}'
+    )
     return load_config(p, {})
 
 
-def make_sidecar(config: Config, agent: FakeAgent, app: FakeApp, prober: FakeProber | None = None) -> tuple[Sidecar, FakeInbox]:
+def make_sidecar(
+    config: Config, agent: FakeAgent, app: FakeApp, prober: FakeProber | None = None
+) -> tuple[Sidecar, FakeInbox]:
     inbox = FakeInbox()
     sc = Sidecar(
-        config, agent=agent, app=app, start_app=lambda: app.calls.append("start"), prober=prober or FakeProber(),
+        config, agent=agent, app=app, prober=prober or FakeProber(),
         clock=SystemClock(), status=Status(SystemClock(), config.service.id), log=structlog.get_logger(),
         inbox=inbox,  # type: ignore[arg-type]
     )
@@ -127,80 +148,123 @@ async def until(pred: Any, timeout: float = 2.0) -> None:
             await asyncio.sleep(0.005)
 
 
+@dataclass
+class Rig:
+    """The lifecycle's Sidecar on fakes; the agent and the app record what they are asked in ``calls``."""
+
+    calls: list[str]
+    agent: FakeAgent
+    app: FakeApp
+    sidecar: Sidecar
+    inbox: FakeInbox
+
+    def send(self, sig: signal.Signals) -> None:
+        """What the signal handlers would record."""
+        self.inbox.queue.put_nowait(sig)
+
+    def start(self) -> asyncio.Task[int]:
+        return asyncio.create_task(self.sidecar.run())
+
+    async def start_registered(self, timeout: float = 2.0) -> asyncio.Task[int]:
+        """Run the sidecar until its instance is registered; the task ends with its exit status."""
+        run = self.start()
+        await until(lambda: self.sidecar.status.state is State.REGISTERED, timeout)
+        return run
+
+
+MakeRig = Callable[..., Rig]
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> MakeRig:
+    """rig(register_errors=None, healthy=True, exit_on_signal=True, **shutdown) -> a Rig whose config has
+    the given [shutdown] keys. Call it inside the test's event loop (the fake app's future needs one)."""
+
+    def make(
+        *,
+        register_errors: list[Exception] | None = None,
+        healthy: bool = True,
+        exit_on_signal: bool = True,
+        **shutdown: str,
+    ) -> Rig:
+        calls: list[str] = []
+        agent = FakeAgent(calls, register_errors)
+        app = FakeApp(calls, exit_on_signal=exit_on_signal)
+        sc, inbox = make_sidecar(make_config(tmp_path, **shutdown), agent, app, FakeProber(healthy=healthy))
+        return Rig(calls, agent, app, sc, inbox)
+
+    return make
+
+
 @pytest.mark.asyncio
-async def test_sigterm_order_deregister_delay_stop(tmp_path: Path) -> None:
+async def test_sigterm_order_deregister_delay_stop(rig: MakeRig) -> None:
     """SIGTERM: deregister, then (after the delay) stop the app; never the other way round."""
-    calls: list[str] = []
-    app = FakeApp(calls)
-    sc, inbox = make_sidecar(make_config(tmp_path, propagation_delay="200ms"), FakeAgent(calls), app)
-    run = asyncio.create_task(sc.run())
-    await until(lambda: sc.status.state is State.REGISTERED)
+    r = rig(propagation_delay="200ms")
+    run = await r.start_registered()
     loop = asyncio.get_running_loop()
     t = loop.time()
-    inbox.queue.put_nowait(signal.SIGTERM)
+    r.send(signal.SIGTERM)
     assert await run == 0
     assert loop.time() - t >= 0.2
-    assert calls == ["start", "register passing=True", "deregister", "stop SIGTERM"]
+    assert r.calls == ["start", "register passing=True", "deregister", "stop SIGTERM"]
 
 
 @pytest.mark.asyncio
-async def test_second_sigint_ends_the_delay_and_sigterms_change_nothing(tmp_path: Path) -> None:
-    calls: list[str] = []
-    app = FakeApp(calls)
-    sc, inbox = make_sidecar(make_config(tmp_path, propagation_delay="30s"), FakeAgent(calls), app)
-    run = asyncio.create_task(sc.run())
-    await until(lambda: sc.status.state is State.REGISTERED)
-    inbox.queue.put_nowait(signal.SIGINT)
-    await until(lambda: "deregister" in calls)
+async def test_second_sigint_ends_the_delay_and_sigterms_change_nothing(rig: MakeRig) -> None:
+    """SIGINT starts the drain (30 s delay); SIGTERMs during it change nothing; a second SIGINT ends the
+    delay: one deregistration, then the app's stop."""
+    r = rig(propagation_delay="30s")
+    run = await r.start_registered()
+    r.send(signal.SIGINT)
+    await until(lambda: "deregister" in r.calls)
     for _ in range(5):
-        inbox.queue.put_nowait(signal.SIGTERM)
+        r.send(signal.SIGTERM)
     await asyncio.sleep(0.1)
-    assert "stop SIGTERM" not in calls
-    inbox.queue.put_nowait(signal.SIGINT)
+    assert "stop SIGTERM" not in r.calls
+    r.send(signal.SIGINT)
     assert await asyncio.wait_for(run, 2) == 0
-    assert calls.count("deregister") == 1 and calls[-1] == "stop SIGTERM"
+    assert r.calls.count("deregister") == 1 and r.calls[-1] == "stop SIGTERM"
 
 
 @pytest.mark.asyncio
-async def test_third_sigint_kills(tmp_path: Path) -> None:
-    calls: list[str] = []
-    app = FakeApp(calls, exit_on_signal=False)
-    sc, inbox = make_sidecar(make_config(tmp_path, propagation_delay="0s", app_timeout="30s"), FakeAgent(calls), app)
-    run = asyncio.create_task(sc.run())
-    await until(lambda: sc.status.state is State.REGISTERED)
+async def test_third_sigint_kills(rig: MakeRig) -> None:
+    """An app that ignores its stop signal (app_timeout 30 s): the third SIGINT kills it, exit 137."""
+    r = rig(exit_on_signal=False, propagation_delay="0s", app_timeout="30s")
+    run = await r.start_registered()
     for _ in range(3):
-        inbox.queue.put_nowait(signal.SIGINT)
+        r.send(signal.SIGINT)
         await asyncio.sleep(0.05)
     assert await asyncio.wait_for(run, 2) == 137
-    assert "kill" in calls
+    assert "kill" in r.calls
 
 
 @pytest.mark.asyncio
-async def test_forwarded_signals(tmp_path: Path) -> None:
-    calls: list[str] = []
-    app = FakeApp(calls)
-    sc, inbox = make_sidecar(make_config(tmp_path, propagation_delay="0s"), FakeAgent(calls), app)
-    run = asyncio.create_task(sc.run())
-    await until(lambda: sc.status.state is State.REGISTERED)
+async def test_forwarded_signals(rig: MakeRig) -> None:
+    """SIGHUP, SIGUSR1, SIGUSR2 and SIGWINCH are forwarded to the app, in order; SIGTERM still drains."""
+    r = rig(propagation_delay="0s")
+    run = await r.start_registered()
     for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH):
-        inbox.queue.put_nowait(sig)
-    await until(lambda: len([c for c in calls if c.startswith("forward")]) == 4)
-    inbox.queue.put_nowait(signal.SIGTERM)
+        r.send(sig)
+    await until(lambda: len([c for c in r.calls if c.startswith("forward")]) == 4)
+    r.send(signal.SIGTERM)
     assert await run == 0
-    assert [c for c in calls if c.startswith("forward")] == ["forward SIGHUP", "forward SIGUSR1", "forward SIGUSR2", "forward SIGWINCH"]
+    assert [c for c in r.calls if c.startswith("forward")] == [
+        "forward SIGHUP",
+        "forward SIGUSR1",
+        "forward SIGUSR2",
+        "forward SIGWINCH",
+    ]
 
 
 @pytest.mark.asyncio
-async def test_app_exit_deregisters_and_passes_status(tmp_path: Path) -> None:
-    calls: list[str] = []
-    app = FakeApp(calls)
-    sc, _ = make_sidecar(make_config(tmp_path), FakeAgent(calls), app)
-    run = asyncio.create_task(sc.run())
-    await until(lambda: sc.status.state is State.REGISTERED)
-    app.exited.set_result(3)
+async def test_app_exit_deregisters_and_passes_status(rig: MakeRig) -> None:
+    """The app exits with 3 on its own: the instance is deregistered and the sidecar exits 3."""
+    r = rig()
+    run = await r.start_registered()
+    r.app.exited.set_result(3)
     assert await run == 3
     # Deregistered at once; then stop() only cleans up what the app left behind (it has exited).
-    assert calls[-2:] == ["deregister", "stop SIGTERM"]
+    assert r.calls[-2:] == ["deregister", "stop SIGTERM"]
 
 
 @pytest.mark.parametrize(
@@ -209,52 +273,43 @@ async def test_app_exit_deregisters_and_passes_status(tmp_path: Path) -> None:
     ids=["acl-denied", "rejected"],
 )
 @pytest.mark.asyncio
-async def test_fatal_registration_errors_stop_the_app(tmp_path: Path, error: Exception, expected: int) -> None:
-    calls: list[str] = []
-    app = FakeApp(calls)
-    sc, _ = make_sidecar(make_config(tmp_path), FakeAgent(calls, [error]), app)
-    assert await asyncio.wait_for(sc.run(), 5) == expected
+async def test_fatal_registration_errors_stop_the_app(rig: MakeRig, error: Exception, expected: int) -> None:
+    """The agent refuses the registration for good: the app is stopped, the exit status names why."""
+    r = rig(register_errors=[error])
+    assert await asyncio.wait_for(r.sidecar.run(), 5) == expected
     # The agent refused the write: nothing to deregister; the app is stopped.
-    assert calls == ["start", "register passing=True", "stop SIGTERM"]
+    assert r.calls == ["start", "register passing=True", "stop SIGTERM"]
 
 
 @pytest.mark.asyncio
-async def test_unhealthy_app_is_never_registered(tmp_path: Path) -> None:
-    calls: list[str] = []
-    app = FakeApp(calls)
-    sc, _ = make_sidecar(make_config(tmp_path), FakeAgent(calls), app, FakeProber(healthy=False))
-    assert await asyncio.wait_for(sc.run(), 5) == EX_UNAVAILABLE
-    assert calls == ["start", "stop SIGTERM"]
+async def test_unhealthy_app_is_never_registered(rig: MakeRig) -> None:
+    """An app that never passes its health check is never registered; the sidecar exits 69."""
+    r = rig(healthy=False)
+    assert await asyncio.wait_for(r.sidecar.run(), 5) == EX_UNAVAILABLE
+    assert r.calls == ["start", "stop SIGTERM"]
 
 
 @pytest.mark.asyncio
-async def test_unreachable_agent_logs_state_changes_not_retries(tmp_path: Path) -> None:
+async def test_unreachable_agent_logs_state_changes_not_retries(rig: MakeRig) -> None:
     """Two failed attempts then success: one 'unreachable', one 'reachable' event."""
-    calls: list[str] = []
-    app = FakeApp(calls)
-    agent = FakeAgent(calls, [ConsulUnavailable("refused"), ConsulUnavailable("refused")])
-    sc, inbox = make_sidecar(make_config(tmp_path, propagation_delay="0s"), agent, app)
+    r = rig(register_errors=[ConsulUnavailable("refused"), ConsulUnavailable("refused")], propagation_delay="0s")
     # Backoff starts at 0.5-1 s: two retries take about 1-3 s.
     with structlog.testing.capture_logs() as logs:
-        run = asyncio.create_task(sc.run())
-        await until(lambda: sc.status.state is State.REGISTERED, timeout=10)
-        inbox.queue.put_nowait(signal.SIGTERM)
+        run = await r.start_registered(timeout=10)
+        r.send(signal.SIGTERM)
         assert await run == 0
     events = [e["event"] for e in logs]
     assert events.count("sidecar.consul.unreachable") == 1
     assert events.count("sidecar.consul.reachable") == 1
-    assert calls.count("register passing=True") == 3
+    assert r.calls.count("register passing=True") == 3
 
 
 @pytest.mark.asyncio
-async def test_shutdown_before_registration_skips_the_delay(tmp_path: Path) -> None:
+async def test_shutdown_before_registration_skips_the_delay(rig: MakeRig) -> None:
     """SIGTERM while the app is still unhealthy: nothing was ever registered, so no propagation delay."""
-    calls: list[str] = []
-    app = FakeApp(calls)
-    cfg = make_config(tmp_path, propagation_delay="30s")
-    sc, inbox = make_sidecar(cfg, FakeAgent(calls), app, FakeProber(healthy=False))
-    run = asyncio.create_task(sc.run())
+    r = rig(healthy=False, propagation_delay="30s")
+    run = r.start()
     await asyncio.sleep(0.05)
-    inbox.queue.put_nowait(signal.SIGTERM)
+    r.send(signal.SIGTERM)
     assert await asyncio.wait_for(run, 2) == 0
-    assert not any(c.startswith("register") for c in calls)
+    assert not any(c.startswith("register") for c in r.calls)

@@ -26,13 +26,13 @@ from typing import Any
 
 import pytest
 
+import testkit
 from sidecar.clock import SystemClock
 from sidecar.log import QueueSink
 from sidecar.status import Status, StatusServer, bind
+from testkit import PY, ROOT, Consul, app_command, free_port, http_get, read_signal_log, wait_for
 
-from . import harness
 from .conftest import StartSidecar, base_config
-from .harness import PY, ROOT, Consul, app_command, free_port, http_get, read_signal_log, wait_for
 
 F_SETPIPE_SZ = 1031
 
@@ -81,18 +81,31 @@ def sidecar_env() -> dict[str, str]:
 
 
 def sidecar_argv(config_path: Path, command: list[str]) -> list[str]:
-    return [PY, "-m", "sidecar", "run", "-c", str(config_path), "--log-format", "json", "--log-level", "debug", "--", *command]
+    return [
+        PY,
+        "-m",
+        "sidecar",
+        "run",
+        "-c",
+        str(config_path),
+        "--log-format",
+        "json",
+        "--log-level",
+        "debug",
+        "--",
+        *command,
+    ]
 
 
-class LimitedSidecar(harness.Sidecar):
+class LimitedSidecar(testkit.Sidecar):
     """A harness Sidecar whose process runs under ``prlimit --nofile=N:N``."""
 
     def __init__(self, workdir: Path, config: dict[str, dict[str, Any]], command: list[str], nofile: int) -> None:
         self.workdir = workdir
-        self.config_path = harness.write_config(workdir / "limited-sidecar.toml", config)
+        self.config_path = testkit.write_config(workdir / "limited-sidecar.toml", config)
         self.log = workdir / "limited-sidecar.log"
         argv = ["prlimit", f"--nofile={nofile}:{nofile}", "--", *sidecar_argv(self.config_path, command)]
-        self.proc = harness.spawn(argv, self.log, sidecar_env())
+        self.proc = testkit.spawn(argv, self.log, sidecar_env())
 
 
 def watch_drain(consul: Consul, name: str, sid: str, sigfile: Path, timeout: float) -> float:
@@ -104,7 +117,9 @@ def watch_drain(consul: Consul, name: str, sid: str, sigfile: Path, timeout: flo
         signalled = any(s == "SIGTERM" for s, _ in read_signal_log(sigfile))
         registered = consul.get(f"/v1/agent/service/{sid}") is not None or sid in consul.service_ids(name)
         if signalled:
-            assert gone_at is not None and not registered, "the app was signalled while its instance was still registered"
+            assert gone_at is not None and not registered, (
+                "the app was signalled while its instance was still registered"
+            )
             return gone_at
         if not registered and gone_at is None:
             gone_at = time.monotonic()
@@ -119,7 +134,9 @@ def pipe_bytes(fd: int) -> int:
 
 
 @pytest.mark.parametrize("reader_returns", [True, False], ids=["reader-returns", "reader-never-returns"])
-def test_stalled_stderr_pipe_does_not_block_the_drain(consul: Consul, tmp_path: Path, service_name: str, reader_returns: bool) -> None:
+def test_stalled_stderr_pipe_does_not_block_the_drain(
+    consul: Consul, tmp_path: Path, service_name: str, reader_returns: bool
+) -> None:
     """Defect 2. The sidecar's stdout and stderr are a pipe nobody reads; the app (sharing it) fills it.
     1. Registered and passing; the pipe is full. SIGUSR1s make the sidecar log (one debug line each)
        until /status reports dropped log lines.
@@ -135,13 +152,13 @@ def test_stalled_stderr_pipe_does_not_block_the_drain(consul: Consul, tmp_path: 
     sigfile, errfile = tmp_path / "app-signals", tmp_path / "app-write-errors"
     cfg = base_config(consul, service_name, app_port, status={"listen": f"127.0.0.1:{status_port}"},
                       shutdown={"propagation_delay": "1s", "app_timeout": "10s", "deregister_timeout": "3s"})
-    config_path = harness.write_config(tmp_path / "sidecar.toml", cfg)
+    config_path = testkit.write_config(tmp_path / "sidecar.toml", cfg)
     worst_case = 3 + 1 + 10 + 1
     r, w = os.pipe()
     fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
     proc = subprocess.Popen(sidecar_argv(config_path, [PY, str(script), str(app_port), str(sigfile), str(errfile)]),
                             stdin=subprocess.DEVNULL, stdout=w, stderr=w, start_new_session=True, env=sidecar_env())
-    harness._started.append(proc)
+    testkit.track(proc)
     os.close(w)
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: _read_to_eof(r, chunks), daemon=True)
@@ -240,7 +257,12 @@ def test_idle_status_connections_cannot_exhaust_descriptors(consul: Consul, tmp_
     port = free_port()
     sid = f"{service_name}-1"
     sigfile = tmp_path / "app-signals"
-    cfg = base_config(consul, service_name, port, shutdown={"propagation_delay": "1s", "app_timeout": "10s", "deregister_timeout": "3s"})
+    cfg = base_config(
+        consul,
+        service_name,
+        port,
+        shutdown={"propagation_delay": "1s", "app_timeout": "10s", "deregister_timeout": "3s"},
+    )
     sc = LimitedSidecar(tmp_path, cfg, app_command(port, "127.0.0.1", "--signal-log", str(sigfile)), nofile=256)
     sc.wait_event("sidecar.consul.registered", 20)
     status = sc.status_url()
@@ -264,7 +286,11 @@ def test_idle_status_connections_cannot_exhaust_descriptors(consul: Consul, tmp_
     assert "Traceback" not in out and "Too many open files" not in out
     stray = [line for line in out.splitlines() if line and not line.startswith(("{", "app: "))]
     assert not stray, f"non-JSON lines: {stray[:5]}"
-    trouble = [e for e in sc.events() if e["event"].startswith(("sidecar.status.", "sidecar.library.")) and e["level"] != "info"]
+    trouble = [
+        e
+        for e in sc.events()
+        if e["event"].startswith(("sidecar.status.", "sidecar.library.")) and e["level"] != "info"
+    ]
     assert len(trouble) <= 5, [e["event"] for e in trouble]
 
 
@@ -373,7 +399,11 @@ def test_status_server_bounds_the_request_head() -> None:
     assert big.startswith(b"HTTP/1.1 431 ") and bad.startswith(b"HTTP/1.1 400 ") and post.startswith(b"HTTP/1.1 405 ")
     assert missing.startswith(b"HTTP/1.1 404 ") and ok.startswith(b"HTTP/1.1 200 ")
     doc = json.loads(ok.split(b"\r\n\r\n", 1)[1])
-    assert doc["service_id"] == "svc-1" and doc["log"]["dropped_lines"] == 0 and doc["status_server"]["max_connections"] == 4
+    assert (
+        doc["service_id"] == "svc-1"
+        and doc["log"]["dropped_lines"] == 0
+        and doc["status_server"]["max_connections"] == 4
+    )
 
 
 def test_status_server_evicts_the_oldest_idle_connection_at_its_cap() -> None:

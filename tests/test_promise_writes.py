@@ -18,13 +18,12 @@ import pytest
 import structlog
 
 from examples.rollout.fleet import CatalogWatcher
+from sidecar.status import State
+from testkit import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, wait_for
 
 from .conftest import StartSidecar, base_config
 from .faultproxy import FaultProxy
-from .harness import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, wait_for
-from .test_acl_tls import acl_consul, make_token, writer_rules  # noqa: F401 - acl_consul: the ACL agent fixture
-from sidecar.status import State
-
+from .test_acl_tls import make_token, writer_rules
 from .test_lifecycle_logic import FakeAgent, FakeApp, make_config, make_sidecar, until
 
 REGISTER = "/v1/agent/service/register"
@@ -111,8 +110,11 @@ def test_keeper_write_in_flight_cannot_land_after_the_deregistration(
     port = free_port()
     siglog = tmp_path / "signals.log"
     sid = f"{service_name}-1"
-    cfg = through(proxy, base_config(consul, service_name, port, shutdown={"propagation_delay": "2s", "deregister_timeout": "3s"}),
-                  timeout=consul_timeout)
+    cfg = through(
+        proxy,
+        base_config(consul, service_name, port, shutdown={"propagation_delay": "2s", "deregister_timeout": "3s"}),
+        timeout=consul_timeout,
+    )
     sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
     sc.wait_event("sidecar.consul.registered")
     watcher = CatalogWatcher(consul, service_name)
@@ -132,8 +134,17 @@ def test_keeper_write_in_flight_cannot_land_after_the_deregistration(
     ("PUT", DEREGISTER, "status", 429),
     ("GET", "/v1/agent/service/", "garbage", 0),
 ], ids=["latin1-502-on-deregister", "truncated-deregister", "429-on-deregister", "garbage-json-on-read"])
-def test_hostile_answers_during_the_drain(consul: Consul, proxy: FaultProxy, start_sidecar: StartSidecar, service_name: str,
-                                          tmp_path: Path, method: str, prefix: str, action: str, status: int) -> None:
+def test_hostile_answers_during_the_drain(
+    consul: Consul,
+    proxy: FaultProxy,
+    start_sidecar: StartSidecar,
+    service_name: str,
+    tmp_path: Path,
+    method: str,
+    prefix: str,
+    action: str,
+    status: int,
+) -> None:
     """1. Registered; the proxy answers the drain's first two such requests itself with a hostile answer
        (a latin-1 502 page, a truncated body, 429, a 200 whose body is not JSON).
     2. Expected: a Consul error, retried: the drain confirms the deregistration, signals the app after
@@ -142,7 +153,10 @@ def test_hostile_answers_during_the_drain(consul: Consul, proxy: FaultProxy, sta
     port = free_port()
     siglog = tmp_path / "signals.log"
     sid = f"{service_name}-1"
-    sc = start_sidecar(through(proxy, base_config(consul, service_name, port)), app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
+    sc = start_sidecar(
+        through(proxy, base_config(consul, service_name, port)),
+        app_command(port, "127.0.0.1", "--signal-log", str(siglog)),
+    )
     sc.wait_event("sidecar.consul.registered")
     watcher = CatalogWatcher(consul, service_name)
     watcher.start()
@@ -154,8 +168,9 @@ def test_hostile_answers_during_the_drain(consul: Consul, proxy: FaultProxy, sta
     assert [s for s in proxy.seen(method, prefix) if s.action == action], "the fault was never injected"
 
 
-def test_latin1_answer_to_the_keepers_read_does_not_kill_it(consul: Consul, proxy: FaultProxy, start_sidecar: StartSidecar,
-                                                            service_name: str) -> None:
+def test_latin1_answer_to_the_keepers_read_does_not_kill_it(
+    consul: Consul, proxy: FaultProxy, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """1. Registered; the keeper's periodic reads get a latin-1 502 page three times.
     2. Then the agent forgets the service. Expected: the keeper is still alive and re-registers it;
        /status showed the error meanwhile; no traceback.
@@ -177,7 +192,9 @@ def test_latin1_answer_to_the_keepers_read_does_not_kill_it(consul: Consul, prox
     assert "Traceback" not in sc.output()
 
 
-def test_token_with_a_line_break_inside_is_a_config_error(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_token_with_a_line_break_inside_is_a_config_error(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
     """A token file holding `tok-1\\ntok-2`: exit 78 before anything starts, one line naming the token file,
     neither token printed, no traceback."""
     tf = tmp_path / "token"
@@ -227,8 +244,9 @@ async def test_keeper_that_fails_unexpectedly_says_so_and_restarts(tmp_path: Pat
     assert calls.count("register passing=True") == 2
 
 
-def test_token_file_gone_mid_run_keeps_the_last_good_token(start_sidecar: StartSidecar, service_name: str, tmp_path: Path,
-                                                          acl_consul: Consul) -> None:
+def test_token_file_gone_mid_run_keeps_the_last_good_token(
+    start_sidecar: StartSidecar, service_name: str, tmp_path: Path, acl_consul: Consul
+) -> None:
     """1. ACLs on (default deny); registered with a token from a file.
     2. The file is deleted, then comes back with a line break inside.
     3. Expected: one warning (sidecar.consul.token_unreadable) per episode, the keeper and the drain

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from examples.rollout.fleet import CatalogWatcher
+from testkit import Consul, app_command, free_port, read_signal_log, wait_for
 
 from .conftest import StartSidecar, base_config
 from .faultproxy import FaultProxy
-from .harness import Consul, app_command, free_port, read_signal_log, wait_for
 from .test_promise_writes import REGISTER, remove_behind_its_back
 
 SEED = int(os.environ.get("SIDECAR_RACE_SEED", "20261127"))
@@ -62,7 +62,9 @@ def one_run(plan: Plan, consul: Consul, start_sidecar: StartSidecar, workdir: Pa
     watcher.start()
     with FaultProxy(consul.http_port) as proxy:
         proxy.add("GET", "/v1/agent/service/", "delay", 0.1)
-        cfg = base_config(consul, name, port, shutdown={"propagation_delay": "300ms", "deregister_timeout": "3s", "app_timeout": "5s"})
+        cfg = base_config(
+            consul, name, port, shutdown={"propagation_delay": "300ms", "deregister_timeout": "3s", "app_timeout": "5s"}
+        )
         cfg["consul"]["address"] = proxy.address
         if plan.mode == "startup":
             proxy.add("PUT", REGISTER, "hold_response", plan.hold)  # applied at once, answered late
@@ -87,7 +89,9 @@ def one_run(plan: Plan, consul: Consul, start_sidecar: StartSidecar, workdir: Pa
         signalled = signals[0][1]
         before = [ids for t, ids in watcher.changes if t <= signalled][-1:]
         if before and sid in before[0]:
-            problems.append(f"the app was signalled while the catalog listed it ({watcher.changes}, signal at {signalled})")
+            problems.append(
+                f"the app was signalled while the catalog listed it ({watcher.changes}, signal at {signalled})"
+            )
         if any(t > signalled for t in listed):
             problems.append(f"listed again after the app's signal ({watcher.changes}, signal at {signalled})")
     elif listed:  # registered implies the app was healthy, so its signal handler was in place
@@ -101,7 +105,9 @@ def one_run(plan: Plan, consul: Consul, start_sidecar: StartSidecar, workdir: Pa
     return f"{plan}: {'; '.join(problems)}\n{sc.output()[-1500:]}" if problems else None
 
 
-def test_sigterm_at_random_points_keeps_the_promise(consul: Consul, start_sidecar: StartSidecar, tmp_path: Path) -> None:
+def test_sigterm_at_random_points_keeps_the_promise(
+    consul: Consul, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
     """18 seeded runs, half SIGTERM somewhere in the start-up (the first registration applied but
     its answer held), half somewhere in the keeper's cycle (a re-registration held before it
     reaches the agent). Expected after every run: signal after gone, nothing left registered."""

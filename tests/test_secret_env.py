@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from testkit import Consul, app_command, free_port
+
 from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port
 
 
 def app_environment(pid: int) -> dict[str, str]:
@@ -57,7 +58,9 @@ def test_variables_that_fed_the_token_are_not_in_the_apps_environment(
     assert sc.event("sidecar.config.warning") is None  # a 0600 file (or no file): no warning
 
 
-def test_writable_token_file_is_warned_about_at_start(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_writable_token_file_is_warned_about_at_start(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
     """A world-writable token file: the sidecar starts (a warning, not an error) and logs one
     sidecar.config.warning naming consul.token_file and the mode; the token is not in it."""
     secret = "0b5e2d11-cafe-4bad-8888-0123456789ab"
@@ -70,5 +73,7 @@ def test_writable_token_file_is_warned_about_at_start(consul: Consul, start_side
     warnings = [e for e in sc.events() if e["event"] == "sidecar.config.warning"]
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
-    assert len(warnings) == 1 and "consul.token_file" in warnings[0]["warning"] and "0666" in warnings[0]["warning"], warnings
+    assert len(warnings) == 1 and "consul.token_file" in warnings[0]["warning"] and "0666" in warnings[0]["warning"], (
+        warnings
+    )
     assert secret not in sc.output()

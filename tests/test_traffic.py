@@ -195,7 +195,9 @@ def test_time_wait_sockets_are_not_counted(track: Track, watchers: Callable[...,
     deadline = time.monotonic() + 5
     while time_wait_on(port) < 5 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert time_wait_on(port) == 5, "the test did not make the TIME_WAIT sockets it meant to"
+    # At least: an unrelated connection elsewhere on the machine may have used this number as its
+    # ephemeral port and left a TIME_WAIT socket of its own (seen with several suites at once).
+    assert time_wait_on(port) >= 5, "the test did not make the TIME_WAIT sockets it meant to"
     snap = w.snapshot()
     assert snap.listening
     assert snap.connections == 1

@@ -6,8 +6,9 @@ import signal
 import subprocess
 import time
 
+from testkit import PY, ROOT, Consul, app_command, free_port
+
 from .conftest import StartSidecar, base_config
-from .harness import PY, ROOT, Consul, app_command, free_port
 
 
 def wait_cmd(consul: Consul, *args: str) -> subprocess.Popen[str]:
@@ -63,8 +64,24 @@ def test_wait_bad_arguments(consul: Consul) -> None:
 def test_wait_unreachable_consul_times_out_with_the_reason() -> None:
     port = free_port()
     p = subprocess.run(
-        [PY, "-m", "sidecar", "wait", "--consul-address", f"http://127.0.0.1:{port}", "--service", "x", "--min-passing", "1", "--timeout", "1s"],
-        capture_output=True, text=True, cwd=ROOT, timeout=30,
+        [
+            PY,
+            "-m",
+            "sidecar",
+            "wait",
+            "--consul-address",
+            f"http://127.0.0.1:{port}",
+            "--service",
+            "x",
+            "--min-passing",
+            "1",
+            "--timeout",
+            "1s",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
     )
     assert p.returncode == 1
     assert "unreachable" in p.stderr and "Traceback" not in p.stderr

@@ -12,25 +12,22 @@ from typing import Any
 import pytest
 
 from examples.rollout.fleet import CatalogWatcher
+from testkit import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
 
-from .conftest import StartSidecar, base_config
-from .harness import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
+from .conftest import RegisteredSidecar, StartSidecar, base_config
 
 
-def test_registers_with_tags_meta_and_passing_at_once(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_registers_with_tags_meta_and_passing_at_once(
+    consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str
+) -> None:
     """1. The app is healthy; the sidecar registers it.
     2. The catalog shows the instance with its tags, meta, address and port,
        and its HTTP check is already passing although the check interval (30s)
        has not elapsed once: the sidecar registered it passing.
     """
-    port = free_port()
-    cfg = base_config(
-        consul, service_name, port,
-        service={"tags": ["v1", "blue"], "meta": {"version": "1.2.3"}},
-        check={"interval": "30s"},
+    sc, port = registered_sidecar(
+        service={"tags": ["v1", "blue"], "meta": {"version": "1.2.3"}}, check={"interval": "30s"}
     )
-    sc = start_sidecar(cfg, app_command(port))
-    sc.wait_event("sidecar.consul.registered")
     [entry] = consul.instances(service_name)
     svc = entry["Service"]
     assert (svc["ID"], svc["Address"], svc["Port"]) == (f"{service_name}-1", "127.0.0.1", port)
@@ -44,7 +41,9 @@ def test_registers_with_tags_meta_and_passing_at_once(consul: Consul, start_side
     assert sc.wait() == 0
 
 
-def test_drain_order_deregister_then_delay_then_signal(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_drain_order_deregister_then_delay_then_signal(
+    consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
+) -> None:
     """1. A registered instance receives SIGTERM at its sidecar.
     2. A watcher on /v1/health/service/<name> records when the instance disappears;
        the app records when its SIGTERM arrives (both on the system-wide monotonic clock).
@@ -52,14 +51,13 @@ def test_drain_order_deregister_then_delay_then_signal(consul: Consul, start_sid
        no earlier than propagation_delay (1.5 s) after that. Signalling first, or
        not waiting, turns this red.
     """
-    port = free_port()
     siglog = tmp_path / "signals.log"
-    cfg = base_config(consul, service_name, port, shutdown={"propagation_delay": "1.5s"})
-    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar("--signal-log", str(siglog), shutdown={"propagation_delay": "1.5s"})
     watcher = CatalogWatcher(consul, service_name)
     watcher.start()
-    wait_for(lambda: watcher.changes and watcher.changes[-1][1] == [f"{service_name}-1"], 5, what="watcher sees the instance")
+    wait_for(
+        lambda: watcher.changes and watcher.changes[-1][1] == [f"{service_name}-1"], 5, what="watcher sees the instance"
+    )
     sent = time.monotonic()
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
@@ -73,14 +71,11 @@ def test_drain_order_deregister_then_delay_then_signal(consul: Consul, start_sid
     assert signalled - gone < 1.5 + 3.0  # generous bound: the delay is not wildly overshot
 
 
-def test_inflight_request_completes(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_inflight_request_completes(consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str) -> None:
     """1. A 2-second request is in flight when the sidecar gets SIGTERM.
     2. Expected: it completes with 200 (the app drains after its signal), and the sidecar exits 0.
     """
-    port = free_port()
-    cfg = base_config(consul, service_name, port, shutdown={"propagation_delay": "0.5s"})
-    sc = start_sidecar(cfg, app_command(port))
-    sc.wait_event("sidecar.consul.registered")
+    sc, port = registered_sidecar(shutdown={"propagation_delay": "0.5s"})
     result: dict[str, Any] = {}
 
     def slow() -> None:
@@ -108,13 +103,15 @@ def test_inflight_request_completes(consul: Consul, start_sidecar: StartSidecar,
     ids=["clean-0", "status-3", "killed-by-SIGQUIT", "hung-SIGKILL"],
 )
 def test_exit_status_passes_through(
-    consul: Consul, start_sidecar: StartSidecar, service_name: str, app_args: list[str], shutdown: dict[str, str], expected: int
+    consul: Consul,
+    registered_sidecar: RegisteredSidecar,
+    service_name: str,
+    app_args: list[str],
+    shutdown: dict[str, str],
+    expected: int,
 ) -> None:
     """SIGTERM to the sidecar; the sidecar exits with the app's status (128 + N when signal N ended it)."""
-    port = free_port()
-    cfg = base_config(consul, service_name, port, shutdown={"propagation_delay": "0s", **shutdown})
-    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", *app_args))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar(*app_args, shutdown={"propagation_delay": "0s", **shutdown})
     sc.send(signal.SIGTERM)
     assert sc.wait() == expected
     if expected == 128 + signal.SIGKILL:
@@ -122,15 +119,14 @@ def test_exit_status_passes_through(
         assert killed is not None and killed["level"] == "error"
 
 
-def test_app_crash_deregisters_within_a_second(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_app_crash_deregisters_within_a_second(
+    consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str
+) -> None:
     """1. The app exits on its own with status 3 about 2 s after start.
     2. Expected: the instance leaves the catalog within 1 s of the app's exit and
        the sidecar exits 3.
     """
-    port = free_port()
-    cfg = base_config(consul, service_name, port)
-    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--crash-after", "2", "--crash-code", "3"))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar("--crash-after", "2", "--crash-code", "3")
     watcher = CatalogWatcher(consul, service_name)
     watcher.start()
     app_pid = sc.app_pid()
@@ -167,7 +163,11 @@ def test_waits_for_health_before_registering(consul: Consul, start_sidecar: Star
     cfg = base_config(consul, service_name, port)
     sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--healthy-after", "1.5"))
     sc.app_pid()
-    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 503 if _answers(port) else False, 10, what="app answering 503")
+    wait_for(
+        lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 503 if _answers(port) else False,
+        10,
+        what="app answering 503",
+    )
     assert consul.instances(service_name) == []
     sc.wait_event("sidecar.consul.registered")
     healthy = sc.event("sidecar.startup.healthy")
@@ -184,12 +184,12 @@ def _answers(port: int) -> bool:
         return False
 
 
-def test_forwards_signals_to_the_app(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_forwards_signals_to_the_app(
+    consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
+) -> None:
     """SIGHUP, SIGUSR1, SIGUSR2 and SIGWINCH sent to the sidecar reach the app; the sidecar keeps running."""
-    port = free_port()
     siglog = tmp_path / "signals.log"
-    sc = start_sidecar(base_config(consul, service_name, port), app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar("--signal-log", str(siglog))
     sent = [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH]
     for sig in sent:
         sc.send(sig)
@@ -202,17 +202,17 @@ def test_forwards_signals_to_the_app(consul: Consul, start_sidecar: StartSidecar
     assert sc.wait() == 0
 
 
-def test_double_ctrl_c_ends_the_delay_third_kills(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+def test_double_ctrl_c_ends_the_delay_third_kills(
+    consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
+) -> None:
     """1. propagation_delay is 60 s. SIGINT starts the drain; the instance is deregistered.
     2. A second SIGINT ends the delay: the app gets SIGTERM within a second or two, not a minute.
     3. The app ignores SIGTERM (app_timeout 60 s); a third SIGINT SIGKILLs it: exit 137.
     4. Further SIGTERMs during the drain change nothing (no second deregistration).
     """
-    port = free_port()
     siglog = tmp_path / "signals.log"
-    cfg = base_config(consul, service_name, port, shutdown={"propagation_delay": "60s", "app_timeout": "60s"})
-    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--ignore-sigterm", "--signal-log", str(siglog)))
-    sc.wait_event("sidecar.consul.registered")
+    shutdown = {"propagation_delay": "60s", "app_timeout": "60s"}
+    sc, _ = registered_sidecar("--ignore-sigterm", "--signal-log", str(siglog), shutdown=shutdown)
     sc.send(signal.SIGINT)
     sc.wait_event("sidecar.consul.deregistered")
     assert consul.instances(service_name) == []
@@ -230,11 +230,11 @@ def test_double_ctrl_c_ends_the_delay_third_kills(consul: Consul, start_sidecar:
     assert len([e for e in sc.events() if e["event"] == "sidecar.consul.deregistered"]) == 1
 
 
-def test_app_does_not_outlive_a_killed_sidecar(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_app_does_not_outlive_a_killed_sidecar(
+    consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str
+) -> None:
     """SIGKILL to the sidecar (no chance to clean up): the kernel ends the app too."""
-    port = free_port()
-    sc = start_sidecar(base_config(consul, service_name, port), app_command(port))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar()
     app_pid = sc.app_pid()
     assert pid_alive(app_pid)
     sc.send(signal.SIGKILL)
@@ -242,12 +242,11 @@ def test_app_does_not_outlive_a_killed_sidecar(consul: Consul, start_sidecar: St
     wait_for(lambda: not pid_alive(app_pid), 3, what="the app to die with its sidecar")
 
 
-def test_status_endpoint_reports_the_state(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_status_endpoint_reports_the_state(
+    consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str
+) -> None:
     """/healthz answers 200; /status shows registered, then draining during the delay."""
-    port = free_port()
-    cfg = base_config(consul, service_name, port, shutdown={"propagation_delay": "3s"})
-    sc = start_sidecar(cfg, app_command(port))
-    sc.wait_event("sidecar.consul.registered")
+    sc, _ = registered_sidecar(shutdown={"propagation_delay": "3s"})
     url = sc.status_url()
     assert http_get(url + "/healthz")[0] == 200
     st = json.loads(http_get(url + "/status")[1])
@@ -266,5 +265,20 @@ def test_command_not_found(consul: Consul, start_sidecar: StartSidecar, service_
     assert sc.wait(10) == 127
     ev = sc.event("sidecar.app.start_failed")
     assert ev is not None and "/nonexistent/app-binary" in ev["error"]
+    assert "Traceback" not in sc.output()
+    assert consul.instances(service_name) == []
+
+
+def test_command_not_executable(consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path) -> None:
+    """A command that exists but may not be executed (no x bit): exit 126, as a shell would, one
+    error event naming it, no traceback, nothing registered."""
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    port = free_port()
+    sc = start_sidecar(base_config(consul, service_name, port), [str(script)])
+    assert sc.wait(10) == 126
+    ev = sc.event("sidecar.app.start_failed")
+    assert ev is not None and "PermissionError" in ev["error"] and str(script) in ev["error"], ev
     assert "Traceback" not in sc.output()
     assert consul.instances(service_name) == []

@@ -80,8 +80,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pid-file", default=None, help="write the process ID to this file once listening")
     parser.add_argument("--unhealthy", action="store_true", help="/healthz always answers 503")
-    parser.add_argument("--exit-code", type=int, default=0, metavar="N", help="exit status after a graceful shutdown (default 0)")
-    parser.add_argument("--ignore-sigterm", action="store_true", help="ignore SIGTERM entirely (it is still recorded in --signal-log)")
+    parser.add_argument(
+        "--exit-code", type=int, default=0, metavar="N", help="exit status after a graceful shutdown (default 0)"
+    )
+    parser.add_argument(
+        "--ignore-sigterm", action="store_true", help="ignore SIGTERM entirely (it is still recorded in --signal-log)"
+    )
     parser.add_argument(
         "--crash-after",
         type=non_negative_float,
@@ -89,7 +93,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="exit on its own after SECONDS with --crash-code (via os._exit)",
     )
-    parser.add_argument("--crash-code", type=int, default=3, metavar="N", help="exit status used by --crash-after (default 3)")
+    parser.add_argument(
+        "--crash-code", type=int, default=3, metavar="N", help="exit status used by --crash-after (default 3)"
+    )
     parser.add_argument(
         "--signal-log",
         default=None,
@@ -113,7 +119,7 @@ class SignalLog:
     """Appends one fsynced line per received signal to a file."""
 
     def __init__(self, path: str) -> None:
-        self._file: TextIO = open(path, "a", encoding="utf-8")
+        self._file: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115  # open for the app's life; close() ends it
 
     def record(self, sig: signal.Signals, when: float) -> None:
         self._file.write(f"{sig.name} {when:.6f}\n")

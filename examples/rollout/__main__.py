@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from testkit import ROOT, kill_all_started, leftovers
+
 from .loadgen import Summary, summarize, write_csv
-from .procs import ROOT, kill_all_started, leftovers
 from .rollout import Cluster, RolloutResult, rollout
 
 
@@ -26,16 +27,26 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="scripts/demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="scripts/demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--naive", action="store_true", help="only the control: SIGTERM straight to the old apps")
     mode.add_argument("--sidecar-only", action="store_true", help="only the rollout with the sidecar's drain")
     ap.add_argument("--replicas", type=int, default=3, help="instances of v1 to replace (default 3)")
     ap.add_argument("--rate", type=float, default=300.0, help="requests per second through nginx (default 300)")
-    ap.add_argument("--propagation-delay", default="3s", help='the sidecar\'s shutdown.propagation_delay (default "3s")')
-    ap.add_argument("--strategy", choices=("fixed", "traffic"), default="fixed",
-                    help="the sidecars' shutdown.strategy; traffic waits for a quiet port, bounded by 30s (default fixed)")
-    ap.add_argument("--out", type=Path, default=ROOT / "out", help="where the PNG timelines and CSVs go (default out/)")
+    ap.add_argument(
+        "--propagation-delay", default="3s", help='the sidecar\'s shutdown.propagation_delay (default "3s")'
+    )
+    ap.add_argument(
+        "--strategy",
+        choices=("fixed", "traffic"),
+        default="fixed",
+        help="the sidecars' shutdown.strategy; traffic waits for a quiet port, bounded by 30s (default fixed)",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=ROOT / "out", help="where the PNG timeline and the CSVs go (default out/)"
+    )
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG timeline")
     return ap.parse_args(argv)
 
@@ -49,26 +60,45 @@ def row(label: str, s: Summary, r: RolloutResult) -> str:
 def report(results: list[RolloutResult], out: Path, plot: bool, strategy: str = "fixed") -> None:
     strategy_note = f" (strategy {strategy})" if strategy != "fixed" else ""
     print()
-    print(f"{'rollout':9} {'requests':>9} {'failed':>7} {'fail rate':>9} {'p50 ms':>8} {'p99 ms':>8} {'by v1':>8} {'by v2':>8} {'duration':>10}")
+    print(
+        f"{'rollout':9} {'requests':>9} {'failed':>7} {'fail rate':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'by v1':>8} {'by v2':>8} {'duration':>10}"
+    )
     for r in results:
         s = summarize(r.records)
         print(row(r.mode, s, r))
     for r in results:
         s = summarize(r.records)
         if s.errors:
-            print(f"  {r.mode} failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(s.errors.items(), key=lambda kv: -kv[1])))
+            print(
+                f"  {r.mode} failures: "
+                + ", ".join(f"{k} x{v}" for k, v in sorted(s.errors.items(), key=lambda kv: -kv[1]))
+            )
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("rollout-*.*"):  # a previous run's files would read as this run's
+    for stale in out.glob("rollout*.*"):  # a previous run's files would read as this run's
         stale.unlink()
     for r in results:
         write_csv(r.records, out / f"rollout-{r.mode}.csv")
-        if plot:
-            from .timeline import plot_timeline
+    if plot:
+        from .timeline import Panel, plot_comparison
 
+        panels = []
+        for r in results:
             s = summarize(r.records)
-            title = f"rolling update v1 -> v2, {r.mode}{strategy_note}: {s.failed} failed of {s.requests} requests"
-            plot_timeline(r.records, r.marks(), out / f"rollout-{r.mode}.png", title)
-    print(f"\nper-request records: {out}/rollout-*.csv" + (f"; timelines: {out}/rollout-*.png" if plot else ""))
+            panels.append(Panel(f"{r.mode}: {s.failed} failed of {s.requests} requests", r.records,
+                                r.kinded_marks(), (r.rollout_start, r.rollout_end)))
+        plot_comparison(
+            panels, out / "rollout.png", f"rolling update v1 -> v2 behind nginx{strategy_note}", caption=NAIVE_CAPTION
+        )
+    print(f"\nper-request records: {out}/rollout-*.csv" + (f"; timeline: {out}/rollout.png" if plot else ""))
+
+
+NAIVE_CAPTION = (
+    "Naive: the app gets SIGTERM while it is still in Consul; its sidecar deregisters only after the app has gone. "
+    "Failures go on after the last stop because nginx keeps the answer of its last DNS lookup for up to valid=1s "
+    "after Consul dropped the instance. "
+    "With the sidecar, the app is signalled only after the deregistration and the delay."
+)
 
 
 async def run_modes(args: argparse.Namespace, work: Path) -> list[RolloutResult]:
@@ -112,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"with the sidecar: {'no request failed' if ok else f'{failed} requests FAILED'}")
         else:
             ok = failed > 0
-            print(f"naive control: {failed} requests failed" + ("" if ok else " (expected some: the harness should see failures)"))
+            print(
+                f"naive control: {failed} requests failed"
+                + ("" if ok else " (expected some: the harness should see failures)")
+            )
         verdict |= 0 if ok else 1
     return verdict
 

@@ -14,19 +14,19 @@ import abc
 import asyncio
 import bisect
 import json
+import signal
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from itertools import count
-
-import signal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from testkit import APP, PY, Consul, Sidecar, free_port
+
 from .loadgen import Record, summarize
-from .procs import APP, PY, Consul, Sidecar, free_port
 
 
 def _passing_addresses(consul_address: str, name: str) -> list[str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .procs import APP, PY, Consul, Sidecar, free_port, read_signal_log, wait_for
+from testkit import APP, PY, Consul, Sidecar, free_port, read_signal_log, wait_for
 
 
 class CatalogWatcher(threading.Thread):
@@ -70,7 +70,9 @@ class FleetResult:
     never_signalled: list[str] = field(default_factory=list)
 
 
-def run_fleet(consul: Consul, workdir: Path, n: int = 50, name: str = "fleet", propagation_delay: str = "1s") -> FleetResult:
+def run_fleet(
+    consul: Consul, workdir: Path, n: int = 50, name: str = "fleet", propagation_delay: str = "1s"
+) -> FleetResult:
     port = free_port()
     sidecars: list[tuple[str, Sidecar, Path]] = []
     t0 = time.monotonic()
@@ -109,7 +111,9 @@ def run_fleet(consul: Consul, workdir: Path, n: int = 50, name: str = "fleet", p
     time.sleep(0.3)
     watcher.stop.set()
 
-    result = FleetResult(n, start_to_all_passing, all_gone, all_exited, codes, [e["Service"]["ID"] for e in consul.instances(name)])
+    result = FleetResult(
+        n, start_to_all_passing, all_gone, all_exited, codes, [e["Service"]["ID"] for e in consul.instances(name)]
+    )
     for sid, _, siglog in sidecars:
         signals = [t for s, t in read_signal_log(siglog) if s == "SIGTERM"]
         gone = watcher.gone_at(sid)

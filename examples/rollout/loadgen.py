@@ -202,7 +202,16 @@ async def run_load(
                     status = response.status
                     backend = response.headers.get("X-Backend")
             except asyncio.CancelledError:
-                finish(Record(start, clock() - began, None, "CancelledError: still running when the load stopped", None, scheduled))
+                finish(
+                    Record(
+                        start,
+                        clock() - began,
+                        None,
+                        "CancelledError: still running when the load stopped",
+                        None,
+                        scheduled,
+                    )
+                )
                 raise
             except Exception as exc:  # every failure counts, whatever its kind
                 error = _describe(exc)
@@ -355,7 +364,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("url", help="URL to GET")
     parser.add_argument("--rate", type=_positive_float, required=True, help="requests per second")
     parser.add_argument("--duration", type=_positive_float, required=True, help="seconds to keep starting requests")
-    parser.add_argument("--timeout", type=_positive_float, default=5.0, help="per-request timeout in seconds (default 5)")
+    parser.add_argument(
+        "--timeout", type=_positive_float, default=5.0, help="per-request timeout in seconds (default 5)"
+    )
     parser.add_argument("--csv", type=Path, default=None, metavar="FILE", help="write one row per request to FILE")
     return parser.parse_args(argv)
 

@@ -14,7 +14,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from .procs import spawn, wait_for
+from testkit import spawn, wait_for
 
 CONF = """\
 worker_processes 1;
@@ -58,8 +58,17 @@ def nginx_binary() -> str:
     return found
 
 
-def render(prefix: Path, dns_port: int, listen_port: int, app_port: int, service: str = "web", listen_host: str = "127.0.0.1") -> str:
-    return CONF.format(prefix=prefix, dns_port=dns_port, listen_host=listen_host, listen_port=listen_port, app_port=app_port, service=service)
+def render(
+    prefix: Path, dns_port: int, listen_port: int, app_port: int, service: str = "web", listen_host: str = "127.0.0.1"
+) -> str:
+    return CONF.format(
+        prefix=prefix,
+        dns_port=dns_port,
+        listen_host=listen_host,
+        listen_port=listen_port,
+        app_port=app_port,
+        service=service,
+    )
 
 
 class Nginx:
@@ -76,7 +85,9 @@ class Nginx:
         return f"http://127.0.0.1:{self.listen_port}/"
 
     def test_config(self) -> None:
-        subprocess.run([nginx_binary(), "-t", "-q", "-p", str(self.prefix), "-c", str(self.conf)], check=True, capture_output=True)
+        subprocess.run(
+            [nginx_binary(), "-t", "-q", "-p", str(self.prefix), "-c", str(self.conf)], check=True, capture_output=True
+        )
 
     def start(self) -> None:
         self.proc = spawn([nginx_binary(), "-p", str(self.prefix), "-c", str(self.conf)], self.prefix / "nginx.out")

@@ -18,12 +18,14 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from testkit import APP, PY, ROOT, Consul, Sidecar, free_port, pid_alive, wait_for
+
 from .loadgen import Record, run_load
 from .nginx import Nginx
-from .procs import APP, PY, ROOT, Consul, Sidecar, free_port, pid_alive, wait_for
 
 
 @dataclass
@@ -48,6 +50,9 @@ class Step:
     new_passing: float
     stop_sent: float
     old_gone: float
+    # From the old instance's sidecar log (None when it did not log them, e.g. naive).
+    deregistered: float | None = None
+    app_signalled: float | None = None
 
 
 @dataclass
@@ -65,10 +70,18 @@ class RolloutResult:
         return self.rollout_end - self.rollout_start
 
     def marks(self) -> list[tuple[float, str]]:
-        out: list[tuple[float, str]] = []
+        return [(t, label) for t, label, _ in self.kinded_marks()]
+
+    def kinded_marks(self) -> list[tuple[float, str, str]]:
+        """(seconds, label, kind) with kinds as in timeline.MARK_STYLES."""
+        out: list[tuple[float, str, str]] = []
         for i, s in enumerate(self.steps, 1):
-            out.append((s.started_new, f"v2 #{i} up"))
-            out.append((s.stop_sent, f"v1 #{i} stop"))
+            out.append((s.new_passing, f"v2 #{i} passing", "passing"))
+            out.append((s.stop_sent, f"v1 #{i} stop", "stop"))
+            if s.deregistered is not None:
+                out.append((s.deregistered, f"v1 #{i} dereg.", "deregistered"))
+            if s.app_signalled is not None:
+                out.append((s.app_signalled, f"v1 #{i} app signalled", "signalled"))
         return out
 
 
@@ -76,13 +89,21 @@ class Cluster:
     """Consul, nginx and the instances of service `web`, all on loopback."""
 
     def __init__(
-        self, workdir: Path, app_port: int | None = None, propagation_delay: str = "3s", log: Callable[[str], None] = print,
+        self,
+        workdir: Path,
+        app_port: int | None = None,
+        propagation_delay: str = "3s",
+        log: Callable[[str], None] = print,
         shutdown: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = workdir
         self.app_port = app_port or free_port()
         # The sidecars' [shutdown] section: a fixed delay unless the caller says otherwise.
-        self.shutdown: dict[str, Any] = {"propagation_delay": propagation_delay, "app_timeout": "10s", **(shutdown or {})}
+        self.shutdown: dict[str, Any] = {
+            "propagation_delay": propagation_delay,
+            "app_timeout": "10s",
+            **(shutdown or {}),
+        }
         self.log = log
         self.consul = Consul(workdir)
         self.nginx = Nginx(workdir / "nginx", self.consul.dns_port, free_port(), self.app_port)
@@ -95,7 +116,10 @@ class Cluster:
         self.consul.start()
         self.log(f"consul agent -dev: HTTP {self.consul.address}, DNS 127.0.0.1:{self.consul.dns_port}")
         self.nginx.start()
-        self.log(f"nginx: {self.nginx.url} -> web.service.consul:{self.app_port} (resolver valid=1s, proxy_next_upstream off)")
+        self.log(
+            f"nginx: {self.nginx.url} -> web.service.consul:{self.app_port} "
+            "(resolver valid=1s, proxy_next_upstream off)"
+        )
 
     def next_address(self) -> str:
         addr = f"127.0.0.{self._next_host}"
@@ -174,6 +198,7 @@ async def rollout(
 
     stop = asyncio.Event()
     t0 = time.monotonic()
+    t0_wall = time.time()
     load = asyncio.create_task(run_load(cluster.nginx.url, rate, stop, timeout=5.0, t0=t0))
     now: Callable[[], float] = lambda: time.monotonic() - t0  # noqa: E731
     log(f"[{mode}] load: {rate:g} requests/s through nginx, open loop")
@@ -185,18 +210,35 @@ async def rollout(
         new = cluster.start_instance("v2")
         await run(cluster.wait_passing, new)
         passing = now()
-        log(f"[{mode}] step {n}/{replicas}: v2 {new.address} passing after {passing - started:.1f}s; stopping v1 {inst.address}"
-            + (" (SIGTERM to the app)" if naive else " (SIGTERM to its sidecar)"))
+        log(
+            f"[{mode}] step {n}/{replicas}: v2 {new.address} passing after {passing - started:.1f}s; "
+            f"stopping v1 {inst.address}"
+            + (" (SIGTERM to the app)" if naive else " (SIGTERM to its sidecar)")
+        )
         sent = now()
         await run(cluster.stop_instance, inst, naive)
         gone = now()
         log(f"[{mode}] step {n}/{replicas}: v1 {inst.address} stopped after {gone - sent:.1f}s")
-        steps.append(Step(inst.address, new.address, started, passing, sent, gone))
+        dereg, signalled = _drain_times(inst, t0_wall)
+        steps.append(Step(inst.address, new.address, started, passing, sent, gone, dereg,
+                          sent if naive else signalled))
     rollout_end = now()
     await asyncio.sleep(cooldown)
     stop.set()
     records = await load
     return RolloutResult(mode, records, steps, rollout_start, rollout_end, now(), rss)
+
+
+def _drain_times(inst: Instance, t0_wall: float) -> tuple[float | None, float | None]:
+    """When the old instance's sidecar confirmed its deregistration and when it signalled the
+    app (the end of the delay), in seconds since the load began, from its JSON log."""
+    def at(name: str) -> float | None:
+        ev = inst.sidecar.event(name)
+        if not ev or "timestamp" not in ev:
+            return None
+        return datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp() - t0_wall
+
+    return at("sidecar.consul.deregistered"), at("sidecar.drain.delay_done")
 
 
 def sidecar_pids(cluster: Cluster) -> list[int]:

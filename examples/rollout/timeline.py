@@ -10,7 +10,9 @@ import bisect
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .loadgen import Record
 
@@ -155,10 +157,14 @@ def plot_timeline(
         )
         fig.suptitle(title, fontsize=14, fontweight="bold")
 
-        top.step(edges, steps(sent), where="post", color="#666666", linestyle="--", linewidth=1.3, label="sent", zorder=3)
+        top.step(
+            edges, steps(sent), where="post", color="#666666", linestyle="--", linewidth=1.3, label="sent", zorder=3
+        )
         for i, v in enumerate(versions):
             colour = _VERSION_COLOURS[i % len(_VERSION_COLOURS)]
-            top.step(edges, steps(ok_by_version[v]), where="post", color=colour, linewidth=2.4, label=f"{v} ok", zorder=2)
+            top.step(
+                edges, steps(ok_by_version[v]), where="post", color=colour, linewidth=2.4, label=f"{v} ok", zorder=2
+            )
         top.set_ylabel(f"successful requests / s\n({bins_text})")
         top.set_ylim(0, max([*sent, 1.0]) * 1.3)
         top.grid(True, alpha=0.3)
@@ -207,3 +213,186 @@ def plot_timeline(
 
         fig.savefig(path, dpi=_DPI)
         plt.close(fig)
+
+
+# --- both runs in one figure -------------------------------------------------------------------
+
+# Mark kinds: colour, line style, legend text.
+MARK_STYLES: dict[str, tuple[str, str, str]] = {
+    "passing": ("#9467bd", "-", "new instance passing in Consul"),
+    "stop": ("#333333", ":", "stop sent to the old container/instance"),
+    "deregistered": ("#1f77b4", "--", "deregistration confirmed"),
+    "signalled": ("#ff7f0e", "-.", "app signalled (SIGTERM)"),
+}
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One run: its title, its requests, its marks ``(seconds, label, kind)`` (kind a key of
+    MARK_STYLES) and the rollout's ``(start, end)``, shaded."""
+
+    title: str
+    records: Sequence[Record]
+    marks: Sequence[tuple[float, str, str]]
+    window: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where plot_comparison put things, in pixels of the saved figure ((x0, y0, x1, y1) boxes),
+    and each run's axis limits: what a test needs to check that nothing is clipped or hidden."""
+
+    size: tuple[float, float]
+    x_limits: list[tuple[float, float]]
+    ok_limits: list[tuple[float, float]]
+    failed_limits: list[tuple[float, float]]
+    axes: list[tuple[float, float, float, float]]
+    labels: list[tuple[float, float, float, float]]
+    legend: tuple[float, float, float, float]
+    caption: tuple[float, float, float, float] | None
+
+
+def plot_comparison(
+    panels: Sequence[Panel], path: Path, title: str, *, caption: str = "", bin_seconds: float | None = None
+) -> Layout:
+    """Write one PNG with every run on a shared time axis, bin width and y scales.
+
+    Per run, two rows: successful requests per second by version (with all sent, dashed),
+    and failed requests per second by kind. Marks are vertical lines styled by kind, each
+    labelled (rotated) in a band kept free above the data, so no label covers a curve; the
+    legends sit outside the plotting area, under the last run, and ``caption`` under them.
+    """
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.transforms import blended_transform_factory
+
+    ends = [_load_end(p.records) for p in panels]
+    x_max = max([*ends, *(t for p in panels for t, _, _ in p.marks), 1.0])
+    width = _auto_bin(x_max) if bin_seconds is None else bin_seconds
+    edges = _edges(x_max, width)
+    lefts = edges[:-1]
+    widths = [b - a for a, b in zip(edges, edges[1:])]
+    versions = sorted({r.version or "?" for p in panels for r in p.records if not r.failed})
+    colour_of = {v: _VERSION_COLOURS[i % len(_VERSION_COLOURS)] for i, v in enumerate(versions)}
+    kinds = [k for k, _ in Counter(r.failure_kind or "?" for p in panels for r in p.records if r.failed).most_common()]
+    if len(kinds) > len(_FAILURE_COLOURS):
+        kinds = kinds[: len(_FAILURE_COLOURS) - 1] + [_OTHER_FAILURES]
+    red_of = {k: _FAILURE_COLOURS[i] for i, k in enumerate(kinds)}
+
+    def kind_of(r: Record) -> str:
+        k = r.failure_kind or "?"
+        return k if k in red_of else _OTHER_FAILURES
+
+    data = []
+    for p, end in zip(panels, ends):
+        # A shorter run's lines stop where its load stopped (not drop to zero).
+        def within(ys: list[float], end: float = end) -> list[float]:
+            return [y if a < end - 1e-9 else math.nan for y, a in zip(ys, lefts)]
+
+        sent = within(_rates([r.start for r in p.records], edges))
+        ok = {
+            v: within(
+                _active_only(_rates([r.start for r in p.records if not r.failed and (r.version or "?") == v], edges))
+            )
+            for v in versions
+        }
+        fails = {k: _rates([r.start for r in p.records if r.failed and kind_of(r) == k], edges) for k in kinds}
+        data.append((sent, ok, fails))
+    ok_top = max([max((y for y in sent if not math.isnan(y)), default=0.0) for sent, _, _ in data] + [1.0])
+    fail_top = max([max((sum(v) for v in zip(*f.values())), default=0.0) if f else 0.0 for _, _, f in data] + [1.0])
+
+    n = len(panels)
+    caption_lines = textwrap.wrap(caption, 150) if caption else []
+    height = 1.2 + 4.6 * n + 0.9 + 0.22 * len(caption_lines)
+    with plt.rc_context({"font.size": 10.5, "axes.titlesize": 11.5, "legend.fontsize": 9.5}):
+        fig = plt.figure(figsize=(13.0, height), dpi=_DPI)
+        grid = fig.add_gridspec(
+            2 * n, 1, height_ratios=[2.6, 1.0] * n, hspace=0.12,
+            top=1 - 0.9 / height, bottom=(1.05 + 0.22 * len(caption_lines)) / height, left=0.07, right=0.985,
+        )
+        fig.suptitle(title, fontsize=13, fontweight="bold")
+        axes: list[Any] = []
+        for i, (p, (sent, ok, fails)) in enumerate(zip(panels, data)):
+            top = fig.add_subplot(grid[2 * i], sharex=axes[0] if axes else None)
+            bottom = fig.add_subplot(grid[2 * i + 1], sharex=top)
+            axes += [top, bottom]
+            if p.window is not None:
+                for ax in (top, bottom):
+                    ax.axvspan(*p.window, color="#f2f2f2", zorder=0)
+            top.step(edges, [*sent, sent[-1]], where="post", color="#666666", linestyle="--", linewidth=1.2, zorder=3)
+            for v in versions:
+                ys = ok[v]
+                top.step(edges, [*ys, ys[-1]], where="post", color=colour_of[v], linewidth=2.2, zorder=2)
+            # The upper half of the panel is the band for the marks' labels.
+            top.set_ylim(0, ok_top * 2.05)
+            top.set_ylabel(f"ok requests / s\n({width:g} s bins)")
+            top.set_title(p.title, loc="left", fontweight="bold")
+            top.grid(True, alpha=0.3)
+            top.tick_params(labelbottom=False)
+            base = [0.0] * len(lefts)
+            for k in kinds:
+                bottom.bar(lefts, fails[k], width=widths, bottom=base, align="edge", color=red_of[k], linewidth=0)
+                base = [b + y for b, y in zip(base, fails[k])]
+            bottom.set_ylim(0, fail_top * 1.15)
+            bottom.set_ylabel("failed / s", color="#b00000")
+            bottom.grid(True, alpha=0.3)
+            if not any(r.failed for r in p.records):
+                bottom.text(0.5, 0.5, f"no failed requests (of {len(p.records)})", transform=bottom.transAxes,
+                            ha="center", va="center", color="#2ca02c", fontsize=11)
+            if i < n - 1:
+                bottom.tick_params(labelbottom=False)
+        axes[0].set_xlim(0, x_max * 1.01)
+        axes[-1].set_xlabel("seconds since the load began (shaded: the rollout)")
+
+        for i, p in enumerate(panels):
+            top, bottom = axes[2 * i], axes[2 * i + 1]
+            px_per_second = top.get_window_extent().width / (x_max * 1.01)
+            min_gap = 13.0 / px_per_second
+            trans = blended_transform_factory(top.transData, top.transAxes)
+            last_x = -math.inf
+            for t, label, kind in sorted(p.marks):
+                colour, style, _ = MARK_STYLES.get(kind, ("#333333", ":", kind))
+                for ax in (top, bottom):
+                    ax.axvline(t, color=colour, linestyle=style, linewidth=1.1, zorder=1)
+                x = max(t, last_x + min_gap)
+                last_x = x
+                top.text(x + 1.5 / px_per_second, 0.985, label, transform=trans, rotation=90, ha="left", va="top",
+                         fontsize=7.5, color=colour, clip_on=False,
+                         bbox={"boxstyle": "square,pad=0.05", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+
+        handles: list[Any] = [Line2D([], [], color="#666666", linestyle="--", label="sent")]
+        handles += [Line2D([], [], color=colour_of[v], linewidth=2.2, label=f"{v} ok") for v in versions]
+        handles += [Line2D([], [], color=c, linestyle=s, label=text) for c, s, text in MARK_STYLES.values()]  # type: ignore[arg-type]  # the styles are valid line styles
+        handles += [Patch(color=red_of[k], label=f"failed: {k}") for k in kinds]
+        legend = fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), frameon=False,
+                            bbox_to_anchor=(0.5, (0.12 + 0.22 * len(caption_lines)) / height))
+        note = None
+        if caption_lines:
+            note = fig.text(
+                0.07, 0.1 / height, "\n".join(caption_lines), ha="left", va="bottom", fontsize=9.5, color="#333333"
+            )
+        fig.savefig(path, dpi=_DPI)
+        renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]  # Agg canvas
+
+        def box(artist: Any) -> tuple[float, float, float, float]:
+            b = artist.get_window_extent(renderer)
+            return (float(b.x0), float(b.y0), float(b.x1), float(b.y1))
+
+        layout = Layout(
+            size=(float(fig.bbox.width), float(fig.bbox.height)),
+            x_limits=[tuple(ax.get_xlim()) for ax in axes[0::2]],
+            ok_limits=[tuple(ax.get_ylim()) for ax in axes[0::2]],
+            failed_limits=[tuple(ax.get_ylim()) for ax in axes[1::2]],
+            axes=[box(ax) for ax in axes],
+            labels=[box(t) for ax in axes[0::2] for t in ax.texts if t.get_rotation() == 90],
+            legend=box(legend),
+            caption=None if note is None else box(note),
+        )
+        plt.close(fig)
+        return layout

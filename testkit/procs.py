@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,11 +20,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "app" / "app.py"
 PY = sys.executable
 
@@ -56,9 +55,22 @@ def consul_binary() -> str:
 def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a process in a session of its own (so teardown can find all it started)."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+        )
+    return track(proc)
+
+
+def track(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """Count a process started elsewhere (in a session of its own) among those teardown kills."""
     _started.append(proc)
     return proc
+
+
+def started_count() -> int:
+    """How many processes were tracked so far: ``stop_started(since)`` and ``leftovers_of_exited(since)``
+    take it to mean "started after this point"."""
+    return len(_started)
 
 
 def session_members(sid: int) -> list[int]:
@@ -237,7 +249,13 @@ def merge(base: dict[str, dict[str, Any]], over: dict[str, dict[str, Any]]) -> d
 class Sidecar:
     """``python -m sidecar run`` as a real process, with its JSON log lines at hand."""
 
-    def __init__(self, workdir: Path, config: dict[str, dict[str, Any]], command: list[str] | None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, dict[str, Any]],
+        command: list[str] | None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         n = next(_sidecar_numbers)  # not id(self): ids are reused once an object is gone
         self.config_path = write_config(workdir / f"sidecar-{os.getpid()}-{n}.toml", config)
@@ -387,8 +405,14 @@ class ConsulCluster:
 
     def _alive_check(self) -> None:
         for i, proc in enumerate(self.procs):
-            if proc is not None and proc.poll() is not None and proc.returncode not in (-signal.SIGKILL, -signal.SIGTERM):
-                raise AssertionError(f"consul {self.names[i]} exited with {proc.returncode}: {self.log(i).read_text()[-2000:]}")
+            if (
+                proc is not None
+                and proc.poll() is not None
+                and proc.returncode not in (-signal.SIGKILL, -signal.SIGTERM)
+            ):
+                raise AssertionError(
+                    f"consul {self.names[i]} exited with {proc.returncode}: {self.log(i).read_text()[-2000:]}"
+                )
 
     def _ready(self) -> bool:
         self._alive_check()

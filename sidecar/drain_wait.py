@@ -460,6 +460,8 @@ class DrainWait:
                     counters, drops, own_before = self._counters_grew(seen, counters, own_before, False)
                     if drops:
                         window["syns_dropped"] = drops
+                if reader is not None:
+                    reader.take()  # a connection that began after the look and already ended
                 now = self.clock.monotonic()
                 quiet_for = now - seen.last
             if counters is not None and counters_complete:

@@ -9,8 +9,11 @@ Two consumers, K runs each, strategies interleaved so both see the same machine 
 
 Per strategy and consumer: failed requests (each run), drain time per instance (from confirmed
 deregistration to the app's signal), rollout time (nginx), and the poll cost (sidecar CPU ms per
-second of draining). Targets: 0 failures for traffic in every run; traffic's drain no more than
-1.1 x the consumer's real horizon + quiet_period (horizon 5s, short); poll CPU <= 10 ms/s.
+second of draining) and, for traffic, its lag: how long after the last activity's quiet_period the
+drain ended (what the sidecar adds to what the evidence requires; from sidecar.drain.quiet's
+elapsed_ms - last_activity_ms - quiet_period, for drains that saw traffic). Targets: 0 failures for
+traffic in every run; traffic's drain no more than 1.1 x the consumer's real horizon + quiet_period
+(horizon 5s, short); poll CPU <= 10 ms/s.
 
 Usage: python bench/drain.py [--runs 5]
 """
@@ -38,12 +41,20 @@ STRATEGIES: dict[str, dict[str, str]] = {
 }
 
 
+def lags(events: list[dict[str, Any]]) -> list[float]:
+    """Seconds between last activity + quiet_period and the end of the quiet step, where traffic was seen."""
+    return [(e["elapsed_ms"] - e["last_activity_ms"]) / 1000 - e["quiet_period_s"] for e in events
+            if e.get("event") == "sidecar.drain.quiet" and e.get("last_activity", "start") != "start"
+            and "last_activity_ms" in e]
+
+
 async def nginx_run(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
     cluster = Cluster(work, log=lambda _: None, shutdown=shutdown)
     try:
         cluster.start()
         r = await rollout(cluster, naive=False, replicas=3, rate=300.0, log=lambda _: None)
         events = [e for i in cluster.stopped for e in i.sidecar.events() if e["event"] == "sidecar.drain.delay_done"]
+        lag = lags([e for i in cluster.stopped for e in i.sidecar.events()])
     finally:
         cluster.stop()
     return {
@@ -51,6 +62,7 @@ async def nginx_run(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
         "drain_s": [e["elapsed_ms"] / 1000 for e in events],
         "cpu_per_s": [e["cpu_ms"] / max(0.001, e["elapsed_ms"] / 1000) for e in events if e.get("cpu_ms") is not None],
         "rollout_s": r.rollout_seconds,
+        "lag_s": lag,
     }
 
 
@@ -60,6 +72,7 @@ async def horizon_run(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
     consul.start()
     try:
         _, failed, ev = await horizon_drain(consul, work / "h", shutdown)
+        lag = lags([e for log in (work / "h").glob("sidecar-*.log") for e in _events(log)])
     finally:
         consul.stop()
     return {
@@ -67,7 +80,21 @@ async def horizon_run(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
         "drain_s": [ev["elapsed_ms"] / 1000],
         "cpu_per_s": [ev["cpu_ms"] / max(0.001, ev["elapsed_ms"] / 1000)] if ev.get("cpu_ms") is not None else [],
         "rollout_s": None,
+        "lag_s": lag,
     }
+
+
+def _events(log: Path) -> list[dict[str, Any]]:
+    import json
+
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
 
 
 def short_run_sync(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
@@ -103,6 +130,7 @@ def short_run_sync(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
         th.join(10)
         sc.wait(60)
         ev = sc.event("sidecar.drain.delay_done") or {}
+        lag = lags(sc.events())
     finally:
         consul.stop()
     return {
@@ -110,6 +138,7 @@ def short_run_sync(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
         "drain_s": [ev["elapsed_ms"] / 1000],
         "cpu_per_s": [ev["cpu_ms"] / max(0.001, ev["elapsed_ms"] / 1000)] if ev.get("cpu_ms") is not None else [],
         "rollout_s": None,
+        "lag_s": lag,
     }
 
 
@@ -141,7 +170,7 @@ def main() -> int:
     print(f"\ndrain strategies, {args.runs} runs each (medians; failed requests listed per run)")
     print(
         f"{'consumer':11} {'strategy':9} {'failed per run':>18} {'drain s':>8} {'max drain':>9} "
-        f"{'rollout s':>9} {'poll CPU ms/s':>13}"
+        f"{'rollout s':>9} {'poll CPU ms/s':>13} {'lag ms':>7}"
     )
     ok = True
     for (consumer, name), rows in results.items():
@@ -149,11 +178,13 @@ def main() -> int:
         cpu = [c for r in rows for c in r["cpu_per_s"]]
         rollouts = [r["rollout_s"] for r in rows if r["rollout_s"] is not None]
         failed = [r["failed"] for r in rows]
+        lag = [x for r in rows for x in r.get("lag_s", [])]
         print(
             f"{consumer:11} {name:9} {' '.join(str(f) for f in failed):>18} "
             f"{statistics.median(drains):8.2f} {max(drains):9.2f} "
             f"{(f'{statistics.median(rollouts):.1f}' if rollouts else '-'):>9} "
-            f"{(f'{statistics.median(cpu):.1f}' if cpu else '-'):>13}"
+            f"{(f'{statistics.median(cpu):.1f}' if cpu else '-'):>13} "
+            f"{(f'{statistics.median(lag) * 1000:.0f}' if lag else '-'):>7}"
         )
         if name == "traffic":
             ok &= all(f == 0 for f in failed)

@@ -15,12 +15,20 @@ The evidence for step 3 comes from the sources this host allows, chosen at start
 
     destroy_events   sock_diag's TCP destroy multicast: every connection of the port when it ends,
                      however short, whichever side closed first (tcp_events.py)
-    passive_opens    the namespace's PassiveOpens counter: every accepted connection; only when
-                     the network namespace is the app's own (netns_counters.py)
-    listen_drops     ListenOverflows + ListenDrops: SYNs dropped on a full accept queue (their
-                     retransmit may come after "quiet")
-    poll             a look at the socket table: open connections, new ones, inbound bytes;
-                     every 100 ms alone, every POLL_WITH_EVENTS seconds beside a complete source
+    passive_opens    the namespace's PassiveOpens counter: every accepted connection, less those
+                     the sidecar's status server accepted; only when the network namespace is the
+                     app's own (netns_counters.py); needed only without destroy events
+    listen_drops     SYNs dropped on a full accept queue of the app's port (their retransmit may
+                     come after "quiet"): its listeners' sk_drops, or the namespace's
+                     ListenOverflows + ListenDrops where the kernel does not give those
+    poll             a look at the socket table: open connections, each dated by its last inbound
+                     data (tcpi_last_data_recv); every 100 ms alone, beside a complete source only
+                     when the quiet period is due (its dates need no frequent look)
+
+Cost (measured with 28,000 TIME_WAIT sockets on the host): a look walks the kernel's whole
+established hash, ~4 ms per address family; a wake-up of the event loop ~80 µs; a destroy event
+read ~3 µs. So the events are read in batches (EVENT_HOLD) and the table is looked at about once
+per quiet period, never per event.
 
 A connection opened and closed by the *client* between two polls leaves no trace in the socket
 table, so the poll alone is blind to the most common short client. With neither destroy events
@@ -56,7 +64,8 @@ if TYPE_CHECKING:
 
 POLL = 0.1  # seconds between two looks at the catalog, the resolvers or the port (poll alone)
 RESOLVE_TIMEOUT = 5.0  # for service.address's host name at registration (the DNS step's addresses)
-POLL_WITH_EVENTS = 1.0  # between two looks at the port when a complete source sees short connections (CPU: ~3 ms a look on a busy host)
+POLL_WITH_EVENTS = 1.0  # most time between two wake-ups (for /status) when a complete source sees short connections
+EVENT_HOLD = 0.05  # the destroy events' reader stays off this long after each wake-up (see _EventReader)
 
 
 class DrainEnd(enum.Enum):
@@ -94,6 +103,85 @@ def _ip_or_none(address: str) -> list[str] | None:
         return None  # a host name: count the port on every local address
 
 
+class _Seen:
+    """The newest activity on the app's port, and which source saw it."""
+
+    def __init__(self, start: float) -> None:
+        self.last = start  # the drain assumes activity when it begins
+        self.by = "start"
+        self.ended = 0
+        self.lost = 0
+
+    def mark(self, when: float, by: str) -> None:
+        if when > self.last:
+            self.last, self.by = when, by
+
+
+class _EventReader:
+    """Destroy events, read in batches: the reader wakes the loop at once for the first event, then stays
+    off for EVENT_HOLD, so a busy port costs at most 1/EVENT_HOLD wake-ups a second, and an event is
+    dated at most EVENT_HOLD late (later only ever makes the drain longer)."""
+
+    def __init__(self, events: DestroyEvents, seen: _Seen, clock: Clock, log: FilteringBoundLogger) -> None:
+        self.events, self.seen, self.clock, self.log = events, seen, clock, log
+        self.loop = asyncio.get_running_loop()
+        self.fd = events.fileno()
+        self.failed = False
+        self._rearm: asyncio.TimerHandle | None = None
+        self._reading = False
+        self._closed = False
+        self._arm()
+
+    def _readable(self) -> None:
+        self.loop.remove_reader(self.fd)
+        self._reading = False
+        self.take()
+        if not self._closed:
+            self._rearm = self.loop.call_later(EVENT_HOLD, self._arm)
+
+    def _arm(self) -> None:
+        self._rearm = None
+        if not self._closed:
+            self.loop.add_reader(self.fd, self._readable)  # fires at once if events came meanwhile
+            self._reading = True
+
+    def take(self) -> None:
+        """Read what is queued; any ended connection (or a lost event) is activity, dated now."""
+        if self.failed:
+            self.seen.mark(self.clock.monotonic(), "destroy_events_lost")  # blind from now on: every look counts
+            return
+        ended = lost = 0
+        try:
+            while True:
+                batch = self.events.read()
+                ended += batch.ended
+                lost += batch.lost
+                if not batch.more:
+                    break
+        except TrafficWatchError as e:
+            self.stop()
+            self.failed = True
+            self.seen.mark(self.clock.monotonic(), "destroy_events_lost")
+            self.log.warning("sidecar.drain.traffic_source_lost", source="destroy_events", reason=str(e),
+                             consequence="the drain waits the upper bound")
+            return
+        if ended or lost:
+            self.seen.mark(self.clock.monotonic(), "destroy_events")
+            self.seen.ended += ended
+            self.seen.lost += lost
+
+    def stop(self) -> None:
+        if self._rearm is not None:
+            self._rearm.cancel()
+            self._rearm = None
+        if self._reading:  # never by number alone: a closed descriptor's number may be someone else's now
+            self.loop.remove_reader(self.fd)
+            self._reading = False
+        if not self._closed:
+            self._closed = True
+            self.events.close()
+
+
 class DrainWait:
     def __init__(
         self,
@@ -107,6 +195,7 @@ class DrainWait:
         events_factory: EventsFactory = DestroyEvents,
         counters: Callable[[], Counters] = read_counters,
         own_namespace: Callable[[int], tuple[bool, str]] = namespace_is_apps,
+        own_opens: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
         self.sd = config.shutdown
@@ -119,6 +208,8 @@ class DrainWait:
         self._events_factory = events_factory
         self._counters = counters
         self._own_namespace = own_namespace
+        # Connections the sidecar's own servers accepted so far (its status port): PassiveOpens counts them too.
+        self._own_opens = own_opens
         self._watcher: PortWatcher | None = None
         self.unavailable: str | None = None
         self.sources: list[str] = []
@@ -140,7 +231,7 @@ class DrainWait:
             self.addresses = await self._instance_addresses(svc.address, svc.port)
         try:
             watcher = self._factory(svc.port, _ip_or_none(svc.address))
-            if not watcher.snapshot().listening:
+            if not watcher.snapshot(narrow=True).listening:
                 watcher.close()
                 raise TrafficWatchError(f"no listening socket on port {svc.port} in this network namespace")
         except (TrafficWatchError, OSError) as e:
@@ -294,8 +385,7 @@ class DrainWait:
         assert self._watcher is not None
         svc = self.config.service
         t = self.clock.monotonic()
-        state = {"last": t, "ended": 0, "lost": 0}
-        loop = asyncio.get_running_loop()
+        seen = _Seen(t)
         events: DestroyEvents | None = None
         if "destroy_events" in self.sources:
             try:
@@ -305,96 +395,130 @@ class DrainWait:
                 self.log.warning("sidecar.drain.traffic_source_lost", source="destroy_events", reason=str(e))
                 if not self.complete and not self.sd.traffic_poll_only_accepts_misses:
                     return await self._blind_wait(upper, f"socket destruction events refused at drain time: {e}")
-
-        def on_events() -> None:
-            assert events is not None
-            if state.get("failed"):
-                state["last"] = self.clock.monotonic()  # blind from now on: every look counts as traffic
-                return
-            try:
-                batch = events.read()
-            except TrafficWatchError as e:
-                loop.remove_reader(events.fileno())
-                state["failed"] = 1
-                state["last"] = self.clock.monotonic()
-                self.log.warning("sidecar.drain.traffic_source_lost", source="destroy_events", reason=str(e),
-                                 consequence="the drain waits the upper bound")
-                return
-            if batch.ended or batch.lost:
-                state["last"] = self.clock.monotonic()
-                state["ended"] += batch.ended
-                state["lost"] += batch.lost
-
-        if events is not None:
-            loop.add_reader(events.fileno(), on_events)
+        reader = _EventReader(events, seen, self.clock, self.log) if events is not None else None
         try:
-            return await self._quiet_loop(earliest, upper, t, state, events, on_events if events is not None else None)
+            return await self._quiet_loop(earliest, upper, t, seen, reader)
         finally:
-            if events is not None:
-                loop.remove_reader(events.fileno())
-                events.close()
+            if reader is not None:
+                reader.stop()
 
-    async def _quiet_loop(self, earliest: float, upper: float, t: float, state: dict[str, Any],
-                          events: DestroyEvents | None, take_events: Callable[[], None] | None) -> DrainEnd:
+    async def _quiet_loop(self, earliest: float, upper: float, t: float, seen: _Seen, reader: _EventReader | None
+                          ) -> DrainEnd:
+        """Sleep until the evidence says ``quiet_period`` has passed without activity, then look at the port
+        (and the counters) to confirm; their activity is dated, so one look per quiet period suffices.
+
+        With destroy events, they date every connection that ends; a look at the socket table dates the
+        newest inbound data of those still open (``tcpi_last_data_recv``): an idle pooled connection does
+        not count, a busy one counts when its data came, not when the sidecar looked. The PassiveOpens
+        counter adds nothing to these two (an accepted connection is either still open or has ended), so
+        it is read only when it is the complete source (no events), every POLL, and dated at the read.
+        The poll alone (opt-in) looks every POLL and confirms with the TIME_WAIT sockets' age.
+        """
         assert self._watcher is not None
-        interval = POLL_WITH_EVENTS if self.complete else POLL
-        use_counters = "listen_drops" in self.sources
-        window = {"new_connections": 0, "bytes_in": 0}
-        counters = self._read_counters() if use_counters else None
-        prev: PortSnapshot = self._watcher.snapshot()
-        state["last"] = max(state["last"], t)
+        poll_only = not self.complete
+        counters_complete = reader is None and "passive_opens" in self.sources
+        # SYNs dropped: counted per listener of the app's port where the kernel says (sk_drops), so another
+        # server's full queue in a shared namespace does not hold the drain; else the namespace's counters.
+        try:
+            port_drops = self._watcher.listen_drops() if "listen_drops" in self.sources else None
+        except TrafficWatchError:
+            port_drops = None
+        read_counters = counters_complete or (port_drops is None and "listen_drops" in self.sources)
+        counters = self._read_counters() if read_counters else None
+        own_before = self._own_opens() if self._own_opens is not None else 0
+        # No look now: the first one dates everything since (an idle connection from before counts for nothing).
+        prev = PortSnapshot(True, taken_at=time.monotonic())
+        window: dict[str, int] = {}
+        looked = prev.taken_at
         while True:
-            if take_events is not None:
-                take_events()  # what the kernel queued since the loop last looked, before judging
+            if reader is not None:
+                reader.take()  # what the kernel queued since the loop last looked, before judging
             now = self.clock.monotonic()
-            quiet_for = now - state["last"]
+            due_look = poll_only and now - looked >= POLL * 0.9
+            quiet_for = now - seen.last
+            if (quiet_for >= self.sd.quiet_period and now >= earliest) or due_look:
+                try:
+                    snap = self._watcher.snapshot(narrow=True)
+                except TrafficWatchError as e:
+                    self.log.warning("sidecar.drain.traffic_unavailable", reason=str(e), fallback="wait until the upper bound")
+                    await self.clock.sleep(upper - self.clock.monotonic())
+                    return DrainEnd.UPPER_BOUND_VIEW_LOST
+                looked = snap.taken_at
+                act = activity_between(prev, snap)
+                window = {"new_connections": act.new_connections, "bytes_in": act.bytes_in}
+                newest = snap.last_activity
+                if newest is not None:
+                    # the socket table's clock is time.monotonic(); the drain's may be another
+                    seen.mark(self.clock.monotonic() - (snap.taken_at - newest), "open_connections")
+                prev = snap
+                if port_drops is not None and snap.listen_drops is not None:
+                    if snap.listen_drops > port_drops:
+                        seen.mark(self.clock.monotonic(), "listen_drops")
+                        window["syns_dropped"] = snap.listen_drops - port_drops
+                    port_drops = snap.listen_drops
+                if counters is not None and not counters_complete:
+                    counters, drops, own_before = self._counters_grew(seen, counters, own_before, False)
+                    if drops:
+                        window["syns_dropped"] = drops
+                if reader is not None:
+                    reader.take()  # a connection that began after the look and already ended
+                now = self.clock.monotonic()
+                quiet_for = now - seen.last
+            if counters is not None and counters_complete:
+                counters, grew, own_before = self._counters_grew(seen, counters, own_before, True)
+                if grew:
+                    window["accepted_or_dropped"] = grew
+                else:
+                    window.pop("accepted_or_dropped", None)
+                now = self.clock.monotonic()
+                quiet_for = now - seen.last
             self._progress("quiet", connections=prev.connections, quiet_for_s=round(quiet_for, 3),
-                           ended_connections=state["ended"] or None, last_window=dict(window))
-            if quiet_for >= self.sd.quiet_period and now >= earliest:
-                if events is None and "passive_opens" not in self.sources:
-                    # The poll alone misses short connections; the ones the app closed left a dated
-                    # TIME_WAIT socket behind. Confirm with the youngest of them.
-                    try:
-                        age = self._watcher.youngest_time_wait_age()
-                    except TrafficWatchError:
-                        age = None
-                    if age is not None and age + POLL < quiet_for:
-                        state["last"] = now - age  # a connection the app closed since: poll on
-                        quiet_for = age
-                if quiet_for >= self.sd.quiet_period:
-                    self.log.info("sidecar.drain.quiet", quiet_period_s=self.sd.quiet_period, open_connections=prev.connections,
-                                  ended_connections=state["ended"], sources=self.sources, elapsed_ms=self._ms(t))
+                           ended_connections=seen.ended or None, last_window=dict(window))
+            if quiet_for >= self.sd.quiet_period and now >= earliest and not poll_only:
+                self.log.info("sidecar.drain.quiet", quiet_period_s=self.sd.quiet_period, open_connections=prev.connections,
+                              ended_connections=seen.ended, last_activity=seen.by,
+                              last_activity_ms=round((seen.last - t) * 1000), sources=self.sources,
+                              elapsed_ms=self._ms(t))
+                return DrainEnd.TRAFFIC_QUIET
+            if poll_only and quiet_for >= self.sd.quiet_period and now >= earliest:
+                # The poll alone misses short connections; the ones the app closed left a dated
+                # TIME_WAIT socket behind. Confirm with the youngest of them.
+                try:
+                    age = self._watcher.youngest_time_wait_age()
+                except TrafficWatchError:
+                    age = None
+                if age is not None and age + POLL < quiet_for:
+                    seen.mark(now - age, "time_wait")  # a connection the app closed since: poll on
+                else:
+                    self.log.info("sidecar.drain.quiet", quiet_period_s=self.sd.quiet_period,
+                                  open_connections=prev.connections, ended_connections=seen.ended,
+                                  last_activity=seen.by, last_activity_ms=round((seen.last - t) * 1000),
+                                  sources=self.sources, elapsed_ms=self._ms(t))
                     return DrainEnd.TRAFFIC_QUIET
-            due = min(now + interval, max(state["last"] + self.sd.quiet_period, earliest))
+            # Beside the events, wake-ups before the deadline are only for /status: the evidence needs no look.
+            interval = POLL if poll_only or counters_complete else POLL_WITH_EVENTS
+            due = min(now + interval, max(seen.last + self.sd.quiet_period, earliest))
             if not await self._tick(upper, max(0.001, due - now)):
                 self.log.warning("sidecar.drain.not_quiet", quiet_for_s=round(quiet_for, 3), open_connections=prev.connections,
-                                 ended_connections=state["ended"], elapsed_ms=self._ms(t))
+                                 ended_connections=seen.ended, last_activity=seen.by, elapsed_ms=self._ms(t))
                 return DrainEnd.UPPER_BOUND
-            try:
-                snap = self._watcher.snapshot()
-            except TrafficWatchError as e:
-                self.log.warning("sidecar.drain.traffic_unavailable", reason=str(e), fallback="wait until the upper bound")
-                await self.clock.sleep(upper - self.clock.monotonic())
-                return DrainEnd.UPPER_BOUND_VIEW_LOST
-            act = activity_between(prev, snap)
-            window = {"new_connections": act.new_connections, "bytes_in": act.bytes_in}
-            busy = not act.quiet
-            if counters is not None:
-                latest = self._read_counters()
-                if latest is None:
-                    counters = None
-                    busy = True  # the counters stopped answering: unknown counts as traffic, once
-                else:
-                    if latest.listen_drops > counters.listen_drops:
-                        busy = True
-                        window["syns_dropped"] = latest.listen_drops - counters.listen_drops
-                    if "passive_opens" in self.sources and latest.passive_opens > counters.passive_opens:
-                        busy = True
-                        window["accepted"] = latest.passive_opens - counters.passive_opens
-                    counters = latest
-            if busy:
-                state["last"] = self.clock.monotonic()
-            prev = snap
+
+    def _counters_grew(self, seen: _Seen, before: Counters, own_before: int,
+                       count_opens: bool) -> tuple[Counters | None, int, int]:
+        """Read the counters again and mark activity now if SYNs were dropped or, with ``count_opens``,
+        connections were accepted that the sidecar's own servers did not accept (its status port: a
+        monitoring scrape must not hold the drain). Returns (counters, growth, own accepts so far)."""
+        latest = self._read_counters()
+        own_now = self._own_opens() if self._own_opens is not None else 0
+        if latest is None:
+            seen.mark(self.clock.monotonic(), "counters_lost")  # unknown counts as traffic, once
+            return None, 1, own_now
+        grew = max(0, latest.listen_drops - before.listen_drops)
+        if count_opens:
+            grew += max(0, latest.passive_opens - before.passive_opens - (own_now - own_before))
+        if grew:
+            seen.mark(self.clock.monotonic(), "counters")
+        return latest, grew, own_now
 
     def _read_counters(self) -> Counters | None:
         try:

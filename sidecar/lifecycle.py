@@ -83,6 +83,8 @@ class Startable(Protocol):
 
     async def stop(self) -> None: ...
 
+    def own_opens(self) -> int: ...
+
 
 class Probe(Protocol):
     async def probe(self) -> tuple[bool, str]: ...
@@ -127,7 +129,8 @@ class Sidecar:
         self.log = log.bind(service_id=config.service.id)
         self.status_server = status_server
         self.inbox = inbox or SignalInbox()
-        self.drain_wait = drain_wait or DrainWait(config, agent, clock, self.log, status)
+        self.drain_wait = drain_wait or DrainWait(config, agent, clock, self.log, status,
+                                                  own_opens=status_server.own_opens if status_server else None)
         self._shutdown = asyncio.Event()
         self._skip_delay = asyncio.Event()
         self._sigints = 0

@@ -11,10 +11,9 @@ connections to itself then only make more cautious.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
+from .proctree import socket_inodes
 from .traffic import TrafficWatchError, listeners
 
 __all__ = ["Counters", "namespace_is_apps", "own_socket_inodes", "read_counters"]
@@ -47,21 +46,8 @@ def read_counters(proc: str = "/proc") -> Counters:
 
 
 def own_socket_inodes(pid: int | str = "self") -> set[int]:
-    """Inodes of the sockets a process holds (its /proc/<pid>/fd links ``socket:[inode]``)."""
-    found: set[int] = set()
-    fd_dir = Path(f"/proc/{pid}/fd")
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return found
-    for name in names:
-        try:
-            link = os.readlink(fd_dir / name)
-        except OSError:
-            continue  # closed meanwhile
-        if link.startswith("socket:["):
-            found.add(int(link[8:-1]))
-    return found
+    """Inodes of the sockets a process holds (proctree.socket_inodes; unreadable counts as none)."""
+    return socket_inodes(pid) or set()
 
 
 def namespace_is_apps(port: int) -> tuple[bool, str]:

@@ -2,10 +2,10 @@
 belongs to the app's process tree, not to some other server that happens to answer the health check.
 
 The listening sockets come from sock_diag (with their inodes), their owners from /proc/<pid>/fd
-(``socket:[inode]``). The app's tree is its PID and every descendant; in wrapper mode, every
-descendant of the sidecar (it is the subreaper of the app's orphans, so a daemonised worker
-stays in the tree). Linux only; where the port cannot be seen (another network namespace), the
-check says so and does not refuse.
+(``socket:[inode]``): proctree.py's mechanism, the one daemon following uses too. The app's tree
+is its PID and every descendant; in wrapper mode, every descendant of the sidecar (it is the
+subreaper of the app's orphans, so a daemonised worker stays in the tree). Linux only; where the
+port cannot be seen (another network namespace), the check says so and does not refuse.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .traffic import Listener, TrafficWatchError, listeners
+from . import proctree
+from .traffic import Listener, TrafficWatchError
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -33,33 +34,9 @@ class OwnerCheck:
     owner_command: str | None = None
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", encoding="ascii", errors="replace") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
 def app_tree(root: int, include_root: bool = True) -> set[int]:
     """``root`` and all its descendants, as /proc shows them now."""
-    kids = _children()
-    tree, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid in tree:
-            continue
-        tree.add(pid)
-        todo.extend(kids.get(pid, ()))
-    if not include_root:
-        tree.discard(root)
-    return tree
+    return proctree.tree(root, include_root)
 
 
 def _command(pid: int) -> str:
@@ -88,7 +65,7 @@ def _serves(listener: Listener, address: str) -> bool:
 def check_port_owner(address: str, port: int, tree: set[int]) -> OwnerCheck:
     """Whether every socket listening on ``address``:``port`` is held by a process in ``tree``."""
     try:
-        found = [lst for lst in listeners(port) if _serves(lst, address)]
+        found = [lst for lst in proctree.listening_sockets(port) if _serves(lst, address)]
     except TrafficWatchError as e:
         return OwnerCheck(True, False, f"the listening sockets cannot be read here: {e}")
     if not found:
@@ -96,7 +73,7 @@ def check_port_owner(address: str, port: int, tree: set[int]) -> OwnerCheck:
     inodes = {lst.inode for lst in found}
     hidden: list[int] = []  # the app's processes whose descriptors we may not read
     for pid in tree:
-        held = _socket_inodes(pid)
+        held = proctree.socket_inodes(pid)
         if held is None:
             hidden.append(pid)
             continue
@@ -104,9 +81,8 @@ def check_port_owner(address: str, port: int, tree: set[int]) -> OwnerCheck:
         if not inodes:
             return OwnerCheck(True, True, "the app's process tree holds the listening socket")
     # Someone else's: find whom, to name it.
-    for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) not in tree and (_socket_inodes(d) or set()) & inodes:
-            pid = int(d)
+    for pid in proctree.all_pids():
+        if pid not in tree and (proctree.socket_inodes(pid) or set()) & inodes:
             return OwnerCheck(False, True, f"another process listens on {address}:{port}: PID {pid} ({_command(pid)})",
                               pid, _command(pid))
     if hidden:
@@ -118,30 +94,6 @@ def check_port_owner(address: str, port: int, tree: set[int]) -> OwnerCheck:
                           "cannot be told")
     return OwnerCheck(False, True, f"a process outside the app's tree listens on {address}:{port} (socket inode "
                       f"{min(inodes)}, owner not visible from here: another PID namespace?)")
-
-
-def _socket_inodes(pid: int | str) -> set[int] | None:
-    """Inodes of the sockets ``pid`` holds; None when its descriptors cannot be read (another user's
-    process and no CAP_SYS_PTRACE: the kernel refuses readlink on /proc/<pid>/fd/N). A process that
-    ends meanwhile holds nothing."""
-    fd_dir = f"/proc/{pid}/fd"
-    try:
-        names = os.listdir(fd_dir)
-    except PermissionError:
-        return None
-    except OSError:
-        return set()
-    found: set[int] = set()
-    for name in names:
-        try:
-            link = os.readlink(f"{fd_dir}/{name}")
-        except PermissionError:
-            return None
-        except OSError:
-            continue  # closed meanwhile
-        if link.startswith("socket:["):
-            found.add(int(link[8:-1]))
-    return found
 
 
 def verify_app_port(address: str, port: int, app: object, log: FilteringBoundLogger) -> str | None:

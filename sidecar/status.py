@@ -23,6 +23,9 @@ for its first request, ~5 KB each, and logs a traceback per failed accept):
   drain; a failed accept (EMFILE) is one ``sidecar.status.accept_failed`` line
   per cause every ``PROBLEM_INTERVAL`` with the number suppressed, then a
   short pause.
+- It counts what it accepts (:meth:`StatusServer.own_opens`): in a network
+  namespace of the app's own, the drain subtracts these from the namespace's
+  PassiveOpens, so a monitoring scrape of ``/status`` does not hold the drain.
 - ``raise_nofile_limit`` raises the soft descriptor limit to the hard one at
   start (after the app is spawned, so the app keeps the platform's limits).
 """
@@ -33,6 +36,7 @@ import enum
 import json
 import resource
 import socket
+import struct
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -159,6 +163,8 @@ def listen_warnings(host: str, port: int, consul_address: str) -> list[str]:
     return out
 
 
+_TCPI_UNACKED = struct.Struct("=I")  # struct tcp_info at offset 24 (linux/tcp.h): a listener's accept queue length
+
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
             431: "Request Header Fields Too Large"}
 
@@ -186,6 +192,7 @@ class StatusServer:
         self._conns: dict[asyncio.Task[None], socket.socket] = {}  # in accept order: the first is the oldest
         self._accepting: asyncio.Task[None] | None = None
         self._evicted = 0
+        self._accepted = 0
         self._problems: dict[str, tuple[float, int]] = {}  # cause -> (last logged, suppressed since)
 
     @property
@@ -196,6 +203,19 @@ class StatusServer:
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    def own_opens(self) -> int:
+        """Connections the kernel has completed on this server's socket so far: those accepted, plus those
+        waiting in its accept queue (``tcpi_unacked`` of a listener is its queue's length), as PassiveOpens
+        counts them. Never raises: an unreadable queue counts as empty (the drain then only waits longer)."""
+        queued = 0
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+            if len(info) >= 28:
+                queued = _TCPI_UNACKED.unpack_from(info, 24)[0]
+        except OSError:
+            pass
+        return self._accepted + queued
 
     async def start(self) -> None:
         import asyncio
@@ -223,6 +243,7 @@ class StatusServer:
         while True:
             try:
                 conn, _ = await loop.sock_accept(self.sock)
+                self._accepted += 1
             except OSError as e:
                 # EMFILE/ENFILE: the pending connection stays queued; pause so the loop does not spin on it.
                 self._problem("accept_failed", "sidecar.status.accept_failed", error=f"{type(e).__name__}: {e}",

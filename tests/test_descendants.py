@@ -468,3 +468,48 @@ def test_proctree_finds_descendants_in_other_sessions_and_the_listener_of_a_port
         child.wait(5)
         with contextlib.suppress(ProcessLookupError, UnboundLocalError):
             os.kill(sleep, signal.SIGKILL)
+
+
+def _proc_net_tcp_listeners(port: int) -> set[int]:
+    """The oracle: inodes of the sockets listening on ``port`` as /proc/net/tcp{,6} list them."""
+    found: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    found.add(int(fields[9]))
+    return found
+
+
+def test_one_listener_lookup_for_daemon_following_and_the_port_owner_check() -> None:
+    """1. This process listens on one port over IPv4 and IPv6 loopback, and holds an accepted connection
+       on it; another port has a wildcard listener.
+    2. Expected: proctree's lookup (sock_diag) finds exactly the listening sockets /proc/net/tcp{,6} list
+       (not the connection), and the port-owner check, built on the same lookup, names this process as
+       the holder and accepts a tree that contains it, while refusing one that does not."""
+    import socket
+
+    from sidecar import port_owner, proctree
+
+    with socket.socket() as v4, socket.socket(socket.AF_INET6) as v6, socket.socket() as wild:
+        v4.bind(("127.0.0.1", 0))
+        port = v4.getsockname()[1]
+        v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        v6.bind(("::1", port))
+        wild.bind(("0.0.0.0", 0))
+        for s in (v4, v6, wild):
+            s.listen()
+        with socket.create_connection(("127.0.0.1", port)) as client, v4.accept()[0]:
+            found = proctree.listening_inodes(port)
+            assert found == _proc_net_tcp_listeners(port) and len(found) == 2, found
+            assert proctree.listening_inodes(wild.getsockname()[1]) == _proc_net_tcp_listeners(wild.getsockname()[1])
+            assert found == {lst.inode for lst in proctree.listening_sockets(port)}
+            assert found <= (proctree.socket_inodes(os.getpid()) or set())
+            assert found.isdisjoint(proctree.socket_inodes(1) or set())  # PID 1's may be unreadable: None
+            assert proctree.listeners({os.getpid(), 1}, port) == {os.getpid()}
+            assert client.getsockname()[1] != port
+        assert port_owner.check_port_owner("::1", port, {os.getpid()}).ok
+        foreign = port_owner.check_port_owner("127.0.0.1", port, {1})
+        assert foreign.checked and not foreign.ok and foreign.owner_pid == os.getpid(), foreign
+    assert proctree.listening_inodes(port) == set()

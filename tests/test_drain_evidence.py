@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -23,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from testkit import PY, ROOT, Consul, Sidecar, app_command, free_port, spawn, wait_for
+from testkit import PY, ROOT, Consul, Sidecar, app_command, free_port, http_get, spawn, wait_for
 
 from .conftest import StartSidecar, base_config
 
@@ -166,6 +167,82 @@ def test_short_connections_after_deregistration_hold_the_drain(
     assert not c.failed and c.ok >= RATE * AFTER, (c.ok, c.failed[:3], ev)
     assert ev["reason"] == "traffic quiet", ev
     assert AFTER * 1000 <= ev["elapsed_ms"] <= (AFTER + 1.0 + 2.0) * 1000, ev
+
+
+def test_a_connection_idle_since_its_request_is_dated_by_that_request(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
+    """Right after the deregistration a client opens a keep-alive connection, sends one request, reads the
+    answer and keeps the connection open, idle (a pooled upstream connection). Expected: the drain dates
+    that activity by the request's data, so it ends about quiet_period after it (~1.2 s), not one
+    quiet_period after the first look at the socket table that happened to find the connection (>= 2 s).
+    /status tells when the quiet step has begun."""
+    port = free_port()
+    sc = start_sidecar(base_config(consul, service_name, port, shutdown=TRAFFIC), app_command(port))
+    sc.wait_event("sidecar.consul.registered", 40)
+    url = sc.status_url() + "/status"
+    sc.send(signal.SIGTERM)
+    sc.wait_event("sidecar.consul.deregistered")
+    t = time.monotonic()
+    # Once the quiet step has begun (it has seen the port without this connection).
+    wait_for(lambda: (json.loads(http_get(url)[1] or "{}").get("drain") or {}).get("step") == "quiet", 5,
+             what="the drain's quiet step")
+    c = CachedClient("127.0.0.1", port, "pooled")
+    with c._connect() as s:
+        s.sendall(c.request())
+        assert c._response(s).startswith(b"HTTP/1.1 200")
+        answered = time.monotonic() - t
+        ev = sc.wait_event("sidecar.drain.delay_done", 30)
+    assert answered < 0.7, f"the request was answered only {answered:.2f}s after the deregistration: too slow to judge"
+    assert ev["reason"] == "traffic quiet" and 1000 <= ev["elapsed_ms"] <= 1700, ev
+    assert sc.wait(40) == 0
+
+
+def test_another_servers_full_accept_queue_does_not_hold_the_drain(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
+    """A neighbour in the same (shared) network namespace: a server whose accept queue (backlog 1) is full
+    and which accepts nothing, and a client knocking on it every 50 ms through the whole drain, so the
+    namespace's ListenOverflows/ListenDrops keep growing. The app's port gets nothing. Expected: the drain
+    ends on quiet after about min_delay + quiet_period, not at the 20 s bound; the control shows the
+    namespace's counters did grow meanwhile."""
+    from sidecar.netns_counters import read_counters
+
+    port = free_port()
+    sc = start_sidecar(base_config(consul, service_name, port, shutdown=TRAFFIC), app_command(port))
+    sc.wait_event("sidecar.consul.registered", 40)
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(1)
+    stop = threading.Event()
+    knockers: list[socket.socket] = []
+
+    def knock() -> None:
+        while not stop.wait(0.05):
+            c = socket.socket()
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(full.getsockname())
+            knockers.append(c)
+            while len(knockers) > 20:
+                knockers.pop(0).close()
+
+    th = threading.Thread(target=knock, daemon=True)
+    try:
+        th.start()
+        before = read_counters().listen_drops
+        sc.send(signal.SIGTERM)
+        ev = sc.wait_event("sidecar.drain.delay_done", 40)
+        grew = read_counters().listen_drops - before
+    finally:
+        stop.set()
+        th.join(5)
+        for c in knockers:
+            c.close()
+        full.close()
+    assert grew >= 10, f"the namespace's listen drops grew by {grew} only: the neighbour did not overflow"
+    assert ev["reason"] == "traffic quiet" and ev["elapsed_ms"] <= 1000 + 1000 + 2500, ev
+    assert sc.wait(40) == 0
 
 
 def test_control_fixed_one_second_loses_the_short_connections(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
@@ -381,6 +458,65 @@ def test_app_in_its_own_network_namespace(consul: Consul, tmp_path: Path, servic
         assert not c.failed and c.ok >= RATE * AFTER, (c.ok, c.failed[:3], ev)
         assert ev["reason"] == "traffic quiet" and AFTER * 1000 <= ev["elapsed_ms"] <= (AFTER + 3.0) * 1000, ev
     finally:
+        fwd.close()
+
+
+class StatusScraper(threading.Thread):
+    """GET ``url`` every 0.1 s (a monitoring scrape) until ``stop``; counts the answers."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.answers = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import urllib.request
+
+        while not self.stop.is_set():
+            with contextlib.suppress(OSError), urllib.request.urlopen(self.url, timeout=1) as r:
+                r.read()
+                self.answers += 1
+            self.stop.wait(0.1)
+
+
+@pytest.mark.parametrize("events", [False, True], ids=["counters", "events_and_counters"])
+def test_status_scrapes_in_the_apps_namespace_do_not_hold_the_drain(
+    consul: Consul, tmp_path: Path, service_name: str, netns: Netns, events: bool
+) -> None:
+    """The sidecar and its app in a network namespace of their own, the status server listening on the
+    namespace's address, and a monitor scraping /status every 0.1 s through the whole drain; no request
+    reaches the app. The scrapes are connections the namespace's PassiveOpens counts, but the sidecar
+    accepted them itself. Expected: the drain ends on quiet after about min_delay + quiet_period (not at
+    the 20 s bound), while the scraper kept getting answers (it was scraping during the drain)."""
+    fwd = Forwarder(netns.host_ip, ("127.0.0.1", consul.http_port))
+    fwd.start()
+    scraper: StatusScraper | None = None
+    try:
+        port = free_port()
+        cfg = base_config(consul, service_name, port, consul={"address": f"http://{netns.host_ip}:{fwd.port}"},
+                          service={"address": netns.inner_ip}, check={"allow_remote": False},
+                          status={"listen": f"{netns.inner_ip}:0"}, shutdown=TRAFFIC)
+        sc = start_restricted(tmp_path, cfg, app_command(port, netns.inner_ip), ["ip", "netns", "exec", netns.name],
+                              deny_events=not events)
+        view = sc.wait_event("sidecar.drain.traffic_view", 30)
+        assert "passive_opens" in view["sources"] and ("destroy_events" in view["sources"]) is events, view
+        sc.wait_event("sidecar.consul.registered", 40)
+        scraper = StatusScraper(sc.status_url() + "/status")
+        scraper.start()
+        wait_for(lambda: scraper is not None and scraper.answers >= 3, 10, what="the scraper's first answers")
+        sc.send(signal.SIGTERM)
+        sc.wait_event("sidecar.consul.deregistered")
+        before = scraper.answers
+        ev = sc.wait_event("sidecar.drain.delay_done", 40)
+        during = scraper.answers - before
+        assert ev["reason"] == "traffic quiet" and ev["elapsed_ms"] <= 1000 + 1000 + 2500, (ev, during)
+        assert during >= 5, f"the scraper got only {during} answers during the drain: it did not exercise it"
+        assert sc.wait(40) == 0
+    finally:
+        if scraper is not None:
+            scraper.stop.set()
+            scraper.join(5)
         fwd.close()
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from sidecar import traffic
+from sidecar.sock_diag import DiagSocket
 from sidecar.traffic import ConnKey, PortSnapshot, PortWatcher, TrafficWatchError, activity_between
 
 Track = Callable[[socket.socket], socket.socket]
@@ -175,7 +176,7 @@ def test_connections_of_other_ports_are_not_counted(track: Track, watchers: Call
     mine = w.snapshot()
     assert mine.listening and mine.connections == 0 and mine.bytes_received == 0
     # The kernel already drops them (bytecode and id.idiag_sport), not just the Python side.
-    assert [key.sport for family in (socket.AF_INET, socket.AF_INET6) for _, key, _, _, _ in w._dump(family)] == [port]
+    assert [rec.sport for family in (socket.AF_INET, socket.AF_INET6) for rec in w._dump(family)] == [port]
     theirs = watchers(other_port).snapshot()
     assert theirs.connections == 3 and theirs.bytes_received >= 300
 
@@ -219,11 +220,12 @@ def test_local_address_filter(track: Track, watchers: Callable[..., PortWatcher]
 
 def test_wildcard_listener_counts_for_the_addresses_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without binding a wildcard address here: the kernel's answer is faked, the filter is real."""
-    def fake_dump(w: PortWatcher, family: int) -> Iterator[tuple[int, ConnKey, None, int, int]]:
+    def fake_dump(w: PortWatcher, family: int, states: int = 0, with_info: bool = True,
+                  with_meminfo: bool = False) -> Iterator[DiagSocket]:
         if family == socket.AF_INET:
-            yield 10, ConnKey(v4_listener, 8080, "0.0.0.0", 0, 1), None, 0, 0
+            yield DiagSocket(family, 10, v4_listener, 8080, "0.0.0.0", 0, 1, 0, 0, 0, 0)
         else:
-            yield 10, ConnKey(v6_listener, 8080, "::", 0, 2), None, 0, 0
+            yield DiagSocket(family, 10, v6_listener, 8080, "::", 0, 2, 0, 0, 0, 0)
 
     monkeypatch.setattr(PortWatcher, "_dump", fake_dump)
     for v4_listener, v6_listener, wanted, expected in [
@@ -419,3 +421,63 @@ def test_destroy_events_only_the_ports_connections(track: Track) -> None:
         time.sleep(0.2)
         batch = events.read()
         assert (batch.ended, batch.lost) == (3, False), batch
+
+
+def test_snapshot_dates_the_last_inbound_data(track: Track, watchers: Callable[..., PortWatcher]) -> None:
+    """tcpi_last_data_recv (offset 52 of struct tcp_info) on this kernel: a connection idle for ~0.6 s is
+    dated ~0.6 s back (its handshake), one that just received bytes is dated now, and ``narrow`` sees the same."""
+    lsock, port = listener(track)
+    w = watchers(port, ["127.0.0.1"])
+    assert w.snapshot().last_activity is None
+    client, server = connect(track, lsock)
+    time.sleep(0.6)
+    idle = w.snapshot()
+    assert idle.last_activity is not None and 0.45 <= idle.taken_at - idle.last_activity <= 3.0, idle
+    send_and_receive(client, server, 10)
+    busy = w.snapshot(narrow=True)
+    assert busy.listening and busy.connections == 1, busy
+    assert busy.last_activity is not None and busy.taken_at - busy.last_activity <= 0.3, busy
+
+
+def test_destroy_events_filter_the_address_in_the_kernel(track: Track) -> None:
+    """Two instances on one port, 127.0.0.1 and 127.0.0.2 (the demo's layout): the events of the other
+    instance's connections are dropped by the kernel's filter, not counted."""
+    from sidecar.tcp_events import DestroyEvents
+
+    ours, port = listener(track)
+    theirs = track(socket.socket())
+    theirs.bind(("127.0.0.2", port))
+    theirs.listen(8)
+    with DestroyEvents(port, ["127.0.0.1"]) as events:
+        assert events.filtered
+        for lsock in [theirs] * 4 + [ours] * 2:
+            client, server = connect(track, lsock)
+            client.close()
+            server.close()
+        time.sleep(0.2)
+        assert events.read().ended == 2
+
+
+def test_listen_drops_are_the_ports_own(track: Track, watchers: Callable[..., PortWatcher]) -> None:
+    """A listener with a backlog of 1 that accepts nothing, and 6 connection attempts: its own sk_drops
+    grow (SYNs and retransmits refused), while a watcher of another port sees none of them."""
+    full, port = listener(track)
+    full.listen(1)
+    _, other = listener(track)
+    w, w_other = watchers(port, ["127.0.0.1"]), watchers(other, ["127.0.0.1"])
+    assert w.listen_drops() == 0 and w_other.listen_drops() == 0
+    for _ in range(6):
+        c = track(socket.socket())
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+    deadline = time.monotonic() + 5
+    while not w.listen_drops() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    drops = w.listen_drops()
+    assert drops is not None and drops >= 1, drops
+    snap = w.snapshot(narrow=True)
+    assert snap.listen_drops is not None and snap.listen_drops >= drops
+    assert w_other.listen_drops() == 0 and w_other.snapshot(narrow=True).listen_drops == 0

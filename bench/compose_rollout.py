@@ -40,9 +40,21 @@ def main() -> int:
     out = Path(tempfile.mkdtemp(prefix="bench-compose-"))
     t = time.monotonic()
     proc = subprocess.run(
-        [str(ROOT / "scripts" / "compose-demo"), "--runs", str(args.runs), "--rate", str(args.rate),
-         "--replicas", str(args.replicas), "--json", str(out / "result.json"), "--out", str(out)],
-        cwd=ROOT, stdout=sys.stderr,
+        [
+            str(ROOT / "scripts" / "compose-demo"),
+            "--runs",
+            str(args.runs),
+            "--rate",
+            str(args.rate),
+            "--replicas",
+            str(args.replicas),
+            "--json",
+            str(out / "result.json"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        stdout=sys.stderr,
     )
     took = time.monotonic() - t
     if not (out / "result.json").exists():
@@ -88,10 +100,12 @@ def main() -> int:
                 for s in steps
                 if s["stop_total"] is not None
             ]
-            print(f"{mode:8} {unit:14} {len(steps):5d} {med([s['compose_up'] for s in steps]):10.1f} "
-                  f"{med([s['until_passing'] for s in steps]):8.1f} {med([s['stop_total'] for s in steps]):6.1f} "
-                  f"{med([s['deregister_ms'] for s in steps]):9.1f} {med([s['delay'] for s in steps]):6.2f} "
-                  f"{med([s['app_exit_ms'] for s in steps]):11.1f} {med(rest):7.2f}")
+            print(
+                f"{mode:8} {unit:14} {len(steps):5d} {med([s['compose_up'] for s in steps]):10.1f} "
+                f"{med([s['until_passing'] for s in steps]):8.1f} {med([s['stop_total'] for s in steps]):6.1f} "
+                f"{med([s['deregister_ms'] for s in steps]):9.1f} {med([s['delay'] for s in steps]):6.2f} "
+                f"{med([s['app_exit_ms'] for s in steps]):11.1f} {med(rest):7.2f}"
+            )
     sc = [r["failed"] for r in runs if r["mode"] == "sidecar"]
     nv = [r["failed"] for r in runs if r["mode"] == "naive"]
     ends = all(r["end_state_ok"] for r in runs if r["mode"] == "sidecar")

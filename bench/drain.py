@@ -43,9 +43,13 @@ STRATEGIES: dict[str, dict[str, str]] = {
 
 def lags(events: list[dict[str, Any]]) -> list[float]:
     """Seconds between last activity + quiet_period and the end of the quiet step, where traffic was seen."""
-    return [(e["elapsed_ms"] - e["last_activity_ms"]) / 1000 - e["quiet_period_s"] for e in events
-            if e.get("event") == "sidecar.drain.quiet" and e.get("last_activity", "start") != "start"
-            and "last_activity_ms" in e]
+    return [
+        (e["elapsed_ms"] - e["last_activity_ms"]) / 1000 - e["quiet_period_s"]
+        for e in events
+        if e.get("event") == "sidecar.drain.quiet"
+        and e.get("last_activity", "start") != "start"
+        and "last_activity_ms" in e
+    ]
 
 
 async def nginx_run(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
@@ -115,7 +119,8 @@ def short_run_sync(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
         cfg: dict[str, dict[str, Any]] = {
             "consul": {"address": consul.address},
             "service": {"name": "short", "id": "short-1", "address": "127.0.0.1", "port": port},
-            "shutdown": {"app_timeout": "10s", **shutdown}, "status": {"listen": ""},
+            "shutdown": {"app_timeout": "10s", **shutdown},
+            "status": {"listen": ""},
         }
         sc = Sidecar(work, cfg, app_command(port))
         sc.wait_event("sidecar.consul.registered")
@@ -154,8 +159,11 @@ async def main_async(runs: int) -> dict[tuple[str, str], list[dict[str, Any]]]:
             for name, shutdown in STRATEGIES.items():
                 res = await fn(base / f"{i}-{consumer[:5]}-{name[:5]}", shutdown)
                 out.setdefault((consumer, name), []).append(res)
-                print(f"run {i + 1}/{runs} {consumer:10} {name:8}: failed {res['failed']}, drain "
-                      + ", ".join(f"{d:.2f}s" for d in res["drain_s"]), file=sys.stderr)
+                print(
+                    f"run {i + 1}/{runs} {consumer:10} {name:8}: failed {res['failed']}, drain "
+                    + ", ".join(f"{d:.2f}s" for d in res["drain_s"]),
+                    file=sys.stderr,
+                )
     return out
 
 

@@ -61,8 +61,10 @@ def main() -> int:
     finally:
         kill_all_started()
 
-    print(f"\nrollout benchmark: {args.runs} runs per mode, {args.replicas} instances v1 -> v2, "
-          f"{args.rate:g} requests/s through nginx (resolver valid=1s), propagation_delay {args.propagation_delay}")
+    print(
+        f"\nrollout benchmark: {args.runs} runs per mode, {args.replicas} instances v1 -> v2, "
+        f"{args.rate:g} requests/s through nginx (resolver valid=1s), propagation_delay {args.propagation_delay}"
+    )
     print(
         f"{'mode':8} {'run':>3} {'requests':>9} {'failed':>7} {'p99 steady ms':>14} {'p99 rollout ms':>15} "
         f"{'rollout s':>10} {'sidecar RSS MB':>15}"
@@ -74,8 +76,10 @@ def main() -> int:
             during = summarize(r.records, (r.rollout_start, r.rollout_end))
             total = summarize(r.records)
             rss = statistics.median(r.sidecar_rss_mb) if r.sidecar_rss_mb else float("nan")
-            print(f"{mode:8} {i:3d} {total.requests:9d} {total.failed:7d} {steady.p99_ms:14.1f} {during.p99_ms:15.1f} "
-                  f"{r.rollout_seconds:10.1f} {rss:15.1f}")
+            print(
+                f"{mode:8} {i:3d} {total.requests:9d} {total.failed:7d} {steady.p99_ms:14.1f} {during.p99_ms:15.1f} "
+                f"{r.rollout_seconds:10.1f} {rss:15.1f}"
+            )
     for mode in ("sidecar", "naive"):
         rows = [r for r in results if r.mode == mode]
         failed = [summarize(r.records).failed for r in rows]

@@ -30,8 +30,11 @@ def _load() -> ModuleType:
     if PRIVATE_NAME in sys.modules:
         return sys.modules[PRIVATE_NAME]
     package = importlib.util.find_spec("consul")  # finds the package, does not execute it
-    found = (importlib.machinery.PathFinder.find_spec("base", list(package.submodule_search_locations))
-             if package is not None and package.submodule_search_locations else None)
+    found = (
+        importlib.machinery.PathFinder.find_spec("base", list(package.submodule_search_locations))
+        if package is not None and package.submodule_search_locations
+        else None
+    )
     if found is None or found.origin is None:
         raise ImportError("python-consul2 is not installed (pip install python-consul2)")
     spec = importlib.util.spec_from_file_location(PRIVATE_NAME, found.origin)

@@ -81,7 +81,6 @@ def parse_answers(msg: bytes, qid: int) -> set[str]:
     return found
 
 
-
 async def _udp(server: tuple[str, int], query: bytes, qid: int) -> set[str]:
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
@@ -131,4 +130,3 @@ async def resolve_addresses(server: tuple[str, int], name: str, timeout: float =
     except OSError as e:
         raise DnsError(f"{server[0]}:{server[1]}: {e.strerror or e}") from None
     return v4 | v6
-

@@ -162,8 +162,12 @@ class _EventReader:
             self.stop()
             self.failed = True
             self.seen.mark(self.clock.monotonic(), "destroy_events_lost")
-            self.log.warning("sidecar.drain.traffic_source_lost", source="destroy_events", reason=str(e),
-                             consequence="the drain waits the upper bound")
+            self.log.warning(
+                "sidecar.drain.traffic_source_lost",
+                source="destroy_events",
+                reason=str(e),
+                consequence="the drain waits the upper bound",
+            )
             return
         if ended or lost:
             self.seen.mark(self.clock.monotonic(), "destroy_events")
@@ -265,23 +269,42 @@ class DrainWait:
         sources.append("poll")
         self.sources = sources
         if not self.complete:
-            self.blind = ("the poll of the socket table is the only view of new connections, and it misses those "
-                          "shorter than 100 ms that the client closes")
-        fields: dict[str, Any] = {"port": svc.port, "address": svc.address, "sources": sources, "missing": missing or None}
-        self.status.drain = {"strategy": "traffic", "step": "not started", "sources": sources, "complete": self.complete}
+            self.blind = (
+                "the poll of the socket table is the only view of new connections, and it misses those "
+                "shorter than 100 ms that the client closes"
+            )
+        fields: dict[str, Any] = {
+            "port": svc.port,
+            "address": svc.address,
+            "sources": sources,
+            "missing": missing or None,
+        }
+        self.status.drain = {
+            "strategy": "traffic",
+            "step": "not started",
+            "sources": sources,
+            "complete": self.complete,
+        }
         if self.blind is None:
             self.log.info("sidecar.drain.traffic_view", **fields)
         elif self.sd.traffic_poll_only_accepts_misses:
-            self.log.warning("sidecar.drain.traffic_view", **fields, blind=self.blind,
-                             consequence="shutdown.traffic_poll_only_accepts_misses = true: the drain may end while "
-                             "short connections still arrive")
+            self.log.warning(
+                "sidecar.drain.traffic_view",
+                **fields,
+                blind=self.blind,
+                consequence="shutdown.traffic_poll_only_accepts_misses = true: the drain may end while "
+                "short connections still arrive",
+            )
         else:
-            self.log.warning("sidecar.drain.traffic_view", **fields, blind=self.blind,
-                             consequence=f"the drain waits the upper bound, propagation_delay "
-                             f"{self.sd.propagation_delay:g}s",
-                             hint="give the sidecar its own network namespace with the app (a pod, compose's "
-                             'network_mode: "service:<app>"), or set shutdown.traffic_poll_only_accepts_misses = true '
-                             "to end the drain on the poll alone")
+            self.log.warning(
+                "sidecar.drain.traffic_view",
+                **fields,
+                blind=self.blind,
+                consequence=f"the drain waits the upper bound, propagation_delay {self.sd.propagation_delay:g}s",
+                hint="give the sidecar its own network namespace with the app (a pod, compose's "
+                'network_mode: "service:<app>"), or set shutdown.traffic_poll_only_accepts_misses = true '
+                "to end the drain on the poll alone",
+            )
 
     async def _instance_addresses(self, address: str, port: int) -> frozenset[str]:
         """The addresses consumers resolve the instance to: the IP itself, or what a host name
@@ -298,9 +321,13 @@ class DrainWait:
                 infos = await asyncio.get_running_loop().getaddrinfo(address, port, type=socket.SOCK_STREAM)
         except (OSError, TimeoutError) as e:
             error = str(e) or f"no answer within {RESOLVE_TIMEOUT:g}s"
-            self.log.warning("sidecar.drain.address_unresolved", address=address, error=error,
-                             consequence="the DNS step cannot tell whether the instance is still handed out: it "
-                             "waits the upper bound")
+            self.log.warning(
+                "sidecar.drain.address_unresolved",
+                address=address,
+                error=error,
+                consequence="the DNS step cannot tell whether the instance is still handed out: it "
+                "waits the upper bound",
+            )
             return frozenset()
         found = frozenset(str(ipaddress.ip_address(str(info[4][0]).split("%")[0])) for info in infos)
         self.log.info("sidecar.drain.address_resolved", address=address, addresses=sorted(found))
@@ -376,7 +403,12 @@ class DrainWait:
                 except DnsError as e:
                     errors[f"{server[0]}:{server[1]}"] = str(e)
             if pending and not await self._tick(upper):
-                self.log.warning("sidecar.drain.dns_not_clear", resolvers=[f"{h}:{p}" for h, p in pending], errors=errors or None, elapsed_ms=self._ms(t))
+                self.log.warning(
+                    "sidecar.drain.dns_not_clear",
+                    resolvers=[f"{h}:{p}" for h, p in pending],
+                    errors=errors or None,
+                    elapsed_ms=self._ms(t),
+                )
                 return False
         self.log.info("sidecar.drain.dns_clear", resolvers=[f"{h}:{p}" for h, p in self.sd.dns], elapsed_ms=self._ms(t))
         return True
@@ -402,8 +434,9 @@ class DrainWait:
             if reader is not None:
                 reader.stop()
 
-    async def _quiet_loop(self, earliest: float, upper: float, t: float, seen: _Seen, reader: _EventReader | None
-                          ) -> DrainEnd:
+    async def _quiet_loop(
+        self, earliest: float, upper: float, t: float, seen: _Seen, reader: _EventReader | None
+    ) -> DrainEnd:
         """Sleep until the evidence says ``quiet_period`` has passed without activity, then look at the port
         (and the counters) to confirm; their activity is dated, so one look per quiet period suffices.
 
@@ -440,7 +473,9 @@ class DrainWait:
                 try:
                     snap = self._watcher.snapshot(narrow=True)
                 except TrafficWatchError as e:
-                    self.log.warning("sidecar.drain.traffic_unavailable", reason=str(e), fallback="wait until the upper bound")
+                    self.log.warning(
+                        "sidecar.drain.traffic_unavailable", reason=str(e), fallback="wait until the upper bound"
+                    )
                     await self.clock.sleep(upper - self.clock.monotonic())
                     return DrainEnd.UPPER_BOUND_VIEW_LOST
                 looked = snap.taken_at
@@ -472,13 +507,24 @@ class DrainWait:
                     window.pop("accepted_or_dropped", None)
                 now = self.clock.monotonic()
                 quiet_for = now - seen.last
-            self._progress("quiet", connections=prev.connections, quiet_for_s=round(quiet_for, 3),
-                           ended_connections=seen.ended or None, last_window=dict(window))
+            self._progress(
+                "quiet",
+                connections=prev.connections,
+                quiet_for_s=round(quiet_for, 3),
+                ended_connections=seen.ended or None,
+                last_window=dict(window),
+            )
             if quiet_for >= self.sd.quiet_period and now >= earliest and not poll_only:
-                self.log.info("sidecar.drain.quiet", quiet_period_s=self.sd.quiet_period, open_connections=prev.connections,
-                              ended_connections=seen.ended, last_activity=seen.by,
-                              last_activity_ms=round((seen.last - t) * 1000), sources=self.sources,
-                              elapsed_ms=self._ms(t))
+                self.log.info(
+                    "sidecar.drain.quiet",
+                    quiet_period_s=self.sd.quiet_period,
+                    open_connections=prev.connections,
+                    ended_connections=seen.ended,
+                    last_activity=seen.by,
+                    last_activity_ms=round((seen.last - t) * 1000),
+                    sources=self.sources,
+                    elapsed_ms=self._ms(t),
+                )
                 return DrainEnd.TRAFFIC_QUIET
             if poll_only and quiet_for >= self.sd.quiet_period and now >= earliest:
                 # The poll alone misses short connections; the ones the app closed left a dated
@@ -490,21 +536,34 @@ class DrainWait:
                 if age is not None and age + POLL < quiet_for:
                     seen.mark(now - age, "time_wait")  # a connection the app closed since: poll on
                 else:
-                    self.log.info("sidecar.drain.quiet", quiet_period_s=self.sd.quiet_period,
-                                  open_connections=prev.connections, ended_connections=seen.ended,
-                                  last_activity=seen.by, last_activity_ms=round((seen.last - t) * 1000),
-                                  sources=self.sources, elapsed_ms=self._ms(t))
+                    self.log.info(
+                        "sidecar.drain.quiet",
+                        quiet_period_s=self.sd.quiet_period,
+                        open_connections=prev.connections,
+                        ended_connections=seen.ended,
+                        last_activity=seen.by,
+                        last_activity_ms=round((seen.last - t) * 1000),
+                        sources=self.sources,
+                        elapsed_ms=self._ms(t),
+                    )
                     return DrainEnd.TRAFFIC_QUIET
             # Beside the events, wake-ups before the deadline are only for /status: the evidence needs no look.
             interval = POLL if poll_only or counters_complete else POLL_WITH_EVENTS
             due = min(now + interval, max(seen.last + self.sd.quiet_period, earliest))
             if not await self._tick(upper, max(0.001, due - now)):
-                self.log.warning("sidecar.drain.not_quiet", quiet_for_s=round(quiet_for, 3), open_connections=prev.connections,
-                                 ended_connections=seen.ended, last_activity=seen.by, elapsed_ms=self._ms(t))
+                self.log.warning(
+                    "sidecar.drain.not_quiet",
+                    quiet_for_s=round(quiet_for, 3),
+                    open_connections=prev.connections,
+                    ended_connections=seen.ended,
+                    last_activity=seen.by,
+                    elapsed_ms=self._ms(t),
+                )
                 return DrainEnd.UPPER_BOUND
 
-    def _counters_grew(self, seen: _Seen, before: Counters, own_before: int,
-                       count_opens: bool) -> tuple[Counters | None, int, int]:
+    def _counters_grew(
+        self, seen: _Seen, before: Counters, own_before: int, count_opens: bool
+    ) -> tuple[Counters | None, int, int]:
         """Read the counters again and mark activity now if SYNs were dropped or, with ``count_opens``,
         connections were accepted that the sidecar's own servers did not accept (its status port: a
         monitoring scrape must not hold the drain). Returns (counters, growth, own accepts so far)."""
@@ -536,8 +595,12 @@ class DrainWait:
         return self.clock.monotonic() < upper
 
     def _progress(self, step: str, **fields: Any) -> None:
-        self.status.drain = {"strategy": "traffic", "step": step, "sources": self.sources,
-                             **{k: v for k, v in fields.items() if v is not None}}
+        self.status.drain = {
+            "strategy": "traffic",
+            "step": step,
+            "sources": self.sources,
+            **{k: v for k, v in fields.items() if v is not None},
+        }
 
     def _ms(self, since: float) -> int:
         return round((self.clock.monotonic() - since) * 1000)

@@ -52,7 +52,7 @@ def parse_duration(text: str) -> float:
         if total > Decimal(str(MAX_SECONDS)):
             raise ValueError(f"{_short(text)} is longer than the longest duration Consul accepts ({MAX_TEXT})")
     if pos != len(s) or pos == 0:
-        raise ValueError(f"{_short(text)} is not a duration like \"500ms\", \"5s\" or \"1m\"")
+        raise ValueError(f'{_short(text)} is not a duration like "500ms", "5s" or "1m"')
     return float(total)
 
 

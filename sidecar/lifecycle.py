@@ -129,8 +129,9 @@ class Sidecar:
         self.log = log.bind(service_id=config.service.id)
         self.status_server = status_server
         self.inbox = inbox or SignalInbox()
-        self.drain_wait = drain_wait or DrainWait(config, agent, clock, self.log, status,
-                                                  own_opens=status_server.own_opens if status_server else None)
+        self.drain_wait = drain_wait or DrainWait(
+            config, agent, clock, self.log, status, own_opens=status_server.own_opens if status_server else None
+        )
         self._shutdown = asyncio.Event()
         self._skip_delay = asyncio.Event()
         self._sigints = 0
@@ -246,8 +247,13 @@ class Sidecar:
                 return False, detail
             if now - said >= 5.0:  # progress for a slow or misconfigured app, not one line per probe
                 said = now
-                self.log.info("sidecar.startup.waiting", url=self.config.check.http, last_answer=detail,
-                              elapsed_ms=self._ms(t), gives_up_in_s=round(deadline - now, 1))
+                self.log.info(
+                    "sidecar.startup.waiting",
+                    url=self.config.check.http,
+                    last_answer=detail,
+                    elapsed_ms=self._ms(t),
+                    gives_up_in_s=round(deadline - now, 1),
+                )
             await self.clock.sleep(min(0.1, max(0.0, deadline - self.clock.monotonic())))
 
     async def _register_until_done(self) -> int:
@@ -325,8 +331,13 @@ class Sidecar:
         self._registration_attempted = True  # it carries our ID: a drain from here on must remove it
         t = self.clock.monotonic()
         result = await self.agent.deregister_confirmed(svc.name, svc.id, t + self.config.shutdown.deregister_timeout)
-        self.log.warning("sidecar.consul.stale_registration_replaced", previous=theirs, reason=reason,
-                         deregistration=result.outcome.value, elapsed_ms=self._ms(t))
+        self.log.warning(
+            "sidecar.consul.stale_registration_replaced",
+            previous=theirs,
+            reason=reason,
+            deregistration=result.outcome.value,
+            elapsed_ms=self._ms(t),
+        )
         if result.outcome is Deregistration.CONFIRMED:
             self._registration_attempted = False  # proven gone: nothing of ours is registered now
 
@@ -421,8 +432,11 @@ class Sidecar:
         if not back:
             self.log.debug("sidecar.consul.final_read", registered=False, elapsed_ms=self._ms(t))
             return None
-        self.log.error("sidecar.consul.reappeared", hint="a registration write that went unanswered landed after the "
-                       "deregistration; deregistering again" + (" and waiting the propagation delay again" if wait_again else ""))
+        self.log.error(
+            "sidecar.consul.reappeared",
+            hint="a registration write that went unanswered landed after the "
+            "deregistration; deregistering again" + (" and waiting the propagation delay again" if wait_again else ""),
+        )
         result = await self._deregister(deadline=max(bound, self.clock.monotonic() + 0.25))
         if result.outcome is not Deregistration.CONFIRMED:
             return result
@@ -458,8 +472,12 @@ class Sidecar:
                 failures += 1
                 error = f"{e.__class__.__name__}: {e}"
                 self.status.last_error = f"the registration keeper failed ({failures}x): {error}"
-                self.log.exception("sidecar.consul.keeper_failed", error=error, failures=failures,
-                                   action=f"restarting it in {self.config.check.interval:g}s")
+                self.log.exception(
+                    "sidecar.consul.keeper_failed",
+                    error=error,
+                    failures=failures,
+                    action=f"restarting it in {self.config.check.interval:g}s",
+                )
 
     async def _keep_registration_rounds(self) -> None:
         interval = self.config.check.interval
@@ -524,8 +542,13 @@ class Sidecar:
                 # A late confirmation shortens the delay rather than push the app past the worst case.
                 _, ended = await self._first(self.drain_wait.wait(confirmed_at), self._skip_or_bound(bound))
             if ended is None:
-                ended = (DrainEnd.SECOND_SIGINT if self._skip_delay.is_set() else DrainEnd.APP_EXITED
-                         if self.app.exited.done() else DrainEnd.DRAIN_BOUND)
+                ended = (
+                    DrainEnd.SECOND_SIGINT
+                    if self._skip_delay.is_set()
+                    else DrainEnd.APP_EXITED
+                    if self.app.exited.done()
+                    else DrainEnd.DRAIN_BOUND
+                )
             unconfirmed = outcome is not Deregistration.CONFIRMED
             (self.log.error if unconfirmed else self.log.info)(
                 "sidecar.drain.delay_done",
@@ -552,8 +575,12 @@ class Sidecar:
         status = self.app.exited.result()
         oom = status == by_signal(signal.SIGKILL)
         emit = self.log.error if oom else self.log.info if status == 0 else self.log.warning
-        emit("sidecar.app.exited", exit_status=status, hint="killed by SIGKILL: out of memory?" if oom else None,
-             daemon_pids=sorted(self.app.followed) or None)
+        emit(
+            "sidecar.app.exited",
+            exit_status=status,
+            hint="killed by SIGKILL: out of memory?" if oom else None,
+            daemon_pids=sorted(self.app.followed) or None,
+        )
         t = self.clock.monotonic()
         self.status.enter(State.DRAINING)
         deadline = t + self.config.shutdown.deregister_timeout
@@ -593,12 +620,24 @@ class Sidecar:
         self.status.last_error = result.error
         retrying = None if retry_until is None else round(max(0.0, retry_until - self.clock.monotonic()), 3)
         if result.outcome is Deregistration.BLOCKED:
-            self.log.error("sidecar.consul.deregister_blocked", error=result.error, attempts=result.attempts,
-                           elapsed_ms=self._ms(t), retrying_for_s=retrying, hint=self._acl_hint())
+            self.log.error(
+                "sidecar.consul.deregister_blocked",
+                error=result.error,
+                attempts=result.attempts,
+                elapsed_ms=self._ms(t),
+                retrying_for_s=retrying,
+                hint=self._acl_hint(),
+            )
         else:
-            self.log.error("sidecar.consul.deregister_unconfirmed", reason=result.outcome.value, error=result.error,
-                           attempts=result.attempts, elapsed_ms=self._ms(t), retrying_for_s=retrying,
-                           hint=_UNCONFIRMED_HINTS[result.outcome])
+            self.log.error(
+                "sidecar.consul.deregister_unconfirmed",
+                reason=result.outcome.value,
+                error=result.error,
+                attempts=result.attempts,
+                elapsed_ms=self._ms(t),
+                retrying_for_s=retrying,
+                hint=_UNCONFIRMED_HINTS[result.outcome],
+            )
         return result
 
     async def _final_check(self, last: DeregisterResult, bound: float) -> None:
@@ -636,8 +675,11 @@ class Sidecar:
         t = self.clock.monotonic()
         result = await self.app.stop(cfg.app_signal, cfg.app_timeout)
         app = self.app
-        extra = {"orphans_reaped": app.orphans_reaped or None, "leftovers_signalled": app.leftovers_signalled or None,
-                 "leftovers_killed": app.leftovers_killed or None}
+        extra = {
+            "orphans_reaped": app.orphans_reaped or None,
+            "leftovers_signalled": app.leftovers_signalled or None,
+            "leftovers_killed": app.leftovers_killed or None,
+        }
         if result.killed:
             self.log.error(
                 "sidecar.app.killed",
@@ -712,8 +754,9 @@ class Sidecar:
         await asyncio.gather(task, return_exceptions=True)
         return False, None
 
-    def _consul_state(self, reachable: bool, error: str | None, level: Literal["warning", "error"] = "warning",
-                      retrying: bool = False) -> None:
+    def _consul_state(
+        self, reachable: bool, error: str | None, level: Literal["warning", "error"] = "warning", retrying: bool = False
+    ) -> None:
         """Log Consul reachability changes, not every failed request."""
         if error is not None:
             self.status.last_error = error

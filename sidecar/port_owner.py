@@ -83,17 +83,30 @@ def check_port_owner(address: str, port: int, tree: set[int]) -> OwnerCheck:
     # Someone else's: find whom, to name it.
     for pid in proctree.all_pids():
         if pid not in tree and (proctree.socket_inodes(pid) or set()) & inodes:
-            return OwnerCheck(False, True, f"another process listens on {address}:{port}: PID {pid} ({_command(pid)})",
-                              pid, _command(pid))
+            return OwnerCheck(
+                False,
+                True,
+                f"another process listens on {address}:{port}: PID {pid} ({_command(pid)})",
+                pid,
+                _command(pid),
+            )
     if hidden:
         # An app that runs as another user (gosu, su-exec, setpriv, a server that drops privileges)
         # hides its descriptors from a sidecar without CAP_SYS_PTRACE, which Docker does not grant
         # by default: the socket is most likely its own. Not proven either way: say so, never refuse.
-        return OwnerCheck(True, False, f"the descriptors of the app's PID {min(hidden)} cannot be read (it runs as "
-                          "another user and the sidecar lacks CAP_SYS_PTRACE?): the owner of the listening socket "
-                          "cannot be told")
-    return OwnerCheck(False, True, f"a process outside the app's tree listens on {address}:{port} (socket inode "
-                      f"{min(inodes)}, owner not visible from here: another PID namespace?)")
+        return OwnerCheck(
+            True,
+            False,
+            f"the descriptors of the app's PID {min(hidden)} cannot be read (it runs as "
+            "another user and the sidecar lacks CAP_SYS_PTRACE?): the owner of the listening socket "
+            "cannot be told",
+        )
+    return OwnerCheck(
+        False,
+        True,
+        f"a process outside the app's tree listens on {address}:{port} (socket inode "
+        f"{min(inodes)}, owner not visible from here: another PID namespace?)",
+    )
 
 
 def verify_app_port(address: str, port: int, app: object, log: FilteringBoundLogger) -> str | None:
@@ -110,17 +123,26 @@ def verify_app_port(address: str, port: int, app: object, log: FilteringBoundLog
             log.warning("sidecar.startup.port_owner_unchecked", port=port, reason=f"the app's PID is not known: {e}")
             return None
     else:
-        log.warning("sidecar.startup.port_owner_unchecked", port=port,
-                    reason="no PID to check against (set app.pid or app.pid_file, or run the app after '--')")
+        log.warning(
+            "sidecar.startup.port_owner_unchecked",
+            port=port,
+            reason="no PID to check against (set app.pid or app.pid_file, or run the app after '--')",
+        )
         return None
     result = check_port_owner(address, port, tree)
     if not result.checked:
         log.warning("sidecar.startup.port_owner_unchecked", port=port, reason=result.detail)
         return None
     if not result.ok:
-        log.error("sidecar.startup.port_not_the_apps", address=address, port=port, owner_pid=result.owner_pid,
-                  owner_command=result.owner_command, error=result.detail,
-                  hint="stop the other server or give the app another port; nothing was registered")
+        log.error(
+            "sidecar.startup.port_not_the_apps",
+            address=address,
+            port=port,
+            owner_pid=result.owner_pid,
+            owner_command=result.owner_command,
+            error=result.detail,
+            hint="stop the other server or give the app another port; nothing was registered",
+        )
         return result.detail
     log.info("sidecar.startup.port_owner", address=address, port=port, detail=result.detail)
     return None

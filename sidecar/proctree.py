@@ -91,7 +91,7 @@ def descendants(root: int) -> set[int]:
     todo = [root]
     while todo:
         pid = todo.pop()
-        for child in (_children(pid) if scan is None else scan.get(pid, [])):
+        for child in _children(pid) if scan is None else scan.get(pid, []):
             if child not in found and alive(child):
                 found.add(child)
                 todo.append(child)

@@ -17,8 +17,19 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 __all__ = [
-    "ALL_BUT_TIME_WAIT", "DecodeError", "DiagSocket", "End", "NETLINK_SOCK_DIAG", "SOCK_DIAG_BY_FAMILY",
-    "TCP_LISTEN", "TCP_TIME_WAIT", "address", "destroy_filter", "dump_request", "normal_address", "parse",
+    "ALL_BUT_TIME_WAIT",
+    "DecodeError",
+    "DiagSocket",
+    "End",
+    "NETLINK_SOCK_DIAG",
+    "SOCK_DIAG_BY_FAMILY",
+    "TCP_LISTEN",
+    "TCP_TIME_WAIT",
+    "address",
+    "destroy_filter",
+    "dump_request",
+    "normal_address",
+    "parse",
 ]
 
 NETLINK_SOCK_DIAG = 4
@@ -111,8 +122,9 @@ def address(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw)
 
 
-def dump_request(seq: int, family: int, states: int, port: int | None = None, with_info: bool = True,
-                 with_meminfo: bool = False) -> bytes:
+def dump_request(
+    seq: int, family: int, states: int, port: int | None = None, with_info: bool = True, with_meminfo: bool = False
+) -> bytes:
     """A SOCK_DIAG_BY_FAMILY dump request for TCP sockets of ``family`` in ``states`` (a bit mask of TCP
     states), with ``tcp_info`` if ``with_info`` and the socket's memory counters (``drops``) if
     ``with_meminfo``. With ``port``, the kernel itself drops the sockets of other local ports
@@ -122,10 +134,14 @@ def dump_request(seq: int, family: int, states: int, port: int | None = None, wi
     body += _REQ_PORTS.pack(port or 0, 0) + _REQ_TAIL.pack(0, _INET_DIAG_NOCOOKIE, _INET_DIAG_NOCOOKIE)
     if port is not None:
         # A failed test jumps 4 bytes past the end of the program: the socket is dropped.
-        bytecode = b"".join((
-            _BC_OP.pack(_INET_DIAG_BC_S_GE, 8, 20), _BC_OP.pack(0, 0, port),
-            _BC_OP.pack(_INET_DIAG_BC_S_LE, 8, 12), _BC_OP.pack(0, 0, port),
-        ))
+        bytecode = b"".join(
+            (
+                _BC_OP.pack(_INET_DIAG_BC_S_GE, 8, 20),
+                _BC_OP.pack(0, 0, port),
+                _BC_OP.pack(_INET_DIAG_BC_S_LE, 8, 12),
+                _BC_OP.pack(0, 0, port),
+            )
+        )
         body += _NLATTR.pack(_NLATTR.size + len(bytecode), _INET_DIAG_REQ_BYTECODE) + bytecode
     return NLMSGHDR.pack(NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0) + body
 
@@ -158,7 +174,7 @@ def parse(buf: bytes | bytearray | memoryview, seq: int | None = None) -> Iterat
             if alen < _NLATTR.size or a + alen > end:
                 raise DecodeError(f"bad netlink attribute length {alen}")
             if atype & 0x3FFF == _INET_DIAG_INFO:
-                info = view[a + _NLATTR.size:a + alen]
+                info = view[a + _NLATTR.size : a + alen]
             elif atype & 0x3FFF == _INET_DIAG_SKMEMINFO and alen >= _NLATTR.size + _SK_MEMINFO_DROPS_AT + 4:
                 drops = _U32.unpack_from(view, a + _NLATTR.size + _SK_MEMINFO_DROPS_AT)[0]
             a += (alen + 3) & ~3
@@ -168,9 +184,23 @@ def parse(buf: bytes | bytearray | memoryview, seq: int | None = None) -> Iterat
                 last = _U32.unpack_from(info, _TCPI_LAST_DATA_RECV_AT)[0]
             if len(info) >= _TCPI_BYTES_RECEIVED_AT + 8:
                 received = _U64.unpack_from(info, _TCPI_BYTES_RECEIVED_AT)[0]
-        yield DiagSocket(fam, state, address(fam, src), int.from_bytes(sport, "big"), address(fam, dst),
-                         int.from_bytes(dport, "big"), c0 | c1 << 32, expires, rq, wq, inode,
-                         info is not None, last, received, drops)
+        yield DiagSocket(
+            fam,
+            state,
+            address(fam, src),
+            int.from_bytes(sport, "big"),
+            address(fam, dst),
+            int.from_bytes(dport, "big"),
+            c0 | c1 << 32,
+            expires,
+            rq,
+            wq,
+            inode,
+            info is not None,
+            last,
+            received,
+            drops,
+        )
 
 
 # --- the destroy multicast's filter ---------------------------------------------------------------
@@ -195,8 +225,10 @@ def destroy_filter(port: int, addresses: Iterable[str] | None = None) -> bytes:
             v6.append(_V4_MAPPED + packed)
     # (code, jump-if-true label, jump-if-false label, k); labels resolve to relative offsets below.
     prog: list[tuple[int, str | None, str | None, int]] = [
-        (_LD_H, None, None, _SPORT_AT), (_JEQ, None, "drop", port),
-        (_LD_H, None, None, _DPORT_AT), (_JEQ, "drop", None, 0),
+        (_LD_H, None, None, _SPORT_AT),
+        (_JEQ, None, "drop", port),
+        (_LD_H, None, None, _DPORT_AT),
+        (_JEQ, "drop", None, 0),
     ]
     labels: dict[str, int] = {}
     if addresses is not None:
@@ -208,7 +240,7 @@ def destroy_filter(port: int, addresses: Iterable[str] | None = None) -> bytes:
         for i, packed in enumerate(v6):
             nxt = f"next{i}"
             for w in range(4):
-                word = int.from_bytes(packed[4 * w:4 * w + 4], "big")
+                word = int.from_bytes(packed[4 * w : 4 * w + 4], "big")
                 prog += [(_LD_W, None, None, _SRC_AT + 4 * w), (_JEQ, None, nxt, word)]
             prog.append((_JA, None, None, -2))  # to keep, resolved below
             labels[nxt] = len(prog)

@@ -58,8 +58,16 @@ HEADER_TIMEOUT = 5.0  # seconds a client has to send its request head and take t
 MAX_HEAD = 8192  # bytes of request line and headers
 PROBLEM_INTERVAL = 10.0  # seconds: one line per cause of trouble, at most
 # Consul's conventional ports (server RPC, Serf LAN/WAN, HTTP, HTTPS, gRPC, gRPC TLS, DNS).
-CONSUL_PORTS = {8300: "server RPC", 8301: "Serf LAN", 8302: "Serf WAN", 8500: "HTTP API", 8501: "HTTPS API",
-                8502: "gRPC", 8503: "gRPC TLS", 8600: "DNS"}
+CONSUL_PORTS = {
+    8300: "server RPC",
+    8301: "Serf LAN",
+    8302: "Serf WAN",
+    8500: "HTTP API",
+    8501: "HTTPS API",
+    8502: "gRPC",
+    8503: "gRPC TLS",
+    8600: "DNS",
+}
 
 
 class State(enum.Enum):
@@ -158,15 +166,23 @@ def listen_warnings(host: str, port: int, consul_address: str) -> list[str]:
             "the sidecar cannot listen there while the agent runs, and takes the agent's port if it starts first"
         )
     elif port in CONSUL_PORTS:
-        out.append(f"status.listen {host}:{port}: {port} is Consul's conventional {CONSUL_PORTS[port]} port; a local "
-                   f"Consul agent may need it (use port 0 for any free port, the default)")
+        out.append(
+            f"status.listen {host}:{port}: {port} is Consul's conventional {CONSUL_PORTS[port]} port; a local "
+            f"Consul agent may need it (use port 0 for any free port, the default)"
+        )
     return out
 
 
 _TCPI_UNACKED = struct.Struct("=I")  # struct tcp_info at offset 24 (linux/tcp.h): a listener's accept queue length
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-            431: "Request Header Fields Too Large"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+}
 
 
 class StatusServer:
@@ -246,17 +262,25 @@ class StatusServer:
                 self._accepted += 1
             except OSError as e:
                 # EMFILE/ENFILE: the pending connection stays queued; pause so the loop does not spin on it.
-                self._problem("accept_failed", "sidecar.status.accept_failed", error=f"{type(e).__name__}: {e}",
-                              hint="out of descriptors or memory; the status server pauses 0.5s")
+                self._problem(
+                    "accept_failed",
+                    "sidecar.status.accept_failed",
+                    error=f"{type(e).__name__}: {e}",
+                    hint="out of descriptors or memory; the status server pauses 0.5s",
+                )
                 await asyncio.sleep(0.5)
                 continue
             if len(self._conns) >= self.max_connections:
                 oldest = next(iter(self._conns))
                 self._close(oldest)
                 self._evicted += 1
-                self._problem("connection_limit", "sidecar.status.connection_limit",
-                              max_connections=self.max_connections, evicted_total=self._evicted,
-                              hint="clients keep connections open without a request; the oldest are closed")
+                self._problem(
+                    "connection_limit",
+                    "sidecar.status.connection_limit",
+                    max_connections=self.max_connections,
+                    evicted_total=self._evicted,
+                    hint="clients keep connections open without a request; the oldest are closed",
+                )
             conn.setblocking(False)
             task = asyncio.create_task(self._serve(conn))
             self._conns[task] = conn
@@ -293,8 +317,10 @@ class StatusServer:
         try:
             async with asyncio.timeout(self.header_timeout):
                 code, ctype, body, head_only = await self._answer(conn)
-                head = (f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                        f"Cache-Control: no-store\r\nConnection: close\r\n")
+                head = (
+                    f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                    f"Cache-Control: no-store\r\nConnection: close\r\n"
+                )
                 if code == 405:
                     head += "Allow: GET, HEAD\r\n"
                 await loop.sock_sendall(conn, head.encode() + b"\r\n" + (b"" if head_only else body))
@@ -333,8 +359,12 @@ class StatusServer:
             return 200, "text/plain; charset=utf-8", b"ok\n", head_only
         if target == b"/status":
             doc = self.status.as_json()
-            doc["status_server"] = {"listen": self.address, "connections": len(self._conns),
-                                    "max_connections": self.max_connections, "evicted_total": self._evicted}
+            doc["status_server"] = {
+                "listen": self.address,
+                "connections": len(self._conns),
+                "max_connections": self.max_connections,
+                "evicted_total": self._evicted,
+            }
             from . import log as _log
 
             doc["log"] = {"dropped_lines": _log.dropped_total()}

@@ -62,8 +62,9 @@ def _open(port: int | None = None, addresses: Iterable[str] | None = None) -> tu
     if not sys.platform.startswith("linux") or not hasattr(socket, "AF_NETLINK"):
         raise TrafficWatchError(f"socket destruction events need Linux, this is {sys.platform}")
     try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                             _NETLINK_SOCK_DIAG)
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG
+        )
     except OSError as e:
         raise TrafficWatchError(f"cannot open a NETLINK_SOCK_DIAG socket: {e}", e.errno) from e
     try:

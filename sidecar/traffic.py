@@ -49,7 +49,14 @@ from .sock_diag import (
 )
 
 __all__ = [
-    "Activity", "ConnKey", "Listener", "PortSnapshot", "PortWatcher", "TrafficWatchError", "activity_between", "available",
+    "Activity",
+    "ConnKey",
+    "Listener",
+    "PortSnapshot",
+    "PortWatcher",
+    "TrafficWatchError",
+    "activity_between",
+    "available",
     "listeners",
 ]
 
@@ -218,8 +225,12 @@ class PortWatcher:
 
     def _serves_wanted(self, address: str) -> bool:
         wanted = self._wanted
-        return wanted is None or address in wanted or address == "::" or (
-            address == "0.0.0.0" and any(":" not in w for w in wanted))
+        return (
+            wanted is None
+            or address in wanted
+            or address == "::"
+            or (address == "0.0.0.0" and any(":" not in w for w in wanted))
+        )
 
     def snapshot(self, narrow: bool = False) -> PortSnapshot:
         """One dump per family (AF_INET, then AF_INET6); see the module's docstring for the cost.
@@ -236,8 +247,12 @@ class PortWatcher:
         drops: int | None = None
         try:
             if narrow:
-                mine = [rec for fam in families for rec in self._dump(fam, 1 << _TCP_LISTEN, False, True)
-                        if rec.sport == self.port and self._serves_wanted(rec.src)]
+                mine = [
+                    rec
+                    for fam in families
+                    for rec in self._dump(fam, 1 << _TCP_LISTEN, False, True)
+                    if rec.sport == self.port and self._serves_wanted(rec.src)
+                ]
                 found = {rec.family for rec in mine}
                 listening = bool(found)
                 if all(rec.drops is not None for rec in mine):
@@ -323,8 +338,9 @@ class PortWatcher:
             raise
         return found
 
-    def _dump(self, family: int, states: int = _STATES, with_info: bool = True,
-              with_meminfo: bool = False) -> Iterator[DiagSocket]:
+    def _dump(
+        self, family: int, states: int = _STATES, with_info: bool = True, with_meminfo: bool = False
+    ) -> Iterator[DiagSocket]:
         """The sockets of one dump (sock_diag.py decodes); every failure a TrafficWatchError."""
         sock = self._connect()
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF

@@ -110,8 +110,11 @@ def leftovers_of_exited(since: int = 0, grace: float = 2.0) -> list[str]:
     what a sidecar, nginx or the agent left behind. Waits up to ``grace`` for them to go."""
     deadline = time.monotonic() + grace
     while True:
-        left = [f"{str(proc.args)[:80]}: {session_members(proc.pid)}" for proc in _started[since:]
-                if proc.poll() is not None and session_members(proc.pid)]
+        left = [
+            f"{str(proc.args)[:80]}: {session_members(proc.pid)}"
+            for proc in _started[since:]
+            if proc.poll() is not None and session_members(proc.pid)
+        ]
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.05)
@@ -145,7 +148,11 @@ class Consul:
     """A real ``consul agent -dev`` on free loopback ports."""
 
     def __init__(
-        self, workdir: Path, data_dir: Path | None = None, hcl: str | None = None, dns_port: int | None = None,
+        self,
+        workdir: Path,
+        data_dir: Path | None = None,
+        hcl: str | None = None,
+        dns_port: int | None = None,
         admin_token: str | None = None,
     ) -> None:
         self.admin_token = admin_token  # used for the harness's own reads (ACL-enabled agents)
@@ -166,9 +173,19 @@ class Consul:
     def start(self) -> None:
         server, lan, wan = self.ports
         argv = [
-            self.binary, "agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1", "-node=test",
-            f"-http-port={self.http_port}", f"-dns-port={self.dns_port}", f"-server-port={server}",
-            f"-serf-lan-port={lan}", f"-serf-wan-port={wan}", "-grpc-port=-1", "-log-level=info",
+            self.binary,
+            "agent",
+            "-dev",
+            "-bind=127.0.0.1",
+            "-client=127.0.0.1",
+            "-node=test",
+            f"-http-port={self.http_port}",
+            f"-dns-port={self.dns_port}",
+            f"-server-port={server}",
+            f"-serf-lan-port={lan}",
+            f"-serf-wan-port={wan}",
+            "-grpc-port=-1",
+            "-log-level=info",
         ]
         if self.data_dir is not None:
             argv.append(f"-data-dir={self.data_dir}")
@@ -356,9 +373,7 @@ class ConsulCluster:
         net = 100 + int.from_bytes(os.urandom(1), "big") % 150
         self.hosts = [f"127.0.{net}.{i}" for i in range(1, self.SERVERS + 2)]  # the last one is the client
         self.names = [f"s{i}" for i in range(1, self.SERVERS + 1)] + ["client"]
-        self.ports = [
-            {k: free_port(h) for k in ("http", "dns", "server", "serf_lan", "serf_wan")} for h in self.hosts
-        ]
+        self.ports = [{k: free_port(h) for k in ("http", "dns", "server", "serf_lan", "serf_wan")} for h in self.hosts]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * len(self.hosts)
 
     @property
@@ -377,12 +392,22 @@ class ConsulCluster:
         data = self.workdir / f"data-{self.names[i]}"
         data.mkdir(exist_ok=True)
         argv = [
-            self.binary, "agent", f"-node={self.names[i]}", f"-bind={host}", f"-client={host}", f"-data-dir={data}",
-            f"-http-port={p['http']}", f"-dns-port={p['dns']}", f"-server-port={p['server']}",
-            f"-serf-lan-port={p['serf_lan']}", f"-serf-wan-port={p['serf_wan']}", "-grpc-port=-1",
+            self.binary,
+            "agent",
+            f"-node={self.names[i]}",
+            f"-bind={host}",
+            f"-client={host}",
+            f"-data-dir={data}",
+            f"-http-port={p['http']}",
+            f"-dns-port={p['dns']}",
+            f"-server-port={p['server']}",
+            f"-serf-lan-port={p['serf_lan']}",
+            f"-serf-wan-port={p['serf_wan']}",
+            "-grpc-port=-1",
             "-disable-host-node-id",  # four agents on one host would otherwise share a node ID
-            "-log-level=debug", "-retry-interval=1s",
-            '-hcl=disable_update_check = true',
+            "-log-level=debug",
+            "-retry-interval=1s",
+            "-hcl=disable_update_check = true",
         ]
         if i < self.SERVERS:
             argv += ["-server", f"-bootstrap-expect={self.SERVERS}"]

@@ -30,8 +30,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-LATIN1_502 = ("<html><body><h1>502 Bad Gateway</h1><p>Passerelle défaillante — réessayez ¿más tarde?</p></body></html>"
-              .encode("latin-1", errors="replace"))
+LATIN1_502 = (
+    "<html><body><h1>502 Bad Gateway</h1><p>Passerelle défaillante — réessayez ¿más tarde?</p></body></html>".encode(
+        "latin-1", errors="replace"
+    )
+)
 
 
 @dataclass

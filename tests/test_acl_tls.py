@@ -18,8 +18,12 @@ from .conftest import ROOT_TOKEN, RegisteredSidecar, StartSidecar, base_config
 
 
 def api(agent: Consul, method: str, path: str, body: object = None) -> object:
-    req = urllib.request.Request(agent.address + path, method=method, headers={"X-Consul-Token": ROOT_TOKEN},
-                                 data=json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(
+        agent.address + path,
+        method=method,
+        headers={"X-Consul-Token": ROOT_TOKEN},
+        data=json.dumps(body).encode() if body is not None else None,
+    )
     with urllib.request.urlopen(req, timeout=5) as r:
         text = r.read().decode()
     return json.loads(text) if text.strip() else None
@@ -125,8 +129,12 @@ def test_deregistration_blocked_by_acls_is_reported(
     a, b = make_token(acl_consul, writer_rules(service_name)), make_token(acl_consul, writer_rules(service_name))
     tf = tmp_path / "token"
     tf.write_text(a)
-    sc, _ = registered_sidecar(agent=acl_consul, consul={"token_file": str(tf)}, check={"interval": "30s"},
-                               shutdown={"deregister_timeout": "1s", "propagation_delay": "0s"})
+    sc, _ = registered_sidecar(
+        agent=acl_consul,
+        consul={"token_file": str(tf)},
+        check={"interval": "30s"},
+        shutdown={"deregister_timeout": "1s", "propagation_delay": "0s"},
+    )
     tf.write_text(b)
     delete_token(acl_consul, a)
     sc.send(signal.SIGTERM)
@@ -159,8 +167,22 @@ def openssl(*args: str, cwd: Path) -> None:
 
 
 def make_ca(d: Path, name: str) -> None:
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        cwd=d,
+    )
 
 
 def make_cert(d: Path, ca: str, name: str, san: str) -> None:
@@ -178,8 +200,24 @@ def make_cert(d: Path, ca: str, name: str, san: str) -> None:
         cwd=d,
     )
     (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.pem",
+        cwd=d,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +244,12 @@ def test_https_with_ca_and_client_certificate(
     """The agent serves HTTPS with a CA the test made and requires client certificates: the sidecar
     registers and deregisters over HTTPS with ca_file, cert_file and key_file."""
     agent, d, https = tls_consul
-    consul_section = {"address": f"https://127.0.0.1:{https}", "ca_file": str(d / "ca.pem"),
-                      "cert_file": str(d / "client.pem"), "key_file": str(d / "client.key")}
+    consul_section = {
+        "address": f"https://127.0.0.1:{https}",
+        "ca_file": str(d / "ca.pem"),
+        "cert_file": str(d / "client.pem"),
+        "key_file": str(d / "client.key"),
+    }
     sc, _ = registered_sidecar(agent=agent, consul=consul_section)
     assert agent.service_ids(service_name) == [f"{service_name}-1"]
     sc.send(signal.SIGTERM)
@@ -242,4 +284,3 @@ def test_https_misconfigured_is_a_clear_error(
     assert ("not trusted" in err["error"]) if case == "wrong-ca" else ("client certificate" in err["error"])
     assert agent.service_ids(service_name) == []
     assert "Traceback" not in sc.output()
-

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from testkit import Consul, app_command, free_port, spawn, wait_for
+
 from .conftest import base_config
-from .harness import Consul, app_command, free_port, spawn, wait_for
 from .test_drain_evidence import _answers, start_restricted
 
 # Docker's default capability set has no CAP_SYS_PTRACE: a root sidecar there cannot read the
@@ -24,15 +25,21 @@ AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def test_app_running_as_another_user_is_registered_by_a_sidecar_without_ptrace(
-        consul: Consul, tmp_path: Path, service_name: str) -> None:
+    consul: Consul, tmp_path: Path, service_name: str
+) -> None:
     """A root sidecar with Docker's default capabilities (no CAP_SYS_PTRACE) wraps an app that runs as
     another user (what gosu, su-exec or setpriv do in most official images). The app owns its port, but
     its descriptors cannot be read. Expected: the instance is registered (the owner check says it could
     not tell), drained on SIGTERM, exit 0. On main: 'a process outside the app's tree listens on ...',
     nothing registered, exit 69: the app never enters service."""
     port = free_port()
-    sc = start_restricted(tmp_path, base_config(consul, service_name, port), [*AS_NOBODY, *app_command(port)],
-                          NO_PTRACE, deny_events=False)
+    sc = start_restricted(
+        tmp_path,
+        base_config(consul, service_name, port),
+        [*AS_NOBODY, *app_command(port)],
+        NO_PTRACE,
+        deny_events=False,
+    )
     sc.wait_event("sidecar.consul.registered", 30)
     assert sc.event("sidecar.startup.port_not_the_apps") is None
     unchecked = sc.event("sidecar.startup.port_owner_unchecked")
@@ -44,17 +51,21 @@ def test_app_running_as_another_user_is_registered_by_a_sidecar_without_ptrace(
 
 
 def test_foreign_owner_still_refused_when_the_apps_descriptors_are_hidden(
-        consul: Consul, tmp_path: Path, service_name: str) -> None:
+    consul: Consul, tmp_path: Path, service_name: str
+) -> None:
     """The same restricted sidecar and an app of another user that never binds, while a root server
     (readable: same user and capabilities as the sidecar) holds the port. Expected: still refused, exit 69, the foreign
     owner named; nothing registered. (The check must not be blinded by the app's hidden descriptors.)"""
     port = free_port()
     # Under Docker every process of the container has the same reduced set: so does the foreign server.
-    foreign = spawn([*NO_PTRACE, *app_command(port, "127.0.0.1", "--instance", "someone-else")], tmp_path / "foreign.log")
+    foreign = spawn(
+        [*NO_PTRACE, *app_command(port, "127.0.0.1", "--instance", "someone-else")], tmp_path / "foreign.log"
+    )
     try:
         wait_for(lambda: _answers(port), 10, what="the foreign server")
-        sc = start_restricted(tmp_path, base_config(consul, service_name, port), [*AS_NOBODY, "sleep", "30"],
-                              NO_PTRACE, deny_events=False)
+        sc = start_restricted(
+            tmp_path, base_config(consul, service_name, port), [*AS_NOBODY, "sleep", "30"], NO_PTRACE, deny_events=False
+        )
         assert sc.wait(30) == 69, sc.output()[-2000:]
         err = sc.event("sidecar.startup.port_not_the_apps")
         assert err is not None and err["owner_pid"] == foreign.pid, err
@@ -65,6 +76,7 @@ def test_foreign_owner_still_refused_when_the_apps_descriptors_are_hidden(
 
 
 # --- a resolver that never answers ----------------------------------------------------------------
+
 
 @pytest.fixture
 def hung_resolver(tmp_path: Path) -> Iterator[list[str]]:
@@ -82,16 +94,22 @@ def hung_resolver(tmp_path: Path) -> Iterator[list[str]]:
 
 
 def test_hung_resolver_for_a_host_name_address_does_not_block_the_drain(
-        consul: Consul, tmp_path: Path, service_name: str, hung_resolver: list[str]) -> None:
+    consul: Consul, tmp_path: Path, service_name: str, hung_resolver: list[str]
+) -> None:
     """service.address is a host name and the traffic strategy has a DNS step, so the sidecar resolves
     the name at registration; the resolver never answers. SIGTERM right after the registration.
     Expected: the drain starts at once and the sidecar exits within its worst case (3 + 5 + 10 + 1 =
     19 s), nothing left registered. On main: getaddrinfo runs on the event loop, which sees the
     SIGTERM only ~30 s later (the drain starts after the worst case has passed)."""
     port = free_port()
-    cfg = base_config(consul, service_name, port, service={"address": "app.hung-resolver.example"},
-                      check={"http": f"http://127.0.0.1:{port}/healthz", "allow_remote": True},
-                      shutdown={"strategy": "traffic", "dns": [f"127.0.0.1:{consul.dns_port}"], "propagation_delay": "5s"})
+    cfg = base_config(
+        consul,
+        service_name,
+        port,
+        service={"address": "app.hung-resolver.example"},
+        check={"http": f"http://127.0.0.1:{port}/healthz", "allow_remote": True},
+        shutdown={"strategy": "traffic", "dns": [f"127.0.0.1:{consul.dns_port}"], "propagation_delay": "5s"},
+    )
     sc = start_restricted(tmp_path, cfg, app_command(port), hung_resolver, deny_events=False)
     sc.wait_event("sidecar.consul.registered", 30)
     t = time.monotonic()
@@ -106,14 +124,17 @@ def test_hung_resolver_for_a_host_name_address_does_not_block_the_drain(
 
 
 def test_hung_resolver_for_the_agents_name_does_not_keep_the_sidecar_alive(
-        consul: Consul, tmp_path: Path, service_name: str, hung_resolver: list[str]) -> None:
+    consul: Consul, tmp_path: Path, service_name: str, hung_resolver: list[str]
+) -> None:
     """consul.address names the agent by a host name (compose's "http://consul:8500") and the resolver
     never answers: the agent is unreachable, the app runs unregistered. SIGTERM. Expected: the sidecar
     stops the app and exits within its worst case (3 + 1 + 10 + 1 = 15 s), and well before: nothing
     was registered. On main: it logs sidecar.stopped at once, then the process waits ~30 s for the
     look-up threads of asyncio's default executor before it can exit."""
     port = free_port()
-    cfg = base_config(consul, service_name, port, consul={"address": f"http://consul.hung-resolver.example:{consul.http_port}"})
+    cfg = base_config(
+        consul, service_name, port, consul={"address": f"http://consul.hung-resolver.example:{consul.http_port}"}
+    )
     sc = start_restricted(tmp_path, cfg, app_command(port), hung_resolver, deny_events=False)
     sc.wait_event("sidecar.consul.unreachable", 30)
     t = time.monotonic()

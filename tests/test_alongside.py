@@ -61,7 +61,9 @@ def test_shutdown_url(consul: Consul, start_sidecar: StartSidecar, service_name:
     port = free_port()
     app = spawn(app_command(port), tmp_path / "app.log")
     cfg = base_config(
-        consul, service_name, port,
+        consul,
+        service_name,
+        port,
         app={"shutdown_url": f"http://127.0.0.1:{port}/shutdown"},
         shutdown={"propagation_delay": "0.5s"},
     )

@@ -106,8 +106,9 @@ def test_leader_killed_before_sigterm_is_waited_for_not_blamed_on_acls(
        only after the last read of any server's catalog that still listed the instance; nothing is
        reported as left registered, and the instance is gone from the catalog.
     """
-    sc, sent, last_listed, signals = drain_with_leader_killed(cluster, start_sidecar, service_name, tmp_path, 1,
-                                                              propagation_delay="5s")
+    sc, sent, last_listed, signals = drain_with_leader_killed(
+        cluster, start_sidecar, service_name, tmp_path, 1, propagation_delay="5s"
+    )
     out = sc.output()
     assert sc.event("sidecar.consul.deregister_blocked") is None, out[-3000:]
     assert "token_file" not in out and "blocked by ACLs" not in out
@@ -123,16 +124,18 @@ def test_leader_killed_before_sigterm_is_waited_for_not_blamed_on_acls(
     assert cluster.get(f"/v1/health/service/{service_name}") == []
 
 
-def test_no_quorum_for_the_whole_drain_is_reported_honestly(cluster: ConsulCluster, start_sidecar: StartSidecar,
-                                                           service_name: str, tmp_path: Path) -> None:
+def test_no_quorum_for_the_whole_drain_is_reported_honestly(
+    cluster: ConsulCluster, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
     """1. As above, but two of the three servers are killed: no leader can be elected during the drain.
     2. Expected: the sidecar keeps trying until the drain's bound (deregister_timeout 2 s +
        propagation_delay 2 s) and only then signals the app; every report names the missing leader,
        none blames ACLs; a read after the app's stop still finds no leader, and the last word says so
        (left_registered, reason no_leader); exit status 0.
     """
-    sc, sent, _, signals = drain_with_leader_killed(cluster, start_sidecar, service_name, tmp_path, 2,
-                                                    deregister_timeout="2s", propagation_delay="2s")
+    sc, sent, _, signals = drain_with_leader_killed(
+        cluster, start_sidecar, service_name, tmp_path, 2, deregister_timeout="2s", propagation_delay="2s"
+    )
     out = sc.output()
     assert sc.event("sidecar.consul.deregister_blocked") is None and "blocked by ACLs" not in out, out[-3000:]
     unconfirmed = sc.event("sidecar.consul.deregister_unconfirmed")
@@ -148,8 +151,9 @@ def test_no_quorum_for_the_whole_drain_is_reported_honestly(cluster: ConsulClust
 
 
 @pytest.mark.slow
-def test_leader_killed_with_production_raft_timing(default_timing_cluster: ConsulCluster, start_sidecar: StartSidecar,
-                                                   service_name: str, tmp_path: Path) -> None:
+def test_leader_killed_with_production_raft_timing(
+    default_timing_cluster: ConsulCluster, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
     """1. 3 servers + a client with Consul's default timing (raft_multiplier 5): after the leader's
        SIGKILL the servers notice and elect a new one within ~5-15 s.
     2. SIGTERM right after the kill, with a drain bound long enough for that (deregister_timeout 20 s

@@ -58,10 +58,13 @@ def test_compose_rollout_loses_nothing_with_the_sidecar_and_the_naive_control_fa
     t = time.monotonic()
     proc = subprocess.run(
         [str(DEMO), "--rate", "60", "--json", str(result_file), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
     )
     took = time.monotonic() - t
-    tail = (proc.stdout[-4000:] + "\n--- stderr ---\n" + proc.stderr[-4000:])
+    tail = proc.stdout[-4000:] + "\n--- stderr ---\n" + proc.stderr[-4000:]
     assert result_file.exists(), (
         f"scripts/compose-demo exited {proc.returncode} after {took:.0f}s without results:\n{tail}"
     )
@@ -85,5 +88,7 @@ def test_compose_rollout_loses_nothing_with_the_sidecar_and_the_naive_control_fa
         assert net_after == net_before, (
             f"iptables or bridges differ after the demo:\nbefore:\n{net_before}\nafter:\n{net_after}"
         )
-    print(f"compose e2e took {took:.0f}s: sidecar {sidecar['failed']} failed of {sidecar['requests']}, "
-          f"naive {naive['failed']} failed of {naive['requests']}")
+    print(
+        f"compose e2e took {took:.0f}s: sidecar {sidecar['failed']} failed of {sidecar['requests']}, "
+        f"naive {naive['failed']} failed of {naive['requests']}"
+    )

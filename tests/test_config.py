@@ -202,8 +202,15 @@ def _limit_memory() -> None:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, "-m", "sidecar", *args], capture_output=True, text=True, timeout=30, cwd=ROOT, env=env,
-                          preexec_fn=_limit_memory)
+    return subprocess.run(
+        [PY, "-m", "sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=env,
+        preexec_fn=_limit_memory,
+    )
 
 
 @pytest.mark.parametrize(("case", "text", "key"), BAD, ids=[b[0] for b in BAD])

@@ -187,8 +187,11 @@ STRING_KEYS = sorted(
 
 
 @SETTINGS
-@given(where=st.sampled_from(STRING_KEYS), value=st.one_of(st.text(max_size=60), st.sampled_from(HOSTILE), durations),
-       through_env=st.booleans())
+@given(
+    where=st.sampled_from(STRING_KEYS),
+    value=st.one_of(st.text(max_size=60), st.sampled_from(HOSTILE), durations),
+    through_env=st.booleans(),
+)
 def test_any_string_at_any_string_key(
     tmp_path_factory: Any, where: tuple[str, str], value: str, through_env: bool
 ) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import ConfigError, load_config
+from testkit import PY, ROOT, Consul, app_command, free_port
 
 from .conftest import StartSidecar, base_config
-from .harness import PY, ROOT, Consul, app_command, free_port
 from .test_acl_tls import make_ca, make_cert
 
 MINIMAL = '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\n'
@@ -56,7 +56,7 @@ def test_consul_http_ssl_verify_in_gos_forms(tmp_path: Path, value: str) -> None
 
 @pytest.mark.parametrize("var", ["CONSUL_HTTP_SSL", "CONSUL_HTTP_SSL_VERIFY"])
 def test_a_boolean_variable_that_is_none_is_one_problem(tmp_path: Path, var: str) -> None:
-    """"maybe" is neither true nor false: one problem naming the variable, exit 78 (never a silent guess)."""
+    """ "maybe" is neither true nor false: one problem naming the variable, exit 78 (never a silent guess)."""
     [line] = problems(tmp_path, {var: "maybe"})
     assert f"{var} (environment)" in line and "'maybe'" in line
 
@@ -129,7 +129,9 @@ def wait_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PY, "-m", "sidecar", "wait", *args], capture_output=True, text=True, env=env, timeout=60)
 
 
-def test_run_and_wait_over_a_unix_socket(unix_consul: tuple[Consul, Path], start_sidecar: StartSidecar, service_name: str) -> None:
+def test_run_and_wait_over_a_unix_socket(
+    unix_consul: tuple[Consul, Path], start_sidecar: StartSidecar, service_name: str
+) -> None:
     """1. The sidecar's consul.address is unix:///<socket>: it registers through the socket.
     2. `wait --http-addr unix://<socket> --passing` sees the instance; the old flag --consul-address works too.
     3. SIGTERM: deregistered through the socket and confirmed, exit 0; `wait -http-addr ... --gone` (the
@@ -139,17 +141,37 @@ def test_run_and_wait_over_a_unix_socket(unix_consul: tuple[Consul, Path], start
     sc = start_sidecar(base_config(agent, service_name, port, consul={"address": f"unix://{sock}"}), app_command(port))
     sc.wait_event("sidecar.consul.registered", 30)
     assert agent.service_ids(service_name) == [f"{service_name}-1"]
-    r = wait_cli("--http-addr", f"unix://{sock}", "--service", service_name, "--id", f"{service_name}-1", "--passing",
-                 "--timeout", "20s")
+    r = wait_cli(
+        "--http-addr",
+        f"unix://{sock}",
+        "--service",
+        service_name,
+        "--id",
+        f"{service_name}-1",
+        "--passing",
+        "--timeout",
+        "20s",
+    )
     assert r.returncode == 0, r.stderr
-    r = wait_cli("--consul-address", f"unix://{sock}", "--service", service_name, "--min-passing", "1", "--timeout", "20s")
+    r = wait_cli(
+        "--consul-address", f"unix://{sock}", "--service", service_name, "--min-passing", "1", "--timeout", "20s"
+    )
     assert r.returncode == 0, r.stderr
     sc.send(signal.SIGTERM)
     assert sc.wait(30) == 0
     assert sc.event("sidecar.consul.deregistered") is not None
     assert agent.service_ids(service_name) == []
-    r = wait_cli("-http-addr", f"unix://{sock}", "--service", service_name, "--id", f"{service_name}-1", "--gone",
-                 "--timeout", "20s")
+    r = wait_cli(
+        "-http-addr",
+        f"unix://{sock}",
+        "--service",
+        service_name,
+        "--id",
+        f"{service_name}-1",
+        "--gone",
+        "--timeout",
+        "20s",
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -165,8 +187,14 @@ def named_tls_consul(pki: Path) -> Iterator[tuple[Consul, int]]:
 
 
 @pytest.mark.parametrize("case", ["server-name", "no-server-name", "wrong-ca-dir"])
-def test_tls_server_name_and_ca_directory(named_tls_consul: tuple[Consul, int], pki: Path, tmp_path: Path,
-                                          start_sidecar: StartSidecar, service_name: str, case: str) -> None:
+def test_tls_server_name_and_ca_directory(
+    named_tls_consul: tuple[Consul, int],
+    pki: Path,
+    tmp_path: Path,
+    start_sidecar: StartSidecar,
+    service_name: str,
+    case: str,
+) -> None:
     """https://127.0.0.1:<port>, CA from CONSUL_CAPATH, certificate for consul.example only.
     server-name: CONSUL_TLS_SERVER_NAME=consul.example:8501 -> verified, registered, deregistered, exit 0.
     no-server-name (control): the certificate does not match 127.0.0.1 -> one TLS error, exit 78.
@@ -179,7 +207,9 @@ def test_tls_server_name_and_ca_directory(named_tls_consul: tuple[Consul, int], 
     if case != "no-server-name":
         env["CONSUL_TLS_SERVER_NAME"] = "consul.example:8501"
     port = free_port()
-    cfg = base_config(agent, service_name, port, consul={"address": f"https://127.0.0.1:{https}"}, startup={"timeout": "10s"})
+    cfg = base_config(
+        agent, service_name, port, consul={"address": f"https://127.0.0.1:{https}"}, startup={"timeout": "10s"}
+    )
     sc = start_sidecar(cfg, app_command(port), env=env)
     if case == "server-name":
         sc.wait_event("sidecar.consul.registered", 30)

@@ -118,8 +118,13 @@ def test_token_never_leaks(
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
     assert json.loads(status)["state"] == "registered"
-    for where, text in (("log", sc.output()), ("status", status), ("cmdline", cmdline), ("app cmdline", app_cmdline),
-                        ("app environment", app_environ)):
+    for where, text in (
+        ("log", sc.output()),
+        ("status", status),
+        ("cmdline", cmdline),
+        ("app cmdline", app_cmdline),
+        ("app environment", app_environ),
+    ):
         assert secret not in text, where
 
 
@@ -146,9 +151,11 @@ def test_not_a_consul_agent(start_sidecar: StartSidecar, service_name: str, tmp_
         from testkit import merge
 
         cfg = merge(
-            {"consul": {"address": f"http://127.0.0.1:{server.server_address[1]}", "timeout": "1s"},
-             "service": {"name": service_name, "id": f"{service_name}-1", "address": "127.0.0.1", "port": port},
-             "status": {"listen": ""}},
+            {
+                "consul": {"address": f"http://127.0.0.1:{server.server_address[1]}", "timeout": "1s"},
+                "service": {"name": service_name, "id": f"{service_name}-1", "address": "127.0.0.1", "port": port},
+                "status": {"listen": ""},
+            },
             {},
         )
         sc = start_sidecar(cfg, app_command(port))

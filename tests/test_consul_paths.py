@@ -23,14 +23,30 @@ from testkit import Consul
 
 def agent_for(consul: Consul) -> ConsulAgent:
     scheme, host, port = parse_consul_address(consul.address)
-    settings = ConsulSettings(scheme=scheme, host=host, port=port, token=TokenSource(), ca_file=None, cert_file=None,
-                              key_file=None, tls_verify=True, timeout=2.0)
+    settings = ConsulSettings(
+        scheme=scheme,
+        host=host,
+        port=port,
+        token=TokenSource(),
+        ca_file=None,
+        cert_file=None,
+        key_file=None,
+        tls_verify=True,
+        timeout=2.0,
+    )
     return ConsulAgent(settings, SystemClock())
 
 
 def payload(name: str, service_id: str) -> dict[str, Any]:
-    return {"Name": name, "ID": service_id, "Address": "127.0.0.1", "Port": 1, "Tags": [], "Meta": {},
-            "Check": {"TTL": "30s", "Status": "passing"}}
+    return {
+        "Name": name,
+        "ID": service_id,
+        "Address": "127.0.0.1",
+        "Port": 1,
+        "Tags": [],
+        "Meta": {},
+        "Check": {"TTL": "30s", "Status": "passing"},
+    }
 
 
 # Characters the URL layer would read as a query, a fragment, an escape or a path separator.

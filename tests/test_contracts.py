@@ -103,6 +103,11 @@ def test_drain_end_reasons_are_documented() -> None:
 
 def test_command_line_error_exits_2_without_traceback() -> None:
     """A command after '--' for a command that takes none: exit 2 (bad command line), one message."""
-    r = subprocess.run([sys.executable, "-m", "sidecar", "check-config", "-c", "/nonexistent.toml", "--", "true"],
-                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "sidecar", "check-config", "-c", "/nonexistent.toml", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and "takes no command after '--'" in r.stderr and "Traceback" not in r.stderr, r

@@ -151,8 +151,18 @@ def test_a_killed_sidecar_leaves_no_descendant_behind_on_a_crash_path(
     port, worker_port = free_port(), free_port()
     worker_pid_file = tmp_path / "worker.pid"
     cfg = base_config(consul, service_name, port, shutdown={"app_timeout": "1s", "propagation_delay": "0s"})
-    sc = start_sidecar(cfg, [PY, FAMILY, "setsid-worker", str(worker_port), str(worker_pid_file), "--",
-                             *app_command(port, "127.0.0.1", "--ignore-sigterm")])
+    sc = start_sidecar(
+        cfg,
+        [
+            PY,
+            FAMILY,
+            "setsid-worker",
+            str(worker_port),
+            str(worker_pid_file),
+            "--",
+            *app_command(port, "127.0.0.1", "--ignore-sigterm"),
+        ],
+    )
     worker = read_pid(worker_pid_file)
     escaped.append(worker)
     sc.wait_event("sidecar.consul.registered")
@@ -360,8 +370,10 @@ def test_systemd_kill_mode(
     """
     port = free_port()
     siglog = tmp_path / "signals.log"
-    sc = start_sidecar(base_config(consul, service_name, port, shutdown={"propagation_delay": "1s"}),
-                       app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
+    sc = start_sidecar(
+        base_config(consul, service_name, port, shutdown={"propagation_delay": "1s"}),
+        app_command(port, "127.0.0.1", "--signal-log", str(siglog)),
+    )
     sc.wait_event("sidecar.consul.registered")
     watcher = CatalogWatcher(consul, service_name)
     watcher.start()
@@ -371,7 +383,7 @@ def test_systemd_kill_mode(
     cgroup = [sc.pid, *tree(sc.pid)]
     assert len(cgroup) == 2
     sent = time.monotonic()
-    for pid in (cgroup if kill_mode == "control-group" else cgroup[:1]):
+    for pid in cgroup if kill_mode == "control-group" else cgroup[:1]:
         os.kill(pid, signal.SIGTERM)
     timeout_stop = int(unit_setting("TimeoutStopSec")[:-1])
     started = time.monotonic()
@@ -450,6 +462,7 @@ def test_proctree_finds_descendants_in_other_sessions_and_the_listener_of_a_port
 
     child = subprocess.Popen(["sh", "-c", "setsid sleep 30 & wait"])
     try:
+
         def moved_out() -> list[int]:
             return [p for p in proctree.descendants(child.pid) if os.getsid(p) == p != os.getsid(child.pid)]
 

@@ -42,9 +42,18 @@ def _links(page: Path) -> list[str]:
 def test_the_pages_exist() -> None:
     """The pages the README's documentation list names are all there."""
     names = {p.relative_to(ROOT).as_posix() for p in PAGES}
-    assert {"README.md", "CHANGELOG.md", "docs/operations.md", "docs/events.md", "docs/drain.md",
-            "docs/decisions.md", "docs/compose.md", "docs/consul-versions.md", "docs/configuration.md",
-            "docs/development.md"} <= names
+    assert {
+        "README.md",
+        "CHANGELOG.md",
+        "docs/operations.md",
+        "docs/events.md",
+        "docs/drain.md",
+        "docs/decisions.md",
+        "docs/compose.md",
+        "docs/consul-versions.md",
+        "docs/configuration.md",
+        "docs/development.md",
+    } <= names
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())

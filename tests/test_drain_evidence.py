@@ -28,7 +28,13 @@ from testkit import PY, ROOT, Consul, Sidecar, app_command, free_port, http_get,
 
 from .conftest import StartSidecar, base_config
 
-TRAFFIC = {"strategy": "traffic", "propagation_delay": "20s", "min_delay": "1s", "quiet_period": "1s", "app_timeout": "10s"}
+TRAFFIC = {
+    "strategy": "traffic",
+    "propagation_delay": "20s",
+    "min_delay": "1s",
+    "quiet_period": "1s",
+    "app_timeout": "10s",
+}
 RATE = 3.0  # requests per second
 AFTER = 5.0  # seconds the client keeps sending after the deregistration
 
@@ -78,7 +84,9 @@ class CachedClient:
                 raise ConnectionError("closed before a response")
             data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+        length = next(
+            (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+        )
         while len(body) < length:
             chunk = s.recv(4096)
             if not chunk:
@@ -185,8 +193,11 @@ def test_a_connection_idle_since_its_request_is_dated_by_that_request(
     sc.wait_event("sidecar.consul.deregistered")
     t = time.monotonic()
     # Once the quiet step has begun (it has seen the port without this connection).
-    wait_for(lambda: (json.loads(http_get(url)[1] or "{}").get("drain") or {}).get("step") == "quiet", 5,
-             what="the drain's quiet step")
+    wait_for(
+        lambda: (json.loads(http_get(url)[1] or "{}").get("drain") or {}).get("step") == "quiet",
+        5,
+        what="the drain's quiet step",
+    )
     c = CachedClient("127.0.0.1", port, "pooled")
     with c._connect() as s:
         s.sendall(c.request())
@@ -245,7 +256,9 @@ def test_another_servers_full_accept_queue_does_not_hold_the_drain(
     assert sc.wait(40) == 0
 
 
-def test_control_fixed_one_second_loses_the_short_connections(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_control_fixed_one_second_loses_the_short_connections(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """Control for the test above: a fixed 1 s delay stops the app while the client still sends:
     requests fail (the harness sees failures)."""
     port = free_port()
@@ -256,6 +269,7 @@ def test_control_fixed_one_second_loses_the_short_connections(consul: Consul, st
 
 
 # --- a host that allows less: no events, or only the poll ------------------------------------------
+
 
 def _deny_netlink_membership() -> None:
     """In the child, before exec: a seccomp filter that refuses setsockopt(SOL_NETLINK, ...) with EPERM,
@@ -271,12 +285,18 @@ def _deny_netlink_membership() -> None:
 
     ld, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
     allow, eperm = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
-    prog = b"".join([
-        stmt(ld, 4), jump(jeq, 0xC000003E, 0, 4),  # arch == x86_64, else allow
-        stmt(ld, 0), jump(jeq, 54, 0, 2),  # nr == setsockopt, else allow
-        stmt(ld, 24), jump(jeq, 270, 1, 0),  # args[1] (level) == SOL_NETLINK: refuse
-        stmt(ret, allow), stmt(ret, eperm),
-    ])
+    prog = b"".join(
+        [
+            stmt(ld, 4),
+            jump(jeq, 0xC000003E, 0, 4),  # arch == x86_64, else allow
+            stmt(ld, 0),
+            jump(jeq, 54, 0, 2),  # nr == setsockopt, else allow
+            stmt(ld, 24),
+            jump(jeq, 270, 1, 0),  # args[1] (level) == SOL_NETLINK: refuse
+            stmt(ret, allow),
+            stmt(ret, eperm),
+        ]
+    )
     buf = ctypes.create_string_buffer(prog)
     fprog = struct.pack("HP", len(prog) // 8, ctypes.addressof(buf))
     fbuf = ctypes.create_string_buffer(fprog)
@@ -287,12 +307,15 @@ def _deny_netlink_membership() -> None:
 def test_filter_denies_netlink_membership() -> None:
     """The seccomp helper itself: a child under it cannot join the destroy groups (EPERM)."""
     code = "import socket; s = socket.socket(16, 3, 4); s.bind((0, 0)); s.setsockopt(270, 1, 1)"
-    r = subprocess.run([PY, "-c", code], preexec_fn=_deny_netlink_membership, capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [PY, "-c", code], preexec_fn=_deny_netlink_membership, capture_output=True, text=True, timeout=30
+    )
     assert r.returncode != 0 and "Operation not permitted" in r.stderr, r.stderr
 
 
-def start_restricted(workdir: Path, config: dict[str, dict[str, Any]], command: list[str], prefix: list[str],
-                     deny_events: bool) -> Sidecar:
+def start_restricted(
+    workdir: Path, config: dict[str, dict[str, Any]], command: list[str], prefix: list[str], deny_events: bool
+) -> Sidecar:
     """Like testkit.Sidecar, but argv prefixed and the child optionally under the seccomp filter."""
     real_popen = subprocess.Popen
 
@@ -340,7 +363,9 @@ def test_poll_alone_with_the_opt_in_ends_on_quiet_and_misses(consul: Consul, tmp
     assert c.failed, (c.ok, ev)
 
 
-def test_without_cap_net_admin_the_view_is_what_the_kernel_allows(consul: Consul, tmp_path: Path, service_name: str) -> None:
+def test_without_cap_net_admin_the_view_is_what_the_kernel_allows(
+    consul: Consul, tmp_path: Path, service_name: str
+) -> None:
     """The sidecar without CAP_NET_ADMIN (setpriv drops it from every set). This kernel lets any process
     join the destroy groups (older ones and some runtimes refuse: see the seccomp tests), so the sidecar
     must choose what it really gets, not what it assumes: destroy events if the join works, and the
@@ -350,8 +375,14 @@ def test_without_cap_net_admin_the_view_is_what_the_kernel_allows(consul: Consul
     prefix = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin", "--"]
     sc = start_restricted(tmp_path, cfg, app_command(port), prefix, deny_events=False)
     view = sc.wait_event("sidecar.drain.traffic_view")
-    caps = int(next(line.split()[1] for line in Path(f"/proc/{sc.pid}/status").read_text().splitlines()
-                    if line.startswith("CapEff")), 16)
+    caps = int(
+        next(
+            line.split()[1]
+            for line in Path(f"/proc/{sc.pid}/status").read_text().splitlines()
+            if line.startswith("CapEff")
+        ),
+        16,
+    )
     assert not caps & (1 << 12), "setpriv did not drop CAP_NET_ADMIN"
     c, ev, _ = drain_with_client(sc, "127.0.0.1", port, "close")
     assert not c.failed, (c.ok, c.failed[:3], view, ev)
@@ -359,6 +390,7 @@ def test_without_cap_net_admin_the_view_is_what_the_kernel_allows(consul: Consul
 
 
 # --- the app in a network namespace of its own ---------------------------------------------------------
+
 
 @dataclass
 class Netns:
@@ -437,7 +469,9 @@ class Forwarder(threading.Thread):
 
 
 @pytest.mark.parametrize("events", [False, True], ids=["counters", "events_and_counters"])
-def test_app_in_its_own_network_namespace(consul: Consul, tmp_path: Path, service_name: str, netns: Netns, events: bool) -> None:
+def test_app_in_its_own_network_namespace(
+    consul: Consul, tmp_path: Path, service_name: str, netns: Netns, events: bool
+) -> None:
     """The sidecar and its app in a network namespace of their own (a pod: loopback and one veth inside,
     the agent outside). Without destroy events (refused), the namespace's PassiveOpens counter is the
     complete source. Expected: sources include passive_opens; the short client (client-closed
@@ -446,11 +480,23 @@ def test_app_in_its_own_network_namespace(consul: Consul, tmp_path: Path, servic
     fwd.start()
     try:
         port = free_port()
-        cfg = base_config(consul, service_name, port, consul={"address": f"http://{netns.host_ip}:{fwd.port}"},
-                          service={"address": netns.inner_ip}, check={"allow_remote": False},
-                          status={"listen": ""}, shutdown=TRAFFIC)
-        sc = start_restricted(tmp_path, cfg, app_command(port, netns.inner_ip), ["ip", "netns", "exec", netns.name],
-                              deny_events=not events)
+        cfg = base_config(
+            consul,
+            service_name,
+            port,
+            consul={"address": f"http://{netns.host_ip}:{fwd.port}"},
+            service={"address": netns.inner_ip},
+            check={"allow_remote": False},
+            status={"listen": ""},
+            shutdown=TRAFFIC,
+        )
+        sc = start_restricted(
+            tmp_path,
+            cfg,
+            app_command(port, netns.inner_ip),
+            ["ip", "netns", "exec", netns.name],
+            deny_events=not events,
+        )
         view = sc.wait_event("sidecar.drain.traffic_view", 30)
         expected = (["destroy_events"] if events else []) + ["passive_opens", "listen_drops", "poll"]
         assert view["sources"] == expected, view
@@ -494,11 +540,23 @@ def test_status_scrapes_in_the_apps_namespace_do_not_hold_the_drain(
     scraper: StatusScraper | None = None
     try:
         port = free_port()
-        cfg = base_config(consul, service_name, port, consul={"address": f"http://{netns.host_ip}:{fwd.port}"},
-                          service={"address": netns.inner_ip}, check={"allow_remote": False},
-                          status={"listen": f"{netns.inner_ip}:0"}, shutdown=TRAFFIC)
-        sc = start_restricted(tmp_path, cfg, app_command(port, netns.inner_ip), ["ip", "netns", "exec", netns.name],
-                              deny_events=not events)
+        cfg = base_config(
+            consul,
+            service_name,
+            port,
+            consul={"address": f"http://{netns.host_ip}:{fwd.port}"},
+            service={"address": netns.inner_ip},
+            check={"allow_remote": False},
+            status={"listen": f"{netns.inner_ip}:0"},
+            shutdown=TRAFFIC,
+        )
+        sc = start_restricted(
+            tmp_path,
+            cfg,
+            app_command(port, netns.inner_ip),
+            ["ip", "netns", "exec", netns.name],
+            deny_events=not events,
+        )
         view = sc.wait_event("sidecar.drain.traffic_view", 30)
         assert "passive_opens" in view["sources"] and ("destroy_events" in view["sources"]) is events, view
         sc.wait_event("sidecar.consul.registered", 40)
@@ -522,7 +580,10 @@ def test_status_scrapes_in_the_apps_namespace_do_not_hold_the_drain(
 
 # --- whose port is it -------------------------------------------------------------------------------
 
-def test_foreign_process_on_the_port_nothing_registered_exit_69(consul: Consul, tmp_path: Path, service_name: str) -> None:
+
+def test_foreign_process_on_the_port_nothing_registered_exit_69(
+    consul: Consul, tmp_path: Path, service_name: str
+) -> None:
     """Another server already listens on the app's port and answers the health check; the app (here a
     process that never manages to bind, like one retrying) is not the owner. Expected: nothing is
     registered, exit 69, one error naming the owner's PID and command."""
@@ -539,7 +600,9 @@ def test_foreign_process_on_the_port_nothing_registered_exit_69(consul: Consul, 
     foreign.wait(5)
 
 
-def test_the_apps_own_port_is_checked_and_accepted(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_the_apps_own_port_is_checked_and_accepted(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """The app, started through a shell (the listener is held by the shell's child, not by the PID the
     sidecar started), owns the port: the check says it is the app's and registration goes on."""
     port = free_port()
@@ -565,10 +628,14 @@ def test_check_config_shows_the_traffic_view_and_the_new_keys(tmp_path: Path) ->
     import json
 
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[service]\nname = "web"\nport = 8080\naddress = "127.0.0.1"\n'
-                   '[shutdown]\nstrategy = "traffic"\ndns_name = "v2.web.service.dc1.consul"\n')
+    cfg.write_text(
+        '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.1"\n'
+        '[shutdown]\nstrategy = "traffic"\ndns_name = "v2.web.service.dc1.consul"\n'
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([PY, "-m", "sidecar", "check-config", "-c", str(cfg)], capture_output=True, text=True, env=env, timeout=30)
+    r = subprocess.run(
+        [PY, "-m", "sidecar", "check-config", "-c", str(cfg)], capture_output=True, text=True, env=env, timeout=30
+    )
     assert r.returncode == 0, r.stderr
     sd = json.loads(r.stdout)["shutdown"]
     assert sd["dns_name"] == "v2.web.service.dc1.consul" and sd["traffic_poll_only_accepts_misses"] is False, sd
@@ -576,11 +643,14 @@ def test_check_config_shows_the_traffic_view_and_the_new_keys(tmp_path: Path) ->
     assert view["sources"][0] == "destroy_events" and view["sources"][-1] == "poll", view
     assert view["verdict"] == "complete: every connection is seen", view
     cfg.write_text(cfg.read_text().replace("v2.web.service.dc1.consul", "web..consul"))
-    r = subprocess.run([PY, "-m", "sidecar", "check-config", "-c", str(cfg)], capture_output=True, text=True, env=env, timeout=30)
+    r = subprocess.run(
+        [PY, "-m", "sidecar", "check-config", "-c", str(cfg)], capture_output=True, text=True, env=env, timeout=30
+    )
     assert r.returncode == 78 and "shutdown.dns_name" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 # --- every address family and name ------------------------------------------------------------------
+
 
 class TruncatingDns(threading.Thread):
     """A resolver on 127.0.0.1 (UDP and TCP) that, until ``until`` (monotonic), answers ``name``'s AAAA
@@ -642,7 +712,9 @@ class TruncatingDns(threading.Thread):
         self.tcp.close()
 
 
-def test_ipv6_service_dns_step_asks_aaaa_over_tcp_when_truncated(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+def test_ipv6_service_dns_step_asks_aaaa_over_tcp_when_truncated(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
     """An IPv6 loopback service ([::1]) and a resolver, asked for a configured name (a tag and a
     datacenter), that keeps handing out the instance's AAAA record for 3 s after SIGTERM, over UDP only
     truncated. Expected: the DNS step asks AAAA for that name, retries over TCP, clears only after
@@ -654,8 +726,13 @@ def test_ipv6_service_dns_step_asks_aaaa_over_tcp_when_truncated(consul: Consul,
     dns = TruncatingDns(name, "::1")
     dns.start()
     try:
-        cfg = base_config(consul, service_name, port, service={"address": "::1"},
-                          shutdown={**TRAFFIC, "dns": [f"127.0.0.1:{dns.port}"], "dns_name": name})
+        cfg = base_config(
+            consul,
+            service_name,
+            port,
+            service={"address": "::1"},
+            shutdown={**TRAFFIC, "dns": [f"127.0.0.1:{dns.port}"], "dns_name": name},
+        )
         sc = start_sidecar(cfg, app_command(port, "::1"))
         view = sc.wait_event("sidecar.drain.traffic_view")
         assert view["level"] == "info" and "destroy_events" in view["sources"], view

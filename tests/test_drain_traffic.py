@@ -205,8 +205,14 @@ def test_port_not_visible_falls_back_to_the_fixed_delay(consul: Consul, tmp_path
         tmp_path / "app.log",
     )
     time.sleep(0.5)
-    cfg = base_config(consul, service_name, port, app={"pid": app.pid}, startup={"wait_healthy": False},
-                      shutdown={**TRAFFIC, "propagation_delay": "2s"})
+    cfg = base_config(
+        consul,
+        service_name,
+        port,
+        app={"pid": app.pid},
+        startup={"wait_healthy": False},
+        shutdown={**TRAFFIC, "propagation_delay": "2s"},
+    )
     sc = Sidecar(tmp_path, cfg, None)
     warn = sc.wait_event("sidecar.drain.traffic_unavailable")
     assert "no listening socket" in warn["reason"]
@@ -216,4 +222,3 @@ def test_port_not_visible_falls_back_to_the_fixed_delay(consul: Consul, tmp_path
     assert 2000 <= ev["elapsed_ms"] < 2000 + 500
     assert sc.wait(20) == 0
     wait_for(lambda: read_signal_log(siglog), 5, what="the app's signal")
-

@@ -43,8 +43,11 @@ def config_at(consul: Consul, name: str, address: str, port: int, service_id: st
 
 def passing(consul: Consul, name: str) -> dict[str, str]:
     """ID -> address of every instance whose checks all pass."""
-    return {e["Service"]["ID"]: e["Service"]["Address"] for e in consul.instances(name)
-            if all(c["Status"] == "passing" for c in e["Checks"])}
+    return {
+        e["Service"]["ID"]: e["Service"]["Address"]
+        for e in consul.instances(name)
+        if all(c["Status"] == "passing" for c in e["Checks"])
+    }
 
 
 def test_default_ids_differ_per_address(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:

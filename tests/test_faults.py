@@ -37,8 +37,13 @@ def test_agent_restart_with_data_dir_no_duplicate_no_flapping(
         seen: list[tuple[float, list[str], list[str]]] = []
         while time.monotonic() < back + 7:
             entries = agent.instances(service_name)
-            seen.append((time.monotonic() - back, [e["Service"]["ID"] for e in entries],
-                         [c["Status"] for e in entries for c in e["Checks"] if c["ServiceID"]]))
+            seen.append(
+                (
+                    time.monotonic() - back,
+                    [e["Service"]["ID"] for e in entries],
+                    [c["Status"] for e in entries for c in e["Checks"] if c["ServiceID"]],
+                )
+            )
             time.sleep(0.05)
         assert all(len(ids) <= 1 for _, ids, _ in seen), seen
         first_passing = next((t for t, _, st in seen if st == ["passing"]), None)
@@ -208,6 +213,7 @@ def test_wall_clock_jump_does_not_change_the_delay(
     [(name, at)] = read_signal_log(siglog)
     assert name == "SIGTERM"
     assert 2.0 - 0.1 <= at - gone <= 2.0 + 1.5, at - gone
+
     # The jump was real for the sidecar: its wall-clock log timestamps went back about a day.
     def wall(name: str) -> float:
         event = sc.event(name)

@@ -55,13 +55,30 @@ def test_as_pid1_in_a_new_pid_namespace(consul: Consul, tmp_path: Path, service_
     port = free_port()
     cfg = write_config(tmp_path / "c.toml", base_config(consul, service_name, port))
     log = tmp_path / "sidecar.log"
-    argv = ["unshare", "--pid", "--fork", "--kill-child", PY, "-m", "sidecar", "run", "-c", str(cfg),
-            "--log-format", "json", "--", *orphan_making_app(port)]
+    argv = [
+        "unshare",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        PY,
+        "-m",
+        "sidecar",
+        "run",
+        "-c",
+        str(cfg),
+        "--log-format",
+        "json",
+        "--",
+        *orphan_making_app(port),
+    ]
     outer = spawn(argv, log, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
 
     def registered() -> bool:
-        return any(json.loads(line).get("event") == "sidecar.consul.registered"
-                   for line in log.read_text().splitlines() if line.startswith("{"))
+        return any(
+            json.loads(line).get("event") == "sidecar.consul.registered"
+            for line in log.read_text().splitlines()
+            if line.startswith("{")
+        )
 
     wait_for(registered, 15, 0.05, "registration")
     [(pid1, _)] = children(outer.pid)  # unshare's child: PID 1 inside the namespace

@@ -135,8 +135,13 @@ def make_sidecar(
 ) -> tuple[Sidecar, FakeInbox]:
     inbox = FakeInbox()
     sc = Sidecar(
-        config, agent=agent, app=app, prober=prober or FakeProber(),
-        clock=SystemClock(), status=Status(SystemClock(), config.service.id), log=structlog.get_logger(),
+        config,
+        agent=agent,
+        app=app,
+        prober=prober or FakeProber(),
+        clock=SystemClock(),
+        status=Status(SystemClock(), config.service.id),
+        log=structlog.get_logger(),
         inbox=inbox,  # type: ignore[arg-type]
     )
     return sc, inbox

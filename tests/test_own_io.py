@@ -36,7 +36,7 @@ from .conftest import StartSidecar, base_config
 
 F_SETPIPE_SZ = 1031
 
-CHATTY_APP = r'''
+CHATTY_APP = r"""
 import http.server, os, signal, sys, threading, time
 port, sigfile, errfile = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 
@@ -71,7 +71,7 @@ signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGUSR1, lambda *a: None)
 while True:
     time.sleep(1)
-'''
+"""
 
 
 def sidecar_env() -> dict[str, str]:
@@ -150,14 +150,25 @@ def test_stalled_stderr_pipe_does_not_block_the_drain(
     script = tmp_path / "chatty_app.py"
     script.write_text(CHATTY_APP)
     sigfile, errfile = tmp_path / "app-signals", tmp_path / "app-write-errors"
-    cfg = base_config(consul, service_name, app_port, status={"listen": f"127.0.0.1:{status_port}"},
-                      shutdown={"propagation_delay": "1s", "app_timeout": "10s", "deregister_timeout": "3s"})
+    cfg = base_config(
+        consul,
+        service_name,
+        app_port,
+        status={"listen": f"127.0.0.1:{status_port}"},
+        shutdown={"propagation_delay": "1s", "app_timeout": "10s", "deregister_timeout": "3s"},
+    )
     config_path = testkit.write_config(tmp_path / "sidecar.toml", cfg)
     worst_case = 3 + 1 + 10 + 1
     r, w = os.pipe()
     fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
-    proc = subprocess.Popen(sidecar_argv(config_path, [PY, str(script), str(app_port), str(sigfile), str(errfile)]),
-                            stdin=subprocess.DEVNULL, stdout=w, stderr=w, start_new_session=True, env=sidecar_env())
+    proc = subprocess.Popen(
+        sidecar_argv(config_path, [PY, str(script), str(app_port), str(sigfile), str(errfile)]),
+        stdin=subprocess.DEVNULL,
+        stdout=w,
+        stderr=w,
+        start_new_session=True,
+        env=sidecar_env(),
+    )
     testkit.track(proc)
     os.close(w)
     chunks: list[bytes] = []
@@ -316,12 +327,21 @@ def test_check_config_warns_when_status_listen_is_the_agents_address(tmp_path: P
     """status.listen = the agent's address (consul.address): check-config passes with one warning naming
     both; Consul's conventional port 8501 gets a warning of its own; the default gets neither and says
     the port is chosen at start."""
+
     def check(extra: str) -> subprocess.CompletedProcess[str]:
         cfg = tmp_path / "c.toml"
-        cfg.write_text('[consul]\naddress = "http://127.0.0.1:8500"\n[service]\nname = "web"\nport = 8080\n'
-                       'address = "127.0.0.1"\n' + extra)
-        return subprocess.run([PY, "-m", "sidecar", "check-config", "-c", str(cfg)], capture_output=True, text=True,
-                              timeout=30, cwd=ROOT, env=sidecar_env())
+        cfg.write_text(
+            '[consul]\naddress = "http://127.0.0.1:8500"\n[service]\nname = "web"\nport = 8080\n'
+            'address = "127.0.0.1"\n' + extra
+        )
+        return subprocess.run(
+            [PY, "-m", "sidecar", "check-config", "-c", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+            env=sidecar_env(),
+        )
 
     r = check('[status]\nlisten = "127.0.0.1:8500"\n')
     assert r.returncode == 0, r.stderr
@@ -340,8 +360,12 @@ def test_check_config_warns_when_status_listen_is_the_agents_address(tmp_path: P
 
 
 async def _server(max_connections: int = 4, header_timeout: float = 0.5) -> StatusServer:
-    server = StatusServer(Status(SystemClock(), "svc-1"), bind("127.0.0.1", 0), max_connections=max_connections,
-                          header_timeout=header_timeout)
+    server = StatusServer(
+        Status(SystemClock(), "svc-1"),
+        bind("127.0.0.1", 0),
+        max_connections=max_connections,
+        header_timeout=header_timeout,
+    )
     await server.start()
     return server
 
@@ -363,6 +387,7 @@ def _port(server: StatusServer) -> int:
 def test_status_server_closes_a_silent_connection_after_the_head_timeout() -> None:
     """A client connects and sends nothing: the server (default settings) closes it after its head
     timeout (5 s), instead of holding the descriptor for as long as the client likes."""
+
     async def go() -> float:
         server = StatusServer(Status(SystemClock(), "svc-1"), bind("127.0.0.1", 0))
         await server.start()
@@ -381,6 +406,7 @@ def test_status_server_closes_a_silent_connection_after_the_head_timeout() -> No
 
 def test_status_server_bounds_the_request_head() -> None:
     """Headers without end: 431 once 8 KiB have arrived; a bad request line: 400; POST: 405; unknown path: 404."""
+
     async def go() -> list[bytes]:
         server = await _server()
         try:
@@ -409,6 +435,7 @@ def test_status_server_bounds_the_request_head() -> None:
 def test_status_server_evicts_the_oldest_idle_connection_at_its_cap() -> None:
     """Default settings (cap 32 here): 40 idle connections are opened; the first ones are closed by the
     server, it holds at most 32, and a probe that sends its request at once still gets 200."""
+
     async def go() -> tuple[bool, int, bytes]:
         server = StatusServer(Status(SystemClock(), "svc-1"), bind("127.0.0.1", 0))
         await server.start()
@@ -465,8 +492,22 @@ def test_log_queue_drops_when_full_and_reports_the_gap_where_it_was() -> None:
         os.close(r)
         os.close(w)
     lines = [x[:7] for x in out[4096:].decode().splitlines()]
-    assert lines == ["first", "000----", "001----", "002----", "003----", "004----", "005----", "006----", "GAP 1 1",
-                     "007----", "008----", "009----", "GAP 2 3", "later"], lines
+    assert lines == [
+        "first",
+        "000----",
+        "001----",
+        "002----",
+        "003----",
+        "004----",
+        "005----",
+        "006----",
+        "GAP 1 1",
+        "007----",
+        "008----",
+        "009----",
+        "GAP 2 3",
+        "later",
+    ], lines
 
 
 def test_log_queue_after_the_reader_is_gone() -> None:

@@ -64,8 +64,9 @@ def assert_promise_kept(agent: Consul, sc: Sidecar, watcher: CatalogWatcher, sig
 
 
 @pytest.mark.parametrize("how", ["sigterm", "app_dies"])
-def test_first_register_in_flight_is_deregistered(consul: Consul, proxy: FaultProxy, start_sidecar: StartSidecar,
-                                                  service_name: str, tmp_path: Path, how: str) -> None:
+def test_first_register_in_flight_is_deregistered(
+    consul: Consul, proxy: FaultProxy, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, how: str
+) -> None:
     """1. The proxy forwards the first registration at once (the agent applies it) but holds its 200 for 1.5 s.
     2. While the sidecar waits for that answer: SIGTERM to the sidecar (or SIGKILL to its app).
     3. Expected: the sidecar treats the write as applied: it deregisters and confirms before it signals
@@ -77,8 +78,10 @@ def test_first_register_in_flight_is_deregistered(consul: Consul, proxy: FaultPr
     proxy.add("PUT", REGISTER, "hold_response", 1.5, uses=1)
     watcher = CatalogWatcher(consul, service_name)
     watcher.start()
-    sc = start_sidecar(through(proxy, base_config(consul, service_name, port)),
-                       app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
+    sc = start_sidecar(
+        through(proxy, base_config(consul, service_name, port)),
+        app_command(port, "127.0.0.1", "--signal-log", str(siglog)),
+    )
     wait_for(lambda: proxy.seen("PUT", REGISTER), 20, what="the registration to reach the proxy")
     wait_for(lambda: consul.get(f"/v1/agent/service/{sid}"), 5, what="the agent to apply it")
     if how == "sigterm":
@@ -94,11 +97,21 @@ def test_first_register_in_flight_is_deregistered(consul: Consul, proxy: FaultPr
     assert sc.event("sidecar.consul.deregistered") is not None
 
 
-@pytest.mark.parametrize(("consul_timeout", "hold", "expect_reappeared"), [("3s", 1.0, False), ("1s", 1.5, True)],
-                         ids=["answered-within-the-fence", "times-out-lands-during-the-delay"])
+@pytest.mark.parametrize(
+    ("consul_timeout", "hold", "expect_reappeared"),
+    [("3s", 1.0, False), ("1s", 1.5, True)],
+    ids=["answered-within-the-fence", "times-out-lands-during-the-delay"],
+)
 def test_keeper_write_in_flight_cannot_land_after_the_deregistration(
-        consul: Consul, proxy: FaultProxy, start_sidecar: StartSidecar, service_name: str, tmp_path: Path,
-        consul_timeout: str, hold: float, expect_reappeared: bool) -> None:
+    consul: Consul,
+    proxy: FaultProxy,
+    start_sidecar: StartSidecar,
+    service_name: str,
+    tmp_path: Path,
+    consul_timeout: str,
+    hold: float,
+    expect_reappeared: bool,
+) -> None:
     """1. Registered. The agent forgets the service; the keeper re-registers, and the proxy holds that
        request (then forwards it even if the sidecar has given up on it). SIGTERM while it is held.
     2. answered-within-the-fence: the drain waits for the write's answer (within its 3 s timeout)
@@ -128,12 +141,16 @@ def test_keeper_write_in_flight_cannot_land_after_the_deregistration(
     assert (sc.event("sidecar.consul.reappeared") is not None) == expect_reappeared, sc.output()[-3000:]
 
 
-@pytest.mark.parametrize(("method", "prefix", "action", "status"), [
-    ("PUT", DEREGISTER, "latin1", 0),
-    ("PUT", DEREGISTER, "truncated", 0),
-    ("PUT", DEREGISTER, "status", 429),
-    ("GET", "/v1/agent/service/", "garbage", 0),
-], ids=["latin1-502-on-deregister", "truncated-deregister", "429-on-deregister", "garbage-json-on-read"])
+@pytest.mark.parametrize(
+    ("method", "prefix", "action", "status"),
+    [
+        ("PUT", DEREGISTER, "latin1", 0),
+        ("PUT", DEREGISTER, "truncated", 0),
+        ("PUT", DEREGISTER, "status", 429),
+        ("GET", "/v1/agent/service/", "garbage", 0),
+    ],
+    ids=["latin1-502-on-deregister", "truncated-deregister", "429-on-deregister", "garbage-json-on-read"],
+)
 def test_hostile_answers_during_the_drain(
     consul: Consul,
     proxy: FaultProxy,
@@ -180,8 +197,11 @@ def test_latin1_answer_to_the_keepers_read_does_not_kill_it(
     sc = start_sidecar(through(proxy, base_config(consul, service_name, port)), app_command(port))
     sc.wait_event("sidecar.consul.registered")
     proxy.add("GET", f"/v1/agent/service/{sid}", "latin1", uses=3)
-    wait_for(lambda: len([s for s in proxy.seen("GET", f"/v1/agent/service/{sid}") if s.action == "latin1"]) == 3, 10,
-             what="three hostile answers")
+    wait_for(
+        lambda: len([s for s in proxy.seen("GET", f"/v1/agent/service/{sid}") if s.action == "latin1"]) == 3,
+        10,
+        what="three hostile answers",
+    )
     status = json.loads(http_get(sc.status_url() + "/status")[1])
     assert "502" in (status["last_error"] or ""), status
     remove_behind_its_back(consul, sid)
@@ -273,4 +293,3 @@ def test_token_file_gone_mid_run_keeps_the_last_good_token(
     assert sc.event("sidecar.consul.deregister_unconfirmed") is None
     assert acl_consul.get(f"/v1/agent/service/{sid}") is None and acl_consul.service_ids(service_name) == []
     assert token not in sc.output() and "Traceback" not in sc.output()
-

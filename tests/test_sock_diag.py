@@ -29,8 +29,21 @@ def nlmsg(kind: int, seq: int, payload: bytes) -> bytes:
     return raw + bytes(-len(raw) % 4)
 
 
-def diag_msg(family: int, state: int, src: str, sport: int, dst: str, dport: int, *, cookie: int = 7,
-             expires: int = 0, rqueue: int = 0, wqueue: int = 0, inode: int = 0, info: bytes | None = None) -> bytes:
+def diag_msg(
+    family: int,
+    state: int,
+    src: str,
+    sport: int,
+    dst: str,
+    dport: int,
+    *,
+    cookie: int = 7,
+    expires: int = 0,
+    rqueue: int = 0,
+    wqueue: int = 0,
+    inode: int = 0,
+    info: bytes | None = None,
+) -> bytes:
     def raw(a: str) -> bytes:
         packed = socket.inet_pton(family, a)
         return packed + bytes(16 - len(packed))
@@ -67,19 +80,38 @@ def test_dump_request_layout() -> None:
 def test_parse_reply_into_records() -> None:
     """A reply of three sockets (IPv4 with full tcp_info, IPv4-mapped IPv6 with a pre-4.1 tcp_info, a request socket
     without tcp_info), one of another sequence number, then NLMSG_DONE."""
-    reply = b"".join([
-        nlmsg(20, 5, diag_msg(socket.AF_INET, 1, "127.0.0.2", 8080, "127.0.0.1", 40000, cookie=(3 << 32) | 9,
-                              expires=1500, rqueue=1, wqueue=2, inode=777, info=tcp_info(250, 4242))),
-        nlmsg(20, 4, diag_msg(socket.AF_INET, 1, "10.0.0.1", 1, "10.0.0.2", 2)),
-        nlmsg(20, 5, diag_msg(socket.AF_INET6, 1, "::ffff:127.0.0.1", 8080, "::1", 40001, info=tcp_info(9, None))),
-        nlmsg(20, 5, diag_msg(socket.AF_INET6, 12, "::1", 8080, "::1", 40002)),
-        nlmsg(3, 5, struct.pack("=i", 0)),
-        nlmsg(20, 5, diag_msg(socket.AF_INET, 1, "1.1.1.1", 1, "1.1.1.1", 1)),  # after the end: not read
-    ])
+    reply = b"".join(
+        [
+            nlmsg(
+                20,
+                5,
+                diag_msg(
+                    socket.AF_INET,
+                    1,
+                    "127.0.0.2",
+                    8080,
+                    "127.0.0.1",
+                    40000,
+                    cookie=(3 << 32) | 9,
+                    expires=1500,
+                    rqueue=1,
+                    wqueue=2,
+                    inode=777,
+                    info=tcp_info(250, 4242),
+                ),
+            ),
+            nlmsg(20, 4, diag_msg(socket.AF_INET, 1, "10.0.0.1", 1, "10.0.0.2", 2)),
+            nlmsg(20, 5, diag_msg(socket.AF_INET6, 1, "::ffff:127.0.0.1", 8080, "::1", 40001, info=tcp_info(9, None))),
+            nlmsg(20, 5, diag_msg(socket.AF_INET6, 12, "::1", 8080, "::1", 40002)),
+            nlmsg(3, 5, struct.pack("=i", 0)),
+            nlmsg(20, 5, diag_msg(socket.AF_INET, 1, "1.1.1.1", 1, "1.1.1.1", 1)),  # after the end: not read
+        ]
+    )
     records = list(parse(reply, 5))
     assert records == [
-        DiagSocket(socket.AF_INET, 1, "127.0.0.2", 8080, "127.0.0.1", 40000, (3 << 32) | 9, 1500, 1, 2, 777,
-                   True, 250, 4242),
+        DiagSocket(
+            socket.AF_INET, 1, "127.0.0.2", 8080, "127.0.0.1", 40000, (3 << 32) | 9, 1500, 1, 2, 777, True, 250, 4242
+        ),
         DiagSocket(socket.AF_INET6, 1, "127.0.0.1", 8080, "::1", 40001, 7, 0, 0, 0, 0, True, 9, None),
         DiagSocket(socket.AF_INET6, 12, "::1", 8080, "::1", 40002, 7, 0, 0, 0, 0, False, None, None),
         End(0),
@@ -113,7 +145,7 @@ def run_bpf(program: bytes, packet: bytes) -> int:
             size = {0x20: 4, 0x28: 2, 0x30: 1}[code]
             if k + size > len(packet):
                 return 0
-            acc = int.from_bytes(packet[k:k + size], "big")
+            acc = int.from_bytes(packet[k : k + size], "big")
         elif code == 0x15:
             pc += jt if acc == k else jf
         elif code == 0x05:
@@ -129,20 +161,23 @@ def event(family: int, state: int, src: str, sport: int, dport: int) -> bytes:
     return nlmsg(20, 0, diag_msg(family, state, src, sport, dst, dport))
 
 
-@pytest.mark.parametrize("addresses, src, family, state, sport, dport, kept", [
-    (None, "127.0.0.1", socket.AF_INET, 7, 8080, 40000, True),
-    (None, "127.0.0.1", socket.AF_INET, 7, 8081, 40000, False),  # another port
-    (None, "127.0.0.1", socket.AF_INET, 7, 8080, 0, False),  # a listener: no peer
-    (["127.0.0.2"], "127.0.0.2", socket.AF_INET, 7, 8080, 40000, True),
-    (["127.0.0.2"], "127.0.0.3", socket.AF_INET, 7, 8080, 40000, False),  # the instance beside us, same port
-    (["127.0.0.2"], "::ffff:127.0.0.2", socket.AF_INET6, 7, 8080, 40000, True),  # through a dual-stack listener
-    (["127.0.0.2"], "::ffff:127.0.0.3", socket.AF_INET6, 7, 8080, 40000, False),
-    (["::1"], "::1", socket.AF_INET6, 7, 8080, 40000, True),
-    (["::1"], "::2", socket.AF_INET6, 7, 8080, 40000, False),
-    (["::1"], "0.0.0.1", socket.AF_INET, 7, 8080, 40000, False),
-    (["::1", "127.0.0.1"], "127.0.0.1", socket.AF_INET, 7, 8080, 40000, True),
-    (["::1", "fe80::1"], "fe80::1", socket.AF_INET6, 7, 8080, 40000, True),
-])
+@pytest.mark.parametrize(
+    "addresses, src, family, state, sport, dport, kept",
+    [
+        (None, "127.0.0.1", socket.AF_INET, 7, 8080, 40000, True),
+        (None, "127.0.0.1", socket.AF_INET, 7, 8081, 40000, False),  # another port
+        (None, "127.0.0.1", socket.AF_INET, 7, 8080, 0, False),  # a listener: no peer
+        (["127.0.0.2"], "127.0.0.2", socket.AF_INET, 7, 8080, 40000, True),
+        (["127.0.0.2"], "127.0.0.3", socket.AF_INET, 7, 8080, 40000, False),  # the instance beside us, same port
+        (["127.0.0.2"], "::ffff:127.0.0.2", socket.AF_INET6, 7, 8080, 40000, True),  # through a dual-stack listener
+        (["127.0.0.2"], "::ffff:127.0.0.3", socket.AF_INET6, 7, 8080, 40000, False),
+        (["::1"], "::1", socket.AF_INET6, 7, 8080, 40000, True),
+        (["::1"], "::2", socket.AF_INET6, 7, 8080, 40000, False),
+        (["::1"], "0.0.0.1", socket.AF_INET, 7, 8080, 40000, False),
+        (["::1", "127.0.0.1"], "127.0.0.1", socket.AF_INET, 7, 8080, 40000, True),
+        (["::1", "fe80::1"], "fe80::1", socket.AF_INET6, 7, 8080, 40000, True),
+    ],
+)
 def test_destroy_filter_keeps_only_the_ports_connections(
     addresses: list[str] | None, src: str, family: int, state: int, sport: int, dport: int, kept: bool
 ) -> None:

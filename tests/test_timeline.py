@@ -17,16 +17,28 @@ def records(seconds: float, rate: float, failing: list[tuple[float, float]]) -> 
         t = i / rate
         failed = any(a <= t < b for a, b in failing)
         version = "v1" if t < seconds / 2 else "v2"
-        out.append(Record(t, 0.002, None if failed else 200, "ClientConnectorError: refused" if failed else None,
-                          None if failed else f"host {version}", t))
+        out.append(
+            Record(
+                t,
+                0.002,
+                None if failed else 200,
+                "ClientConnectorError: refused" if failed else None,
+                None if failed else f"host {version}",
+                t,
+            )
+        )
     return out
 
 
 def marks(at: list[float]) -> list[tuple[float, str, str]]:
     out = []
     for i, t in enumerate(at, 1):
-        out += [(t - 2, f"v2 #{i} passing", "passing"), (t, f"v1 #{i} stop", "stop"),
-                (t + 0.01, f"v1 #{i} dereg. confirmed", "deregistered"), (t + 3, f"v1 #{i} app signalled", "signalled")]
+        out += [
+            (t - 2, f"v2 #{i} passing", "passing"),
+            (t, f"v1 #{i} stop", "stop"),
+            (t + 0.01, f"v1 #{i} dereg. confirmed", "deregistered"),
+            (t + 3, f"v1 #{i} app signalled", "signalled"),
+        ]
     return out
 
 

@@ -220,8 +220,10 @@ def test_local_address_filter(track: Track, watchers: Callable[..., PortWatcher]
 
 def test_wildcard_listener_counts_for_the_addresses_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without binding a wildcard address here: the kernel's answer is faked, the filter is real."""
-    def fake_dump(w: PortWatcher, family: int, states: int = 0, with_info: bool = True,
-                  with_meminfo: bool = False) -> Iterator[DiagSocket]:
+
+    def fake_dump(
+        w: PortWatcher, family: int, states: int = 0, with_info: bool = True, with_meminfo: bool = False
+    ) -> Iterator[DiagSocket]:
         if family == socket.AF_INET:
             yield DiagSocket(family, 10, v4_listener, 8080, "0.0.0.0", 0, 1, 0, 0, 0, 0)
         else:
@@ -307,7 +309,7 @@ class FakeNetlink:
 
     def recvmsg_into(self, buffers: list[memoryview]) -> tuple[int, list[Any], int, Any]:
         data, self.pending = self.pending, b""
-        buffers[0][:len(data)] = data
+        buffers[0][: len(data)] = data
         return len(data), [], 0, None
 
     def close(self) -> None:
@@ -334,13 +336,19 @@ def _done(seq: int) -> bytes:
     return _nlmsg(3, seq, struct.pack("=i", 0))
 
 
-@pytest.mark.parametrize("reply", [
-    lambda seq: b"",  # nothing at all
-    lambda seq: _NLMSG.pack(400, 20, 2, seq, 0) + bytes(8) + _done(seq),  # says 400 bytes, has 24
-    lambda seq: _nlmsg(20, seq, bytes(30)) + _done(seq),  # shorter than an inet_diag_msg
-    lambda seq: _nlmsg(20, seq, _diag_msg(8080, None) + struct.pack("=HH", 2, 2)) + _done(seq),  # attribute length 2
-    lambda seq: _nlmsg(20, seq, _diag_msg(8080, None) + struct.pack("=HH", 200, 2) + bytes(8)) + _done(seq),
-], ids=["empty", "message-length", "short-message", "attribute-too-short", "attribute-too-long"])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        lambda seq: b"",  # nothing at all
+        lambda seq: _NLMSG.pack(400, 20, 2, seq, 0) + bytes(8) + _done(seq),  # says 400 bytes, has 24
+        lambda seq: _nlmsg(20, seq, bytes(30)) + _done(seq),  # shorter than an inet_diag_msg
+        lambda seq: (
+            _nlmsg(20, seq, _diag_msg(8080, None) + struct.pack("=HH", 2, 2)) + _done(seq)
+        ),  # attribute length 2
+        lambda seq: _nlmsg(20, seq, _diag_msg(8080, None) + struct.pack("=HH", 200, 2) + bytes(8)) + _done(seq),
+    ],
+    ids=["empty", "message-length", "short-message", "attribute-too-short", "attribute-too-long"],
+)
 def test_garbage_is_a_traffic_watch_error(monkeypatch: pytest.MonkeyPatch, reply: Callable[[int], bytes]) -> None:
     fake_watcher(monkeypatch, lambda seq: _nlmsg(20, seq, _diag_msg(8080, bytes(200))) + _done(seq)).snapshot()
     with pytest.raises(TrafficWatchError):
@@ -349,6 +357,7 @@ def test_garbage_is_a_traffic_watch_error(monkeypatch: pytest.MonkeyPatch, reply
 
 def test_short_tcp_info_means_bytes_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     """Kernels before 4.1 end struct tcp_info before tcpi_bytes_received (offset 128)."""
+
     def reply(seq: int, info: bytes) -> bytes:
         return _nlmsg(20, seq, _diag_msg(8080, info)) + _done(seq)
 

@@ -47,7 +47,9 @@ class LandsLate(FakeAgent):
             self.held = True  # the unanswered write lands right after this one was confirmed
             return DeregisterResult(Deregistration.CONFIRMED, 1, None)
         await asyncio.sleep(max(0.0, deadline - time.monotonic()))  # never confirmed: uses its whole deadline
-        return DeregisterResult(Deregistration.UNCONFIRMED, 3, "the agent still holds the service after deregistering it")
+        return DeregisterResult(
+            Deregistration.UNCONFIRMED, 3, "the agent still holds the service after deregistering it"
+        )
 
 
 class TimedApp(FakeApp):
@@ -59,7 +61,9 @@ class TimedApp(FakeApp):
 
 
 @pytest.mark.asyncio
-async def test_reappeared_instance_that_cannot_be_removed_is_reported_and_the_drain_stays_bounded(tmp_path: Path) -> None:
+async def test_reappeared_instance_that_cannot_be_removed_is_reported_and_the_drain_stays_bounded(
+    tmp_path: Path,
+) -> None:
     """1. Registered; the agent forgets the service; the keeper's re-registration times out (it may
        land later). 2. SIGTERM: the first deregistration is confirmed, then the write lands; the
        final read finds the instance back; the second deregistration never confirms.
@@ -83,7 +87,9 @@ async def test_reappeared_instance_that_cannot_be_removed_is_reported_and_the_dr
     stopped_after = calls.index("stop SIGTERM")
     assert calls[:stopped_after].count("deregister") == 2, calls  # the second one came before the app's signal
     signalled_after = app.signalled_at - t0
-    assert signalled_after < 0.4 + 0.3 + 0.5, f"the app was signalled {signalled_after:.2f}s after SIGTERM, past the drain's bound"
+    assert signalled_after < 0.4 + 0.3 + 0.5, (
+        f"the app was signalled {signalled_after:.2f}s after SIGTERM, past the drain's bound"
+    )
     events = [e["event"] for e in logs]
     assert "sidecar.consul.reappeared" in events
     left = [e for e in logs if e["event"] == "sidecar.consul.left_registered"]

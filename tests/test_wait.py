@@ -14,7 +14,10 @@ from .conftest import StartSidecar, base_config
 def wait_cmd(consul: Consul, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [PY, "-m", "sidecar", "wait", "--consul-address", consul.address, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
 
 

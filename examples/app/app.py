@@ -44,6 +44,7 @@ RECORDED_SIGNALS: tuple[signal.Signals, ...] = (
 # Signals that start a graceful shutdown.
 SHUTDOWN_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
 
+
 def log(message: str) -> None:
     """Write one line to stderr; a log nobody reads any more (a closed pipe) is not a reason to fail."""
     try:

@@ -53,8 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def row(label: str, s: Summary, r: RolloutResult) -> str:
     v1, v2 = s.by_version.get("v1", 0), s.by_version.get("v2", 0)
-    return (f"{label:9} {s.requests:9d} {s.failed:7d} {s.failure_rate * 100:8.2f}% {s.p50_ms:8.1f} {s.p99_ms:8.1f} "
-            f"{v1:8d} {v2:8d} {r.rollout_seconds:9.1f}s")
+    return (
+        f"{label:9} {s.requests:9d} {s.failed:7d} {s.failure_rate * 100:8.2f}% {s.p50_ms:8.1f} {s.p99_ms:8.1f} "
+        f"{v1:8d} {v2:8d} {r.rollout_seconds:9.1f}s"
+    )
 
 
 def report(results: list[RolloutResult], out: Path, plot: bool, strategy: str = "fixed") -> None:
@@ -85,8 +87,14 @@ def report(results: list[RolloutResult], out: Path, plot: bool, strategy: str = 
         panels = []
         for r in results:
             s = summarize(r.records)
-            panels.append(Panel(f"{r.mode}: {s.failed} failed of {s.requests} requests", r.records,
-                                r.kinded_marks(), (r.rollout_start, r.rollout_end)))
+            panels.append(
+                Panel(
+                    f"{r.mode}: {s.failed} failed of {s.requests} requests",
+                    r.records,
+                    r.kinded_marks(),
+                    (r.rollout_start, r.rollout_end),
+                )
+            )
         plot_comparison(
             panels, out / "rollout.png", f"rolling update v1 -> v2 behind nginx{strategy_note}", caption=NAIVE_CAPTION
         )

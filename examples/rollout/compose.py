@@ -284,8 +284,10 @@ async def one_mode(
     phases: dict[str, float] = {}
     try:
         t = time.monotonic()
-        log(f"[{mode}] project {project}: compose up ({args.replicas} x web v1, the alongside pair v1), "
-            f"nginx on 127.0.0.1:{stack.nginx_port}, Consul on 127.0.0.1:{stack.consul_port}")
+        log(
+            f"[{mode}] project {project}: compose up ({args.replicas} x web v1, the alongside pair v1), "
+            f"nginx on 127.0.0.1:{stack.nginx_port}, Consul on 127.0.0.1:{stack.consul_port}"
+        )
         await asyncio.to_thread(stack.up, args.replicas)
         phases["up"] = time.monotonic() - t
         stop = asyncio.Event()
@@ -327,8 +329,10 @@ async def one_mode(
 def _row(label: str, records: list[Record], seconds: float) -> str:
     s = summarize(records)
     v1, v2 = s.by_version.get("v1", 0), s.by_version.get("v2", 0)
-    return (f"{label:17} {s.requests:9d} {s.failed:7d} {s.failure_rate * 100:8.2f}% {s.p50_ms:8.1f} {s.p99_ms:8.1f} "
-            f"{v1:8d} {v2:8d} {seconds:9.1f}s")
+    return (
+        f"{label:17} {s.requests:9d} {s.failed:7d} {s.failure_rate * 100:8.2f}% {s.p50_ms:8.1f} {s.p99_ms:8.1f} "
+        f"{v1:8d} {v2:8d} {seconds:9.1f}s"
+    )
 
 
 def report(runs: list[ModeRun], out: Path, plot: bool) -> None:
@@ -365,12 +369,17 @@ def report(runs: list[ModeRun], out: Path, plot: bool) -> None:
                 continue
             recs = [x for rs in r.records.values() for x in rs]
             s = summarize(recs)
-            panels.append(Panel(
-                f"{r.mode}: {s.failed} failed of {s.requests} ('/' and '/alongside/')", recs,
-                [(m.t, m.label, m.kind) for m in r.marks], (r.rollout_start, r.rollout_end),
-            ))
+            panels.append(
+                Panel(
+                    f"{r.mode}: {s.failed} failed of {s.requests} ('/' and '/alongside/')",
+                    recs,
+                    [(m.t, m.label, m.kind) for m in r.marks],
+                    (r.rollout_start, r.rollout_end),
+                )
+            )
         plot_comparison(
-            panels, out / "compose-rollout.png",
+            panels,
+            out / "compose-rollout.png",
             "docker compose: rolling update v1 -> v2 of 'web' (x3) and the alongside pair, under load through nginx",
             caption=NAIVE_CAPTION,
         )

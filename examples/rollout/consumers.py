@@ -58,8 +58,14 @@ async def _follow(consul_address: str, name: str, history: _History, stop: async
         await asyncio.sleep(every)
 
 
-async def _get(session: aiohttp.ClientSession, addr: str, port: int, t0: float, records: list[Record],
-               headers: dict[str, str] | None = None) -> None:
+async def _get(
+    session: aiohttp.ClientSession,
+    addr: str,
+    port: int,
+    t0: float,
+    records: list[Record],
+    headers: dict[str, str] | None = None,
+) -> None:
     """One GET to an instance, recorded whatever happens."""
     began = time.monotonic()
     status, error, backend = None, None, None
@@ -150,8 +156,14 @@ class PooledConsumer(_Consumer):
         return aiohttp.TCPConnector(limit_per_host=1, keepalive_timeout=300)
 
 
-async def horizon_drain(consul: Consul, workdir: Path, shutdown: dict[str, Any], horizon: float = 5.0,
-                        rate: float = 100.0, name: str = "horizon") -> tuple[int, int, dict[str, Any]]:
+async def horizon_drain(
+    consul: Consul,
+    workdir: Path,
+    shutdown: dict[str, Any],
+    horizon: float = 5.0,
+    rate: float = 100.0,
+    name: str = "horizon",
+) -> tuple[int, int, dict[str, Any]]:
     """Two instances; a HorizonConsumer (``horizon`` s); SIGTERM the first instance's sidecar.
 
     Returns (requests, failed, the first sidecar's ``sidecar.drain.delay_done`` event).

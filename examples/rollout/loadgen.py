@@ -263,9 +263,7 @@ def summarize(records: Iterable[Record], window: tuple[float, float] | None = No
     """
     selected = [r for r in records if window is None or window[0] <= r.start < window[1]]
     latencies = sorted(r.latency * 1000.0 for r in selected)
-    lags = sorted(
-        (r.start - r.scheduled) * 1000.0 for r in selected if not math.isnan(r.scheduled)
-    )
+    lags = sorted((r.start - r.scheduled) * 1000.0 for r in selected if not math.isnan(r.scheduled))
     by_version: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     for r in selected:

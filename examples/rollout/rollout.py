@@ -1,12 +1,12 @@
 """A surge rolling update behind nginx, under open-loop load, with or without the sidecar's drain.
 
-    start v1 x N (each wrapped by the sidecar) -> load through nginx ->
-    for each old instance: start its v2 replacement on a fresh loopback address,
-    `consul-sidecar wait --passing`, then stop the old one:
-        sidecar mode: SIGTERM to the old instance's sidecar (deregister, wait, stop the app)
-        naive mode:   SIGTERM straight to the old app (what happens without the sidecar's order;
-                      its sidecar deregisters only after the app has died, like registrator)
-    -> keep the load on a few seconds -> stop the load -> count failures from the client's own records.
+start v1 x N (each wrapped by the sidecar) -> load through nginx ->
+for each old instance: start its v2 replacement on a fresh loopback address,
+`consul-sidecar wait --passing`, then stop the old one:
+    sidecar mode: SIGTERM to the old instance's sidecar (deregister, wait, stop the app)
+    naive mode:   SIGTERM straight to the old app (what happens without the sidecar's order;
+                  its sidecar deregisters only after the app has died, like registrator)
+-> keep the load on a few seconds -> stop the load -> count failures from the client's own records.
 """
 
 from __future__ import annotations
@@ -130,8 +130,14 @@ class Cluster:
         address = self.next_address()
         config: dict[str, dict[str, Any]] = {
             "consul": {"address": self.consul.address},
-            "service": {"name": "web", "id": f"web-{address}", "address": address, "port": self.app_port,
-                        "tags": [version], "meta": {"version": version}},
+            "service": {
+                "name": "web",
+                "id": f"web-{address}",
+                "address": address,
+                "port": self.app_port,
+                "tags": [version],
+                "meta": {"version": version},
+            },
             "check": {"interval": "1s", "timeout": "1s"},
             "shutdown": dict(self.shutdown),
             "status": {"listen": ""},
@@ -144,9 +150,25 @@ class Cluster:
     def wait_passing(self, inst: Instance, timeout: str = "30s") -> None:
         """`consul-sidecar wait --passing`, as a deploy script would run it."""
         subprocess.run(
-            [PY, "-m", "sidecar", "wait", "--consul-address", self.consul.address, "--service", "web",
-             "--id", inst.service_id, "--passing", "--timeout", timeout],
-            check=True, capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            [
+                PY,
+                "-m",
+                "sidecar",
+                "wait",
+                "--consul-address",
+                self.consul.address,
+                "--service",
+                "web",
+                "--id",
+                inst.service_id,
+                "--passing",
+                "--timeout",
+                timeout,
+            ],
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
 
     def stop_instance(self, inst: Instance, naive: bool) -> None:
@@ -212,16 +234,14 @@ async def rollout(
         passing = now()
         log(
             f"[{mode}] step {n}/{replicas}: v2 {new.address} passing after {passing - started:.1f}s; "
-            f"stopping v1 {inst.address}"
-            + (" (SIGTERM to the app)" if naive else " (SIGTERM to its sidecar)")
+            f"stopping v1 {inst.address}" + (" (SIGTERM to the app)" if naive else " (SIGTERM to its sidecar)")
         )
         sent = now()
         await run(cluster.stop_instance, inst, naive)
         gone = now()
         log(f"[{mode}] step {n}/{replicas}: v1 {inst.address} stopped after {gone - sent:.1f}s")
         dereg, signalled = _drain_times(inst, t0_wall)
-        steps.append(Step(inst.address, new.address, started, passing, sent, gone, dereg,
-                          sent if naive else signalled))
+        steps.append(Step(inst.address, new.address, started, passing, sent, gone, dereg, sent if naive else signalled))
     rollout_end = now()
     await asyncio.sleep(cooldown)
     stop.set()
@@ -232,6 +252,7 @@ async def rollout(
 def _drain_times(inst: Instance, t0_wall: float) -> tuple[float | None, float | None]:
     """When the old instance's sidecar confirmed its deregistration and when it signalled the
     app (the end of the delay), in seconds since the load began, from its JSON log."""
+
     def at(name: str) -> float | None:
         ev = inst.sidecar.event(name)
         if not ev or "timestamp" not in ev:

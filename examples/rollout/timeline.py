@@ -174,8 +174,14 @@ def plot_timeline(
         for j, k in enumerate(kinds):
             ys = failed_by_kind[k]
             bottom.bar(
-                lefts, ys, width=widths, bottom=base, align="edge",
-                color=_FAILURE_COLOURS[j], linewidth=0, label=f"{k} ({kind_counts[k]})",
+                lefts,
+                ys,
+                width=widths,
+                bottom=base,
+                align="edge",
+                color=_FAILURE_COLOURS[j],
+                linewidth=0,
+                label=f"{k} ({kind_counts[k]})",
             )
             base = [b + y for b, y in zip(base, ys)]
         bottom.set_ylim(0, max(max(base, default=0.0) * 1.3, 1.0))
@@ -188,8 +194,14 @@ def plot_timeline(
             bottom.legend(loc="upper left", framealpha=0.95, title=summary, title_fontsize=10, alignment="left")
         else:
             bottom.text(
-                0.5, 0.5, f"no failed requests (of {total})", transform=bottom.transAxes,
-                ha="center", va="center", color="#2ca02c", fontsize=12,
+                0.5,
+                0.5,
+                f"no failed requests (of {total})",
+                transform=bottom.transAxes,
+                ha="center",
+                va="center",
+                color="#2ca02c",
+                fontsize=12,
             )
         top.set_xlim(0, x_max)
         fig.subplots_adjust(left=0.08, right=0.98, top=0.92, bottom=0.09)
@@ -206,8 +218,15 @@ def plot_timeline(
             x = max(t, last_x + min_gap)
             last_x = x
             top.text(
-                x + 2.0 / px_per_second, 0.97, label, transform=trans, rotation=90, ha="left", va="top",
-                fontsize=9.5, color="#222222",
+                x + 2.0 / px_per_second,
+                0.97,
+                label,
+                transform=trans,
+                rotation=90,
+                ha="left",
+                va="top",
+                fontsize=9.5,
+                color="#222222",
                 bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
             )
 
@@ -313,8 +332,14 @@ def plot_comparison(
     with plt.rc_context({"font.size": 10.5, "axes.titlesize": 11.5, "legend.fontsize": 9.5}):
         fig = plt.figure(figsize=(13.0, height), dpi=_DPI)
         grid = fig.add_gridspec(
-            2 * n, 1, height_ratios=[2.6, 1.0] * n, hspace=0.12,
-            top=1 - 0.9 / height, bottom=(1.05 + 0.22 * len(caption_lines)) / height, left=0.07, right=0.985,
+            2 * n,
+            1,
+            height_ratios=[2.6, 1.0] * n,
+            hspace=0.12,
+            top=1 - 0.9 / height,
+            bottom=(1.05 + 0.22 * len(caption_lines)) / height,
+            left=0.07,
+            right=0.985,
         )
         fig.suptitle(title, fontsize=13, fontweight="bold")
         axes: list[Any] = []
@@ -343,8 +368,16 @@ def plot_comparison(
             bottom.set_ylabel("failed / s", color="#b00000")
             bottom.grid(True, alpha=0.3)
             if not any(r.failed for r in p.records):
-                bottom.text(0.5, 0.5, f"no failed requests (of {len(p.records)})", transform=bottom.transAxes,
-                            ha="center", va="center", color="#2ca02c", fontsize=11)
+                bottom.text(
+                    0.5,
+                    0.5,
+                    f"no failed requests (of {len(p.records)})",
+                    transform=bottom.transAxes,
+                    ha="center",
+                    va="center",
+                    color="#2ca02c",
+                    fontsize=11,
+                )
             if i < n - 1:
                 bottom.tick_params(labelbottom=False)
         axes[0].set_xlim(0, x_max * 1.01)
@@ -362,16 +395,31 @@ def plot_comparison(
                     ax.axvline(t, color=colour, linestyle=style, linewidth=1.1, zorder=1)
                 x = max(t, last_x + min_gap)
                 last_x = x
-                top.text(x + 1.5 / px_per_second, 0.985, label, transform=trans, rotation=90, ha="left", va="top",
-                         fontsize=7.5, color=colour, clip_on=False,
-                         bbox={"boxstyle": "square,pad=0.05", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+                top.text(
+                    x + 1.5 / px_per_second,
+                    0.985,
+                    label,
+                    transform=trans,
+                    rotation=90,
+                    ha="left",
+                    va="top",
+                    fontsize=7.5,
+                    color=colour,
+                    clip_on=False,
+                    bbox={"boxstyle": "square,pad=0.05", "facecolor": "white", "edgecolor": "none", "alpha": 0.85},
+                )
 
         handles: list[Any] = [Line2D([], [], color="#666666", linestyle="--", label="sent")]
         handles += [Line2D([], [], color=colour_of[v], linewidth=2.2, label=f"{v} ok") for v in versions]
         handles += [Line2D([], [], color=c, linestyle=s, label=text) for c, s, text in MARK_STYLES.values()]  # type: ignore[arg-type]  # the styles are valid line styles
         handles += [Patch(color=red_of[k], label=f"failed: {k}") for k in kinds]
-        legend = fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), frameon=False,
-                            bbox_to_anchor=(0.5, (0.12 + 0.22 * len(caption_lines)) / height))
+        legend = fig.legend(
+            handles=handles,
+            loc="lower center",
+            ncol=min(len(handles), 5),
+            frameon=False,
+            bbox_to_anchor=(0.5, (0.12 + 0.22 * len(caption_lines)) / height),
+        )
         note = None
         if caption_lines:
             note = fig.text(

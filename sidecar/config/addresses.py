@@ -14,14 +14,14 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def parse_consul_address(text: str, default_scheme: str = "http") -> tuple[str, str, int]:
-    """"http://h:p", "https://h:p", "h:p", "h" or "unix:///path" -> (scheme, host, port); for
+    """ "http://h:p", "https://h:p", "h:p", "h" or "unix:///path" -> (scheme, host, port); for
     ``unix`` the host is the socket's path and the port 0. ValueError if malformed.
 
     ``default_scheme`` is used when the text has none ("https" with CONSUL_HTTP_SSL=true, as the consul CLI does).
     """
     t = text.strip()
     if t.startswith("unix://"):
-        path = t[len("unix://"):]
+        path = t[len("unix://") :]
         if not path or _CONTROL.search(path):
             raise ValueError(f'{text!r}: give the socket\'s path, like "unix:///var/run/consul/http.sock"')
         return "unix", path, 0
@@ -30,7 +30,7 @@ def parse_consul_address(text: str, default_scheme: str = "http") -> tuple[str, 
     try:
         u = urllib.parse.urlsplit(t)
     except ValueError:
-        raise ValueError(f"{text!r} is not a URL like \"http://127.0.0.1:8500\"") from None
+        raise ValueError(f'{text!r} is not a URL like "http://127.0.0.1:8500"') from None
     if u.scheme not in ("http", "https"):
         raise ValueError(f"{text!r}: scheme must be http, https or unix")
     if u.path not in ("", "/") or u.query or u.fragment or u.username or u.password:
@@ -45,7 +45,7 @@ def parse_consul_address(text: str, default_scheme: str = "http") -> tuple[str, 
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """"host:port" or "[v6]:port" -> (host, port). ValueError if malformed."""
+    """ "host:port" or "[v6]:port" -> (host, port). ValueError if malformed."""
     try:
         u = urllib.parse.urlsplit("//" + text.strip())
     except ValueError:

@@ -1,7 +1,7 @@
 """What the key table tells people: docs/configuration.md, and check-config's effective values.
 
-    python -m sidecar.config.docs           # rewrite docs/configuration.md
-    python -m sidecar.config.docs --check   # exit 1 if it is stale (a test does the same)
+python -m sidecar.config.docs           # rewrite docs/configuration.md
+python -m sidecar.config.docs --check   # exit 1 if it is stale (a test does the same)
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ Examples: [config/web.toml](../config/web.toml), [config/compose-web.toml](../co
 [config/compose-alongside.toml](../config/compose-alongside.toml).
 
 - Durations are Go-style strings as Consul writes them (`"500ms"`, `"5s"`, `"1m30s"`; a bare number is an error,
-  not a guess), at most `2562047h47m16.854s`: Go's longest duration, the most Consul accepts for a check's interval, timeout and
-  `DeregisterCriticalServiceAfter`.
+  not a guess), at most `2562047h47m16.854s`: Go's longest duration, the most Consul accepts for a check's
+  interval, timeout and `DeregisterCriticalServiceAfter`.
 - Any string may use `${VAR}` and `${VAR:-default}` (`$$` for a literal `$`).
 - "environment": Consul's own variables, used as the consul CLI uses them when the file does not set the key.
 - Bad input is reported as one line per problem naming the file and the key, all problems at once, exit status 78,
@@ -73,12 +73,22 @@ def _row(key: Key) -> str:
 def render_markdown() -> str:
     out = [_HEADER]
     for section in SECTIONS:
-        out += [f"## [{section}]", "", SECTION_DOCS[section], "",
-                "| key | type | default | environment | bounds | meaning |", "|---|---|---|---|---|---|"]
+        out += [
+            f"## [{section}]",
+            "",
+            SECTION_DOCS[section],
+            "",
+            "| key | type | default | environment | bounds | meaning |",
+            "|---|---|---|---|---|---|",
+        ]
         out += [_row(k) for k in KEYS if k.section == section]
         out.append("")
-    worst = (default("shutdown.deregister_timeout") + default("shutdown.propagation_delay") + default("shutdown.app_timeout")
-             + KILL_REAP_TIMEOUT)
+    worst = (
+        default("shutdown.deregister_timeout")
+        + default("shutdown.propagation_delay")
+        + default("shutdown.app_timeout")
+        + KILL_REAP_TIMEOUT
+    )
     out += [
         "## Worst-case shutdown",
         "",

@@ -1,4 +1,7 @@
-"""``${VAR}``, ``${VAR:-default}`` and ``$$`` in configuration strings: the one place values come from the environment."""
+"""``${VAR}``, ``${VAR:-default}`` and ``$$`` in configuration strings.
+
+The one place values come from the environment.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,10 @@ _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def interpolate(value: str, env: Mapping[str, str], unset: Callable[[str], None]) -> str:
-    """``value`` with its variables replaced; ``unset(name)`` is called for each one that is unset and has no default."""
+    """``value`` with its variables replaced.
+
+    ``unset(name)`` is called for each variable that is unset and has no default.
+    """
 
     def repl(match: re.Match[str]) -> str:
         if match.group(0) == "$$":

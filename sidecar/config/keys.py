@@ -86,96 +86,312 @@ _TRAFFIC = 'strategy = "traffic"'
 
 KEYS: tuple[Key, ...] = (
     # --- [consul] ---------------------------------------------------------------------------------
-    Key("consul", "address", Kind.URL, "the local agent: `http://host:port`, `https://host:port`, `host:port` "
+    Key(
+        "consul",
+        "address",
+        Kind.URL,
+        "the local agent: `http://host:port`, `https://host:port`, `host:port` "
         "(https with `CONSUL_HTTP_SSL=true`) or `unix:///path/to/consul.sock`",
-        default_doc="`http://127.0.0.1:8500`", env=("CONSUL_HTTP_ADDR",)),
-    Key("consul", "token", Kind.STRING, "ACL token (set `token` or `token_file`, not both). Never logged; the app started in "
-        "wrapper mode gets neither `CONSUL_HTTP_TOKEN`, `CONSUL_HTTP_TOKEN_FILE` nor any variable used here (`${MY_TOKEN}`)",
-        default_doc="none", env=("CONSUL_HTTP_TOKEN_FILE", "CONSUL_HTTP_TOKEN")),
-    Key("consul", "token_file", Kind.PATH, "a file holding the ACL token, re-read on every request (rotating it needs no "
-        "restart): a regular file of at most 64 KiB holding one printable-ASCII token; a group- or world-writable one is "
-        "warned about (`check-config`, and `sidecar.config.warning` at start)", default_doc="none", env=("CONSUL_HTTP_TOKEN_FILE",), field="token"),
-    Key("consul", "ca_file", Kind.PATH, "CA certificate(s) that signed the agent's certificate (PEM); the system's CAs "
-        "otherwise", default_doc="none", env=("CONSUL_CACERT",)),
-    Key("consul", "ca_path", Kind.PATH, "a directory of CA certificates (every file in it, PEM), as the consul CLI reads "
-        "it; ignored (with a warning) when a CA file is set", default_doc="none", env=("CONSUL_CAPATH",)),
-    Key("consul", "cert_file", Kind.PATH, "client certificate for TLS to the agent (with `key_file`)",
-        default_doc="none", env=("CONSUL_CLIENT_CERT",)),
-    Key("consul", "key_file", Kind.PATH, "the client certificate's private key (with `cert_file`)",
-        default_doc="none", env=("CONSUL_CLIENT_KEY",)),
-    Key("consul", "tls_server_name", Kind.STRING, "the name sent as SNI and checked against the agent's certificate, "
-        "instead of the address's host (a port in it is ignored)", default_doc="the address's host",
-        env=("CONSUL_TLS_SERVER_NAME",)),
-    Key("consul", "tls_verify", Kind.BOOL, "verify the agent's certificate (the environment takes Go's forms: "
-        "`1 t T TRUE true True 0 f F FALSE false False`)", default=True, env=("CONSUL_HTTP_SSL_VERIFY",)),
+        default_doc="`http://127.0.0.1:8500`",
+        env=("CONSUL_HTTP_ADDR",),
+    ),
+    Key(
+        "consul",
+        "token",
+        Kind.STRING,
+        "ACL token (set `token` or `token_file`, not both). Never logged; the app started in "
+        "wrapper mode gets neither `CONSUL_HTTP_TOKEN`, `CONSUL_HTTP_TOKEN_FILE` nor any variable used here "
+        "(`${MY_TOKEN}`)",
+        default_doc="none",
+        env=("CONSUL_HTTP_TOKEN_FILE", "CONSUL_HTTP_TOKEN"),
+    ),
+    Key(
+        "consul",
+        "token_file",
+        Kind.PATH,
+        "a file holding the ACL token, re-read on every request (rotating it needs no "
+        "restart): a regular file of at most 64 KiB holding one printable-ASCII token; a group- or world-writable one "
+        "is "
+        "warned about (`check-config`, and `sidecar.config.warning` at start)",
+        default_doc="none",
+        env=("CONSUL_HTTP_TOKEN_FILE",),
+        field="token",
+    ),
+    Key(
+        "consul",
+        "ca_file",
+        Kind.PATH,
+        "CA certificate(s) that signed the agent's certificate (PEM); the system's CAs otherwise",
+        default_doc="none",
+        env=("CONSUL_CACERT",),
+    ),
+    Key(
+        "consul",
+        "ca_path",
+        Kind.PATH,
+        "a directory of CA certificates (every file in it, PEM), as the consul CLI reads "
+        "it; ignored (with a warning) when a CA file is set",
+        default_doc="none",
+        env=("CONSUL_CAPATH",),
+    ),
+    Key(
+        "consul",
+        "cert_file",
+        Kind.PATH,
+        "client certificate for TLS to the agent (with `key_file`)",
+        default_doc="none",
+        env=("CONSUL_CLIENT_CERT",),
+    ),
+    Key(
+        "consul",
+        "key_file",
+        Kind.PATH,
+        "the client certificate's private key (with `cert_file`)",
+        default_doc="none",
+        env=("CONSUL_CLIENT_KEY",),
+    ),
+    Key(
+        "consul",
+        "tls_server_name",
+        Kind.STRING,
+        "the name sent as SNI and checked against the agent's certificate, "
+        "instead of the address's host (a port in it is ignored)",
+        default_doc="the address's host",
+        env=("CONSUL_TLS_SERVER_NAME",),
+    ),
+    Key(
+        "consul",
+        "tls_verify",
+        Kind.BOOL,
+        "verify the agent's certificate (the environment takes Go's forms: "
+        "`1 t T TRUE true True 0 f F FALSE false False`)",
+        default=True,
+        env=("CONSUL_HTTP_SSL_VERIFY",),
+    ),
     Key("consul", "timeout", Kind.DURATION, "deadline of one request to the agent", default="2s", minimum=_POSITIVE),
     # --- [service] --------------------------------------------------------------------------------
-    Key("service", "name", Kind.STRING, "the name consumers look up (letters, digits, `-`, `_`; at most 63)", required=True),
-    Key("service", "id", Kind.STRING, "unique per agent (letters, digits, `. _ : @ -`; not `.` or `..`); the address is in "
+    Key(
+        "service",
+        "name",
+        Kind.STRING,
+        "the name consumers look up (letters, digits, `-`, `_`; at most 63)",
+        required=True,
+    ),
+    Key(
+        "service",
+        "id",
+        Kind.STRING,
+        "unique per agent (letters, digits, `. _ : @ -`; not `.` or `..`); the address is in "
         "the default so two instances on one host that differ only in their address get two IDs (see "
-        "[Duplicate IDs](../README.md#duplicate-ids))", default_doc='`"<name>-<hostname>-<address>-<port>"`'),
-    Key("service", "address", Kind.STRING, "what DNS and the catalog hand out: an IP address or a host name (no scheme, "
+        "[Duplicate IDs](../README.md#duplicate-ids))",
+        default_doc='`"<name>-<hostname>-<address>-<port>"`',
+    ),
+    Key(
+        "service",
+        "address",
+        Kind.STRING,
+        "what DNS and the catalog hand out: an IP address or a host name (no scheme, "
         "port or path); required when the agent is reached over a unix socket",
-        default_doc="this host's IP on the interface that reaches the agent"),
+        default_doc="this host's IP on the interface that reaches the agent",
+    ),
     Key("service", "port", Kind.INTEGER, "the port the service listens on", minimum=1, maximum=65535, required=True),
     Key("service", "tags", Kind.STRINGS, "as in Consul", default_doc="none"),
-    Key("service", "meta", Kind.TABLE, "as in Consul (keys: letters, digits, `-`, `_`, not starting with `consul-`; "
-        "at most 64 keys, values at most 512 characters)", default_doc="none"),
+    Key(
+        "service",
+        "meta",
+        Kind.TABLE,
+        "as in Consul (keys: letters, digits, `-`, `_`, not starting with `consul-`; "
+        "at most 64 keys, values at most 512 characters)",
+        default_doc="none",
+    ),
     # --- [check] ----------------------------------------------------------------------------------
-    Key("check", "http", Kind.URL, "the URL the sidecar probes and the agent polls",
-        default_doc='`"http://<address>:<port>/healthz"`'),
-    Key("check", "allow_remote", Kind.BOOL, "the check URL must point at the service's own address unless this is true "
-        "(the agent fetches it: an arbitrary URL would make it a request-forgery tool)", default=False),
-    Key("check", "interval", Kind.DURATION, "how often the agent checks; also how often the sidecar verifies its "
-        "registration", default="1s", minimum=1.0, why_minimum=" (Consul raises shorter intervals to 1s)"),
+    Key(
+        "check",
+        "http",
+        Kind.URL,
+        "the URL the sidecar probes and the agent polls",
+        default_doc='`"http://<address>:<port>/healthz"`',
+    ),
+    Key(
+        "check",
+        "allow_remote",
+        Kind.BOOL,
+        "the check URL must point at the service's own address unless this is true "
+        "(the agent fetches it: an arbitrary URL would make it a request-forgery tool)",
+        default=False,
+    ),
+    Key(
+        "check",
+        "interval",
+        Kind.DURATION,
+        "how often the agent checks; also how often the sidecar verifies its registration",
+        default="1s",
+        minimum=1.0,
+        why_minimum=" (Consul raises shorter intervals to 1s)",
+    ),
     Key("check", "timeout", Kind.DURATION, "per check, and per startup probe", default="1s", minimum=_POSITIVE),
-    Key("check", "deregister_critical_after", Kind.DURATION, "Consul removes an instance critical this long "
-        '(`"0"` turns it off)', default="1m", minimum=60.0, off=("", "0"),
-        why_minimum=' (Consul raises shorter values to 1m; "0" turns it off)'),
+    Key(
+        "check",
+        "deregister_critical_after",
+        Kind.DURATION,
+        'Consul removes an instance critical this long (`"0"` turns it off)',
+        default="1m",
+        minimum=60.0,
+        off=("", "0"),
+        why_minimum=' (Consul raises shorter values to 1m; "0" turns it off)',
+    ),
     # --- [startup] --------------------------------------------------------------------------------
-    Key("startup", "wait_healthy", Kind.BOOL, "probe the check URL until 2xx before registering (then registered "
-        "*passing*)", default=True),
-    Key("startup", "timeout", Kind.DURATION, "never healthy by then: nothing is registered, the app is stopped, exit 69",
-        default="60s", minimum=_POSITIVE),
+    Key(
+        "startup",
+        "wait_healthy",
+        Kind.BOOL,
+        "probe the check URL until 2xx before registering (then registered *passing*)",
+        default=True,
+    ),
+    Key(
+        "startup",
+        "timeout",
+        Kind.DURATION,
+        "never healthy by then: nothing is registered, the app is stopped, exit 69",
+        default="60s",
+        minimum=_POSITIVE,
+    ),
     # --- [shutdown] -------------------------------------------------------------------------------
-    Key("shutdown", "deregister_timeout", Kind.DURATION, "how long to try to deregister *and confirm* before reporting "
+    Key(
+        "shutdown",
+        "deregister_timeout",
+        Kind.DURATION,
+        "how long to try to deregister *and confirm* before reporting "
         "it unconfirmed; the sidecar then keeps confirming until `deregister_timeout + propagation_delay` before it "
-        "signals the app", default="3s", minimum=_POSITIVE),
-    Key("shutdown", "strategy", Kind.CHOICE, '`"fixed"`: wait `propagation_delay`. `"traffic"`: wait until nobody sends '
+        "signals the app",
+        default="3s",
+        minimum=_POSITIVE,
+    ),
+    Key(
+        "shutdown",
+        "strategy",
+        Kind.CHOICE,
+        '`"fixed"`: wait `propagation_delay`. `"traffic"`: wait until nobody sends '
         "the app traffic, bounded by `min_delay` and `propagation_delay` (see "
         "[Drain by evidence](../README.md#drain-by-evidence))",
-        default="fixed", choices=Strategy),
-    Key("shutdown", "propagation_delay", Kind.DURATION, "`fixed`: from confirmed deregistration to the app's signal "
-        "(monotonic clock). `traffic`: the upper bound of the wait (30s is a good value)", default="5s"),
-    Key("shutdown", "min_delay", Kind.DURATION, "never signal the app sooner than this after confirmed deregistration; "
-        "at most `propagation_delay`", default="1s", only_with=_TRAFFIC),
-    Key("shutdown", "quiet_period", Kind.DURATION, "no new connection and no inbound byte on the app's port for this long",
-        default="1s", minimum=0.1, only_with=_TRAFFIC),
-    Key("shutdown", "dns", Kind.STRINGS, 'resolvers (`["127.0.0.1:8600"]`, IP address and port) that must stop returning '
-        "the instance's address before the quiet window starts", default_doc="none", only_with=_TRAFFIC),
-    Key("shutdown", "dns_name", Kind.STRING, "the name asked of `dns` (A and AAAA), e.g. with a tag or datacenter: "
-        '`"v2.web.service.dc1.consul"`', default="", default_doc="`<service.name>.service.consul`", only_with=_TRAFFIC),
-    Key("shutdown", "traffic_poll_only_accepts_misses", Kind.BOOL, "when the poll is the only view of new connections "
+        default="fixed",
+        choices=Strategy,
+    ),
+    Key(
+        "shutdown",
+        "propagation_delay",
+        Kind.DURATION,
+        "`fixed`: from confirmed deregistration to the app's signal "
+        "(monotonic clock). `traffic`: the upper bound of the wait (30s is a good value)",
+        default="5s",
+    ),
+    Key(
+        "shutdown",
+        "min_delay",
+        Kind.DURATION,
+        "never signal the app sooner than this after confirmed deregistration; at most `propagation_delay`",
+        default="1s",
+        only_with=_TRAFFIC,
+    ),
+    Key(
+        "shutdown",
+        "quiet_period",
+        Kind.DURATION,
+        "no new connection and no inbound byte on the app's port for this long",
+        default="1s",
+        minimum=0.1,
+        only_with=_TRAFFIC,
+    ),
+    Key(
+        "shutdown",
+        "dns",
+        Kind.STRINGS,
+        'resolvers (`["127.0.0.1:8600"]`, IP address and port) that must stop returning '
+        "the instance's address before the quiet window starts",
+        default_doc="none",
+        only_with=_TRAFFIC,
+    ),
+    Key(
+        "shutdown",
+        "dns_name",
+        Kind.STRING,
+        'the name asked of `dns` (A and AAAA), e.g. with a tag or datacenter: `"v2.web.service.dc1.consul"`',
+        default="",
+        default_doc="`<service.name>.service.consul`",
+        only_with=_TRAFFIC,
+    ),
+    Key(
+        "shutdown",
+        "traffic_poll_only_accepts_misses",
+        Kind.BOOL,
+        "when the poll is the only view of new connections "
         "(no destroy events, a shared network namespace), end the drain on it anyway, accepting that it misses short "
-        "client-closed connections; `false` waits `propagation_delay`", default=False, only_with=_TRAFFIC),
-    Key("shutdown", "budget", Kind.DURATION, "the platform's stop timeout; `check-config` and `run` warn when the "
-        "worst-case shutdown exceeds it, naming the setting to lower", default="30s", minimum=_POSITIVE),
-    Key("shutdown", "app_signal", Kind.SIGNAL, "the signal that asks the app to finish in-flight work and exit (not "
-        "SIGKILL or SIGSTOP)", default="SIGTERM"),
-    Key("shutdown", "app_timeout", Kind.DURATION, "how long the app gets after `app_signal`; then SIGKILL",
-        default="20s", minimum=_POSITIVE),
+        "client-closed connections; `false` waits `propagation_delay`",
+        default=False,
+        only_with=_TRAFFIC,
+    ),
+    Key(
+        "shutdown",
+        "budget",
+        Kind.DURATION,
+        "the platform's stop timeout; `check-config` and `run` warn when the "
+        "worst-case shutdown exceeds it, naming the setting to lower",
+        default="30s",
+        minimum=_POSITIVE,
+    ),
+    Key(
+        "shutdown",
+        "app_signal",
+        Kind.SIGNAL,
+        "the signal that asks the app to finish in-flight work and exit (not SIGKILL or SIGSTOP)",
+        default="SIGTERM",
+    ),
+    Key(
+        "shutdown",
+        "app_timeout",
+        Kind.DURATION,
+        "how long the app gets after `app_signal`; then SIGKILL",
+        default="20s",
+        minimum=_POSITIVE,
+    ),
     # --- [app] ------------------------------------------------------------------------------------
-    Key("app", "pid_file", Kind.PATH, "alongside mode: a file holding the app's PID, signalled with `app_signal`",
-        default_doc="none"),
-    Key("app", "pid", Kind.INTEGER, "alongside mode: the app's PID (a shared PID namespace)", minimum=1, maximum=2**22,
-        default_doc="none"),
-    Key("app", "shutdown_url", Kind.URL, "alongside mode: `POST`ed to stop the app (at most one of `pid_file`, `pid`, "
-        "`shutdown_url`)", default_doc="none"),
+    Key(
+        "app",
+        "pid_file",
+        Kind.PATH,
+        "alongside mode: a file holding the app's PID, signalled with `app_signal`",
+        default_doc="none",
+    ),
+    Key(
+        "app",
+        "pid",
+        Kind.INTEGER,
+        "alongside mode: the app's PID (a shared PID namespace)",
+        minimum=1,
+        maximum=2**22,
+        default_doc="none",
+    ),
+    Key(
+        "app",
+        "shutdown_url",
+        Kind.URL,
+        "alongside mode: `POST`ed to stop the app (at most one of `pid_file`, `pid`, `shutdown_url`)",
+        default_doc="none",
+    ),
     # --- [status] ---------------------------------------------------------------------------------
-    Key("status", "listen", Kind.HOST_PORT, "the sidecar's own `/healthz` and `/status`; `\"\"` turns it off. Port 0 "
-        "picks a free port (logged in `sidecar.status.listening`, shown in `/status`), so two sidecars on one host never "
-        "collide; set a fixed port for a probe. `check-config` and `run` (`sidecar.status.listen_warning`) warn when it is the "
-        "agent's address or one of Consul's ports (8500, 8501, ...)", default="127.0.0.1:0", off=("",)),
+    Key(
+        "status",
+        "listen",
+        Kind.HOST_PORT,
+        'the sidecar\'s own `/healthz` and `/status`; `""` turns it off. Port 0 '
+        "picks a free port (logged in `sidecar.status.listening`, shown in `/status`), so two sidecars on one host "
+        "never "
+        "collide; set a fixed port for a probe. `check-config` and `run` (`sidecar.status.listen_warning`) warn when "
+        "it is the "
+        "agent's address or one of Consul's ports (8500, 8501, ...)",
+        default="127.0.0.1:0",
+        off=("",),
+    ),
 )
 
 BY_PATH: Mapping[str, Key] = MappingProxyType({k.path: k for k in KEYS})
@@ -184,17 +400,20 @@ SECTIONS: Mapping[str, frozenset[str]] = MappingProxyType(
     {s: frozenset(k.name for k in KEYS if k.section == s) for s in dict.fromkeys(k.section for k in KEYS)}
 )
 
-SECTION_DOCS: Mapping[str, str] = MappingProxyType({
-    "consul": "How to reach the local Consul agent. Where the file is silent, Consul's own `CONSUL_*` variables apply, "
-              "as for the consul CLI. `CONSUL_HTTP_SSL=true` (Go's boolean forms: `1 t T TRUE true True`, and their "
-              "false counterparts) makes an address without a scheme (`host:port`, or the default) https.",
-    "service": "What is registered.",
-    "check": "The HTTP check the agent runs (and the sidecar's own startup probe).",
-    "startup": "Before registering.",
-    "shutdown": "The drain after SIGTERM: deregister and confirm, wait, signal the app, wait for it.",
-    "app": "Alongside mode only: how to stop an app the sidecar did not start.",
-    "status": "The sidecar's own status server.",
-})
+SECTION_DOCS: Mapping[str, str] = MappingProxyType(
+    {
+        "consul": "How to reach the local Consul agent. Where the file is silent, Consul's own `CONSUL_*` "
+        "variables apply, as for the consul CLI. `CONSUL_HTTP_SSL=true` (Go's boolean forms: "
+        "`1 t T TRUE true True`, and their false counterparts) makes an address without a scheme "
+        "(`host:port`, or the default) https.",
+        "service": "What is registered.",
+        "check": "The HTTP check the agent runs (and the sidecar's own startup probe).",
+        "startup": "Before registering.",
+        "shutdown": "The drain after SIGTERM: deregister and confirm, wait, signal the app, wait for it.",
+        "app": "Alongside mode only: how to stop an app the sidecar did not start.",
+        "status": "The sidecar's own status server.",
+    }
+)
 
 
 def default(path: str) -> Any:

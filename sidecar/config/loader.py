@@ -160,7 +160,9 @@ class _Section:
             self.problems.add(self.key(k), str(e))
             return fallback
         if spec.minimum is not None and seconds < spec.minimum:
-            self.problems.add(self.key(k), f"{text!r} is shorter than {format_duration(spec.minimum)}{spec.why_minimum}")
+            self.problems.add(
+                self.key(k), f"{text!r} is shorter than {format_duration(spec.minimum)}{spec.why_minimum}"
+            )
         return seconds
 
     def integer(self, k: str) -> int | None:
@@ -241,15 +243,27 @@ def load_config(
     consul = _consul_settings(s["consul"], env, problems)
     service = _service_settings(s["service"], consul, hostname, local_address, problems)
     check = _check_settings(s["check"], service, problems)
-    startup = StartupSettings(wait_healthy=s["startup"].boolean("wait_healthy"), timeout=s["startup"].duration("timeout"))
+    startup = StartupSettings(
+        wait_healthy=s["startup"].boolean("wait_healthy"), timeout=s["startup"].duration("timeout")
+    )
     shutdown = _shutdown_settings(s["shutdown"], problems)
     app = _app_settings(s["app"], problems)
     status = _status_settings(s["status"], problems)
 
     if problems.lines:
         raise ConfigError(problems.lines)
-    return Config(path, consul, service, check, startup, shutdown, app, status,
-                  secret_env=frozenset(problems.secret_env), warnings=tuple(problems.warnings))
+    return Config(
+        path,
+        consul,
+        service,
+        check,
+        startup,
+        shutdown,
+        app,
+        status,
+        secret_env=frozenset(problems.secret_env),
+        warnings=tuple(problems.warnings),
+    )
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -328,8 +342,19 @@ def _consul_settings(sec: _Section, env: Mapping[str, str], problems: _Problems)
         verify = _env_bool(env, "CONSUL_HTTP_SSL_VERIFY", problems)
         tls_verify = True if verify is None else verify
     timeout = sec.duration("timeout")
-    return ConsulSettings(scheme, host, port, token, ca_file, cert_file, key_file, tls_verify, timeout,
-                          ca_path=ca_path, tls_server_name=tls_server_name)
+    return ConsulSettings(
+        scheme,
+        host,
+        port,
+        token,
+        ca_file,
+        cert_file,
+        key_file,
+        tls_verify,
+        timeout,
+        ca_path=ca_path,
+        tls_server_name=tls_server_name,
+    )
 
 
 def _ca_path(sec: _Section, env: Mapping[str, str], ca_file: Path | None, problems: _Problems) -> Path | None:
@@ -366,16 +391,22 @@ def _token_source(sec: _Section, env: Mapping[str, str], problems: _Problems) ->
             problems.secret_env.update(variables(raw))
         value = sec.string("token") or None
         if value is not None and not token_chars_ok(value):
-            problems.add(sec.key("token"), "the token contains a line break, control character, space or non-ASCII character "
-                         "(a line break from ${VAR}?); it goes into an HTTP header")
+            problems.add(
+                sec.key("token"),
+                "the token contains a line break, control character, space or non-ASCII character "
+                "(a line break from ${VAR}?); it goes into an HTTP header",
+            )
         return TokenSource(value=value, origin=sec.key("token"))
     elif env.get("CONSUL_HTTP_TOKEN_FILE"):
         src = TokenSource(file=Path(env["CONSUL_HTTP_TOKEN_FILE"]), origin="CONSUL_HTTP_TOKEN_FILE")
         key = "CONSUL_HTTP_TOKEN_FILE (environment)"
     elif env.get("CONSUL_HTTP_TOKEN"):
         if not token_chars_ok(env["CONSUL_HTTP_TOKEN"]):
-            problems.add("CONSUL_HTTP_TOKEN (environment)", "the token contains a line break, control character, space or "
-                         "non-ASCII character (a trailing line break?); it goes into an HTTP header")
+            problems.add(
+                "CONSUL_HTTP_TOKEN (environment)",
+                "the token contains a line break, control character, space or "
+                "non-ASCII character (a trailing line break?); it goes into an HTTP header",
+            )
         return TokenSource(value=env["CONSUL_HTTP_TOKEN"], origin="CONSUL_HTTP_TOKEN")
     else:
         return TokenSource()
@@ -406,21 +437,29 @@ def _service_settings(
         problems.add(sec.key("name"), "required: the service name consumers look up")
         name = "invalid"
     elif not SERVICE_NAME.match(name):
-        problems.add(sec.key("name"), f"{name!r}: use letters, digits, '-' and '_' (at most 63), so Consul DNS can answer for it")
+        problems.add(
+            sec.key("name"), f"{name!r}: use letters, digits, '-' and '_' (at most 63), so Consul DNS can answer for it"
+        )
     if not sec.has("port"):
         problems.add(sec.key("port"), "required: the port the service listens on (1..65535)")
     port = sec.integer("port") or 0
     address = sec.string("address") or ""
     if not address and consul.unix_socket is not None:
-        problems.add(sec.key("address"), f"not set, and the agent is reached over a unix socket ({consul.address}), which "
-                     "tells nothing about this host's address: set service.address")
+        problems.add(
+            sec.key("address"),
+            f"not set, and the agent is reached over a unix socket ({consul.address}), which "
+            "tells nothing about this host's address: set service.address",
+        )
         address = "127.0.0.1"
     elif not address:
         try:
             address = local_address(consul.host, consul.port)
         except OSError as e:
-            problems.add(sec.key("address"), f"not set, and the address toward the Consul agent {consul.host} could not be found "
-                         f"({e.strerror or e}): set service.address")
+            problems.add(
+                sec.key("address"),
+                f"not set, and the address toward the Consul agent {consul.host} could not be found "
+                f"({e.strerror or e}): set service.address",
+            )
             address = "127.0.0.1"
     if not valid_address(address):
         problems.add(sec.key("address"), f"{address!r}: give an IP address or host name, without scheme, port or path")
@@ -429,9 +468,13 @@ def _service_settings(
     if not given_id and not SERVICE_NAME.match(name):
         pass  # the default ID is built from the name, whose problem is reported already
     elif not SERVICE_ID.match(sid):
-        problems.add(sec.key("id"), f"{sid!r}: use letters, digits and . _ : @ - (at most 256; it goes into agent API paths)")
+        problems.add(
+            sec.key("id"), f"{sid!r}: use letters, digits and . _ : @ - (at most 256; it goes into agent API paths)"
+        )
     elif sid in (".", ".."):
-        problems.add(sec.key("id"), f"{sid!r} is a dot segment: URL libraries rewrite it, so the agent would never see this ID")
+        problems.add(
+            sec.key("id"), f"{sid!r} is a dot segment: URL libraries rewrite it, so the agent would never see this ID"
+        )
 
     tags: tuple[str, ...] = ()
     if sec.raw("tags") is not None:
@@ -444,12 +487,14 @@ def _service_settings(
     raw_meta = sec.raw("meta")
     if raw_meta is not None:
         if not isinstance(raw_meta, dict):
-            problems.add(sec.key("meta"), "must be a table of strings, e.g. meta = { version = \"1.0.0\" }")
+            problems.add(sec.key("meta"), 'must be a table of strings, e.g. meta = { version = "1.0.0" }')
         else:
             for k, v in raw_meta.items():
                 mk = f"{sec.key('meta')}.{k}"
                 if not META_KEY.match(k) or k.startswith("consul-"):
-                    problems.add(mk, "meta keys use letters, digits, '-' and '_' (at most 128) and must not start with 'consul-'")
+                    problems.add(
+                        mk, "meta keys use letters, digits, '-' and '_' (at most 128) and must not start with 'consul-'"
+                    )
                 elif not isinstance(v, str):
                     problems.add(mk, f"must be a string, not {_kind(v)}")
                 else:
@@ -473,7 +518,8 @@ def _check_settings(sec: _Section, service: ServiceSettings, problems: _Problems
     elif not allow_remote and not same_host(urllib.parse.urlsplit(http).hostname or "", service.address):
         problems.add(
             sec.key("http"),
-            f"{http!r} points at {urllib.parse.urlsplit(http).hostname}, not at the service's address {service.address}; "
+            f"{http!r} points at {urllib.parse.urlsplit(http).hostname}, not at the service's address "
+            f"{service.address}; "
             "the agent fetches this URL, so set check.allow_remote = true only if that is intended",
         )
     interval = sec.duration("interval")
@@ -490,7 +536,10 @@ def _strategy(sec: _Section, problems: _Problems) -> Strategy:
     try:
         return Strategy(text)
     except ValueError:
-        problems.add(sec.key("strategy"), f'{text!r}: use "fixed" (wait propagation_delay) or "traffic" (wait until the app\'s port is quiet)')
+        problems.add(
+            sec.key("strategy"),
+            f'{text!r}: use "fixed" (wait propagation_delay) or "traffic" (wait until the app\'s port is quiet)',
+        )
         return Strategy.FIXED
 
 
@@ -523,11 +572,14 @@ def _shutdown_settings(sec: _Section, problems: _Problems) -> ShutdownSettings:
                     ipaddress.ip_address(host)
                     dns.append((host, port))
                 except ValueError as e:
-                    problems.add(sec.key("dns"), f"{e} (give an IP address and port, e.g. \"127.0.0.1:8600\")")
+                    problems.add(sec.key("dns"), f'{e} (give an IP address and port, e.g. "127.0.0.1:8600")')
     dns_name = (sec.string("dns_name") or "").rstrip(".")
     if dns_name and (len(dns_name) > 253 or not all(DNS_LABEL.match(label) for label in dns_name.split("."))):
-        problems.add(sec.key("dns_name"), f"{dns_name!r} is not a DNS name (labels of letters, digits, '-' and '_', "
-                     'e.g. "v2.web.service.dc1.consul")')
+        problems.add(
+            sec.key("dns_name"),
+            f"{dns_name!r} is not a DNS name (labels of letters, digits, '-' and '_', "
+            'e.g. "v2.web.service.dc1.consul")',
+        )
     return ShutdownSettings(
         deregister_timeout=sec.duration("deregister_timeout"),
         propagation_delay=propagation_delay,

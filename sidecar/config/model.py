@@ -12,7 +12,6 @@ from .addresses import parse_listen
 from .keys import Strategy, default
 from .tokens import TokenSource
 
-
 # How long the sidecar waits for the app to be reaped after SIGKILL. Not
 # configurable: SIGKILL cannot be refused, so this only bounds the kernel's work.
 KILL_REAP_TIMEOUT = 1.0
@@ -90,10 +89,16 @@ class ShutdownSettings:
     app_timeout: float = default("shutdown.app_timeout")
     budget: float = default("shutdown.budget")  # the platform's stop timeout we must fit in (Kubernetes' default: 30 s)
     strategy: Strategy = default("shutdown.strategy")
-    min_delay: float = default("shutdown.min_delay")  # traffic: never signal the app sooner than this after confirmation
-    quiet_period: float = default("shutdown.quiet_period")  # traffic: no new connection and no inbound byte for this long
+    min_delay: float = default(
+        "shutdown.min_delay"
+    )  # traffic: never signal the app sooner than this after confirmation
+    quiet_period: float = default(
+        "shutdown.quiet_period"
+    )  # traffic: no new connection and no inbound byte for this long
     dns: tuple[tuple[str, int], ...] = ()  # traffic: resolvers that must stop returning our address
-    dns_name: str = default("shutdown.dns_name")  # traffic: the name consumers look up ("" = <service.name>.service.consul)
+    dns_name: str = default(
+        "shutdown.dns_name"
+    )  # traffic: the name consumers look up ("" = <service.name>.service.consul)
     # traffic: when the poll of the socket table is the only view left (it misses short connections),
     # end the drain on it anyway instead of waiting propagation_delay.
     traffic_poll_only_accepts_misses: bool = default("shutdown.traffic_poll_only_accepts_misses")

@@ -10,7 +10,9 @@ SERVICE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")
 SERVICE_ID = re.compile(r"\A[A-Za-z0-9._:@-]{1,256}\Z")
 DNS_LABEL = re.compile(r"\A[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 META_KEY = re.compile(r"\A[A-Za-z0-9_-]{1,128}\Z")
-HOST_NAME = re.compile(r"\A(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?\Z")
+HOST_NAME = re.compile(
+    r"\A(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?\Z"
+)
 _ID_PART = re.compile(r"\A[A-Za-z0-9._:-]{1,64}\Z")
 
 

@@ -43,8 +43,10 @@ class TokenSource:
         # A token goes into an HTTP header: a line break or control character inside it
         # (two tokens pasted into one file) would make every request fail, so it is refused here.
         if token is not None and not token_chars_ok(token):
-            raise TokenError(f"{where} holds a line break, space, control or non-ASCII character inside the token "
-                             "(only leading and trailing whitespace is ignored): it must hold exactly one token")
+            raise TokenError(
+                f"{where} holds a line break, space, control or non-ASCII character inside the token "
+                "(only leading and trailing whitespace is ignored): it must hold exactly one token"
+            )
         return token
 
     def describe(self) -> str | None:
@@ -67,8 +69,10 @@ def check_token_file(path: Path) -> tuple[str | None, str | None]:
         return f"token file: {e}", None
     warning = None
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        warning = (f"token file {path} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o}): whoever "
-                   "can write it chooses the sidecar's ACL token; chmod 600 it")
+        warning = (
+            f"token file {path} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o}): whoever "
+            "can write it chooses the sidecar's ACL token; chmod 600 it"
+        )
     try:
         token = data.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -76,6 +80,8 @@ def check_token_file(path: Path) -> tuple[str | None, str | None]:
     if not token:
         return f"token file {path} is empty", warning
     if not token_chars_ok(token):
-        return (f"token file {path}: the token contains a line break, control character, space or non-ASCII character "
-                "(two lines in the file?); it goes into an HTTP header"), warning
+        return (
+            f"token file {path}: the token contains a line break, control character, space or non-ASCII character "
+            "(two lines in the file?); it goes into an HTTP header"
+        ), warning
     return None, warning

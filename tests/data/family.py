@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Apps that leave processes outside their process group, for tests/test_descendants.py.
 
-    family.py setsid-worker WORKER_PORT WORKER_PID_FILE -- APP_ARGV...
-        starts the example app on WORKER_PORT in a session of its own (setsid), writes its PID,
-        then execs APP_ARGV (so the worker is the app's child in another session and group).
-    family.py daemonize PID_FILE -- APP_ARGV...
-        daemonizes as a classic Unix daemon, or a Type=forking service: fork, setsid, fork again;
-        the grandchild execs APP_ARGV (which writes PID_FILE once it listens); the parent waits
-        for PID_FILE, so that the daemon is ready, and exits 0.
+family.py setsid-worker WORKER_PORT WORKER_PID_FILE -- APP_ARGV...
+    starts the example app on WORKER_PORT in a session of its own (setsid), writes its PID,
+    then execs APP_ARGV (so the worker is the app's child in another session and group).
+family.py daemonize PID_FILE -- APP_ARGV...
+    daemonizes as a classic Unix daemon, or a Type=forking service: fork, setsid, fork again;
+    the grandchild execs APP_ARGV (which writes PID_FILE once it listens); the parent waits
+    for PID_FILE, so that the daemon is ready, and exits 0.
 """
 
 from __future__ import annotations

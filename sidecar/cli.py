@@ -6,7 +6,8 @@
 
 Each command imports what it needs when it runs, not here: aiohttp alone (its client loads the
 system's CA certificates twice at import) costs several times the interpreter's own start, which
-``--version`` and ``check-config`` never need and ``wait`` needs without structlog or the lifecycle.
+``--version`` and ``check-config`` never need; ``wait`` speaks to the agent through the Consul client's
+blocking transport, without aiohttp, asyncio, structlog or the lifecycle.
 tests/test_cli_imports.py holds each command to its list.
 """
 
@@ -228,12 +229,9 @@ def _traffic_view_here(config: Config) -> dict[str, Any]:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    import asyncio
-
     from . import wait
-    from .clock import SystemClock
     from .config import ConfigError, load_consul_settings
-    from .consul_client import ConsulAgent
+    from .consul_client import BlockingHealth
     from .durations import format_duration, parse_duration
 
     if (args.passing or args.gone) and not args.id:
@@ -255,18 +253,14 @@ def _wait(args: argparse.Namespace) -> int:
     else:
         cond = wait.min_passing(args.service, args.min_passing)
 
-    async def go() -> wait.WaitResult:
-        agent = ConsulAgent(settings, SystemClock())
-        try:
-            return await wait.wait_for_condition(agent, args.service, cond, timeout, SystemClock())
-        finally:
-            await agent.close()
-
     print(f"waiting for {cond.description} (Consul {settings.address}, timeout {format_duration(timeout)})", file=sys.stderr)
+    agent = BlockingHealth(settings)
     try:
-        result = asyncio.run(go())
+        result = wait.wait_for_condition(agent, args.service, cond, timeout, wait.SystemWaitClock())
     except KeyboardInterrupt:
         return EX_INTERRUPTED
+    finally:
+        agent.close()
     if result.ok:
         print(f"{cond.description}: after {result.elapsed:.2f}s ({result.last_seen})")
         return 0

@@ -104,7 +104,7 @@ def test_check_config_imports_nothing_heavy(tmp_path: Path) -> None:
     assert sorted(modules.intersection(NOT_FOR_CHECK_CONFIG)) == []
 
 
-def test_wait_imports_the_client_but_not_aiohttp_asyncio_logging_nor_the_lifecycle(consul: Consul, tmp_path: Path) -> None:
+def test_wait_imports_the_client_without_aiohttp_asyncio_logging_or_lifecycle(consul: Consul, tmp_path: Path) -> None:
     """`wait --min-passing 1` for an instance that passes ends with 0 at once, having imported the
     Consul client and python-consul2 but neither aiohttp, asyncio, structlog nor the lifecycle's
     modules; the same holds for a wait that fails (its error path)."""

@@ -6,7 +6,8 @@
 
 Each command imports what it needs when it runs, not here: aiohttp alone (its client loads the
 system's CA certificates twice at import) costs several times the interpreter's own start, which
-``--version`` and ``check-config`` never need and ``wait`` needs without structlog or the lifecycle.
+``--version`` and ``check-config`` never need; ``wait`` speaks to the agent through the Consul client's
+blocking transport, without aiohttp, asyncio, structlog or the lifecycle.
 tests/test_cli_imports.py holds each command to its list.
 """
 
@@ -45,8 +46,12 @@ def _parser() -> argparse.ArgumentParser:
         usage=f"{PROG} run -c FILE [--log-format auto|json|console] [--log-level LEVEL] [-- COMMAND [ARG...]]",
     )
     run.add_argument("-c", "--config", required=True, type=Path, help="the TOML configuration file")
-    run.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
-                     help="auto: JSON lines unless stderr is a terminal (default)")
+    run.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help="auto: JSON lines unless stderr is a terminal (default)",
+    )
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
     chk = sub.add_parser(
@@ -66,8 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     wt.add_argument("-c", "--config", type=Path, help="a sidecar configuration file (only [consul] is used)")
     # The consul CLI's name for it (-http-addr; Go takes --http-addr too); --consul-address is the older alias.
-    wt.add_argument("--http-addr", "-http-addr", "--consul-address", dest="consul_address", metavar="ADDRESS",
-                    help="the agent, as for the consul CLI: http://127.0.0.1:8500, host:port, unix:///path/to/consul.sock")
+    wt.add_argument(
+        "--http-addr",
+        "-http-addr",
+        "--consul-address",
+        dest="consul_address",
+        metavar="ADDRESS",
+        help="the agent, as for the consul CLI: http://127.0.0.1:8500, host:port, unix:///path/to/consul.sock",
+    )
     wt.add_argument("--service", required=True, metavar="NAME")
     wt.add_argument("--id", metavar="ID", help="the instance (service ID), with --passing or --gone")
     what = wt.add_mutually_exclusive_group(required=True)
@@ -97,7 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(own)
     if extra:
-        hint = f" (the app's command goes after '--': {PROG} run -c FILE -- COMMAND [ARG...])" if args.command == "run" else ""
+        hint = (
+            f" (the app's command goes after '--': {PROG} run -c FILE -- COMMAND [ARG...])"
+            if args.command == "run"
+            else ""
+        )
         parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if args.command != "run" and command:
         return _fail([f"'{args.command}' takes no command after '--'"], EX_BAD_COMMAND_LINE)
@@ -112,12 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return address_toward(host, port)
         except OSError as e:
-            unresolved.append(f"service.address is not set and the address toward the Consul agent {host} could not be "
-                              f"found here ({e.strerror or e}); shown as 127.0.0.1, and `run` would refuse to start")
+            unresolved.append(
+                f"service.address is not set and the address toward the Consul agent {host} could not be "
+                f"found here ({e.strerror or e}); shown as 127.0.0.1, and `run` would refuse to start"
+            )
             return "127.0.0.1"
 
     try:
-        config = load_config(args.config, os.environ, local_address=lenient_address if args.command == "check-config" else address_toward)
+        config = load_config(
+            args.config, os.environ, local_address=lenient_address if args.command == "check-config" else address_toward
+        )
     except ConfigError as e:
         return _fail(e.problems, EX_CONFIG)
     for warning in unresolved:
@@ -127,12 +146,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: warning: {config.source}: {warning}", file=sys.stderr)
         return _check_config(config)
     if command and config.app.configured:
-        return _fail([f"{config.source}: app: [app] is for alongside mode; with a command after '--' the sidecar starts the app itself"], EX_CONFIG)
+        return _fail(
+            [
+                f"{config.source}: app: [app] is for alongside mode; "
+                "with a command after '--' the sidecar starts the app itself"
+            ],
+            EX_CONFIG,
+        )
     import asyncio
 
     from . import log
 
-    log.configure(fmt=args.log_format, level=args.log_level, secrets=lambda: [t for t in [config.consul.token.read()] if t])
+    log.configure(
+        fmt=args.log_format, level=args.log_level, secrets=lambda: [t for t in [config.consul.token.read()] if t]
+    )
     if not command:
         log.start()  # no child to fork: write from the start (wrapper mode starts it after the spawn)
     for warning in config.warnings:
@@ -157,8 +184,10 @@ def _check_config(config: Config) -> int:
     sd = config.shutdown
     shutdown = effective(config, "shutdown")
     if sd.strategy is Strategy.TRAFFIC:
-        shutdown |= {"dns_name": sd.dns_name or f"{config.service.name}.service.consul",
-                     "traffic_view_here": _traffic_view_here(config)}
+        shutdown |= {
+            "dns_name": sd.dns_name or f"{config.service.name}.service.consul",
+            "traffic_view_here": _traffic_view_here(config),
+        }
     doc: dict[str, Any] = {
         "consul": effective(config, "consul"),
         "registration": registration_payload(config, passing=config.startup.wait_healthy),
@@ -169,13 +198,17 @@ def _check_config(config: Config) -> int:
     }
     print(json.dumps(doc, indent=2))
     print(
-        f"worst-case shutdown: {format_duration(sd.worst_case)} (deregister_timeout + propagation_delay + app_timeout + 1s "
-        "to reap after SIGKILL); give the platform's stop timeout at least this much",
+        f"worst-case shutdown: {format_duration(sd.worst_case)} "
+        "(deregister_timeout + propagation_delay + app_timeout + 1s to reap after SIGKILL); "
+        "give the platform's stop timeout at least this much",
         file=sys.stderr,
     )
     if config.status is not None and config.status.port == 0:
-        print(f"status: {config.status.host}, on a free port chosen at start (logged as sidecar.status.listening, "
-              "shown in /status); set status.listen to a fixed port for a probe", file=sys.stderr)
+        print(
+            f"status: {config.status.host}, on a free port chosen at start (logged as sidecar.status.listening, "
+            "shown in /status); set status.listen to a fixed port for a probe",
+            file=sys.stderr,
+        )
     warnings = [sd.over_budget()]
     if config.status is not None:
         warnings += listen_warnings(config.status.host, config.status.port, config.consul.address)
@@ -228,12 +261,9 @@ def _traffic_view_here(config: Config) -> dict[str, Any]:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    import asyncio
-
     from . import wait
-    from .clock import SystemClock
     from .config import ConfigError, load_consul_settings
-    from .consul_client import ConsulAgent
+    from .consul_client import BlockingHealth
     from .durations import format_duration, parse_duration
 
     if (args.passing or args.gone) and not args.id:
@@ -255,18 +285,17 @@ def _wait(args: argparse.Namespace) -> int:
     else:
         cond = wait.min_passing(args.service, args.min_passing)
 
-    async def go() -> wait.WaitResult:
-        agent = ConsulAgent(settings, SystemClock())
-        try:
-            return await wait.wait_for_condition(agent, args.service, cond, timeout, SystemClock())
-        finally:
-            await agent.close()
-
-    print(f"waiting for {cond.description} (Consul {settings.address}, timeout {format_duration(timeout)})", file=sys.stderr)
+    print(
+        f"waiting for {cond.description} (Consul {settings.address}, timeout {format_duration(timeout)})",
+        file=sys.stderr,
+    )
+    agent = BlockingHealth(settings)
     try:
-        result = asyncio.run(go())
+        result = wait.wait_for_condition(agent, args.service, cond, timeout, wait.SystemWaitClock())
     except KeyboardInterrupt:
         return EX_INTERRUPTED
+    finally:
+        agent.close()
     if result.ok:
         print(f"{cond.description}: after {result.elapsed:.2f}s ({result.last_seen})")
         return 0
@@ -298,7 +327,10 @@ async def _run(config: Config, command: list[str]) -> int:
             sock = bind(config.status.host, config.status.port)
         except OSError as e:
             why = f" ({conflicts[0]})" if conflicts else ""
-            return _fail([f"{config.source}: status.listen: cannot listen on {_status_listen(config)}: {e.strerror or e}{why}"], EX_CONFIG)
+            return _fail(
+                [f"{config.source}: status.listen: cannot listen on {_status_listen(config)}: {e.strerror or e}{why}"],
+                EX_CONFIG,
+            )
         for warning in conflicts:
             logger.warning("sidecar.status.listen_warning", warning=warning)
 
@@ -308,7 +340,14 @@ async def _run(config: Config, command: list[str]) -> int:
         # The app inherits our environment, except what fed the ACL token (CONSUL_HTTP_TOKEN,
         # CONSUL_HTTP_TOKEN_FILE, every ${VAR} in consul.token): it is the sidecar's secret.
         app_env = {k: v for k, v in os.environ.items() if k not in config.secret_env}
-        child = ChildApp(command, PosixLauncher(), clock, app_env, follow_port=config.service.port, log=logger.bind(service_id=config.service.id))
+        child = ChildApp(
+            command,
+            PosixLauncher(),
+            clock,
+            app_env,
+            follow_port=config.service.port,
+            log=logger.bind(service_id=config.service.id),
+        )
         app = child
         # Orphans of the app become our children (PID 1 gets them anyway), so
         # the reaper in ChildApp collects them and no zombie piles up.

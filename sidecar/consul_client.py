@@ -7,34 +7,43 @@ certificates, and reads ``CONSUL_*`` variables behind the configuration's back.
 Here every request has a deadline, the token is read from its source on each
 request (so a rotated token file takes effect at once) and every failure is
 turned into one of three errors the lifecycle can act on.
+
+Two transports share that contract, the token handling and the reading of answers: ``_Transport``
+on aiohttp for ``run`` (concurrent, kept-alive reads), and ``_BlockingTransport`` on http.client
+for ``consul-sidecar wait``, a one-shot command that needs no concurrency: importing aiohttp
+(its connector builds SSL contexts at import) would be most of its run time. So aiohttp, yarl and
+asyncio are imported where the asynchronous transport runs, never at this module's import.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import hashlib
+import http.client
 import json
 import posixpath
-import ssl
+import socket
+import sys
+import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-import aiohttp
-import yarl
-
 from ._consul_import import consul_base
-
-from .clock import Clock
 from .config import ConsulSettings, TokenError
 from .config.files import read_ca_dir
 from .durations import parse_duration
 
-
 if TYPE_CHECKING:
+    import ssl
+
+    import aiohttp
+    import yarl
     from structlog.typing import FilteringBoundLogger
+
+    from .clock import Clock
 
 
 class ConsulError(Exception):
@@ -61,30 +70,12 @@ class ConsulRejected(ConsulError):
     """400: the agent refused the request as malformed."""
 
 
-class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul2 has no type hints
-    """python-consul2's HTTPClient contract, on aiohttp sessions with deadlines.
+class _TokenReader:
+    """The token, read from its source for each request; shared by both transports."""
 
-    Reads (GET) go over one kept-alive connection: the registration check every second then
-    costs one request, not a connect, a close and a TIME_WAIT socket each time. A pooled
-    connection can be dead on reuse (the agent restarted or closed it at that moment): a read
-    that meets a dropped connection is sent once more on a fresh one, within its deadline.
-    Writes are never re-sent (one that may have been sent counts as applied, see lifecycle.py)
-    and keep one short connection each, as before: they never meet a stale pooled connection,
-    so "connection refused" still proves a write was not sent.
-
-    aiohttp would re-send a dropped GET, PUT or DELETE by itself, once, from whatever its pool
-    holds; that is turned off (``_session``): a registration could be sent twice, and a re-send
-    refused by a restarting agent would report "not sent" for a write that may have landed.
-    """
-
-    def __init__(self, settings: ConsulSettings, log: FilteringBoundLogger | None = None) -> None:
-        super().__init__(settings.host, settings.port, settings.scheme, verify=settings.tls_verify)
+    def __init__(self, settings: ConsulSettings, log: FilteringBoundLogger | None) -> None:
         self.settings = settings
-        self.base_uri = settings.base_url
         self._logger = log
-        self._session: aiohttp.ClientSession | None = None  # reads: kept alive
-        self._write_session: aiohttp.ClientSession | None = None  # writes: one connection per request
-        self._ssl: ssl.SSLContext | None = _ssl_context(settings) if settings.scheme == "https" else None
         self._last_token: str | None = None  # the last token read successfully
         self._token_problem: str | None = None  # why the source gives none now (warned once)
 
@@ -110,8 +101,11 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
             if self._last_token is None:
                 raise ConsulPermissionDenied(str(e)) from None
             if self._token_problem is None:
-                self._log.warning("sidecar.consul.token_unreadable", error=str(e),
-                                  action="using the last token read successfully until the file is fixed")
+                self._log.warning(
+                    "sidecar.consul.token_unreadable",
+                    error=str(e),
+                    action="using the last token read successfully until the file is fixed",
+                )
             self._token_problem = str(e)
             return self._last_token
         if self._token_problem is not None:
@@ -119,6 +113,92 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
             self._log.info("sidecar.consul.token_readable", source=self.settings.token.describe())
         self._last_token = token
         return token
+
+    def _headers(self, headers: dict[str, str] | None) -> tuple[dict[str, str], str | None]:
+        hdrs = dict(headers or {})
+        token = self.token()
+        if token:
+            hdrs["X-Consul-Token"] = token
+        return hdrs, token
+
+    def _target(self, path: str, params: Any = None) -> str:
+        """``path`` as built by this module, already percent-encoded (see ``_segment``), sent as is:
+        python-consul2's ``uri`` and yarl would otherwise quote it again or resolve dot segments."""
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        return path + query
+
+
+def _response(status: int, headers: Any, content: bytes) -> Any:
+    """python-consul2's Response. Whatever answers at the agent's address (a proxy's latin-1 502
+    page) may not be UTF-8: the status decides what it means, the body only explains."""
+    return consul_base.Response(status, headers, content.decode("utf-8", errors="replace"), content)
+
+
+def _answer(callback: Callable[[Any], Any], response: Any, what: str, address: str) -> Any:
+    """What ``callback`` makes of an answer, its failures turned into the three errors."""
+    try:
+        return callback(response)
+    except consul_base.ACLPermissionDenied as e:
+        raise ConsulPermissionDenied(f"{what}: permission denied by Consul ACLs: {_one_line(e)}") from None
+    except consul_base.BadRequest as e:
+        raise ConsulRejected(f"{what}: rejected by the agent: {_one_line(e)}") from None
+    except consul_base.ConsulException as e:
+        raise ConsulUnavailable(f"{what}: agent error: {_one_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - the callbacks parse whatever came back
+        # A 200 whose body is not the agent's JSON, or no X-Consul-Index: not a Consul agent.
+        raise ConsulUnavailable(
+            f"{what}: unexpected answer from {address} (HTTP {response.code}): is it a Consul agent? "
+            f"{e.__class__.__name__}: {_one_line(e)}"
+        ) from None
+
+
+def _no_answer(what: str, s: ConsulSettings, limit: float) -> ConsulUnavailable:
+    return ConsulUnavailable(f"{what}: no answer from {s.address} within {limit:g}s")
+
+
+def _failed(what: str, s: ConsulSettings, e: BaseException, never_sent: bool) -> ConsulError:
+    """A request that got no answer: a TLS configuration problem, or the agent unreachable."""
+    if _tls_failure(e):
+        hint = (
+            ""
+            if s.cert_file
+            else " (does the agent require a client certificate? set consul.cert_file and consul.key_file)"
+        )
+        return ConsulRejected(f"{what}: TLS handshake with {s.address} failed: {e}{hint}")
+    return ConsulUnavailable(
+        f"{what}: {s.address} unreachable: {e.__class__.__name__}: {e}", maybe_applied=not never_sent
+    )
+
+
+def _unusable(what: str, s: ConsulSettings, e: BaseException, token: str | None) -> ConsulUnavailable:
+    # A malformed status line or header, a header value the client refuses: an unusable answer,
+    # never a crash; the request may have been applied.
+    return ConsulUnavailable(f"{what}: unusable answer from {s.address}: {e.__class__.__name__}: {_one_line(e, token)}")
+
+
+class _Transport(_TokenReader, consul_base.HTTPClient):  # type: ignore[misc]  # python-consul2 has no type hints
+    """python-consul2's HTTPClient contract, on aiohttp sessions with deadlines.
+
+    Reads (GET) go over one kept-alive connection: the registration check every second then
+    costs one request, not a connect, a close and a TIME_WAIT socket each time. A pooled
+    connection can be dead on reuse (the agent restarted or closed it at that moment): a read
+    that meets a dropped connection is sent once more on a fresh one, within its deadline.
+    Writes are never re-sent (one that may have been sent counts as applied, see lifecycle.py)
+    and keep one short connection each, as before: they never meet a stale pooled connection,
+    so "connection refused" still proves a write was not sent.
+
+    aiohttp would re-send a dropped GET, PUT or DELETE by itself, once, from whatever its pool
+    holds; that is turned off (``_session``): a registration could be sent twice, and a re-send
+    refused by a restarting agent would report "not sent" for a write that may have landed.
+    """
+
+    def __init__(self, settings: ConsulSettings, log: FilteringBoundLogger | None = None) -> None:
+        consul_base.HTTPClient.__init__(self, settings.host, settings.port, settings.scheme, verify=settings.tls_verify)
+        _TokenReader.__init__(self, settings, log)
+        self.base_uri = settings.base_url
+        self._session: aiohttp.ClientSession | None = None  # reads: kept alive
+        self._write_session: aiohttp.ClientSession | None = None  # writes: one connection per request
+        self._ssl: ssl.SSLContext | None = _ssl_context(settings) if settings.scheme == "https" else None
 
     def _get_session(self, method: str = "GET") -> aiohttp.ClientSession:
         if method != "GET":
@@ -134,14 +214,18 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
             if session is not None:
                 await session.close()
 
-    async def _exchange(self, session: aiohttp.ClientSession, method: str, uri: yarl.URL, data: Any, headers: dict[str, str]) -> Any:
-        async with session.request(method, uri, data=data, headers=headers, ssl=self._ssl or True,
-                                   server_hostname=self.settings.tls_server_name) as resp:
-            content = await resp.read()
-            # Whatever answers at the agent's address (a proxy's latin-1 502 page) may
-            # not be UTF-8: the status decides what it means, the body only explains.
-            body = content.decode("utf-8", errors="replace")
-            return consul_base.Response(resp.status, resp.headers, body, content)
+    async def _exchange(
+        self, session: aiohttp.ClientSession, method: str, uri: yarl.URL, data: Any, headers: dict[str, str]
+    ) -> Any:
+        async with session.request(
+            method,
+            uri,
+            data=data,
+            headers=headers,
+            ssl=self._ssl or True,
+            server_hostname=self.settings.tls_server_name,
+        ) as resp:
+            return _response(resp.status, resp.headers, await resp.read())
 
     async def _read_again(self, uri: yarl.URL, headers: dict[str, str]) -> Any:
         """A read once more, on a connection of its own (never one from the pool)."""
@@ -149,10 +233,9 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
             return await self._exchange(fresh, "GET", uri, None, headers)
 
     def uri(self, path: str, params: Any = None) -> yarl.URL:
-        """``path`` as built by this module, already percent-encoded (see ``_segment``), sent as is:
-        python-consul2's ``uri`` and yarl would otherwise quote it again or resolve dot segments."""
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        return yarl.URL(self.base_uri + path + query, encoded=True)
+        import yarl
+
+        return yarl.URL(self.settings.base_url + self._target(path, params), encoded=True)
 
     async def request(
         self,
@@ -164,53 +247,36 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
         headers: dict[str, str] | None = None,
         timeout: float | None = None,
     ) -> Any:
+        import asyncio
+
+        import aiohttp
+
         uri = self.uri(path, params)
-        hdrs = dict(headers or {})
-        token = self.token()
-        if token:
-            hdrs["X-Consul-Token"] = token
+        hdrs, token = self._headers(headers)
         limit = self.settings.timeout if timeout is None else timeout
         what = f"{method} {path}"
         try:
             async with asyncio.timeout(limit):
                 try:
                     response = await self._exchange(self._get_session(method), method, uri, data, hdrs)
-                except _DROPPED as e:
+                except _dropped() as e:
                     if method != "GET" or isinstance(e, aiohttp.ClientConnectorError):
                         raise
                     response = await self._read_again(uri, hdrs)
         except TimeoutError:
-            raise ConsulUnavailable(f"{what}: no answer from {self.settings.address} within {limit:g}s") from None
+            raise _no_answer(what, self.settings, limit) from None
         except aiohttp.ClientConnectorCertificateError as e:
-            raise ConsulRejected(f"{what}: TLS certificate of {self.settings.address} not trusted: {e.certificate_error}") from None
+            raise ConsulRejected(
+                f"{what}: TLS certificate of {self.settings.address} not trusted: {e.certificate_error}"
+            ) from None
         except aiohttp.ClientSSLError as e:
             raise ConsulRejected(f"{what}: TLS handshake with {self.settings.address} failed: {e}") from None
         except (aiohttp.ClientError, OSError) as e:
-            if _tls_failure(e):
-                hint = "" if self.settings.cert_file else " (does the agent require a client certificate? set consul.cert_file and consul.key_file)"
-                raise ConsulRejected(f"{what}: TLS handshake with {self.settings.address} failed: {e}{hint}") from None
             never_sent = isinstance(e, aiohttp.ClientConnectorError) and not isinstance(e, aiohttp.ClientSSLError)
-            raise ConsulUnavailable(f"{what}: {self.settings.address} unreachable: {e.__class__.__name__}: {e}",
-                                    maybe_applied=not never_sent) from None
+            raise _failed(what, self.settings, e, never_sent) from None
         except Exception as e:  # noqa: BLE001 - anything else aiohttp raises on what it sent or got
-            # (a malformed status line or header, a header value it refuses) is an unusable
-            # answer, never a crash; the request may have been applied.
-            raise ConsulUnavailable(f"{what}: unusable answer from {self.settings.address}: {e.__class__.__name__}: "
-                                    f"{_one_line(e, token)}") from None
-        try:
-            return callback(response)
-        except consul_base.ACLPermissionDenied as e:
-            raise ConsulPermissionDenied(f"{what}: permission denied by Consul ACLs: {_one_line(e)}") from None
-        except consul_base.BadRequest as e:
-            raise ConsulRejected(f"{what}: rejected by the agent: {_one_line(e)}") from None
-        except consul_base.ConsulException as e:
-            raise ConsulUnavailable(f"{what}: agent error: {_one_line(e)}") from None
-        except Exception as e:  # noqa: BLE001 - the callbacks parse whatever came back
-            # A 200 whose body is not the agent's JSON, or no X-Consul-Index: not a Consul agent.
-            raise ConsulUnavailable(
-                f"{what}: unexpected answer from {self.settings.address} (HTTP {response.code}): is it a Consul agent? "
-                f"{e.__class__.__name__}: {_one_line(e)}"
-            ) from None
+            raise _unusable(what, self.settings, e, token) from None
+        return _answer(callback, response, what, self.settings.address)
 
     # The contract python-consul2's endpoint classes call.
     async def get(self, callback: Any, path: str, params: Any = None, headers: Any = None) -> Any:
@@ -226,16 +292,190 @@ class _Transport(consul_base.HTTPClient):  # type: ignore[misc]  # python-consul
         return await self.request(callback, "POST", path, params, data, headers)
 
 
+class _CutOff(Exception):
+    """The caller's own deadline ended a request (not the request's deadline)."""
+
+
+class _Connection(http.client.HTTPConnection):
+    """One connection to the agent: TCP or its unix socket, TLS when the address is https."""
+
+    def __init__(self, s: ConsulSettings, context: ssl.SSLContext | None, timeout: float) -> None:
+        super().__init__("localhost" if s.unix_socket is not None else s.host, s.port or None, timeout=timeout)
+        self._settings = s
+        self._context = context
+
+    def connect(self) -> None:
+        if self._settings.unix_socket is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self._settings.unix_socket)
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+        else:
+            super().connect()
+        if self._context is not None:
+            self.sock = self._context.wrap_socket(
+                self.sock, server_hostname=self._settings.tls_server_name or self._settings.host
+            )
+
+
+class _BlockingTransport(_TokenReader, consul_base.HTTPClient):  # type: ignore[misc]  # python-consul2 has no type hints
+    """python-consul2's HTTPClient contract, blocking, on the standard library: for ``wait``.
+
+    One connection per request (a blocking query lasts seconds: nothing to keep alive for).
+    A request's deadline covers all of it, connect to last byte, as ``asyncio.timeout`` does for
+    ``_Transport``: a watchdog shuts the socket down when it passes, so an agent that trickles
+    bytes cannot stretch it.
+    """
+
+    def __init__(self, settings: ConsulSettings) -> None:
+        consul_base.HTTPClient.__init__(self, settings.host, settings.port, settings.scheme, verify=settings.tls_verify)
+        _TokenReader.__init__(self, settings, None)
+        self.base_uri = settings.base_url
+        self._ssl: ssl.SSLContext | None = _ssl_context(settings) if settings.scheme == "https" else None
+
+    def close(self) -> None:
+        """Nothing is kept open between requests."""
+
+    def request(
+        self,
+        callback: Callable[[Any], Any],
+        method: str,
+        path: str,
+        params: Any = None,
+        data: Any = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        cutoff: float | None = None,
+    ) -> Any:
+        """As ``_Transport.request``; ``cutoff`` (monotonic), when sooner than the request's own
+        deadline, ends it with ``_CutOff`` instead of an error."""
+        hdrs, token = self._headers(headers)
+        own = self.settings.timeout if timeout is None else timeout
+        limit = own if cutoff is None else max(0.001, min(own, cutoff - time.monotonic()))
+        cut = limit < own
+        what = f"{method} {path}"
+        conn = _Connection(self.settings, self._ssl, limit)
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            if conn.sock is not None:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(limit, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        connected = False
+        try:
+            conn.connect()
+            connected = True
+            body = data.encode() if isinstance(data, str) else data
+            conn.request(method, self._target(path, params), body=body or None, headers=hdrs)
+            resp = conn.getresponse()
+            response = _response(resp.status, resp.headers, resp.read())
+        except Exception as e:  # noqa: BLE001 - sorted below, as _Transport sorts aiohttp's
+            if expired.is_set() or isinstance(e, TimeoutError):
+                if cut:
+                    raise _CutOff() from None
+                raise _no_answer(what, self.settings, limit) from None
+            ssl = sys.modules.get("ssl")
+            if ssl is not None and isinstance(e, ssl.SSLCertVerificationError):
+                raise ConsulRejected(f"{what}: TLS certificate of {self.settings.address} not trusted: {e}") from None
+            if isinstance(e, OSError) or not connected:
+                # Refused, or a name that does not resolve: nothing reached the agent.
+                never_sent = not connected and isinstance(
+                    e, (ConnectionRefusedError, FileNotFoundError, socket.gaierror)
+                )
+                raise _failed(what, self.settings, e, never_sent) from None
+            raise _unusable(what, self.settings, e, token) from None
+        finally:
+            watchdog.cancel()
+            conn.close()
+        return _answer(callback, response, what, self.settings.address)
+
+    # The contract python-consul2's endpoint classes call.
+    def get(self, callback: Any, path: str, params: Any = None, headers: Any = None) -> Any:
+        return self.request(callback, "GET", path, params, None, headers)
+
+    def put(self, callback: Any, path: str, params: Any = None, data: Any = "", headers: Any = None) -> Any:
+        return self.request(callback, "PUT", path, params, data, headers)
+
+    def delete(self, callback: Any, path: str, params: Any = None, data: Any = "", headers: Any = None) -> Any:
+        return self.request(callback, "DELETE", path, params, data, headers)
+
+    def post(self, callback: Any, path: str, params: Any = None, data: Any = "", headers: Any = None) -> Any:
+        return self.request(callback, "POST", path, params, data, headers)
+
+
+def _health_query(
+    name: str, index: str | None, wait: str | None, passing: bool, consistent: bool, timeout: float
+) -> tuple[str, list[tuple[str, str]], float]:
+    """Path, parameters and deadline of a (blocking-capable) read of /v1/health/service/<name>."""
+    params: list[tuple[str, str]] = []
+    if index:
+        params += [("index", index)]
+        if wait:
+            params += [("wait", wait)]
+    if passing:
+        params += [("passing", "1")]
+    if consistent:
+        params += [("consistent", "")]
+    # A blocking query legitimately takes up to `wait` (plus Consul's jitter
+    # of wait/16): the request deadline must cover it.
+    extra = parse_duration(wait) * 1.1 if (index and wait) else 0.0
+    return f"/v1/health/service/{_segment(name)}", params, timeout + extra
+
+
+class BlockingHealth:
+    """``consul-sidecar wait``'s reads of the catalog, blocking, without aiohttp or asyncio."""
+
+    def __init__(self, settings: ConsulSettings) -> None:
+        self._transport = _BlockingTransport(settings)
+        self.address = settings.address
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def health_service(
+        self,
+        name: str,
+        index: str | None = None,
+        wait: str | None = None,
+        passing: bool = False,
+        consistent: bool = False,
+        cutoff: float | None = None,
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """As ``ConsulAgent.health_service``; raises TimeoutError when ``cutoff`` (monotonic) ends it first."""
+        path, params, limit = _health_query(name, index, wait, passing, consistent, self._transport.settings.timeout)
+        try:
+            idx, entries = self._transport.request(
+                consul_base.CB.json(index=True), "GET", path, params, timeout=limit, cutoff=cutoff
+            )
+        except _CutOff:
+            raise TimeoutError from None
+        return str(idx), list(entries or [])
+
+
 _CERT_PROBLEMS = ("CERTIFICATE", "UNKNOWN_CA", "WRONG_VERSION_NUMBER", "HANDSHAKE_FAILURE")
 
 
 def _tls_failure(e: BaseException) -> bool:
     """A certificate problem anywhere in the chain: configuration, not an outage. (An EOF in the
     middle of a handshake, e.g. while the agent restarts, is an outage and is retried.)"""
+    ssl = sys.modules.get("ssl")  # not imported: no TLS was attempted
     seen: BaseException | None = e
     while seen is not None:
         text = str(seen).upper()
-        if (isinstance(seen, ssl.SSLError) or "[SSL:" in text) and any(p in text for p in _CERT_PROBLEMS):
+        if ((ssl is not None and isinstance(seen, ssl.SSLError)) or "[SSL:" in text) and any(
+            p in text for p in _CERT_PROBLEMS
+        ):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -250,7 +490,9 @@ def _segment(value: str) -> str:
     (and before it is registered, since it could never be read back or deregistered).
     """
     if not value or value in (".", "..") or value.startswith("/") or _go_clean(f"/x/{value}") != f"/x/{value}":
-        raise ConsulRejected(f"{value!r} cannot be used in a Consul agent API path: the agent would read it as another path")
+        raise ConsulRejected(
+            f"{value!r} cannot be used in a Consul agent API path: the agent would read it as another path"
+        )
     return urllib.parse.quote(value, safe="")
 
 
@@ -293,7 +535,7 @@ def _deregister_answer(response: Any) -> bool:
     return True
 
 
-def _one_line(e: Exception, secret: str | None = None) -> str:
+def _one_line(e: BaseException, secret: str | None = None) -> str:
     text = str(e)
     if secret:
         text = text.replace(secret, "<redacted>")
@@ -301,6 +543,8 @@ def _one_line(e: Exception, secret: str | None = None) -> str:
 
 
 def _session(s: ConsulSettings, force_close: bool) -> aiohttp.ClientSession:
+    import aiohttp
+
     session = aiohttp.ClientSession(connector=_connector(s, force_close=force_close))
     # What aiohttp's own test client does to stop it re-sending requests (see _Transport);
     # tests/test_consul_contract.py fails if the switch goes away.
@@ -312,17 +556,27 @@ def _session(s: ConsulSettings, force_close: bool) -> aiohttp.ClientSession:
 # connection does on reuse when the agent has restarted. (ClientConnectorError, a connect that
 # failed, is excluded where this is caught: a fresh connection would fail the same way.)
 # (aiohttp's ClientConnectionResetError, "cannot write to closing transport", is a ConnectionResetError.)
-_DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionResetError, BrokenPipeError)
+def _dropped() -> tuple[type[BaseException], ...]:
+    import aiohttp
+
+    return (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionResetError, BrokenPipeError)
 
 
 def _connector(s: ConsulSettings, **options: Any) -> aiohttp.BaseConnector:
-    """TCP, or the agent's unix socket (``unix:///path``, as the consul CLI takes it); the URL's host is then only a Host header."""
+    """TCP, or the agent's unix socket (``unix:///path``, as the consul CLI takes it).
+
+    With a unix socket, the URL's host is only a Host header.
+    """
+    import aiohttp
+
     if s.unix_socket is not None:
         return aiohttp.UnixConnector(path=s.unix_socket, **options)
     return aiohttp.TCPConnector(**options)
 
 
 def _ssl_context(s: ConsulSettings) -> ssl.SSLContext:
+    import ssl
+
     # A CA directory is read as the consul CLI reads it (every file, PEM), not as OpenSSL's hashed capath.
     cadata = read_ca_dir(s.ca_path) if s.ca_path is not None and s.ca_file is None else None
     ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None, cadata=cadata)
@@ -444,7 +698,9 @@ class ConsulAgent:
             check=payload["Check"],
         )
         if ok is not True:
-            raise ConsulRejected(f"PUT /v1/agent/service/register: {self.address} did not answer 200: is it a Consul agent?")
+            raise ConsulRejected(
+                f"PUT /v1/agent/service/register: {self.address} did not answer 200: is it a Consul agent?"
+            )
         self._registered_with = digest
 
     async def registered(self, service_id: str) -> dict[str, Any] | None:
@@ -458,7 +714,9 @@ class ConsulAgent:
         checks = await self._transport.get(_json_or_none, "/v1/agent/checks")
         if not isinstance(checks, dict):
             return None
-        found = {str(c.get("Status")) for c in checks.values() if isinstance(c, dict) and c.get("ServiceID") == service_id}
+        found = {
+            str(c.get("Status")) for c in checks.values() if isinstance(c, dict) and c.get("ServiceID") == service_id
+        }
         if not found:
             return None
         return next((s for s in ("critical", "warning", "passing") if s in found), "unknown")
@@ -474,7 +732,9 @@ class ConsulAgent:
         return _lists(entries, service_id)
 
     async def _catalog_entries(self, name: str, consistent: bool = False) -> list[dict[str, Any]] | _ServersUnavailable:
-        result = await self._transport.get(_catalog_answer, f"/v1/health/service/{_segment(name)}", [("consistent", "")] if consistent else None)
+        result = await self._transport.get(
+            _catalog_answer, f"/v1/health/service/{_segment(name)}", [("consistent", "")] if consistent else None
+        )
         if isinstance(result, _ServersUnavailable):
             return result
         return list(result or [])
@@ -482,7 +742,9 @@ class ConsulAgent:
     async def leader(self) -> str | None:
         """The servers' leader as the agent's server sees it ("" when there is none), or None if unknown."""
         try:
-            answer = await self._transport.request(_catalog_answer, "GET", "/v1/status/leader", timeout=min(1.0, self._transport.settings.timeout))
+            answer = await self._transport.request(
+                _catalog_answer, "GET", "/v1/status/leader", timeout=min(1.0, self._transport.settings.timeout)
+            )
         except ConsulError:
             return None
         if isinstance(answer, _ServersUnavailable):
@@ -507,29 +769,17 @@ class ConsulAgent:
             await self._clock.sleep(0.1)
 
     async def health_service(
-        self, name: str, index: str | None = None, wait: str | None = None, passing: bool = False, consistent: bool = False
+        self,
+        name: str,
+        index: str | None = None,
+        wait: str | None = None,
+        passing: bool = False,
+        consistent: bool = False,
     ) -> tuple[str, list[dict[str, Any]]]:
         """Blocking-capable read of /v1/health/service/<name>: (X-Consul-Index, entries)."""
-        params: list[tuple[str, str]] = []
-        if index:
-            params += [("index", index)]
-            if wait:
-                params += [("wait", wait)]
-        if passing:
-            params += [("passing", "1")]
-        if consistent:
-            params += [("consistent", "")]
-        # A blocking query legitimately takes up to `wait` (plus Consul's jitter
-        # of wait/16): the request deadline must cover it.
-        extra = parse_duration(wait) * 1.1 if (index and wait) else 0.0
+        path, params, limit = _health_query(name, index, wait, passing, consistent, self._transport.settings.timeout)
         idx, entries = await self._transport.request(
-            consul_base.CB.json(index=True),
-            "GET",
-            f"/v1/health/service/{_segment(name)}",
-            params,
-            None,
-            None,
-            timeout=self._transport.settings.timeout + extra,
+            consul_base.CB.json(index=True), "GET", path, params, timeout=limit
         )
         return str(idx), list(entries or [])
 
@@ -544,6 +794,8 @@ class ConsulAgent:
         the deregistration is sent again: on an agent without ACLs each one makes it sync at once.
         A round cut off by the deadline does not erase what the previous complete round showed.
         """
+        import asyncio
+
         attempts = 0
         outcome: Deregistration = Deregistration.UNCONFIRMED
         error: str | None = f"no answer from {self.address} before the deregistration deadline"
@@ -569,7 +821,9 @@ class ConsulAgent:
             await self._clock.sleep(min(delay, remaining))
             delay = min(delay * 2, 1.0)
 
-    async def _deregister_round(self, name: str, service_id: str, path: str, acls: _AclEvidence) -> tuple[Deregistration, str | None, bool]:
+    async def _deregister_round(
+        self, name: str, service_id: str, path: str, acls: _AclEvidence
+    ) -> tuple[Deregistration, str | None, bool]:
         """One deregistration and the reads that judge it: (outcome, why not confirmed, agent dropped it)."""
         write_error: str | None = None
         if not acls.enforced:  # an ACL agent answers every later one with "Unknown service": no use
@@ -584,28 +838,58 @@ class ConsulAgent:
             # An agent syncing with servers that have no leader holds its state lock while it
             # waits for them (up to 7 s): its own endpoints stop answering meanwhile.
             if await self.leader() == "":
-                return Deregistration.NO_LEADER, f"the agent does not answer while the servers have no leader: {e}", False
+                return (
+                    Deregistration.NO_LEADER,
+                    f"the agent does not answer while the servers have no leader: {e}",
+                    False,
+                )
             return Deregistration.UNCONFIRMED, str(e), False
         if held:
-            return Deregistration.UNCONFIRMED, write_error or "the agent still holds the service after deregistering it", False
+            return (
+                Deregistration.UNCONFIRMED,
+                write_error or "the agent still holds the service after deregistering it",
+                False,
+            )
         if self._catalog_visible is False:
-            return Deregistration.CONFIRMED, None, True  # the token cannot see the catalog: the agent's word is all there is
+            return (
+                Deregistration.CONFIRMED,
+                None,
+                True,
+            )  # the token cannot see the catalog: the agent's word is all there is
         try:
             entries = await self._catalog_entries(name)
         except ConsulError as e:
             entries = _ServersUnavailable(str(e))
         if isinstance(entries, _ServersUnavailable):
-            return (Deregistration.NO_LEADER,
-                    f"the agent dropped the service, but the servers cannot answer a catalog read (no cluster leader?): {entries.detail}", True)
+            return (
+                Deregistration.NO_LEADER,
+                "the agent dropped the service, but the servers cannot answer a catalog read "
+                f"(no cluster leader?): {entries.detail}",
+                True,
+            )
         if not _lists(entries, service_id):
             return Deregistration.CONFIRMED, None, True
         if await self.leader() == "":
-            return Deregistration.NO_LEADER, "the agent dropped the service, but the catalog still lists it and the servers have no leader", True
+            return (
+                Deregistration.NO_LEADER,
+                "the agent dropped the service, but the catalog still lists it and the servers have no leader",
+                True,
+            )
         if acls.enforced:
-            return Deregistration.BLOCKED, ("the agent dropped the service but the catalog still lists it: the agent enforces ACLs, "
-                                            "so its sync is most likely refused (deregistration blocked by ACLs?)"), True
-        return (Deregistration.CATALOG_STALE,
-                "the agent dropped the service but the catalog still lists it: the agent's sync to the servers has not succeeded yet", True)
+            return (
+                Deregistration.BLOCKED,
+                (
+                    "the agent dropped the service but the catalog still lists it: the agent enforces ACLs, "
+                    "so its sync is most likely refused (deregistration blocked by ACLs?)"
+                ),
+                True,
+            )
+        return (
+            Deregistration.CATALOG_STALE,
+            "the agent dropped the service but the catalog still lists it: "
+            "the agent's sync to the servers has not succeeded yet",
+            True,
+        )
 
 
 @dataclass

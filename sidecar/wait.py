@@ -1,19 +1,36 @@
 """``consul-sidecar wait``: block until Consul shows a condition, for deploy scripts.
 
 It follows ``/v1/health/service/<name>`` with blocking queries, so it answers
-within milliseconds of the change and costs nothing while it waits.
+within milliseconds of the change and costs nothing while it waits. One query at
+a time, nothing concurrent: it runs on the Consul client's blocking transport,
+without asyncio or aiohttp, whose import alone would be most of its run time.
 """
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from .clock import Clock
-from .consul_client import ConsulAgent, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable
+from .consul_client import BlockingHealth, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable
 from .durations import format_duration
+
+
+class WaitClock(Protocol):
+    """The blocking counterpart of clock.Clock (which is asyncio's)."""
+
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemWaitClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
 
 
 def _passing(entry: dict[str, Any]) -> bool:
@@ -68,8 +85,8 @@ class WaitResult:
     error: str | None = None
 
 
-async def wait_for_condition(
-    agent: ConsulAgent, service: str, cond: Condition, timeout: float, clock: Clock
+def wait_for_condition(
+    agent: BlockingHealth, service: str, cond: Condition, timeout: float, clock: WaitClock
 ) -> WaitResult:
     t0 = clock.monotonic()
     deadline = t0 + timeout
@@ -84,8 +101,10 @@ async def wait_for_condition(
         # adds up to wait/16 of jitter, so ask for a little less than remains.
         wait = format_duration(max(0.1, min(30.0, remaining * 0.9)))
         try:
-            async with asyncio.timeout(max(0.1, remaining)):  # a frozen agent must not stretch --timeout
-                new_index, entries = await agent.health_service(service, index=index, wait=wait)
+            # A frozen agent must not stretch --timeout.
+            new_index, entries = agent.health_service(
+                service, index=index, wait=wait, cutoff=clock.monotonic() + max(0.1, remaining)
+            )
             error = None
         except TimeoutError:
             continue  # a blocking query still open at our deadline: the condition did not come true
@@ -93,7 +112,7 @@ async def wait_for_condition(
             return WaitResult(False, clock.monotonic() - t0, last_seen, str(e))
         except ConsulUnavailable as e:
             error = str(e)
-            await clock.sleep(min(0.5, max(0.0, deadline - clock.monotonic())))
+            clock.sleep(min(0.5, max(0.0, deadline - clock.monotonic())))
             continue
         last_seen = cond.seen(entries)
         if cond.holds(entries):
@@ -102,4 +121,4 @@ async def wait_for_condition(
         index = new_index if index is None or int(new_index) >= int(index) else None
         if index == "0":
             index = None
-            await asyncio.sleep(0.05)
+            clock.sleep(0.05)

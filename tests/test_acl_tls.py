@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import urllib.request
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit import Consul, app_command, free_port, pid_alive, wait_for
+from testkit import PY, ROOT, Consul, app_command, free_port, pid_alive, wait_for
 
 from .conftest import ROOT_TOKEN, RegisteredSidecar, StartSidecar, base_config
 
@@ -284,3 +285,51 @@ def test_https_misconfigured_is_a_clear_error(
     assert ("not trusted" in err["error"]) if case == "wrong-ca" else ("client certificate" in err["error"])
     assert agent.service_ids(service_name) == []
     assert "Traceback" not in sc.output()
+
+
+@pytest.mark.parametrize("case", ["trusted", "wrong-ca", "no-client-cert"])
+def test_wait_over_https(tls_consul: tuple[Consul, Path, int], service_name: str, case: str) -> None:
+    """`wait --http-addr https://...` (its blocking transport) with the CA and client certificate from
+    CONSUL_CACERT / CONSUL_CLIENT_CERT / CONSUL_CLIENT_KEY sees an instance with no checks as passing
+    and exits 0. A CA that did not sign the agent's certificate, or no client certificate, ends at
+    once with exit 1 and one clear TLS error (not a wait until --timeout), no traceback."""
+    agent, d, https = tls_consul
+    body = json.dumps({"Name": service_name, "ID": f"{service_name}-1", "Port": 1}).encode()
+    req = urllib.request.Request(f"{agent.address}/v1/agent/service/register", data=body, method="PUT")
+    urllib.request.urlopen(req, timeout=5).close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")} | {"PYTHONPATH": str(ROOT)}
+    env |= {"CONSUL_CACERT": str(d / ("other-ca.pem" if case == "wrong-ca" else "ca.pem"))}
+    if case != "no-client-cert":
+        env |= {"CONSUL_CLIENT_CERT": str(d / "client.pem"), "CONSUL_CLIENT_KEY": str(d / "client.key")}
+    try:
+        done = subprocess.run(
+            [
+                PY,
+                "-m",
+                "sidecar",
+                "wait",
+                "--http-addr",
+                f"https://127.0.0.1:{https}",
+                "--service",
+                service_name,
+                "--min-passing",
+                "1",
+                "--timeout",
+                "30s",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+    finally:
+        req = urllib.request.Request(f"{agent.address}/v1/agent/service/deregister/{service_name}-1", method="PUT")
+        urllib.request.urlopen(req, timeout=5).close()
+    assert "Traceback" not in done.stderr
+    if case == "trusted":
+        assert done.returncode == 0, done.stderr
+        assert "1 passing of 1 registered" in done.stdout
+        return
+    assert done.returncode == 1 and "timed out" not in done.stderr, done.stderr
+    assert "TLS" in done.stderr
+    assert ("not trusted" in done.stderr) if case == "wrong-ca" else ("client certificate" in done.stderr)

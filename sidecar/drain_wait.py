@@ -515,17 +515,7 @@ class DrainWait:
                 last_window=dict(window),
             )
             if quiet_for >= self.sd.quiet_period and now >= earliest and not poll_only:
-                self.log.info(
-                    "sidecar.drain.quiet",
-                    quiet_period_s=self.sd.quiet_period,
-                    open_connections=prev.connections,
-                    ended_connections=seen.ended,
-                    last_activity=seen.by,
-                    last_activity_ms=round((seen.last - t) * 1000),
-                    sources=self.sources,
-                    elapsed_ms=self._ms(t),
-                )
-                return DrainEnd.TRAFFIC_QUIET
+                return self._quiet_reached(prev.connections, seen, t)
             if poll_only and quiet_for >= self.sd.quiet_period and now >= earliest:
                 # The poll alone misses short connections; the ones the app closed left a dated
                 # TIME_WAIT socket behind. Confirm with the youngest of them.
@@ -536,17 +526,7 @@ class DrainWait:
                 if age is not None and age + POLL < quiet_for:
                     seen.mark(now - age, "time_wait")  # a connection the app closed since: poll on
                 else:
-                    self.log.info(
-                        "sidecar.drain.quiet",
-                        quiet_period_s=self.sd.quiet_period,
-                        open_connections=prev.connections,
-                        ended_connections=seen.ended,
-                        last_activity=seen.by,
-                        last_activity_ms=round((seen.last - t) * 1000),
-                        sources=self.sources,
-                        elapsed_ms=self._ms(t),
-                    )
-                    return DrainEnd.TRAFFIC_QUIET
+                    return self._quiet_reached(prev.connections, seen, t)
             # Beside the events, wake-ups before the deadline are only for /status: the evidence needs no look.
             interval = POLL if poll_only or counters_complete else POLL_WITH_EVENTS
             due = min(now + interval, max(seen.last + self.sd.quiet_period, earliest))
@@ -585,6 +565,20 @@ class DrainWait:
         except (TrafficWatchError, OSError) as e:
             self.log.warning("sidecar.drain.traffic_source_lost", source="counters", reason=str(e))
             return None
+
+    def _quiet_reached(self, open_connections: int, seen: _Seen, since: float) -> DrainEnd:
+        """The one event that ends the quiet step, whichever source judged it."""
+        self.log.info(
+            "sidecar.drain.quiet",
+            quiet_period_s=self.sd.quiet_period,
+            open_connections=open_connections,
+            ended_connections=seen.ended,
+            last_activity=seen.by,
+            last_activity_ms=round((seen.last - since) * 1000),
+            sources=self.sources,
+            elapsed_ms=self._ms(since),
+        )
+        return DrainEnd.TRAFFIC_QUIET
 
     async def _tick(self, upper: float, interval: float = POLL) -> bool:
         """Sleep one interval; False once the upper bound is reached."""

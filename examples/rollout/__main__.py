@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import tempfile
@@ -142,6 +143,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: processes still alive: {left}", file=sys.stderr)
     report(results, args.out, plot=not args.no_plot, strategy=args.strategy)
     print(f"demo took {time.monotonic() - t:.0f}s")
+    # An overloaded host makes healthy instances miss their 1 s checks (Consul then marks them
+    # critical and DNS answers NXDOMAIN): failures in *both* runs then say nothing about the sidecar.
+    load = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    if load > 2 * cores:
+        print(
+            f"warning: this machine was overloaded during the demo (load average {load:.1f} on {cores} cores): "
+            "health checks time out under such load, so failures here may be the machine's, not the drain's; "
+            "run it again on a quieter machine"
+        )
     verdict = 0
     for r in results:
         failed = summarize(r.records).failed

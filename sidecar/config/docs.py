@@ -25,7 +25,8 @@ _HEADER = """\
 
 <!-- Generated from sidecar/config/keys.py by `python -m sidecar.config.docs`: edit the table there, not this file. -->
 
-TOML; `consul-sidecar check-config -c FILE` validates a file and prints the effective value of every key.
+TOML; `consul-sidecar check-config -c FILE` validates a file and prints what would be registered and the effective
+settings that apply (the traffic keys only with `strategy = "traffic"`).
 Examples: [config/web.toml](../config/web.toml), [config/compose-web.toml](../config/compose-web.toml),
 [config/compose-alongside.toml](../config/compose-alongside.toml).
 

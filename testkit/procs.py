@@ -295,9 +295,12 @@ class Sidecar:
     def events(self) -> list[dict[str, Any]]:
         out = []
         for line in self.log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
+            # The app shares the sidecar's stderr: an app that writes a line in two pieces can leave
+            # its text in front of one of the sidecar's JSON lines.
+            start = line.find('{"')
+            if start >= 0:
                 with contextlib.suppress(json.JSONDecodeError):
-                    out.append(json.loads(line))
+                    out.append(json.loads(line[start:]))
         return out
 
     def event(self, name: str) -> dict[str, Any] | None:

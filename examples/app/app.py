@@ -48,7 +48,10 @@ SHUTDOWN_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
 def log(message: str) -> None:
     """Write one line to stderr; a log nobody reads any more (a closed pipe) is not a reason to fail."""
     try:
-        print(f"app: {message}", file=sys.stderr, flush=True)
+        # One write for the whole line: print() writes the text and the newline separately, and the
+        # sidecar (which shares this stderr) could write its own line in between.
+        sys.stderr.write(f"app: {message}\n")
+        sys.stderr.flush()
     except (OSError, ValueError):
         pass
 

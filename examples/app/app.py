@@ -5,7 +5,8 @@ Endpoints:
   GET /healthz           200 "ok", or 503 (see --healthy-after / --unhealthy)
   GET /                  200 "<instance> <version>\\n"
   GET /slow?seconds=S    sleeps S seconds (default 2), then 200 like /
-Every response carries the header ``X-Backend: <instance> <version>``.
+Every response carries the header ``X-Backend: <instance> <version>``, and ``X-Pid`` (which
+process served it: the hot-restart tests tell generations apart by it).
 
 On SIGTERM or SIGINT the app shuts down gracefully, like Go's
 http.Server.Shutdown: it closes the listening socket at once (after the
@@ -212,6 +213,7 @@ async def add_backend_header(request: web.Request, response: web.StreamResponse)
     # on_response_prepare also runs for HTTP errors raised by handlers and
     # for aiohttp's own 404/405 answers, so every response carries the header.
     response.headers["X-Backend"] = request.app[STATE_KEY].backend
+    response.headers["X-Pid"] = str(os.getpid())
 
 
 def make_app(state: AppState) -> web.Application:

@@ -276,6 +276,7 @@ class ChildApp:
         self._fd_name = fd_name
         self.notify_socket: str | None = None  # NOTIFY_SOCKET for the generations (hot restart)
         self.generations: list[Generation] = []  # the live ones and those not yet collected, oldest first
+        self._numbered = 0
         self.description = f"child {self.argv[0]}"
         self._launcher = launcher
         self._clock = clock
@@ -323,6 +324,7 @@ class ChildApp:
                 env["NOTIFY_SOCKET"] = self.notify_socket
         pid = self._launcher.spawn(self.argv, env if self.listener is not None else self.env, listen_fd)
         gen = Generation(number, pid, asyncio.get_running_loop().create_future())
+        self._numbered = number  # a failed generation keeps its number: the next one gets a new one
         self.generations.append(gen)
         return gen
 
@@ -333,8 +335,7 @@ class ChildApp:
     def start_next(self) -> Generation:
         """Hot restart: spawn the next generation beside the current one (same socket); raises OSError."""
         assert self.listener is not None and self.pid is not None
-        number = max(g.number for g in self.generations) + 1
-        gen = self._spawn(number)
+        gen = self._spawn(self._numbered + 1)
         self.reap()
         return gen
 

@@ -562,6 +562,7 @@ class Sidecar:
         bound = t0 + cfg.deregister_timeout + cfg.propagation_delay
         last = await self._deregister(deadline, retry_until=None if self.app.exited.done() else bound)
         outcome = last.outcome
+        self.systemd.notify(STATUS=f"deregistration {outcome.value}: waiting before stopping the app")
         if self.app.exited.done():
             pass  # nothing left to protect
         else:

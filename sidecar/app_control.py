@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import enum
 import os
+import resource
 import signal
+import socket
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -97,7 +101,9 @@ def _libc_prctl() -> Callable[..., int] | None:
 
 
 class Launcher(Protocol):
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int: ...
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None, listen_fd: int | None = None) -> int:
+        """Start ``argv``; with ``listen_fd``, hand it over as fd 3 by socket activation (LISTEN_PID = its PID)."""
+        ...
 
     def mark_reaped(self, pid: int, status: int) -> None:
         """The sidecar's reaper collected ``pid``: a launcher that keeps a handle on it records the status."""
@@ -119,8 +125,12 @@ class PosixLauncher:
     def __init__(self) -> None:
         self._prctl = _libc_prctl()
         self._procs: list[subprocess.Popen[bytes]] = []
+        # The platform's limit, before raise_nofile_limit: every generation of the app gets it.
+        self._nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
 
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None, listen_fd: int | None = None) -> int:
+        if listen_fd is not None:
+            return self._spawn_activated(argv, env, listen_fd)
         parent = os.getpid()
         prctl = self._prctl
 
@@ -136,10 +146,97 @@ class PosixLauncher:
         self._procs.append(proc)
         return proc.pid
 
+    def _spawn_activated(self, argv: Sequence[str], env: Mapping[str, str] | None, listen_fd: int) -> int:
+        """Through ``TRAMPOLINE``: LISTEN_PID must be the app's own PID, known only after the fork.
+
+        No ``preexec_fn``: later generations are spawned while the sidecar's log thread runs, and
+        code between fork and exec in a threaded process may deadlock. The trampoline (a fresh
+        interpreter, one thread) sets the parent-death signal, moves the socket to fd 3, restores
+        the platform's descriptor limit and execs the app.
+        """
+        soft, hard = self._nofile
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", TRAMPOLINE, str(listen_fd), str(os.getpid()), f"{soft},{hard}", *argv],
+            process_group=0,
+            close_fds=True,
+            pass_fds=(listen_fd,),
+            env=env,
+        )
+        self._procs.append(proc)
+        return proc.pid
+
     def mark_reaped(self, pid: int, status: int) -> None:
         for p in self._procs:
             if p.pid == pid:
                 p.returncode = status
+        self._procs = [p for p in self._procs if p.returncode is None]
+
+
+def _which(command: str, env: Mapping[str, str] | None) -> bool:
+    import shutil
+
+    path = (os.environ if env is None else env).get("PATH", os.defpath)
+    return shutil.which(command, path=path) is not None
+
+
+# Runs in the child, in place of the app, until it execs the app (see PosixLauncher._spawn_activated).
+# argv: listen fd, the sidecar's PID, "soft,hard" RLIMIT_NOFILE, the app's argv.
+TRAMPOLINE = """
+import os, signal, sys
+fd, parent, limits, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+try:
+    import ctypes
+    ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)
+except Exception:
+    pass
+if os.getppid() != parent:
+    os._exit(137)
+try:
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, tuple(int(x) for x in limits.split(",")))
+except Exception:
+    pass
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.set_inheritable(3, True)
+for s in (signal.SIGPIPE, signal.SIGXFSZ):
+    signal.signal(s, signal.SIG_DFL)
+os.environ["LISTEN_PID"] = str(os.getpid())
+try:
+    os.execvp(argv[0], argv)
+except OSError as e:
+    sys.stderr.write(f"consul-sidecar: cannot start {argv[0]}: {e.strerror or e}\\n")
+    os._exit(127 if isinstance(e, FileNotFoundError) else 126)
+"""
+
+
+class GenState(enum.StrEnum):
+    STARTING = "starting"  # spawned by a hot restart, not ready yet
+    SERVING = "serving"  # the current generation
+    STOPPING = "stopping"  # signalled: a replaced generation, or a failed new one
+    EXITED = "exited"
+
+
+@dataclass
+class Generation:
+    """One run of the app's command (hot restart runs two at once for a while)."""
+
+    number: int
+    pid: int
+    exited: asyncio.Future[int]
+    state: GenState = GenState.STARTING
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    status_text: str | None = None  # its last STATUS= message
+    signalled: bool = False
+
+    def as_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"generation": self.number, "pid": self.pid, "state": self.state.value}
+        if self.status_text is not None:
+            out["status"] = self.status_text
+        if self.exited.done():
+            out["exit_status"] = self.exited.result()
+        return out
 
 
 def become_subreaper() -> bool:
@@ -168,9 +265,18 @@ class ChildApp:
         env: Mapping[str, str] | None = None,
         follow_port: int | None = None,
         log: FilteringBoundLogger | None = None,
+        listener: socket.socket | None = None,
+        fd_name: str = "http",
     ) -> None:
+        """``listener``: hot restart: the sidecar's listening socket, handed to every generation
+        (LISTEN_FDS=1, LISTEN_FDNAMES=``fd_name``); the app's exit is then never taken for a daemon's."""
         self.argv = list(argv)
         self.env = env
+        self.listener = listener
+        self._fd_name = fd_name
+        self.notify_socket: str | None = None  # NOTIFY_SOCKET for the generations (hot restart)
+        self.generations: list[Generation] = []  # the live ones and those not yet collected, oldest first
+        self._numbered = 0
         self.description = f"child {self.argv[0]}"
         self._launcher = launcher
         self._clock = clock
@@ -196,11 +302,103 @@ class ChildApp:
         # signal handler only wakes the loop; the callback then collects every
         # child that has ended - the app, and any orphan re-parented to us.
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
-        self.pid = self._launcher.spawn(self.argv, self.env)
+        if self.listener is not None and "/" not in self.argv[0] and not _which(self.argv[0], self.env):
+            # Through the trampoline the exec fails in the child: say so now, as Popen would.
+            raise FileNotFoundError(2, "No such file or directory", self.argv[0])
+        gen = self._spawn(1)
+        gen.state = GenState.SERVING
+        self.pid = gen.pid
         self.description = f"pid {self.pid} ({self.argv[0]})"
         self.reap()  # in case it ended before the handler saw a SIGCHLD
         if self._follow_port is not None and self._log is not None and proctree.usable():
             self._listener_check = loop.create_task(self._check_listener(self._follow_port, self._log))
+
+    def _spawn(self, number: int) -> Generation:
+        env = dict(os.environ if self.env is None else self.env)
+        listen_fd = None
+        if self.listener is not None:
+            listen_fd = self.listener.fileno()
+            env.update(LISTEN_FDS="1", LISTEN_FDNAMES=self._fd_name)
+            env.pop("LISTEN_PID", None)  # the trampoline sets it to the app's own PID
+            if self.notify_socket is not None:
+                env["NOTIFY_SOCKET"] = self.notify_socket
+        pid = self._launcher.spawn(self.argv, env if self.listener is not None else self.env, listen_fd)
+        gen = Generation(number, pid, asyncio.get_running_loop().create_future())
+        self._numbered = number  # a failed generation keeps its number: the next one gets a new one
+        self.generations.append(gen)
+        return gen
+
+    @property
+    def current(self) -> Generation | None:
+        return next((g for g in self.generations if g.pid == self.pid), None)
+
+    def start_next(self) -> Generation:
+        """Hot restart: spawn the next generation beside the current one (same socket); raises OSError."""
+        assert self.listener is not None and self.pid is not None
+        gen = self._spawn(self._numbered + 1)
+        self.reap()
+        return gen
+
+    def promote(self, gen: Generation) -> Generation | None:
+        """``gen`` becomes the current generation (its exit is now the app's); the previous one is returned."""
+        old = self.current
+        gen.state = GenState.SERVING
+        self.pid = gen.pid
+        self.description = f"pid {self.pid} ({self.argv[0]}, generation {gen.number})"
+        if old is not None and old is not gen and old.state is GenState.SERVING:
+            old.state = GenState.STOPPING
+        return old
+
+    def generation_of(self, pid: int) -> Generation | None:
+        """The live generation ``pid`` belongs to: its own process or one of its descendants."""
+        live = {g.pid: g for g in self.generations if not g.exited.done()}
+        seen = 0
+        while pid > 1 and seen < 64:
+            if pid in live:
+                return live[pid]
+            if pid == os.getpid():
+                return None
+            parent = proctree.parent(pid)
+            if parent is None:
+                return None
+            pid, seen = parent, seen + 1
+        return None
+
+    async def stop_generation(self, gen: Generation, sig: signal.Signals, timeout: float) -> StopResult:
+        """Stop one generation (not the app): ``sig``, ``timeout`` to exit, then SIGKILL to it and its
+        descendants. The other generation and its processes are untouched."""
+        gen.state = GenState.STOPPING
+        if gen.exited.done():
+            return StopResult(gen.exited.result(), False, "had already exited")
+        family = proctree.tree(gen.pid) if proctree.usable() else {gen.pid}
+        if not gen.signalled:
+            gen.signalled = True
+            try:
+                os.kill(gen.pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            status = await asyncio.wait_for(asyncio.shield(gen.exited), timeout)
+            return StopResult(status, False, f"exited after {sig.name}")
+        except TimeoutError:
+            pass
+        if proctree.usable():
+            family |= proctree.tree(gen.pid)
+        for pid in family:
+            if proctree.alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            status = await asyncio.wait_for(asyncio.shield(gen.exited), KILL_REAP_TIMEOUT)
+        except TimeoutError:
+            status = by_signal(signal.SIGKILL)
+        return StopResult(status, True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
+
+    def forget_exited(self) -> None:
+        """Drop collected generations other than the current one from the list /status shows."""
+        self.generations = [g for g in self.generations if g.pid == self.pid or not g.exited.done()]
 
     LISTENER_POLL = 0.5
     LISTENER_WATCH = 120.0  # past any sane start-up: stop looking
@@ -239,10 +437,14 @@ class ChildApp:
                 return
             if pid == 0:
                 return
-            if pid == self.pid:
+            gen = next((g for g in self.generations if g.pid == pid), None)
+            if gen is not None:
                 code = exit_status(status)
                 self._launcher.mark_reaped(pid, code)
-                if not self.exited.done() and not (code == 0 and self._follow_daemon()):
+                if not gen.exited.done():
+                    gen.exited.set_result(code)
+                gen.state = GenState.EXITED
+                if pid == self.pid and not self.exited.done() and not (code == 0 and self._follow_daemon()):
                     self.exited.set_result(code)
             else:
                 self.orphans_reaped += 1
@@ -258,7 +460,8 @@ class ChildApp:
         unsupervised; follow it instead. Not while stopping: an app asked to stop that
         leaves listeners behind gets the leftovers' treatment (app_signal, then SIGKILL).
         """
-        if self._follow_port is None or self._stopping or not proctree.usable():
+        if self._follow_port is None or self._stopping or self.listener is not None or not proctree.usable():
+            # With hot restart every generation holds the sidecar's socket: no exit is a daemon's.
             return False
         followed = proctree.listeners(proctree.descendants(os.getpid()), self._follow_port)
         if not followed:
@@ -301,6 +504,9 @@ class ChildApp:
 
     def _targets(self) -> list[int]:
         return self._followed_roots if self.followed else ([self.pid] if self.pid is not None else [])
+
+    def _other_generations(self) -> list[Generation]:
+        return [g for g in self.generations if g.pid != self.pid and not g.exited.done()]
 
     def forward(self, sig: signal.Signals) -> None:
         if self.running:
@@ -352,13 +558,31 @@ class ChildApp:
     # --- stop -------------------------------------------------------------------------
 
     async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
+        """Stop the app: every generation (hot restart), the current one's status is the result."""
         self._stopping = True
+        others = self._other_generations()
+        for gen in others:  # a replaced one already signalled keeps its clock; the others hear sig now
+            gen.state = GenState.STOPPING
+            if not gen.signalled:
+                gen.signalled = True
+                try:
+                    os.kill(gen.pid, sig)
+                except ProcessLookupError:
+                    pass
         if self.exited.done():
             await self._end_leftovers(sig)
             return StopResult(self.exited.result(), False, "had already exited")
         self.forward(sig)
+        if (cur := self.current) is not None:
+            cur.state, cur.signalled = GenState.STOPPING, True
+        deadline = self._clock.monotonic() + timeout
         try:
             status = await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+            if others:  # the rest of the same timeout for the other generation
+                rest = max(0.0, deadline - self._clock.monotonic())
+                await asyncio.wait([asyncio.ensure_future(asyncio.shield(g.exited)) for g in others], timeout=rest)
+                if any(not g.exited.done() for g in others):
+                    raise TimeoutError
             await self._end_leftovers(sig)
             if self.killed_on_request:
                 return StopResult(status, True, "SIGKILLed on request (third SIGINT)")
@@ -606,6 +830,8 @@ __all__ = [
     "App",
     "ChildApp",
     "ExternalApp",
+    "GenState",
+    "Generation",
     "Launcher",
     "PidApp",
     "PosixLauncher",

@@ -145,6 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for warning in config.warnings:
             print(f"{PROG}: warning: {config.source}: {warning}", file=sys.stderr)
         return _check_config(config)
+    if not command and config.hot_restart.enabled:
+        return _fail(
+            [
+                f"{config.source}: hot_restart.enabled: needs wrapper mode (the app's command after '--'): "
+                "the sidecar must start the app to hand it the listening socket"
+            ],
+            EX_CONFIG,
+        )
     if command and config.app.configured:
         return _fail(
             [
@@ -196,6 +204,17 @@ def _check_config(config: Config) -> int:
         **({"app": effective(config, "app")} if config.app.configured else {}),
         "status": _status_listen(config),
     }
+    hot = config.hot_restart
+    bind_warning = None
+    if hot.enabled:
+        from .listener import bind_problem
+
+        bind_error, bind_warning = bind_problem(config.service.address, config.service.port)
+        if bind_error is not None:
+            return _fail([f"{config.source}: hot_restart.enabled: {bind_error}"], EX_CONFIG)
+        doc["hot_restart"] = effective(config, "hot_restart") | {
+            "worst_case_restart": format_duration(hot.worst_case(sd))
+        }
     print(json.dumps(doc, indent=2))
     print(
         f"worst-case shutdown: {format_duration(sd.worst_case)} "
@@ -203,13 +222,28 @@ def _check_config(config: Config) -> int:
         "give the platform's stop timeout at least this much",
         file=sys.stderr,
     )
+    if hot.enabled:
+        ready = (
+            "it sends READY=1 on NOTIFY_SOCKET"
+            if hot.ready.value == "notify"
+            else f"it has stayed alive for {format_duration(hot.warmup)}"
+        )
+        print(
+            f"hot restart: {hot.signal.name} starts the next generation on the sidecar's socket "
+            f"{config.service.address}:{config.service.port} (run with the app's command after '--'); it is ready "
+            f"when {ready}, within {format_duration(hot.timeout)}; then the old one gets "
+            f"{sd.app_signal.name}. Worst case from the signal to one generation left: "
+            f"{format_duration(hot.worst_case(sd))} (timeout + app_timeout + 1s); the worst-case shutdown above "
+            "holds during a restart too",
+            file=sys.stderr,
+        )
     if config.status is not None and config.status.port == 0:
         print(
             f"status: {config.status.host}, on a free port chosen at start (logged as sidecar.status.listening, "
             "shown in /status); set status.listen to a fixed port for a probe",
             file=sys.stderr,
         )
-    warnings = [sd.over_budget()]
+    warnings = [sd.over_budget(), bind_warning]
     if config.status is not None:
         warnings += listen_warnings(config.status.host, config.status.port, config.consul.address)
     for warning in warnings:
@@ -313,6 +347,7 @@ async def _run(config: Config, command: list[str]) -> int:
     from .executor import DaemonThreadExecutor
     from .health import Prober
     from .lifecycle import Sidecar
+    from .notify import SystemdNotifier
     from .status import Status, StatusServer, bind, listen_warnings, raise_nofile_limit
 
     # Blocking calls (host-name look-ups) in daemon threads: a resolver that does not answer must
@@ -334,12 +369,36 @@ async def _run(config: Config, command: list[str]) -> int:
         for warning in conflicts:
             logger.warning("sidecar.status.listen_warning", warning=warning)
 
+    listener = None
+    app_notify = None
+    if command and config.hot_restart.enabled:
+        from .listener import bind_listener
+        from .notify import AppNotifySocket
+
+        svc = config.service
+        try:
+            # Before the app starts: a port that cannot be had fails with nothing started.
+            listener = bind_listener(svc.address, svc.port)
+            app_notify = AppNotifySocket(logger)
+        except OSError as e:
+            if sock is not None:
+                sock.close()
+            return _fail(
+                [
+                    f"{config.source}: hot_restart.enabled: the sidecar cannot listen on service.address:service.port "
+                    f"{svc.address}:{svc.port}: {e.strerror or e}"
+                ],
+                EX_CONFIG,
+            )
     app: App
     child: ChildApp | None = None
     if command:
         # The app inherits our environment, except what fed the ACL token (CONSUL_HTTP_TOKEN,
-        # CONSUL_HTTP_TOKEN_FILE, every ${VAR} in consul.token): it is the sidecar's secret.
-        app_env = {k: v for k, v in os.environ.items() if k not in config.secret_env}
+        # CONSUL_HTTP_TOKEN_FILE, every ${VAR} in consul.token): it is the sidecar's secret. Nor
+        # systemd's NOTIFY_SOCKET (the sidecar is the unit's main process) or socket-activation
+        # variables meant for the sidecar.
+        mine = {"NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"}
+        app_env = {k: v for k, v in os.environ.items() if k not in config.secret_env and k not in mine}
         child = ChildApp(
             command,
             PosixLauncher(),
@@ -347,6 +406,8 @@ async def _run(config: Config, command: list[str]) -> int:
             app_env,
             follow_port=config.service.port,
             log=logger.bind(service_id=config.service.id),
+            listener=listener,
+            fd_name=config.service.name,
         )
         app = child
         # Orphans of the app become our children (PID 1 gets them anyway), so
@@ -378,6 +439,8 @@ async def _run(config: Config, command: list[str]) -> int:
         log=logger,
         status_server=StatusServer(status, sock, logger) if sock is not None else None,
         after_start=own_io,
+        systemd=SystemdNotifier(config.systemd_notify_socket, logger),
+        app_notify=app_notify,
     )
     try:
         return await sidecar.run()

@@ -23,7 +23,17 @@ what each one means at the current step:
     SIGTERM / SIGINT   first one: start the drain. Later SIGTERMs change nothing.
     second SIGINT      (an impatient Ctrl-C) ends the propagation delay now.
     third SIGINT       SIGKILLs the app now.
-    SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH   forwarded to the app.
+    SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH   forwarded to the app (except hot_restart.signal).
+
+Hot restart (hot_restart.enabled, wrapper mode; the sidecar holds the listening socket):
+
+    hot_restart.signal: start generation N+1 with the same socket -> wait until it is ready
+               (READY=1 from it, or warmup alive) within hot_restart.timeout -> it becomes the app
+               -> app_signal to generation N -> wait app_timeout -> SIGKILL it and its descendants.
+               A new generation that exits or is not ready in time is stopped the same way; N
+               keeps serving. The registration is not touched. One restart at a time: a trigger
+               during one is refused (logged). A shutdown cancels the restart; the drain stops
+               every generation.
 """
 
 from __future__ import annotations
@@ -36,10 +46,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from . import instance_claim
-from .app_control import App, StopResult
+from .app_control import App, ChildApp, Generation, StopResult
 from .backoff import backoff
 from .clock import Clock
-from .config import Config, same_host
+from .config import Config, ReadyMode, same_host
 from .consul_client import (
     Agent,
     ConsulError,
@@ -51,6 +61,7 @@ from .consul_client import (
 )
 from .drain_wait import DrainEnd, DrainWait
 from .exit_codes import EX_CANNOT_EXECUTE, EX_CONFIG, EX_NOPERM, EX_NOT_FOUND, EX_UNAVAILABLE, by_signal
+from .notify import AppNotifySocket, SystemdNotifier
 from .port_owner import verify_app_port
 from .registration import registration_payload
 from .signals import FORWARDED, SHUTDOWN, SignalInbox
@@ -116,6 +127,8 @@ class Sidecar:
         inbox: SignalInbox | None = None,
         drain_wait: DrainWait | None = None,
         after_start: Callable[[], None] = lambda: None,
+        systemd: SystemdNotifier | None = None,
+        app_notify: AppNotifySocket | None = None,
     ) -> None:
         """``after_start`` runs right after ``app.start()``, even if it failed: what the caller
         may only do once the app has been spawned (threads, descriptor limits; see ``PosixLauncher``)."""
@@ -128,7 +141,13 @@ class Sidecar:
         self.status = status
         self.log = log.bind(service_id=config.service.id)
         self.status_server = status_server
-        self.inbox = inbox or SignalInbox()
+        hot = config.hot_restart
+        # Hot restart needs generations to run: the app started by us, holding our socket.
+        self._gens = app if hot.enabled and isinstance(app, ChildApp) and app.listener is not None else None
+        self.inbox = inbox or SignalInbox(frozenset({hot.signal}) if self._gens is not None else frozenset())
+        self.systemd = systemd or SystemdNotifier(None)
+        self._app_notify = app_notify
+        self._restart: asyncio.Task[None] | None = None
         self.drain_wait = drain_wait or DrainWait(
             config, agent, clock, self.log, status, own_opens=status_server.own_opens if status_server else None
         )
@@ -153,6 +172,11 @@ class Sidecar:
             self.log.warning("sidecar.config.over_budget", warning=over)
         self.inbox.install()  # before the app exists: no signal may find us unprepared
         dispatcher = asyncio.create_task(self._dispatch_signals())
+        if self._gens is not None:
+            self.status.hot_restart = {"state": "idle", "restarts": 0, "last_error": None}
+            if self._app_notify is not None:
+                self._gens.notify_socket = self._app_notify.env_value
+                self._app_notify.start(self._on_app_message)
         try:
             try:
                 try:
@@ -163,6 +187,10 @@ class Sidecar:
                 self.log.error("sidecar.app.start_failed", error=f"{e.__class__.__name__}: {e}")
                 return EX_NOT_FOUND if isinstance(e, FileNotFoundError) else EX_CANNOT_EXECUTE
             self.status.app = {"description": self.app.description}
+            if self._gens is not None:
+                for gen in self._gens.generations:
+                    gen.exited.add_done_callback(lambda _: self._show_generations())
+                self._show_generations()
             self.log.info("sidecar.app.started", app=self.app.description, elapsed_ms=self._ms(t0))
             if self.status_server is not None:
                 await self.status_server.start()
@@ -178,6 +206,9 @@ class Sidecar:
                 raise
         finally:
             dispatcher.cancel()
+            if self._app_notify is not None:
+                self._app_notify.close()
+            self.systemd.close()
             self.drain_wait.close()
             self.status.enter(State.STOPPED)
             if self.status_server is not None:
@@ -195,11 +226,14 @@ class Sidecar:
         if started != 0:
             return await self._abort_startup(started)
         keeper = asyncio.create_task(self._keep_registration())
+        self.systemd.notify(READY="1", STATUS="registered in Consul, serving")
         try:
             ended = await self._race(asyncio.Event().wait())  # until the app exits or a signal
         finally:
             keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
+            if self._restart is not None:  # the drain (or the app's exit) takes over every generation
+                self._restart.cancel()
+            await asyncio.gather(keeper, *([self._restart] if self._restart else []), return_exceptions=True)
         assert isinstance(ended, _Interrupted)
         return await self._end(ended.reason)
 
@@ -512,6 +546,7 @@ class Sidecar:
         cfg = self.config.shutdown
         t0 = self.clock.monotonic()
         self.status.enter(State.DRAINING)
+        self.systemd.notify(STOPPING="1", STATUS="draining: deregistering")
         self.log.info("sidecar.drain.started", propagation_delay_s=cfg.propagation_delay, app_timeout_s=cfg.app_timeout)
         # The deregistration's deadline covers waiting for a write in flight: the worst case holds.
         deadline = t0 + cfg.deregister_timeout
@@ -527,6 +562,7 @@ class Sidecar:
         bound = t0 + cfg.deregister_timeout + cfg.propagation_delay
         last = await self._deregister(deadline, retry_until=None if self.app.exited.done() else bound)
         outcome = last.outcome
+        self.systemd.notify(STATUS=f"deregistration {outcome.value}: waiting before stopping the app")
         if self.app.exited.done():
             pass  # nothing left to protect
         else:
@@ -583,6 +619,7 @@ class Sidecar:
         )
         t = self.clock.monotonic()
         self.status.enter(State.DRAINING)
+        self.systemd.notify(STOPPING="1", STATUS=f"the app exited ({status}): deregistering")
         deadline = t + self.config.shutdown.deregister_timeout
         await self._fence_writes(deadline)
         last = DeregisterResult(Deregistration.CONFIRMED, 0, None)  # nothing registered: nothing to report
@@ -672,6 +709,7 @@ class Sidecar:
     async def _stop_app(self) -> StopResult:
         cfg = self.config.shutdown
         self.status.enter(State.STOPPING)
+        self.systemd.notify(STATUS="stopping the app")
         t = self.clock.monotonic()
         result = await self.app.stop(cfg.app_signal, cfg.app_timeout)
         app = self.app
@@ -707,6 +745,9 @@ class Sidecar:
             self._on_signal(await self.inbox.queue.get())
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        if self._gens is not None and sig == self.config.hot_restart.signal:
+            self._trigger_hot_restart(sig)
+            return
         if sig in FORWARDED:
             self.app.forward(sig)
             self.log.debug("sidecar.signal.forwarded", signal=sig.name)
@@ -725,6 +766,173 @@ class Sidecar:
             self.log.warning("sidecar.signal.received", signal=sig.name, action="SIGKILL the app now")
         else:
             self.log.debug("sidecar.signal.received", signal=sig.name, action="none: already draining")
+
+    # --- hot restart --------------------------------------------------------------
+
+    def _trigger_hot_restart(self, sig: signal.Signals) -> None:
+        refused = None
+        if self._shutdown.is_set() or (self._gens is not None and self._gens.exited.done()):
+            refused = "the sidecar is stopping"
+        elif self._restart is not None and not self._restart.done():
+            refused = "a hot restart is in progress (at most two generations at once)"
+        elif self.status.state is not State.REGISTERED:
+            refused = "the app is not registered yet"
+        if refused is not None:
+            self.log.warning("sidecar.hot_restart.refused", signal=sig.name, reason=refused)
+            return
+        self._restart = asyncio.create_task(self._hot_restart(sig))
+
+    async def _hot_restart(self, sig: signal.Signals) -> None:
+        """One hot restart, start to end (see the module docstring). Never raises but CancelledError."""
+        gens = self._gens
+        assert gens is not None
+        cfg, sd = self.config.hot_restart, self.config.shutdown
+        t0 = self.clock.monotonic()
+        old = gens.current
+        assert old is not None
+        self._hot_state("restarting")
+        self.systemd.notify(
+            RELOADING="1",
+            STATUS=f"hot restart: starting generation {old.number + 1}",
+            MONOTONIC_USEC=str(int(self.clock.monotonic() * 1_000_000)),
+        )
+        try:
+            try:
+                new = gens.start_next()
+            except OSError as e:
+                self._hot_failed(None, f"cannot start the next generation: {e.__class__.__name__}: {e}", t0)
+                return
+            new.exited.add_done_callback(lambda _: self._show_generations())
+            self._show_generations()
+            self.log.info(
+                "sidecar.hot_restart.started",
+                signal=sig.name,
+                generation=new.number,
+                pid=new.pid,
+                previous_generation=old.number,
+                previous_pid=old.pid,
+                ready=cfg.ready.value,
+                timeout_s=cfg.timeout,
+            )
+            ready, how = await self._until_ready(new, t0 + cfg.timeout)
+            if not ready:
+                self._hot_failed(new, how, t0)
+                self.systemd.notify(STATUS=f"hot restart failed: stopping generation {new.number}")
+                t = self.clock.monotonic()
+                result = await gens.stop_generation(new, sd.app_signal, sd.app_timeout)
+                self._generation_stopped(new, result, t, "failed")
+                gens.forget_exited()
+                self._show_generations()
+                self.systemd.notify(READY="1", STATUS=f"serving (generation {old.number}; hot restart failed)")
+                return
+            gens.promote(new)
+            self._show_generations()
+            self.log.info(
+                "sidecar.hot_restart.ready", generation=new.number, pid=new.pid, how=how, elapsed_ms=self._ms(t0)
+            )
+            self.systemd.notify(STATUS=f"hot restart: generation {new.number} serving, stopping {old.number}")
+            t = self.clock.monotonic()
+            self.log.info(
+                "sidecar.hot_restart.old_signalled",
+                generation=old.number,
+                pid=old.pid,
+                signal=sd.app_signal.name,
+                app_timeout_s=sd.app_timeout,
+            )
+            result = await gens.stop_generation(old, sd.app_signal, sd.app_timeout)
+            self._generation_stopped(old, result, t, "replaced")
+            gens.forget_exited()
+            self.status.hot_restarts_total += 1
+            self._hot_state("idle", error=None)
+            self._show_generations()
+            self.log.info(
+                "sidecar.hot_restart.done",
+                generation=new.number,
+                pid=new.pid,
+                restarts=self.status.hot_restarts_total,
+                elapsed_ms=self._ms(t0),
+            )
+            self.systemd.notify(READY="1", STATUS=f"serving (generation {new.number})")
+        except asyncio.CancelledError:
+            self._hot_state("interrupted")
+            self.log.info("sidecar.hot_restart.interrupted", reason="the sidecar is stopping", elapsed_ms=self._ms(t0))
+            raise
+
+    async def _until_ready(self, gen: Generation, deadline: float) -> tuple[bool, str]:
+        """(True, how) once ``gen`` is ready; (False, why) when it exits or ``deadline`` passes first."""
+        cfg = self.config.hot_restart
+        wait: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(asyncio.shield(gen.exited)),
+            asyncio.ensure_future(self.clock.sleep(max(0.0, deadline - self.clock.monotonic()))),
+        ]
+        if cfg.ready is ReadyMode.NOTIFY:
+            ready: asyncio.Future[Any] = asyncio.ensure_future(gen.ready.wait())
+        else:
+            ready = asyncio.ensure_future(self.clock.sleep(cfg.warmup))
+        try:
+            await asyncio.wait({ready, *wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in (ready, *wait):
+                f.cancel()
+        if gen.exited.done():
+            return False, f"generation {gen.number} exited with status {gen.exited.result()} before it was ready"
+        if ready.done() and not ready.cancelled():
+            return True, "READY=1" if cfg.ready is ReadyMode.NOTIFY else f"alive for warmup {cfg.warmup:g}s"
+        said = " (it never sent READY=1 on NOTIFY_SOCKET)" if cfg.ready is ReadyMode.NOTIFY else ""
+        return False, f"generation {gen.number} was not ready within hot_restart.timeout {cfg.timeout:g}s{said}"
+
+    def _hot_failed(self, gen: Generation | None, why: str, t0: float) -> None:
+        self.status.last_error = f"hot restart failed: {why}"
+        self._hot_state("failed", error=why)
+        self.log.error(
+            "sidecar.hot_restart.failed",
+            generation=gen.number if gen else None,
+            pid=gen.pid if gen else None,
+            reason=why,
+            elapsed_ms=self._ms(t0),
+            hint="the previous generation keeps serving",
+        )
+
+    def _generation_stopped(self, gen: Generation, result: StopResult, t: float, why: str) -> None:
+        (self.log.error if result.killed else self.log.info)(
+            "sidecar.hot_restart.generation_stopped",
+            generation=gen.number,
+            pid=gen.pid,
+            why=why,
+            how=result.how,
+            exit_status=result.status,
+            elapsed_ms=self._ms(t),
+        )
+
+    def _hot_state(self, state: str, error: str | None | Literal[False] = False) -> None:
+        if self.status.hot_restart is None:
+            return
+        self.status.hot_restart["state"] = state
+        self.status.hot_restart["restarts"] = self.status.hot_restarts_total
+        if error is not False:
+            self.status.hot_restart["last_error"] = error
+
+    def _show_generations(self) -> None:
+        if self._gens is not None:
+            self.status.app = {
+                "description": self._gens.description,
+                "generations": [g.as_json() for g in self._gens.generations],
+            }
+
+    def _on_app_message(self, pid: int, fields: dict[str, str]) -> None:
+        """A message on the apps' NOTIFY_SOCKET, attributed to a generation by its sender's PID."""
+        gen = self._gens.generation_of(pid) if self._gens is not None else None
+        if gen is None:
+            self.log.debug("sidecar.hot_restart.notify_unknown_sender", sender_pid=pid, fields=sorted(fields))
+            return
+        if "STATUS" in fields:
+            gen.status_text = fields["STATUS"][:200]
+        if fields.get("READY") == "1" and not gen.ready.is_set():
+            gen.ready.set()
+            self.log.debug("sidecar.hot_restart.notify_ready", generation=gen.number, pid=pid)
+        if fields.get("STOPPING") == "1":
+            self.log.debug("sidecar.hot_restart.notify_stopping", generation=gen.number, pid=pid)
+        self._show_generations()
 
     # --- helpers ------------------------------------------------------------------
 

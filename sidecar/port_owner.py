@@ -116,6 +116,8 @@ def verify_app_port(address: str, port: int, app: object, log: FilteringBoundLog
 
     if isinstance(app, ChildApp) and app.pid is not None:
         tree = app_tree(os.getpid(), include_root=False)  # the app, its descendants, and orphans we reaped into ours
+        if app.listener is not None:  # hot restart: the socket is the sidecar's, shared with the app
+            tree.add(os.getpid())
     elif isinstance(app, PidApp):
         try:
             tree = app_tree(app.pid())

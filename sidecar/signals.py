@@ -12,13 +12,15 @@ FORWARDED = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIG
 
 
 class SignalInbox:
-    def __init__(self) -> None:
+    def __init__(self, extra: frozenset[signal.Signals] = frozenset()) -> None:
+        """``extra``: more signals to record (hot_restart.signal)."""
         self.queue: asyncio.Queue[signal.Signals] = asyncio.Queue()
         self._installed: list[signal.Signals] = []
+        self._extra = extra
 
     def install(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in sorted(SHUTDOWN | FORWARDED):
+        for sig in sorted(SHUTDOWN | FORWARDED | self._extra):
             loop.add_signal_handler(sig, self.queue.put_nowait, sig)
             self._installed.append(sig)
 

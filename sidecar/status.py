@@ -91,6 +91,8 @@ class Status:
     last_error: str | None = None
     app: dict[str, Any] = field(default_factory=dict)
     drain: dict[str, Any] | None = None  # the drain's progress (which step, traffic seen)
+    hot_restart: dict[str, Any] | None = None  # {state, restarts, last_error} when hot_restart.enabled
+    hot_restarts_total: int = 0  # completed hot restarts
 
     def __post_init__(self) -> None:
         self.since_wall = self.clock.wall()
@@ -111,6 +113,7 @@ class Status:
             "last_error": self.last_error,
             "app": self.app,
             "drain": self.drain,
+            **({"hot_restart": self.hot_restart} if self.hot_restart is not None else {}),
         }
 
 

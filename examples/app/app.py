@@ -8,6 +8,11 @@ Endpoints:
 Every response carries the header ``X-Backend: <instance> <version>``, and ``X-Pid`` (which
 process served it: the hot-restart tests tell generations apart by it).
 
+Socket activation (systemd's protocol, as consul-sidecar's hot restart uses it): when LISTEN_PID is
+this process's PID and LISTEN_FDS >= 1, it serves the listening socket on fd 3 instead of binding
+--host/--port. With NOTIFY_SOCKET set it sends READY=1 once serving and STOPPING=1 when its graceful
+stop begins.
+
 On SIGTERM or SIGINT the app shuts down gracefully, like Go's
 http.Server.Shutdown: it closes the listening socket at once (after the
 optional --drain-seconds), lets in-flight requests finish (bounded by 30 s),
@@ -22,6 +27,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -261,6 +267,39 @@ def backend_label(args: argparse.Namespace, port: int) -> str:
     return f"{instance} {args.version}"
 
 
+LISTEN_FDS_START = 3
+
+
+def activated_socket() -> socket.socket | None:
+    """The listening socket passed by socket activation, or None (then --host/--port are bound)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    if count < 1:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for our own children
+        os.environ.pop(name, None)
+    sock = socket.socket(fileno=LISTEN_FDS_START)
+    os.set_inheritable(LISTEN_FDS_START, False)
+    return sock
+
+
+def sd_notify(message: str) -> None:
+    """One datagram to NOTIFY_SOCKET if set (a path, or @name for an abstract one); never fails the app."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    target = "\0" + address[1:] if address.startswith("@") else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(message.encode(), target)
+    except OSError as exc:
+        log(f"cannot notify {address}: {exc}")
+
+
 def crash(code: int, after: float) -> None:
     log(f"crashing after {after:g}s with status {code}")
     os._exit(code)
@@ -317,7 +356,9 @@ async def serve(args: argparse.Namespace, started: float) -> int:
     )
     await runner.setup()
     state.backend = backend_label(args, args.port)
-    site = web.TCPSite(runner, args.host, args.port)
+    inherited = activated_socket()
+    tcp_site = web.TCPSite(runner, args.host, args.port)
+    site: web.BaseSite = web.SockSite(runner, inherited) if inherited is not None else tcp_site
     try:
         await site.start()
     except OSError as exc:
@@ -327,17 +368,20 @@ async def serve(args: argparse.Namespace, started: float) -> int:
             signal_log.close()
         return 1
 
-    port = site.port
+    port = inherited.getsockname()[1] if inherited is not None else tcp_site.port
     # With --port 0 the real port is only known now.
     state.backend = backend_label(args, port)
 
     if args.pid_file:
         with open(args.pid_file, "w", encoding="utf-8") as f:
             f.write(f"{os.getpid()}\n")
-    log(f"listening on {args.host}:{port} version {args.version} backend {state.backend!r} pid {os.getpid()}")
+    how = " (socket activation, fd 3)" if inherited is not None else ""
+    log(f"listening on {args.host}:{port}{how} version {args.version} backend {state.backend!r} pid {os.getpid()}")
+    sd_notify(f"READY=1\nSTATUS=serving {state.backend}\nMAINPID={os.getpid()}")
 
     await state.stop_requested.wait()
     sig_name = state.stop_signal.name if state.stop_signal is not None else state.stop_via
+    sd_notify("STOPPING=1")
 
     if args.drain_seconds > 0:
         # Keep serving (listener still open) while the app "drains" itself.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .addresses import address_toward, parse_consul_address, parse_listen, same_host
 from .files import CONFIG_MAX_BYTES, TOKEN_MAX_BYTES
-from .keys import KEYS, SECTIONS, Key, Kind, Strategy, parse_signal
+from .keys import KEYS, SECTIONS, Key, Kind, ReadyMode, Strategy, parse_signal
 from .loader import load_config, load_consul_settings
 from .model import (
     KILL_REAP_TIMEOUT,
@@ -23,6 +23,7 @@ from .model import (
     Config,
     ConfigError,
     ConsulSettings,
+    HotRestartSettings,
     ServiceSettings,
     ShutdownSettings,
     StartupSettings,
@@ -45,12 +46,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConsulSettings",
+    "HotRestartSettings",
     "Key",
     "Kind",
     "ServiceSettings",
     "ShutdownSettings",
     "StartupSettings",
     "StatusSettings",
+    "ReadyMode",
     "Strategy",
     "TokenError",
     "TokenSource",

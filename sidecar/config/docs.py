@@ -131,15 +131,16 @@ def effective(config: Config, section: str) -> dict[str, Any]:
     for key in KEYS:
         if key.section != section or key.attr in out or settings is None:
             continue
-        if key.only_with and not _holds(config, key.only_with):
+        if key.only_with and not _holds(settings, key.only_with):
             continue
         out[key.attr] = _json(getattr(settings, key.attr))
     return out
 
 
-def _holds(config: Config, condition: str) -> bool:
+def _holds(settings: object, condition: str) -> bool:
+    """``condition`` names a key of the same section (``strategy = "traffic"``)."""
     name, _, value = condition.partition(" = ")
-    return str(getattr(config.shutdown, name, None)) == value.strip('"')
+    return str(getattr(settings, name, None)) == value.strip('"')
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,6 +25,13 @@ class Strategy(enum.StrEnum):
     TRAFFIC = "traffic"  # wait for evidence that nobody sends traffic, bounded by min_delay and propagation_delay
 
 
+class ReadyMode(enum.StrEnum):
+    """How a hot restart knows the new app generation is ready."""
+
+    NOTIFY = "notify"  # it sends READY=1 on NOTIFY_SOCKET
+    WARMUP = "warmup"  # it stays alive for hot_restart.warmup
+
+
 class Kind(enum.Enum):
     """A key's type: how the loader reads it and how the docs name it."""
 
@@ -392,6 +399,50 @@ KEYS: tuple[Key, ...] = (
         default="127.0.0.1:0",
         off=("",),
     ),
+    # --- [hot_restart] ----------------------------------------------------------------------------
+    Key(
+        "hot_restart",
+        "enabled",
+        Kind.BOOL,
+        "wrapper mode only: the sidecar binds `service.address:service.port` itself (before the app starts) "
+        "and passes it to every app generation by socket activation (fd 3, `LISTEN_FDS`, `LISTEN_PID`); "
+        "`signal` then starts the next generation beside the current one (see "
+        "[Hot restart](operations.md#hot-restart))",
+        default=False,
+    ),
+    Key(
+        "hot_restart",
+        "signal",
+        Kind.SIGNAL,
+        "what starts a hot restart (no longer forwarded to the app); not SIGTERM, SIGINT, SIGKILL, SIGSTOP or SIGCHLD",
+        default="SIGUSR2",
+    ),
+    Key(
+        "hot_restart",
+        "ready",
+        Kind.CHOICE,
+        '`"notify"`: the new generation is ready when it sends `READY=1` on `NOTIFY_SOCKET`; '
+        '`"warmup"`: when it has stayed alive for `warmup`',
+        default="notify",
+        choices=ReadyMode,
+    ),
+    Key(
+        "hot_restart",
+        "warmup",
+        Kind.DURATION,
+        "how long the new generation must stay alive to count as ready",
+        default="2s",
+        only_with='ready = "warmup"',
+    ),
+    Key(
+        "hot_restart",
+        "timeout",
+        Kind.DURATION,
+        "the new generation is not ready by then: it is stopped (`app_signal`, then SIGKILL after "
+        "`app_timeout`) and the old one keeps serving",
+        default="60s",
+        minimum=_POSITIVE,
+    ),
 )
 
 BY_PATH: Mapping[str, Key] = MappingProxyType({k.path: k for k in KEYS})
@@ -412,6 +463,8 @@ SECTION_DOCS: Mapping[str, str] = MappingProxyType(
         "shutdown": "The drain after SIGTERM: deregister and confirm, wait, signal the app, wait for it.",
         "app": "Alongside mode only: how to stop an app the sidecar did not start.",
         "status": "The sidecar's own status server.",
+        "hot_restart": "Wrapper mode: restart the app on one host without closing its port or touching the "
+        "registration.",
     }
 )
 

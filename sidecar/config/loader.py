@@ -32,13 +32,14 @@ from .addresses import (
 )
 from .files import CONFIG_MAX_BYTES, FileProblem, check_readable, read_ca_dir, read_capped
 from .interpolation import interpolate, variables
-from .keys import BY_PATH, SECTIONS, Key, Strategy, parse_signal
+from .keys import BY_PATH, SECTIONS, Key, ReadyMode, Strategy, parse_signal
 from .model import (
     AppSettings,
     CheckSettings,
     Config,
     ConfigError,
     ConsulSettings,
+    HotRestartSettings,
     ServiceSettings,
     ShutdownSettings,
     StartupSettings,
@@ -249,6 +250,13 @@ def load_config(
     shutdown = _shutdown_settings(s["shutdown"], problems)
     app = _app_settings(s["app"], problems)
     status = _status_settings(s["status"], problems)
+    hot_restart = _hot_restart_settings(s["hot_restart"], problems)
+    if hot_restart.enabled and app.configured:
+        problems.add(
+            "hot_restart.enabled",
+            "needs wrapper mode (the app started after '--'); [app] is for alongside mode, where the sidecar "
+            "holds no socket to hand over",
+        )
 
     if problems.lines:
         raise ConfigError(problems.lines)
@@ -261,6 +269,8 @@ def load_config(
         shutdown,
         app,
         status,
+        hot_restart=hot_restart,
+        systemd_notify_socket=env.get("NOTIFY_SOCKET") or None,
         secret_env=frozenset(problems.secret_env),
         warnings=tuple(problems.warnings),
     )
@@ -618,3 +628,38 @@ def _status_settings(sec: _Section, problems: _Problems) -> StatusSettings | Non
         problems.add(sec.key("listen"), str(e))
         return None
     return StatusSettings(host, port)
+
+
+# Signals that already mean something to the sidecar, or that cannot be caught.
+_NOT_A_RESTART_SIGNAL = {
+    signal.SIGTERM: "starts the drain",
+    signal.SIGINT: "starts the drain",
+    signal.SIGKILL: "cannot be caught",
+    signal.SIGSTOP: "cannot be caught",
+    signal.SIGCHLD: "is how the sidecar learns that a child exited",
+}
+
+
+def _hot_restart_settings(sec: _Section, problems: _Problems) -> HotRestartSettings:
+    enabled = sec.boolean("enabled")
+    sig_text = sec.string("signal") or "SIGUSR2"
+    try:
+        sig = parse_signal(sig_text)
+        why = _NOT_A_RESTART_SIGNAL.get(sig)
+        if why is not None:
+            problems.add(sec.key("signal"), f"{sig.name} {why}; use SIGUSR2 (the default), SIGHUP or SIGUSR1")
+    except ValueError as e:
+        problems.add(sec.key("signal"), str(e))
+        sig = signal.SIGUSR2
+    text = sec.string("ready") or ReadyMode.NOTIFY.value
+    try:
+        ready = ReadyMode(text)
+    except ValueError:
+        problems.add(
+            sec.key("ready"),
+            f'{text!r}: use "notify" (the app sends READY=1 on NOTIFY_SOCKET) or "warmup" (it stays alive for warmup)',
+        )
+        ready = ReadyMode.NOTIFY
+    return HotRestartSettings(
+        enabled=enabled, signal=sig, ready=ready, warmup=sec.duration("warmup"), timeout=sec.duration("timeout")
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..durations import format_duration
 from .addresses import parse_listen
-from .keys import Strategy, default
+from .keys import ReadyMode, Strategy, default
 from .tokens import TokenSource
 
 # How long the sidecar waits for the app to be reaped after SIGKILL. Not
@@ -150,6 +150,20 @@ class StatusSettings:
 
 
 @dataclass(frozen=True)
+class HotRestartSettings:
+    enabled: bool = default("hot_restart.enabled")
+    signal: signal.Signals = default("hot_restart.signal")
+    ready: ReadyMode = default("hot_restart.ready")
+    warmup: float = default("hot_restart.warmup")
+    timeout: float = default("hot_restart.timeout")
+
+    def worst_case(self, shutdown: ShutdownSettings) -> float:
+        """Longest time from the signal to one generation left: the new one's ``timeout``, then the old
+        one's ``app_timeout`` and the reap after SIGKILL (a failed new one is stopped the same way)."""
+        return self.timeout + shutdown.app_timeout + KILL_REAP_TIMEOUT
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     consul: ConsulSettings
@@ -159,6 +173,9 @@ class Config:
     shutdown: ShutdownSettings
     app: AppSettings
     status: StatusSettings | None
+    hot_restart: HotRestartSettings = HotRestartSettings()
+    # systemd's NOTIFY_SOCKET when the sidecar itself runs under Type=notify (never passed to the app)
+    systemd_notify_socket: str | None = None
     # Environment variables that fed a secret (the token, ${VAR}s in consul.token,
     # CONSUL_HTTP_TOKEN_FILE): wrapper mode keeps them out of the app's environment.
     secret_env: frozenset[str] = frozenset()

@@ -1,0 +1,431 @@
+"""Hot restart (issue 11) with real processes: a real Consul agent, the example app, real signals.
+
+The sidecar holds the listening socket and hands it to each app generation by socket activation;
+``hot_restart.signal`` starts the next generation, the old one is stopped once the new one is
+ready, and the registration is never touched. The load proof (gunicorn, uvicorn, open-loop load)
+is the load-proof tests' (gunicorn, uvicorn).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import testkit
+from testkit import PY, ROOT, Consul, free_port, http_get, pid_alive, wait_for
+
+from .conftest import RegisteredSidecar, StartSidecar, base_config
+
+HOT = {"enabled": True, "timeout": "20s"}
+
+
+def status(sc: testkit.Sidecar) -> dict[str, Any]:
+    code, body = http_get(sc.status_url() + "/status")
+    assert code == 200
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def listeners_of(port: int) -> set[int]:
+    """PIDs of the sidecar's descendants and itself that hold the socket listening on ``port``."""
+    from sidecar import proctree
+
+    return proctree.listeners(set(proctree.all_pids()), port)
+
+
+def agent_service(agent: Consul, name: str) -> list[dict[str, Any]]:
+    return agent.get(f"/v1/health/service/{name}")  # type: ignore[no-any-return]
+
+
+def passing(agent: Consul, name: str, sid: str) -> bool:
+    for entry in agent_service(agent, name):
+        if entry["Service"]["ID"] == sid:
+            return all(c["Status"] == "passing" for c in entry["Checks"])
+    return False
+
+
+def live_app_pids(sc: testkit.Sidecar) -> set[int]:
+    """The sidecar's direct children that are alive (each generation is one)."""
+    from sidecar import proctree
+
+    return {p for p in proctree.descendants(sc.pid) if proctree.parent(p) == sc.pid}
+
+
+def test_hot_restart_changes_the_serving_process_and_keeps_the_registration(
+    registered_sidecar: RegisteredSidecar, consul: Consul, service_name: str
+) -> None:
+    """1. A sidecar with hot_restart.enabled runs the example app (socket activation, READY=1).
+    2. SIGUSR2: a second generation starts on the same socket, says READY=1, the first gets SIGTERM.
+    Expected: one generation left with another PID, serving on the same port; the socket was the
+    sidecar's all along; the agent kept the same instance passing the whole time (a watcher saw it
+    passing at every look, never gone); /status counts one restart."""
+    sc, port = registered_sidecar(hot_restart=HOT)
+    sid = f"{service_name}-1"
+    wait_for(lambda: passing(consul, service_name, sid), 15, what="check passing")
+    first = sc.app_pid()
+    assert sc.pid in listeners_of(port) and first in listeners_of(port)
+    index = consul.get(f"/v1/agent/service/{sid}")["ContentHash"]
+
+    seen: list[bool] = []
+    sc.send(signal.SIGUSR2)
+    deadline = time.monotonic() + 30
+    while sc.event("sidecar.hot_restart.done") is None and time.monotonic() < deadline:
+        seen.append(passing(consul, service_name, sid))
+        code, _ = http_get(f"http://127.0.0.1:{port}/healthz")
+        assert code == 200
+        time.sleep(0.05)
+    done = sc.wait_event("sidecar.hot_restart.done", timeout=1)
+    assert seen and all(seen), "the instance was not passing at some point of the restart"
+    second = done["pid"]
+    assert second != first and not pid_alive(first)
+    assert live_app_pids(sc) == {second}
+    assert listeners_of(port) == {sc.pid, second}
+    assert consul.get(f"/v1/agent/service/{sid}")["ContentHash"] == index
+    assert sc.event("sidecar.consul.deregistered") is None and sc.event("sidecar.consul.reregistered") is None
+    st = status(sc)
+    assert [(g["generation"], g["pid"], g["state"]) for g in st["app"]["generations"]] == [(2, second, "serving")]
+    assert st["hot_restart"] == {"state": "idle", "restarts": 1, "last_error": None}
+    ready = sc.event("sidecar.hot_restart.ready")
+    assert ready is not None and ready["how"] == "READY=1"
+
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+    assert not pid_alive(second)
+
+
+# Runs the app unless a mode file says otherwise: "crash" exits at start, "silent" starts it without
+# NOTIFY_SOCKET (it serves but never says READY=1). exec keeps the PID: LISTEN_PID stays right.
+MODAL = '''mode=$(cat "$0" 2>/dev/null)
+case "$mode" in
+  crash) echo "app: crashing at start" >&2; exit 3;;
+  silent) exec env -u NOTIFY_SOCKET "$@";;
+esac
+exec "$@"'''
+
+
+def modal_command(mode_file: Path, port: int, *extra: str) -> list[str]:
+    return ["/bin/sh", "-c", MODAL, str(mode_file), *testkit.app_command(port, "127.0.0.1", *extra)]
+
+
+def start_modal(
+    start_sidecar: StartSidecar,
+    agent: Consul,
+    name: str,
+    mode_file: Path,
+    env: dict[str, str] | None = None,
+    **hot: Any,
+) -> tuple[testkit.Sidecar, int]:
+    port = free_port()
+    cfg = base_config(agent, name, port, hot_restart={**HOT, **hot})
+    sc = start_sidecar(cfg, modal_command(mode_file, port), env)
+    sc.wait_event("sidecar.consul.registered")
+    return sc, port
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [("crash", "exited with status 3 before it was ready"), ("silent", "never sent READY=1")],
+)
+def test_a_failed_new_generation_leaves_the_old_one_serving(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path, mode: str, reason: str
+) -> None:
+    """1. The app runs under hot restart (timeout 3s).
+    2. The next generation crashes at start (exit 3), or serves but never says READY=1.
+    3. SIGUSR2.
+    Expected: sidecar.hot_restart.failed with the reason; the new generation is gone (stopped), the old
+    one is the only one left and still answers; the instance stayed registered and passing; /status
+    says state failed with the reason. Once the app is fixed, the next SIGUSR2 succeeds."""
+    mode_file = tmp_path / "mode"
+    sc, port = start_modal(start_sidecar, consul, service_name, mode_file, timeout="3s")
+    sid = f"{service_name}-1"
+    wait_for(lambda: passing(consul, service_name, sid), 15, what="check passing")
+    first = sc.app_pid()
+    mode_file.write_text(mode)
+    sc.send(signal.SIGUSR2)
+    failed = sc.wait_event("sidecar.hot_restart.failed", timeout=20)
+    assert reason in failed["reason"]
+    stopped = sc.wait_event("sidecar.hot_restart.generation_stopped", timeout=20)
+    assert stopped["why"] == "failed" and stopped["generation"] == 2
+    assert not pid_alive(failed["pid"])
+    assert live_app_pids(sc) == {first}
+    assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+    assert passing(consul, service_name, sid)
+    assert sc.event("sidecar.consul.deregistered") is None
+    st = status(sc)
+    assert st["hot_restart"]["state"] == "failed" and reason in st["hot_restart"]["last_error"]
+    assert st["hot_restart"]["restarts"] == 0
+    assert [(g["generation"], g["pid"], g["state"]) for g in st["app"]["generations"]] == [(1, first, "serving")]
+
+    mode_file.write_text("")
+    sc.send(signal.SIGUSR2)
+    done = sc.wait_event("sidecar.hot_restart.done", timeout=30)
+    assert done["generation"] == 3 and live_app_pids(sc) == {done["pid"]}
+    assert status(sc)["hot_restart"] == {"state": "idle", "restarts": 1, "last_error": None}
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+
+
+def test_a_second_trigger_during_a_restart_never_makes_a_third_process(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path
+) -> None:
+    """1. The app runs under hot restart with ready = "warmup" (3s), so a restart lasts a while.
+    2. SIGUSR2 three times in quick succession, while the process tree is sampled.
+    Expected: the later triggers are refused with a log line; never more than two generations (the
+    sidecar's direct children) at any sample; one restart completes, generation 2 is left alone."""
+    sc, port = start_modal(start_sidecar, consul, service_name, tmp_path / "mode", ready="warmup", warmup="3s")
+    sc.send(signal.SIGUSR2)
+    sc.wait_event("sidecar.hot_restart.started", timeout=10)
+    sc.send(signal.SIGUSR2)
+    time.sleep(0.2)
+    sc.send(signal.SIGUSR2)
+    most = 0
+    deadline = time.monotonic() + 30
+    while sc.event("sidecar.hot_restart.done") is None and time.monotonic() < deadline:
+        most = max(most, len(live_app_pids(sc)))
+        time.sleep(0.02)
+    done = sc.wait_event("sidecar.hot_restart.done", timeout=1)
+    refused = [e for e in sc.events() if e.get("event") == "sidecar.hot_restart.refused"]
+    assert len(refused) == 2 and all("in progress" in e["reason"] for e in refused)
+    assert most == 2
+    time.sleep(0.5)
+    assert [e["generation"] for e in sc.events() if e.get("event") == "sidecar.hot_restart.started"] == [2]
+    assert live_app_pids(sc) == {done["pid"]}
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+
+
+def test_sigterm_during_a_restart_deregisters_then_stops_both_generations(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path
+) -> None:
+    """1. The next generation serves but never says READY=1 (timeout 20s): the restart is under way,
+    two generations run.
+    2. SIGTERM.
+    Expected: the restart is interrupted; the instance leaves the agent while both generations still
+    run (propagation_delay 1s); then both get SIGTERM and exit; the sidecar exits with the current
+    (first) generation's status, 0; no process of either is left."""
+    mode_file = tmp_path / "mode"
+    sc, _ = start_modal(start_sidecar, consul, service_name, mode_file)
+    sid = f"{service_name}-1"
+    first = sc.app_pid()
+    mode_file.write_text("silent")
+    sc.send(signal.SIGUSR2)
+    second = sc.wait_event("sidecar.hot_restart.started", timeout=10)["pid"]
+    wait_for(lambda: len(live_app_pids(sc)) == 2, 10, what="two generations")
+    sc.send(signal.SIGTERM)
+    wait_for(lambda: sid not in consul.service_ids(service_name), 10, what="deregistered")
+    assert pid_alive(first) and pid_alive(second), "an app generation stopped before the deregistration"
+    assert sc.wait() == 0
+    assert not pid_alive(first) and not pid_alive(second)
+    names = [e.get("event") for e in sc.events()]
+    assert names.index("sidecar.hot_restart.interrupted") < names.index("sidecar.consul.deregistered")
+    assert names.index("sidecar.consul.deregistered") < names.index("sidecar.app.stopped")
+    assert "sidecar.hot_restart.done" not in names
+
+
+def _receiver(path: Path) -> socket.socket:
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(path))
+    rx.settimeout(0.05)
+    return rx
+
+
+def _drain(rx: socket.socket, into: list[str]) -> None:
+    while True:
+        try:
+            into.append(rx.recv(65536).decode())
+        except TimeoutError:
+            return
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(x.decode().partition("=")[::2] for x in raw if b"=" in x)
+
+
+def test_systemd_notify_sequence(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path
+) -> None:
+    """The sidecar runs with NOTIFY_SOCKET pointing at a datagram socket this test owns (as systemd
+    with Type=notify would). Expected, in order: READY=1 once registered; RELOADING=1 (with
+    MONOTONIC_USEC) then READY=1 around a hot restart; STOPPING=1 when the drain starts; STATUS= lines
+    along the way. The app never sees the test's socket: its NOTIFY_SOCKET is the sidecar's own."""
+    path = tmp_path / "notify.sock"
+    rx = _receiver(path)
+    try:
+        sc, port = start_modal(start_sidecar, consul, service_name, tmp_path / "mode", env={"NOTIFY_SOCKET": str(path)})
+        got: list[str] = []
+        wait_for(lambda: _drain(rx, got) or any("READY=1" in m for m in got), 10, what="READY=1")
+        app_pid = sc.app_pid()
+        app_env = _environ(app_pid)
+        assert app_env.get("NOTIFY_SOCKET", "").startswith("@consul-sidecar/")
+        # Socket activation as systemd does it: LISTEN_PID is the app's own PID, not the trampoline's parent.
+        assert (app_env["LISTEN_PID"], app_env["LISTEN_FDS"], app_env["LISTEN_FDNAMES"]) == (
+            str(app_pid),
+            "1",
+            service_name,
+        )
+        assert os.readlink(f"/proc/{app_pid}/fd/3").startswith("socket:[")
+        sc.send(signal.SIGUSR2)
+        sc.wait_event("sidecar.hot_restart.done", timeout=30)
+        sc.send(signal.SIGTERM)
+        assert sc.wait() == 0
+        _drain(rx, got)
+    finally:
+        rx.close()
+    flags = [k for m in got for k in ("READY=1", "RELOADING=1", "STOPPING=1") if k in m.split("\n")]
+    assert flags == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"], got
+    reloading = next(m for m in got if "RELOADING=1" in m)
+    assert "MONOTONIC_USEC=" in reloading
+    assert all(any(line.startswith("STATUS=") for line in m.split("\n")) for m in got)
+
+
+def test_without_hot_restart_the_app_does_not_inherit_systemds_notify_socket(
+    registered_sidecar: RegisteredSidecar, tmp_path: Path
+) -> None:
+    """A plain wrapper-mode sidecar under NOTIFY_SOCKET: the app's environment has no NOTIFY_SOCKET
+    (systemd would reject its messages, or worse, take its READY=1 for the unit's)."""
+    path = tmp_path / "notify.sock"
+    rx = _receiver(path)
+    try:
+        sc, _ = registered_sidecar(env={"NOTIFY_SOCKET": str(path)})
+        assert "NOTIFY_SOCKET" not in _environ(sc.app_pid())
+        got: list[str] = []
+        wait_for(lambda: _drain(rx, got) or any("READY=1" in m for m in got), 10, what="READY=1")
+        sc.send(signal.SIGTERM)
+        assert sc.wait() == 0
+    finally:
+        rx.close()
+
+
+def test_notify_socket_ignores_strangers_garbage_and_oversized_messages(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path
+) -> None:
+    """1. The next generation never says READY=1 (timeout 4s).
+    2. During the restart this test (a PID of no generation) sends READY=1 to the apps' NOTIFY_SOCKET,
+    then garbage bytes and a 64 KiB datagram.
+    Expected: none counts: the restart fails for want of READY=1; the sidecar logs the stranger at
+    debug and keeps serving; the old generation is left."""
+    mode_file = tmp_path / "mode"
+    sc, port = start_modal(start_sidecar, consul, service_name, mode_file, timeout="4s")
+    first = sc.app_pid()
+    name = _environ(first)["NOTIFY_SOCKET"]
+    mode_file.write_text("silent")
+    sc.send(signal.SIGUSR2)
+    sc.wait_event("sidecar.hot_restart.started", timeout=10)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tx:
+        target = "\0" + name[1:]
+        tx.sendto(b"READY=1", target)
+        tx.sendto(b"\xff\xfe\x00garbage", target)
+        tx.sendto(b"READY=1\n" + b"X" * 65000, target)
+    stranger = sc.wait_event("sidecar.hot_restart.notify_unknown_sender", timeout=5)
+    assert stranger["sender_pid"] == os.getpid()
+    failed = sc.wait_event("sidecar.hot_restart.failed", timeout=20)
+    assert "never sent READY=1" in failed["reason"]
+    sc.wait_event("sidecar.hot_restart.generation_stopped", timeout=20)
+    assert live_app_pids(sc) == {first}
+    assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+def _config_file(tmp_path: Path, agent: Consul, name: str, port: int, **sections: dict[str, Any]) -> Path:
+    return testkit.write_config(tmp_path / "c.toml", base_config(agent, name, port, **sections))
+
+
+def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([PY, "-m", "sidecar", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize(
+    ("hot", "fragment"),
+    [
+        ({"signal": "SIGTERM"}, "hot_restart.signal: SIGTERM starts the drain"),
+        ({"signal": "INT"}, "hot_restart.signal: SIGINT starts the drain"),
+        ({"signal": "SIGKILL"}, "hot_restart.signal: SIGKILL cannot be caught"),
+        ({"signal": "SIGCHLD"}, "hot_restart.signal: SIGCHLD is how the sidecar learns"),
+        ({"signal": "SIGFOO"}, "hot_restart.signal: 'SIGFOO' is not a signal name"),
+        ({"ready": "soon"}, "hot_restart.ready: 'soon'"),
+        ({"timeout": "0"}, "hot_restart.timeout"),
+    ],
+)
+def test_bad_hot_restart_settings_exit_78(
+    tmp_path: Path, consul: Consul, service_name: str, hot: dict[str, Any], fragment: str
+) -> None:
+    """A bad [hot_restart] value: check-config and run exit 78 with one line naming the key."""
+    path = _config_file(tmp_path, consul, service_name, free_port(), hot_restart={"enabled": True, **hot})
+    for args in (("check-config", "-c", str(path)), ("run", "-c", str(path), "--", "true")):
+        r = _cli(*args)
+        assert r.returncode == 78, r.stderr
+        assert fragment in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_hot_restart_in_alongside_mode_exits_78(tmp_path: Path, consul: Consul, service_name: str) -> None:
+    """hot_restart.enabled without a command after '--' (alongside mode), or with [app]: exit 78 naming
+    hot_restart.enabled, nothing registered."""
+    path = _config_file(tmp_path, consul, service_name, free_port(), hot_restart={"enabled": True})
+    r = _cli("run", "-c", str(path))
+    assert r.returncode == 78 and "hot_restart.enabled: needs wrapper mode" in r.stderr, r.stderr
+    path = _config_file(tmp_path, consul, service_name, free_port(), hot_restart={"enabled": True}, app={"pid": 12345})
+    r = _cli("check-config", "-c", str(path))
+    assert r.returncode == 78 and "hot_restart.enabled: needs wrapper mode" in r.stderr, r.stderr
+    assert f"{service_name}-1" not in consul.service_ids(service_name)
+
+
+def test_a_port_the_sidecar_cannot_bind(tmp_path: Path, consul: Consul, service_name: str) -> None:
+    """service.address not on this host (192.0.2.1, TEST-NET-1): check-config and run exit 78 naming
+    hot_restart.enabled and the address; run starts no app (its marker file never appears)."""
+    port = free_port()
+    path = _config_file(
+        tmp_path,
+        consul,
+        service_name,
+        port,
+        hot_restart={"enabled": True},
+        service={"address": "192.0.2.1"},
+        check={"http": f"http://192.0.2.1:{port}/healthz", "allow_remote": True},
+    )
+    r = _cli("check-config", "-c", str(path))
+    assert r.returncode == 78 and "hot_restart.enabled" in r.stderr and "192.0.2.1" in r.stderr, r.stderr
+    marker = tmp_path / "started"
+    r = _cli("run", "-c", str(path), "--", "touch", str(marker))
+    assert r.returncode == 78, r.stderr
+    assert "hot_restart.enabled" in r.stderr and "192.0.2.1" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()
+
+
+def test_a_port_in_use(tmp_path: Path, consul: Consul, service_name: str) -> None:
+    """Another socket listens on the port: check-config exits 0 with a warning (it may be the running
+    sidecar itself), prints the hot-restart plan; run exits 78 before starting the app."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        path = _config_file(tmp_path, consul, service_name, port, hot_restart={"enabled": True, "timeout": "30s"})
+        r = _cli("check-config", "-c", str(path))
+        assert r.returncode == 0, r.stderr
+        assert "is in use right now" in r.stderr
+        plan = json.loads(r.stdout)["hot_restart"]
+        assert plan["signal"] == "SIGUSR2" and plan["ready"] == "notify" and plan["timeout"] == "30s"
+        assert plan["worst_case_restart"] == "41s"  # timeout 30s + app_timeout 10s + 1s
+        assert "hot restart: SIGUSR2 starts the next generation" in r.stderr
+        assert json.loads(r.stdout)["shutdown"]["worst_case"] == "15s"  # unchanged by hot restart
+        marker = tmp_path / "started"
+        r = _cli("run", "-c", str(path), "--", "touch", str(marker))
+        assert r.returncode == 78 and "hot_restart.enabled" in r.stderr, r.stderr
+        assert not marker.exists()
+    finally:
+        busy.close()

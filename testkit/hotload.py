@@ -336,6 +336,8 @@ class HotLoad:
         if watcher is not None:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
+            # One last look, not blocking: the state when the load stopped.
+            self._samples.append(Sample(time.monotonic(), (await self._ask(0))[0]))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -367,25 +369,29 @@ class HotLoad:
         return time.monotonic()
 
     async def _watch(self) -> None:
-        assert self.consul is not None and self.consul.hostname and self.service
-        host, port = self.consul.hostname, self.consul.port or 8500
         index = 0
         while True:
-            target = f"/v1/health/service/{quote(self.service)}?index={index}&wait={WATCH_WAIT}"
-            try:
-                status, headers, body = await http_get(host, port, target, 30)
-                if status != 200:
-                    raise ConnectionError(f"HTTP {status}")
-                state = self._state(json.loads(body))
-                new = int(headers.get("x-consul-index", "0") or 0)
-                # Consul: an index that went backwards (or 0) means start over.
-                index = new if new > index else 0 if new < index else index
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                state = f"error: {_describe(exc)}"
-                await asyncio.sleep(0.1)
+            state, index = await self._ask(index)
             self._samples.append(Sample(time.monotonic(), state))
+
+    async def _ask(self, index: int) -> tuple[str, int]:
+        """One (blocking, if ``index``) query: the instance's state, and the index to wait on next."""
+        assert self.consul is not None and self.consul.hostname and self.service
+        host, port = self.consul.hostname, self.consul.port or 8500
+        target = f"/v1/health/service/{quote(self.service)}?index={index}&wait={WATCH_WAIT}"
+        try:
+            status, headers, body = await http_get(host, port, target, 30)
+            if status != 200:
+                raise ConnectionError(f"HTTP {status}")
+            state = self._state(json.loads(body))
+            new = int(headers.get("x-consul-index", "0") or 0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await asyncio.sleep(0.1)
+            return f"error: {_describe(exc)}", index
+        # Consul: an index that went backwards means start over.
+        return state, new if new >= index else 0
 
     def _state(self, entries: list[dict[str, Any]]) -> str:
         for e in entries:

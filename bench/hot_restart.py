@@ -96,8 +96,9 @@ def main() -> int:
     hot = [r for r in runs if r.mode == "hot"]
     plain = [r for r in runs if r.mode == "plain"]
     load = os.getloadavg()[0]
+    print(f"load average at the end: {load:.1f} on {os.cpu_count() or 1} cores")
     if load > 2 * (os.cpu_count() or 1):
-        print(f"warning: load average {load:.1f}: the machine was busy; latencies are the machine's as much as ours")
+        print("warning: the machine was busy; latencies are the machine's as much as the restart's")
     ok = all(r.lost == 0 and r.not_passing_seconds == 0 for r in hot) and all(r.lost > 0 for r in plain)
     print(
         "target met: 0 lost and passing throughout in every hot run, losses in every plain run"

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,8 @@ class Restart:
     t_done: float  # when /status showed the outcome (one generation, and the old one gone if replaced)
     t_old_exit: float | None  # when the old generation's process was first seen gone
     error: str | None  # hot_restart.last_error after a failed restart
+    # When the sidecar signalled the old generation (its sidecar.hot_restart.old_signalled event).
+    t_old_signalled: float | None = None
 
     @property
     def old_exit_seconds(self) -> float:
@@ -128,6 +131,18 @@ class HotInstance:
     @staticmethod
     def hot(status: dict[str, Any]) -> dict[str, Any]:
         return dict(status.get("hot_restart") or {})
+
+    def events(self, name: str) -> list[tuple[float, dict[str, Any]]]:
+        """The sidecar's log events called ``name``, each with its time on this host's monotonic clock
+        (the log's timestamps are wall-clock: converted with the current offset, good to a millisecond
+        or so while nobody steps the clock)."""
+        offset = time.time() - time.monotonic()
+        out = []
+        for e in self.sidecar.events():
+            if e.get("event") == name and "timestamp" in e:
+                wall = datetime.fromisoformat(str(e["timestamp"]).replace("Z", "+00:00")).timestamp()
+                out.append((wall - offset, e))
+        return out
 
     def serving_pid(self, timeout: float = 30) -> int:
         """The PID of the one generation there is (waits until there is exactly one)."""
@@ -171,7 +186,8 @@ class HotInstance:
                 if hot.get("last_error") and hot.get("last_error") != error_before and pids == [old]:
                     return Restart(old, None, t_signal, time.monotonic(), t_old_exit, str(hot["last_error"]))
             elif int(hot.get("restarts") or 0) > before and len(pids) == 1 and pids[0] != old and t_old_exit:
-                return Restart(old, pids[0], t_signal, time.monotonic(), t_old_exit, None)
+                signalled = [t for t, e in self.events("sidecar.hot_restart.old_signalled") if e.get("pid") == old]
+                return Restart(old, pids[0], t_signal, time.monotonic(), t_old_exit, None, max(signalled, default=None))
             if time.monotonic() > deadline:
                 raise AssertionError(
                     f"hot restart not {'failed' if expect_failure else 'done'} after {timeout}s: "

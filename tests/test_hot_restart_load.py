@@ -174,3 +174,46 @@ def test_control_plain_restart_loses_requests(
     msg = result.describe()
     assert len(result.refused) + len(result.failed) > 0, msg
     assert any(s.state == "missing" and s.t > t_stop for s in result.samples), msg
+
+
+@pytest.mark.parametrize("hot_restart", [False, True], ids=["wrapper", "hot-restart"])
+def test_once_the_drain_signals_the_app_new_connections_are_refused_not_left_hanging(
+    hot_restart: bool, consul: Consul, start_sidecar: Callable[..., Sidecar], service_name: str
+) -> None:
+    """1. The example app under the sidecar (with and without ``[hot_restart]``), 50 requests/s
+       straight at its port, and a slow request (3 s) in flight.
+    2. SIGTERM to the sidecar: it deregisters, waits ``propagation_delay``, signals the app, which
+       closes its listener at once and finishes the slow request before it exits.
+    Expected: the slow request is answered; a request sent after the app was signalled (a client
+    that has not heard of the deregistration) is refused at once, as in plain wrapper mode, so the
+    client may safely try elsewhere. It is never taken into the listen queue of a socket that nobody
+    will accept from any more (the sidecar's own copy, in hot-restart mode) and left there unanswered
+    until the sidecar exits and resets it."""
+    port = free_port()
+    cfg = hot_config(consul, service_name, port, "example")
+    if not hot_restart:
+        del cfg["hot_restart"]
+    sc = start_sidecar(cfg, server_command("example", port))
+    sc.wait_event("sidecar.consul.registered", timeout=40)
+    inst = HotInstance(sc)
+    with HotLoad(f"http://127.0.0.1:{port}/", 50.0, timeout=20) as load:
+        time.sleep(0.3)
+        load.slow(1, SLOW_MS)
+        sc.send(signal.SIGTERM)
+        sc.wait_event("sidecar.drain.delay_done", timeout=30)
+        sc.wait(60)
+        t_exit = load.mark("sidecar exited")
+        time.sleep(0.3)
+        result = load.stop()
+
+    (t_signalled, _), *_ = inst.events("sidecar.drain.delay_done")
+    msg = result.describe()
+    assert [h.ok for h in result.slow] == [True], msg
+    # Give the app a moment to close its listener after the signal; until the sidecar exits.
+    late = result.window(t_signalled + 0.3, t_exit)
+    assert len(late) >= 10, msg
+    hanging = [h for h in late if not h.refused]
+    assert not hanging, (
+        f"{len(hanging)} of {len(late)} requests sent after the app was signalled were not refused, e.g. "
+        f"{hanging[0].error or hanging[0].status} after {hanging[0].latency_ms:.0f} ms\n{msg}"
+    )

@@ -72,6 +72,7 @@ def test_hot_restart_changes_the_serving_process_and_keeps_the_registration(
     first = sc.app_pid()
     assert sc.pid in listeners_of(port) and first in listeners_of(port)
     index = consul.get(f"/v1/agent/service/{sid}")["ContentHash"]
+    (entry,) = consul.get(f"/v1/catalog/service/{service_name}")
 
     seen: list[bool] = []
     sc.send(signal.SIGUSR2)
@@ -88,6 +89,8 @@ def test_hot_restart_changes_the_serving_process_and_keeps_the_registration(
     assert live_app_pids(sc) == {second}
     assert listeners_of(port) == {sc.pid, second}
     assert consul.get(f"/v1/agent/service/{sid}")["ContentHash"] == index
+    (after,) = consul.get(f"/v1/catalog/service/{service_name}")
+    assert after["CreateIndex"] == entry["CreateIndex"], "the instance was removed from the catalog and added again"
     assert sc.event("sidecar.consul.deregistered") is None and sc.event("sidecar.consul.reregistered") is None
     st = status(sc)
     assert [(g["generation"], g["pid"], g["state"]) for g in st["app"]["generations"]] == [(2, second, "serving")]

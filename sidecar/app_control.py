@@ -8,6 +8,7 @@ endpoint) or ``ExternalApp`` (the orchestrator stops the app itself).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import enum
 import os
@@ -370,31 +371,47 @@ class ChildApp:
         gen.state = GenState.STOPPING
         if gen.exited.done():
             return StopResult(gen.exited.result(), False, "had already exited")
-        family = proctree.tree(gen.pid) if proctree.usable() else {gen.pid}
+        usable = proctree.usable()
+        # Its processes, watched while it stops: once it has exited, what it leaves is re-parented
+        # to the sidecar and no longer tells which generation it came from.
+        family = proctree.tree(gen.pid) if usable else {gen.pid}
         if not gen.signalled:
             gen.signalled = True
             try:
                 os.kill(gen.pid, sig)
             except ProcessLookupError:
                 pass
-        try:
-            status = await asyncio.wait_for(asyncio.shield(gen.exited), timeout)
-            return StopResult(status, False, f"exited after {sig.name}")
-        except TimeoutError:
-            pass
-        if proctree.usable():
+        deadline = self._clock.monotonic() + timeout
+        while not gen.exited.done() and self._clock.monotonic() < deadline:
+            if usable:
+                family |= proctree.tree(gen.pid)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.shield(gen.exited), min(self.FOLLOW_POLL, max(0.0, deadline - self._clock.monotonic()))
+                )
+        if gen.exited.done():
+            left = {p for p in family - {gen.pid} if proctree.alive(p)} if usable else set()
+            if left:  # leftovers of a clean exit: the same signal, then SIGKILL (as the app's at the end)
+                self._signal_all(left, sig)
+                end = self._clock.monotonic() + KILL_REAP_TIMEOUT
+                while any(proctree.alive(p) for p in left) and self._clock.monotonic() < end:
+                    await self._clock.sleep(0.02)
+                self._signal_all({p for p in left if proctree.alive(p)}, signal.SIGKILL)
+            return StopResult(gen.exited.result(), False, f"exited after {sig.name}")
+        if usable:
             family |= proctree.tree(gen.pid)
-        for pid in family:
-            if proctree.alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        self._signal_all({p for p in family if proctree.alive(p)} if usable else family, signal.SIGKILL)
         try:
             status = await asyncio.wait_for(asyncio.shield(gen.exited), KILL_REAP_TIMEOUT)
         except TimeoutError:
             status = by_signal(signal.SIGKILL)
         return StopResult(status, True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
+
+    @staticmethod
+    def _signal_all(pids: set[int], sig: signal.Signals) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def forget_exited(self) -> None:
         """Drop collected generations other than the current one from the list /status shows."""

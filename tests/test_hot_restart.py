@@ -72,6 +72,7 @@ def test_hot_restart_changes_the_serving_process_and_keeps_the_registration(
     first = sc.app_pid()
     assert sc.pid in listeners_of(port) and first in listeners_of(port)
     index = consul.get(f"/v1/agent/service/{sid}")["ContentHash"]
+    (entry,) = consul.get(f"/v1/catalog/service/{service_name}")
 
     seen: list[bool] = []
     sc.send(signal.SIGUSR2)
@@ -88,6 +89,8 @@ def test_hot_restart_changes_the_serving_process_and_keeps_the_registration(
     assert live_app_pids(sc) == {second}
     assert listeners_of(port) == {sc.pid, second}
     assert consul.get(f"/v1/agent/service/{sid}")["ContentHash"] == index
+    (after,) = consul.get(f"/v1/catalog/service/{service_name}")
+    assert after["CreateIndex"] == entry["CreateIndex"], "the instance was removed from the catalog and added again"
     assert sc.event("sidecar.consul.deregistered") is None and sc.event("sidecar.consul.reregistered") is None
     st = status(sc)
     assert [(g["generation"], g["pid"], g["state"]) for g in st["app"]["generations"]] == [(2, second, "serving")]
@@ -106,6 +109,8 @@ MODAL = '''mode=$(cat "$0" 2>/dev/null)
 case "$mode" in
   crash) echo "app: crashing at start" >&2; exit 3;;
   silent) exec env -u NOTIFY_SOCKET "$@";;
+  stubborn) sleep 300 & exec "$@" --ignore-sigterm;;
+  parent) sleep 300 & exec "$@";;
 esac
 exec "$@"'''
 
@@ -227,6 +232,41 @@ def test_sigterm_during_a_restart_deregisters_then_stops_both_generations(
     assert names.index("sidecar.hot_restart.interrupted") < names.index("sidecar.consul.deregistered")
     assert names.index("sidecar.consul.deregistered") < names.index("sidecar.app.stopped")
     assert "sidecar.hot_restart.done" not in names
+
+
+@pytest.mark.parametrize("mode", ["stubborn", "parent"])
+def test_the_old_generation_and_what_it_started_are_ended(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path, mode: str
+) -> None:
+    """1. Generation 1 has started a child process (sleep 300); "stubborn": it also ignores SIGTERM.
+    2. SIGUSR2 (app_timeout 2s); generation 2 is a plain app.
+    Expected: generation 1 and its child are gone once the restart is done: "parent" exits on SIGTERM
+    and its child gets the same signal; "stubborn" is SIGKILLed with its child after app_timeout
+    (generation_stopped at error level). Generation 2 serves alone, the instance stayed passing."""
+    mode_file = tmp_path / "mode"
+    mode_file.write_text(mode)
+    port = free_port()
+    cfg = base_config(consul, service_name, port, hot_restart=HOT, shutdown={"app_timeout": "2s"})
+    sc = start_sidecar(cfg, modal_command(mode_file, port))
+    sc.wait_event("sidecar.consul.registered")
+    first = sc.app_pid()
+    from sidecar import proctree
+
+    children = proctree.descendants(first)
+    assert len(children) == 1
+    mode_file.write_text("")
+    sc.send(signal.SIGUSR2)
+    done = sc.wait_event("sidecar.hot_restart.done", timeout=30)
+    stopped = sc.event("sidecar.hot_restart.generation_stopped")
+    assert stopped is not None and stopped["generation"] == 1
+    assert (stopped["level"], "SIGKILL" in stopped["how"]) == (
+        ("error", True) if mode == "stubborn" else ("info", False)
+    )
+    assert not pid_alive(first) and not any(pid_alive(p) for p in children)
+    assert live_app_pids(sc) == {done["pid"]}
+    assert passing(consul, service_name, f"{service_name}-1")
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
 
 
 def _receiver(path: Path) -> socket.socket:

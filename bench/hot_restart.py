@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -40,27 +42,43 @@ def main() -> int:
     ap.add_argument("--server", choices=SERVERS, default="gunicorn")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-hot-restart-"))
-    runs: list[Run] = []
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        consul = Consul(work)
-        consul.start()
-        for i in range(args.runs):
-            for mode in ("hot", "plain"):  # interleaved, so both modes see the same machine noise
-                name = f"bench{i}{mode}"
-                quiet = lambda _: None  # noqa: E731
-                if mode == "hot":
-                    r = hot_run(work / name, consul, name, args.server, args.rate, log=quiet)
-                else:
-                    r = plain_run(work / name, consul, name, args.server, args.rate, log=quiet)
-                print(
-                    f"run {i + 1}/{args.runs} {mode:5}: {r.lost} lost of {len(r.result.hits)}, "
-                    f"restart {r.t_end - r.t_begin:.2f}s",
-                    file=sys.stderr,
-                )
-                runs.append(r)
+        runs = measure(args, work)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping everything", file=sys.stderr)
+        return 130
     finally:
         kill_all_started()
+    return report(args, runs)
 
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through the same finally blocks as Ctrl-C
+
+
+def measure(args: argparse.Namespace, work: Path) -> list[Run]:
+    runs: list[Run] = []
+    consul = Consul(work)
+    consul.start()
+    for i in range(args.runs):
+        for mode in ("hot", "plain"):  # interleaved, so both modes see the same machine noise
+            name = f"bench{i}{mode}"
+            quiet = lambda _: None  # noqa: E731
+            if mode == "hot":
+                r = hot_run(work / name, consul, name, args.server, args.rate, log=quiet)
+            else:
+                r = plain_run(work / name, consul, name, args.server, args.rate, log=quiet)
+            print(
+                f"run {i + 1}/{args.runs} {mode:5}: {r.lost} lost of {len(r.result.hits)}, "
+                f"restart {r.t_end - r.t_begin:.2f}s",
+                file=sys.stderr,
+            )
+            runs.append(r)
+    return runs
+
+
+def report(args: argparse.Namespace, runs: list[Run]) -> int:
     print(
         f"\nhot-restart benchmark: {args.runs} runs per mode, {args.server} under the sidecar, "
         f"{args.rate:g} requests/s straight at the instance (a new connection each), 2 s steady, 1 s after"

@@ -104,6 +104,7 @@ class Restart:
     error: str | None  # hot_restart.last_error after a failed restart
     # When the sidecar signalled the old generation (its sidecar.hot_restart.old_signalled event).
     t_old_signalled: float | None = None
+    started_pid: int | None = None  # the PID the new generation had (sidecar.hot_restart.started), also when it failed
 
     @property
     def old_exit_seconds(self) -> float:
@@ -143,6 +144,12 @@ class HotInstance:
                 wall = datetime.fromisoformat(str(e["timestamp"]).replace("Z", "+00:00")).timestamp()
                 out.append((wall - offset, e))
         return out
+
+    def _started(self, previous_pid: int) -> int | None:
+        pids = [
+            e.get("pid") for _, e in self.events("sidecar.hot_restart.started") if e.get("previous_pid") == previous_pid
+        ]
+        return int(pids[-1]) if pids and pids[-1] is not None else None
 
     def serving_pid(self, timeout: float = 30) -> int:
         """The PID of the one generation there is (waits until there is exactly one)."""
@@ -184,10 +191,14 @@ class HotInstance:
             pids = [int(g["pid"]) for g in gens]
             if expect_failure:
                 if hot.get("last_error") and hot.get("last_error") != error_before and pids == [old]:
-                    return Restart(old, None, t_signal, time.monotonic(), t_old_exit, str(hot["last_error"]))
+                    error = str(hot["last_error"])
+                    return Restart(old, None, t_signal, time.monotonic(), t_old_exit, error, None, self._started(old))
             elif int(hot.get("restarts") or 0) > before and len(pids) == 1 and pids[0] != old and t_old_exit:
                 signalled = [t for t, e in self.events("sidecar.hot_restart.old_signalled") if e.get("pid") == old]
-                return Restart(old, pids[0], t_signal, time.monotonic(), t_old_exit, None, max(signalled, default=None))
+                t_done = time.monotonic()
+                return Restart(
+                    old, pids[0], t_signal, t_done, t_old_exit, None, max(signalled, default=None), self._started(old)
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(
                     f"hot restart not {'failed' if expect_failure else 'done'} after {timeout}s: "

@@ -124,8 +124,9 @@ def test_a_broken_new_generation_leaves_the_old_one_serving(
        READY=1 (``no-ready``). SIGUSR2.
     3. Once /status reports the failure, the fault is removed and a normal hot restart follows.
     Expected: the failure is in ``hot_restart.last_error``; no request refused or failed, also while
-    the broken generation ran and was stopped; the old generation alone served after the failure and
-    was then replaced normally; the watcher saw the instance passing the whole time."""
+    the broken generation ran (the one that never says READY=1 serves requests meanwhile) and was
+    stopped; the old generation alone served after the failure and was then replaced normally; the
+    watcher saw the instance passing the whole time."""
     inst, port, _ = hot("gunicorn", fault=True, hot_restart={"timeout": "4s"})
     old = inst.serving_pid()
     with load_at(consul, port, service_name) as load:
@@ -147,6 +148,9 @@ def test_a_broken_new_generation_leaves_the_old_one_serving(
     assert not result.refused, msg
     assert not result.failed, msg
     assert set(result.pids(result.window(t_failed, t_next))) == {old}, msg
+    if how == "no-ready":
+        # It served beside the old one until the sidecar stopped it: stopped gracefully, it lost nothing.
+        assert failed.started_pid is not None and result.pids()[failed.started_pid] > 0, msg
     assert result.pids()[done.new_pid or -1] > 0, msg  # type: ignore[index]
     assert_watched_passing(result, failed.t_signal, done.t_done)
 

@@ -89,7 +89,7 @@ def test_three_hot_restarts_under_load_lose_nothing(
     with load_at(consul, port, service_name) as load:
         time.sleep(0.5)
         for i in range(3):
-            load.slow(SLOW_N, SLOW_MS)
+            load.slow(SLOW_N, SLOW_MS, settle=0.5)
             load.mark(f"trigger {i + 1}")
             restarts.append(inst.hot_restart(timeout=60))
             pids.append(restarts[-1].new_pid)  # type: ignore[arg-type]
@@ -105,9 +105,12 @@ def test_three_hot_restarts_under_load_lose_nothing(
     previous_done = -math.inf
     for r in restarts:
         slow = [h for h in result.slow if previous_done <= h.start < r.t_signal]
-        assert len(slow) == SLOW_N, msg
-        for h in slow:
-            assert h.ok and h.pid == r.old_pid, f"slow request {h} of restart {r}\n{msg}"
+        assert len(slow) == SLOW_N and all(h.ok for h in slow), msg
+        # Sent 0.5 s before the trigger, they are the old generation's (on a very busy machine one may
+        # still wait in the shared queue and go to the new one: answered too, but not evidence here).
+        by_old = [h for h in slow if h.pid == r.old_pid]
+        assert by_old, f"no slow request of restart {r} was served by the old generation\n{msg}"
+        for h in by_old:
             # Still running when the sidecar told the old generation to stop:
             assert r.t_old_signalled is not None and h.end > r.t_old_signalled, msg
             assert r.t_old_exit is not None and h.end <= r.t_old_exit, msg  # the old one finished it, then exited

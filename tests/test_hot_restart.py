@@ -469,3 +469,41 @@ def test_a_port_in_use(tmp_path: Path, consul: Consul, service_name: str) -> Non
         assert not marker.exists()
     finally:
         busy.close()
+
+
+# --- the notify protocol's pieces -------------------------------------------------------------------
+
+
+def test_notify_parse_takes_key_value_lines_only() -> None:
+    """KEY=VALUE lines are read; anything else (not UTF-8, a line without '=', an odd key) is refused whole."""
+    from sidecar.notify import parse
+
+    assert parse(b"READY=1\nSTATUS=serving 3 workers\n") == {"READY": "1", "STATUS": "serving 3 workers"}
+    assert parse(b"MAINPID=42") == {"MAINPID": "42"}
+    for bad in (b"", b"\xff\xfeREADY=1", b"READY", b"=1", b"READY=1\nnonsense", b"RE ADY=1", b"\x00=1"):
+        assert parse(bad) is None, bad
+
+
+def test_systemd_notifier_never_blocks_on_a_full_socket(tmp_path: Path) -> None:
+    """systemd's socket stops reading (its queue full): each notify() returns at once and is dropped;
+    the sidecar's drain is never held by it. A missing socket is dropped the same way."""
+    from sidecar.notify import SystemdNotifier
+
+    path = tmp_path / "full.sock"
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(path))
+    try:
+        notifier = SystemdNotifier(str(path))
+        t = time.monotonic()
+        for i in range(5000):
+            notifier.notify(STATUS=f"step {i}", READY="1")
+        elapsed = time.monotonic() - t
+        assert 0 < len(notifier.sent) < 5000  # the queue filled: the rest were dropped, not waited for
+        assert elapsed < 5.0
+        gone = SystemdNotifier(str(tmp_path / "missing.sock"))
+        gone.notify(STOPPING="1")
+        assert gone.sent == []
+        gone.close()
+        notifier.close()
+    finally:
+        rx.close()

@@ -92,6 +92,7 @@ def test_hot_restart_changes_the_serving_process_and_keeps_the_registration(
     (after,) = consul.get(f"/v1/catalog/service/{service_name}")
     assert after["CreateIndex"] == entry["CreateIndex"], "the instance was removed from the catalog and added again"
     assert sc.event("sidecar.consul.deregistered") is None and sc.event("sidecar.consul.reregistered") is None
+    assert sc.event("sidecar.app.exited") is None  # the replaced generation's exit is not the app's
     st = status(sc)
     assert [(g["generation"], g["pid"], g["state"]) for g in st["app"]["generations"]] == [(2, second, "serving")]
     assert st["hot_restart"] == {"state": "idle", "restarts": 1, "last_error": None}
@@ -267,6 +268,40 @@ def test_the_old_generation_and_what_it_started_are_ended(
     assert passing(consul, service_name, f"{service_name}-1")
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
+
+
+def test_the_current_generation_dying_mid_restart_ends_the_app(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path
+) -> None:
+    """1. A restart is under way (the new generation never says READY=1).
+    2. The current generation is SIGKILLed (out of memory, say).
+    Expected: as without hot restart: sidecar.app.exited (137), the instance is deregistered, the
+    starting generation is stopped too, the sidecar exits 137 and leaves no process."""
+    mode_file = tmp_path / "mode"
+    sc, _ = start_modal(start_sidecar, consul, service_name, mode_file)
+    first = sc.app_pid()
+    mode_file.write_text("silent")
+    sc.send(signal.SIGUSR2)
+    second = sc.wait_event("sidecar.hot_restart.started", timeout=10)["pid"]
+    os.kill(first, signal.SIGKILL)
+    assert sc.wait() == 137
+    exited = sc.event("sidecar.app.exited")
+    assert exited is not None and exited["exit_status"] == 137
+    assert sc.event("sidecar.consul.deregistered") is not None
+    assert f"{service_name}-1" not in consul.service_ids(service_name)
+    assert not pid_alive(second)
+
+
+def test_hot_restart_command_not_found_exits_127(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str
+) -> None:
+    """The app's command does not exist: with hot restart (the trampoline execs it) the sidecar says so
+    and exits as without it (sidecar.app.start_failed, 127), nothing registered."""
+    cfg = base_config(consul, service_name, free_port(), hot_restart=HOT)
+    sc = start_sidecar(cfg, ["/nonexistent/app"])
+    assert sc.wait() == 127
+    failed = sc.event("sidecar.app.start_failed")
+    assert failed is not None and "FileNotFoundError" in failed["error"]
 
 
 def _receiver(path: Path) -> socket.socket:

@@ -92,6 +92,7 @@ def test_hot_restart_changes_the_serving_process_and_keeps_the_registration(
     (after,) = consul.get(f"/v1/catalog/service/{service_name}")
     assert after["CreateIndex"] == entry["CreateIndex"], "the instance was removed from the catalog and added again"
     assert sc.event("sidecar.consul.deregistered") is None and sc.event("sidecar.consul.reregistered") is None
+    assert sc.event("sidecar.app.exited") is None  # the replaced generation's exit is not the app's
     st = status(sc)
     assert [(g["generation"], g["pid"], g["state"]) for g in st["app"]["generations"]] == [(2, second, "serving")]
     assert st["hot_restart"] == {"state": "idle", "restarts": 1, "last_error": None}
@@ -267,6 +268,40 @@ def test_the_old_generation_and_what_it_started_are_ended(
     assert passing(consul, service_name, f"{service_name}-1")
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
+
+
+def test_the_current_generation_dying_mid_restart_ends_the_app(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path
+) -> None:
+    """1. A restart is under way (the new generation never says READY=1).
+    2. The current generation is SIGKILLed (out of memory, say).
+    Expected: as without hot restart: sidecar.app.exited (137), the instance is deregistered, the
+    starting generation is stopped too, the sidecar exits 137 and leaves no process."""
+    mode_file = tmp_path / "mode"
+    sc, _ = start_modal(start_sidecar, consul, service_name, mode_file)
+    first = sc.app_pid()
+    mode_file.write_text("silent")
+    sc.send(signal.SIGUSR2)
+    second = sc.wait_event("sidecar.hot_restart.started", timeout=10)["pid"]
+    os.kill(first, signal.SIGKILL)
+    assert sc.wait() == 137
+    exited = sc.event("sidecar.app.exited")
+    assert exited is not None and exited["exit_status"] == 137
+    assert sc.event("sidecar.consul.deregistered") is not None
+    assert f"{service_name}-1" not in consul.service_ids(service_name)
+    assert not pid_alive(second)
+
+
+def test_hot_restart_command_not_found_exits_127(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str
+) -> None:
+    """The app's command does not exist: with hot restart (the trampoline execs it) the sidecar says so
+    and exits as without it (sidecar.app.start_failed, 127), nothing registered."""
+    cfg = base_config(consul, service_name, free_port(), hot_restart=HOT)
+    sc = start_sidecar(cfg, ["/nonexistent/app"])
+    assert sc.wait() == 127
+    failed = sc.event("sidecar.app.start_failed")
+    assert failed is not None and "FileNotFoundError" in failed["error"]
 
 
 def _receiver(path: Path) -> socket.socket:
@@ -469,3 +504,41 @@ def test_a_port_in_use(tmp_path: Path, consul: Consul, service_name: str) -> Non
         assert not marker.exists()
     finally:
         busy.close()
+
+
+# --- the notify protocol's pieces -------------------------------------------------------------------
+
+
+def test_notify_parse_takes_key_value_lines_only() -> None:
+    """KEY=VALUE lines are read; anything else (not UTF-8, a line without '=', an odd key) is refused whole."""
+    from sidecar.notify import parse
+
+    assert parse(b"READY=1\nSTATUS=serving 3 workers\n") == {"READY": "1", "STATUS": "serving 3 workers"}
+    assert parse(b"MAINPID=42") == {"MAINPID": "42"}
+    for bad in (b"", b"\xff\xfeREADY=1", b"READY", b"=1", b"READY=1\nnonsense", b"RE ADY=1", b"\x00=1"):
+        assert parse(bad) is None, bad
+
+
+def test_systemd_notifier_never_blocks_on_a_full_socket(tmp_path: Path) -> None:
+    """systemd's socket stops reading (its queue full): each notify() returns at once and is dropped;
+    the sidecar's drain is never held by it. A missing socket is dropped the same way."""
+    from sidecar.notify import SystemdNotifier
+
+    path = tmp_path / "full.sock"
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(path))
+    try:
+        notifier = SystemdNotifier(str(path))
+        t = time.monotonic()
+        for i in range(5000):
+            notifier.notify(STATUS=f"step {i}", READY="1")
+        elapsed = time.monotonic() - t
+        assert 0 < len(notifier.sent) < 5000  # the queue filled: the rest were dropped, not waited for
+        assert elapsed < 5.0
+        gone = SystemdNotifier(str(tmp_path / "missing.sock"))
+        gone.notify(STOPPING="1")
+        assert gone.sent == []
+        gone.close()
+        notifier.close()
+    finally:
+        rx.close()

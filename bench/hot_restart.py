@@ -7,7 +7,7 @@ generation's exit, and p99 latency of the requests started during the restart ag
 state before it, with the ratio taken within each run. Target: 0 lost in every hot run, some lost
 in every plain run, and the catalog watcher seeing the instance passing throughout every hot run.
 
-Usage: python bench/hot_restart.py [--runs 5] [--rate 200] [--server gunicorn|uvicorn|example]
+Usage: python bench/hot_restart.py [--runs 5] [--rate 200] [--server gunicorn|uvicorn|example|uvicorn-plain]
 Everything it starts is stopped at the end, also on Ctrl-C.
 """
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.hot_restart.scenario import Run, hot_run, plain_run  # noqa: E402
 from testkit import Consul, kill_all_started  # noqa: E402
-from testkit.hotrestart import SERVERS  # noqa: E402
+from testkit.hotrestart import ALL_SERVERS  # noqa: E402
 
 
 def median(values: list[float]) -> float:
@@ -39,7 +39,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rate", type=float, default=200.0)
-    ap.add_argument("--server", choices=SERVERS, default="gunicorn")
+    ap.add_argument("--server", choices=ALL_SERVERS, default="gunicorn")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-hot-restart-"))
     signal.signal(signal.SIGTERM, _on_sigterm)

@@ -4,7 +4,8 @@ The tests (tests/test_hot_restart_load.py), the bench (bench/hot_restart.py) and
 (examples/hot_restart) share these:
 
 - ``server_command(server, port)``: gunicorn with ``examples/app/wsgi_app.py``, uvicorn with
-  ``examples/app/asgi_app.py``, or the example app, each taking the sidecar's socket (fd 3).
+  ``examples/app/asgi_app.py`` (through ``uvicorn_serve.py``; ``uvicorn-plain``: as shipped), or the
+  example app, each taking the sidecar's socket (fd 3).
 - ``hot_config(...)``: a sidecar config with ``[hot_restart]`` for that server (``ready = "notify"``
   where the server says ``READY=1``, ``"warmup"`` for uvicorn, which never does).
 - ``HotInstance``: reads the sidecar's ``/status`` (``app.generations``, ``hot_restart``), sends the
@@ -29,6 +30,9 @@ from testkit.procs import PY, ROOT, Consul, Sidecar, app_command, http_get, merg
 APP_DIR = ROOT / "examples" / "app"
 FAULTWRAP = ROOT / "testkit" / "faultwrap.py"
 SERVERS = ("gunicorn", "uvicorn", "example")
+# Plain `python -m uvicorn --fd 3`, without examples/app/uvicorn_serve.py's shutdown grace: it closes
+# connections accepted just before its shutdown unanswered (the bench and demo can show it).
+ALL_SERVERS = (*SERVERS, "uvicorn-plain")
 # uvicorn says nothing when it accepts: the sidecar waits this long after starting it. Its start-up
 # takes ~0.5 s on a quiet machine; connections that come sooner wait in the socket's backlog.
 UVICORN_WARMUP = "1500ms"
@@ -52,13 +56,14 @@ def server_command(server: str, port: int, fault_dir: Path | None = None) -> lis
         if _gunicorn_has_control_socket():
             cmd.append("--no-control-socket")
         cmd.append("wsgi_app:app")
-    elif server == "uvicorn":
-        cmd = [PY, "-m", "uvicorn", "--app-dir", str(APP_DIR), "--fd", "3", "--log-level", "warning"]
-        cmd += ["--no-access-log", "asgi_app:app"]
+    elif server in ("uvicorn", "uvicorn-plain"):
+        # "uvicorn": uvicorn with examples/app/uvicorn_serve.py's shutdown grace; "uvicorn-plain": as shipped.
+        cmd = [PY, str(APP_DIR / "uvicorn_serve.py")] if server == "uvicorn" else [PY, "-m", "uvicorn"]
+        cmd += ["--app-dir", str(APP_DIR), "--fd", "3", "--log-level", "warning", "--no-access-log", "asgi_app:app"]
     elif server == "example":
         cmd = app_command(port)
     else:
-        raise ValueError(f"unknown server {server!r}: one of {', '.join(SERVERS)}")
+        raise ValueError(f"unknown server {server!r}: one of {', '.join(ALL_SERVERS)}")
     if fault_dir is None:
         return cmd
     wrap = [PY, str(FAULTWRAP), "--crash-if", str(fault_dir / "crash"), "--no-ready-if", str(fault_dir / "no-ready")]
@@ -68,7 +73,7 @@ def server_command(server: str, port: int, fault_dir: Path | None = None) -> lis
 def hot_section(server: str, **over: Any) -> dict[str, Any]:
     """``[hot_restart]`` for ``server``: READY=1 where it says so, a warm-up for uvicorn."""
     section: dict[str, Any] = {"enabled": True, "signal": "SIGUSR2", "timeout": "30s"}
-    if server == "uvicorn":
+    if server.startswith("uvicorn"):
         section.update(ready="warmup", warmup=UVICORN_WARMUP)
     else:
         section.update(ready="notify")

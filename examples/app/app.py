@@ -37,6 +37,8 @@ from aiohttp import web
 
 # Upper bound on how long in-flight requests may take to finish on shutdown.
 SHUTDOWN_TIMEOUT_SECONDS: float = 30.0
+# On shutdown, how long a connection accepted just before the listener closed has to send its request.
+NEW_CONNECTION_GRACE_SECONDS: float = 0.25
 
 # Signals that are written to --signal-log.
 RECORDED_SIGNALS: tuple[signal.Signals, ...] = (
@@ -308,7 +310,8 @@ def crash(code: int, after: float) -> None:
 async def shutdown(runner: web.AppRunner) -> None:
     """Graceful shutdown, like Go's http.Server.Shutdown.
 
-    runner.cleanup() closes the listening socket at once, closes idle
+    The listening socket closes at once; after NEW_CONNECTION_GRACE_SECONDS
+    for connections accepted just before, runner.cleanup() closes idle
     keep-alive connections, marks busy ones to close after their current
     response and waits for in-flight handlers.  aiohttp may wait up to twice
     its shutdown_timeout (once for the handler, once more for the connection
@@ -320,6 +323,14 @@ async def shutdown(runner: web.AppRunner) -> None:
     server = runner.server
     try:
         async with asyncio.timeout(SHUTDOWN_TIMEOUT_SECONDS):
+            # Stop accepting first, then give the connections accepted in the last moments time to send
+            # their request: runner.cleanup() closes every connection with no request under way, and one
+            # accepted a millisecond before the close (its request still on the way) would be closed
+            # unanswered. Go's Shutdown does the same: a new connection counts as idle only after 5 s.
+            # Under hot restart that was one request lost in about ten restarts at 200 requests/s.
+            for site in list(runner.sites):
+                await site.stop()
+            await asyncio.sleep(NEW_CONNECTION_GRACE_SECONDS)
             await runner.cleanup()
     except TimeoutError:
         log(f"in-flight requests still running after {SHUTDOWN_TIMEOUT_SECONDS:g}s; closing them")

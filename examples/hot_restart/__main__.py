@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from testkit import Consul, kill_all_started, leftovers
-from testkit.hotrestart import SERVERS
+from testkit.hotrestart import ALL_SERVERS
 
 from .scenario import Run, hot_run, plain_run
 
@@ -33,7 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="scripts/demo --hot-restart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--server", choices=SERVERS, default="gunicorn", help="the server to restart (default gunicorn)")
+    ap.add_argument(
+        "--server",
+        choices=ALL_SERVERS,
+        default="gunicorn",
+        help="the server to restart (default gunicorn; uvicorn-plain: without examples/app/uvicorn_serve.py)",
+    )
     ap.add_argument("--rate", type=float, default=200.0, help="requests per second at the instance (default 200)")
     ap.add_argument("--restarts", type=int, default=3, help="hot restarts in a row (default 3)")
     ap.add_argument(

@@ -1,6 +1,9 @@
 """A small ASGI app for uvicorn under the sidecar's hot restart (tests, bench, demo).
 
-    python -m uvicorn --app-dir examples/app --fd 3 asgi_app:app
+    python examples/app/uvicorn_serve.py --app-dir examples/app --fd 3 asgi_app:app
+
+(``uvicorn_serve.py`` is uvicorn with a shutdown that does not drop connections accepted just
+before it; ``python -m uvicorn`` takes the same options.)
 
 Under the sidecar with ``[hot_restart] enabled = true`` uvicorn takes the listening socket with
 ``--fd 3`` (it does not read ``LISTEN_FDS``). It never writes to ``NOTIFY_SOCKET``, so the sidecar

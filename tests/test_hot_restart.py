@@ -433,6 +433,7 @@ def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         ({"signal": "SIGFOO"}, "hot_restart.signal: 'SIGFOO' is not a signal name"),
         ({"ready": "soon"}, "hot_restart.ready: 'soon'"),
         ({"timeout": "0"}, "hot_restart.timeout"),
+        ({"ready": "warmup", "warmup": "1m", "timeout": "1m"}, "hot_restart.warmup: is not shorter"),
     ],
 )
 def test_bad_hot_restart_settings_exit_78(

@@ -112,6 +112,7 @@ case "$mode" in
   silent) exec env -u NOTIFY_SOCKET "$@";;
   stubborn) sleep 300 & exec "$@" --ignore-sigterm;;
   parent) sleep 300 & exec "$@";;
+  slow) exec "$@" --drain-seconds 4 --signal-log "$0.$$";;
 esac
 exec "$@"'''
 
@@ -268,6 +269,30 @@ def test_the_old_generation_and_what_it_started_are_ended(
     assert passing(consul, service_name, f"{service_name}-1")
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
+
+
+def test_sigterm_while_the_old_generation_drains(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path
+) -> None:
+    """1. Generation 1 keeps serving 4s after its SIGTERM (--drain-seconds 4).
+    2. SIGUSR2: generation 2 takes over, generation 1 is signalled and drains.
+    3. SIGTERM to the sidecar during that drain.
+    Expected: deregistration first; generation 1 is not signalled again (it heard one SIGTERM), the
+    current generation 2 gets SIGTERM; both end, the sidecar exits 0."""
+    mode_file = tmp_path / "mode"
+    mode_file.write_text("slow")
+    sc, _ = start_modal(start_sidecar, consul, service_name, mode_file)
+    first = sc.app_pid()
+    mode_file.write_text("")
+    sc.send(signal.SIGUSR2)
+    second = sc.wait_event("sidecar.hot_restart.old_signalled", timeout=20)
+    assert second["pid"] == first
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+    names = [e.get("event") for e in sc.events()]
+    assert names.index("sidecar.consul.deregistered") < names.index("sidecar.app.stopped")
+    assert [name for name, _ in testkit.read_signal_log(Path(f"{mode_file}.{first}"))] == ["SIGTERM"]
+    assert not live_app_pids(sc) and not pid_alive(first)
 
 
 def test_the_current_generation_dying_mid_restart_ends_the_app(

@@ -173,11 +173,18 @@ class PosixLauncher:
         self._procs = [p for p in self._procs if p.returncode is None]
 
 
-def _which(command: str, env: Mapping[str, str] | None) -> bool:
+def _check_executable(command: str, env: Mapping[str, str] | None) -> None:
+    """Through the trampoline a failed exec happens in the child: raise now what Popen would raise."""
+    import errno
     import shutil
 
-    path = (os.environ if env is None else env).get("PATH", os.defpath)
-    return shutil.which(command, path=path) is not None
+    if "/" not in command:
+        if shutil.which(command, path=(os.environ if env is None else env).get("PATH", os.defpath)) is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command)
+    elif not os.path.exists(command):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command)
+    elif os.path.isdir(command) or not os.access(command, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), command)
 
 
 # Runs in the child, in place of the app, until it execs the app (see PosixLauncher._spawn_activated).
@@ -303,9 +310,8 @@ class ChildApp:
         # signal handler only wakes the loop; the callback then collects every
         # child that has ended - the app, and any orphan re-parented to us.
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
-        if self.listener is not None and "/" not in self.argv[0] and not _which(self.argv[0], self.env):
-            # Through the trampoline the exec fails in the child: say so now, as Popen would.
-            raise FileNotFoundError(2, "No such file or directory", self.argv[0])
+        if self.listener is not None:
+            _check_executable(self.argv[0], self.env)
         gen = self._spawn(1)
         gen.state = GenState.SERVING
         self.pid = gen.pid

@@ -783,7 +783,7 @@ class Sidecar:
         self._restart = asyncio.create_task(self._hot_restart(sig))
 
     async def _hot_restart(self, sig: signal.Signals) -> None:
-        """One hot restart, start to end (see the module docstring). Never raises but CancelledError."""
+        """One hot restart, start to end (see the module docstring). Raises only CancelledError."""
         gens = self._gens
         assert gens is not None
         cfg, sd = self.config.hot_restart, self.config.shutdown
@@ -793,7 +793,7 @@ class Sidecar:
         self._hot_state("restarting")
         self.systemd.notify(
             RELOADING="1",
-            STATUS=f"hot restart: starting generation {old.number + 1}",
+            STATUS=f"hot restart: starting the generation after {old.number}",
             MONOTONIC_USEC=str(int(self.clock.monotonic() * 1_000_000)),
         )
         try:
@@ -857,6 +857,9 @@ class Sidecar:
             self._hot_state("interrupted")
             self.log.info("sidecar.hot_restart.interrupted", reason="the sidecar is stopping", elapsed_ms=self._ms(t0))
             raise
+        except Exception as e:  # a bug: say so; the generations are left as they are, the drain ends them all
+            self._hot_failed(None, f"unexpected {e.__class__.__name__}: {e}", t0)
+            self.log.exception("sidecar.hot_restart.crashed", hint="this is a bug in consul-sidecar")
 
     async def _until_ready(self, gen: Generation, deadline: float) -> tuple[bool, str]:
         """(True, how) once ``gen`` is ready; (False, why) when it exits or ``deadline`` passes first."""

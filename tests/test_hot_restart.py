@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,13 @@ def status(sc: testkit.Sidecar) -> dict[str, Any]:
     code, body = http_get(sc.status_url() + "/status")
     assert code == 200
     return json.loads(body)  # type: ignore[no-any-return]
+
+
+def answering_pid(port: int) -> int:
+    """The PID of the process that answered GET / (the example app's X-Pid); fails on anything but 200."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+        assert r.status == 200
+        return int(r.headers["X-Pid"])
 
 
 def listeners_of(port: int) -> set[int]:
@@ -75,18 +83,19 @@ def test_hot_restart_changes_the_serving_process_and_keeps_the_registration(
     (entry,) = consul.get(f"/v1/catalog/service/{service_name}")
 
     seen: list[bool] = []
+    answered = {answering_pid(port)}
     sc.send(signal.SIGUSR2)
     deadline = time.monotonic() + 30
     while sc.event("sidecar.hot_restart.done") is None and time.monotonic() < deadline:
         seen.append(passing(consul, service_name, sid))
-        code, _ = http_get(f"http://127.0.0.1:{port}/healthz")
-        assert code == 200
+        answered.add(answering_pid(port))
         time.sleep(0.05)
     done = sc.wait_event("sidecar.hot_restart.done", timeout=1)
     assert seen and all(seen), "the instance was not passing at some point of the restart"
     second = done["pid"]
     assert second != first and not pid_alive(first)
     assert live_app_pids(sc) == {second}
+    assert answering_pid(port) == second and answered <= {first, second} and first in answered
     assert listeners_of(port) == {sc.pid, second}
     assert consul.get(f"/v1/agent/service/{sid}")["ContentHash"] == index
     (after,) = consul.get(f"/v1/catalog/service/{service_name}")
@@ -112,6 +121,7 @@ case "$mode" in
   silent) exec env -u NOTIFY_SOCKET "$@";;
   stubborn) sleep 300 & exec "$@" --ignore-sigterm;;
   parent) sleep 300 & exec "$@";;
+  slow) exec "$@" --drain-seconds 4 --signal-log "$0.$$";;
 esac
 exec "$@"'''
 
@@ -268,6 +278,30 @@ def test_the_old_generation_and_what_it_started_are_ended(
     assert passing(consul, service_name, f"{service_name}-1")
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
+
+
+def test_sigterm_while_the_old_generation_drains(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path
+) -> None:
+    """1. Generation 1 keeps serving 4s after its SIGTERM (--drain-seconds 4).
+    2. SIGUSR2: generation 2 takes over, generation 1 is signalled and drains.
+    3. SIGTERM to the sidecar during that drain.
+    Expected: deregistration first; generation 1 is not signalled again (it heard one SIGTERM), the
+    current generation 2 gets SIGTERM; both end, the sidecar exits 0."""
+    mode_file = tmp_path / "mode"
+    mode_file.write_text("slow")
+    sc, _ = start_modal(start_sidecar, consul, service_name, mode_file)
+    first = sc.app_pid()
+    mode_file.write_text("")
+    sc.send(signal.SIGUSR2)
+    second = sc.wait_event("sidecar.hot_restart.old_signalled", timeout=20)
+    assert second["pid"] == first
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+    names = [e.get("event") for e in sc.events()]
+    assert names.index("sidecar.consul.deregistered") < names.index("sidecar.app.stopped")
+    assert [name for name, _ in testkit.read_signal_log(Path(f"{mode_file}.{first}"))] == ["SIGTERM"]
+    assert not live_app_pids(sc) and not pid_alive(first)
 
 
 def test_the_current_generation_dying_mid_restart_ends_the_app(
@@ -433,6 +467,7 @@ def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         ({"signal": "SIGFOO"}, "hot_restart.signal: 'SIGFOO' is not a signal name"),
         ({"ready": "soon"}, "hot_restart.ready: 'soon'"),
         ({"timeout": "0"}, "hot_restart.timeout"),
+        ({"ready": "warmup", "warmup": "1m", "timeout": "1m"}, "hot_restart.warmup: is not shorter"),
     ],
 )
 def test_bad_hot_restart_settings_exit_78(

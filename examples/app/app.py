@@ -5,8 +5,7 @@ Endpoints:
   GET /healthz           200 "ok", or 503 (see --healthy-after / --unhealthy)
   GET /                  200 "<instance> <version>\\n"
   GET /slow?seconds=S    sleeps S seconds (default 2), then 200 like /
-Every response carries the header ``X-Backend: <instance> <version>``, and ``X-Pid`` (which
-process served it: the hot-restart tests tell generations apart by it).
+Every response carries the headers ``X-Backend: <instance> <version>`` and ``X-Pid: <pid>``.
 
 Socket activation (systemd's protocol, as consul-sidecar's hot restart uses it): when LISTEN_PID is
 this process's PID and LISTEN_FDS >= 1, it serves the listening socket on fd 3 instead of binding
@@ -221,7 +220,7 @@ async def add_backend_header(request: web.Request, response: web.StreamResponse)
     # on_response_prepare also runs for HTTP errors raised by handlers and
     # for aiohttp's own 404/405 answers, so every response carries the header.
     response.headers["X-Backend"] = request.app[STATE_KEY].backend
-    response.headers["X-Pid"] = str(os.getpid())
+    response.headers["X-Pid"] = str(os.getpid())  # which generation answered (hot restart)
 
 
 def make_app(state: AppState) -> web.Application:

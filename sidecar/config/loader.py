@@ -660,6 +660,7 @@ def _hot_restart_settings(sec: _Section, problems: _Problems) -> HotRestartSetti
             f'{text!r}: use "notify" (the app sends READY=1 on NOTIFY_SOCKET) or "warmup" (it stays alive for warmup)',
         )
         ready = ReadyMode.NOTIFY
-    return HotRestartSettings(
-        enabled=enabled, signal=sig, ready=ready, warmup=sec.duration("warmup"), timeout=sec.duration("timeout")
-    )
+    warmup, timeout = sec.duration("warmup"), sec.duration("timeout")
+    if ready is ReadyMode.WARMUP and warmup >= timeout:
+        problems.add(sec.key("warmup"), "is not shorter than hot_restart.timeout: every hot restart would fail")
+    return HotRestartSettings(enabled=enabled, signal=sig, ready=ready, warmup=warmup, timeout=timeout)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from testkit import Consul, Sidecar, free_port
+from testkit import Consul, Sidecar, free_port, http_get, spawn, wait_for
 from testkit.hotload import WATCH_WAIT, HotLoad, LoadResult
 from testkit.hotrestart import SERVERS, HotInstance, Restart, hot_config, server_command
 
@@ -224,3 +225,49 @@ def test_once_the_drain_signals_the_app_new_connections_are_refused_not_left_han
         f"{len(hanging)} of {len(late)} requests sent after the app was signalled were not refused, e.g. "
         f"{hanging[0].error or hanging[0].status} after {hanging[0].latency_ms:.0f} ms\n{msg}"
     )
+
+
+@pytest.mark.parametrize(
+    ("server", "send_after", "answered"),
+    [("example", 0.1, True), ("uvicorn", 0.1, True), ("uvicorn-plain", 0.4, False)],
+    ids=["example-app", "uvicorn_serve", "control-plain-uvicorn"],
+)
+def test_a_connection_accepted_just_before_shutdown_still_gets_its_answer(
+    server: str, send_after: float, answered: bool, tmp_path: Path
+) -> None:
+    """What the old generation of a hot restart meets at its signal: a connection it accepted a moment
+    before, whose request is still on the way.
+    1. The server alone on a port; a client connects (the server accepts it) and sends nothing yet.
+    2. SIGTERM to the server; ``send_after`` seconds later the client sends its request.
+    Expected: the example app and uvicorn_serve.py answer it (they stop accepting, then give such
+    connections 250 ms before closing the idle ones). The control, plain uvicorn, closes it without an
+    answer (it closes every connection with no request under way at once), so the scenario shows the race."""
+    port = free_port()
+    if server == "example":
+        cmd = server_command("example", port)
+    else:  # the same server, binding the port itself instead of fd 3
+        cmd = [arg for arg in server_command(server, port) if arg not in ("--fd", "3")]
+        cmd[-1:-1] = ["--host", "127.0.0.1", "--port", str(port)]
+    proc = spawn(cmd, tmp_path / "server.log")
+    wait_for(lambda: _answers(port), 30, 0.05, f"{server} answering on {port}")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        time.sleep(0.3)  # accepted by now
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(send_after)
+        try:
+            conn.sendall(f"GET / HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        except OSError as e:  # reset: closed with the request unread
+            answer = f"{type(e).__name__}: {e}".encode()
+    proc.wait(30)
+    log = (tmp_path / "server.log").read_text(errors="replace")[-1500:]
+    assert answer.startswith(b"HTTP/1.") == answered, f"{server}: {answer[:200]!r}\n{log}"
+
+
+def _answers(port: int) -> bool:
+    try:
+        return http_get(f"http://127.0.0.1:{port}/healthz", timeout=1)[0] == 200
+    except OSError:
+        return False

@@ -91,6 +91,8 @@ class Status:
     last_error: str | None = None
     app: dict[str, Any] = field(default_factory=dict)
     drain: dict[str, Any] | None = None  # the drain's progress (which step, traffic seen)
+    maintenance: bool = False  # Consul's maintenance mode, as the keeper last read it
+    maintenance_reason: str | None = None
 
     def __post_init__(self) -> None:
         self.since_wall = self.clock.wall()
@@ -111,6 +113,8 @@ class Status:
             "last_error": self.last_error,
             "app": self.app,
             "drain": self.drain,
+            "maintenance": self.maintenance,
+            "maintenance_reason": self.maintenance_reason,
         }
 
 

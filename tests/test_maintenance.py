@@ -133,6 +133,33 @@ def test_agent_forgetting_the_service_keeps_maintenance_on(
     assert sc.wait() == 0
 
 
+def test_agent_restarted_with_its_data_keeps_maintenance_and_the_keeper_leaves_it(
+    tmp_path: Path, registered_sidecar: RegisteredSidecar, service_name: str
+) -> None:
+    """An agent with a data directory restarted while the instance is in maintenance. Expected: the
+    agent brings back the service and its maintenance check by itself; the keeper neither re-registers
+    nor re-applies anything, and the instance stays out of `?passing` for several rounds."""
+    agent = Consul(tmp_path / "agent", data_dir=tmp_path / "data")
+    (tmp_path / "agent").mkdir()
+    agent.start()
+    try:
+        sc, _ = registered_sidecar(agent=agent)
+        sid = f"{service_name}-1"
+        assert maint(sc.config_path, "--enable", "--reason", "restart me").returncode == 0
+        sc.wait_event("sidecar.maintenance.enabled", timeout=10)
+        agent.restart()
+        time.sleep(4)
+        assert in_maintenance(agent, sid) == "restart me"
+        assert passing_ids(agent, service_name) == []
+        assert sc.event("sidecar.consul.reregistered") is None and sc.event("sidecar.maintenance.reapplied") is None
+        assert sc.event("sidecar.maintenance.disabled") is None
+        sc.send(signal.SIGTERM)
+        assert sc.wait() == 0
+        assert agent.service_ids(service_name) == []
+    finally:
+        agent.stop()
+
+
 def test_sigterm_in_maintenance_drains_and_deregisters(
     consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str
 ) -> None:

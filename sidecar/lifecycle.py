@@ -147,6 +147,7 @@ class Sidecar:
         # with the service: a re-registration must not put back in rotation an instance taken out by hand.
         self._maintenance: str | None = None
         self._maintenance_lost = False
+        self._reapply_failed = False
 
     # --- the whole life ---------------------------------------------------------
 
@@ -528,11 +529,18 @@ class Sidecar:
         try:
             applied = await self.agent.set_maintenance(sid, True, reason)
         except ConsulError as e:
-            self.log.error("sidecar.maintenance.reapply_failed", reason=reason, error=str(e), action="retrying")
+            if not self._reapply_failed:  # once per episode, not every round
+                self.log.error(
+                    "sidecar.maintenance.reapply_failed",
+                    reason=reason,
+                    error=str(e),
+                    action=f"retrying every {self.config.check.interval:g}s",
+                )
+            self._reapply_failed = True
             raise
         if not applied:  # forgotten again in between: the next round registers it again
             raise ConsulUnavailable(f"maintenance mode for {sid!r}: the agent no longer holds the service")
-        self._maintenance_lost = False
+        self._maintenance_lost = self._reapply_failed = False
         self.log.warning("sidecar.maintenance.reapplied", reason=reason, elapsed_ms=self._ms(t))
 
     async def _follow_maintenance(self, sid: str) -> None:

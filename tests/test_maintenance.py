@@ -291,3 +291,42 @@ async def test_reregistration_in_maintenance_never_starts_passing(tmp_path: Path
     events = [e["event"] for e in logs]
     assert events.count("sidecar.maintenance.reapplied") == 1
     assert events.count("sidecar.maintenance.enabled") == 1 and events.count("sidecar.maintenance.disabled") == 1
+
+
+@pytest.mark.asyncio
+async def test_reapplying_maintenance_that_fails_is_retried_and_said_once(tmp_path: Path) -> None:
+    """Pure logic: after the agent forgot the service, applying maintenance again fails twice (no
+    answer). Expected: one `sidecar.maintenance.reapply_failed` error, the instance registered not
+    passing and never registered passing, maintenance applied on the third round with the reason."""
+    from sidecar.consul_client import ConsulUnavailable
+
+    class Failing(MaintAgent):
+        failures = 0
+
+        async def set_maintenance(self, service_id: str, enable: bool, reason: str | None) -> bool:
+            if self.failures:
+                self.failures -= 1
+                raise ConsulUnavailable("no answer within 1s")
+            return await super().set_maintenance(service_id, enable, reason)
+
+    calls: list[str] = []
+    agent = Failing(calls)
+    config = make_config(tmp_path)
+    config = dataclasses.replace(config, check=dataclasses.replace(config.check, interval=0.05))
+    sc, inbox = make_sidecar(config, agent, FakeApp(calls))
+    with structlog.testing.capture_logs() as logs:
+        run = asyncio.create_task(sc.run())
+        await until(lambda: sc.status.state is State.REGISTERED)
+        agent.reason = "swap"
+        await until(lambda: sc.status.maintenance_reason == "swap")
+        calls.clear()
+        agent.failures = 2
+        agent.held, agent.reason = False, None
+        await until(lambda: agent.reason == "swap")
+        inbox.queue.put_nowait(signal.SIGTERM)
+        assert await run == 0
+    assert "register passing=True" not in calls, calls
+    events = [e["event"] for e in logs]
+    assert events.count("sidecar.maintenance.reapply_failed") == 1, events
+    assert events.count("sidecar.maintenance.reapplied") == 1
+    assert sc.status.maintenance_reason == "swap"

@@ -613,6 +613,60 @@ def _json_or_none(response: Any) -> Any:
     return json.loads(response.body)
 
 
+MAINTENANCE_CHECK = "_service_maintenance:"  # + the service ID: the agent's check for a service in maintenance
+
+
+def maintenance_reason(checks: Any, service_id: str) -> str | None:
+    """From an answer of ``GET /v1/agent/checks``: the maintenance check's notes (its reason) when
+    ``service_id`` is in maintenance mode, else None. Consul fills the notes with a default message
+    when no reason was given, so an instance in maintenance never reads as None."""
+    if not isinstance(checks, dict):
+        return None
+    check = checks.get(MAINTENANCE_CHECK + service_id)
+    if not isinstance(check, dict):
+        return None
+    return str(check.get("Notes") or "")
+
+
+def _maintenance_answer(response: Any) -> bool:
+    """Callback of ``PUT /v1/agent/service/maintenance/<id>``: False when the agent holds no such service (404)."""
+    if response.code == 404:
+        return False
+    consul_base.CB._status(response)
+    return True
+
+
+def _maintenance_request(service_id: str, enable: bool, reason: str | None) -> tuple[str, list[tuple[str, str]]]:
+    params = [("enable", "true" if enable else "false")]
+    if enable and reason:
+        params.append(("reason", reason))
+    return f"/v1/agent/service/maintenance/{_segment(service_id)}", params
+
+
+class BlockingMaintenance:
+    """``consul-sidecar maint``'s requests, blocking, without aiohttp or asyncio: each within consul.timeout."""
+
+    def __init__(self, settings: ConsulSettings) -> None:
+        self._transport = _BlockingTransport(settings)
+        self.address = settings.address
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def registered(self, service_id: str) -> bool:
+        """Whether the agent holds ``service_id`` (``GET /v1/agent/service/<id>``)."""
+        return self._transport.get(_json_or_none, f"/v1/agent/service/{_segment(service_id)}") is not None
+
+    def maintenance(self, service_id: str) -> str | None:
+        """The reason when ``service_id`` is in maintenance mode, else None."""
+        return maintenance_reason(self._transport.get(_json_or_none, "/v1/agent/checks"), service_id)
+
+    def set(self, service_id: str, enable: bool, reason: str | None = None) -> bool:
+        """Turn maintenance mode on or off; False when the agent holds no such service."""
+        path, params = _maintenance_request(service_id, enable, reason)
+        return bool(self._transport.put(_maintenance_answer, path, params))
+
+
 class Deregistration(enum.Enum):
     CONFIRMED = "confirmed"  # the agent and the catalog no longer list the instance
     # The agent dropped it; the servers cannot answer a catalog read (no cluster leader, an election
@@ -648,6 +702,10 @@ class Agent(Protocol):
     async def registered(self, service_id: str) -> dict[str, Any] | None: ...
 
     async def check_status(self, service_id: str) -> str | None: ...
+
+    async def maintenance(self, service_id: str) -> str | None: ...
+
+    async def set_maintenance(self, service_id: str, enable: bool, reason: str | None) -> bool: ...
 
     async def catalog_lists(self, name: str, service_id: str, consistent: bool = False) -> bool: ...
 
@@ -720,6 +778,15 @@ class ConsulAgent:
         if not found:
             return None
         return next((s for s in ("critical", "warning", "passing") if s in found), "unknown")
+
+    async def maintenance(self, service_id: str) -> str | None:
+        """The reason when the agent holds ``service_id`` in maintenance mode, else None."""
+        return maintenance_reason(await self._transport.get(_json_or_none, "/v1/agent/checks"), service_id)
+
+    async def set_maintenance(self, service_id: str, enable: bool, reason: str | None) -> bool:
+        """``PUT /v1/agent/service/maintenance/<id>``; False when the agent holds no such service."""
+        path, params = _maintenance_request(service_id, enable, reason)
+        return bool(await self._transport.put(_maintenance_answer, path, params))
 
     async def catalog_lists(self, name: str, service_id: str, consistent: bool = False) -> bool:
         """Whether the servers' catalog (/v1/health/service/<name>) lists ``service_id``.

@@ -93,6 +93,8 @@ class Status:
     drain: dict[str, Any] | None = None  # the drain's progress (which step, traffic seen)
     hot_restart: dict[str, Any] | None = None  # {state, restarts, last_error} when hot_restart.enabled
     hot_restarts_total: int = 0  # completed hot restarts
+    maintenance: bool = False  # Consul's maintenance mode, as the keeper last read it
+    maintenance_reason: str | None = None
 
     def __post_init__(self) -> None:
         self.since_wall = self.clock.wall()
@@ -114,6 +116,8 @@ class Status:
             "app": self.app,
             "drain": self.drain,
             **({"hot_restart": self.hot_restart} if self.hot_restart is not None else {}),
+            "maintenance": self.maintenance,
+            "maintenance_reason": self.maintenance_reason,
         }
 
 

@@ -360,6 +360,7 @@ class Sidecar:
         # Passing at once only if the app answers right now, as the agent will see it.
         healthy, _ = await self.prober.probe()
         await self._write(self.agent.register(registration_payload(self.config, passing=healthy)))
+        self.status.registrations_total += 1
 
     async def _write(self, request: Coroutine[Any, Any, None]) -> None:
         """Send a registration write that no cancellation can cut off once it is sent.
@@ -488,6 +489,7 @@ class Sidecar:
             try:
                 if await self.agent.registered(sid) is None:
                     await self._register()
+                    self._count_reregistration("service_missing")
                     self.log.warning(
                         "sidecar.consul.reregistered",
                         reason="the agent no longer held the service",
@@ -498,6 +500,7 @@ class Sidecar:
                     # for a later deregistration): hand it the new one before the old
                     # one is deleted.
                     await self._register()
+                    self._count_reregistration("token_rotated")
                     self.log.info("sidecar.consul.reregistered", reason="the ACL token changed", elapsed_ms=self._ms(t))
                 self._consul_state(True, None)
             except ConsulPermissionDenied as e:
@@ -550,6 +553,8 @@ class Sidecar:
                     else DrainEnd.DRAIN_BOUND
                 )
             unconfirmed = outcome is not Deregistration.CONFIRMED
+            self.status.drain_seconds = self.clock.monotonic() - confirmed_at
+            self.status.drain_end = ended.value
             (self.log.error if unconfirmed else self.log.info)(
                 "sidecar.drain.delay_done",
                 strategy=cfg.strategy,
@@ -611,6 +616,7 @@ class Sidecar:
             deadline = t + cfg.shutdown.deregister_timeout
         result = await self.agent.deregister_confirmed(cfg.service.name, cfg.service.id, deadline)
         if result.outcome is Deregistration.CONFIRMED:
+            self.status.deregistration_seconds = self.clock.monotonic() - t
             self.log.info(
                 "sidecar.consul.deregistered", attempts=result.attempts, late=late or None, elapsed_ms=self._ms(t)
             )
@@ -773,6 +779,10 @@ class Sidecar:
                 error=error,
                 retrying="with jittered backoff, 1s to 30s" if retrying else f"every {self.config.check.interval:g}s",
             )
+
+    def _count_reregistration(self, reason: str) -> None:
+        counts = self.status.reregistrations_total
+        counts[reason] = counts.get(reason, 0) + 1
 
     def _acl_hint(self) -> str | None:
         if self.config.consul.token.describe() is None:

@@ -60,7 +60,6 @@ class Readiness:
         self.ttl = ttl
         self._cached: tuple[float, Verdict] | None = None
         self._inflight: asyncio.Future[Verdict] | None = None
-        self.reads = 0  # reads of the agent so far (what the cache saves shows in tests)
 
     async def check(self) -> Verdict:
         state = self.status.state
@@ -86,7 +85,6 @@ class Readiness:
     async def _read(self) -> Verdict:
         assert self._read_health is not None
         sid = self.status.service_id
-        self.reads += 1
         try:
             async with asyncio.timeout(self.timeout):
                 answer = await self._read_health(sid, self.timeout)

@@ -300,13 +300,27 @@ def test_ready_and_metrics_when_consul_is_unreachable(
     start_sidecar: StartSidecar, fresh_consul: Consul, service_name: str
 ) -> None:
     """1. Registered with an agent of the test's own: /ready 200.
-    2. The agent is killed: /ready answers 503 "consul unreachable" within a few seconds, /metrics shows
-    consul_reachable 0 and failed reads of the registration counted under operation read_registration."""
+    2. The agent is frozen (SIGSTOP): /ready answers 503 "consul unreachable" without waiting for it
+    (each answer within 3 s: the read's deadline is 1 s), and /healthz answers meanwhile.
+    3. The agent is killed: /ready answers 503 "consul unreachable", /metrics shows consul_reachable 0 and
+    failed reads of the registration counted under operation read_registration."""
     fresh_consul.start()
     port = free_port()
     sc = start_sidecar(base_config(fresh_consul, service_name, port), testkit.app_command(port))
     sc.wait_event("sidecar.consul.registered")
     wait_for(lambda: ready(sc)[0] == 200, 10, 0.2, "ready")
+    assert fresh_consul.proc is not None
+    fresh_consul.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(1.2)  # the cached verdict from before has expired
+        for _ in range(3):
+            t = time.monotonic()
+            code, doc = ready(sc)
+            assert time.monotonic() - t < 3.0
+            assert (code, doc["reason"]) == (503, "consul unreachable"), doc
+            assert http_get(sc.status_url() + "/healthz")[0] == 200
+    finally:
+        fresh_consul.proc.send_signal(signal.SIGCONT)
     fresh_consul.stop()
     code, doc = wait_for(lambda: r if (r := ready(sc))[0] == 503 else None, 10, 0.2, "503 without Consul")
     assert doc["reason"] == "consul unreachable"

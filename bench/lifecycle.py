@@ -35,7 +35,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from testkit import Consul, Sidecar, app_command, free_port, kill_all_started, spawn, wait_for, write_config  # noqa: E402
+from testkit import (  # noqa: E402
+    Consul,
+    Sidecar,
+    app_command,
+    free_port,
+    http_get,
+    kill_all_started,
+    spawn,
+    wait_for,
+    write_config,
+)
 
 
 def config(consul: Consul, name: str, port: int, **extra: dict[str, object]) -> dict[str, dict[str, object]]:
@@ -198,8 +208,9 @@ def status_cost(work: Path, consul: Consul, port: int, runs: int) -> dict[str, d
             if on:
                 base = sc.status_url()
                 for path in ("/metrics", "/ready"):
-                    with urllib.request.urlopen(base + path, timeout=5) as r:
-                        r.read()
+                    code, body = http_get(base + path, timeout=5)
+                    if code != 200:
+                        print(f"status cost run {i + 1}: {path} answered {code}: {body.decode()}", file=sys.stderr)
             out["rss"][on].append(rss_mb(sc.pid))
             sc.send(signal.SIGTERM)
             sc.wait(15)

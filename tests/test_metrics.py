@@ -377,3 +377,17 @@ def test_prometheus_scrapes_the_sidecar(registered_sidecar: RegisteredSidecar, t
     finally:
         prom.terminate()
         prom.wait(10)
+
+
+def test_ready_with_the_least_acl_token(
+    acl_consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
+) -> None:
+    """An agent with ACLs (default deny) and a token holding service:write on the service alone (no node:read):
+    /ready's read of the agent is allowed, and /ready answers 200 "registered"."""
+    from tests.test_acl_tls import make_token
+
+    token = make_token(acl_consul, f'service "{service_name}" {{ policy = "write" }}')
+    (tmp_path / "token").write_text(token)
+    sc, _ = registered_sidecar(agent=acl_consul, consul={"token_file": str(tmp_path / "token")})
+    wait_for(lambda: ready(sc)[0] == 200, 10, 0.2, "ready")
+    assert ready(sc) == (200, {"ready": True, "reason": "registered"})

@@ -74,7 +74,8 @@ def render(
     w.family(
         p + "consul_reachable",
         "gauge",
-        "1 when the sidecar's last request to the Consul agent got an answer, 0 otherwise or before the first.",
+        "1 when the sidecar's last registration or registration check reached the Consul agent, "
+        "0 otherwise or before the first.",
         [({}, 1 if status.consul_reachable else 0)],
     )
     w.family(

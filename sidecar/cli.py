@@ -511,15 +511,22 @@ async def _run(config: Config, command: list[str]) -> int:
 
     status = Status(clock, config.service.id)
     prober = Prober(config.check.http, config.check.timeout)
+    agent = ConsulAgent(config.consul, clock)
+    server = None
+    if sock is not None:
+        from .readiness import READ_TIMEOUT, Readiness
+
+        readiness = Readiness(status, agent.service_health, timeout=min(READ_TIMEOUT, config.consul.timeout))
+        server = StatusServer(status, sock, logger, readiness=readiness, request_errors=agent.request_errors)
     sidecar = Sidecar(
         config,
-        agent=ConsulAgent(config.consul, clock),
+        agent=agent,
         app=app,
         prober=prober,
         clock=clock,
         status=status,
         log=logger,
-        status_server=StatusServer(status, sock, logger) if sock is not None else None,
+        status_server=server,
         after_start=own_io,
         systemd=SystemdNotifier(config.systemd_notify_socket, logger),
         app_notify=app_notify,

@@ -199,6 +199,8 @@ class _Transport(_TokenReader, consul_base.HTTPClient):  # type: ignore[misc]  #
         self._session: aiohttp.ClientSession | None = None  # reads: kept alive
         self._write_session: aiohttp.ClientSession | None = None  # writes: one connection per request
         self._ssl: ssl.SSLContext | None = _ssl_context(settings) if settings.scheme == "https" else None
+        # Failed requests per operation (``operation``), for /metrics: one dict update per failure.
+        self.errors: dict[str, int] = dict.fromkeys(OPERATIONS, 0)
 
     def _get_session(self, method: str = "GET") -> aiohttp.ClientSession:
         if method != "GET":
@@ -246,6 +248,23 @@ class _Transport(_TokenReader, consul_base.HTTPClient):  # type: ignore[misc]  #
         data: Any = None,
         headers: dict[str, str] | None = None,
         timeout: float | None = None,
+    ) -> Any:
+        try:
+            return await self._request(callback, method, path, params, data, headers, timeout)
+        except ConsulError:
+            op = operation(method, path)
+            self.errors[op] = self.errors.get(op, 0) + 1
+            raise
+
+    async def _request(
+        self,
+        callback: Callable[[Any], Any],
+        method: str,
+        path: str,
+        params: Any,
+        data: Any,
+        headers: dict[str, str] | None,
+        timeout: float | None,
     ) -> Any:
         import asyncio
 
@@ -481,6 +500,29 @@ def _tls_failure(e: BaseException) -> bool:
     return False
 
 
+# The ``operation`` label of consul_sidecar_consul_request_errors_total: (method, path prefix, name),
+# the first match wins. Stable names: dashboards and alerts match on them.
+_OPERATIONS = (
+    ("PUT", "/v1/agent/service/register", "register"),
+    ("PUT", "/v1/agent/service/deregister/", "deregister"),
+    ("PUT", "/v1/agent/service/maintenance/", "maintenance"),
+    ("GET", "/v1/agent/service/", "read_registration"),
+    ("GET", "/v1/agent/checks", "read_checks"),
+    ("GET", "/v1/agent/health/service/id/", "read_health"),
+    ("GET", "/v1/health/service/", "read_catalog"),
+    ("GET", "/v1/status/leader", "read_leader"),
+)
+OPERATIONS = (*(name for _, _, name in _OPERATIONS), "other")
+
+
+def operation(method: str, path: str) -> str:
+    """The ``operation`` label of a request to the agent."""
+    for m, prefix, name in _OPERATIONS:
+        if method == m and path.startswith(prefix):
+            return name
+    return "other"
+
+
 def _segment(value: str) -> str:
     """``value`` as one percent-encoded segment of an agent API path.
 
@@ -524,6 +566,19 @@ def _catalog_answer(response: Any) -> Any:
         return _ServersUnavailable(" ".join(str(response.body).split())[:300])
     consul_base.CB._status(response)
     return json.loads(response.body)
+
+
+def _agent_health_answer(response: Any) -> Any:
+    """Callback: /v1/agent/health/service/id answers its verdict in the status code too (429 warning,
+    503 critical), with the same JSON body as a 200; None for 404 (the agent holds no such service)."""
+    if response.code == 404:
+        return None
+    if response.code not in (429, 503):
+        consul_base.CB._status(response)
+    doc = json.loads(response.body)
+    if not isinstance(doc, dict) or "AggregatedStatus" not in doc:
+        raise ValueError("no AggregatedStatus in the answer")
+    return doc
 
 
 def _deregister_answer(response: Any) -> bool:
@@ -760,6 +815,22 @@ class ConsulAgent:
                 f"PUT /v1/agent/service/register: {self.address} did not answer 200: is it a Consul agent?"
             )
         self._registered_with = digest
+
+    @property
+    def request_errors(self) -> dict[str, int]:
+        """Failed requests so far, by ``operation`` (live: the status server reads it for /metrics)."""
+        return self._transport.errors
+
+    async def service_health(self, service_id: str, timeout: float) -> tuple[str, list[dict[str, Any]]] | None:
+        """The agent's own view of ``service_id``'s checks, within ``timeout``: (aggregated status,
+        checks), or None when it holds no such service. Maintenance mode is one of these checks."""
+        answer = await self._transport.request(
+            _agent_health_answer, "GET", f"/v1/agent/health/service/id/{_segment(service_id)}", timeout=timeout
+        )
+        if answer is None:
+            return None
+        checks = answer.get("Checks") if isinstance(answer, dict) else None
+        return str(answer.get("AggregatedStatus")), [c for c in checks or [] if isinstance(c, dict)]
 
     async def registered(self, service_id: str) -> dict[str, Any] | None:
         """The agent's local definition of ``service_id``, or None if it holds none."""

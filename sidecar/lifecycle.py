@@ -403,6 +403,7 @@ class Sidecar:
         if not out_of_rotation:
             healthy, _ = await self.prober.probe()
         await self._write(self.agent.register(registration_payload(self.config, passing=healthy)))
+        self.status.registrations_total += 1
 
     async def _write(self, request: Coroutine[Any, Any, None]) -> None:
         """Send a registration write that no cancellation can cut off once it is sent.
@@ -534,6 +535,7 @@ class Sidecar:
                     # an agent that forgot the service forgot its maintenance check too: apply it again.
                     self._maintenance_lost = self._maintenance is not None
                     await self._register(out_of_rotation=self._maintenance_lost)
+                    self._count_reregistration("service_missing")
                     self.log.warning(
                         "sidecar.consul.reregistered",
                         reason="the agent no longer held the service",
@@ -545,6 +547,7 @@ class Sidecar:
                     # for a later deregistration): hand it the new one before the old
                     # one is deleted.
                     await self._register()
+                    self._count_reregistration("token_rotated")
                     self.log.info("sidecar.consul.reregistered", reason="the ACL token changed", elapsed_ms=self._ms(t))
                 if self._maintenance_lost:
                     await self._reapply_maintenance(sid, t)
@@ -636,6 +639,8 @@ class Sidecar:
                     else DrainEnd.DRAIN_BOUND
                 )
             unconfirmed = outcome is not Deregistration.CONFIRMED
+            self.status.drain_seconds = self.clock.monotonic() - confirmed_at
+            self.status.drain_end = ended.value
             (self.log.error if unconfirmed else self.log.info)(
                 "sidecar.drain.delay_done",
                 strategy=cfg.strategy,
@@ -698,6 +703,7 @@ class Sidecar:
             deadline = t + cfg.shutdown.deregister_timeout
         result = await self.agent.deregister_confirmed(cfg.service.name, cfg.service.id, deadline)
         if result.outcome is Deregistration.CONFIRMED:
+            self.status.deregistration_seconds = self.clock.monotonic() - t
             self.log.info(
                 "sidecar.consul.deregistered", attempts=result.attempts, late=late or None, elapsed_ms=self._ms(t)
             )
@@ -1034,6 +1040,10 @@ class Sidecar:
                 error=error,
                 retrying="with jittered backoff, 1s to 30s" if retrying else f"every {self.config.check.interval:g}s",
             )
+
+    def _count_reregistration(self, reason: str) -> None:
+        counts = self.status.reregistrations_total
+        counts[reason] = counts.get(reason, 0) + 1
 
     def _acl_hint(self) -> str | None:
         if self.config.consul.token.describe() is None:

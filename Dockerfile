@@ -58,10 +58,12 @@ EXPOSE 8080
 # or `docker stop -t 35` by hand (an image cannot carry a stop timeout; docker's default
 # is 10s, which would SIGKILL a draining sidecar). tests/test_compose_static.py checks both.
 STOPSIGNAL SIGTERM
-# The sidecar's status endpoint ([status] listen in the config: 127.0.0.1:9501 in both
-# compose configs). It answers while the sidecar runs, so an unhealthy container is one
-# whose sidecar is gone or stuck. Python, not curl: the slim base has no curl.
-ENV SIDECAR_HEALTH_URL=http://127.0.0.1:9501/healthz
+# The sidecar's readiness endpoint ([status] listen in the config: 127.0.0.1:9501 in both
+# compose configs): healthy means registered in Consul with its check passing; starting,
+# draining, in maintenance or cut off from the agent it answers 503, and so does a sidecar
+# that is gone or stuck. (/healthz, liveness alone, answers 200 whenever the sidecar runs.)
+# Python, not curl: the slim base has no curl.
+ENV SIDECAR_HEALTH_URL=http://127.0.0.1:9501/ready
 HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['SIDECAR_HEALTH_URL'], timeout=2)"]
 ENTRYPOINT ["consul-sidecar"]

@@ -5,8 +5,12 @@
       (the app is already up and healthy: alongside mode, so only the sidecar starts)
     sidecar resident memory                    median over N runs        [<= 40 MB]
     sidecar CPU while idle (registered)        over IDLE seconds         [<= 0.3 % of one core]
+    the status server's cost (/metrics, /ready on vs status.listen = "")
+      start -> registered and passing (wall and CPU time), RSS after a scrape of /metrics and /ready
+                                               medians, over and ratio   [<= 30 ms, <= 3 MB over]
 
 Usage: python bench/lifecycle.py [--runs 50] [--idle 60] [--old REF]
+The status server's runs alternate (off, on) so both see the same load on the machine.
 With --old, a sidecar of REF's code (``git archive REF sidecar``) idles beside the new one over the
 same window, so both CPU figures see the same load on the machine.
 Everything it starts is stopped at the end, also on Ctrl-C.
@@ -31,7 +35,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from testkit import Consul, Sidecar, app_command, free_port, kill_all_started, spawn, wait_for, write_config  # noqa: E402
+from testkit import (  # noqa: E402
+    Consul,
+    Sidecar,
+    app_command,
+    free_port,
+    http_get,
+    kill_all_started,
+    spawn,
+    wait_for,
+    write_config,
+)
 
 
 def config(consul: Consul, name: str, port: int, **extra: dict[str, object]) -> dict[str, dict[str, object]]:
@@ -116,6 +130,8 @@ def main() -> int:
                 file=sys.stderr,
             )
 
+        cost = status_cost(work, consul, port, args.runs)
+
         # Idle CPU: one registered sidecar, keeping its registration (check interval 1 s).
         sc = Sidecar(work, config(consul, "idle", port, app={}, check={"interval": "1s"}), None)
         sc.wait_event("sidecar.consul.registered")
@@ -162,7 +178,48 @@ def main() -> int:
         f"(idle measured over {args.idle:g} s with the registration checked every 1 s; "
         "p99 column for memory is the max)"
     )
+    print()
+    print(f"status server (/metrics, /ready) on vs off ({args.runs} runs each, alternating): medians")
+    print(f"{'measure':44} {'off':>9} {'on':>9} {'over':>9} {'ratio':>7} {'target':>10}")
+    for what, key, unit, target in (
+        ("start -> registered and passing", "start_ms", "ms", "<= 30 ms"),
+        ("CPU time until registered and passing", "cpu_ms", "ms", ""),
+        ("resident memory after a scrape", "rss", "MB", "<= 3 MB"),
+    ):
+        off, on = statistics.median(cost[key][False]), statistics.median(cost[key][True])
+        print(f"{what + f' ({unit})':44} {off:9.1f} {on:9.1f} {on - off:9.1f} {on / off:7.3f} {target:>10}")
     return 0
+
+
+def status_cost(work: Path, consul: Consul, port: int, runs: int) -> dict[str, dict[bool, list[float]]]:
+    """Start time and RSS of a sidecar without its status server and with it (scraped once on
+    /metrics and /ready before the RSS is read, so the code behind them is loaded)."""
+    out: dict[str, dict[bool, list[float]]] = {k: {False: [], True: []} for k in ("start_ms", "cpu_ms", "rss")}
+    for i in range(runs):
+        for on in (False, True):
+            name = f"cost{i}{'on' if on else 'off'}"
+            status: dict[str, object] = {"listen": "127.0.0.1:0" if on else ""}
+            t0 = time.monotonic()
+            sc = Sidecar(work, config(consul, name, port, app={}, status=status), None)
+            wait_for(functools.partial(passing, consul, name), 15, 0.002, "registered and passing")
+            out["start_ms"][on].append((time.monotonic() - t0) * 1000)
+            # CPU spent until then: what the start costs, less blurred than wall time by other load.
+            out["cpu_ms"][on].append(cpu_seconds(sc.pid) * 1000)
+            if on:
+                base = sc.status_url()
+                for path in ("/metrics", "/ready"):
+                    code, body = http_get(base + path, timeout=5)
+                    if code != 200:
+                        print(f"status cost run {i + 1}: {path} answered {code}: {body.decode()}", file=sys.stderr)
+            out["rss"][on].append(rss_mb(sc.pid))
+            sc.send(signal.SIGTERM)
+            sc.wait(15)
+        print(
+            f"status cost run {i + 1}/{runs}: start off {out['start_ms'][False][-1]:.0f} ms, "
+            f"on {out['start_ms'][True][-1]:.0f} ms",
+            file=sys.stderr,
+        )
+    return out
 
 
 def start_old(work: Path, ref: str, cfg: dict[str, dict[str, object]]) -> subprocess.Popen[bytes]:

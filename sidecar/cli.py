@@ -3,10 +3,11 @@
     consul-sidecar run -c FILE [-- COMMAND [ARG...]]
     consul-sidecar check-config -c FILE
     consul-sidecar wait [-c FILE] --service NAME (--id ID --passing | --min-passing N | --id ID --gone)
+    consul-sidecar maint -c FILE (--enable [--reason TEXT] | --disable)
 
 Each command imports what it needs when it runs, not here: aiohttp alone (its client loads the
 system's CA certificates twice at import) costs several times the interpreter's own start, which
-``--version`` and ``check-config`` never need; ``wait`` speaks to the agent through the Consul client's
+``--version`` and ``check-config`` never need; ``wait`` and ``maint`` speak to the agent through the Consul client's
 blocking transport, without aiohttp, asyncio, structlog or the lifecycle.
 tests/test_cli_imports.py holds each command to its list.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .exit_codes import EX_BAD_COMMAND_LINE, EX_CONFIG, EX_INTERRUPTED, EX_SOFTWARE
+from .exit_codes import EX_BAD_COMMAND_LINE, EX_CONFIG, EX_INTERRUPTED, EX_SOFTWARE, EX_UNAVAILABLE
 
 if TYPE_CHECKING:
     from .config import Config
@@ -86,6 +87,20 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--min-passing", type=int, metavar="N", help="at least N instances pass all their checks")
     what.add_argument("--gone", action="store_true", help="the instance --id is no longer in the catalog")
     wt.add_argument("--timeout", default="60s", metavar="DURATION", help='give up after this long (default "60s")')
+
+    mt = sub.add_parser(
+        "maint",
+        help="put the configured instance in Consul's maintenance mode, or take it out",
+        description="Turn Consul's maintenance mode on or off for the instance -c FILE registers (its service.id), "
+        "through the agent, and read it back. Consumers stop routing to an instance in maintenance; the running "
+        "sidecar keeps it so until --disable. Needs service:write on the service.",
+        usage=f"{PROG} maint -c FILE (--enable [--reason TEXT] | --disable)",
+    )
+    mt.add_argument("-c", "--config", required=True, type=Path, help="the sidecar's TOML configuration file")
+    on_off = mt.add_mutually_exclusive_group(required=True)
+    on_off.add_argument("--enable", action="store_true", help="take the instance out of rotation")
+    on_off.add_argument("--disable", action="store_true", help="put it back")
+    mt.add_argument("--reason", metavar="TEXT", help="with --enable: why, shown by Consul and in /status")
     return p
 
 
@@ -118,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail([f"'{args.command}' takes no command after '--'"], EX_BAD_COMMAND_LINE)
     if args.command == "wait":
         return _wait(args)
+    if args.command == "maint" and args.reason is not None and (args.disable or not args.reason.strip()):
+        why = "only with --enable" if args.disable else "must not be empty"
+        return _fail([f"maint: --reason: {why}"], EX_BAD_COMMAND_LINE)
     from .config import ConfigError, address_toward, load_config  # the standard library only
 
     unresolved: list[str] = []
@@ -141,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e.problems, EX_CONFIG)
     for warning in unresolved:
         print(f"{PROG}: warning: {args.config}: {warning}", file=sys.stderr)
+    if args.command == "maint":
+        return _maint(config, enable=args.enable, reason=args.reason)
     if args.command == "check-config":
         for warning in config.warnings:
             print(f"{PROG}: warning: {config.source}: {warning}", file=sys.stderr)
@@ -337,6 +357,68 @@ def _wait(args: argparse.Namespace) -> int:
     return _fail([f"wait: {cond.description}: {why}; last seen: {result.last_seen}"], 1)
 
 
+def _maint(config: Config, enable: bool, reason: str | None) -> int:
+    """Maintenance mode on or off, then read back: only the agent's answer to a read says it holds."""
+    from .consul_client import BlockingMaintenance, ConsulError, ConsulPermissionDenied, ConsulRejected
+    from .exit_codes import EX_NOPERM, EX_NOT_REGISTERED
+
+    svc = config.service
+    agent = BlockingMaintenance(config.consul)
+    not_registered = (
+        f"maint: service {svc.id!r} is not registered in the Consul agent at {agent.address} "
+        "(is its sidecar running, against this agent? check-config prints the service.id)"
+    )
+    what = "maintenance mode on" if enable else "maintenance mode off"
+    try:
+        if not agent.registered(svc.id):
+            return _fail([not_registered], EX_NOT_REGISTERED)
+        before = agent.maintenance(svc.id)
+        if (before is not None) == enable:
+            note = ""
+            if enable and reason is not None and reason != before:
+                note = f"; the reason stays {before!r} (--disable, then --enable, to change it)"
+            state = f"in maintenance mode (reason: {before!r})" if enable else "not in maintenance mode"
+            print(f"{svc.id}: already {state}{note}")
+            return 0
+        write_error: ConsulError | None = None
+        try:
+            if not agent.set(svc.id, enable, reason):
+                return _fail([not_registered], EX_NOT_REGISTERED)
+        except (ConsulPermissionDenied, ConsulRejected):
+            raise  # answered: nothing was applied
+        except ConsulError as e:  # no answer: maybe applied; the read below decides
+            write_error = e
+        after = agent.maintenance(svc.id)
+    except ConsulPermissionDenied as e:
+        return _fail(
+            [
+                f"maint: {e}; maintenance mode needs service:write on {svc.name!r} "
+                "(the token from consul.token_file, CONSUL_HTTP_TOKEN_FILE or CONSUL_HTTP_TOKEN)"
+            ],
+            EX_NOPERM,
+        )
+    except ConsulRejected as e:
+        return _fail([f"maint: {e}"], EX_CONFIG)
+    except ConsulError as e:
+        return _fail([f"maint: {what} for {svc.id!r} not done or not confirmed: {e}"], EX_UNAVAILABLE)
+    finally:
+        agent.close()
+    if (after is not None) != enable:
+        why = f" (the request: {write_error})" if write_error is not None else ""
+        return _fail(
+            [f"maint: {what} for {svc.id!r} not confirmed: the agent still shows it {'off' if enable else 'on'}{why}"],
+            EX_UNAVAILABLE,
+        )
+    if enable:
+        print(
+            f"{svc.id}: maintenance mode on (reason: {after!r}): consumers no longer see it; "
+            "`maint --disable` puts it back"
+        )
+    else:
+        print(f"{svc.id}: maintenance mode off: consumers see it again once its own check passes")
+    return 0
+
+
 async def _run(config: Config, command: list[str]) -> int:
     import asyncio
 
@@ -429,15 +511,22 @@ async def _run(config: Config, command: list[str]) -> int:
 
     status = Status(clock, config.service.id)
     prober = Prober(config.check.http, config.check.timeout)
+    agent = ConsulAgent(config.consul, clock)
+    server = None
+    if sock is not None:
+        from .readiness import READ_TIMEOUT, Readiness
+
+        readiness = Readiness(status, agent.service_health, timeout=min(READ_TIMEOUT, config.consul.timeout))
+        server = StatusServer(status, sock, logger, readiness=readiness, request_errors=agent.request_errors)
     sidecar = Sidecar(
         config,
-        agent=ConsulAgent(config.consul, clock),
+        agent=agent,
         app=app,
         prober=prober,
         clock=clock,
         status=status,
         log=logger,
-        status_server=StatusServer(status, sock, logger) if sock is not None else None,
+        status_server=server,
         after_start=own_io,
         systemd=SystemdNotifier(config.systemd_notify_socket, logger),
         app_notify=app_notify,

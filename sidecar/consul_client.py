@@ -199,6 +199,8 @@ class _Transport(_TokenReader, consul_base.HTTPClient):  # type: ignore[misc]  #
         self._session: aiohttp.ClientSession | None = None  # reads: kept alive
         self._write_session: aiohttp.ClientSession | None = None  # writes: one connection per request
         self._ssl: ssl.SSLContext | None = _ssl_context(settings) if settings.scheme == "https" else None
+        # Failed requests per operation (``operation``), for /metrics: one dict update per failure.
+        self.errors: dict[str, int] = dict.fromkeys(OPERATIONS, 0)
 
     def _get_session(self, method: str = "GET") -> aiohttp.ClientSession:
         if method != "GET":
@@ -246,6 +248,23 @@ class _Transport(_TokenReader, consul_base.HTTPClient):  # type: ignore[misc]  #
         data: Any = None,
         headers: dict[str, str] | None = None,
         timeout: float | None = None,
+    ) -> Any:
+        try:
+            return await self._request(callback, method, path, params, data, headers, timeout)
+        except ConsulError:
+            op = operation(method, path)
+            self.errors[op] = self.errors.get(op, 0) + 1
+            raise
+
+    async def _request(
+        self,
+        callback: Callable[[Any], Any],
+        method: str,
+        path: str,
+        params: Any,
+        data: Any,
+        headers: dict[str, str] | None,
+        timeout: float | None,
     ) -> Any:
         import asyncio
 
@@ -481,6 +500,29 @@ def _tls_failure(e: BaseException) -> bool:
     return False
 
 
+# The ``operation`` label of consul_sidecar_consul_request_errors_total: (method, path prefix, name),
+# the first match wins. Stable names: dashboards and alerts match on them.
+_OPERATIONS = (
+    ("PUT", "/v1/agent/service/register", "register"),
+    ("PUT", "/v1/agent/service/deregister/", "deregister"),
+    ("PUT", "/v1/agent/service/maintenance/", "maintenance"),
+    ("GET", "/v1/agent/service/", "read_registration"),
+    ("GET", "/v1/agent/checks", "read_checks"),
+    ("GET", "/v1/agent/health/service/id/", "read_health"),
+    ("GET", "/v1/health/service/", "read_catalog"),
+    ("GET", "/v1/status/leader", "read_leader"),
+)
+OPERATIONS = (*(name for _, _, name in _OPERATIONS), "other")
+
+
+def operation(method: str, path: str) -> str:
+    """The ``operation`` label of a request to the agent."""
+    for m, prefix, name in _OPERATIONS:
+        if method == m and path.startswith(prefix):
+            return name
+    return "other"
+
+
 def _segment(value: str) -> str:
     """``value`` as one percent-encoded segment of an agent API path.
 
@@ -524,6 +566,19 @@ def _catalog_answer(response: Any) -> Any:
         return _ServersUnavailable(" ".join(str(response.body).split())[:300])
     consul_base.CB._status(response)
     return json.loads(response.body)
+
+
+def _agent_health_answer(response: Any) -> Any:
+    """Callback: /v1/agent/health/service/id answers its verdict in the status code too (429 warning,
+    503 critical), with the same JSON body as a 200; None for 404 (the agent holds no such service)."""
+    if response.code == 404:
+        return None
+    if response.code not in (429, 503):
+        consul_base.CB._status(response)
+    doc = json.loads(response.body)
+    if not isinstance(doc, dict) or "AggregatedStatus" not in doc:
+        raise ValueError("no AggregatedStatus in the answer")
+    return doc
 
 
 def _deregister_answer(response: Any) -> bool:
@@ -613,6 +668,60 @@ def _json_or_none(response: Any) -> Any:
     return json.loads(response.body)
 
 
+MAINTENANCE_CHECK = "_service_maintenance:"  # + the service ID: the agent's check for a service in maintenance
+
+
+def maintenance_reason(checks: Any, service_id: str) -> str | None:
+    """From an answer of ``GET /v1/agent/checks``: the maintenance check's notes (its reason) when
+    ``service_id`` is in maintenance mode, else None. Consul fills the notes with a default message
+    when no reason was given, so an instance in maintenance never reads as None."""
+    if not isinstance(checks, dict):
+        return None
+    check = checks.get(MAINTENANCE_CHECK + service_id)
+    if not isinstance(check, dict):
+        return None
+    return str(check.get("Notes") or "")
+
+
+def _maintenance_answer(response: Any) -> bool:
+    """Callback of ``PUT /v1/agent/service/maintenance/<id>``: False when the agent holds no such service (404)."""
+    if response.code == 404:
+        return False
+    consul_base.CB._status(response)
+    return True
+
+
+def _maintenance_request(service_id: str, enable: bool, reason: str | None) -> tuple[str, list[tuple[str, str]]]:
+    params = [("enable", "true" if enable else "false")]
+    if enable and reason:
+        params.append(("reason", reason))
+    return f"/v1/agent/service/maintenance/{_segment(service_id)}", params
+
+
+class BlockingMaintenance:
+    """``consul-sidecar maint``'s requests, blocking, without aiohttp or asyncio: each within consul.timeout."""
+
+    def __init__(self, settings: ConsulSettings) -> None:
+        self._transport = _BlockingTransport(settings)
+        self.address = settings.address
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def registered(self, service_id: str) -> bool:
+        """Whether the agent holds ``service_id`` (``GET /v1/agent/service/<id>``)."""
+        return self._transport.get(_json_or_none, f"/v1/agent/service/{_segment(service_id)}") is not None
+
+    def maintenance(self, service_id: str) -> str | None:
+        """The reason when ``service_id`` is in maintenance mode, else None."""
+        return maintenance_reason(self._transport.get(_json_or_none, "/v1/agent/checks"), service_id)
+
+    def set(self, service_id: str, enable: bool, reason: str | None = None) -> bool:
+        """Turn maintenance mode on or off; False when the agent holds no such service."""
+        path, params = _maintenance_request(service_id, enable, reason)
+        return bool(self._transport.put(_maintenance_answer, path, params))
+
+
 class Deregistration(enum.Enum):
     CONFIRMED = "confirmed"  # the agent and the catalog no longer list the instance
     # The agent dropped it; the servers cannot answer a catalog read (no cluster leader, an election
@@ -648,6 +757,10 @@ class Agent(Protocol):
     async def registered(self, service_id: str) -> dict[str, Any] | None: ...
 
     async def check_status(self, service_id: str) -> str | None: ...
+
+    async def maintenance(self, service_id: str) -> str | None: ...
+
+    async def set_maintenance(self, service_id: str, enable: bool, reason: str | None) -> bool: ...
 
     async def catalog_lists(self, name: str, service_id: str, consistent: bool = False) -> bool: ...
 
@@ -703,6 +816,22 @@ class ConsulAgent:
             )
         self._registered_with = digest
 
+    @property
+    def request_errors(self) -> dict[str, int]:
+        """Failed requests so far, by ``operation`` (live: the status server reads it for /metrics)."""
+        return self._transport.errors
+
+    async def service_health(self, service_id: str, timeout: float) -> tuple[str, list[dict[str, Any]]] | None:
+        """The agent's own view of ``service_id``'s checks, within ``timeout``: (aggregated status,
+        checks), or None when it holds no such service. Maintenance mode is one of these checks."""
+        answer = await self._transport.request(
+            _agent_health_answer, "GET", f"/v1/agent/health/service/id/{_segment(service_id)}", timeout=timeout
+        )
+        if answer is None:
+            return None
+        checks = answer.get("Checks") if isinstance(answer, dict) else None
+        return str(answer.get("AggregatedStatus")), [c for c in checks or [] if isinstance(c, dict)]
+
     async def registered(self, service_id: str) -> dict[str, Any] | None:
         """The agent's local definition of ``service_id``, or None if it holds none."""
         result = await self._transport.get(_json_or_none, f"/v1/agent/service/{_segment(service_id)}")
@@ -720,6 +849,15 @@ class ConsulAgent:
         if not found:
             return None
         return next((s for s in ("critical", "warning", "passing") if s in found), "unknown")
+
+    async def maintenance(self, service_id: str) -> str | None:
+        """The reason when the agent holds ``service_id`` in maintenance mode, else None."""
+        return maintenance_reason(await self._transport.get(_json_or_none, "/v1/agent/checks"), service_id)
+
+    async def set_maintenance(self, service_id: str, enable: bool, reason: str | None) -> bool:
+        """``PUT /v1/agent/service/maintenance/<id>``; False when the agent holds no such service."""
+        path, params = _maintenance_request(service_id, enable, reason)
+        return bool(await self._transport.put(_maintenance_answer, path, params))
 
     async def catalog_lists(self, name: str, service_id: str, consistent: bool = False) -> bool:
         """Whether the servers' catalog (/v1/health/service/<name>) lists ``service_id``.

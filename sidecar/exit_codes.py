@@ -20,15 +20,18 @@ __all__ = [
     "EX_INTERRUPTED",
     "EX_NOPERM",
     "EX_NOT_FOUND",
+    "EX_NOT_REGISTERED",
     "EX_SOFTWARE",
     "EX_UNAVAILABLE",
     "by_signal",
 ]
 
 EX_BAD_COMMAND_LINE = 2  # argparse's status for a usage error; kept for the checks argparse cannot express
-EX_UNAVAILABLE = os.EX_UNAVAILABLE  # 69: the app never became healthy, or another process holds its port
+EX_UNAVAILABLE = os.EX_UNAVAILABLE  # 69: the app never became healthy, another process holds its port, or
+# `maint` could not reach the agent or confirm the change
 EX_SOFTWARE = os.EX_SOFTWARE  # 70: a bug in the sidecar
-EX_NOPERM = os.EX_NOPERM  # 77: Consul's ACLs refused the registration
+EX_NOT_REGISTERED = os.EX_NOUSER  # 67, "addressee unknown": `maint` found no such service ID in the agent
+EX_NOPERM = os.EX_NOPERM  # 77: Consul's ACLs refused the registration (or a maintenance request)
 EX_CONFIG = os.EX_CONFIG  # 78: bad configuration, the agent rejected the registration, a duplicate live ID
 EX_CANNOT_EXECUTE = 126  # the shell's: the app's command exists but cannot be executed
 EX_NOT_FOUND = 127  # the shell's: the app's command was not found

@@ -1,7 +1,8 @@
 """The order of operations. This module alone knows it.
 
     start:     start the app -> wait until its check URL answers 2xx -> register (check passing)
-    running:   keep the registration (re-register if the agent forgot it); follow the app
+    running:   keep the registration (re-register if the agent forgot it, in maintenance mode again if it
+               was); follow Consul's maintenance mode for /status; follow the app
     SIGTERM:   stop re-registering -> fence registration writes in flight -> deregister and confirm
                -> wait propagation_delay -> (re-read the agent if a write went unanswered)
                -> signal the app -> wait app_timeout -> SIGKILL -> exit with the app's status
@@ -161,6 +162,11 @@ class Sidecar:
         self._fenced = False  # the drain has begun: no new registration write may start
         self._unanswered_write = False  # a write ended without an answer: it may land later
         self._consul_ok: bool | None = None
+        # Consul's maintenance mode as the keeper last read it (its reason), and whether the agent lost it
+        # with the service: a re-registration must not put back in rotation an instance taken out by hand.
+        self._maintenance: str | None = None
+        self._maintenance_lost = False
+        self._reapply_failed = False
 
     # --- the whole life ---------------------------------------------------------
 
@@ -390,10 +396,14 @@ class Sidecar:
                 "blocked by ACLs cannot be detected",
             )
 
-    async def _register(self) -> None:
-        # Passing at once only if the app answers right now, as the agent will see it.
-        healthy, _ = await self.prober.probe()
+    async def _register(self, out_of_rotation: bool = False) -> None:
+        # Passing at once only if the app answers right now, as the agent will see it; never for an
+        # instance in maintenance: it must not pass for the moment before maintenance is applied again.
+        healthy = False
+        if not out_of_rotation:
+            healthy, _ = await self.prober.probe()
         await self._write(self.agent.register(registration_payload(self.config, passing=healthy)))
+        self.status.registrations_total += 1
 
     async def _write(self, request: Coroutine[Any, Any, None]) -> None:
         """Send a registration write that no cancellation can cut off once it is sent.
@@ -521,10 +531,15 @@ class Sidecar:
             t = self.clock.monotonic()
             try:
                 if await self.agent.registered(sid) is None:
-                    await self._register()
+                    # Consul 1.8.7 keeps maintenance mode over a re-registration of a service it holds, but
+                    # an agent that forgot the service forgot its maintenance check too: apply it again.
+                    self._maintenance_lost = self._maintenance is not None
+                    await self._register(out_of_rotation=self._maintenance_lost)
+                    self._count_reregistration("service_missing")
                     self.log.warning(
                         "sidecar.consul.reregistered",
                         reason="the agent no longer held the service",
+                        maintenance=self._maintenance_lost or None,
                         elapsed_ms=self._ms(t),
                     )
                 elif self.agent.token_rotated():
@@ -532,12 +547,50 @@ class Sidecar:
                     # for a later deregistration): hand it the new one before the old
                     # one is deleted.
                     await self._register()
+                    self._count_reregistration("token_rotated")
                     self.log.info("sidecar.consul.reregistered", reason="the ACL token changed", elapsed_ms=self._ms(t))
+                if self._maintenance_lost:
+                    await self._reapply_maintenance(sid, t)
+                await self._follow_maintenance(sid)
                 self._consul_state(True, None)
             except ConsulPermissionDenied as e:
                 self._consul_state(False, str(e), level="error")
             except ConsulError as e:
                 self._consul_state(False, str(e))
+
+    async def _reapply_maintenance(self, sid: str, t: float) -> None:
+        """Maintenance mode again, with the reason last read, after the agent lost it with the service.
+        A failure raises ConsulError and leaves it to the next round (the instance's own check starts
+        critical meanwhile: it is not routed to)."""
+        reason = self._maintenance
+        try:
+            applied = await self.agent.set_maintenance(sid, True, reason)
+        except ConsulError as e:
+            if not self._reapply_failed:  # once per episode, not every round
+                self.log.error(
+                    "sidecar.maintenance.reapply_failed",
+                    reason=reason,
+                    error=str(e),
+                    action=f"retrying every {self.config.check.interval:g}s",
+                )
+            self._reapply_failed = True
+            raise
+        if not applied:  # forgotten again in between: the next round registers it again
+            raise ConsulUnavailable(f"maintenance mode for {sid!r}: the agent no longer holds the service")
+        self._maintenance_lost = self._reapply_failed = False
+        self.log.warning("sidecar.maintenance.reapplied", reason=reason, elapsed_ms=self._ms(t))
+
+    async def _follow_maintenance(self, sid: str) -> None:
+        """Read Consul's maintenance mode (set by hand with ``consul-sidecar maint`` or ``consul maint``)."""
+        reason = await self.agent.maintenance(sid)
+        if reason != self._maintenance:
+            if reason is None:
+                self.log.info("sidecar.maintenance.disabled", previous_reason=self._maintenance)
+            else:
+                self.log.warning("sidecar.maintenance.enabled", reason=reason)
+        self._maintenance = reason
+        self.status.maintenance = reason is not None
+        self.status.maintenance_reason = reason
 
     # --- stop ---------------------------------------------------------------------
 
@@ -586,6 +639,8 @@ class Sidecar:
                     else DrainEnd.DRAIN_BOUND
                 )
             unconfirmed = outcome is not Deregistration.CONFIRMED
+            self.status.drain_seconds = self.clock.monotonic() - confirmed_at
+            self.status.drain_end = ended.value
             (self.log.error if unconfirmed else self.log.info)(
                 "sidecar.drain.delay_done",
                 strategy=cfg.strategy,
@@ -648,6 +703,7 @@ class Sidecar:
             deadline = t + cfg.shutdown.deregister_timeout
         result = await self.agent.deregister_confirmed(cfg.service.name, cfg.service.id, deadline)
         if result.outcome is Deregistration.CONFIRMED:
+            self.status.deregistration_seconds = self.clock.monotonic() - t
             self.log.info(
                 "sidecar.consul.deregistered", attempts=result.attempts, late=late or None, elapsed_ms=self._ms(t)
             )
@@ -984,6 +1040,10 @@ class Sidecar:
                 error=error,
                 retrying="with jittered backoff, 1s to 30s" if retrying else f"every {self.config.check.interval:g}s",
             )
+
+    def _count_reregistration(self, reason: str) -> None:
+        counts = self.status.reregistrations_total
+        counts[reason] = counts.get(reason, 0) + 1
 
     def _acl_hint(self) -> str | None:
         if self.config.consul.token.describe() is None:

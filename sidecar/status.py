@@ -1,4 +1,4 @@
-"""The sidecar's own read-only HTTP endpoints: ``/healthz`` and ``/status``.
+"""The sidecar's own read-only HTTP endpoints: ``/healthz``, ``/ready``, ``/status`` and ``/metrics``.
 
 Bound to loopback, on a port the kernel picks (``127.0.0.1:0``) by default: a
 fixed default port collides when two sidecars share a host, and 8501, the old
@@ -38,6 +38,7 @@ import resource
 import socket
 import struct
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from .clock import Clock
+    from .readiness import Readiness
 
 DEFAULT_LISTEN = "127.0.0.1:0"
 MAX_CONNECTIONS = 32
@@ -68,6 +70,11 @@ CONSUL_PORTS = {
     8503: "gRPC TLS",
     8600: "DNS",
 }
+
+
+# The ``reason`` label of consul_sidecar_reregistrations_total: the agent no longer held the
+# service (restarted without its data), or the ACL token changed.
+REREGISTRATION_REASONS = ("service_missing", "token_rotated")
 
 
 class State(enum.Enum):
@@ -93,6 +100,14 @@ class Status:
     drain: dict[str, Any] | None = None  # the drain's progress (which step, traffic seen)
     hot_restart: dict[str, Any] | None = None  # {state, restarts, last_error} when hot_restart.enabled
     hot_restarts_total: int = 0  # completed hot restarts
+    # For /metrics (sidecar/metrics.py): counters since start, and the last drain's figures.
+    registrations_total: int = 0  # registration writes the agent accepted, the keeper's included
+    reregistrations_total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REREGISTRATION_REASONS, 0))
+    deregistration_seconds: float | None = None  # the last confirmed deregistration took this long
+    drain_seconds: float | None = None  # the last wait between the confirmation and the app's signal
+    drain_end: str | None = None  # why that wait ended (a DrainEnd value)
+    maintenance: bool = False  # Consul's maintenance mode, as the keeper last read it
+    maintenance_reason: str | None = None
 
     def __post_init__(self) -> None:
         self.since_wall = self.clock.wall()
@@ -114,6 +129,8 @@ class Status:
             "app": self.app,
             "drain": self.drain,
             **({"hot_restart": self.hot_restart} if self.hot_restart is not None else {}),
+            "maintenance": self.maintenance,
+            "maintenance_reason": self.maintenance_reason,
         }
 
 
@@ -185,11 +202,13 @@ _REASONS = {
     405: "Method Not Allowed",
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
 }
 
 
 class StatusServer:
-    """``GET /healthz`` and ``GET /status`` over HTTP/1.1, one request per connection, bounded in every resource."""
+    """``GET /healthz``, ``/ready``, ``/status`` and ``/metrics`` over HTTP/1.1, one request per connection,
+    bounded in every resource."""
 
     def __init__(
         self,
@@ -198,8 +217,18 @@ class StatusServer:
         log: FilteringBoundLogger | None = None,
         max_connections: int | None = None,
         header_timeout: float = HEADER_TIMEOUT,
+        readiness: Readiness | None = None,
+        request_errors: Mapping[str, int] | None = None,
     ) -> None:
+        """``readiness`` answers /ready (default: by the lifecycle's state alone); ``request_errors``
+        is the Consul client's live count of failed requests by operation, for /metrics."""
         self.status = status
+        if readiness is None:
+            from .readiness import Readiness
+
+            readiness = Readiness(status, None)
+        self.readiness = readiness
+        self.request_errors = request_errors
         self.sock = sock
         if log is None:
             from . import log as _log  # here, not at the top: check-config imports this module without structlog
@@ -360,6 +389,22 @@ class StatusServer:
         head_only = method == b"HEAD"
         if target == b"/healthz":
             return 200, "text/plain; charset=utf-8", b"ok\n", head_only
+        if target == b"/ready":
+            verdict = await self.readiness.check()
+            body = json.dumps(verdict.as_json()).encode()
+            return (200 if verdict.ready else 503), "application/json; charset=utf-8", body, head_only
+        if target == b"/metrics":
+            from . import log as _log
+            from . import metrics
+            from .drain_wait import DrainEnd
+
+            text = metrics.render(
+                self.status,
+                request_errors=self.request_errors,
+                log_lines_dropped=_log.dropped_total(),
+                drain_end_reasons=[e.value for e in DrainEnd],
+            )
+            return 200, metrics.CONTENT_TYPE, text, head_only
         if target == b"/status":
             doc = self.status.as_json()
             doc["status_server"] = {

@@ -148,3 +148,28 @@ def test_wait_imports_the_client_without_aiohttp_asyncio_logging_or_lifecycle(co
         urllib.request.urlopen(
             urllib.request.Request(f"{consul.address}/v1/agent/service/deregister/{name}-1", method="PUT"), timeout=5
         ).close()
+
+
+def test_maint_imports_the_client_without_aiohttp_asyncio_logging_or_lifecycle(consul: Consul, tmp_path: Path) -> None:
+    """`maint --enable` then `--disable` on a registered instance exit 0 on the client's blocking
+    transport: python-consul2 and the Consul client, but neither aiohttp, asyncio, structlog nor
+    the lifecycle's modules."""
+    name = "cli-imports-maint"
+    body = json.dumps({"Name": name, "ID": f"{name}-1", "Port": 1}).encode()
+    urllib.request.urlopen(
+        urllib.request.Request(f"{consul.address}/v1/agent/service/register", data=body, method="PUT"), timeout=5
+    ).close()
+    cfg = write_config(
+        tmp_path / "m.toml",
+        {"consul": {"address": consul.address}, "service": {"name": name, "id": f"{name}-1", "port": 1}},
+    )
+    try:
+        for switch in ("--enable", "--disable"):
+            done, modules = run_probe(tmp_path, "maint", "-c", str(cfg), switch)
+            assert done.returncode == 0, done.stderr
+            assert {"sidecar.consul_client", "sidecar._consul_base"} <= modules
+            assert sorted(modules.intersection((*NOT_FOR_WAIT, "sidecar.wait"))) == []
+    finally:
+        urllib.request.urlopen(
+            urllib.request.Request(f"{consul.address}/v1/agent/service/deregister/{name}-1", method="PUT"), timeout=5
+        ).close()

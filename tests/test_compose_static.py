@@ -411,8 +411,8 @@ def test_dockerfile_installs_the_project_and_runs_the_sidecar_as_non_root() -> N
 
 
 def test_dockerfile_stop_signal_and_healthcheck_match_the_sidecar_config() -> None:
-    """STOPSIGNAL is the one the sidecar drains on; the HEALTHCHECK asks the status endpoint both
-    compose sidecar configs listen on (a port-0 default there would make every container unhealthy)."""
+    """STOPSIGNAL is the one the sidecar drains on; the HEALTHCHECK asks /ready on the status endpoint
+    both compose sidecar configs listen on (a port-0 default there would make every container unhealthy)."""
     instructions = dockerfile_instructions()
     assert [rest for op, rest in instructions if op == "STOPSIGNAL"] == ["SIGTERM"]
     health = [rest for op, rest in instructions if op == "HEALTHCHECK"]
@@ -424,7 +424,7 @@ def test_dockerfile_stop_signal_and_healthcheck_match_the_sidecar_config() -> No
         status = load(ROOT / "config" / name, {}).status
         assert status is not None, f"config/{name} must keep its status endpoint: the HEALTHCHECK asks it"
         listen = f"{status.host}:{status.port}"
-        assert url.group(1) == f"http://{listen}/healthz", (
+        assert url.group(1) == f"http://{listen}/ready", (
             f"HEALTHCHECK asks {url.group(1)}; config/{name} listens on {listen}"
         )
 

@@ -38,7 +38,8 @@ def test_agent_restart_without_data_dir_reregisters(
         5,
         what="passing checks",
     )
-    assert sc.event("sidecar.consul.reregistered") is not None
+    # Waited for, not read once: the sidecar's writer thread may put the line out after the catalog shows it.
+    sc.wait_event("sidecar.consul.reregistered", timeout=5)
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
 

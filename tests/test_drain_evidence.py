@@ -661,10 +661,19 @@ class TruncatingDns(threading.Thread):
         super().__init__(daemon=True)
         self.name, self.address = name.lower(), address
         self.until = float("inf")
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
-        self.port = self.udp.getsockname()[1]
-        self.tcp = socket.create_server(("127.0.0.1", self.port))
+        # One port for UDP and TCP: the UDP port the kernel picks may be taken for TCP by another
+        # test's socket, so try again (closing the UDP socket) rather than fail or leak it.
+        for attempt in range(20):
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.udp.bind(("127.0.0.1", 0))
+            self.port = self.udp.getsockname()[1]
+            try:
+                self.tcp = socket.create_server(("127.0.0.1", self.port))
+                break
+            except OSError:
+                self.udp.close()
+                if attempt == 19:
+                    raise
         self.udp.settimeout(0.1)
         self.tcp.settimeout(0.1)
         self.stop = threading.Event()

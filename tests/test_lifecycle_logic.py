@@ -51,6 +51,13 @@ class FakeAgent:
     async def registered(self, service_id: str) -> dict[str, Any] | None:
         return {"ID": service_id} if self.held else None
 
+    async def maintenance(self, service_id: str) -> str | None:
+        return None
+
+    async def set_maintenance(self, service_id: str, enable: bool, reason: str | None) -> bool:
+        self.calls.append(f"maintenance {enable}")
+        return self.held
+
     async def catalog_lists(self, name: str, service_id: str, consistent: bool = False) -> bool:
         return self.held
 

@@ -205,8 +205,9 @@ def test_latin1_answer_to_the_keepers_read_does_not_kill_it(
     status = json.loads(http_get(sc.status_url() + "/status")[1])
     assert "502" in (status["last_error"] or ""), status
     remove_behind_its_back(consul, sid)
+    # The event first: the catalog may still list the instance for a moment after the removal.
+    sc.wait_event("sidecar.consul.reregistered", timeout=10)
     wait_for(lambda: consul.service_ids(service_name) == [sid], 10, what="the keeper to re-register")
-    assert sc.event("sidecar.consul.reregistered") is not None
     sc.send(signal.SIGTERM)
     assert sc.wait(30) == 0
     assert "Traceback" not in sc.output()

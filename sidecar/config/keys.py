@@ -390,7 +390,7 @@ KEYS: tuple[Key, ...] = (
         "status",
         "listen",
         Kind.HOST_PORT,
-        'the sidecar\'s own `/healthz` and `/status`; `""` turns it off. Port 0 '
+        'the sidecar\'s own `/healthz`, `/ready`, `/status` and `/metrics`; `""` turns it off. Port 0 '
         "picks a free port (logged in `sidecar.status.listening`, shown in `/status`), so two sidecars on one host "
         "never "
         "collide; set a fixed port for a probe. `check-config` and `run` (`sidecar.status.listen_warning`) warn when "

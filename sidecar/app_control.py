@@ -339,9 +339,19 @@ class ChildApp:
     def current(self) -> Generation | None:
         return next((g for g in self.generations if g.pid == self.pid), None)
 
+    def close_listener(self) -> None:
+        """Hot restart: drop the sidecar's copy of the listening socket once the app is told to stop or
+        has exited. The generations close theirs as they stop; were the sidecar's kept, the kernel would
+        go on queueing new connections that nobody accepts, to be reset when the sidecar exits, where
+        without hot restart they are refused at once and the client tries elsewhere."""
+        if self.listener is not None and self.listener.fileno() != -1:
+            self.listener.close()
+
     def start_next(self) -> Generation:
         """Hot restart: spawn the next generation beside the current one (same socket); raises OSError."""
         assert self.listener is not None and self.pid is not None
+        if self.listener.fileno() == -1:
+            raise OSError("the listening socket is closed: the app is stopping")
         gen = self._spawn(self._numbered + 1)
         self.reap()
         return gen
@@ -468,6 +478,7 @@ class ChildApp:
                     gen.exited.set_result(code)
                 gen.state = GenState.EXITED
                 if pid == self.pid and not self.exited.done() and not (code == 0 and self._follow_daemon()):
+                    self.close_listener()
                     self.exited.set_result(code)
             else:
                 self.orphans_reaped += 1
@@ -583,6 +594,7 @@ class ChildApp:
     async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
         """Stop the app: every generation (hot restart), the current one's status is the result."""
         self._stopping = True
+        self.close_listener()
         others = self._other_generations()
         for gen in others:  # a replaced one already signalled keeps its clock; the others hear sig now
             gen.state = GenState.STOPPING

@@ -375,9 +375,14 @@ class ChildApp:
         """Stop one generation (not the app): ``sig``, ``timeout`` to exit, then SIGKILL to it and its
         descendants. The other generation and its processes are untouched."""
         gen.state = GenState.STOPPING
-        if gen.exited.done():
-            return StopResult(gen.exited.result(), False, "had already exited")
         usable = proctree.usable()
+        if gen.exited.done():
+            # It exited before it was stopped (a new generation that failed): what it started may
+            # still run, holding the listening socket beside the current generation.
+            left = self._left_by(gen) if usable else set()
+            if left:
+                await self._end_left(left, sig)
+            return StopResult(gen.exited.result(), False, "had already exited")
         # Its processes, watched while it stops: once it has exited, what it leaves is re-parented
         # to the sidecar and no longer tells which generation it came from.
         family = proctree.tree(gen.pid) if usable else {gen.pid}
@@ -396,13 +401,9 @@ class ChildApp:
                     asyncio.shield(gen.exited), min(self.FOLLOW_POLL, max(0.0, deadline - self._clock.monotonic()))
                 )
         if gen.exited.done():
-            left = {p for p in family - {gen.pid} if proctree.alive(p)} if usable else set()
+            left = ({p for p in family - {gen.pid} if proctree.alive(p)} | self._left_by(gen)) if usable else set()
             if left:  # leftovers of a clean exit: the same signal, then SIGKILL (as the app's at the end)
-                self._signal_all(left, sig)
-                end = self._clock.monotonic() + KILL_REAP_TIMEOUT
-                while any(proctree.alive(p) for p in left) and self._clock.monotonic() < end:
-                    await self._clock.sleep(0.02)
-                self._signal_all({p for p in left if proctree.alive(p)}, signal.SIGKILL)
+                await self._end_left(left, sig)
             return StopResult(gen.exited.result(), False, f"exited after {sig.name}")
         if usable:
             family |= proctree.tree(gen.pid)
@@ -412,6 +413,30 @@ class ChildApp:
         except TimeoutError:
             status = by_signal(signal.SIGKILL)
         return StopResult(status, True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
+
+    def _left_by(self, gen: Generation) -> set[int]:
+        """What ``gen``, which has exited, left running that its tree no longer shows (re-parented to
+        the sidecar): the members of its process group (each generation leads its own), whatever holds
+        the listening socket outside every live generation's tree, and what those started."""
+        everyone = proctree.descendants(os.getpid())
+        kept: set[int] = set()
+        for g in self.generations:
+            if g is not gen and not g.exited.done():
+                kept |= proctree.tree(g.pid)
+        found = {p for p in everyone - kept if proctree.group(p) == gen.pid}
+        if self.listener is not None:
+            found |= proctree.holders(everyone - kept, {os.fstat(self.listener.fileno()).st_ino})
+        for p in list(found):
+            found |= proctree.descendants(p)
+        return found - kept
+
+    async def _end_left(self, left: set[int], sig: signal.Signals) -> None:
+        """The same signal, then SIGKILL after KILL_REAP_TIMEOUT (as the app's leftovers at the end)."""
+        self._signal_all(left, sig)
+        end = self._clock.monotonic() + KILL_REAP_TIMEOUT
+        while any(proctree.alive(p) for p in left) and self._clock.monotonic() < end:
+            await self._clock.sleep(0.02)
+        self._signal_all({p for p in left if proctree.alive(p)}, signal.SIGKILL)
 
     @staticmethod
     def _signal_all(pids: set[int], sig: signal.Signals) -> None:

@@ -577,3 +577,45 @@ def test_systemd_notifier_never_blocks_on_a_full_socket(tmp_path: Path) -> None:
         notifier.close()
     finally:
         rx.close()
+
+
+# A new generation that starts a child holding the listening socket (fd 3), then exits 0 before it is
+# ready: "orphan" in its process group, "session" in a session of its own (setsid).
+FORKING = '''mode=$(cat "$0" 2>/dev/null)
+case "$mode" in
+  orphan) sleep 300 & echo $! > "$0.child"; exit 0;;
+  session) setsid sleep 300 & echo $! > "$0.child"; sleep 0.2; exit 0;;
+esac
+exec "$@"'''
+
+
+@pytest.mark.parametrize("mode", ["orphan", "session"])
+def test_a_new_generation_that_exits_leaving_a_child_leaves_no_stray(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path, mode: str
+) -> None:
+    """1. The app runs under hot restart.
+    2. The next generation starts a child that inherits the listening socket (fd 3) - in its process
+    group, or in a session of its own - then exits 0 before it is ready.
+    3. SIGUSR2.
+    Expected: the restart fails (the generation exited); its child, re-parented to the sidecar and able
+    to accept connections on the shared socket beside the current generation, is ended too: once the
+    failed generation is reported stopped, the current generation is the only process under the sidecar."""
+    mode_file = tmp_path / "mode"
+    port = free_port()
+    cfg = base_config(consul, service_name, port, hot_restart={**HOT, "timeout": "10s"})
+    sc = start_sidecar(cfg, ["/bin/sh", "-c", FORKING, str(mode_file), *testkit.app_command(port, "127.0.0.1")])
+    sc.wait_event("sidecar.consul.registered")
+    first = sc.app_pid()
+    mode_file.write_text(mode)
+    sc.send(signal.SIGUSR2)
+    failed = sc.wait_event("sidecar.hot_restart.failed", timeout=20)
+    assert "exited with status 0" in failed["reason"]
+    sc.wait_event("sidecar.hot_restart.generation_stopped", timeout=20)
+    child = int(Path(f"{mode_file}.child").read_text())
+    from sidecar import proctree
+
+    wait_for(lambda: not pid_alive(child), 5, what="the failed generation's child ended")
+    assert proctree.descendants(sc.pid) == {first}
+    assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0

@@ -371,6 +371,21 @@ class ChildApp:
             pid, seen = parent, seen + 1
         return None
 
+    def holds_listener(self, gen: Generation) -> bool | None:
+        """Whether ``gen`` or one of its descendants holds the listening socket; None where /proc cannot
+        tell (no usable /proc, a process of another user whose descriptors we may not read)."""
+        if self.listener is None or not proctree.usable():
+            return None
+        inode = os.fstat(self.listener.fileno()).st_ino
+        unknown = False
+        for pid in proctree.tree(gen.pid):
+            held = proctree.socket_inodes(pid)
+            if held is None:
+                unknown = True
+            elif inode in held:
+                return True
+        return None if unknown else False
+
     async def stop_generation(self, gen: Generation, sig: signal.Signals, timeout: float) -> StopResult:
         """Stop one generation (not the app): ``sig``, ``timeout`` to exit, then SIGKILL to it and its
         descendants. The other generation and its processes are untouched."""

@@ -619,3 +619,47 @@ def test_a_new_generation_that_exits_leaving_a_child_leaves_no_stray(
     assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
+
+
+# A new generation that closes the listening socket (fd 3) and stays alive: an app version that no longer
+# takes it by socket activation (it would bind the port itself, and retries while the sidecar holds it).
+# "notify" also says READY=1 first.
+CLOSING = '''mode=$(cat "$0" 2>/dev/null)
+case "$mode" in
+  closed) exec 3>&-; exec sleep 300;;
+  closed-ready) exec 3>&-; exec "$1" -c "import os,socket,time;s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM);\
+a=os.environ['NOTIFY_SOCKET'];s.sendto(b'READY=1',b'\\0'+a[1:].encode());time.sleep(300)";;
+esac
+exec "$@"'''
+
+
+@pytest.mark.parametrize(("mode", "ready"), [("closed", "warmup"), ("closed-ready", "notify")])
+def test_a_new_generation_without_the_listening_socket_does_not_replace_the_old_one(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path, mode: str, ready: str
+) -> None:
+    """1. The app runs under hot restart (ready = "warmup" 1s, or "notify").
+    2. The next generation closes fd 3 (the listening socket) and stays alive; with "notify" it says READY=1.
+    3. SIGUSR2.
+    Expected: the restart fails, naming the listening socket; the old generation is not signalled and
+    still answers (else nobody would accept: connections would hang and the check go critical); the new
+    generation is stopped; the instance stays passing."""
+    mode_file = tmp_path / "mode"
+    port = free_port()
+    hot = {**HOT, "timeout": "10s", "ready": ready, "warmup": "1s"}
+    cfg = base_config(consul, service_name, port, hot_restart=hot)
+    sc = start_sidecar(cfg, ["/bin/sh", "-c", CLOSING, str(mode_file), *testkit.app_command(port, "127.0.0.1")])
+    sc.wait_event("sidecar.consul.registered")
+    sid = f"{service_name}-1"
+    wait_for(lambda: passing(consul, service_name, sid), 15, what="check passing")
+    first = sc.app_pid()
+    mode_file.write_text(mode)
+    sc.send(signal.SIGUSR2)
+    failed = sc.wait_event("sidecar.hot_restart.failed", timeout=20)
+    assert "listening socket" in failed["reason"]
+    sc.wait_event("sidecar.hot_restart.generation_stopped", timeout=20)
+    assert sc.event("sidecar.hot_restart.old_signalled") is None
+    assert live_app_pids(sc) == {first}
+    assert answering_pid(port) == first
+    assert passing(consul, service_name, sid)
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0

@@ -633,6 +633,8 @@ class ChildApp:
                 except ProcessLookupError:
                     pass
         if self.exited.done():
+            if others:  # not leftovers: a replaced generation still draining keeps its timeout
+                await asyncio.wait([asyncio.ensure_future(asyncio.shield(g.exited)) for g in others], timeout=timeout)
             await self._end_leftovers(sig)
             return StopResult(self.exited.result(), False, "had already exited")
         self.forward(sig)

@@ -663,3 +663,48 @@ def test_a_new_generation_without_the_listening_socket_does_not_replace_the_old_
     assert passing(consul, service_name, sid)
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
+
+
+def test_the_new_generation_dying_while_the_old_one_drains_lets_the_old_one_finish(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path
+) -> None:
+    """1. Generation 1 keeps serving 4s after its SIGTERM (--drain-seconds 4); app_timeout 10s.
+    2. A slow request (3s) is in flight at generation 1; SIGUSR2: generation 2 takes over, generation 1
+    is signalled and drains.
+    3. Generation 2 is SIGKILLed (out of memory, say) during that drain.
+    Expected: as any exit of the app: deregistered, the sidecar exits 137. Generation 1, replaced and
+    draining, keeps the rest of its app_timeout: the in-flight request completes (200) and generation 1
+    exits on its own after its SIGTERM (not SIGKILLed as a leftover a second after the app's exit)."""
+    import threading
+
+    mode_file = tmp_path / "mode"
+    mode_file.write_text("slow")
+    port = free_port()
+    cfg = base_config(consul, service_name, port, hot_restart=HOT, shutdown={"app_timeout": "10s"})
+    sc = start_sidecar(cfg, modal_command(mode_file, port))
+    sc.wait_event("sidecar.consul.registered")
+    first = sc.app_pid()
+    answers: list[int] = []
+
+    def slow() -> None:
+        try:
+            answers.append(http_get(f"http://127.0.0.1:{port}/slow?seconds=3", timeout=15)[0])
+        except OSError:
+            answers.append(-1)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.3)  # the request is at generation 1 (the only one)
+    mode_file.write_text("")
+    sc.send(signal.SIGUSR2)
+    second = sc.wait_event("sidecar.hot_restart.ready", timeout=20)["pid"]
+    sc.wait_event("sidecar.hot_restart.old_signalled", timeout=5)
+    os.kill(second, signal.SIGKILL)
+    assert sc.wait() == 137
+    t.join(20)
+    assert answers == [200], "the request in flight at the replaced generation failed"
+    stopped = sc.event("sidecar.app.stopped")
+    assert stopped is not None and stopped.get("leftovers_killed") is None
+    assert [name for name, _ in testkit.read_signal_log(Path(f"{mode_file}.{first}"))] == ["SIGTERM"]
+    assert f"{service_name}-1" not in consul.service_ids(service_name)
+    assert not pid_alive(first)

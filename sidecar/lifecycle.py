@@ -30,7 +30,8 @@ Hot restart (hot_restart.enabled, wrapper mode; the sidecar holds the listening 
 
     hot_restart.signal: start generation N+1 with the same socket -> wait until it is ready
                (READY=1 from it, or warmup alive; and it holds the socket) within hot_restart.timeout
-               -> it becomes the app -> app_signal to generation N -> wait app_timeout -> SIGKILL it and its descendants.
+               -> it becomes the app -> app_signal to generation N -> wait app_timeout -> SIGKILL it
+               and its descendants.
                A new generation that exits or is not ready in time is stopped the same way; N
                keeps serving. The registration is not touched. One restart at a time: a trigger
                during one is refused (logged). A shutdown cancels the restart; the drain stops

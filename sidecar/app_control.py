@@ -281,6 +281,7 @@ class ChildApp:
         self.argv = list(argv)
         self.env = env
         self.listener = listener
+        self._listener_inode = os.fstat(listener.fileno()).st_ino if listener is not None else None
         self._fd_name = fd_name
         self.notify_socket: str | None = None  # NOTIFY_SOCKET for the generations (hot restart)
         self.generations: list[Generation] = []  # the live ones and those not yet collected, oldest first
@@ -342,6 +343,8 @@ class ChildApp:
     def start_next(self) -> Generation:
         """Hot restart: spawn the next generation beside the current one (same socket); raises OSError."""
         assert self.listener is not None and self.pid is not None
+        if self.listener.fileno() < 0:
+            raise OSError("the listening socket is closed: the sidecar is stopping")
         gen = self._spawn(self._numbered + 1)
         self.reap()
         return gen
@@ -371,18 +374,24 @@ class ChildApp:
             pid, seen = parent, seen + 1
         return None
 
+    def release_listener(self) -> None:
+        """Close the sidecar's copy of the listening socket (no generation is started after this): it
+        then closes with the app's last copy, and a late client is refused at once, as without hot
+        restart, rather than queued where nobody accepts any more until the sidecar exits."""
+        if self.listener is not None:
+            self.listener.close()
+
     def holds_listener(self, gen: Generation) -> bool | None:
         """Whether ``gen`` or one of its descendants holds the listening socket; None where /proc cannot
         tell (no usable /proc, a process of another user whose descriptors we may not read)."""
-        if self.listener is None or not proctree.usable():
+        if self._listener_inode is None or not proctree.usable():
             return None
-        inode = os.fstat(self.listener.fileno()).st_ino
         unknown = False
         for pid in proctree.tree(gen.pid):
             held = proctree.socket_inodes(pid)
             if held is None:
                 unknown = True
-            elif inode in held:
+            elif self._listener_inode in held:
                 return True
         return None if unknown else False
 
@@ -439,8 +448,8 @@ class ChildApp:
             if g is not gen and not g.exited.done():
                 kept |= proctree.tree(g.pid)
         found = {p for p in everyone - kept if proctree.group(p) == gen.pid}
-        if self.listener is not None:
-            found |= proctree.holders(everyone - kept, {os.fstat(self.listener.fileno()).st_ino})
+        if self._listener_inode is not None:
+            found |= proctree.holders(everyone - kept, {self._listener_inode})
         for p in list(found):
             found |= proctree.descendants(p)
         return found - kept

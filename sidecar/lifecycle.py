@@ -768,6 +768,8 @@ class Sidecar:
         self.status.enter(State.STOPPING)
         self.systemd.notify(STATUS="stopping the app")
         t = self.clock.monotonic()
+        if self._gens is not None:  # no generation starts from here on: the socket ends with the app's copies
+            self._gens.release_listener()
         result = await self.app.stop(cfg.app_signal, cfg.app_timeout)
         app = self.app
         extra = {

@@ -708,3 +708,46 @@ def test_the_new_generation_dying_while_the_old_one_drains_lets_the_old_one_fini
     assert [name for name, _ in testkit.read_signal_log(Path(f"{mode_file}.{first}"))] == ["SIGTERM"]
     assert f"{service_name}-1" not in consul.service_ids(service_name)
     assert not pid_alive(first)
+
+
+def test_after_the_drain_signals_the_app_a_late_connection_is_refused_not_left_hanging(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str
+) -> None:
+    """1. The example app under hot restart; a slow request (4s) is in flight.
+    2. SIGTERM: deregistration, propagation delay, then the app gets SIGTERM: it closes its listener
+    and finishes the slow request.
+    3. Meanwhile a late client (a consumer with a stale view) connects.
+    Expected: as without hot restart, the connection is refused at once (the client tries another
+    instance), not accepted into a queue nobody serves any more (the sidecar's own copy of the socket)
+    where it would hang until the sidecar exits. The slow request completes."""
+    import threading
+
+    port = free_port()
+    cfg = base_config(consul, service_name, port, hot_restart=HOT)
+    sc = start_sidecar(cfg, testkit.app_command(port, "127.0.0.1"))
+    sc.wait_event("sidecar.consul.registered")
+    answers: list[int] = []
+
+    def slow() -> None:
+        try:
+            answers.append(http_get(f"http://127.0.0.1:{port}/slow?seconds=4", timeout=15)[0])
+        except OSError:
+            answers.append(-1)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.3)
+    sc.send(signal.SIGTERM)
+    sc.wait_event("sidecar.drain.delay_done", timeout=10)
+    time.sleep(0.5)  # the app has SIGTERM and has closed its listener
+    assert sc.proc is not None and sc.proc.poll() is None and t.is_alive(), "the slow request is in flight"
+    c = socket.socket()
+    c.settimeout(2)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            c.connect(("127.0.0.1", port))
+    finally:
+        c.close()
+    t.join(15)
+    assert answers == [200]
+    assert sc.wait() == 0

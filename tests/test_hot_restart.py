@@ -751,3 +751,36 @@ def test_after_the_drain_signals_the_app_a_late_connection_is_refused_not_left_h
     t.join(15)
     assert answers == [200]
     assert sc.wait() == 0
+
+
+def test_a_connection_the_old_generation_accepted_just_before_its_signal_is_served(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str
+) -> None:
+    """1. The example app under hot restart. A client connects while generation 1 is the only one (so
+    generation 1 accepts it) and has not sent its request yet (as any client between connect and send).
+    2. SIGUSR2: generation 2 takes over, generation 1 gets SIGTERM.
+    3. The client sends its request right after.
+    Expected: it is answered (200), not closed unanswered as an idle connection: a hot restart fails
+    no request (under load, such connections are the ones accepted in the instant before the SIGTERM)."""
+    port = free_port()
+    cfg = base_config(consul, service_name, port, hot_restart=HOT)
+    sc = start_sidecar(cfg, testkit.app_command(port, "127.0.0.1"))
+    sc.wait_event("sidecar.consul.registered")
+    first = sc.app_pid()
+    c = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        time.sleep(0.5)  # generation 1 has accepted it
+        sc.send(signal.SIGUSR2)
+        assert sc.wait_event("sidecar.hot_restart.old_signalled", timeout=20)["pid"] == first
+        time.sleep(0.1)
+        c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+    finally:
+        c.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert f"X-Pid: {first}".encode() in answer
+    sc.wait_event("sidecar.hot_restart.done", timeout=20)
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0

@@ -237,6 +237,7 @@ class Generation:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     status_text: str | None = None  # its last STATUS= message
     signalled: bool = False
+    started: int | None = None  # its start time (proctree.start_time), where /proc tells
 
     def as_json(self) -> dict[str, object]:
         out: dict[str, object] = {"generation": self.number, "pid": self.pid, "state": self.state.value}
@@ -332,6 +333,7 @@ class ChildApp:
                 env["NOTIFY_SOCKET"] = self.notify_socket
         pid = self._launcher.spawn(self.argv, env if self.listener is not None else self.env, listen_fd)
         gen = Generation(number, pid, asyncio.get_running_loop().create_future())
+        gen.started = proctree.start_time(pid) if proctree.usable() else None
         self._numbered = number  # a failed generation keeps its number: the next one gets a new one
         self.generations.append(gen)
         return gen
@@ -441,15 +443,17 @@ class ChildApp:
     def _left_by(self, gen: Generation) -> set[int]:
         """What ``gen``, which has exited, left running that its tree no longer shows (re-parented to
         the sidecar): the members of its process group (each generation leads its own), whatever holds
-        the listening socket outside every live generation's tree, and what those started."""
+        the listening socket outside every live generation's tree and started after ``gen`` (a process
+        in a session of its own), and what those started."""
         everyone = proctree.descendants(os.getpid())
         kept: set[int] = set()
         for g in self.generations:
             if g is not gen and not g.exited.done():
                 kept |= proctree.tree(g.pid)
         found = {p for p in everyone - kept if proctree.group(p) == gen.pid}
-        if self._listener_inode is not None:
-            found |= proctree.holders(everyone - kept, {self._listener_inode})
+        if self._listener_inode is not None and gen.started is not None:
+            later = {p for p in everyone - kept if (proctree.start_time(p) or 0) >= gen.started}
+            found |= proctree.holders(later, {self._listener_inode})
         for p in list(found):
             found |= proctree.descendants(p)
         return found - kept

@@ -237,6 +237,7 @@ class Generation:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     status_text: str | None = None  # its last STATUS= message
     signalled: bool = False
+    started: int | None = None  # its start time (proctree.start_time), where /proc tells
 
     def as_json(self) -> dict[str, object]:
         out: dict[str, object] = {"generation": self.number, "pid": self.pid, "state": self.state.value}
@@ -281,6 +282,7 @@ class ChildApp:
         self.argv = list(argv)
         self.env = env
         self.listener = listener
+        self._listener_inode = os.fstat(listener.fileno()).st_ino if listener is not None else None
         self._fd_name = fd_name
         self.notify_socket: str | None = None  # NOTIFY_SOCKET for the generations (hot restart)
         self.generations: list[Generation] = []  # the live ones and those not yet collected, oldest first
@@ -331,6 +333,7 @@ class ChildApp:
                 env["NOTIFY_SOCKET"] = self.notify_socket
         pid = self._launcher.spawn(self.argv, env if self.listener is not None else self.env, listen_fd)
         gen = Generation(number, pid, asyncio.get_running_loop().create_future())
+        gen.started = proctree.start_time(pid) if proctree.usable() else None
         self._numbered = number  # a failed generation keeps its number: the next one gets a new one
         self.generations.append(gen)
         return gen
@@ -339,19 +342,11 @@ class ChildApp:
     def current(self) -> Generation | None:
         return next((g for g in self.generations if g.pid == self.pid), None)
 
-    def close_listener(self) -> None:
-        """Hot restart: drop the sidecar's copy of the listening socket once the app is told to stop or
-        has exited. The generations close theirs as they stop; were the sidecar's kept, the kernel would
-        go on queueing new connections that nobody accepts, to be reset when the sidecar exits, where
-        without hot restart they are refused at once and the client tries elsewhere."""
-        if self.listener is not None and self.listener.fileno() != -1:
-            self.listener.close()
-
     def start_next(self) -> Generation:
         """Hot restart: spawn the next generation beside the current one (same socket); raises OSError."""
         assert self.listener is not None and self.pid is not None
-        if self.listener.fileno() == -1:
-            raise OSError("the listening socket is closed: the app is stopping")
+        if self.listener.fileno() < 0:
+            raise OSError("the listening socket is closed: the sidecar is stopping")
         gen = self._spawn(self._numbered + 1)
         self.reap()
         return gen
@@ -381,13 +376,39 @@ class ChildApp:
             pid, seen = parent, seen + 1
         return None
 
+    def release_listener(self) -> None:
+        """Close the sidecar's copy of the listening socket (no generation is started after this): it
+        then closes with the app's last copy, and a late client is refused at once, as without hot
+        restart, rather than queued where nobody accepts any more until the sidecar exits."""
+        if self.listener is not None:
+            self.listener.close()
+
+    def holds_listener(self, gen: Generation) -> bool | None:
+        """Whether ``gen`` or one of its descendants holds the listening socket; None where /proc cannot
+        tell (no usable /proc, a process of another user whose descriptors we may not read)."""
+        if self._listener_inode is None or not proctree.usable():
+            return None
+        unknown = False
+        for pid in proctree.tree(gen.pid):
+            held = proctree.socket_inodes(pid)
+            if held is None:
+                unknown = True
+            elif self._listener_inode in held:
+                return True
+        return None if unknown else False
+
     async def stop_generation(self, gen: Generation, sig: signal.Signals, timeout: float) -> StopResult:
         """Stop one generation (not the app): ``sig``, ``timeout`` to exit, then SIGKILL to it and its
         descendants. The other generation and its processes are untouched."""
         gen.state = GenState.STOPPING
-        if gen.exited.done():
-            return StopResult(gen.exited.result(), False, "had already exited")
         usable = proctree.usable()
+        if gen.exited.done():
+            # It exited before it was stopped (a new generation that failed): what it started may
+            # still run, holding the listening socket beside the current generation.
+            left = self._left_by(gen) if usable else set()
+            if left:
+                await self._end_left(left, sig)
+            return StopResult(gen.exited.result(), False, "had already exited")
         # Its processes, watched while it stops: once it has exited, what it leaves is re-parented
         # to the sidecar and no longer tells which generation it came from.
         family = proctree.tree(gen.pid) if usable else {gen.pid}
@@ -406,13 +427,9 @@ class ChildApp:
                     asyncio.shield(gen.exited), min(self.FOLLOW_POLL, max(0.0, deadline - self._clock.monotonic()))
                 )
         if gen.exited.done():
-            left = {p for p in family - {gen.pid} if proctree.alive(p)} if usable else set()
+            left = ({p for p in family - {gen.pid} if proctree.alive(p)} | self._left_by(gen)) if usable else set()
             if left:  # leftovers of a clean exit: the same signal, then SIGKILL (as the app's at the end)
-                self._signal_all(left, sig)
-                end = self._clock.monotonic() + KILL_REAP_TIMEOUT
-                while any(proctree.alive(p) for p in left) and self._clock.monotonic() < end:
-                    await self._clock.sleep(0.02)
-                self._signal_all({p for p in left if proctree.alive(p)}, signal.SIGKILL)
+                await self._end_left(left, sig)
             return StopResult(gen.exited.result(), False, f"exited after {sig.name}")
         if usable:
             family |= proctree.tree(gen.pid)
@@ -422,6 +439,32 @@ class ChildApp:
         except TimeoutError:
             status = by_signal(signal.SIGKILL)
         return StopResult(status, True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
+
+    def _left_by(self, gen: Generation) -> set[int]:
+        """What ``gen``, which has exited, left running that its tree no longer shows (re-parented to
+        the sidecar): the members of its process group (each generation leads its own), whatever holds
+        the listening socket outside every live generation's tree and started after ``gen`` (a process
+        in a session of its own), and what those started."""
+        everyone = proctree.descendants(os.getpid())
+        kept: set[int] = set()
+        for g in self.generations:
+            if g is not gen and not g.exited.done():
+                kept |= proctree.tree(g.pid)
+        found = {p for p in everyone - kept if proctree.group(p) == gen.pid}
+        if self._listener_inode is not None and gen.started is not None:
+            later = {p for p in everyone - kept if (proctree.start_time(p) or 0) >= gen.started}
+            found |= proctree.holders(later, {self._listener_inode})
+        for p in list(found):
+            found |= proctree.descendants(p)
+        return found - kept
+
+    async def _end_left(self, left: set[int], sig: signal.Signals) -> None:
+        """The same signal, then SIGKILL after KILL_REAP_TIMEOUT (as the app's leftovers at the end)."""
+        self._signal_all(left, sig)
+        end = self._clock.monotonic() + KILL_REAP_TIMEOUT
+        while any(proctree.alive(p) for p in left) and self._clock.monotonic() < end:
+            await self._clock.sleep(0.02)
+        self._signal_all({p for p in left if proctree.alive(p)}, signal.SIGKILL)
 
     @staticmethod
     def _signal_all(pids: set[int], sig: signal.Signals) -> None:
@@ -478,7 +521,7 @@ class ChildApp:
                     gen.exited.set_result(code)
                 gen.state = GenState.EXITED
                 if pid == self.pid and not self.exited.done() and not (code == 0 and self._follow_daemon()):
-                    self.close_listener()
+                    self.release_listener()
                     self.exited.set_result(code)
             else:
                 self.orphans_reaped += 1
@@ -594,7 +637,7 @@ class ChildApp:
     async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
         """Stop the app: every generation (hot restart), the current one's status is the result."""
         self._stopping = True
-        self.close_listener()
+        self.release_listener()
         others = self._other_generations()
         for gen in others:  # a replaced one already signalled keeps its clock; the others hear sig now
             gen.state = GenState.STOPPING
@@ -605,6 +648,8 @@ class ChildApp:
                 except ProcessLookupError:
                     pass
         if self.exited.done():
+            if others:  # not leftovers: a replaced generation still draining keeps its timeout
+                await asyncio.wait([asyncio.ensure_future(asyncio.shield(g.exited)) for g in others], timeout=timeout)
             await self._end_leftovers(sig)
             return StopResult(self.exited.result(), False, "had already exited")
         self.forward(sig)

@@ -29,8 +29,9 @@ what each one means at the current step:
 Hot restart (hot_restart.enabled, wrapper mode; the sidecar holds the listening socket):
 
     hot_restart.signal: start generation N+1 with the same socket -> wait until it is ready
-               (READY=1 from it, or warmup alive) within hot_restart.timeout -> it becomes the app
-               -> app_signal to generation N -> wait app_timeout -> SIGKILL it and its descendants.
+               (READY=1 from it, or warmup alive; and it holds the socket) within hot_restart.timeout
+               -> it becomes the app -> app_signal to generation N -> wait app_timeout -> SIGKILL it
+               and its descendants.
                A new generation that exits or is not ready in time is stopped the same way; N
                keeps serving. The registration is not touched. One restart at a time: a trigger
                during one is refused (logged). A shutdown cancels the restart; the drain stops
@@ -767,6 +768,8 @@ class Sidecar:
         self.status.enter(State.STOPPING)
         self.systemd.notify(STATUS="stopping the app")
         t = self.clock.monotonic()
+        if self._gens is not None:  # no generation starts from here on: the socket ends with the app's copies
+            self._gens.release_listener()
         result = await self.app.stop(cfg.app_signal, cfg.app_timeout)
         app = self.app
         extra = {
@@ -936,7 +939,15 @@ class Sidecar:
         if gen.exited.done():
             return False, f"generation {gen.number} exited with status {gen.exited.result()} before it was ready"
         if ready.done() and not ready.cancelled():
-            return True, "READY=1" if cfg.ready is ReadyMode.NOTIFY else f"alive for warmup {cfg.warmup:g}s"
+            how = "READY=1" if cfg.ready is ReadyMode.NOTIFY else f"alive for warmup {cfg.warmup:g}s"
+            # Else the old generation would be stopped with nobody left to accept: connections would
+            # queue unanswered and the check go critical.
+            if self._gens is not None and self._gens.holds_listener(gen) is False:
+                return False, (
+                    f"generation {gen.number} is ready ({how}) but does not hold the listening socket (fd 3): "
+                    "it could not accept a connection (does it take the socket by socket activation?)"
+                )
+            return True, how
         said = " (it never sent READY=1 on NOTIFY_SOCKET)" if cfg.ready is ReadyMode.NOTIFY else ""
         return False, f"generation {gen.number} was not ready within hot_restart.timeout {cfg.timeout:g}s{said}"
 

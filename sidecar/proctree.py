@@ -58,6 +58,18 @@ def parent(pid: int) -> int | None:
     return int(fields[1]) if fields is not None else None
 
 
+def group(pid: int) -> int | None:
+    """The process group of ``pid``; None if gone."""
+    fields = _stat(pid)
+    return int(fields[2]) if fields is not None else None
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (unchanged by exec); None if gone."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields is not None else None
+
+
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     try:

@@ -577,3 +577,210 @@ def test_systemd_notifier_never_blocks_on_a_full_socket(tmp_path: Path) -> None:
         notifier.close()
     finally:
         rx.close()
+
+
+# A new generation that starts a child holding the listening socket (fd 3), then exits 0 before it is
+# ready: "orphan" in its process group, "session" in a session of its own (setsid).
+FORKING = '''mode=$(cat "$0" 2>/dev/null)
+case "$mode" in
+  orphan) sleep 300 & echo $! > "$0.child"; exit 0;;
+  session) setsid sleep 300 & echo $! > "$0.child"; sleep 0.2; exit 0;;
+esac
+exec "$@"'''
+
+
+@pytest.mark.parametrize("mode", ["orphan", "session"])
+def test_a_new_generation_that_exits_leaving_a_child_leaves_no_stray(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path, mode: str
+) -> None:
+    """1. The app runs under hot restart.
+    2. The next generation starts a child that inherits the listening socket (fd 3) - in its process
+    group, or in a session of its own - then exits 0 before it is ready.
+    3. SIGUSR2.
+    Expected: the restart fails (the generation exited); its child, re-parented to the sidecar and able
+    to accept connections on the shared socket beside the current generation, is ended too: once the
+    failed generation is reported stopped, the current generation is the only process under the sidecar."""
+    mode_file = tmp_path / "mode"
+    port = free_port()
+    cfg = base_config(consul, service_name, port, hot_restart={**HOT, "timeout": "10s"})
+    sc = start_sidecar(cfg, ["/bin/sh", "-c", FORKING, str(mode_file), *testkit.app_command(port, "127.0.0.1")])
+    sc.wait_event("sidecar.consul.registered")
+    first = sc.app_pid()
+    mode_file.write_text(mode)
+    sc.send(signal.SIGUSR2)
+    failed = sc.wait_event("sidecar.hot_restart.failed", timeout=20)
+    assert "exited with status 0" in failed["reason"]
+    sc.wait_event("sidecar.hot_restart.generation_stopped", timeout=20)
+    child = int(Path(f"{mode_file}.child").read_text())
+    from sidecar import proctree
+
+    wait_for(lambda: not pid_alive(child), 5, what="the failed generation's child ended")
+    assert proctree.descendants(sc.pid) == {first}
+    assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+
+
+# A new generation that closes the listening socket (fd 3) and stays alive: an app version that no longer
+# takes it by socket activation (it would bind the port itself, and retries while the sidecar holds it).
+# "notify" also says READY=1 first.
+CLOSING = '''mode=$(cat "$0" 2>/dev/null)
+case "$mode" in
+  closed) exec 3>&-; exec sleep 300;;
+  closed-ready) exec 3>&-; exec "$1" -c "import os,socket,time;s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM);\
+a=os.environ['NOTIFY_SOCKET'];s.sendto(b'READY=1',b'\\0'+a[1:].encode());time.sleep(300)";;
+esac
+exec "$@"'''
+
+
+@pytest.mark.parametrize(("mode", "ready"), [("closed", "warmup"), ("closed-ready", "notify")])
+def test_a_new_generation_without_the_listening_socket_does_not_replace_the_old_one(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path, mode: str, ready: str
+) -> None:
+    """1. The app runs under hot restart (ready = "warmup" 1s, or "notify").
+    2. The next generation closes fd 3 (the listening socket) and stays alive; with "notify" it says READY=1.
+    3. SIGUSR2.
+    Expected: the restart fails, naming the listening socket; the old generation is not signalled and
+    still answers (else nobody would accept: connections would hang and the check go critical); the new
+    generation is stopped; the instance stays passing."""
+    mode_file = tmp_path / "mode"
+    port = free_port()
+    hot = {**HOT, "timeout": "10s", "ready": ready, "warmup": "1s"}
+    cfg = base_config(consul, service_name, port, hot_restart=hot)
+    sc = start_sidecar(cfg, ["/bin/sh", "-c", CLOSING, str(mode_file), *testkit.app_command(port, "127.0.0.1")])
+    sc.wait_event("sidecar.consul.registered")
+    sid = f"{service_name}-1"
+    wait_for(lambda: passing(consul, service_name, sid), 15, what="check passing")
+    first = sc.app_pid()
+    mode_file.write_text(mode)
+    sc.send(signal.SIGUSR2)
+    failed = sc.wait_event("sidecar.hot_restart.failed", timeout=20)
+    assert "listening socket" in failed["reason"]
+    sc.wait_event("sidecar.hot_restart.generation_stopped", timeout=20)
+    assert sc.event("sidecar.hot_restart.old_signalled") is None
+    assert live_app_pids(sc) == {first}
+    assert answering_pid(port) == first
+    assert passing(consul, service_name, sid)
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+
+
+def test_the_new_generation_dying_while_the_old_one_drains_lets_the_old_one_finish(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path
+) -> None:
+    """1. Generation 1 keeps serving 4s after its SIGTERM (--drain-seconds 4); app_timeout 10s.
+    2. A slow request (3s) is in flight at generation 1; SIGUSR2: generation 2 takes over, generation 1
+    is signalled and drains.
+    3. Generation 2 is SIGKILLed (out of memory, say) during that drain.
+    Expected: as any exit of the app: deregistered, the sidecar exits 137. Generation 1, replaced and
+    draining, keeps the rest of its app_timeout: the in-flight request completes (200) and generation 1
+    exits on its own after its SIGTERM (not SIGKILLed as a leftover a second after the app's exit)."""
+    import threading
+
+    mode_file = tmp_path / "mode"
+    mode_file.write_text("slow")
+    port = free_port()
+    cfg = base_config(consul, service_name, port, hot_restart=HOT, shutdown={"app_timeout": "10s"})
+    sc = start_sidecar(cfg, modal_command(mode_file, port))
+    sc.wait_event("sidecar.consul.registered")
+    first = sc.app_pid()
+    answers: list[int] = []
+
+    def slow() -> None:
+        try:
+            answers.append(http_get(f"http://127.0.0.1:{port}/slow?seconds=3", timeout=15)[0])
+        except OSError:
+            answers.append(-1)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.3)  # the request is at generation 1 (the only one)
+    mode_file.write_text("")
+    sc.send(signal.SIGUSR2)
+    second = sc.wait_event("sidecar.hot_restart.ready", timeout=20)["pid"]
+    sc.wait_event("sidecar.hot_restart.old_signalled", timeout=5)
+    os.kill(second, signal.SIGKILL)
+    assert sc.wait() == 137
+    t.join(20)
+    assert answers == [200], "the request in flight at the replaced generation failed"
+    stopped = sc.event("sidecar.app.stopped")
+    assert stopped is not None and stopped.get("leftovers_killed") is None
+    assert [name for name, _ in testkit.read_signal_log(Path(f"{mode_file}.{first}"))] == ["SIGTERM"]
+    assert f"{service_name}-1" not in consul.service_ids(service_name)
+    assert not pid_alive(first)
+
+
+def test_after_the_drain_signals_the_app_a_late_connection_is_refused_not_left_hanging(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str
+) -> None:
+    """1. The example app under hot restart; a slow request (4s) is in flight.
+    2. SIGTERM: deregistration, propagation delay, then the app gets SIGTERM: it closes its listener
+    and finishes the slow request.
+    3. Meanwhile a late client (a consumer with a stale view) connects.
+    Expected: as without hot restart, the connection is refused at once (the client tries another
+    instance), not accepted into a queue nobody serves any more (the sidecar's own copy of the socket)
+    where it would hang until the sidecar exits. The slow request completes."""
+    import threading
+
+    port = free_port()
+    cfg = base_config(consul, service_name, port, hot_restart=HOT)
+    sc = start_sidecar(cfg, testkit.app_command(port, "127.0.0.1"))
+    sc.wait_event("sidecar.consul.registered")
+    answers: list[int] = []
+
+    def slow() -> None:
+        try:
+            answers.append(http_get(f"http://127.0.0.1:{port}/slow?seconds=4", timeout=15)[0])
+        except OSError:
+            answers.append(-1)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.3)
+    sc.send(signal.SIGTERM)
+    sc.wait_event("sidecar.drain.delay_done", timeout=10)
+    time.sleep(0.5)  # the app has SIGTERM and has closed its listener
+    assert sc.proc is not None and sc.proc.poll() is None and t.is_alive(), "the slow request is in flight"
+    c = socket.socket()
+    c.settimeout(2)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            c.connect(("127.0.0.1", port))
+    finally:
+        c.close()
+    t.join(15)
+    assert answers == [200]
+    assert sc.wait() == 0
+
+
+def test_a_connection_the_old_generation_accepted_just_before_its_signal_is_served(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str
+) -> None:
+    """1. The example app under hot restart. A client connects while generation 1 is the only one (so
+    generation 1 accepts it) and has not sent its request yet (as any client between connect and send).
+    2. SIGUSR2: generation 2 takes over, generation 1 gets SIGTERM.
+    3. The client sends its request right after.
+    Expected: it is answered (200), not closed unanswered as an idle connection: a hot restart fails
+    no request (under load, such connections are the ones accepted in the instant before the SIGTERM)."""
+    port = free_port()
+    cfg = base_config(consul, service_name, port, hot_restart=HOT)
+    sc = start_sidecar(cfg, testkit.app_command(port, "127.0.0.1"))
+    sc.wait_event("sidecar.consul.registered")
+    first = sc.app_pid()
+    c = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        time.sleep(0.5)  # generation 1 has accepted it
+        sc.send(signal.SIGUSR2)
+        assert sc.wait_event("sidecar.hot_restart.old_signalled", timeout=20)["pid"] == first
+        time.sleep(0.1)
+        c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+    finally:
+        c.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert f"X-Pid: {first}".encode() in answer
+    sc.wait_event("sidecar.hot_restart.done", timeout=20)
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0

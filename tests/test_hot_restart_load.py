@@ -240,7 +240,8 @@ def test_a_connection_accepted_just_before_shutdown_still_gets_its_answer(
     1. The server alone on a port; a client connects (the server accepts it) and sends nothing yet.
     2. SIGTERM to the server; ``send_after`` seconds later the client sends its request.
     Expected: the example app and uvicorn_serve.py answer it (they stop accepting, then give such
-    connections 250 ms before closing the idle ones). The control, plain uvicorn, closes it without an
+    connections time to send their request: uvicorn_serve.py 250 ms, the example app until none is
+    still waiting for its first request, at most 1 s). The control, plain uvicorn, closes it without an
     answer (it closes every connection with no request under way at once), so the scenario shows the race."""
     port = free_port()
     if server == "example":

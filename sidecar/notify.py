@@ -15,6 +15,7 @@ that would block or fails is dropped (logged at debug): systemd's socket must ne
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import secrets
 import socket
@@ -118,7 +119,9 @@ class SystemdNotifier:
         self._address = _address(address) if address else None
         self._log = log
         self._sock: socket.socket | None = None
-        self.sent: list[str] = []  # what was sent, for /status-free inspection in tests of pure logic
+        # What was sent: a count and the last few messages (bounded: a long life of restarts must not grow it).
+        self.sent_total = 0
+        self.last_sent: collections.deque[str] = collections.deque(maxlen=32)
 
     @property
     def enabled(self) -> bool:
@@ -134,7 +137,8 @@ class SystemdNotifier:
                     socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
                 )
             self._sock.sendto(message.encode()[:MAX_MESSAGE], self._address)
-            self.sent.append(message)
+            self.sent_total += 1
+            self.last_sent.append(message)
         except OSError as e:  # systemd gone, its queue full: the drain goes on without it
             if self._log is not None:
                 self._log.debug("sidecar.systemd.notify_failed", error=str(e), message=message)

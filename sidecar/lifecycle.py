@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
-from . import instance_claim
+from . import early_signals, instance_claim
 from .app_control import App, ChildApp, Generation, StopResult
 from .backoff import backoff
 from .clock import Clock
@@ -178,9 +178,13 @@ class Sidecar:
         if over:
             self.log.warning("sidecar.config.over_budget", warning=over)
         self.inbox.install()  # before the app exists: no signal may find us unprepared
+        for sig in early_signals.take():  # came while Python started: no app to pass it to, nothing to restart
+            self.log.warning(
+                "sidecar.signal.ignored", signal=sig.name, reason="it came during start-up, before the app existed"
+            )
         dispatcher = asyncio.create_task(self._dispatch_signals())
         if self._gens is not None:
-            self.status.hot_restart = {"state": "idle", "restarts": 0, "last_error": None}
+            self.status.hot_restart = {"state": "idle", "restarts": 0, "failures": 0, "last_error": None}
             if self._app_notify is not None:
                 self._gens.notify_socket = self._app_notify.env_value
                 self._app_notify.start(self._on_app_message)
@@ -667,10 +671,16 @@ class Sidecar:
         status = self.app.exited.result()
         oom = status == by_signal(signal.SIGKILL)
         emit = self.log.error if oom else self.log.info if status == 0 else self.log.warning
+        hint = "killed by SIGKILL: out of memory?" if oom else None
+        if hint is None and status != 0 and self._gens is not None and not self._registration_attempted:
+            hint = (
+                "with hot_restart the sidecar holds service.port and hands it to the app as fd 3 (LISTEN_FDS): "
+                "an app that binds the port itself fails with 'address already in use'"
+            )
         emit(
             "sidecar.app.exited",
             exit_status=status,
-            hint="killed by SIGKILL: out of memory?" if oom else None,
+            hint=hint,
             daemon_pids=sorted(self.app.followed) or None,
         )
         t = self.clock.monotonic()
@@ -903,6 +913,8 @@ class Sidecar:
             gens.forget_exited()
             self.status.hot_restarts_total += 1
             self._hot_state("idle", error=None)
+            if (self.status.last_error or "").startswith("hot restart failed"):
+                self.status.last_error = None  # this one succeeded: the failure is history (counted in the metrics)
             self._show_generations()
             self.log.info(
                 "sidecar.hot_restart.done",
@@ -952,6 +964,7 @@ class Sidecar:
         return False, f"generation {gen.number} was not ready within hot_restart.timeout {cfg.timeout:g}s{said}"
 
     def _hot_failed(self, gen: Generation | None, why: str, t0: float) -> None:
+        self.status.hot_restart_failures_total += 1
         self.status.last_error = f"hot restart failed: {why}"
         self._hot_state("failed", error=why)
         self.log.error(
@@ -979,6 +992,7 @@ class Sidecar:
             return
         self.status.hot_restart["state"] = state
         self.status.hot_restart["restarts"] = self.status.hot_restarts_total
+        self.status.hot_restart["failures"] = self.status.hot_restart_failures_total
         if error is not False:
             self.status.hot_restart["last_error"] = error
 

@@ -121,6 +121,12 @@ def render(
     )
     w.family(p + "app_restarts_total", "counter", "Hot restarts of the app.", [({}, status.hot_restarts_total)])
     w.family(
+        p + "app_restart_failures_total",
+        "counter",
+        "Hot restarts that failed: the new generation was stopped, the previous one serves on.",
+        [({}, status.hot_restart_failures_total)],
+    )
+    w.family(
         p + "log_lines_dropped_total",
         "counter",
         "Log lines dropped because the log's reader did not keep up.",

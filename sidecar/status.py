@@ -100,6 +100,7 @@ class Status:
     drain: dict[str, Any] | None = None  # the drain's progress (which step, traffic seen)
     hot_restart: dict[str, Any] | None = None  # {state, restarts, last_error} when hot_restart.enabled
     hot_restarts_total: int = 0  # completed hot restarts
+    hot_restart_failures_total: int = 0  # hot restarts whose new generation was stopped, the old one serving on
     # For /metrics (sidecar/metrics.py): counters since start, and the last drain's figures.
     registrations_total: int = 0  # registration writes the agent accepted, the keeper's included
     reregistrations_total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REREGISTRATION_REASONS, 0))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,13 @@ from testkit import Consul, ConsulCluster, Sidecar
 _names = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consul]:
-    """One real dev agent for the tests that do not restart it; each test uses its own service name."""
+    """One real dev agent for the tests that do not restart it; each test uses its own service name.
+
+    Autouse, so it starts before any test's own processes are counted: started lazily inside a test
+    (``registered_sidecar`` asks for it by name), it was counted among that test's processes and
+    killed by its teardown, and every later test of that pytest-xdist worker met a dead agent."""
     agent = Consul(tmp_path_factory.mktemp("consul"))
     agent.start()
     yield agent
@@ -89,7 +94,9 @@ def _nothing_left_behind() -> Iterator[None]:
 
 @pytest.fixture
 def service_name() -> str:
-    return f"svc{next(_names)}"
+    # Unique on the host, not only in this process: the pytest-xdist workers share the host, and an
+    # instance's ID is claimed host-wide (sidecar/instance_claim.py), whatever agent it registers in.
+    return f"svc{next(_names)}{os.environ.get('PYTEST_XDIST_WORKER', '')}"
 
 
 def base_config(agent: Consul, name: str, port: int, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -104,7 +104,7 @@ def test_hot_restart_changes_the_serving_process_and_keeps_the_registration(
     assert sc.event("sidecar.app.exited") is None  # the replaced generation's exit is not the app's
     st = status(sc)
     assert [(g["generation"], g["pid"], g["state"]) for g in st["app"]["generations"]] == [(2, second, "serving")]
-    assert st["hot_restart"] == {"state": "idle", "restarts": 1, "last_error": None}
+    assert st["hot_restart"] == {"state": "idle", "restarts": 1, "failures": 0, "last_error": None}
     ready = sc.event("sidecar.hot_restart.ready")
     assert ready is not None and ready["how"] == "READY=1"
 
@@ -176,14 +176,21 @@ def test_a_failed_new_generation_leaves_the_old_one_serving(
     assert sc.event("sidecar.consul.deregistered") is None
     st = status(sc)
     assert st["hot_restart"]["state"] == "failed" and reason in st["hot_restart"]["last_error"]
-    assert st["hot_restart"]["restarts"] == 0
+    assert st["hot_restart"]["restarts"] == 0 and st["hot_restart"]["failures"] == 1
+    assert "hot restart failed" in (st["last_error"] or ""), st
+    assert "consul_sidecar_app_restart_failures_total 1\n" in http_get(sc.status_url() + "/metrics")[1].decode()
     assert [(g["generation"], g["pid"], g["state"]) for g in st["app"]["generations"]] == [(1, first, "serving")]
 
     mode_file.write_text("")
     sc.send(signal.SIGUSR2)
     done = sc.wait_event("sidecar.hot_restart.done", timeout=30)
     assert done["generation"] == 3 and live_app_pids(sc) == {done["pid"]}
-    assert status(sc)["hot_restart"] == {"state": "idle", "restarts": 1, "last_error": None}
+    st = status(sc)
+    assert st["hot_restart"] == {"state": "idle", "restarts": 1, "failures": 1, "last_error": None}
+    assert st["last_error"] is None, st  # the later success clears the failure's reason; the counter keeps it
+    metrics = http_get(sc.status_url() + "/metrics")[1].decode()
+    assert "consul_sidecar_app_restarts_total 1\n" in metrics, metrics
+    assert "consul_sidecar_app_restart_failures_total 1\n" in metrics, metrics
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
 
@@ -784,3 +791,19 @@ def test_a_connection_the_old_generation_accepted_just_before_its_signal_is_serv
     sc.wait_event("sidecar.hot_restart.done", timeout=20)
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
+
+
+def test_an_app_that_binds_the_port_itself_gets_a_hint(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str
+) -> None:
+    """Hot restart on, and a server that binds service.port itself instead of taking fd 3
+    (``python -m http.server``): it fails with 'address already in use' and exits 1.
+    Expected: the sidecar exits with the app's status, nothing registered, and its
+    ``sidecar.app.exited`` line says why (the sidecar holds the port; take fd 3)."""
+    port = free_port()
+    cfg = base_config(consul, service_name, port, hot_restart=HOT)
+    sc = start_sidecar(cfg, [PY, "-m", "http.server", "--bind", "127.0.0.1", str(port)])
+    assert sc.wait(30) == 1, sc.output()[-2000:]
+    exited = sc.event("sidecar.app.exited")
+    assert exited is not None and "fd 3" in (exited.get("hint") or ""), exited
+    assert consul.service_ids(service_name) == []

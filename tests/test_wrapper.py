@@ -282,3 +282,47 @@ def test_command_not_executable(consul: Consul, start_sidecar: StartSidecar, ser
     assert ev is not None and "PermissionError" in ev["error"] and str(script) in ev["error"], ev
     assert "Traceback" not in sc.output()
     assert consul.instances(service_name) == []
+
+
+def _caught(pid: int) -> int:
+    """The signals ``pid`` catches (``SigCgt`` in /proc/PID/status), as a bit mask."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+
+
+def test_a_reload_signal_during_start_up_does_not_end_the_sidecar(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str
+) -> None:
+    """SIGHUP, SIGUSR1, SIGUSR2 and SIGWINCH whose default action ends a process, sent while the
+    sidecar is still importing (before its event loop's handlers exist): a reload right after a start.
+    1. Start the sidecar in wrapper mode; the moment its process has loaded aiohttp (seen in
+       /proc/PID/maps, well before its own handlers are installed), send SIGUSR2 and SIGHUP.
+    Expected: by then the four signals are already caught (SigCgt); the sidecar lives on, logs
+    each as ignored (there was no app to pass it to yet: it is not replayed to the app starting),
+    starts the app, registers, and drains on SIGTERM with exit 0."""
+    port = free_port()
+    sc = start_sidecar(base_config(consul, service_name, port), app_command(port))
+    deadline = time.monotonic() + 30
+    loaded = False
+    while not loaded and time.monotonic() < deadline and sc.proc.poll() is None:
+        try:
+            with open(f"/proc/{sc.pid}/maps") as f:
+                loaded = "/aiohttp/" in f.read()
+            caught = _caught(sc.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        if not loaded:
+            time.sleep(0.001)
+    assert loaded, f"the sidecar never loaded aiohttp (exit {sc.proc.poll()}):\n{sc.output()[-2000:]}"
+    held = [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH]
+    missing = [s.name for s in held if not caught & (1 << (s - 1))]
+    sc.send(signal.SIGUSR2)
+    sc.send(signal.SIGHUP)
+    assert not missing, f"not caught yet once aiohttp was loaded: {missing}"
+    sc.wait_event("sidecar.consul.registered", timeout=30)
+    assert sc.proc.poll() is None
+    ignored = sorted(e["signal"] for e in sc.events() if e.get("event") == "sidecar.signal.ignored")
+    assert ignored == ["SIGHUP", "SIGUSR2"], ignored
+    assert sc.event("sidecar.signal.forwarded") is None
+    sc.send(signal.SIGTERM)
+    assert sc.wait(30) == 0, sc.output()[-2000:]

@@ -475,6 +475,7 @@ def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         ({"ready": "soon"}, "hot_restart.ready: 'soon'"),
         ({"timeout": "0"}, "hot_restart.timeout"),
         ({"ready": "warmup", "warmup": "1m", "timeout": "1m"}, "hot_restart.warmup: is not shorter"),
+        ({"ready": "warmup", "warmup": "0s"}, "hot_restart.warmup: must be more than 0s"),
     ],
 )
 def test_bad_hot_restart_settings_exit_78(

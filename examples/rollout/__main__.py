@@ -29,7 +29,11 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="scripts/demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="scripts/demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="scripts/demo --hot-restart [options] runs the hot-restart demo instead "
+        "(scripts/demo --hot-restart --help).",
     )
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--naive", action="store_true", help="only the control: SIGTERM straight to the old apps")

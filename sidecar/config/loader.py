@@ -661,6 +661,12 @@ def _hot_restart_settings(sec: _Section, problems: _Problems) -> HotRestartSetti
         )
         ready = ReadyMode.NOTIFY
     warmup, timeout = sec.duration("warmup"), sec.duration("timeout")
-    if ready is ReadyMode.WARMUP and warmup >= timeout:
+    if ready is ReadyMode.WARMUP and warmup <= 0:
+        problems.add(
+            sec.key("warmup"),
+            'must be more than 0s with ready = "warmup": the old generation would be stopped before the new one '
+            "has shown it stays up",
+        )
+    elif ready is ReadyMode.WARMUP and warmup >= timeout:
         problems.add(sec.key("warmup"), "is not shorter than hot_restart.timeout: every hot restart would fail")
     return HotRestartSettings(enabled=enabled, signal=sig, ready=ready, warmup=warmup, timeout=timeout)

@@ -412,12 +412,7 @@ class ChildApp:
         # Its processes, watched while it stops: once it has exited, what it leaves is re-parented
         # to the sidecar and no longer tells which generation it came from.
         family = proctree.tree(gen.pid) if usable else {gen.pid}
-        if not gen.signalled:
-            gen.signalled = True
-            try:
-                os.kill(gen.pid, sig)
-            except ProcessLookupError:
-                pass
+        self._signal_once(gen, sig)
         deadline = self._clock.monotonic() + timeout
         while not gen.exited.done() and self._clock.monotonic() < deadline:
             if usable:
@@ -439,6 +434,15 @@ class ChildApp:
         except TimeoutError:
             status = by_signal(signal.SIGKILL)
         return StopResult(status, True, f"did not exit within {timeout:g}s of {sig.name}; sent SIGKILL")
+
+    @staticmethod
+    def _signal_once(gen: Generation, sig: signal.Signals) -> None:
+        """``sig`` to ``gen`` unless it already had it: a generation's stop clock starts once."""
+        if gen.signalled:
+            return
+        gen.signalled = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(gen.pid, sig)
 
     def _left_by(self, gen: Generation) -> set[int]:
         """What ``gen``, which has exited, left running that its tree no longer shows (re-parented to
@@ -641,12 +645,7 @@ class ChildApp:
         others = self._other_generations()
         for gen in others:  # a replaced one already signalled keeps its clock; the others hear sig now
             gen.state = GenState.STOPPING
-            if not gen.signalled:
-                gen.signalled = True
-                try:
-                    os.kill(gen.pid, sig)
-                except ProcessLookupError:
-                    pass
+            self._signal_once(gen, sig)
         if self.exited.done():
             if others:  # not leftovers: a replaced generation still draining keeps its timeout
                 await asyncio.wait([asyncio.ensure_future(asyncio.shield(g.exited)) for g in others], timeout=timeout)

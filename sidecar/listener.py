@@ -12,7 +12,7 @@ import errno
 import socket
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
+def bind_listener(host: str, port: int, backlog: int = socket.SOMAXCONN) -> socket.socket:
     """Bind and listen on ``host``:``port`` (blocking mode: each app sets its own); raises OSError."""
     info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(info[0], socket.SOCK_STREAM)
@@ -20,7 +20,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
         # A restarted sidecar must bind although connections of the last one sit in TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(info[4])
-        sock.listen(socket.SOMAXCONN)
+        sock.listen(backlog)
     except OSError:
         sock.close()
         raise

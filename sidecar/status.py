@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from .listener import bind_listener
+
 if TYPE_CHECKING:
     # At run time the server's methods import asyncio: check-config imports this module for
     # listen_warnings alone and answers faster without it (tests/test_cli_imports.py).
@@ -137,16 +139,8 @@ class Status:
 
 def bind(host: str, port: int) -> socket.socket:
     """Bind the listening socket now, so a busy port fails before anything starts."""
-    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(info[0], socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(info[4])
-        sock.listen(64)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
+    sock = bind_listener(host, port, backlog=64)
+    sock.setblocking(False)
     return sock
 
 

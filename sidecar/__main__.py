@@ -13,7 +13,7 @@ from .exit_codes import EX_INTERRUPTED  # os and signal only: loaded before any 
 
 def entry() -> int:
     if sys.argv[1:2] == ["run"]:
-        from .early_signals import hold
+        from .process.early_signals import hold
 
         hold()  # a reload signal before run's own handlers exist must not end the sidecar
     try:

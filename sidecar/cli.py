@@ -206,8 +206,8 @@ def _check_config(config: Config) -> int:
     from .config import Strategy
     from .config.docs import effective
     from .durations import format_duration
-    from .registration import registration_payload
-    from .status import listen_warnings
+    from .http.server import listen_warnings
+    from .registry.registration import registration_payload
 
     sd = config.shutdown
     shutdown = effective(config, "shutdown")
@@ -227,7 +227,7 @@ def _check_config(config: Config) -> int:
     hot = config.hot_restart
     bind_warning = None
     if hot.enabled:
-        from .listener import bind_problem
+        from .process.listener import bind_problem
 
         bind_error, bind_warning = bind_problem(config.service.address, config.service.port)
         if bind_error is not None:
@@ -281,9 +281,9 @@ def _status_listen(config: Config) -> str | None:
 
 def _traffic_view_here(config: Config) -> dict[str, Any]:
     """The traffic sources this host and namespace allow now (``run`` chooses again at start)."""
-    from .netns_counters import namespace_is_apps, read_counters
-    from .tcp_events import can_join
-    from .traffic import TrafficWatchError, available
+    from .drain.netns_counters import namespace_is_apps, read_counters
+    from .drain.tcp_events import can_join
+    from .drain.traffic import TrafficWatchError, available
 
     sources: list[str] = []
     missing: dict[str, str] = {}
@@ -315,10 +315,10 @@ def _traffic_view_here(config: Config) -> dict[str, Any]:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    from . import wait
     from .config import ConfigError, load_consul_settings
-    from .consul_client import BlockingHealth
     from .durations import format_duration, parse_duration
+    from .registry import wait
+    from .registry.consul import BlockingHealth
 
     if (args.passing or args.gone) and not args.id:
         return _fail(["wait: --passing and --gone need --id ID"], EX_BAD_COMMAND_LINE)
@@ -359,8 +359,8 @@ def _wait(args: argparse.Namespace) -> int:
 
 def _maint(config: Config, enable: bool, reason: str | None) -> int:
     """Maintenance mode on or off, then read back: only the agent's answer to a read says it holds."""
-    from .consul_client import BlockingMaintenance, ConsulError, ConsulPermissionDenied, ConsulRejected
     from .exit_codes import EX_NOPERM, EX_NOT_REGISTERED
+    from .registry.consul import BlockingMaintenance, ConsulError, ConsulPermissionDenied, ConsulRejected
 
     svc = config.service
     agent = BlockingMaintenance(config.consul)
@@ -423,14 +423,14 @@ async def _run(config: Config, command: list[str]) -> int:
     import asyncio
 
     from . import log
-    from .app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
     from .clock import SystemClock
-    from .consul_client import ConsulAgent
     from .executor import DaemonThreadExecutor
-    from .health import Prober
+    from .http.server import Status, StatusServer, bind, listen_warnings, raise_nofile_limit
     from .lifecycle import Sidecar
-    from .notify import SystemdNotifier
-    from .status import Status, StatusServer, bind, listen_warnings, raise_nofile_limit
+    from .process.app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
+    from .process.health import Prober
+    from .process.notify import SystemdNotifier
+    from .registry.consul import ConsulAgent
 
     # Blocking calls (host-name look-ups) in daemon threads: a resolver that does not answer must
     # not keep the sidecar alive past its drain (asyncio.run waits for a pool's threads).
@@ -454,8 +454,8 @@ async def _run(config: Config, command: list[str]) -> int:
     listener = None
     app_notify = None
     if command and config.hot_restart.enabled:
-        from .listener import bind_listener
-        from .notify import AppNotifySocket
+        from .process.listener import bind_listener
+        from .process.notify import AppNotifySocket
 
         svc = config.service
         try:
@@ -514,7 +514,7 @@ async def _run(config: Config, command: list[str]) -> int:
     agent = ConsulAgent(config.consul, clock)
     server = None
     if sock is not None:
-        from .readiness import READ_TIMEOUT, Readiness
+        from .http.readiness import READ_TIMEOUT, Readiness
 
         readiness = Readiness(status, agent.service_health, timeout=min(READ_TIMEOUT, config.consul.timeout))
         server = StatusServer(status, sock, logger, readiness=readiness, request_errors=agent.request_errors)

@@ -47,12 +47,19 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
-from . import early_signals, instance_claim
-from .app_control import App, ChildApp, Generation, StopResult
 from .backoff import backoff
 from .clock import Clock
 from .config import Config, ReadyMode, same_host
-from .consul_client import (
+from .drain.wait import DrainEnd, DrainWait
+from .exit_codes import EX_CANNOT_EXECUTE, EX_CONFIG, EX_NOPERM, EX_NOT_FOUND, EX_UNAVAILABLE, by_signal
+from .http.server import State, Status
+from .process import early_signals
+from .process.app_control import App, ChildApp, Generation, StopResult
+from .process.notify import AppNotifySocket, SystemdNotifier
+from .process.port_owner import verify_app_port
+from .process.signals import FORWARDED, SHUTDOWN, SignalInbox
+from .registry import claim as instance_claim
+from .registry.consul import (
     Agent,
     ConsulError,
     ConsulPermissionDenied,
@@ -61,13 +68,7 @@ from .consul_client import (
     DeregisterResult,
     Deregistration,
 )
-from .drain_wait import DrainEnd, DrainWait
-from .exit_codes import EX_CANNOT_EXECUTE, EX_CONFIG, EX_NOPERM, EX_NOT_FOUND, EX_UNAVAILABLE, by_signal
-from .notify import AppNotifySocket, SystemdNotifier
-from .port_owner import verify_app_port
-from .registration import registration_payload
-from .signals import FORWARDED, SHUTDOWN, SignalInbox
-from .status import State, Status
+from .registry.registration import registration_payload
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger

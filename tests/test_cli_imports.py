@@ -33,12 +33,12 @@ HEAVY = (
     "consul.base",
     "sidecar._consul_base",
     "six",
-    "sidecar.consul_client",
+    "sidecar.registry.consul",
     "sidecar.log",
     "sidecar.lifecycle",
-    "sidecar.app_control",
-    "sidecar.wait",
-    "sidecar.health",
+    "sidecar.process.app_control",
+    "sidecar.registry.wait",
+    "sidecar.process.health",
 )
 NOT_FOR_CHECK_CONFIG = (*HEAVY, "asyncio", "ssl", "sidecar.clock")
 NOT_FOR_VERSION = (*NOT_FOR_CHECK_CONFIG, "sidecar.config", "sidecar.status")
@@ -50,11 +50,11 @@ NOT_FOR_WAIT = (
     "structlog",
     "sidecar.log",
     "sidecar.lifecycle",
-    "sidecar.app_control",
+    "sidecar.process.app_control",
     "sidecar.status",
-    "sidecar.health",
-    "sidecar.drain_wait",
-    "sidecar.traffic",
+    "sidecar.process.health",
+    "sidecar.drain.wait",
+    "sidecar.drain.traffic",
     "aiohttp.web",
     "requests",
     "consul.std",
@@ -94,7 +94,7 @@ def test_check_config_imports_nothing_heavy(tmp_path: Path) -> None:
     done, modules = run_probe(tmp_path, "check-config", "-c", str(config_file(tmp_path, "http://127.0.0.1:8500")))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["registration"]["Name"] == "web"
-    assert {"sidecar.config", "sidecar.registration"} <= modules
+    assert {"sidecar.config", "sidecar.registry.registration"} <= modules
     assert sorted(modules.intersection(NOT_FOR_CHECK_CONFIG)) == []
 
     bad = tmp_path / "bad.toml"
@@ -127,7 +127,7 @@ def test_wait_imports_the_client_without_aiohttp_asyncio_logging_or_lifecycle(co
             "20s",
         )
         assert done.returncode == 0, done.stderr
-        assert {"sidecar.consul_client", "sidecar._consul_base", "sidecar.wait"} <= modules
+        assert {"sidecar.registry.consul", "sidecar._consul_base", "sidecar.registry.wait"} <= modules
         assert sorted(modules.intersection(NOT_FOR_WAIT)) == []
 
         done, modules = run_probe(
@@ -167,8 +167,8 @@ def test_maint_imports_the_client_without_aiohttp_asyncio_logging_or_lifecycle(c
         for switch in ("--enable", "--disable"):
             done, modules = run_probe(tmp_path, "maint", "-c", str(cfg), switch)
             assert done.returncode == 0, done.stderr
-            assert {"sidecar.consul_client", "sidecar._consul_base"} <= modules
-            assert sorted(modules.intersection((*NOT_FOR_WAIT, "sidecar.wait"))) == []
+            assert {"sidecar.registry.consul", "sidecar._consul_base"} <= modules
+            assert sorted(modules.intersection((*NOT_FOR_WAIT, "sidecar.registry.wait"))) == []
     finally:
         urllib.request.urlopen(
             urllib.request.Request(f"{consul.address}/v1/agent/service/deregister/{name}-1", method="PUT"), timeout=5

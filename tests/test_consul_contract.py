@@ -20,9 +20,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar._consul_import import consul_base
 from sidecar.config import ConsulSettings, TokenSource
-from sidecar.consul_client import _Endpoints, _session
+from sidecar.registry._consul_import import consul_base
+from sidecar.registry.consul import _Endpoints, _session
 from testkit import PY, ROOT
 
 WHY = (
@@ -177,7 +177,7 @@ def test_no_consul_package_is_left_behind_for_others() -> None:
     then other code's `import consul` gets the whole package (its Consul class, its version)."""
     code = (
         "import sys\n"
-        "import sidecar.consul_client\n"
+        "import sidecar.registry.consul\n"
         "print(sorted(m for m in ('consul', 'consul.base', 'requests') if m in sys.modules))\n"
         "import consul\n"
         "print(consul.__version__, consul.Consul.__module__, consul.base.ConsulException.__name__)\n"
@@ -194,7 +194,7 @@ def test_no_consul_package_is_left_behind_for_others() -> None:
 def test_a_consul_package_imported_before_is_used_as_it_is() -> None:
     """Other code imported `consul` first: the sidecar uses that very consul.base (one set of
     exception classes in the process), not a second copy."""
-    code = "import consul, sidecar.consul_client as c\nprint(c.consul_base is consul.base)\n"
+    code = "import consul, sidecar.registry.consul as c\nprint(c.consul_base is consul.base)\n"
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     same(out.stdout.strip(), "True", "which consul.base the sidecar uses")

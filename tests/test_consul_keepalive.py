@@ -17,7 +17,7 @@ import pytest
 
 from sidecar.clock import SystemClock
 from sidecar.config import ConsulSettings, TokenSource
-from sidecar.consul_client import ConsulAgent, ConsulUnavailable
+from sidecar.registry.consul import ConsulAgent, ConsulUnavailable
 from testkit import Consul, app_command, free_port
 
 from .conftest import StartSidecar, base_config

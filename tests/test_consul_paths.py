@@ -10,7 +10,7 @@ import pytest
 
 from sidecar.clock import SystemClock
 from sidecar.config import ConsulSettings, TokenSource, parse_consul_address
-from sidecar.consul_client import (
+from sidecar.registry.consul import (
     ConsulAgent,
     ConsulRejected,
     Deregistration,
@@ -115,7 +115,7 @@ def test_servers_without_a_leader_are_told_from_other_answers(body: str) -> None
 
 
 def test_other_answers_are_not_taken_for_a_missing_leader() -> None:
-    from sidecar._consul_import import consul_base  # the sidecar's copy: a plain `import consul` gets another
+    from sidecar.registry._consul_import import consul_base  # the sidecar's copy: a plain `import consul` gets another
 
     with pytest.raises(consul_base.ACLPermissionDenied):
         _catalog_answer(Answer(403, "Permission denied"))

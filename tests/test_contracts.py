@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from sidecar import exit_codes
-from sidecar.app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp
 from sidecar.clock import SystemClock
-from sidecar.drain_wait import DrainEnd
+from sidecar.drain.wait import DrainEnd
+from sidecar.process.app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATIONS = ROOT / "docs" / "operations.md"  # signals, exit statuses, modes

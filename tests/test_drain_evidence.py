@@ -217,7 +217,7 @@ def test_another_servers_full_accept_queue_does_not_hold_the_drain(
     namespace's ListenOverflows/ListenDrops keep growing. The app's port gets nothing. Expected: the drain
     ends on quiet after about min_delay + quiet_period, not at the 20 s bound; the control shows the
     namespace's counters did grow meanwhile."""
-    from sidecar.netns_counters import read_counters
+    from sidecar.drain.netns_counters import read_counters
 
     port = free_port()
     sc = start_sidecar(base_config(consul, service_name, port, shutdown=TRAFFIC), app_command(port))

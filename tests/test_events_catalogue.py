@@ -61,10 +61,10 @@ def catalogued_events() -> list[str]:
 
 def test_the_scan_sees_events_and_module_names_apart() -> None:
     """Control: the scan finds events logged in each of its ways (a direct call, a helper's argument,
-    an event dict) and does not take module names (sidecar.consul_client) for events."""
+    an event dict) and does not take module names (sidecar.registry.consul) for events."""
     found, _ = logged_events()
     assert {"sidecar.consul.registered", "sidecar.status.accept_failed", "sidecar.log.dropped"} <= set(found)
-    assert "sidecar.consul_client" not in found and "sidecar.config" not in found
+    assert "sidecar.registry.consul" not in found and "sidecar.config" not in found
     assert len(catalogued_events()) > 40
 
 

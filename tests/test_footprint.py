@@ -9,7 +9,7 @@ from testkit import PY, ROOT
 
 def test_sidecar_does_not_import_requests() -> None:
     code = (
-        "import sys, sidecar.cli, sidecar.consul_client, sidecar.lifecycle; "
+        "import sys, sidecar.cli, sidecar.registry.consul, sidecar.lifecycle; "
         "print(sorted(m for m in ('requests', 'urllib3', 'consul.std') if m in sys.modules))"
     )
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()

@@ -554,7 +554,7 @@ def test_a_port_in_use(tmp_path: Path, consul: Consul, service_name: str) -> Non
 
 def test_notify_parse_takes_key_value_lines_only() -> None:
     """KEY=VALUE lines are read; anything else (not UTF-8, a line without '=', an odd key) is refused whole."""
-    from sidecar.notify import parse
+    from sidecar.process.notify import parse
 
     assert parse(b"READY=1\nSTATUS=serving 3 workers\n") == {"READY": "1", "STATUS": "serving 3 workers"}
     assert parse(b"MAINPID=42") == {"MAINPID": "42"}
@@ -565,7 +565,7 @@ def test_notify_parse_takes_key_value_lines_only() -> None:
 def test_systemd_notifier_never_blocks_on_a_full_socket(tmp_path: Path) -> None:
     """systemd's socket stops reading (its queue full): each notify() returns at once and is dropped;
     the sidecar's drain is never held by it. A missing socket is dropped the same way."""
-    from sidecar.notify import SystemdNotifier
+    from sidecar.process.notify import SystemdNotifier
 
     path = tmp_path / "full.sock"
     rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -16,18 +16,18 @@ from typing import Any
 import pytest
 import structlog
 
-from sidecar.app_control import StopResult
 from sidecar.clock import SystemClock
 from sidecar.config import Config, load_config
-from sidecar.consul_client import (
+from sidecar.exit_codes import EX_CONFIG, EX_NOPERM, EX_UNAVAILABLE
+from sidecar.lifecycle import Sidecar
+from sidecar.process.app_control import StopResult
+from sidecar.registry.consul import (
     ConsulPermissionDenied,
     ConsulRejected,
     ConsulUnavailable,
     DeregisterResult,
     Deregistration,
 )
-from sidecar.exit_codes import EX_CONFIG, EX_NOPERM, EX_UNAVAILABLE
-from sidecar.lifecycle import Sidecar
 from sidecar.status import State, Status
 
 

@@ -298,7 +298,7 @@ async def test_reapplying_maintenance_that_fails_is_retried_and_said_once(tmp_pa
     """Pure logic: after the agent forgot the service, applying maintenance again fails twice (no
     answer). Expected: one `sidecar.maintenance.reapply_failed` error, the instance registered not
     passing and never registered passing, maintenance applied on the third round with the reason."""
-    from sidecar.consul_client import ConsulUnavailable
+    from sidecar.registry.consul import ConsulUnavailable
 
     class Failing(MaintAgent):
         failures = 0

@@ -180,7 +180,7 @@ async def test_ready_reads_the_agent_once_per_second_whatever_the_probes() -> No
     """1. 200 concurrent /ready checks while registered: the agent is read once, all get its verdict.
     2. Within the cache's second: no new read. 3. After it: one new read.
     4. A reader that never answers: the verdict is "consul unreachable" within the read timeout."""
-    from sidecar.readiness import Readiness
+    from sidecar.http.readiness import Readiness
 
     status = Status(SystemClock(), "svc-1")
     status.enter(State.REGISTERED)

@@ -1,4 +1,4 @@
-"""sidecar.sock_diag on canned bytes: the requests it writes, the replies it reads, the destroy filter it builds.
+"""sidecar.drain.sock_diag on canned bytes: the requests it writes, the replies it reads, the destroy filter it builds.
 
 No sockets here: the layouts are those of linux/inet_diag.h and linux/tcp.h, written out by hand.
 """
@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from sidecar.sock_diag import (
+from sidecar.drain.sock_diag import (
     ALL_BUT_TIME_WAIT,
     DecodeError,
     DiagSocket,

@@ -1,4 +1,4 @@
-"""sidecar.traffic against real loopback sockets: what the kernel shows of one port, and only that port."""
+"""sidecar.drain.traffic against real loopback sockets: what the kernel shows of one port, and only that port."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from sidecar import traffic
-from sidecar.sock_diag import DiagSocket
-from sidecar.traffic import ConnKey, PortSnapshot, PortWatcher, TrafficWatchError, activity_between
+from sidecar.drain.sock_diag import DiagSocket
+from sidecar.drain.traffic import ConnKey, PortSnapshot, PortWatcher, TrafficWatchError, activity_between
 
 Track = Callable[[socket.socket], socket.socket]
 
@@ -411,7 +411,7 @@ def test_destroy_events_only_the_ports_connections(track: Track) -> None:
     """sock_diag's destroy events through DestroyEvents: 5 client-closed connections to another port
     and that port's listener closing are not counted; 3 to our port,
     each lasting ~1 ms, are 3 events."""
-    from sidecar.tcp_events import DestroyEvents
+    from sidecar.drain.tcp_events import DestroyEvents
 
     ours, port = listener(track)
     other, _ = listener(track)
@@ -451,7 +451,7 @@ def test_snapshot_dates_the_last_inbound_data(track: Track, watchers: Callable[.
 def test_destroy_events_filter_the_address_in_the_kernel(track: Track) -> None:
     """Two instances on one port, 127.0.0.1 and 127.0.0.2 (the demo's layout): the events of the other
     instance's connections are dropped by the kernel's filter, not counted."""
-    from sidecar.tcp_events import DestroyEvents
+    from sidecar.drain.tcp_events import DestroyEvents
 
     ours, port = listener(track)
     theirs = track(socket.socket())

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import structlog
 
-from sidecar.consul_client import ConsulUnavailable, DeregisterResult, Deregistration
+from sidecar.registry.consul import ConsulUnavailable, DeregisterResult, Deregistration
 from sidecar.status import State
 
 from .test_lifecycle_logic import FakeAgent, FakeApp, make_config, make_sidecar, until

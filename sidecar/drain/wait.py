@@ -50,12 +50,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .clock import Clock
-from .config import Config, Strategy
-from .consul_client import ConsulError
+from ..clock import Clock
+from ..config import Config, Strategy
+from ..http.server import Status
+from ..registry.consul import ConsulError
 from .dns_probe import DnsError, resolve_addresses
 from .netns_counters import Counters, namespace_is_apps, read_counters
-from .status import Status
 from .tcp_events import DestroyEvents
 from .traffic import PortSnapshot, PortWatcher, TrafficWatchError, activity_between
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Config
-from .durations import format_duration
+from ..config import Config
+from ..durations import format_duration
 
 
 def registration_payload(config: Config, passing: bool) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .consul_client import BlockingHealth, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable
-from .durations import format_duration
+from ..durations import format_duration
+from .consul import BlockingHealth, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable
 
 
 class WaitClock(Protocol):

@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .status import State, Status
+from .server import State, Status
 
 CACHE_TTL = 1.0  # seconds a verdict of the agent is reused
 READ_TIMEOUT = 1.0  # seconds the agent has to answer (at most consul.timeout)
@@ -91,7 +91,7 @@ class Readiness:
         except TimeoutError:
             return Verdict(False, "consul unreachable", f"no answer from the agent within {self.timeout:g}s")
         except Exception as e:  # noqa: BLE001 - any failure to read the agent means: not known to be ready
-            from .consul_client import ConsulPermissionDenied
+            from ..registry.consul import ConsulPermissionDenied
 
             reason = "consul permission denied" if isinstance(e, ConsulPermissionDenied) else "consul unreachable"
             return Verdict(False, reason, str(e) or e.__class__.__name__)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..drain.traffic import Listener, TrafficWatchError
 from . import proctree
-from .traffic import Listener, TrafficWatchError
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .proctree import socket_inodes
+from ..process.proctree import socket_inodes
 from .traffic import TrafficWatchError, listeners
 
 __all__ = ["Counters", "namespace_is_apps", "own_socket_inodes", "read_counters"]

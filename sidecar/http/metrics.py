@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from . import __version__
+from .. import __version__
 
 if TYPE_CHECKING:
-    from .status import Status
+    from .server import Status
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -60,7 +60,7 @@ def render(
     drain_end_reasons: Iterable[str] = (),
 ) -> bytes:
     """The exposition of ``status`` (and the counters kept outside it): bytes of ``CONTENT_TYPE``."""
-    from .status import State
+    from .server import State
 
     w = _Writer()
     p = "consul_sidecar_"

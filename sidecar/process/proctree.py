@@ -20,8 +20,8 @@ import functools
 import os
 from collections.abc import Iterable
 
-from . import traffic
-from .traffic import Listener, TrafficWatchError
+from ..drain import traffic
+from ..drain.traffic import Listener, TrafficWatchError
 
 
 @functools.cache

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
+from ..clock import Clock
+from ..config import KILL_REAP_TIMEOUT
+from ..exit_codes import by_signal
 from . import proctree
-from .clock import Clock
-from .config import KILL_REAP_TIMEOUT
-from .exit_codes import by_signal
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger

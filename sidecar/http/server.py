@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .listener import bind_listener
+from ..process.listener import bind_listener
 
 if TYPE_CHECKING:
     # At run time the server's methods import asyncio: check-config imports this module for
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
     from structlog.typing import FilteringBoundLogger
 
-    from .clock import Clock
+    from ..clock import Clock
     from .readiness import Readiness
 
 DEFAULT_LISTEN = "127.0.0.1:0"
@@ -226,7 +226,7 @@ class StatusServer:
         self.request_errors = request_errors
         self.sock = sock
         if log is None:
-            from . import log as _log  # here, not at the top: check-config imports this module without structlog
+            from .. import log as _log  # here, not at the top: check-config imports this module without structlog
 
             log = _log.get_logger()
         self.log = log
@@ -389,9 +389,9 @@ class StatusServer:
             body = json.dumps(verdict.as_json()).encode()
             return (200 if verdict.ready else 503), "application/json; charset=utf-8", body, head_only
         if target == b"/metrics":
-            from . import log as _log
+            from .. import log as _log
+            from ..drain.wait import DrainEnd
             from . import metrics
-            from .drain_wait import DrainEnd
 
             text = metrics.render(
                 self.status,
@@ -408,7 +408,7 @@ class StatusServer:
                 "max_connections": self.max_connections,
                 "evicted_total": self._evicted,
             }
-            from . import log as _log
+            from .. import log as _log
 
             doc["log"] = {"dropped_lines": _log.dropped_total()}
             return 200, "application/json; charset=utf-8", json.dumps(doc).encode(), head_only

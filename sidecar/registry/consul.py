@@ -31,10 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..config import ConsulSettings, TokenError
+from ..config.files import read_ca_dir
+from ..durations import parse_duration
 from ._consul_import import consul_base
-from .config import ConsulSettings, TokenError
-from .config.files import read_ca_dir
-from .durations import parse_duration
 
 if TYPE_CHECKING:
     import ssl
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import yarl
     from structlog.typing import FilteringBoundLogger
 
-    from .clock import Clock
+    from ..clock import Clock
 
 
 class ConsulError(Exception):
@@ -83,7 +83,7 @@ class _TokenReader:
     def _log(self) -> FilteringBoundLogger:
         if self._logger is None:
             # Resolved when first needed: `wait` never logs and does not import structlog.
-            from .log import get_logger
+            from ..log import get_logger
 
             self._logger = get_logger()
         return self._logger

@@ -425,12 +425,13 @@ async def _run(config: Config, command: list[str]) -> int:
     from . import log
     from .clock import SystemClock
     from .executor import DaemonThreadExecutor
-    from .http.server import Status, StatusServer, bind, listen_warnings, raise_nofile_limit
+    from .http.server import StatusServer, bind, listen_warnings, raise_nofile_limit
     from .lifecycle import Sidecar
     from .process.app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
     from .process.health import Prober
     from .process.notify import SystemdNotifier
     from .registry.consul import ConsulAgent
+    from .state import Status
 
     # Blocking calls (host-name look-ups) in daemon threads: a resolver that does not answer must
     # not keep the sidecar alive past its drain (asyncio.run waits for a pool's threads).

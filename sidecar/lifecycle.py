@@ -50,9 +50,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 from .backoff import backoff
 from .clock import Clock
 from .config import Config, ReadyMode, same_host
-from .drain.wait import DrainEnd, DrainWait
+from .drain.wait import DrainWait
 from .exit_codes import EX_CANNOT_EXECUTE, EX_CONFIG, EX_NOPERM, EX_NOT_FOUND, EX_UNAVAILABLE, by_signal
-from .http.server import State, Status
 from .process import early_signals
 from .process.app_control import App, ChildApp, Generation, StopResult
 from .process.notify import AppNotifySocket, SystemdNotifier
@@ -69,6 +68,7 @@ from .registry.consul import (
     Deregistration,
 )
 from .registry.registration import registration_payload
+from .state import DrainEnd, State, Status
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger

@@ -41,7 +41,7 @@ HEAVY = (
     "sidecar.process.health",
 )
 NOT_FOR_CHECK_CONFIG = (*HEAVY, "asyncio", "ssl", "sidecar.clock")
-NOT_FOR_VERSION = (*NOT_FOR_CHECK_CONFIG, "sidecar.config", "sidecar.status")
+NOT_FOR_VERSION = (*NOT_FOR_CHECK_CONFIG, "sidecar.config", "sidecar.http.server")
 NOT_FOR_WAIT = (
     "aiohttp",
     "asyncio",
@@ -51,7 +51,7 @@ NOT_FOR_WAIT = (
     "sidecar.log",
     "sidecar.lifecycle",
     "sidecar.process.app_control",
-    "sidecar.status",
+    "sidecar.http.server",
     "sidecar.process.health",
     "sidecar.drain.wait",
     "sidecar.drain.traffic",

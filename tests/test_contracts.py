@@ -14,8 +14,8 @@ import pytest
 
 from sidecar import exit_codes
 from sidecar.clock import SystemClock
-from sidecar.drain.wait import DrainEnd
 from sidecar.process.app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp
+from sidecar.state import DrainEnd
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATIONS = ROOT / "docs" / "operations.md"  # signals, exit statuses, modes

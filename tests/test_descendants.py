@@ -471,7 +471,7 @@ def test_proctree_finds_descendants_in_other_sessions_and_the_listener_of_a_port
        Killed, `sleep` is no longer counted."""
     import socket
 
-    from sidecar import proctree
+    from sidecar.process import proctree
 
     child = subprocess.Popen(["sh", "-c", "setsid sleep 30 & wait"])
     try:
@@ -516,7 +516,7 @@ def test_one_listener_lookup_for_daemon_following_and_the_port_owner_check() -> 
        the holder and accepts a tree that contains it, while refusing one that does not."""
     import socket
 
-    from sidecar import port_owner, proctree
+    from sidecar.process import port_owner, proctree
 
     with socket.socket() as v4, socket.socket(socket.AF_INET6) as v6, socket.socket() as wild:
         v4.bind(("127.0.0.1", 0))

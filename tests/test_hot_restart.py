@@ -43,7 +43,7 @@ def answering_pid(port: int) -> int:
 
 def listeners_of(port: int) -> set[int]:
     """PIDs of the sidecar's descendants and itself that hold the socket listening on ``port``."""
-    from sidecar import proctree
+    from sidecar.process import proctree
 
     return proctree.listeners(set(proctree.all_pids()), port)
 
@@ -61,7 +61,7 @@ def passing(agent: Consul, name: str, sid: str) -> bool:
 
 def live_app_pids(sc: testkit.Sidecar) -> set[int]:
     """The sidecar's direct children that are alive (each generation is one)."""
-    from sidecar import proctree
+    from sidecar.process import proctree
 
     return {p for p in proctree.descendants(sc.pid) if proctree.parent(p) == sc.pid}
 
@@ -268,7 +268,7 @@ def test_the_old_generation_and_what_it_started_are_ended(
     sc = start_sidecar(cfg, modal_command(mode_file, port))
     sc.wait_event("sidecar.consul.registered")
     first = sc.app_pid()
-    from sidecar import proctree
+    from sidecar.process import proctree
 
     children = proctree.descendants(first)
     assert len(children) == 1
@@ -620,7 +620,7 @@ def test_a_new_generation_that_exits_leaving_a_child_leaves_no_stray(
     assert "exited with status 0" in failed["reason"]
     sc.wait_event("sidecar.hot_restart.generation_stopped", timeout=20)
     child = int(Path(f"{mode_file}.child").read_text())
-    from sidecar import proctree
+    from sidecar.process import proctree
 
     wait_for(lambda: not pid_alive(child), 5, what="the failed generation's child ended")
     assert proctree.descendants(sc.pid) == {first}

@@ -28,7 +28,7 @@ from sidecar.registry.consul import (
     DeregisterResult,
     Deregistration,
 )
-from sidecar.status import State, Status
+from sidecar.state import State, Status
 
 
 class FakeAgent:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import structlog
 
-from sidecar.status import State
+from sidecar.state import State
 from testkit import PY, ROOT, Consul, Sidecar, http_get, wait_for, write_config
 
 from .conftest import RegisteredSidecar, base_config

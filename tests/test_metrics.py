@@ -23,7 +23,7 @@ import pytest
 import sidecar
 import testkit
 from sidecar.clock import SystemClock
-from sidecar.status import State, Status
+from sidecar.state import State, Status
 from testkit import Consul, free_port, http_get, spawn, wait_for
 from tests.conftest import RegisteredSidecar, StartSidecar, base_config
 
@@ -158,7 +158,7 @@ def test_parser_rejects_what_the_format_forbids() -> None:
 def test_rendering_escapes_label_values() -> None:
     """A label value with a quote, a backslash and a line feed comes back unchanged through the strict
     parser, and every family has HELP and TYPE (pure rendering, no server)."""
-    from sidecar import metrics
+    from sidecar.http import metrics
 
     status = Status(SystemClock(), "svc-1")
     awkward = 'a"b\\c\nd'

@@ -28,8 +28,9 @@ import pytest
 
 import testkit
 from sidecar.clock import SystemClock
+from sidecar.http.server import StatusServer, bind
 from sidecar.log import QueueSink
-from sidecar.status import Status, StatusServer, bind
+from sidecar.state import Status
 from testkit import PY, ROOT, Consul, app_command, free_port, http_get, read_signal_log, wait_for
 
 from .conftest import StartSidecar, base_config

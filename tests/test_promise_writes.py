@@ -18,7 +18,7 @@ import pytest
 import structlog
 
 from examples.rollout.fleet import CatalogWatcher
-from sidecar.status import State
+from sidecar.state import State
 from testkit import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, wait_for
 
 from .conftest import StartSidecar, base_config

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sidecar import traffic
+from sidecar.drain import traffic
 from sidecar.drain.sock_diag import DiagSocket
 from sidecar.drain.traffic import ConnKey, PortSnapshot, PortWatcher, TrafficWatchError, activity_between
 

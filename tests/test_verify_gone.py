@@ -19,7 +19,7 @@ import pytest
 import structlog
 
 from sidecar.registry.consul import ConsulUnavailable, DeregisterResult, Deregistration
-from sidecar.status import State
+from sidecar.state import State
 
 from .test_lifecycle_logic import FakeAgent, FakeApp, make_config, make_sidecar, until
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..process.proctree import socket_inodes
-from .traffic import TrafficWatchError, listeners
+from .traffic import TrafficWatchError, listeners, socket_inodes
 
 __all__ = ["Counters", "namespace_is_apps", "own_socket_inodes", "read_counters"]
 
@@ -46,7 +45,7 @@ def read_counters(proc: str = "/proc") -> Counters:
 
 
 def own_socket_inodes(pid: int | str = "self") -> set[int]:
-    """Inodes of the sockets a process holds (proctree.socket_inodes; unreadable counts as none)."""
+    """Inodes of the sockets a process holds (traffic.socket_inodes; unreadable counts as none)."""
     return socket_inodes(pid) or set()
 
 

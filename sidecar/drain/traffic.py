@@ -387,3 +387,27 @@ def available() -> tuple[bool, str]:
     if not snap.bytes_counted or (release is not None and (int(release[1]), int(release[2])) < (4, 1)):
         return True, "NETLINK_SOCK_DIAG works, but this kernel has no tcpi_bytes_received (before 4.1): bytes read 0"
     return True, "NETLINK_SOCK_DIAG works"
+
+
+def socket_inodes(pid: int | str = "self") -> set[int] | None:
+    """Inodes of the sockets ``pid`` holds (its /proc/<pid>/fd links ``socket:[inode]``); None when its
+    descriptors cannot be read (another user's process and no CAP_SYS_PTRACE: the kernel refuses
+    readlink on /proc/<pid>/fd/N). A process that ends meanwhile holds nothing."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except PermissionError:
+        return None
+    except OSError:
+        return set()
+    found: set[int] = set()
+    for name in names:
+        try:
+            link = os.readlink(f"{fd_dir}/{name}")
+        except PermissionError:
+            return None
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("socket:["):
+            found.add(int(link[8:-1]))
+    return found

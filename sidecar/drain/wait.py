@@ -43,7 +43,6 @@ to a shorter wait.
 from __future__ import annotations
 
 import asyncio
-import enum
 import ipaddress
 import socket
 import time
@@ -52,8 +51,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..clock import Clock
 from ..config import Config, Strategy
-from ..http.server import Status
 from ..registry.consul import ConsulError
+from ..state import DrainEnd, Status
 from .dns_probe import DnsError, resolve_addresses
 from .netns_counters import Counters, namespace_is_apps, read_counters
 from .tcp_events import DestroyEvents
@@ -66,24 +65,6 @@ POLL = 0.1  # seconds between two looks at the catalog, the resolvers or the por
 RESOLVE_TIMEOUT = 5.0  # for service.address's host name at registration (the DNS step's addresses)
 POLL_WITH_EVENTS = 1.0  # most time between two wake-ups (for /status) when a complete source sees short connections
 EVENT_HOLD = 0.05  # the destroy events' reader stays off this long after each wake-up (see _EventReader)
-
-
-class DrainEnd(enum.Enum):
-    """Why the wait before the app's signal ended: ``reason`` in ``sidecar.drain.delay_done``.
-
-    The values are logged as they stand and documented: operators match on them.
-    """
-
-    FIXED = "fixed delay"
-    FIXED_VIEW_UNAVAILABLE = "fixed delay (traffic view unavailable)"
-    TRAFFIC_QUIET = "traffic quiet"
-    UPPER_BOUND = "upper bound (propagation_delay)"
-    UPPER_BOUND_BLIND = "upper bound (traffic view blind to short connections)"
-    UPPER_BOUND_VIEW_LOST = "upper bound (traffic view lost)"
-    # Decided by the lifecycle, which cuts the wait short:
-    SECOND_SIGINT = "second SIGINT"
-    APP_EXITED = "the app exited"
-    DRAIN_BOUND = "the drain's bound (deregister_timeout + propagation_delay)"
 
 
 class Catalog(Protocol):

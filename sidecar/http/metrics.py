@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .. import __version__
 
 if TYPE_CHECKING:
-    from .server import Status
+    from ..state import Status
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -60,7 +60,7 @@ def render(
     drain_end_reasons: Iterable[str] = (),
 ) -> bytes:
     """The exposition of ``status`` (and the counters kept outside it): bytes of ``CONTENT_TYPE``."""
-    from .server import State
+    from ..state import State
 
     w = _Writer()
     p = "consul_sidecar_"

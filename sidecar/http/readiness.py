@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .server import State, Status
+from ..state import State, Status
 
 CACHE_TTL = 1.0  # seconds a verdict of the agent is reused
 READ_TIMEOUT = 1.0  # seconds the agent has to answer (at most consul.timeout)

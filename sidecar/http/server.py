@@ -32,15 +32,12 @@ for its first request, ~5 KB each, and logs a traceback per failed accept):
 
 from __future__ import annotations
 
-import enum
 import json
 import resource
 import socket
 import struct
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..process.listener import bind_listener
@@ -52,7 +49,7 @@ if TYPE_CHECKING:
 
     from structlog.typing import FilteringBoundLogger
 
-    from ..clock import Clock
+    from ..state import Status
     from .readiness import Readiness
 
 DEFAULT_LISTEN = "127.0.0.1:0"
@@ -72,69 +69,6 @@ CONSUL_PORTS = {
     8503: "gRPC TLS",
     8600: "DNS",
 }
-
-
-# The ``reason`` label of consul_sidecar_reregistrations_total: the agent no longer held the
-# service (restarted without its data), or the ACL token changed.
-REREGISTRATION_REASONS = ("service_missing", "token_rotated")
-
-
-class State(enum.Enum):
-    STARTING = "starting"
-    REGISTERED = "registered"
-    DRAINING = "draining"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-
-@dataclass
-class Status:
-    """What the lifecycle reports; the lifecycle is its only writer."""
-
-    clock: Clock
-    service_id: str
-    state: State = State.STARTING
-    since_wall: float = 0.0
-    since_mono: float = 0.0
-    consul_reachable: bool | None = None
-    last_error: str | None = None
-    app: dict[str, Any] = field(default_factory=dict)
-    drain: dict[str, Any] | None = None  # the drain's progress (which step, traffic seen)
-    hot_restart: dict[str, Any] | None = None  # {state, restarts, last_error} when hot_restart.enabled
-    hot_restarts_total: int = 0  # completed hot restarts
-    hot_restart_failures_total: int = 0  # hot restarts whose new generation was stopped, the old one serving on
-    # For /metrics (sidecar/metrics.py): counters since start, and the last drain's figures.
-    registrations_total: int = 0  # registration writes the agent accepted, the keeper's included
-    reregistrations_total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REREGISTRATION_REASONS, 0))
-    deregistration_seconds: float | None = None  # the last confirmed deregistration took this long
-    drain_seconds: float | None = None  # the last wait between the confirmation and the app's signal
-    drain_end: str | None = None  # why that wait ended (a DrainEnd value)
-    maintenance: bool = False  # Consul's maintenance mode, as the keeper last read it
-    maintenance_reason: str | None = None
-
-    def __post_init__(self) -> None:
-        self.since_wall = self.clock.wall()
-        self.since_mono = self.clock.monotonic()
-
-    def enter(self, state: State) -> None:
-        self.state = state
-        self.since_wall = self.clock.wall()
-        self.since_mono = self.clock.monotonic()
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "state": self.state.value,
-            "since": datetime.fromtimestamp(self.since_wall, UTC).isoformat(),
-            "seconds_in_state": round(self.clock.monotonic() - self.since_mono, 3),
-            "service_id": self.service_id,
-            "consul_reachable": self.consul_reachable,
-            "last_error": self.last_error,
-            "app": self.app,
-            "drain": self.drain,
-            **({"hot_restart": self.hot_restart} if self.hot_restart is not None else {}),
-            "maintenance": self.maintenance,
-            "maintenance_reason": self.maintenance_reason,
-        }
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -390,7 +324,7 @@ class StatusServer:
             return (200 if verdict.ready else 503), "application/json; charset=utf-8", body, head_only
         if target == b"/metrics":
             from .. import log as _log
-            from ..drain.wait import DrainEnd
+            from ..state import DrainEnd
             from . import metrics
 
             text = metrics.render(

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 from ..drain import traffic
 from ..drain.traffic import Listener, TrafficWatchError
+from ..drain.traffic import socket_inodes as socket_inodes  # read here by app_control and port_owner
 
 
 @functools.cache
@@ -115,30 +116,6 @@ def descendants(root: int) -> set[int]:
 # registering): the listening sockets from sock_diag, filtered to the port by the kernel (~0.05 ms),
 # their holders from /proc/<pid>/fd. Reading /proc/net/tcp{,6} instead costs a parse of every socket
 # of the namespace, TIME_WAIT included: ~0.5 s with 28,000 of them on a busy host.
-
-
-def socket_inodes(pid: int | str = "self") -> set[int] | None:
-    """Inodes of the sockets ``pid`` holds (its /proc/<pid>/fd links ``socket:[inode]``); None when its
-    descriptors cannot be read (another user's process and no CAP_SYS_PTRACE: the kernel refuses
-    readlink on /proc/<pid>/fd/N). A process that ends meanwhile holds nothing."""
-    fd_dir = f"/proc/{pid}/fd"
-    try:
-        names = os.listdir(fd_dir)
-    except PermissionError:
-        return None
-    except OSError:
-        return set()
-    found: set[int] = set()
-    for name in names:
-        try:
-            link = os.readlink(f"{fd_dir}/{name}")
-        except PermissionError:
-            return None
-        except OSError:
-            continue  # closed meanwhile
-        if link.startswith("socket:["):
-            found.add(int(link[8:-1]))
-    return found
 
 
 def listening_sockets(port: int) -> list[Listener]:

@@ -134,3 +134,43 @@ def test_the_checker_sees_an_arrow_up(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text("from __future__ import annotations\nfrom ..lifecycle import Sidecar\nfrom .. import cli\n")
     assert imports_of("drain.probe", probe, set(modules())) == {"lifecycle", "cli"}
+
+
+def module_map() -> str:
+    text = (ROOT / "docs" / "development.md").read_text()
+    begin = text.index("```\n", text.index("Where things are:")) + 4
+    return text[begin : text.index("\n```", begin)]
+
+
+def listed_files(block: str) -> set[str]:
+    """The files the module map names: an indented tree, a name (or several, 'clock.py, backoff.py') at the start
+    of a line and its description after two spaces; lines indented to the description column continue it. The
+    config room names its files in its description."""
+    found: set[str] = set()
+    stack: list[tuple[int, str]] = []
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip(" "))
+        if not line.strip() or indent >= DESCRIPTION_COLUMN:
+            continue
+        head = line.strip().split("  ")[0]
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        prefix = "".join(p for _, p in stack)
+        if head.endswith("/"):
+            stack.append((indent, head))
+            continue
+        found.update(prefix + name.strip() for name in head.split(","))
+    return {f for f in found if f.startswith("sidecar/")}
+
+
+DESCRIPTION_COLUMN = 32
+
+
+def test_the_module_map_lists_every_module() -> None:
+    """docs/development.md's map names every module of sidecar/ where it is, and no module that is gone."""
+    actual = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    listed = listed_files(module_map())
+    config = {f for f in actual if f.startswith("sidecar/config/")}  # named in prose in the room's description
+    named_in_config = {f for f in config if f.removeprefix("sidecar/config/") in module_map()}
+    assert sorted(actual - listed - named_in_config) == []
+    assert sorted(listed - actual) == []

@@ -67,6 +67,15 @@ def track(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
     return proc
 
 
+_kept: set[int] = set()  # PIDs of processes that outlive the test that started them (a session's agent)
+
+
+def keep_for_session(proc: subprocess.Popen[bytes]) -> None:
+    """``proc`` belongs to the whole session (a session-scoped fixture started it inside some test):
+    the per-test teardown neither kills it nor counts it; ``kill_all_started`` still does."""
+    _kept.add(proc.pid)
+
+
 def started_count() -> int:
     """How many processes were tracked so far: ``stop_started(since)`` and ``leftovers_of_exited(since)``
     take it to mean "started after this point"."""
@@ -100,6 +109,8 @@ def leftovers() -> list[int]:
 def stop_started(since: int = 0) -> None:
     """Kill every process in the sessions started since index ``since``, and reap the leaders."""
     for proc in _started[since:]:
+        if since and proc.pid in _kept:
+            continue
         kill_session(proc.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
@@ -113,7 +124,7 @@ def leftovers_of_exited(since: int = 0, grace: float = 2.0) -> list[str]:
         left = [
             f"{str(proc.args)[:80]}: {session_members(proc.pid)}"
             for proc in _started[since:]
-            if proc.poll() is not None and session_members(proc.pid)
+            if proc.poll() is not None and session_members(proc.pid) and not (since and proc.pid in _kept)
         ]
         if not left or time.monotonic() >= deadline:
             return left

@@ -14,15 +14,16 @@ from testkit import Consul, ConsulCluster, Sidecar
 _names = itertools.count(1)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consul]:
     """One real dev agent for the tests that do not restart it; each test uses its own service name.
 
-    Autouse, so it starts before any test's own processes are counted: started lazily inside a test
-    (``registered_sidecar`` asks for it by name), it was counted among that test's processes and
-    killed by its teardown, and every later test of that pytest-xdist worker met a dead agent."""
+    Started by the first test that asks for it, and kept for the session: the first test's teardown
+    neither kills nor counts it (``testkit.keep_for_session``)."""
     agent = Consul(tmp_path_factory.mktemp("consul"))
     agent.start()
+    assert agent.proc is not None
+    testkit.keep_for_session(agent.proc)
     yield agent
     agent.stop()
 
@@ -71,6 +72,44 @@ def default_timing_cluster(tmp_path: Path) -> Iterator[ConsulCluster]:
         yield c
     finally:
         c.stop()
+
+
+# A test is a unit test (scripts/test unit) unless it asks for one of these fixtures or is marked
+# ``integration``; the guard below fails a unit test that starts a process all the same.
+REAL_PARTS = {
+    "consul",
+    "acl_consul",
+    "fresh_consul",
+    "cluster",
+    "default_timing_cluster",
+    "start_sidecar",
+    "registered_sidecar",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        marked = item.get_closest_marker("integration") or item.get_closest_marker("compose")
+        if marked is None and not fixtures & REAL_PARTS:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test counted as a unit test must not start a process (an agent, a server, the sidecar, a
+    namespace): it would make `scripts/test unit` slow and need the real parts installed."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import subprocess
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(
+            f"{request.node.nodeid} is a unit test (no real-parts fixture) but starts a process: "
+            "mark it @pytest.mark.integration"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 
 @pytest.fixture(autouse=True)

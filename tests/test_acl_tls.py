@@ -287,6 +287,7 @@ def test_https_misconfigured_is_a_clear_error(
     assert "Traceback" not in sc.output()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["trusted", "wrong-ca", "no-client-cert"])
 def test_wait_over_https(tls_consul: tuple[Consul, Path, int], service_name: str, case: str) -> None:
     """`wait --http-addr https://...` (its blocking transport) with the CA and client certificate from

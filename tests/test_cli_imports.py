@@ -14,6 +14,8 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from testkit import PY, ROOT, Consul, write_config
 
 # Runs the command as the console script does and records sys.modules as the process exits.
@@ -79,6 +81,7 @@ def config_file(tmp_path: Path, address: str) -> Path:
     )
 
 
+@pytest.mark.integration
 def test_version_imports_nothing_heavy(tmp_path: Path) -> None:
     """`--version` prints the version and exits 0 having imported none of the heavy modules, nor
     asyncio nor the configuration (the control: the probe does see sidecar.cli)."""
@@ -88,6 +91,7 @@ def test_version_imports_nothing_heavy(tmp_path: Path) -> None:
     assert sorted(modules.intersection(NOT_FOR_VERSION)) == []
 
 
+@pytest.mark.integration
 def test_check_config_imports_nothing_heavy(tmp_path: Path) -> None:
     """`check-config` validates a file and prints the registration (exit 0) without aiohttp,
     structlog, python-consul2 or asyncio; a bad file exits 78 the same way."""

@@ -251,6 +251,7 @@ def nginx_binary() -> str:
     return found
 
 
+@pytest.mark.integration
 def test_nginx_accepts_the_compose_configuration(tmp_path: Path) -> None:
     nginx = nginx_binary()
     # The resolver is the consul service by name, which only Docker's embedded DNS knows:
@@ -365,6 +366,7 @@ def sidecar_cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "sidecar"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("config", SIDECAR_CONFIGS)
 def test_sidecar_config_passes_check_config(config: str) -> None:
     path = ROOT / config
@@ -429,6 +431,7 @@ def test_dockerfile_stop_signal_and_healthcheck_match_the_sidecar_config() -> No
         )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("script", SHELL_SCRIPTS)
 def test_compose_scripts_are_valid_bash(script: str) -> None:
     path = ROOT / "scripts" / script

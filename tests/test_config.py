@@ -231,12 +231,14 @@ def test_cli_bad_config_exits_78_and_starts_nothing(
     assert consul.get("/v1/agent/services") == before
 
 
+@pytest.mark.integration
 def test_cli_missing_file() -> None:
     r = run_cli("check-config", "-c", "/nonexistent/sidecar.toml")
     assert r.returncode == 78
     assert "/nonexistent/sidecar.toml" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.integration
 def test_check_config_prints_registration_and_redacts_token(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[consul]\ntoken = "${TOK}"\n' + MINIMAL + '[service.meta]\nversion = "1.0"\n')
@@ -252,6 +254,7 @@ def test_check_config_prints_registration_and_redacts_token(tmp_path: Path) -> N
     assert "worst-case shutdown: 29s" in r.stderr
 
 
+@pytest.mark.integration
 def test_cli_app_section_in_wrapper_mode_is_an_error(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(MINIMAL + "[app]\npid = 5\n")
@@ -259,6 +262,7 @@ def test_cli_app_section_in_wrapper_mode_is_an_error(tmp_path: Path) -> None:
     assert r.returncode == 78 and "[app] is for alongside mode" in r.stderr
 
 
+@pytest.mark.integration
 def test_cli_version_and_help() -> None:
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("consul-sidecar ")
@@ -280,6 +284,7 @@ def test_unresolvable_agent_without_service_address_is_an_error(tmp_path: Path) 
     assert any("service.address" in line and "no-such-agent.invalid" in line for line in e.value.problems)
 
 
+@pytest.mark.integration
 def test_check_config_warns_over_budget_and_names_the_setting(tmp_path: Path) -> None:
     """Worst case 3 + 5 + 60 + 1 = 69 s over the default 30 s budget: a warning naming app_timeout;
     raising shutdown.budget to match silences it."""
@@ -339,6 +344,7 @@ def _one_clean_line(r: subprocess.CompletedProcess[str], key: str) -> None:
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory"])
 def test_config_file_that_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
     """/dev/zero, a FIFO nobody writes to, or a directory as the configuration file: one line saying
@@ -379,6 +385,7 @@ def test_bad_token_file_is_one_config_line(consul: Consul, tmp_path: Path, kind:
     _one_clean_line(run_cli("check-config", "-c", str(cfg)), "consul.token_file")
 
 
+@pytest.mark.integration
 def test_check_config_refuses_an_interval_consul_would_refuse(tmp_path: Path) -> None:
     """`check.interval = "3000000h"`: check-config exits 78 naming check.interval (it used to pass, and
     `run` started the app before the agent answered 400)."""
@@ -387,6 +394,7 @@ def test_check_config_refuses_an_interval_consul_would_refuse(tmp_path: Path) ->
     _one_clean_line(run_cli("check-config", "-c", str(cfg)), "check.interval")
 
 
+@pytest.mark.integration
 def test_writable_token_file_warns_in_check_config(tmp_path: Path) -> None:
     """A group- or world-writable token file: check-config still passes (exit 0) but warns in one line
     naming the file and the mode; a 0600 file gives no warning."""

@@ -49,7 +49,10 @@ def test_the_pinned_version_is_the_installed_one() -> None:
 def test_signatures_we_call_or_implement() -> None:
     """The constructor we call, the transport methods we implement (the endpoints call them by
     keyword), the callbacks we use and the endpoint classes we bind: names and signatures."""
-    sig = lambda f: str(inspect.signature(f))  # noqa: E731
+
+    def sig(f: Any) -> str:
+        return str(inspect.signature(f))
+
     same(
         sig(consul_base.HTTPClient.__init__),
         "(self, host='127.0.0.1', port=8500, scheme='http', verify=True, cert=None, timeout=None)",
@@ -172,6 +175,7 @@ def test_endpoints_work_without_consul_init() -> None:
         callback(response(400, "bad"))
 
 
+@pytest.mark.integration
 def test_no_consul_package_is_left_behind_for_others() -> None:
     """In one process: the sidecar's client loads, without python-consul2's package nor requests;
     then other code's `import consul` gets the whole package (its Consul class, its version)."""
@@ -191,6 +195,7 @@ def test_no_consul_package_is_left_behind_for_others() -> None:
     )
 
 
+@pytest.mark.integration
 def test_a_consul_package_imported_before_is_used_as_it_is() -> None:
     """Other code imported `consul` first: the sidecar uses that very consul.base (one set of
     exception classes in the process), not a second copy."""

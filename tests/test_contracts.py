@@ -51,6 +51,7 @@ async def test_every_app_mode_provides_every_member_of_the_protocol() -> None:
         assert (app.orphans_reaped, app.leftovers_signalled, app.leftovers_killed) == (0, 0, 0), type(app).__name__
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio
 async def test_alongside_start_watches_the_app_until_it_exits() -> None:
     """PidApp.start (the protocol's start: alongside mode watches, it does not spawn) on a real
@@ -101,6 +102,7 @@ def test_drain_end_reasons_are_documented() -> None:
     assert [r.value for r in DrainEnd if f"`{r.value}`" not in text] == []
 
 
+@pytest.mark.integration
 def test_command_line_error_exits_2_without_traceback() -> None:
     """A command after '--' for a command that takes none: exit 2 (bad command line), one message."""
     r = subprocess.run(

@@ -336,6 +336,7 @@ def unit_setting(key: str) -> str:
     return value
 
 
+@pytest.mark.integration
 def test_the_example_unit_uses_kill_mode_mixed_with_room_for_the_drain() -> None:
     """The shipped unit sets KillMode=mixed (SIGTERM to the sidecar alone) and a TimeoutStopSec no
     shorter than the worst-case shutdown of the configuration it names."""
@@ -444,7 +445,11 @@ def test_ctrl_c_during_start_up_exits_130_without_a_traceback(
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         try:
-            wait_for(lambda p=p: importing_modules(p.pid) or p.poll() is not None, 10, 0.001, "the sidecar's imports")
+
+            def started(p: subprocess.Popen[bytes] = p) -> bool:
+                return importing_modules(p.pid) or p.poll() is not None
+
+            wait_for(started, 10, 0.001, "the sidecar's imports")
             time.sleep(delay)
             p.send_signal(signal.SIGINT)
             _, err = p.communicate(timeout=30)
@@ -463,6 +468,7 @@ def test_ctrl_c_during_start_up_exits_130_without_a_traceback(
 # --- proctree, against this very process ---------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_proctree_finds_descendants_in_other_sessions_and_the_listener_of_a_port() -> None:
     """1. This process starts `sh`, which starts `sleep` in a session of its own (setsid); and
        this process listens on a free port.

@@ -304,6 +304,7 @@ def _deny_netlink_membership() -> None:
         os._exit(99)
 
 
+@pytest.mark.integration
 def test_filter_denies_netlink_membership() -> None:
     """The seccomp helper itself: a child under it cannot join the destroy groups (EPERM)."""
     code = "import socket; s = socket.socket(16, 3, 4); s.bind((0, 0)); s.setsockopt(270, 1, 1)"
@@ -622,6 +623,7 @@ def _answers(port: int) -> bool:
         return False
 
 
+@pytest.mark.integration
 def test_check_config_shows_the_traffic_view_and_the_new_keys(tmp_path: Path) -> None:
     """check-config with strategy = "traffic": the sources this host allows, the verdict, the queried DNS
     name and the opt-in are shown; a malformed dns_name is one clear error naming the key (exit 78)."""

@@ -69,6 +69,7 @@ async def _rollout_with(tmp_path: Path, shutdown: dict[str, str]) -> tuple[int, 
     return s.requests, s.failed, delays
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio
 async def test_behind_nginx_traffic_mode_is_fast_and_loses_nothing(tmp_path: Path) -> None:
     """Behind nginx (resolver valid=1s) under load: each old instance's wait ends no later than

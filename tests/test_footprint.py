@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from testkit import PY, ROOT
 
 
+@pytest.mark.integration
 def test_sidecar_does_not_import_requests() -> None:
     code = (
         "import sys, sidecar.cli, sidecar.registry.consul, sidecar.lifecycle; "

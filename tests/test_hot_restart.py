@@ -352,12 +352,13 @@ def _receiver(path: Path) -> socket.socket:
     return rx
 
 
-def _drain(rx: socket.socket, into: list[str]) -> None:
+def _drained(rx: socket.socket, into: list[str]) -> bool:
+    """Read every datagram waiting on ``rx`` into ``into`` (True: for use in a wait_for condition)."""
     while True:
         try:
             into.append(rx.recv(65536).decode())
         except TimeoutError:
-            return
+            return True
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -377,7 +378,7 @@ def test_systemd_notify_sequence(
     try:
         sc, port = start_modal(start_sidecar, consul, service_name, tmp_path / "mode", env={"NOTIFY_SOCKET": str(path)})
         got: list[str] = []
-        wait_for(lambda: _drain(rx, got) or any("READY=1" in m for m in got), 10, what="READY=1")
+        wait_for(lambda: _drained(rx, got) and any("READY=1" in m for m in got), 10, what="READY=1")
         app_pid = sc.app_pid()
         app_env = _environ(app_pid)
         assert app_env.get("NOTIFY_SOCKET", "").startswith("@consul-sidecar/")
@@ -392,7 +393,7 @@ def test_systemd_notify_sequence(
         sc.wait_event("sidecar.hot_restart.done", timeout=30)
         sc.send(signal.SIGTERM)
         assert sc.wait() == 0
-        _drain(rx, got)
+        _drained(rx, got)
     finally:
         rx.close()
     flags = [k for m in got for k in ("READY=1", "RELOADING=1", "STOPPING=1") if k in m.split("\n")]
@@ -413,7 +414,7 @@ def test_without_hot_restart_the_app_does_not_inherit_systemds_notify_socket(
         sc, _ = registered_sidecar(env={"NOTIFY_SOCKET": str(path)})
         assert "NOTIFY_SOCKET" not in _environ(sc.app_pid())
         got: list[str] = []
-        wait_for(lambda: _drain(rx, got) or any("READY=1" in m for m in got), 10, what="READY=1")
+        wait_for(lambda: _drained(rx, got) and any("READY=1" in m for m in got), 10, what="READY=1")
         sc.send(signal.SIGTERM)
         assert sc.wait() == 0
     finally:

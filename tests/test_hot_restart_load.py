@@ -155,7 +155,7 @@ def test_a_broken_new_generation_leaves_the_old_one_serving(
     if how == "no-ready":
         # It served beside the old one until the sidecar stopped it: stopped gracefully, it lost nothing.
         assert failed.started_pid is not None and result.pids()[failed.started_pid] > 0, msg
-    assert result.pids()[done.new_pid or -1] > 0, msg  # type: ignore[index]
+    assert result.pids()[done.new_pid or -1] > 0, msg
     assert_watched_passing(result, failed.t_signal, done.t_done)
 
 
@@ -232,6 +232,7 @@ def test_once_the_drain_signals_the_app_new_connections_are_refused_not_left_han
     [("example", 0.1, True), ("uvicorn", 0.1, True), ("uvicorn-plain", 0.4, False)],
     ids=["example-app", "uvicorn_serve", "control-plain-uvicorn"],
 )
+@pytest.mark.integration
 def test_a_connection_accepted_just_before_shutdown_still_gets_its_answer(
     server: str, send_after: float, answered: bool, tmp_path: Path
 ) -> None:

@@ -96,6 +96,7 @@ def test_kustomization_lists_every_manifest() -> None:
     assert sorted(kust["resources"]) == sorted(files)
 
 
+@pytest.mark.integration
 def test_the_configmaps_toml_passes_check_config(tmp_path: Path) -> None:
     """check-config on the ConfigMap's TOML, with the environment the Deployment gives the container:
     exit 0, no warning, and it registers the pod's IP with an ID unique to the pod."""
@@ -109,6 +110,7 @@ def test_the_configmaps_toml_passes_check_config(tmp_path: Path) -> None:
     assert doc["consul"]["address"] == POD_ENV["CONSUL_HTTP_ADDR"]
 
 
+@pytest.mark.integration
 def test_grace_period_covers_check_configs_worst_case(tmp_path: Path) -> None:
     """terminationGracePeriodSeconds is at least the worst-case shutdown check-config prints for the
     ConfigMap's TOML (else the kubelet SIGKILLs a drain in progress)."""
@@ -121,6 +123,7 @@ def test_grace_period_covers_check_configs_worst_case(tmp_path: Path) -> None:
     assert grace >= worst, f"terminationGracePeriodSeconds {grace} < check-config's worst case {worst:g}s"
 
 
+@pytest.mark.integration
 def test_deployment_runs_the_sidecar_in_wrapper_mode_with_probes_on_its_status_port(tmp_path: Path) -> None:
     """The Deployment's contract: rolling one pod at a time with none unavailable; the sidecar is the
     container's entrypoint with the app after '--' (wrapper mode); the config file it reads is the

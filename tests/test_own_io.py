@@ -327,6 +327,7 @@ def test_two_sidecars_on_one_host_with_the_default_status_address(consul: Consul
     assert addresses[0] != addresses[1]
 
 
+@pytest.mark.integration
 def test_check_config_warns_when_status_listen_is_the_agents_address(tmp_path: Path) -> None:
     """status.listen = the agent's address (consul.address): check-config passes with one warning naming
     both; Consul's conventional port 8501 gets a warning of its own; the default gets neither and says

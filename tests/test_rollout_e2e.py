@@ -26,6 +26,7 @@ async def one_rollout(workdir: Path, naive: bool) -> tuple[int, int, dict[str, i
     return s.requests, s.failed, s.by_version
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio
 async def test_rollout_with_sidecar_loses_nothing_and_naive_control_fails(tmp_path: Path) -> None:
     """1. Two v1 instances behind nginx at 200 requests/s; surge-roll them to v2 with the sidecar's drain.

@@ -151,7 +151,7 @@ def run_bpf(program: bytes, packet: bytes) -> int:
         elif code == 0x05:
             pc += k
         elif code == 0x06:
-            return k
+            return int(k)
         else:
             raise AssertionError(f"unexpected BPF opcode {code:#x}")
 

@@ -6,6 +6,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from testkit import PY, ROOT, Consul, app_command, free_port
 
 from .conftest import StartSidecar, base_config
@@ -64,6 +66,7 @@ def test_wait_bad_arguments(consul: Consul) -> None:
         assert p.returncode == 2 and needle in err and "Traceback" not in err
 
 
+@pytest.mark.integration
 def test_wait_unreachable_consul_times_out_with_the_reason() -> None:
     port = free_port()
     p = subprocess.run(

@@ -198,3 +198,29 @@ def test_hint_names_where_the_app_listens_alongside(
     assert unhealthy is not None, sc.output()[-3000:]
     hint = str(unhealthy.get("hint"))
     assert f"listens on 127.0.0.1:{other_port}, not service.address:port 127.0.0.1:{port}" in hint, unhealthy
+
+
+def test_stale_pid_file_without_wait_healthy_waits_for_the_pid(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
+    """startup.wait_healthy = false (no probe): a PID file naming a dead PID still holds the registration back
+    until the app has written its own PID and listens; then the sidecar registers and follows it."""
+    port = free_port()
+    pid_file = tmp_path / "app.pid"
+    dead = _dead_pid(tmp_path)
+    pid_file.write_text(f"{dead}\n")
+    cfg = base_config(
+        consul, service_name, port, app={"pid_file": str(pid_file)}, startup={"wait_healthy": False, "timeout": "60s"}
+    )
+    sc = start_sidecar(cfg)
+    waiting = sc.wait_event("sidecar.startup.waiting", 30)
+    assert f"PID {dead}, which is not running" in str(waiting.get("pid_check")), waiting
+    assert consul.instances(service_name) == []
+    app = spawn(app_command(port, "127.0.0.1", "--pid-file", str(pid_file)), tmp_path / "app.log")
+    verified = sc.wait_event("sidecar.app.pid_verified", 60)
+    assert verified["pid"] == app.pid, verified
+    sc.wait_event("sidecar.consul.registered", 30)
+    sc.send(signal.SIGTERM)
+    assert sc.wait(20) == 0
+    assert app.wait(5) == 0
+    assert consul.instances(service_name) == []

@@ -496,7 +496,14 @@ async def _run(config: Config, command: list[str]) -> int:
         # the reaper in ChildApp collects them and no zombie piles up.
         become_subreaper()
     elif config.app.pid is not None or config.app.pid_file is not None:
-        app = PidApp(config.app.pid, config.app.pid_file, clock)
+        app = PidApp(
+            config.app.pid,
+            config.app.pid_file,
+            clock,
+            config.service.address,
+            config.service.port,
+            logger.bind(service_id=config.service.id),
+        )
     elif config.app.shutdown_url is not None:
         app = UrlApp(config.app.shutdown_url, config.check.http, clock)
     else:

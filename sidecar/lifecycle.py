@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from . import early_signals, instance_claim
-from .app_control import App, ChildApp, Generation, StopResult
+from .app_control import App, ChildApp, Generation, PidApp, StopResult
 from .backoff import backoff
 from .clock import Clock
 from .config import Config, ReadyMode, same_host
@@ -64,7 +64,7 @@ from .consul_client import (
 from .drain_wait import DrainEnd, DrainWait
 from .exit_codes import EX_CANNOT_EXECUTE, EX_CONFIG, EX_NOPERM, EX_NOT_FOUND, EX_UNAVAILABLE, by_signal
 from .notify import AppNotifySocket, SystemdNotifier
-from .port_owner import verify_app_port
+from .port_owner import listen_hint, verify_app_port
 from .registration import registration_payload
 from .signals import FORWARDED, SHUTDOWN, SignalInbox
 from .status import State, Status
@@ -258,9 +258,10 @@ class Sidecar:
     async def _startup(self) -> int:
         """Wait for the app to be healthy, then register. 0, or an exit status to abort with."""
         cfg = self.config
-        if cfg.startup.wait_healthy:
+        pid_app = isinstance(self.app, PidApp)  # its PID must also prove to be the app's (listen on the port)
+        if cfg.startup.wait_healthy or pid_app:
             t = self.clock.monotonic()
-            healthy, detail = await self._wait_healthy(t + cfg.startup.timeout)
+            healthy, detail, why = await self._wait_healthy(t + cfg.startup.timeout, probe=cfg.startup.wait_healthy)
             if not healthy:
                 self.log.error(
                     "sidecar.startup.unhealthy",
@@ -268,29 +269,41 @@ class Sidecar:
                     last_answer=detail,
                     timeout_s=cfg.startup.timeout,
                     elapsed_ms=self._ms(t),
+                    **why,
                 )
-                self.status.last_error = f"app not healthy within {cfg.startup.timeout:g}s: {detail}"
+                self.status.last_error = "; ".join(
+                    [f"app not healthy within {cfg.startup.timeout:g}s: {detail}", *why.values()]
+                )
                 return EX_UNAVAILABLE
             self.status.last_error = None
-            self.log.info("sidecar.startup.healthy", url=cfg.check.http, elapsed_ms=self._ms(t))
+            if cfg.startup.wait_healthy:
+                self.log.info("sidecar.startup.healthy", url=cfg.check.http, elapsed_ms=self._ms(t))
         refused = verify_app_port(cfg.service.address, cfg.service.port, self.app, self.log)
         if refused is not None:  # someone else answers on the app's port: register nothing
             self.status.last_error = refused
             return EX_UNAVAILABLE
         return await self._register_until_done()
 
-    async def _wait_healthy(self, deadline: float) -> tuple[bool, str]:
+    async def _wait_healthy(self, deadline: float, probe: bool = True) -> tuple[bool, str, dict[str, str]]:
+        """Until the check URL answers 2xx (``probe``) and, alongside mode with a PID, the PID is the
+        app's: (done, the last answer, why not: ``pid_check`` and/or ``hint``)."""
         t = self.clock.monotonic()
         detail, said = "no probe yet", t
         while True:
-            healthy, detail = await self.prober.probe()
-            if healthy:
-                return True, detail
-            self.status.last_error = f"health check: {detail}"
+            healthy, detail = await self.prober.probe() if probe else (True, "not probed (startup.wait_healthy off)")
+            pid_check = self.app.verify(healthy) if isinstance(self.app, PidApp) else None
+            if healthy and pid_check is None:
+                return True, detail, {}
+            self.status.last_error = f"health check: {detail}" if pid_check is None else pid_check
             now = self.clock.monotonic()
-            if now >= deadline:
-                return False, detail
-            if now - said >= 5.0:  # progress for a slow or misconfigured app, not one line per probe
+            if now >= deadline or now - said >= 5.0:  # progress for a slow or misconfigured app, not one per probe
+                why = {"pid_check": pid_check} if pid_check is not None else {}
+                if not healthy and (
+                    hint := listen_hint(self.app, self.config.service.address, self.config.service.port)
+                ):
+                    why["hint"] = hint
+                if now >= deadline:
+                    return False, detail, why
                 said = now
                 self.log.info(
                     "sidecar.startup.waiting",
@@ -298,6 +311,7 @@ class Sidecar:
                     last_answer=detail,
                     elapsed_ms=self._ms(t),
                     gives_up_in_s=round(deadline - now, 1),
+                    **why,
                 )
             await self.clock.sleep(min(0.1, max(0.0, deadline - self.clock.monotonic())))
 

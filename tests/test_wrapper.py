@@ -326,3 +326,17 @@ def test_a_reload_signal_during_start_up_does_not_end_the_sidecar(
     assert sc.event("sidecar.signal.forwarded") is None
     sc.send(signal.SIGTERM)
     assert sc.wait(30) == 0, sc.output()[-2000:]
+
+
+def test_hint_names_where_the_app_listens(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """Tried as a new user would: the app listens on another port than service.port. Instead of 'cannot connect'
+    alone, the sidecar's unhealthy error (exit 69) says where the app listens."""
+    port, other_port = free_port(), free_port()
+    cfg = base_config(consul, service_name, port, startup={"timeout": "15s"})
+    sc = start_sidecar(cfg, app_command(other_port, "127.0.0.1"))
+    assert sc.wait(60) == 69
+    unhealthy = sc.event("sidecar.startup.unhealthy")
+    assert unhealthy is not None, sc.output()[-3000:]
+    hint = str(unhealthy.get("hint"))
+    assert f"listens on 127.0.0.1:{other_port}, not service.address:port 127.0.0.1:{port}" in hint, unhealthy
+    assert consul.instances(service_name) == []

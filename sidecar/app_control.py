@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
-from . import proctree
+from . import accept_proof, proctree
+from .accept_proof import AcceptProof
 from .clock import Clock
 from .config import KILL_REAP_TIMEOUT
 from .exit_codes import by_signal
@@ -396,6 +397,28 @@ class ChildApp:
             elif self._listener_inode in held:
                 return True
         return None if unknown else False
+
+    async def seen_accepting(self, gen: Generation, deadline: float) -> AcceptProof:
+        """Whether ``gen`` (or a descendant, e.g. a gunicorn worker) is seen accepting a connection on
+        the listening socket by ``deadline`` (see accept_proof.py): probes the other generation
+        accepts are closed and retried."""
+        assert self.listener is not None
+        me = os.getpid()
+        return await accept_proof.seen_accepting(
+            self.listener,
+            lambda: proctree.tree(gen.pid),
+            lambda: proctree.descendants(me),
+            gen.exited.done,
+            self._clock,
+            deadline,
+        )
+
+    def name_process(self, pid: int) -> str:
+        """'generation N (pid P)' for a process of a live generation, else 'pid P'."""
+        gen = self.generation_of(pid)
+        if gen is None:
+            return f"pid {pid}"
+        return f"generation {gen.number} (pid {pid})" if gen.pid == pid else f"generation {gen.number} (its pid {pid})"
 
     async def stop_generation(self, gen: Generation, sig: signal.Signals, timeout: float) -> StopResult:
         """Stop one generation (not the app): ``sig``, ``timeout`` to exit, then SIGKILL to it and its

@@ -29,7 +29,8 @@ what each one means at the current step:
 Hot restart (hot_restart.enabled, wrapper mode; the sidecar holds the listening socket):
 
     hot_restart.signal: start generation N+1 with the same socket -> wait until it is ready
-               (READY=1 from it, or warmup alive; and it holds the socket) within hot_restart.timeout
+               (READY=1 from it, or warmup alive; it holds the socket; and it is seen accepting a probe
+               connection on it, see accept_proof.py) within hot_restart.timeout
                -> it becomes the app -> app_signal to generation N -> wait app_timeout -> SIGKILL it
                and its descendants.
                A new generation that exits or is not ready in time is stopped the same way; N
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from . import early_signals, instance_claim
+from .accept_proof import describe_others
 from .app_control import App, ChildApp, Generation, PidApp, StopResult
 from .backoff import backoff
 from .clock import Clock
@@ -897,7 +899,7 @@ class Sidecar:
                 ready=cfg.ready.value,
                 timeout_s=cfg.timeout,
             )
-            ready, how = await self._until_ready(new, t0 + cfg.timeout)
+            ready, how, proof = await self._until_ready(new, t0 + cfg.timeout)
             if not ready:
                 self._hot_failed(new, how, t0)
                 self.systemd.notify(STATUS=f"hot restart failed: stopping generation {new.number}")
@@ -910,8 +912,13 @@ class Sidecar:
                 return
             gens.promote(new)
             self._show_generations()
-            self.log.info(
-                "sidecar.hot_restart.ready", generation=new.number, pid=new.pid, how=how, elapsed_ms=self._ms(t0)
+            (self.log.info if proof.get("accepted_by") else self.log.warning)(
+                "sidecar.hot_restart.ready",
+                generation=new.number,
+                pid=new.pid,
+                how=how,
+                elapsed_ms=self._ms(t0),
+                **proof,
             )
             self.systemd.notify(STATUS=f"hot restart: generation {new.number} serving, stopping {old.number}")
             t = self.clock.monotonic()
@@ -946,8 +953,9 @@ class Sidecar:
             self._hot_failed(None, f"unexpected {e.__class__.__name__}: {e}", t0)
             self.log.exception("sidecar.hot_restart.crashed", hint="this is a bug in consul-sidecar")
 
-    async def _until_ready(self, gen: Generation, deadline: float) -> tuple[bool, str]:
-        """(True, how) once ``gen`` is ready; (False, why) when it exits or ``deadline`` passes first."""
+    async def _until_ready(self, gen: Generation, deadline: float) -> tuple[bool, str, dict[str, Any]]:
+        """(True, how, the accept proof's fields) once ``gen`` is ready and seen accepting on the listening
+        socket; (False, why, {}) when it exits or ``deadline`` passes first."""
         cfg = self.config.hot_restart
         wait: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(asyncio.shield(gen.exited)),
@@ -962,20 +970,46 @@ class Sidecar:
         finally:
             for f in (ready, *wait):
                 f.cancel()
+        exited = f"generation {gen.number} exited with status {{}} before it was ready"
         if gen.exited.done():
-            return False, f"generation {gen.number} exited with status {gen.exited.result()} before it was ready"
+            return False, exited.format(gen.exited.result()), {}
         if ready.done() and not ready.cancelled():
             how = "READY=1" if cfg.ready is ReadyMode.NOTIFY else f"alive for warmup {cfg.warmup:g}s"
             # Else the old generation would be stopped with nobody left to accept: connections would
             # queue unanswered and the check go critical.
-            if self._gens is not None and self._gens.holds_listener(gen) is False:
-                return False, (
-                    f"generation {gen.number} is ready ({how}) but does not hold the listening socket (fd 3): "
-                    "it could not accept a connection (does it take the socket by socket activation?)"
+            gens = self._gens
+            assert gens is not None
+            if gens.holds_listener(gen) is False:
+                return (
+                    False,
+                    (
+                        f"generation {gen.number} is ready ({how}) but does not hold the listening socket (fd 3): "
+                        "it could not accept a connection (does it take the socket by socket activation?)"
+                    ),
+                    {},
                 )
-            return True, how
+            t = self.clock.monotonic()
+            proof = await gens.seen_accepting(gen, deadline)
+            if gen.exited.done():
+                return False, exited.format(gen.exited.result()), {}
+            fields: dict[str, Any] = {"probes": proof.probes, "proof_ms": self._ms(t)}
+            if proof.seen is None:
+                return True, f"{how}; accepting not checked: {proof.detail}", fields
+            if proof.seen:
+                return True, how, {**fields, "accepted_by": proof.accepted_by}
+            took = describe_others(proof.by_others, gens.name_process)
+            return (
+                False,
+                (
+                    f"generation {gen.number} is ready ({how}) but was not seen accepting on the listening socket "
+                    f"(fd 3) within hot_restart.timeout {cfg.timeout:g}s: {proof.probes} probe connection(s), "
+                    f"{'accepted ' + took if took else 'none seen accepted'} (does it serve on fd 3, "
+                    "or another port?)"
+                ),
+                {},
+            )
         said = " (it never sent READY=1 on NOTIFY_SOCKET)" if cfg.ready is ReadyMode.NOTIFY else ""
-        return False, f"generation {gen.number} was not ready within hot_restart.timeout {cfg.timeout:g}s{said}"
+        return False, f"generation {gen.number} was not ready within hot_restart.timeout {cfg.timeout:g}s{said}", {}
 
     def _hot_failed(self, gen: Generation | None, why: str, t0: float) -> None:
         self.status.hot_restart_failures_total += 1

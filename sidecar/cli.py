@@ -192,6 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.start()  # no child to fork: write from the start (wrapper mode starts it after the spawn)
     for warning in config.warnings:
         log.get_logger().warning("sidecar.config.warning", source=str(config.source), warning=warning)
+    from .early_signals import hold_shutdown
+
+    # From here until the SignalInbox takes over, SIGINT and SIGTERM are recorded, not acted on: the
+    # lifecycle then ends without starting the app, and says why. (asyncio.run would otherwise cancel
+    # the start-up on a Ctrl-C at whatever await came next, after the app was spawned.)
+    hold_shutdown()
     try:
         return asyncio.run(_run(config, command))
     except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were installed

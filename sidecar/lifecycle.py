@@ -180,7 +180,11 @@ class Sidecar:
         if over:
             self.log.warning("sidecar.config.over_budget", warning=over)
         self.inbox.install()  # before the app exists: no signal may find us unprepared
+        stop: signal.Signals | None = None
         for sig in early_signals.take():  # came while Python started: no app to pass it to, nothing to restart
+            if sig in SHUTDOWN:
+                stop = stop or sig
+                continue
             self.log.warning(
                 "sidecar.signal.ignored", signal=sig.name, reason="it came during start-up, before the app existed"
             )
@@ -191,6 +195,12 @@ class Sidecar:
                 self._gens.notify_socket = self._app_notify.env_value
                 self._app_notify.start(self._on_app_message)
         try:
+            if stop is not None:  # a Ctrl-C or SIGTERM while the sidecar started: the app is not started at all
+                self._after_start()
+                self.log.info(
+                    "sidecar.signal.received", signal=stop.name, action="exit: it came before the app was started"
+                )
+                return by_signal(stop)
             try:
                 try:
                     self.app.start()
@@ -1084,6 +1094,11 @@ class Sidecar:
         ]
         try:
             await asyncio.wait({task, *others}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # The wait itself was cancelled: ``work`` (the start-up, a write) must not run on unwatched.
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
         finally:
             for f in others:
                 f.cancel()

@@ -26,6 +26,7 @@ from .exit_codes import EX_BAD_COMMAND_LINE, EX_CONFIG, EX_INTERRUPTED, EX_SOFTW
 
 if TYPE_CHECKING:
     from .config import Config
+    from .registry.token_cache import TokenCache
 
 PROG = "consul-sidecar"
 
@@ -184,16 +185,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     import asyncio
 
     from . import log
+    from .registry.token_cache import READ_DEADLINE, TokenCache
 
-    log.configure(
-        fmt=args.log_format, level=args.log_level, secrets=lambda: [t for t in [config.consul.token.read()] if t]
-    )
+    # The token as requests use it, read off the event loop; the log scrubber takes what it holds
+    # (never a read of the file per log line).
+    tokens = TokenCache(config.consul.token, min(READ_DEADLINE, config.consul.timeout / 2))
+    tokens.prime()
+    log.configure(fmt=args.log_format, level=args.log_level, secrets=tokens.secrets)
     if not command:
         log.start()  # no child to fork: write from the start (wrapper mode starts it after the spawn)
     for warning in config.warnings:
         log.get_logger().warning("sidecar.config.warning", source=str(config.source), warning=warning)
+    from .process.early_signals import hold_shutdown
+
+    # From here until the SignalInbox takes over, SIGINT and SIGTERM are recorded, not acted on: the
+    # lifecycle then ends without starting the app, and says why. (asyncio.run would otherwise cancel
+    # the start-up on a Ctrl-C at whatever await came next, after the app was spawned.)
+    hold_shutdown()
     try:
-        return asyncio.run(_run(config, command))
+        return asyncio.run(_run(config, command, tokens))
     except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were installed
         return EX_INTERRUPTED
     finally:
@@ -419,7 +429,7 @@ def _maint(config: Config, enable: bool, reason: str | None) -> int:
     return 0
 
 
-async def _run(config: Config, command: list[str]) -> int:
+async def _run(config: Config, command: list[str], tokens: TokenCache) -> int:
     import asyncio
 
     from . import log
@@ -497,7 +507,14 @@ async def _run(config: Config, command: list[str]) -> int:
         # the reaper in ChildApp collects them and no zombie piles up.
         become_subreaper()
     elif config.app.pid is not None or config.app.pid_file is not None:
-        app = PidApp(config.app.pid, config.app.pid_file, clock)
+        app = PidApp(
+            config.app.pid,
+            config.app.pid_file,
+            clock,
+            config.service.address,
+            config.service.port,
+            logger.bind(service_id=config.service.id),
+        )
     elif config.app.shutdown_url is not None:
         app = UrlApp(config.app.shutdown_url, config.check.http, clock)
     else:
@@ -512,7 +529,7 @@ async def _run(config: Config, command: list[str]) -> int:
 
     status = Status(clock, config.service.id)
     prober = Prober(config.check.http, config.check.timeout)
-    agent = ConsulAgent(config.consul, clock)
+    agent = ConsulAgent(config.consul, clock, tokens=tokens)
     server = None
     if sock is not None:
         from .http.readiness import READ_TIMEOUT, Readiness

@@ -45,3 +45,4 @@ def by_signal(signum: int) -> int:
 
 
 EX_INTERRUPTED = by_signal(signal.SIGINT)  # 130: a Ctrl-C before the sidecar had its own signal handlers
+EX_TERMINATED = by_signal(signal.SIGTERM)  # 143: a SIGTERM before the app was started

@@ -29,7 +29,8 @@ what each one means at the current step:
 Hot restart (hot_restart.enabled, wrapper mode; the sidecar holds the listening socket):
 
     hot_restart.signal: start generation N+1 with the same socket -> wait until it is ready
-               (READY=1 from it, or warmup alive; and it holds the socket) within hot_restart.timeout
+               (READY=1 from it, or warmup alive; it holds the socket; and it is seen accepting a probe
+               connection on it, see accept_proof.py) within hot_restart.timeout
                -> it becomes the app -> app_signal to generation N -> wait app_timeout -> SIGKILL it
                and its descendants.
                A new generation that exits or is not ready in time is stopped the same way; N
@@ -53,9 +54,10 @@ from .config import Config, ReadyMode, same_host
 from .drain.wait import DrainWait
 from .exit_codes import EX_CANNOT_EXECUTE, EX_CONFIG, EX_NOPERM, EX_NOT_FOUND, EX_UNAVAILABLE, by_signal
 from .process import early_signals
-from .process.app_control import App, ChildApp, Generation, StopResult
+from .process.accept_proof import describe_others
+from .process.app_control import App, ChildApp, Generation, PidApp, StopResult, app_processes
 from .process.notify import AppNotifySocket, SystemdNotifier
-from .process.port_owner import verify_app_port
+from .process.port_owner import listen_hint, verify_app_port
 from .process.signals import FORWARDED, SHUTDOWN, SignalInbox
 from .registry import claim as instance_claim
 from .registry.consul import (
@@ -179,7 +181,11 @@ class Sidecar:
         if over:
             self.log.warning("sidecar.config.over_budget", warning=over)
         self.inbox.install()  # before the app exists: no signal may find us unprepared
+        stop: signal.Signals | None = None
         for sig in early_signals.take():  # came while Python started: no app to pass it to, nothing to restart
+            if sig in SHUTDOWN:
+                stop = stop or sig
+                continue
             self.log.warning(
                 "sidecar.signal.ignored", signal=sig.name, reason="it came during start-up, before the app existed"
             )
@@ -190,6 +196,12 @@ class Sidecar:
                 self._gens.notify_socket = self._app_notify.env_value
                 self._app_notify.start(self._on_app_message)
         try:
+            if stop is not None:  # a Ctrl-C or SIGTERM while the sidecar started: the app is not started at all
+                self._after_start()
+                self.log.info(
+                    "sidecar.signal.received", signal=stop.name, action="exit: it came before the app was started"
+                )
+                return by_signal(stop)
             try:
                 try:
                     self.app.start()
@@ -259,9 +271,10 @@ class Sidecar:
     async def _startup(self) -> int:
         """Wait for the app to be healthy, then register. 0, or an exit status to abort with."""
         cfg = self.config
-        if cfg.startup.wait_healthy:
+        pid_app = isinstance(self.app, PidApp)  # its PID must also prove to be the app's (listen on the port)
+        if cfg.startup.wait_healthy or pid_app:
             t = self.clock.monotonic()
-            healthy, detail = await self._wait_healthy(t + cfg.startup.timeout)
+            healthy, detail, why = await self._wait_healthy(t + cfg.startup.timeout, probe=cfg.startup.wait_healthy)
             if not healthy:
                 self.log.error(
                     "sidecar.startup.unhealthy",
@@ -269,29 +282,44 @@ class Sidecar:
                     last_answer=detail,
                     timeout_s=cfg.startup.timeout,
                     elapsed_ms=self._ms(t),
+                    **why,
                 )
-                self.status.last_error = f"app not healthy within {cfg.startup.timeout:g}s: {detail}"
+                self.status.last_error = "; ".join(
+                    [f"app not healthy within {cfg.startup.timeout:g}s: {detail}", *why.values()]
+                )
                 return EX_UNAVAILABLE
             self.status.last_error = None
-            self.log.info("sidecar.startup.healthy", url=cfg.check.http, elapsed_ms=self._ms(t))
-        refused = verify_app_port(cfg.service.address, cfg.service.port, self.app, self.log)
+            if cfg.startup.wait_healthy:
+                self.log.info("sidecar.startup.healthy", url=cfg.check.http, elapsed_ms=self._ms(t))
+        tree, unknown = app_processes(self.app)
+        refused = verify_app_port(cfg.service.address, cfg.service.port, tree, unknown, self.log)
         if refused is not None:  # someone else answers on the app's port: register nothing
             self.status.last_error = refused
             return EX_UNAVAILABLE
         return await self._register_until_done()
 
-    async def _wait_healthy(self, deadline: float) -> tuple[bool, str]:
+    async def _wait_healthy(self, deadline: float, probe: bool = True) -> tuple[bool, str, dict[str, str]]:
+        """Until the check URL answers 2xx (``probe``) and, alongside mode with a PID, the PID is the
+        app's: (done, the last answer, why not: ``pid_check`` and/or ``hint``)."""
         t = self.clock.monotonic()
         detail, said = "no probe yet", t
         while True:
-            healthy, detail = await self.prober.probe()
-            if healthy:
-                return True, detail
-            self.status.last_error = f"health check: {detail}"
+            healthy, detail = await self.prober.probe() if probe else (True, "not probed (startup.wait_healthy off)")
+            pid_check = self.app.verify(healthy) if isinstance(self.app, PidApp) else None
+            if healthy and pid_check is None:
+                return True, detail, {}
+            self.status.last_error = f"health check: {detail}" if pid_check is None else pid_check
             now = self.clock.monotonic()
-            if now >= deadline:
-                return False, detail
-            if now - said >= 5.0:  # progress for a slow or misconfigured app, not one line per probe
+            if now >= deadline or now - said >= 5.0:  # progress for a slow or misconfigured app, not one per probe
+                why = {"pid_check": pid_check} if pid_check is not None else {}
+                if not healthy and (
+                    hint := listen_hint(
+                        app_processes(self.app)[0], self.config.service.address, self.config.service.port
+                    )
+                ):
+                    why["hint"] = hint
+                if now >= deadline:
+                    return False, detail, why
                 said = now
                 self.log.info(
                     "sidecar.startup.waiting",
@@ -299,6 +327,7 @@ class Sidecar:
                     last_answer=detail,
                     elapsed_ms=self._ms(t),
                     gives_up_in_s=round(deadline - now, 1),
+                    **why,
                 )
             await self.clock.sleep(min(0.1, max(0.0, deadline - self.clock.monotonic())))
 
@@ -884,7 +913,7 @@ class Sidecar:
                 ready=cfg.ready.value,
                 timeout_s=cfg.timeout,
             )
-            ready, how = await self._until_ready(new, t0 + cfg.timeout)
+            ready, how, proof = await self._until_ready(new, t0 + cfg.timeout)
             if not ready:
                 self._hot_failed(new, how, t0)
                 self.systemd.notify(STATUS=f"hot restart failed: stopping generation {new.number}")
@@ -897,8 +926,13 @@ class Sidecar:
                 return
             gens.promote(new)
             self._show_generations()
-            self.log.info(
-                "sidecar.hot_restart.ready", generation=new.number, pid=new.pid, how=how, elapsed_ms=self._ms(t0)
+            (self.log.info if proof.get("accepted_by") else self.log.warning)(
+                "sidecar.hot_restart.ready",
+                generation=new.number,
+                pid=new.pid,
+                how=how,
+                elapsed_ms=self._ms(t0),
+                **proof,
             )
             self.systemd.notify(STATUS=f"hot restart: generation {new.number} serving, stopping {old.number}")
             t = self.clock.monotonic()
@@ -933,8 +967,9 @@ class Sidecar:
             self._hot_failed(None, f"unexpected {e.__class__.__name__}: {e}", t0)
             self.log.exception("sidecar.hot_restart.crashed", hint="this is a bug in consul-sidecar")
 
-    async def _until_ready(self, gen: Generation, deadline: float) -> tuple[bool, str]:
-        """(True, how) once ``gen`` is ready; (False, why) when it exits or ``deadline`` passes first."""
+    async def _until_ready(self, gen: Generation, deadline: float) -> tuple[bool, str, dict[str, Any]]:
+        """(True, how, the accept proof's fields) once ``gen`` is ready and seen accepting on the listening
+        socket; (False, why, {}) when it exits or ``deadline`` passes first."""
         cfg = self.config.hot_restart
         wait: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(asyncio.shield(gen.exited)),
@@ -949,20 +984,46 @@ class Sidecar:
         finally:
             for f in (ready, *wait):
                 f.cancel()
+        exited = f"generation {gen.number} exited with status {{}} before it was ready"
         if gen.exited.done():
-            return False, f"generation {gen.number} exited with status {gen.exited.result()} before it was ready"
+            return False, exited.format(gen.exited.result()), {}
         if ready.done() and not ready.cancelled():
             how = "READY=1" if cfg.ready is ReadyMode.NOTIFY else f"alive for warmup {cfg.warmup:g}s"
             # Else the old generation would be stopped with nobody left to accept: connections would
             # queue unanswered and the check go critical.
-            if self._gens is not None and self._gens.holds_listener(gen) is False:
-                return False, (
-                    f"generation {gen.number} is ready ({how}) but does not hold the listening socket (fd 3): "
-                    "it could not accept a connection (does it take the socket by socket activation?)"
+            gens = self._gens
+            assert gens is not None
+            if gens.holds_listener(gen) is False:
+                return (
+                    False,
+                    (
+                        f"generation {gen.number} is ready ({how}) but does not hold the listening socket (fd 3): "
+                        "it could not accept a connection (does it take the socket by socket activation?)"
+                    ),
+                    {},
                 )
-            return True, how
+            t = self.clock.monotonic()
+            proof = await gens.seen_accepting(gen, deadline)
+            if gen.exited.done():
+                return False, exited.format(gen.exited.result()), {}
+            fields: dict[str, Any] = {"probes": proof.probes, "proof_ms": self._ms(t)}
+            if proof.seen is None:
+                return True, f"{how}; accepting not checked: {proof.detail}", fields
+            if proof.seen:
+                return True, how, {**fields, "accepted_by": proof.accepted_by}
+            took = describe_others(proof.by_others, gens.name_process)
+            return (
+                False,
+                (
+                    f"generation {gen.number} is ready ({how}) but was not seen accepting on the listening socket "
+                    f"(fd 3) within hot_restart.timeout {cfg.timeout:g}s: {proof.probes} probe connection(s), "
+                    f"{'accepted ' + took if took else 'none seen accepted'} (does it serve on fd 3, "
+                    "or another port?)"
+                ),
+                {},
+            )
         said = " (it never sent READY=1 on NOTIFY_SOCKET)" if cfg.ready is ReadyMode.NOTIFY else ""
-        return False, f"generation {gen.number} was not ready within hot_restart.timeout {cfg.timeout:g}s{said}"
+        return False, f"generation {gen.number} was not ready within hot_restart.timeout {cfg.timeout:g}s{said}", {}
 
     def _hot_failed(self, gen: Generation | None, why: str, t0: float) -> None:
         self.status.hot_restart_failures_total += 1
@@ -1037,6 +1098,11 @@ class Sidecar:
         ]
         try:
             await asyncio.wait({task, *others}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # The wait itself was cancelled: ``work`` (the start-up, a write) must not run on unwatched.
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
         finally:
             for f in others:
                 f.cancel()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from testkit import PY, ROOT, Consul, app_command, free_port, pid_alive, wait_for
+from testkit import PY, ROOT, Consul, app_command, free_port, http_get, pid_alive, wait_for
+from testkit.stallfs import StallFS
 
 from .conftest import ROOT_TOKEN, RegisteredSidecar, StartSidecar, base_config
 
@@ -104,6 +105,37 @@ def test_token_file_rotation(
     assert sc.event("sidecar.consul.deregistered") is not None
     assert acl_consul.service_ids(service_name) == []
     assert a not in sc.output() and b not in sc.output()
+
+
+def test_token_file_on_a_stalled_mount(
+    acl_consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
+) -> None:
+    """The token file is on a mount whose server stops answering (a dead NFS server, a secret store
+    that hangs): every open or read of it blocks in the kernel (testkit.stallfs, a real FUSE mount).
+    1. Registered with token A from consul.token_file on that mount.
+    2. The mount stalls; the sidecar's next request reads the file (its check every second).
+    3. Expected: /healthz still answers; one event says the token file stalled; SIGTERM drains with
+       the last good token (under default_policy "deny" only A can deregister) and the sidecar exits 0
+       within its worst case; A never appears in the output."""
+    a = make_token(acl_consul, writer_rules(service_name))
+    fs = StallFS(tmp_path / "mnt", (a + "\n").encode())
+    try:
+        sc, _ = registered_sidecar(agent=acl_consul, consul={"token_file": str(fs.path)})
+        url = sc.status_url()
+        fs.stall()
+        wait_for(lambda: fs.held, 10, what="the sidecar to read the stalled token file")
+        assert http_get(url + "/healthz", timeout=5)[0] == 200
+        stalled = sc.wait_event("sidecar.consul.token_stalled")
+        assert str(fs.path) in stalled["source"]
+        assert acl_consul.service_ids(service_name) == [f"{service_name}-1"]
+        sc.send(signal.SIGTERM)
+        assert sc.wait(30) == 0, sc.output()[-3000:]  # worst case 3 + 1 + 10 + 1 s
+        assert sc.event("sidecar.consul.deregistered") is not None
+        assert acl_consul.service_ids(service_name) == []
+        assert a not in sc.output()
+        assert len([e for e in sc.events() if e["event"] == "sidecar.consul.token_stalled"]) == 1
+    finally:
+        fs.close()
 
 
 def test_token_from_consul_http_token_file(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 
-from testkit import Consul, app_command, free_port, pid_alive, read_signal_log, spawn, wait_for
+import pytest
+
+from testkit import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, spawn, wait_for
 
 from .conftest import StartSidecar, base_config
 
@@ -105,3 +108,119 @@ def test_app_gone_on_its_own_deregisters(
     assert sc.wait(10) == 0  # alongside mode cannot see the app's status
     assert consul.instances(service_name) == []
     assert sc.event("sidecar.app.exited") is not None
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return http_get(url, timeout=1.0)[0] == 200
+    except OSError:
+        return False
+
+
+def _dead_pid(tmp_path: Path) -> int:
+    """The PID of a process that has exited (and been reaped): what a stale PID file names."""
+    gone = spawn([sys.executable, "-c", "pass"], tmp_path / "gone.log")
+    gone.wait(10)
+    return gone.pid
+
+
+def test_stale_pid_file_naming_a_dead_pid_waits_for_the_app(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
+    """1. The PID file is left from an earlier run: it names a PID that is gone.
+    2. The sidecar waits (it says so in sidecar.startup.waiting), it does not take the dead PID for the app's exit.
+    3. The app starts and writes its PID: the sidecar registers it and follows it.
+    4. The app is killed: the sidecar deregisters at once and exits (0: alongside mode cannot see the status).
+    """
+    port = free_port()
+    pid_file = tmp_path / "app.pid"
+    dead = _dead_pid(tmp_path)
+    pid_file.write_text(f"{dead}\n")
+    cfg = base_config(consul, service_name, port, app={"pid_file": str(pid_file)}, startup={"timeout": "60s"})
+    sc = start_sidecar(cfg)
+    waiting = sc.wait_event("sidecar.startup.waiting", 30)
+    assert f"PID {dead}" in str(waiting.get("pid_check")), waiting
+    assert "not running" in str(waiting["pid_check"]), waiting
+    assert consul.instances(service_name) == []
+    app = spawn(app_command(port, "127.0.0.1", "--pid-file", str(pid_file)), tmp_path / "app.log")
+    sc.wait_event("sidecar.consul.registered", 60)
+    assert consul.service_ids(service_name) == [f"{service_name}-1"]
+    app.kill()
+    assert app.wait(5) == -signal.SIGKILL
+    assert sc.wait(20) == 0
+    assert consul.instances(service_name) == []
+    exited = sc.event("sidecar.app.exited")
+    assert exited is not None
+    trusted = sc.event("sidecar.app.pid_verified")
+    assert trusted is not None and trusted["pid"] == app.pid, trusted
+
+
+@pytest.mark.parametrize("how", ["pid_file", "pid"])
+def test_pid_naming_an_unrelated_process_is_not_trusted(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, how: str
+) -> None:
+    """1. The app listens on service.address:port; app.pid_file (or app.pid) names another live process (sleep).
+    2. The sidecar does not register while the PID is not the app's: after startup.timeout it exits 69,
+       and its error names both the PID it was given and the one that listens.
+    3. Neither process is signalled: the sidecar signals only a PID it has seen listen on the port.
+    """
+    port = free_port()
+    app = spawn(app_command(port, "127.0.0.1"), tmp_path / "app.log")
+    other = spawn(["sleep", "600"], tmp_path / "sleep.log")
+    wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 60, what="the app to listen")
+    pid_file = tmp_path / "app.pid"
+    pid_file.write_text(f"{other.pid}\n")
+    app_section: dict[str, object] = {"pid_file": str(pid_file)} if how == "pid_file" else {"pid": other.pid}
+    cfg = base_config(consul, service_name, port, app=app_section, startup={"timeout": "3s"})
+    sc = start_sidecar(cfg)
+    assert sc.wait(30) == 69
+    unhealthy = sc.event("sidecar.startup.unhealthy")
+    assert unhealthy is not None, sc.output()[-3000:]
+    why = str(unhealthy.get("pid_check"))
+    assert f"PID {other.pid} (sleep 600)" in why and f"PID {app.pid} " in why, why
+    assert f"127.0.0.1:{port}" in why, why
+    assert sc.event("sidecar.consul.registered") is None
+    assert consul.instances(service_name) == []
+    assert other.poll() is None and app.poll() is None, "neither process may be signalled"
+
+
+def test_hint_names_where_the_app_listens_alongside(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
+    """The app (app.pid) listens on another port than service.port: the unhealthy error says where it listens."""
+    port, other_port = free_port(), free_port()
+    app = spawn(app_command(other_port, "127.0.0.1"), tmp_path / "app.log")
+    wait_for(lambda: http_ok(f"http://127.0.0.1:{other_port}/healthz"), 60, what="the app to listen")
+    cfg = base_config(consul, service_name, port, app={"pid": app.pid}, startup={"timeout": "2s"})
+    sc = start_sidecar(cfg)
+    assert sc.wait(30) == 69
+    unhealthy = sc.event("sidecar.startup.unhealthy")
+    assert unhealthy is not None, sc.output()[-3000:]
+    hint = str(unhealthy.get("hint"))
+    assert f"listens on 127.0.0.1:{other_port}, not service.address:port 127.0.0.1:{port}" in hint, unhealthy
+
+
+def test_stale_pid_file_without_wait_healthy_waits_for_the_pid(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path
+) -> None:
+    """startup.wait_healthy = false (no probe): a PID file naming a dead PID still holds the registration back
+    until the app has written its own PID and listens; then the sidecar registers and follows it."""
+    port = free_port()
+    pid_file = tmp_path / "app.pid"
+    dead = _dead_pid(tmp_path)
+    pid_file.write_text(f"{dead}\n")
+    cfg = base_config(
+        consul, service_name, port, app={"pid_file": str(pid_file)}, startup={"wait_healthy": False, "timeout": "60s"}
+    )
+    sc = start_sidecar(cfg)
+    waiting = sc.wait_event("sidecar.startup.waiting", 30)
+    assert f"PID {dead}, which is not running" in str(waiting.get("pid_check")), waiting
+    assert consul.instances(service_name) == []
+    app = spawn(app_command(port, "127.0.0.1", "--pid-file", str(pid_file)), tmp_path / "app.log")
+    verified = sc.wait_event("sidecar.app.pid_verified", 60)
+    assert verified["pid"] == app.pid, verified
+    sc.wait_event("sidecar.consul.registered", 30)
+    sc.send(signal.SIGTERM)
+    assert sc.wait(20) == 0
+    assert app.wait(5) == 0
+    assert consul.instances(service_name) == []

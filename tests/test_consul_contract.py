@@ -1,4 +1,4 @@
-"""What sidecar/consul_client.py relies on inside python-consul2 (and one switch inside aiohttp).
+"""What sidecar/registry/consul.py relies on inside python-consul2 (and one switch inside aiohttp).
 
 The pin in pyproject.toml is exact because the client uses internals of the library, not its
 public client: ``consul.base`` loaded without the package (sidecar/_consul_import.py), the
@@ -26,7 +26,7 @@ from sidecar.registry.consul import _Endpoints, _session
 from testkit import PY, ROOT
 
 WHY = (
-    "sidecar/consul_client.py relies on it: read the new consul/base.py and adapt before moving the exact pin in "
+    "sidecar/registry/consul.py relies on it: read the new consul/base.py and adapt before moving the exact pin in "
     "pyproject.toml"
 )
 

@@ -107,6 +107,8 @@ def test_hot_restart_changes_the_serving_process_and_keeps_the_registration(
     assert st["hot_restart"] == {"state": "idle", "restarts": 1, "failures": 0, "last_error": None}
     ready = sc.event("sidecar.hot_restart.ready")
     assert ready is not None and ready["how"] == "READY=1"
+    # Seen accepting on the shared socket: a probe connection's server side held by the new generation.
+    assert ready["level"] == "info" and ready["accepted_by"] == second and ready["probes"] >= 1, ready
 
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
@@ -672,6 +674,72 @@ def test_a_new_generation_without_the_listening_socket_does_not_replace_the_old_
     assert passing(consul, service_name, sid)
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
+
+
+# A new generation that keeps the listening socket (fd 3) open but serves on another port ($1): a release
+# whose socket activation broke (LISTEN_PID dropped, so the example app binds --port itself; the later
+# --port wins). It says READY=1 once serving there, as a server that never accepts on fd 3 may.
+ELSEWHERE = '''mode=$(cat "$0" 2>/dev/null)
+other=$1; shift
+case "$mode" in
+  elsewhere) exec env -u LISTEN_PID "$@" --port "$other";;
+esac
+exec "$@"'''
+
+
+@pytest.mark.parametrize("ready", ["warmup", "notify"])
+def test_a_new_generation_that_holds_the_socket_but_never_accepts_does_not_replace_the_old_one(
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path, ready: str
+) -> None:
+    """1. The app runs under hot restart (ready = "warmup" 1s, or "notify"; timeout 5s).
+    2. The next generation keeps fd 3 (the listening socket) open but serves on another port; with
+    "notify" it says READY=1 once serving there.
+    3. SIGUSR2.
+    Expected: it is never seen accepting on the shared socket, so the restart fails within the timeout
+    naming that; the old generation is not signalled and still answers on the registered port; the new
+    one is stopped; the instance stays passing; /status and /metrics count one failed restart."""
+    mode_file = tmp_path / "mode"
+    port, other = free_port(), free_port()
+    hot = {**HOT, "timeout": "5s", "ready": ready, "warmup": "1s"}
+    cfg = base_config(consul, service_name, port, hot_restart=hot)
+    command = ["/bin/sh", "-c", ELSEWHERE, str(mode_file), str(other), *testkit.app_command(port, "127.0.0.1")]
+    sc = start_sidecar(cfg, command)
+    sc.wait_event("sidecar.consul.registered")
+    sid = f"{service_name}-1"
+    wait_for(lambda: passing(consul, service_name, sid), 15, what="check passing")
+    first = sc.app_pid()
+    assert answering_pid(port) == first
+    mode_file.write_text("elsewhere")
+    sc.send(signal.SIGUSR2)
+    second = sc.wait_event("sidecar.hot_restart.started", timeout=10)["pid"]
+    # The scenario holds: the new generation serves, elsewhere, and holds the shared socket.
+    wait_for(lambda: _answers_at(other) == second, 10, 0.05, "the new generation serving on the other port")
+    from sidecar.process import proctree
+
+    assert proctree.holders({second}, proctree.listening_inodes(port)) == {second}
+    failed = sc.wait_event("sidecar.hot_restart.failed", timeout=20)
+    assert failed["pid"] == second and "not seen accepting" in failed["reason"], failed
+    stopped = sc.wait_event("sidecar.hot_restart.generation_stopped", timeout=20)
+    assert stopped["why"] == "failed" and stopped["pid"] == second
+    assert sc.event("sidecar.hot_restart.old_signalled") is None
+    assert sc.event("sidecar.hot_restart.ready") is None
+    assert live_app_pids(sc) == {first} and not pid_alive(second)
+    assert answering_pid(port) == first
+    assert passing(consul, service_name, sid)
+    st = status(sc)
+    assert st["hot_restart"]["state"] == "failed" and "not seen accepting" in st["hot_restart"]["last_error"]
+    assert st["hot_restart"]["restarts"] == 0 and st["hot_restart"]["failures"] == 1
+    assert "consul_sidecar_app_restart_failures_total 1\n" in http_get(sc.status_url() + "/metrics")[1].decode()
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0
+
+
+def _answers_at(port: int) -> int | None:
+    """The X-Pid of the process answering GET / on ``port``, or None if nothing answers there."""
+    try:
+        return answering_pid(port)
+    except OSError:
+        return None
 
 
 def test_the_new_generation_dying_while_the_old_one_drains_lets_the_old_one_finish(

@@ -325,3 +325,30 @@ async def test_shutdown_before_registration_skips_the_delay(rig: MakeRig) -> Non
     r.send(signal.SIGTERM)
     assert await asyncio.wait_for(run, 2) == 0
     assert not any(c.startswith("register") for c in r.calls)
+
+
+@pytest.mark.asyncio
+async def test_cancelling_a_race_cancels_its_work(rig: MakeRig) -> None:
+    """The wait on the start-up (``_race``, ``_first``) is cancelled (the sidecar's own task ends):
+    the work it waited on is cancelled with it, not left running unwatched (a start-up that would
+    register the instance after the sidecar had gone)."""
+    r = rig()
+    started, cancelled, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def work() -> int:
+        started.set()
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        finished.set()
+        return 0
+
+    waiter = asyncio.create_task(r.sidecar._race(work()))
+    await asyncio.wait_for(started.wait(), 2)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await asyncio.sleep(0.7)
+    assert cancelled.is_set() and not finished.is_set()

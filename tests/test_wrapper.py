@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -326,3 +327,95 @@ def test_a_reload_signal_during_start_up_does_not_end_the_sidecar(
     assert sc.event("sidecar.signal.forwarded") is None
     sc.send(signal.SIGTERM)
     assert sc.wait(30) == 0, sc.output()[-2000:]
+
+
+def test_hint_names_where_the_app_listens(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
+    """Tried as a new user would: the app listens on another port than service.port. Instead of 'cannot connect'
+    alone, the sidecar's unhealthy error (exit 69) says where the app listens."""
+    port, other_port = free_port(), free_port()
+    cfg = base_config(consul, service_name, port, startup={"timeout": "15s"})
+    sc = start_sidecar(cfg, app_command(other_port, "127.0.0.1"))
+    assert sc.wait(60) == 69
+    unhealthy = sc.event("sidecar.startup.unhealthy")
+    assert unhealthy is not None, sc.output()[-3000:]
+    hint = str(unhealthy.get("hint"))
+    assert f"listens on 127.0.0.1:{other_port}, not service.address:port 127.0.0.1:{port}" in hint, unhealthy
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc/*/stat: the kernel may lack .../children)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _loaded(pid: int, what: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return what in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("moment", ["aiohttp-loaded", "app-spawned", "0s", "0.05s", "0.1s", "0.2s", "0.3s", "0.45s"])
+def test_ctrl_c_during_start_up(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, moment: str
+) -> None:
+    """Ctrl-C at one moment of the sidecar's first second in wrapper mode: while it imports aiohttp
+    (asyncio.run's own SIGINT handler would cancel the start-up while the app is spawned anyway), the
+    moment its app's process appears, or at an offset from the moment the sidecar's own code runs.
+    Expected: whenever the app was spawned, it is stopped with app_signal (SIGTERM), never SIGKILLed,
+    and the sidecar logs why it exits (sidecar.signal.received); an app not spawned yet is never
+    spawned; no traceback; nothing registered."""
+    port = free_port()
+    siglog = tmp_path / "signals.log"
+    sc = start_sidecar(
+        base_config(consul, service_name, port), app_command(port, "127.0.0.1", "--signal-log", str(siglog))
+    )
+    t0 = time.monotonic()
+    deadline = t0 + 30
+    if moment == "aiohttp-loaded":
+        while sc.proc.poll() is None and time.monotonic() < deadline and not _loaded(sc.pid, "/aiohttp/"):
+            time.sleep(0.001)
+    elif moment == "app-spawned":
+        while sc.proc.poll() is None and time.monotonic() < deadline and not _children(sc.pid):
+            time.sleep(0.001)
+    else:  # an offset from the moment the sidecar's own code runs (its entry holds SIGHUP; before that,
+        # a Ctrl-C meets the interpreter's start-up, which the sidecar cannot speak for)
+        while (
+            sc.proc.poll() is None and time.monotonic() < deadline and not _caught(sc.pid) & (1 << (signal.SIGHUP - 1))
+        ):
+            time.sleep(0.001)
+        time.sleep(float(moment.rstrip("s")))
+    assert sc.proc.poll() is None, sc.output()[-2000:]
+    sc.send(signal.SIGINT)
+    status = sc.wait(30)
+    out = sc.output()
+    assert "Traceback" not in out, out[-3000:]
+    events = sc.events()
+    names = [e.get("event") for e in events]
+    if "sidecar.app.started" in names:
+        got = sc.event("sidecar.signal.received")
+        assert got is not None and got["signal"] == "SIGINT", f"exit {status}, no reason logged:\n{out[-3000:]}"
+        stopped = sc.event("sidecar.app.stopped")
+        assert stopped is not None and "SIGKILL" not in stopped["how"], f"exit {status}:\n{out[-3000:]}"
+        assert status != 128 + signal.SIGKILL, out[-3000:]
+    else:
+        # 130, or killed by SIGINT (what a shell also reports as 130): Python ends itself so when a
+        # Ctrl-C meets its own import machinery, before the sidecar's log exists
+        assert status in (130, -signal.SIGINT), out[-3000:]
+        assert read_signal_log(siglog) == []
+        if names:  # the log was set up: it says why the sidecar ends
+            got = sc.event("sidecar.signal.received")
+            assert got is not None and got["signal"] == "SIGINT", f"exit {status}, no reason logged:\n{out[-3000:]}"
+    if moment == "app-spawned":
+        assert "sidecar.app.started" in names, out[-3000:]
+    assert consul.instances(service_name) == []

@@ -422,7 +422,8 @@ KEYS: tuple[Key, ...] = (
         "ready",
         Kind.CHOICE,
         '`"notify"`: the new generation is ready when it sends `READY=1` on `NOTIFY_SOCKET`; '
-        '`"warmup"`: when it has stayed alive for `warmup`',
+        '`"warmup"`: when it has stayed alive for `warmup`; in both cases it must then be seen accepting a '
+        "connection on the socket before the old generation is stopped",
         default="notify",
         choices=ReadyMode,
     ),
@@ -438,7 +439,8 @@ KEYS: tuple[Key, ...] = (
         "hot_restart",
         "timeout",
         Kind.DURATION,
-        "the new generation is not ready by then: it is stopped (`app_signal`, then SIGKILL after "
+        "the new generation is not ready (or not seen accepting on the socket) by then: it is stopped "
+        "(`app_signal`, then SIGKILL after "
         "`app_timeout`) and the old one keeps serving",
         default="60s",
         minimum=_POSITIVE,

@@ -338,6 +338,23 @@ class PortWatcher:
             raise
         return found
 
+    def connection_from(self, family: int, peer: str, peer_port: int) -> DiagSocket | None:
+        """The port's socket whose peer is ``peer``:``peer_port`` (the server side of a connection made
+        to the port from there), or None if there is none (yet, or any more). Its ``inode`` is 0 while it
+        waits in the listener's accept queue: a socket gets its inode when a process accepts it (and
+        loses it once every process has closed it). ``family``: the listener's (an IPv6 listener's
+        connections from IPv4 peers are AF_INET6 sockets). One dump of that family, all of it read."""
+        want = _normal(peer)[1]
+        found = None
+        try:
+            for rec in self._dump(family, _STATES & ~(1 << _TCP_LISTEN), with_info=False):
+                if rec.sport == self.port and rec.dport == peer_port and rec.dst == want:
+                    found = rec
+        except BaseException:
+            self._reset()
+            raise
+        return found
+
     def _dump(
         self, family: int, states: int = _STATES, with_info: bool = True, with_meminfo: bool = False
     ) -> Iterator[DiagSocket]:

@@ -27,7 +27,8 @@ import aiohttp
 from ..clock import Clock
 from ..config import KILL_REAP_TIMEOUT
 from ..exit_codes import by_signal
-from . import proctree
+from . import accept_proof, proctree
+from .accept_proof import AcceptProof
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -397,6 +398,28 @@ class ChildApp:
                 return True
         return None if unknown else False
 
+    async def seen_accepting(self, gen: Generation, deadline: float) -> AcceptProof:
+        """Whether ``gen`` (or a descendant, e.g. a gunicorn worker) is seen accepting a connection on
+        the listening socket by ``deadline`` (see accept_proof.py): probes the other generation
+        accepts are closed and retried."""
+        assert self.listener is not None
+        me = os.getpid()
+        return await accept_proof.seen_accepting(
+            self.listener,
+            lambda: proctree.tree(gen.pid),
+            lambda: proctree.descendants(me),
+            gen.exited.done,
+            self._clock,
+            deadline,
+        )
+
+    def name_process(self, pid: int) -> str:
+        """'generation N (pid P)' for a process of a live generation, else 'pid P'."""
+        gen = self.generation_of(pid)
+        if gen is None:
+            return f"pid {pid}"
+        return f"generation {gen.number} (pid {pid})" if gen.pid == pid else f"generation {gen.number} (its pid {pid})"
+
     async def stop_generation(self, gen: Generation, sig: signal.Signals, timeout: float) -> StopResult:
         """Stop one generation (not the app): ``sig``, ``timeout`` to exit, then SIGKILL to it and its
         descendants. The other generation and its processes are untouched."""
@@ -754,20 +777,42 @@ class _NotOurChild:
 
 
 class PidApp(_NotOurChild):
-    """An app in a shared PID namespace, known by PID or PID file (alongside mode)."""
+    """An app in a shared PID namespace, known by PID or PID file (alongside mode).
+
+    A PID is trusted only once it is the app's: alive and (with ``port``) holding, itself or through
+    a descendant, a socket listening on ``address``:``port``. Until then the PID file is read again
+    at every check (a stale file names a dead or an unrelated process until the app writes its own),
+    nothing is followed and nothing is signalled. Once trusted, that PID is the app for good: when
+    it ends, the app has exited, whatever the file says later.
+    """
 
     POLL = 0.05
+    RECHECK = 0.5  # at most this often a full check (it may scan /proc to name who listens instead)
 
-    def __init__(self, pid: int | None, pid_file: Path | None, clock: Clock) -> None:
+    def __init__(
+        self,
+        pid: int | None,
+        pid_file: Path | None,
+        clock: Clock,
+        address: str | None = None,
+        port: int | None = None,
+        log: FilteringBoundLogger | None = None,
+    ) -> None:
+        """Without ``port`` (unit tests) any live PID is trusted."""
         self._pid = pid
         self._pid_file = pid_file
         self._clock = clock
+        self._address = address or "127.0.0.1"
+        self._port = port
+        self._log = log
         self.description = f"pid {pid}" if pid is not None else f"pid file {pid_file}"
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._watch: asyncio.Task[None] | None = None
+        self.trusted: int | None = None  # the app's PID once verified; followed and signalled from then on
+        self._last: tuple[float, int | None, str, str | None] | None = None  # (when, *_check()) of the last check
 
-    def pid(self) -> int:
-        """The app's PID; raises OSError or ValueError with the reason if unknown."""
+    def candidate(self) -> int:
+        """The PID as configured or as the PID file holds it now; raises OSError or ValueError with the reason."""
         if self._pid is not None:
             return self._pid
         assert self._pid_file is not None
@@ -780,28 +825,84 @@ class PidApp(_NotOurChild):
             raise ValueError(f"{self._pid_file} holds {pid}, not a PID")
         return pid
 
+    def pid(self) -> int:
+        """The trusted PID, or until there is one the candidate; raises OSError or ValueError if unknown."""
+        return self.trusted if self.trusted is not None else self.candidate()
+
+    def verify(self, healthy: bool) -> str | None:
+        """Check the candidate PID now: None once it is trusted, else why it is not (yet).
+
+        ``healthy``: the check URL answers 2xx. Where the listening socket's owner cannot be told
+        (no sock_diag, another network namespace, descriptors of another user), a live PID is
+        trusted once the app is healthy, as the port-owner check does.
+        """
+        if self.trusted is not None:
+            return None
+        now = self._clock.monotonic()
+        if self._last is None or now - self._last[0] >= self.RECHECK:
+            self._last = (now, *self._check())
+        _, pid, verdict, why = self._last
+        if pid is not None and (verdict == "yes" or (verdict == "unknown" and healthy)):
+            self._trust(pid, why)
+            return None
+        return why or "?"
+
+    def _check(self) -> tuple[int | None, str, str | None]:
+        """(the candidate PID, "yes" / "no" / "unknown", the reason) as /proc and sock_diag show them now."""
+        from . import port_owner
+
+        try:
+            pid = self.candidate()
+        except FileNotFoundError:
+            return None, "no", f"pid_file {self._pid_file} does not exist (yet)"
+        except (OSError, ValueError) as e:
+            return None, "no", f"pid_file: {e}"
+        what = f"pid_file {self._pid_file} names" if self._pid is None else "app.pid is"
+        if self._port is None:
+            return (pid, "yes", None) if _alive(pid) else (pid, "no", f"{what} PID {pid}, which is not running")
+        verdict, why = port_owner.check_app_pid(pid, what, self._address, self._port)
+        return pid, verdict, why
+
+    def _trust(self, pid: int, detail: str | None) -> None:
+        self.trusted = pid
+        source = f"pid file {self._pid_file}" if self._pid is None else "app.pid"
+        self.description = f"pid {pid} (from {source})"
+        if self._log is not None:
+            self._log.info(
+                "sidecar.app.pid_verified",
+                pid=pid,
+                source=source,
+                detail=detail or f"it listens on {self._address}:{self._port}",
+            )
+
     def start(self) -> None:
         """Watch the app: resolve ``exited`` when its process goes away (it runs already, or soon)."""
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
 
     async def _watch_loop(self) -> None:
-        while True:  # the app may write its PID file after we start
-            try:
-                pid = self.pid()
-                break
-            except (OSError, ValueError):
-                await self._clock.sleep(0.5)
+        # Until the PID is the app's (the app may write its PID file after we start; a stale file
+        # names a dead or an unrelated process): the lifecycle checks while it waits for health, and so
+        # do we, without health, so that a PID verified before the app is healthy is followed at once.
+        while self.verify(healthy=False) is not None:
+            await self._clock.sleep(self.RECHECK)
+        pid = self.trusted
+        assert pid is not None
         while _alive(pid):
             await self._clock.sleep(self.POLL)
         if not self.exited.done():
             self.exited.set_result(0)
 
+    def _target(self) -> int | None:
+        """The PID to signal: the trusted one; before any is, one last check (never an unverified PID)."""
+        self.verify(healthy=False)
+        return self.trusted
+
     def forward(self, sig: signal.Signals) -> None:
-        try:
-            os.kill(self.pid(), sig)
-        except (OSError, ValueError):
-            pass
+        pid = self._target()
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
 
     def kill(self) -> None:
         self.forward(signal.SIGKILL)
@@ -809,12 +910,16 @@ class PidApp(_NotOurChild):
     async def stop(self, sig: signal.Signals, timeout: float) -> StopResult:
         if self.exited.done():
             return StopResult(0, False, "had already exited")  # do not signal a PID that may be reused
+        self._last = None  # a fresh look, not one cached while waiting for health
+        why = self.verify(healthy=False)
+        pid = self.trusted
+        if pid is None:
+            return StopResult(1, False, f"not signalled: no PID was verified as the app's ({why})")
         try:
-            pid = self.pid()
             os.kill(pid, sig)
         except ProcessLookupError:
             return StopResult(0, False, "was already gone")
-        except (OSError, ValueError) as e:
+        except OSError as e:
             return StopResult(1, False, f"could not be signalled: {e}")
         deadline = self._clock.monotonic() + timeout
         while _alive(pid):
@@ -919,3 +1024,20 @@ __all__ = [
     "become_subreaper",
     "exit_status",
 ]
+
+
+def app_processes(app: object) -> tuple[set[int] | None, str]:
+    """The processes whose sockets count as the app's: in wrapper mode everything the sidecar started
+    (the app, its descendants, orphans reaped into ours; the sidecar itself under hot restart, whose socket
+    it shares with the app), in alongside mode the PID's tree. (None, why) when there is no PID to go by."""
+    if isinstance(app, ChildApp) and app.pid is not None:
+        tree = proctree.tree(os.getpid(), False)
+        if app.listener is not None:
+            tree.add(os.getpid())
+        return tree, ""
+    if isinstance(app, PidApp):
+        try:
+            return proctree.tree(app.pid(), True), ""
+        except (OSError, ValueError) as e:
+            return None, f"the app's PID is not known: {e}"
+    return None, "no PID to check against (set app.pid or app.pid_file, or run the app after '--')"

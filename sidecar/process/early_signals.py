@@ -9,6 +9,13 @@ pass it to or a generation to replace, and replaying it to an app that is just s
 the app at its most fragile moment. Standard library only: it is
 imported before anything heavy. Handlers caught in Python reset to the default at exec, so the app
 starts with its usual dispositions.
+
+``hold_shutdown()``, called just before ``asyncio.run``, records SIGINT and SIGTERM the same way until
+the SignalInbox takes over. asyncio.run installs its own SIGINT handler only where SIGINT still has
+Python's default one: without this, a Ctrl-C during the lazy imports of ``_run`` cancelled the main
+task, the cancellation landed at the first ``await`` after the app had been spawned, and the app was
+SIGKILLed with no drain and no log line. Held, the lifecycle sees it before spawning anything, logs
+it and ends without starting the app.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import signal
 from types import FrameType
 
 HELD = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
+SHUTDOWN_HELD = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []
 
 
@@ -26,6 +34,12 @@ def _record(signum: int, frame: FrameType | None) -> None:
 
 def hold() -> None:
     for sig in HELD:
+        signal.signal(sig, _record)
+
+
+def hold_shutdown() -> None:
+    """Record SIGINT and SIGTERM too (before the event loop starts; see the module's text)."""
+    for sig in SHUTDOWN_HELD:
         signal.signal(sig, _record)
 
 

@@ -11,18 +11,18 @@ port cannot be seen (another network namespace), the check says so and does not 
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from ..drain import traffic
 from ..drain.traffic import Listener, TrafficWatchError
 from . import proctree
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
-__all__ = ["OwnerCheck", "app_tree", "check_port_owner"]
+__all__ = ["OwnerCheck", "app_tree", "check_app_pid", "check_port_owner", "listen_hint"]
 
 
 @dataclass(frozen=True)
@@ -81,15 +81,9 @@ def check_port_owner(address: str, port: int, tree: set[int]) -> OwnerCheck:
         if not inodes:
             return OwnerCheck(True, True, "the app's process tree holds the listening socket")
     # Someone else's: find whom, to name it.
-    for pid in proctree.all_pids():
-        if pid not in tree and (proctree.socket_inodes(pid) or set()) & inodes:
-            return OwnerCheck(
-                False,
-                True,
-                f"another process listens on {address}:{port}: PID {pid} ({_command(pid)})",
-                pid,
-                _command(pid),
-            )
+    if (owner := _listening_owner(inodes, tree)) is not None:
+        cmd = _command(owner)
+        return OwnerCheck(False, True, f"another process listens on {address}:{port}: PID {owner} ({cmd})", owner, cmd)
     if hidden:
         # An app that runs as another user (gosu, su-exec, setpriv, a server that drops privileges)
         # hides its descriptors from a sidecar without CAP_SYS_PTRACE, which Docker does not grant
@@ -109,27 +103,73 @@ def check_port_owner(address: str, port: int, tree: set[int]) -> OwnerCheck:
     )
 
 
-def verify_app_port(address: str, port: int, app: object, log: FilteringBoundLogger) -> str | None:
-    """The check as the lifecycle runs it before registering: one log event; the reason to refuse
-    (naming the owner) or None. Without a PID to check (shutdown_url, nothing), warns once."""
-    from .app_control import ChildApp, PidApp
+def _listening_owner(inodes: set[int], tree: set[int]) -> int | None:
+    """A process outside ``tree`` that holds one of the sockets ``inodes``, if one is visible."""
+    for pid in proctree.all_pids():
+        if pid not in tree and (proctree.socket_inodes(pid) or set()) & inodes:
+            return pid
+    return None
 
-    if isinstance(app, ChildApp) and app.pid is not None:
-        tree = app_tree(os.getpid(), include_root=False)  # the app, its descendants, and orphans we reaped into ours
-        if app.listener is not None:  # hot restart: the socket is the sidecar's, shared with the app
-            tree.add(os.getpid())
-    elif isinstance(app, PidApp):
-        try:
-            tree = app_tree(app.pid())
-        except (OSError, ValueError) as e:
-            log.warning("sidecar.startup.port_owner_unchecked", port=port, reason=f"the app's PID is not known: {e}")
-            return None
-    else:
-        log.warning(
-            "sidecar.startup.port_owner_unchecked",
-            port=port,
-            reason="no PID to check against (set app.pid or app.pid_file, or run the app after '--')",
-        )
+
+def check_app_pid(pid: int, what: str, address: str, port: int) -> tuple[Literal["yes", "no", "unknown"], str | None]:
+    """Whether ``pid`` is the app (alongside mode): alive, and it or a descendant holds a socket
+    listening on ``address``:``port``. ``what`` introduces the PID in the reason ("app.pid is").
+    "unknown": alive, but whose socket it is cannot be told here (the reason says why)."""
+    if not proctree.alive(pid):
+        return "no", f"{what} PID {pid}, which is not running"
+    try:
+        found = [lst for lst in proctree.listening_sockets(port) if _serves(lst, address)]
+    except TrafficWatchError as e:
+        return "unknown", f"PID {pid} is running; the listening sockets cannot be read here: {e}"
+    if not found:
+        return "unknown", f"{what} PID {pid} ({_command(pid)}); nothing listens on {address}:{port} in this namespace"
+    inodes = {lst.inode for lst in found}
+    tree = app_tree(pid)
+    hidden = False
+    for p in tree:
+        held = proctree.socket_inodes(p)
+        if held is None:
+            hidden = True
+        elif held & inodes:
+            return "yes", None
+    if hidden:
+        return "unknown", f"the descriptors of PID {pid} cannot be read (another user, no CAP_SYS_PTRACE?)"
+    owner = _listening_owner(inodes, tree)
+    who = f"PID {owner} ({_command(owner)}) does" if owner is not None else "its owner is not visible from here"
+    return "no", f"{what} PID {pid} ({_command(pid)}) which does not listen on {address}:{port}; {who}"
+
+
+def _host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def listen_hint(tree: set[int] | None, address: str, port: int) -> str | None:
+    """Where the app (the processes ``tree``, see app_control.app_processes) listens, when none of it serves
+    ``address``:``port``: "the app listens on X:Y, not service.address:port A:B". None when it does, when it
+    listens nowhere yet, or where it cannot be seen."""
+    if not tree:
+        return None
+    held: set[int] = set()
+    for pid in tree:
+        held |= proctree.socket_inodes(pid) or set()
+    try:
+        mine = [lst for lst in traffic.listeners() if lst.inode in held]
+    except TrafficWatchError:
+        return None
+    if not mine or any(lst.port == port and _serves(lst, address) for lst in mine):
+        return None
+    where = ", ".join(sorted({_host_port(lst.address, lst.port) for lst in mine}))
+    return f"the app listens on {where}, not service.address:port {_host_port(address, port)}"
+
+
+def verify_app_port(
+    address: str, port: int, tree: set[int] | None, unknown: str, log: FilteringBoundLogger
+) -> str | None:
+    """The check as the lifecycle runs it before registering: one log event; the reason to refuse
+    (naming the owner) or None. ``tree``: the app's processes (app_control.app_processes); None, with
+    ``unknown`` saying why, when there is no PID to check against (shutdown_url, nothing): warns once."""
+    if tree is None:
+        log.warning("sidecar.startup.port_owner_unchecked", port=port, reason=unknown)
         return None
     result = check_port_owner(address, port, tree)
     if not result.checked:

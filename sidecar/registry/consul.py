@@ -5,7 +5,8 @@ It uses python-consul2's endpoint classes (``consul.base.Consul.Agent`` and
 sets no timeout, opens a session per request, ignores CA files and client
 certificates, and reads ``CONSUL_*`` variables behind the configuration's back.
 Here every request has a deadline, the token is read from its source on each
-request (so a rotated token file takes effect at once) and every failure is
+request (so a rotated token file takes effect at once; for ``run`` off the event loop, with a
+deadline, see token_cache.py) and every failure is
 turned into one of three errors the lifecycle can act on.
 
 Two transports share that contract, the token handling and the reading of answers: ``_Transport``
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from ..clock import Clock
+    from .token_cache import TokenCache
 
 
 class ConsulError(Exception):
@@ -192,9 +194,17 @@ class _Transport(_TokenReader, consul_base.HTTPClient):  # type: ignore[misc]  #
     refused by a restarting agent would report "not sent" for a write that may have landed.
     """
 
-    def __init__(self, settings: ConsulSettings, log: FilteringBoundLogger | None = None) -> None:
+    def __init__(
+        self, settings: ConsulSettings, log: FilteringBoundLogger | None = None, tokens: TokenCache | None = None
+    ) -> None:
         consul_base.HTTPClient.__init__(self, settings.host, settings.port, settings.scheme, verify=settings.tls_verify)
         _TokenReader.__init__(self, settings, log)
+        if tokens is None:
+            from .token_cache import READ_DEADLINE, TokenCache
+
+            tokens = TokenCache(settings.token, min(READ_DEADLINE, settings.timeout / 2), log)
+        # Read off the event loop with a deadline: a token file on a stalled mount must not freeze the sidecar.
+        self.tokens = tokens
         self.base_uri = settings.base_url
         self._session: aiohttp.ClientSession | None = None  # reads: kept alive
         self._write_session: aiohttp.ClientSession | None = None  # writes: one connection per request
@@ -270,8 +280,18 @@ class _Transport(_TokenReader, consul_base.HTTPClient):  # type: ignore[misc]  #
 
         import aiohttp
 
+        from .token_cache import TokenStalled
+
         uri = self.uri(path, params)
-        hdrs, token = self._headers(headers)
+        hdrs = dict(headers or {})
+        try:
+            token = await self.tokens.current()
+        except TokenError as e:
+            raise ConsulPermissionDenied(str(e)) from None
+        except TokenStalled as e:
+            raise ConsulUnavailable(f"{method} {path}: {e}", maybe_applied=False) from None
+        if token:
+            hdrs["X-Consul-Token"] = token
         limit = self.settings.timeout if timeout is None else timeout
         what = f"{method} {path}"
         try:
@@ -774,8 +794,14 @@ class Agent(Protocol):
 class ConsulAgent:
     """The local Consul agent, reached through python-consul2 with deadlines."""
 
-    def __init__(self, settings: ConsulSettings, clock: Clock, log: FilteringBoundLogger | None = None) -> None:
-        self._transport = _Transport(settings, log)
+    def __init__(
+        self,
+        settings: ConsulSettings,
+        clock: Clock,
+        log: FilteringBoundLogger | None = None,
+        tokens: TokenCache | None = None,
+    ) -> None:
+        self._transport = _Transport(settings, log, tokens)
         self._c = _Endpoints(self._transport)
         self._clock = clock
         self.address = settings.address
@@ -783,11 +809,11 @@ class ConsulAgent:
         self._catalog_visible: bool | None = None  # can our token read our own catalog entry?
 
     def _token_digest(self) -> str:
-        try:
-            token = self._transport.token() or ""
-        except ConsulError:
+        """Of the token as last read (each request reads it): no file read here, on the event loop."""
+        read, token = self._transport.tokens.cached()
+        if not read:
             return self._registered_with or ""  # never readable: the next request reports it
-        return hashlib.sha256(token.encode()).hexdigest()
+        return hashlib.sha256((token or "").encode()).hexdigest()
 
     def token_rotated(self) -> bool:
         """Whether the token source now holds another token than the last registration used."""

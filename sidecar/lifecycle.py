@@ -46,7 +46,7 @@ import enum
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from .backoff import backoff
 from .clock import Clock
@@ -58,7 +58,7 @@ from .process.accept_proof import describe_others
 from .process.app_control import App, ChildApp, Generation, PidApp, StopResult, app_processes
 from .process.notify import AppNotifySocket, SystemdNotifier
 from .process.port_owner import listen_hint, verify_app_port
-from .process.signals import FORWARDED, SHUTDOWN, SignalInbox
+from .process.signals import FORWARDED, SHUTDOWN, Inbox, SignalInbox
 from .registry import claim as instance_claim
 from .registry.consul import (
     Agent,
@@ -102,6 +102,7 @@ class Startable(Protocol):
     def own_opens(self) -> int: ...
 
 
+@runtime_checkable
 class Probe(Protocol):
     async def probe(self) -> tuple[bool, str]: ...
 
@@ -129,7 +130,7 @@ class Sidecar:
         status: Status,
         log: FilteringBoundLogger,
         status_server: Startable | None = None,
-        inbox: SignalInbox | None = None,
+        inbox: Inbox | None = None,
         drain_wait: DrainWait | None = None,
         after_start: Callable[[], None] = lambda: None,
         systemd: SystemdNotifier | None = None,
@@ -149,7 +150,7 @@ class Sidecar:
         hot = config.hot_restart
         # Hot restart needs generations to run: the app started by us, holding our socket.
         self._gens = app if hot.enabled and isinstance(app, ChildApp) and app.listener is not None else None
-        self.inbox = inbox or SignalInbox(frozenset({hot.signal}) if self._gens is not None else frozenset())
+        self.inbox: Inbox = inbox or SignalInbox(frozenset({hot.signal}) if self._gens is not None else frozenset())
         self.systemd = systemd or SystemdNotifier(None)
         self._app_notify = app_notify
         self._restart: asyncio.Task[None] | None = None

@@ -20,11 +20,11 @@ import structlog
 from examples.rollout.fleet import CatalogWatcher
 from sidecar.state import State
 from testkit import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, wait_for
+from testkit.fakes import FakeAgent, FakeApp, make_config, make_sidecar, until
 
 from .conftest import StartSidecar, base_config
 from .faultproxy import FaultProxy
 from .test_acl_tls import make_token, writer_rules
-from .test_lifecycle_logic import FakeAgent, FakeApp, make_config, make_sidecar, until
 
 REGISTER = "/v1/agent/service/register"
 DEREGISTER = "/v1/agent/service/deregister/"

@@ -20,8 +20,7 @@ import structlog
 
 from sidecar.registry.consul import ConsulUnavailable, DeregisterResult, Deregistration
 from sidecar.state import State
-
-from .test_lifecycle_logic import FakeAgent, FakeApp, make_config, make_sidecar, until
+from testkit.fakes import FakeAgent, FakeApp, make_config, make_sidecar, until
 
 
 class LandsLate(FakeAgent):

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import aiohttp
 
@@ -47,6 +47,7 @@ def exit_status(wait_status: int) -> int:
     return by_signal(-code) if code < 0 else code
 
 
+@runtime_checkable
 class App(Protocol):
     """The lifecycle's handle on the app, whatever the mode.
 

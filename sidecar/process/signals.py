@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Protocol, runtime_checkable
 
 # Ends the sidecar's life (drain first).
 SHUTDOWN = frozenset({signal.SIGTERM, signal.SIGINT})
 # Passed on to the app untouched, as a good init does.
 FORWARDED = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH})
+
+
+@runtime_checkable
+class Inbox(Protocol):
+    """Where the lifecycle receives signals: a queue that handlers only put into."""
+
+    queue: asyncio.Queue[signal.Signals]
+
+    def install(self) -> None: ...
+
+    def uninstall(self) -> None: ...
 
 
 class SignalInbox:

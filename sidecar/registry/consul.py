@@ -30,7 +30,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..config import ConsulSettings, TokenError
 from ..config.files import read_ca_dir
@@ -765,6 +765,7 @@ class DeregisterResult:
     agent_dropped: bool = False  # the agent's own answer showed it no longer holds the instance
 
 
+@runtime_checkable
 class Agent(Protocol):
     """What the lifecycle needs from Consul; tests of pure logic may pass a fake."""
 

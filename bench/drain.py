@@ -107,9 +107,7 @@ def short_run_sync(work: Path, shutdown: dict[str, str]) -> dict[str, Any]:
     import time
 
     from testkit import Sidecar, app_command, free_port
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.test_drain_evidence import AFTER, CachedClient
+    from testkit.shortclient import AFTER, CachedClient
 
     work.mkdir(parents=True, exist_ok=True)
     consul = Consul(work)

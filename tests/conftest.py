@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,8 @@ import pytest
 
 import testkit
 from testkit import Consul, ConsulCluster, Sidecar
+from testkit.acl import ACL_HCL, ROOT_TOKEN
+from testkit.suite import RegisteredSidecar, StartSidecar, base_config
 
 _names = itertools.count(1)
 
@@ -26,12 +28,6 @@ def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consul]:
     testkit.keep_for_session(agent.proc)
     yield agent
     agent.stop()
-
-
-ROOT_TOKEN = "3d1a7b3e-0000-4000-8000-00000000root"
-ACL_HCL = (
-    f'acl {{ enabled = true, default_policy = "deny", tokens {{ master = "{ROOT_TOKEN}", agent = "{ROOT_TOKEN}" }} }}'
-)
 
 
 @pytest.fixture(scope="module")
@@ -138,21 +134,6 @@ def service_name() -> str:
     return f"svc{next(_names)}{os.environ.get('PYTEST_XDIST_WORKER', '')}"
 
 
-def base_config(agent: Consul, name: str, port: int, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    cfg: dict[str, dict[str, Any]] = {
-        "consul": {"address": agent.address, "timeout": "1s"},
-        "service": {"name": name, "id": f"{name}-1", "address": "127.0.0.1", "port": port},
-        "check": {"interval": "1s", "timeout": "1s"},
-        "startup": {"timeout": "20s"},
-        "shutdown": {"propagation_delay": "1s", "app_timeout": "10s", "deregister_timeout": "3s"},
-        "status": {"listen": "127.0.0.1:0"},
-    }
-    return testkit.merge(cfg, sections)
-
-
-StartSidecar = Callable[..., Sidecar]
-
-
 @pytest.fixture
 def start_sidecar(tmp_path: Path) -> StartSidecar:
     """start_sidecar(config, command=None, env=None) -> a running Sidecar process."""
@@ -163,9 +144,6 @@ def start_sidecar(tmp_path: Path) -> StartSidecar:
         return Sidecar(tmp_path, config, command, env)
 
     return start
-
-
-RegisteredSidecar = Callable[..., tuple[Sidecar, int]]
 
 
 @pytest.fixture

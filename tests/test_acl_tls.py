@@ -7,47 +7,15 @@ import os
 import signal
 import subprocess
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from testkit import PY, ROOT, Consul, app_command, free_port, http_get, pid_alive, wait_for
+from testkit.acl import api, delete_token, make_ca, make_cert, make_token, writer_rules
 from testkit.stallfs import StallFS
-
-from .conftest import ROOT_TOKEN, RegisteredSidecar, StartSidecar, base_config
-
-
-def api(agent: Consul, method: str, path: str, body: object = None) -> object:
-    req = urllib.request.Request(
-        agent.address + path,
-        method=method,
-        headers={"X-Consul-Token": ROOT_TOKEN},
-        data=json.dumps(body).encode() if body is not None else None,
-    )
-    with urllib.request.urlopen(req, timeout=5) as r:
-        text = r.read().decode()
-    return json.loads(text) if text.strip() else None
-
-
-def make_token(agent: Consul, rules: str) -> str:
-    policy = api(agent, "PUT", "/v1/acl/policy", {"Name": f"policy-{uuid.uuid4().hex[:12]}", "Rules": rules})
-    assert isinstance(policy, dict)
-    token = api(agent, "PUT", "/v1/acl/token", {"Policies": [{"ID": policy["ID"]}]})
-    assert isinstance(token, dict)
-    return str(token["SecretID"])
-
-
-def delete_token(agent: Consul, secret: str) -> None:
-    req = urllib.request.Request(agent.address + "/v1/acl/token/self", headers={"X-Consul-Token": secret})
-    with urllib.request.urlopen(req, timeout=5) as r:
-        accessor = json.loads(r.read())["AccessorID"]
-    api(agent, "DELETE", f"/v1/acl/token/{accessor}")
-
-
-def writer_rules(name: str) -> str:
-    return f'service "{name}" {{ policy = "write" }}\nnode_prefix "" {{ policy = "read" }}'
+from testkit.suite import RegisteredSidecar, StartSidecar, base_config
 
 
 @pytest.mark.parametrize("token_kind", ["none", "unknown", "read-only"])
@@ -193,64 +161,6 @@ def test_token_without_node_read_is_warned_about(
 
 
 # --- TLS ------------------------------------------------------------------------------
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_ca(d: Path, name: str) -> None:
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        f"/CN={name}",
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.pem",
-        cwd=d,
-    )
-
-
-def make_cert(d: Path, ca: str, name: str, san: str) -> None:
-    openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        f"/CN={name}",
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.csr",
-        cwd=d,
-    )
-    (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        f"{name}.csr",
-        "-CA",
-        f"{ca}.pem",
-        "-CAkey",
-        f"{ca}.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        f"{name}.ext",
-        "-out",
-        f"{name}.pem",
-        cwd=d,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from testkit import Consul, app_command, free_port, spawn, wait_for
-
-from .conftest import base_config
-from .test_drain_evidence import _answers, start_restricted
+from testkit.restricted import answers, start_restricted
+from testkit.suite import base_config
 
 # Docker's default capability set has no CAP_SYS_PTRACE: a root sidecar there cannot read the
 # descriptors (/proc/<pid>/fd/N) of a process of another user.
@@ -62,7 +61,7 @@ def test_foreign_owner_still_refused_when_the_apps_descriptors_are_hidden(
         [*NO_PTRACE, *app_command(port, "127.0.0.1", "--instance", "someone-else")], tmp_path / "foreign.log"
     )
     try:
-        wait_for(lambda: _answers(port), 10, what="the foreign server")
+        wait_for(lambda: answers(port), 10, what="the foreign server")
         sc = start_restricted(
             tmp_path, base_config(consul, service_name, port), [*AS_NOBODY, "sleep", "30"], NO_PTRACE, deny_events=False
         )

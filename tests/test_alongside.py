@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from testkit import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, spawn, wait_for
-
-from .conftest import StartSidecar, base_config
+from testkit.suite import StartSidecar, base_config
 
 
 def _deregistered_at(sc_events: list[dict[str, object]]) -> str:

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from testkit import ConsulCluster, app_command, free_port, read_signal_log, wait_for
-
-from .conftest import StartSidecar
+from testkit.suite import StartSidecar
 
 
 class CatalogWatch:

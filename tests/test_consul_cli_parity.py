@@ -13,9 +13,8 @@ import pytest
 
 from sidecar.config import ConfigError, load_config
 from testkit import PY, ROOT, Consul, app_command, free_port
-
-from .conftest import StartSidecar, base_config
-from .test_acl_tls import make_ca, make_cert
+from testkit.acl import make_ca, make_cert
+from testkit.suite import StartSidecar, base_config
 
 MINIMAL = '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\n'
 GO_TRUE = ["1", "t", "T", "TRUE", "true", "True"]

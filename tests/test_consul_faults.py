@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from testkit import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
-
-from .conftest import StartSidecar, base_config
+from testkit.suite import StartSidecar, base_config
 
 
 def test_agent_restart_without_data_dir_reregisters(

@@ -19,8 +19,7 @@ from sidecar.clock import SystemClock
 from sidecar.config import ConsulSettings, TokenSource
 from sidecar.registry.consul import ConsulAgent, ConsulUnavailable
 from testkit import Consul, app_command, free_port
-
-from .conftest import StartSidecar, base_config
+from testkit.suite import StartSidecar, base_config
 
 
 def _connections(pid: int, remote_port: int) -> set[int]:

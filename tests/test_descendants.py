@@ -32,8 +32,7 @@ from testkit import (
     wait_for,
     write_config,
 )
-
-from .conftest import StartSidecar, base_config
+from testkit.suite import StartSidecar, base_config
 
 FAMILY = str(Path(__file__).resolve().parent / "data" / "family.py")
 

@@ -8,7 +8,6 @@ Consul again, like a JVM's DNS cache or a script), real signals.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -18,15 +17,15 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from testkit import PY, ROOT, Consul, Sidecar, app_command, free_port, http_get, spawn, wait_for
-
-from .conftest import StartSidecar, base_config
+from testkit.restricted import answers, deny_netlink_membership, start_restricted
+from testkit.shortclient import AFTER, RATE, CachedClient, drain_with_client
+from testkit.suite import StartSidecar, base_config
 
 TRAFFIC = {
     "strategy": "traffic",
@@ -35,126 +34,6 @@ TRAFFIC = {
     "quiet_period": "1s",
     "app_timeout": "10s",
 }
-RATE = 3.0  # requests per second
-AFTER = 5.0  # seconds the client keeps sending after the deregistration
-
-
-@dataclass
-class CachedClient:
-    """Sends one GET every 1/RATE s to a fixed address, each as ``mode`` says, until ``stop`` is set:
-
-    - ``close``: HTTP/1.1 keep-alive request, the client closes right after the response
-    - ``http10``: HTTP/1.0 (the app closes)
-    - ``connection_close``: HTTP/1.1 with ``Connection: close`` (the app closes)
-    - ``pooled``: one keep-alive connection, reused (reopened if the app closes it)
-    """
-
-    address: str
-    port: int
-    mode: str
-    ok: int = 0
-    failed: list[str] = field(default_factory=list)
-    last_ok: float = 0.0
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def request(self) -> bytes:
-        if self.mode == "http10":
-            return b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
-        if self.mode == "connection_close":
-            return b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        return b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
-
-    def _connect(self) -> socket.socket:
-        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
-        s = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            s.settimeout(3)
-            s.connect((self.address, self.port))
-        except OSError:
-            s.close()
-            raise
-        return s
-
-    @staticmethod
-    def _response(s: socket.socket) -> bytes:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed before a response")
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = next(
-            (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
-        )
-        while len(body) < length:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            body += chunk
-        return head
-
-    def run(self) -> None:
-        pooled: socket.socket | None = None
-        t0 = time.monotonic()
-        i = 0
-        while not self.stop.is_set():
-            s: socket.socket | None = None
-            try:
-                if self.mode == "pooled":
-                    if pooled is None:
-                        pooled = self._connect()
-                    s = pooled
-                else:
-                    s = self._connect()
-                s.sendall(self.request())
-                head = self._response(s)
-                if not head.startswith(b"HTTP/1.1 200") and not head.startswith(b"HTTP/1.0 200"):
-                    raise ConnectionError(head[:40].decode(errors="replace"))
-                if self.mode != "pooled":
-                    s.close()  # right after the response: the client closes first (or second, for http10 / close)
-                self.ok += 1
-                self.last_ok = time.monotonic()
-            except OSError as e:
-                self.failed.append(f"{type(e).__name__}: {e}")
-                if pooled is not None:
-                    pooled.close()
-                    pooled = None
-                elif s is not None:
-                    s.close()
-            i += 1
-            self.stop.wait(max(0.0, t0 + i / RATE - time.monotonic()))
-        if pooled is not None:
-            pooled.close()
-
-
-@contextlib.contextmanager
-def client(address: str, port: int, mode: str) -> Iterator[CachedClient]:
-    c = CachedClient(address, port, mode)
-    th = threading.Thread(target=c.run, daemon=True)
-    th.start()
-    try:
-        yield c
-    finally:
-        c.stop.set()
-        th.join(10)
-
-
-def drain_with_client(sc: Sidecar, address: str, port: int, mode: str) -> tuple[CachedClient, dict[str, Any], float]:
-    """Client running; SIGTERM; the client goes on for AFTER s after the deregistration.
-    Returns the client, the delay_done event and how long after the deregistration the client stopped."""
-    sc.wait_event("sidecar.consul.registered", 40)  # a loaded machine can take seconds to start the app
-    with client(address, port, mode) as c:
-        time.sleep(1.0)
-        sc.send(signal.SIGTERM)
-        sc.wait_event("sidecar.consul.deregistered")
-        t_dereg = time.monotonic()
-        time.sleep(AFTER)  # whether the app is still there or not: the client does not know
-        stopped_after = time.monotonic() - t_dereg
-    assert sc.wait(40) == 0
-    ev = sc.event("sidecar.drain.delay_done")
-    assert ev is not None, sc.output()[-2000:]
-    return c, ev, stopped_after
 
 
 MODES = ["close", "http10", "connection_close", "pooled"]
@@ -271,65 +150,12 @@ def test_control_fixed_one_second_loses_the_short_connections(
 # --- a host that allows less: no events, or only the poll ------------------------------------------
 
 
-def _deny_netlink_membership() -> None:
-    """In the child, before exec: a seccomp filter that refuses setsockopt(SOL_NETLINK, ...) with EPERM,
-    as a kernel or a container runtime that requires CAP_NET_ADMIN for the destroy groups does."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-
-    def stmt(code: int, k: int) -> bytes:
-        return struct.pack("=HBBI", code, 0, 0, k)
-
-    def jump(code: int, k: int, jt: int, jf: int) -> bytes:
-        return struct.pack("=HBBI", code, jt, jf, k)
-
-    ld, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
-    allow, eperm = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
-    prog = b"".join(
-        [
-            stmt(ld, 4),
-            jump(jeq, 0xC000003E, 0, 4),  # arch == x86_64, else allow
-            stmt(ld, 0),
-            jump(jeq, 54, 0, 2),  # nr == setsockopt, else allow
-            stmt(ld, 24),
-            jump(jeq, 270, 1, 0),  # args[1] (level) == SOL_NETLINK: refuse
-            stmt(ret, allow),
-            stmt(ret, eperm),
-        ]
-    )
-    buf = ctypes.create_string_buffer(prog)
-    fprog = struct.pack("HP", len(prog) // 8, ctypes.addressof(buf))
-    fbuf = ctypes.create_string_buffer(fprog)
-    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.addressof(fbuf), 0, 0) != 0:  # NO_NEW_PRIVS, SECCOMP
-        os._exit(99)
-
-
 @pytest.mark.integration
 def test_filter_denies_netlink_membership() -> None:
     """The seccomp helper itself: a child under it cannot join the destroy groups (EPERM)."""
     code = "import socket; s = socket.socket(16, 3, 4); s.bind((0, 0)); s.setsockopt(270, 1, 1)"
-    r = subprocess.run(
-        [PY, "-c", code], preexec_fn=_deny_netlink_membership, capture_output=True, text=True, timeout=30
-    )
+    r = subprocess.run([PY, "-c", code], preexec_fn=deny_netlink_membership, capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and "Operation not permitted" in r.stderr, r.stderr
-
-
-def start_restricted(
-    workdir: Path, config: dict[str, dict[str, Any]], command: list[str], prefix: list[str], deny_events: bool
-) -> Sidecar:
-    """Like testkit.Sidecar, but argv prefixed and the child optionally under the seccomp filter."""
-    real_popen = subprocess.Popen
-
-    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-        if deny_events:
-            kw["preexec_fn"] = _deny_netlink_membership
-        return real_popen([*prefix, *argv], **kw)
-
-    subprocess.Popen = popen  # type: ignore[misc,assignment]  # testkit.spawn's, for this one start
-    try:
-        return Sidecar(workdir, config, command)
-    finally:
-        subprocess.Popen = real_popen  # type: ignore[misc]
 
 
 def test_poll_alone_waits_the_upper_bound_and_says_why(consul: Consul, tmp_path: Path, service_name: str) -> None:
@@ -590,7 +416,7 @@ def test_foreign_process_on_the_port_nothing_registered_exit_69(
     registered, exit 69, one error naming the owner's PID and command."""
     port = free_port()
     foreign = spawn(app_command(port, "127.0.0.1", "--instance", "someone-else"), tmp_path / "foreign.log")
-    wait_for(lambda: _answers(port), 10, what="the foreign server")
+    wait_for(lambda: answers(port), 10, what="the foreign server")
     sc = Sidecar(tmp_path, base_config(consul, service_name, port), ["sleep", "30"])
     assert sc.wait(30) == 69, sc.output()[-2000:]
     err = sc.event("sidecar.startup.port_not_the_apps")
@@ -613,14 +439,6 @@ def test_the_apps_own_port_is_checked_and_accepted(
     sc.wait_event("sidecar.consul.registered")
     sc.send(signal.SIGTERM)
     assert sc.wait() in (0, 143)
-
-
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.mark.integration

@@ -21,8 +21,7 @@ from examples.rollout.consumers import PooledConsumer, horizon_drain
 from examples.rollout.loadgen import summarize
 from examples.rollout.rollout import Cluster, rollout
 from testkit import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, spawn, wait_for
-
-from .conftest import StartSidecar, base_config
+from testkit.suite import StartSidecar, base_config
 
 TRAFFIC = {
     "strategy": "traffic",

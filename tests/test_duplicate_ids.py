@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from testkit import Consul, app_command, pid_alive, spawn, wait_for
-
-from .conftest import StartSidecar, base_config
+from testkit.suite import StartSidecar, base_config
 
 
 def free_port_on(*hosts: str) -> int:

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from testkit import Consul, app_command, free_port, pid_alive, read_signal_log, wait_for
-
-from .conftest import RegisteredSidecar, StartSidecar, base_config
+from testkit.suite import RegisteredSidecar, StartSidecar, base_config
 
 
 def test_agent_restart_with_data_dir_no_duplicate_no_flapping(

@@ -22,8 +22,7 @@ import pytest
 
 import testkit
 from testkit import PY, ROOT, Consul, free_port, http_get, pid_alive, wait_for
-
-from .conftest import RegisteredSidecar, StartSidecar, base_config
+from testkit.suite import RegisteredSidecar, StartSidecar, base_config
 
 HOT = {"enabled": True, "timeout": "20s"}
 

@@ -251,7 +251,7 @@ def test_a_connection_accepted_just_before_shutdown_still_gets_its_answer(
         cmd = [arg for arg in server_command(server, port) if arg not in ("--fd", "3")]
         cmd[-1:-1] = ["--host", "127.0.0.1", "--port", str(port)]
     proc = spawn(cmd, tmp_path / "server.log")
-    wait_for(lambda: _answers(port), 30, 0.05, f"{server} answering on {port}")
+    wait_for(lambda: answers(port), 30, 0.05, f"{server} answering on {port}")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         time.sleep(0.3)  # accepted by now
         proc.send_signal(signal.SIGTERM)
@@ -268,7 +268,7 @@ def test_a_connection_accepted_just_before_shutdown_still_gets_its_answer(
     assert answer.startswith(b"HTTP/1.") == answered, f"{server}: {answer[:200]!r}\n{log}"
 
 
-def _answers(port: int) -> bool:
+def answers(port: int) -> bool:
     try:
         return http_get(f"http://127.0.0.1:{port}/healthz", timeout=1)[0] == 200
     except OSError:

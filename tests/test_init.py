@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 from testkit import PY, Consul, app_command, free_port, spawn, wait_for, write_config
-
-from .conftest import StartSidecar, base_config
+from testkit.suite import StartSidecar, base_config
 
 
 def children(pid: int) -> list[tuple[int, str]]:

@@ -174,3 +174,16 @@ def test_the_module_map_lists_every_module() -> None:
     named_in_config = {f for f in config if f.removeprefix("sidecar/config/") in module_map()}
     assert sorted(actual - listed - named_in_config) == []
     assert sorted(listed - actual) == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in testkit/ (fakes, fault proxy, ACL and TLS helpers, the fixtures' types):
+    a test module that imports another runs that module's import-time code and ties the two together."""
+    found = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "tests"):
+                found.append(f"{path.name}: from {'.' * node.level}{node.module or ''} import ...")
+            elif isinstance(node, ast.Import):
+                found += [f"{path.name}: import {a.name}" for a in node.names if a.name.split(".")[0] == "tests"]
+    assert found == []

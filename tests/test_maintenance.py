@@ -22,10 +22,9 @@ import structlog
 
 from sidecar.state import State
 from testkit import PY, ROOT, Consul, Sidecar, http_get, wait_for, write_config
+from testkit.acl import api, make_token, writer_rules
 from testkit.fakes import FakeAgent, FakeApp, make_config, make_sidecar, until
-
-from .conftest import RegisteredSidecar, base_config
-from .test_acl_tls import api, make_token, writer_rules
+from testkit.suite import RegisteredSidecar, base_config
 
 MAINT = "_service_maintenance:"
 

@@ -25,7 +25,7 @@ import testkit
 from sidecar.clock import SystemClock
 from sidecar.state import State, Status
 from testkit import Consul, free_port, http_get, spawn, wait_for
-from tests.conftest import RegisteredSidecar, StartSidecar, base_config
+from testkit.suite import RegisteredSidecar, StartSidecar, base_config
 
 # --- a strict parser of the Prometheus text format 0.0.4 -------------------------------------------
 
@@ -384,7 +384,7 @@ def test_ready_with_the_least_acl_token(
 ) -> None:
     """An agent with ACLs (default deny) and a token holding service:write on the service alone (no node:read):
     /ready's read of the agent is allowed, and /ready answers 200 "registered"."""
-    from tests.test_acl_tls import make_token
+    from testkit.acl import make_token
 
     token = make_token(acl_consul, f'service "{service_name}" {{ policy = "write" }}')
     (tmp_path / "token").write_text(token)

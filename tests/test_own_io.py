@@ -32,8 +32,7 @@ from sidecar.http.server import StatusServer, bind
 from sidecar.log import QueueSink
 from sidecar.state import Status
 from testkit import PY, ROOT, Consul, app_command, free_port, http_get, read_signal_log, wait_for
-
-from .conftest import StartSidecar, base_config
+from testkit.suite import StartSidecar, base_config
 
 F_SETPIPE_SZ = 1031
 

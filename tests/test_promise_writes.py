@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,14 +19,10 @@ import structlog
 from examples.rollout.fleet import CatalogWatcher
 from sidecar.state import State
 from testkit import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, wait_for
+from testkit.acl import make_token, writer_rules
 from testkit.fakes import FakeAgent, FakeApp, make_config, make_sidecar, until
-
-from .conftest import StartSidecar, base_config
-from .faultproxy import FaultProxy
-from .test_acl_tls import make_token, writer_rules
-
-REGISTER = "/v1/agent/service/register"
-DEREGISTER = "/v1/agent/service/deregister/"
+from testkit.faultproxy import DEREGISTER, REGISTER, FaultProxy, remove_behind_its_back
+from testkit.suite import StartSidecar, base_config
 
 
 @pytest.fixture
@@ -39,13 +34,6 @@ def proxy(consul: Consul) -> Iterator[FaultProxy]:
 def through(proxy: FaultProxy, cfg: dict[str, dict[str, object]], **consul: object) -> dict[str, dict[str, object]]:
     cfg["consul"] = {**cfg["consul"], "address": proxy.address, **consul}
     return cfg
-
-
-def remove_behind_its_back(agent: Consul, sid: str) -> None:
-    """What an agent restarted without its data does: it no longer holds the service."""
-    req = urllib.request.Request(f"{agent.address}/v1/agent/service/deregister/{sid}", method="PUT")
-    with urllib.request.urlopen(req, timeout=5) as r:
-        assert r.status == 200
 
 
 def assert_promise_kept(agent: Consul, sc: Sidecar, watcher: CatalogWatcher, siglog: Path, sid: str) -> None:

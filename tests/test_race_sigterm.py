@@ -20,10 +20,8 @@ from pathlib import Path
 
 from examples.rollout.fleet import CatalogWatcher
 from testkit import Consul, app_command, free_port, read_signal_log, wait_for
-
-from .conftest import StartSidecar, base_config
-from .faultproxy import FaultProxy
-from .test_promise_writes import REGISTER, remove_behind_its_back
+from testkit.faultproxy import REGISTER, FaultProxy, remove_behind_its_back
+from testkit.suite import StartSidecar, base_config
 
 SEED = int(os.environ.get("SIDECAR_RACE_SEED", "20261127"))
 RUNS = 18  # 2-4 s each, three at a time: ~30-50 s on a loaded 2-core machine

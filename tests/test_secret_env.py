@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from testkit import Consul, app_command, free_port
-
-from .conftest import StartSidecar, base_config
+from testkit.suite import StartSidecar, base_config
 
 
 def app_environment(pid: int) -> dict[str, str]:

@@ -9,8 +9,7 @@ import time
 import pytest
 
 from testkit import PY, ROOT, Consul, app_command, free_port
-
-from .conftest import StartSidecar, base_config
+from testkit.suite import StartSidecar, base_config
 
 
 def wait_cmd(consul: Consul, *args: str) -> subprocess.Popen[str]:

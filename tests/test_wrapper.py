@@ -14,8 +14,7 @@ import pytest
 
 from examples.rollout.fleet import CatalogWatcher
 from testkit import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
-
-from .conftest import RegisteredSidecar, StartSidecar, base_config
+from testkit.suite import RegisteredSidecar, StartSidecar, base_config
 
 
 def test_registers_with_tags_meta_and_passing_at_once(
@@ -165,7 +164,7 @@ def test_waits_for_health_before_registering(consul: Consul, start_sidecar: Star
     sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--healthy-after", "1.5"))
     sc.app_pid()
     wait_for(
-        lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 503 if _answers(port) else False,
+        lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 503 if answers(port) else False,
         10,
         what="app answering 503",
     )
@@ -177,7 +176,7 @@ def test_waits_for_health_before_registering(consul: Consul, start_sidecar: Star
     assert sc.wait() == 0
 
 
-def _answers(port: int) -> bool:
+def answers(port: int) -> bool:
     try:
         http_get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
         return True

@@ -27,8 +27,11 @@ import socketserver
 import struct
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
+
+from testkit.procs import Consul
 
 LATIN1_502 = (
     "<html><body><h1>502 Bad Gateway</h1><p>Passerelle défaillante — réessayez ¿más tarde?</p></body></html>".encode(
@@ -222,3 +225,17 @@ def _response(status: int, body: bytes, content_type: str) -> bytes:
 
 def _send(sock: socket.socket, data: Any) -> None:
     sock.sendall(data)
+
+
+# The agent's endpoints the tests arm rules on, and a fault on the agent's side.
+REGISTER = "/v1/agent/service/register"
+
+
+DEREGISTER = "/v1/agent/service/deregister/"
+
+
+def remove_behind_its_back(agent: Consul, sid: str) -> None:
+    """What an agent restarted without its data does: it no longer holds the service."""
+    req = urllib.request.Request(f"{agent.address}/v1/agent/service/deregister/{sid}", method="PUT")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 200

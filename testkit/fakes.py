@@ -16,13 +16,13 @@ from typing import Any
 
 import structlog
 
-from sidecar.clock import SystemClock
 from sidecar.config import Config, load_config
 from sidecar.lifecycle import Probe, Sidecar
 from sidecar.process.app_control import App, StopResult
 from sidecar.process.signals import Inbox
 from sidecar.registry.consul import Agent, DeregisterResult, Deregistration
 from sidecar.state import Status
+from testkit.virtualtime import VirtualTime
 
 __all__ = ["FakeAgent", "FakeApp", "FakeInbox", "FakeProber", "make_config", "make_sidecar", "until"]
 
@@ -140,13 +140,14 @@ def make_sidecar(
     config: Config, agent: FakeAgent, app: FakeApp, prober: FakeProber | None = None
 ) -> tuple[Sidecar, FakeInbox]:
     inbox = FakeInbox()
+    clock = VirtualTime.install()
     sc = Sidecar(
         config,
         agent=agent,
         app=app,
         prober=prober or FakeProber(),
-        clock=SystemClock(),
-        status=Status(SystemClock(), config.service.id),
+        clock=clock,
+        status=Status(clock, config.service.id),
         log=structlog.get_logger(),
         inbox=inbox,
     )

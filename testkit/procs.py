@@ -512,3 +512,42 @@ class ConsulCluster:
             if any(e["Service"]["ID"] == service_id for e in json.loads(body)):
                 return True
         return False if answered else None
+
+
+def _tcp_table() -> list[tuple[int, int, int]]:
+    """(local port, state, inode) of every TCP socket in our network namespace, from /proc/net/tcp{,6}."""
+    rows = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            rows.append((int(f[1].rsplit(":", 1)[1], 16), int(f[3], 16), int(f[9])))
+    return rows
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    found = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    found.add(int(link[8:-1]))
+    except OSError:
+        pass
+    return found
+
+
+def accepted_by(port: int, pid: int) -> int:
+    """How many established connections to local ``port`` the process ``pid`` has accepted (a connection
+    still in the accept queue has no inode yet: the kernel's view, not the app's word)."""
+    held = _socket_inodes(pid)
+    return sum(1 for p, state, inode in _tcp_table() if p == port and state == 0x01 and inode and inode in held)
+
+
+def listens(port: int) -> bool:
+    """Whether any socket in our network namespace listens on ``port``."""
+    return any(p == port and state == 0x0A for p, state, _ in _tcp_table())

@@ -207,7 +207,7 @@ def test_a_second_trigger_during_a_restart_never_makes_a_third_process(
     sc.send(signal.SIGUSR2)
     sc.wait_event("sidecar.hot_restart.started", timeout=10)
     sc.send(signal.SIGUSR2)
-    time.sleep(0.2)
+    wait_for(lambda: sc.event("sidecar.hot_restart.refused") is not None, 10, what="the second trigger refused")
     sc.send(signal.SIGUSR2)
     most = 0
     deadline = time.monotonic() + 30
@@ -218,11 +218,11 @@ def test_a_second_trigger_during_a_restart_never_makes_a_third_process(
     refused = [e for e in sc.events() if e.get("event") == "sidecar.hot_restart.refused"]
     assert len(refused) == 2 and all("in progress" in e["reason"] for e in refused)
     assert most == 2
-    time.sleep(0.5)
-    assert [e["generation"] for e in sc.events() if e.get("event") == "sidecar.hot_restart.started"] == [2]
     assert live_app_pids(sc) == {done["pid"]}
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0
+    # The whole log, now that the sidecar has ended: no refused trigger started a restart later on.
+    assert [e["generation"] for e in sc.events() if e.get("event") == "sidecar.hot_restart.started"] == [2]
 
 
 def test_sigterm_during_a_restart_deregisters_then_stops_both_generations(
@@ -770,7 +770,7 @@ def test_the_new_generation_dying_while_the_old_one_drains_lets_the_old_one_fini
 
     t = threading.Thread(target=slow)
     t.start()
-    time.sleep(0.3)  # the request is at generation 1 (the only one)
+    wait_for(lambda: testkit.accepted_by(port, first) > 0, 10, what="generation 1 holding the request")
     mode_file.write_text("")
     sc.send(signal.SIGUSR2)
     second = sc.wait_event("sidecar.hot_restart.ready", timeout=20)["pid"]
@@ -812,10 +812,11 @@ def test_after_the_drain_signals_the_app_a_late_connection_is_refused_not_left_h
 
     t = threading.Thread(target=slow)
     t.start()
-    time.sleep(0.3)
+    app = sc.app_pid()
+    wait_for(lambda: testkit.accepted_by(port, app) > 0, 10, what="the app holding the slow request")
     sc.send(signal.SIGTERM)
     sc.wait_event("sidecar.drain.delay_done", timeout=10)
-    time.sleep(0.5)  # the app has SIGTERM and has closed its listener
+    wait_for(lambda: not testkit.listens(port), 10, what="the app (signalled) closing its listener")
     assert sc.proc is not None and sc.proc.poll() is None and t.is_alive(), "the slow request is in flight"
     c = socket.socket()
     c.settimeout(2)
@@ -830,7 +831,7 @@ def test_after_the_drain_signals_the_app_a_late_connection_is_refused_not_left_h
 
 
 def test_a_connection_the_old_generation_accepted_just_before_its_signal_is_served(
-    start_sidecar: StartSidecar, consul: Consul, service_name: str
+    start_sidecar: StartSidecar, consul: Consul, service_name: str, tmp_path: Path
 ) -> None:
     """1. The example app under hot restart. A client connects while generation 1 is the only one (so
     generation 1 accepts it) and has not sent its request yet (as any client between connect and send).
@@ -840,15 +841,16 @@ def test_a_connection_the_old_generation_accepted_just_before_its_signal_is_serv
     no request (under load, such connections are the ones accepted in the instant before the SIGTERM)."""
     port = free_port()
     cfg = base_config(consul, service_name, port, hot_restart=HOT)
-    sc = start_sidecar(cfg, testkit.app_command(port, "127.0.0.1"))
+    siglog = tmp_path / "signals.log"
+    sc = start_sidecar(cfg, testkit.app_command(port, "127.0.0.1", "--signal-log", str(siglog)))
     sc.wait_event("sidecar.consul.registered")
     first = sc.app_pid()
     c = socket.create_connection(("127.0.0.1", port), timeout=5)
     try:
-        time.sleep(0.5)  # generation 1 has accepted it
+        wait_for(lambda: testkit.accepted_by(port, first) > 0, 10, what="generation 1 accepting the connection")
         sc.send(signal.SIGUSR2)
         assert sc.wait_event("sidecar.hot_restart.old_signalled", timeout=20)["pid"] == first
-        time.sleep(0.1)
+        wait_for(lambda: testkit.read_signal_log(siglog) != [], 10, what="generation 1 receiving its SIGTERM")
         c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         answer = b""
         while chunk := c.recv(65536):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,9 @@ class LandsLate(FakeAgent):
         if self.deregistrations == 1:
             self.held = True  # the unanswered write lands right after this one was confirmed
             return DeregisterResult(Deregistration.CONFIRMED, 1, None)
-        await asyncio.sleep(max(0.0, deadline - time.monotonic()))  # never confirmed: uses its whole deadline
+        await asyncio.sleep(
+            max(0.0, deadline - asyncio.get_running_loop().time())
+        )  # never confirmed: uses its whole deadline
         return DeregisterResult(
             Deregistration.UNCONFIRMED, 3, "the agent still holds the service after deregistering it"
         )
@@ -55,7 +56,7 @@ class TimedApp(FakeApp):
     signalled_at = 0.0
 
     async def stop(self, sig: signal.Signals, timeout: float) -> Any:
-        self.signalled_at = time.monotonic()
+        self.signalled_at = asyncio.get_running_loop().time()
         return await super().stop(sig, timeout)
 
 
@@ -80,7 +81,7 @@ async def test_reappeared_instance_that_cannot_be_removed_is_reported_and_the_dr
         agent.time_out_next_register = True
         agent.held = False  # the keeper notices within one interval and re-registers (timing out)
         await until(lambda: "register (times out)" in calls)
-        t0 = time.monotonic()
+        t0 = asyncio.get_running_loop().time()
         inbox.queue.put_nowait(signal.SIGTERM)
         assert await run == 0
     stopped_after = calls.index("stop SIGTERM")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -145,3 +146,11 @@ def test_every_apt_get_in_scripts_waits_for_the_locks() -> None:
             if re.match(r"\s*(\w+=\S*\s+)*apt-get\s", code) and "apt_opts" not in code:
                 offenders.append(f"{script.name}:{n}: {line.strip()}")
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("script", ["setup", "install-docker", "lib/apt-wait.sh", "demo"])
+def test_scripts_pass_shellcheck(script: str) -> None:
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck is not None, "shellcheck is not installed: scripts/setup installs it (apt-get install shellcheck)"
+    result = subprocess.run([shellcheck, str(ROOT / "scripts" / script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout

@@ -850,7 +850,7 @@ class Sidecar:
             return
         if sig in FORWARDED:
             self.app.forward(sig)
-            self.log.debug("sidecar.signal.forwarded", signal=sig.name)
+            self.log.info("sidecar.signal.forwarded", signal=sig.name)
             return
         assert sig in SHUTDOWN
         if sig == signal.SIGINT:

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -45,6 +46,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         if port not in _handed_out:
             _handed_out.add(port)
             return port
+
+
+def private_loopback_net() -> str:
+    """The first three octets of a /24 in 127.0.0.0/8 picked at random for one caller ("127.83.201"):
+    apps on its addresses can take ports nobody else binds there (other tests use 127.0.0.1 and a
+    few fixed addresses), so a port probed free stays free until the app binds it. Only a wildcard
+    bind (0.0.0.0:port) elsewhere could still take it."""
+    rng = random.SystemRandom()
+    return f"127.{rng.randrange(64, 255)}.{rng.randrange(0, 256)}"
 
 
 def consul_binary() -> str:
@@ -283,7 +293,10 @@ class Sidecar:
         config: dict[str, dict[str, Any]],
         command: list[str] | None,
         env: dict[str, str] | None = None,
+        nice: int = 0,
     ) -> None:
+        """``nice``: run the sidecar (and so its app) at this niceness, so that many of them started
+        at once leave the CPU to the other tests on the machine first."""
         self.workdir = workdir
         n = next(_sidecar_numbers)  # not id(self): ids are reused once an object is gone
         self.config_path = write_config(workdir / f"sidecar-{os.getpid()}-{n}.toml", config)
@@ -291,6 +304,8 @@ class Sidecar:
         argv = [PY, "-m", "sidecar", "run", "-c", str(self.config_path), "--log-format", "json", "--log-level", "debug"]
         if command:
             argv += ["--", *command]
+        if nice:
+            argv = ["nice", "-n", str(nice), *argv]  # nice execs the sidecar: the same process
         full_env = dict(os.environ)
         for k in list(full_env):
             if k.startswith("CONSUL_"):
@@ -328,6 +343,10 @@ class Sidecar:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def tail(self, lines: int = 20) -> str:
+        """The last lines of the sidecar's log (its app's output included)."""
+        return "\n".join(self.output().splitlines()[-lines:])
 
     def send(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)

@@ -416,3 +416,44 @@ def test_writable_token_file_warns_in_check_config(tmp_path: Path) -> None:
                 and f"{mode:04o}" in lines[0]
             )
             assert stat.S_IMODE(tf.stat().st_mode) == mode
+
+
+# Integer keys: written as TOML integers. A literal string ("8080") is refused with a message naming
+# the key (it was accepted silently), a float says "whole number" sensibly (it said "not a number").
+# A string is still right for a variable: port = "${PORT}".
+INTEGER_KEYS = [("service", "port", 8080), ("app", "pid", 4242)]
+
+
+def integer_key_config(section: str, key: str, toml_value: str) -> str:
+    service = {"name": '"web"', "port": "8080", "address": '"127.0.0.2"'}
+    body = {"service": service, "app": {}}
+    body[section][key] = toml_value
+    return "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) for s, keys in body.items())
+
+
+@pytest.mark.parametrize(("section", "key", "good"), INTEGER_KEYS)
+@pytest.mark.parametrize(
+    ("written", "message"),
+    [
+        ('"{good}"', 'must be an integer, not a string ("{good}": write {good} without quotes)'),
+        ('"http"', "must be an integer, not a string ('http')"),
+        ("{good}.0", "must be a whole number, not {good}.0 (write {good})"),
+        ("{good}.5", "must be a whole number, not {good}.5"),
+        ("true", "must be an integer, not a boolean"),
+        ("[{good}]", "must be an integer, not a list"),
+    ],
+    ids=["string", "word", "float", "fraction", "boolean", "list"],
+)
+def test_integer_keys_refuse_strings_and_floats_in_one_line(
+    tmp_path: Path, section: str, key: str, good: int, written: str, message: str
+) -> None:
+    found = problems(tmp_path, integer_key_config(section, key, written.format(good=good)))
+    assert found == [f"{tmp_path / 'c.toml'}: {section}.{key}: {message.format(good=good)}"]
+
+
+@pytest.mark.parametrize(("section", "key", "good"), INTEGER_KEYS)
+def test_integer_keys_take_a_variable(tmp_path: Path, section: str, key: str, good: int) -> None:
+    c = load(tmp_path, integer_key_config(section, key, '"${V}"'), {"V": str(good)})
+    assert getattr(getattr(c, section), key) == good
+    found = problems(tmp_path, integer_key_config(section, key, '"${V}"'), {"V": f"{good}.0"})
+    assert found == [f"{tmp_path / 'c.toml'}: {section}.{key}: '{good}.0' (from a variable) is not a whole number"]

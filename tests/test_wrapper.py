@@ -187,7 +187,9 @@ def answers(port: int) -> bool:
 def test_forwards_signals_to_the_app(
     consul: Consul, registered_sidecar: RegisteredSidecar, service_name: str, tmp_path: Path
 ) -> None:
-    """SIGHUP, SIGUSR1, SIGUSR2 and SIGWINCH sent to the sidecar reach the app; the sidecar keeps running."""
+    """SIGHUP, SIGUSR1, SIGUSR2 and SIGWINCH sent to the sidecar reach the app; the sidecar keeps running.
+    Each leaves one `sidecar.signal.forwarded` line at info, the default level (a reload the app did
+    not do must be traceable to whether the sidecar passed the signal on)."""
     siglog = tmp_path / "signals.log"
     sc, _ = registered_sidecar("--signal-log", str(siglog))
     sent = [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH]
@@ -196,6 +198,12 @@ def test_forwards_signals_to_the_app(
         time.sleep(0.1)
     wait_for(lambda: len(read_signal_log(siglog)) == 4, 5, what="four forwarded signals")
     assert [n for n, _ in read_signal_log(siglog)] == [s.name for s in sent]
+
+    def forwarded() -> list[tuple[str, str]]:
+        return [(e["signal"], e["level"]) for e in sc.events() if e.get("event") == "sidecar.signal.forwarded"]
+
+    wait_for(lambda: len(forwarded()) >= 4, 5, what="four sidecar.signal.forwarded lines")
+    assert forwarded() == [(s.name, "info") for s in sent]
     assert sc.proc.poll() is None
     assert consul.service_ids(service_name) == [f"{service_name}-1"]
     sc.send(signal.SIGTERM)

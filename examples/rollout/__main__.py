@@ -58,22 +58,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def row(label: str, s: Summary, r: RolloutResult) -> str:
     v1, v2 = s.by_version.get("v1", 0), s.by_version.get("v2", 0)
+    # p99 in steady state (before the rollout) and during it, as bench/rollout.py shows them: one p99
+    # over the whole run mixes the machine's stalls with the rollout's cost.
+    steady = summarize(r.records, (0.0, r.rollout_start))
+    during = summarize(r.records, (r.rollout_start, r.rollout_end))
     return (
-        f"{label:9} {s.requests:9d} {s.failed:7d} {s.failure_rate * 100:8.2f}% {s.p50_ms:8.1f} {s.p99_ms:8.1f} "
-        f"{v1:8d} {v2:8d} {r.rollout_seconds:9.1f}s"
+        f"{label:9} {s.requests:9d} {s.failed:7d} {s.failure_rate * 100:8.2f}% {s.p50_ms:8.1f} "
+        f"{steady.p99_ms:10.1f} {during.p99_ms:11.1f} {v1:8d} {v2:8d} {r.rollout_seconds:9.1f}s"
     )
+
+
+HEADER = (
+    f"{'rollout':9} {'requests':>9} {'failed':>7} {'fail rate':>9} {'p50 ms':>8} "
+    f"{'p99 steady':>10} {'p99 rollout':>11} {'by v1':>8} {'by v2':>8} {'duration':>10}"
+)
 
 
 def report(results: list[RolloutResult], out: Path, plot: bool, strategy: str = "fixed") -> None:
     strategy_note = f" (strategy {strategy})" if strategy != "fixed" else ""
     print()
-    print(
-        f"{'rollout':9} {'requests':>9} {'failed':>7} {'fail rate':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'by v1':>8} {'by v2':>8} {'duration':>10}"
-    )
+    print(HEADER)
     for r in results:
         s = summarize(r.records)
         print(row(r.mode, s, r))
+    print("(latencies in ms; p99 steady: the requests started before the rollout, p99 rollout: those during it)")
     for r in results:
         s = summarize(r.records)
         if s.errors:

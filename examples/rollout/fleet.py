@@ -11,11 +11,19 @@ import signal
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testkit import APP, PY, Consul, Sidecar, free_port, read_signal_log, wait_for
+from testkit import APP, PY, Consul, Sidecar, free_port, private_loopback_net, read_signal_log, wait_for
+
+AppCommand = Callable[[str, int, Path], list[str]]
+"""(address, port, signal log) -> the app's command line."""
+
+
+def example_app(address: str, port: int, signal_log: Path) -> list[str]:
+    return [PY, str(APP), "--host", address, "--port", str(port), "--signal-log", str(signal_log)]
 
 
 class CatalogWatcher(threading.Thread):
@@ -71,31 +79,59 @@ class FleetResult:
 
 
 def run_fleet(
-    consul: Consul, workdir: Path, n: int = 50, name: str = "fleet", propagation_delay: str = "1s"
+    consul: Consul,
+    workdir: Path,
+    n: int = 50,
+    name: str = "fleet",
+    propagation_delay: str = "1s",
+    nice: int = 0,
+    app: AppCommand = example_app,
+    up_timeout: float = 180,
 ) -> FleetResult:
-    port = free_port()
+    """Start ``n`` sidecars at once and wait until all pass; SIGTERM all at once and watch them go.
+
+    Each app gets an address of its own in a /24 of 127.0.0.0/8 that nobody else uses, and a port
+    free there: no other program's free-port probe can take it before the app binds it. A sidecar
+    that exits before the fleet is up fails the run at once, naming the instance, with its log's
+    last lines (not after ``up_timeout``). ``nice`` runs the sidecars and apps at that niceness.
+    """
+    net = private_loopback_net()
     sidecars: list[tuple[str, Sidecar, Path]] = []
     t0 = time.monotonic()
     for i in range(n):
         sid = f"{name}-{i}"
-        app_port = free_port()
+        address = f"{net}.{i + 1}"
+        app_port = free_port(address)
         siglog = workdir / f"{sid}.signals"
         config: dict[str, dict[str, Any]] = {
             "consul": {"address": consul.address, "timeout": "5s"},
-            "service": {"name": name, "id": sid, "address": "127.0.0.1", "port": app_port},
+            "service": {"name": name, "id": sid, "address": address, "port": app_port},
             "check": {"interval": "2s", "timeout": "2s"},
             "startup": {"timeout": "120s"},
             "shutdown": {"propagation_delay": propagation_delay, "deregister_timeout": "10s", "app_timeout": "20s"},
             "status": {"listen": ""},
         }
-        cmd = [PY, str(APP), "--host", "127.0.0.1", "--port", str(app_port), "--signal-log", str(siglog)]
-        sidecars.append((sid, Sidecar(workdir, config, cmd), siglog))
-    del port
+        sidecars.append((sid, Sidecar(workdir, config, app(address, app_port, siglog), nice=nice), siglog))
+
+    def passing() -> set[str]:
+        return {e["Service"]["ID"] for e in consul.get(f"/v1/health/service/{name}?passing=1") or []}
 
     def all_passing() -> bool:
-        return len(consul.get(f"/v1/health/service/{name}?passing=1") or []) == n
+        for sid, sc, _ in sidecars:
+            if sc.proc.poll() is not None:
+                raise AssertionError(
+                    f"{sid}: its sidecar exited (status {sc.proc.returncode}) before all {n} instances were "
+                    f"passing; the last lines of its log {sc.log}:\n{sc.tail(20)}"
+                )
+        return len(passing()) == n
 
-    wait_for(all_passing, 180, 0.2, f"{n} passing instances")
+    try:
+        wait_for(all_passing, up_timeout, 0.2, f"{n} passing instances")
+    except AssertionError as e:
+        if "timed out" not in str(e):
+            raise
+        missing = sorted(set(sid for sid, _, _ in sidecars) - passing())
+        raise AssertionError(f"{e}; not passing: {', '.join(missing) or 'none'}") from None
     start_to_all_passing = time.monotonic() - t0
 
     watcher = CatalogWatcher(consul, name)

@@ -34,6 +34,8 @@ Examples: [config/web.toml](../config/web.toml), [config/compose-web.toml](../co
   not a guess), at most `2562047h47m16.854s`: Go's longest duration, the most Consul accepts for a check's
   interval, timeout and `DeregisterCriticalServiceAfter`.
 - Any string may use `${VAR}` and `${VAR:-default}` (`$$` for a literal `$`).
+- Integers are TOML integers (`port = 8080`): a quoted number (`"8080"`) or a float (`8080.0`) is an error; a string
+  holding a variable is read as a whole number (`port = "${PORT}"`).
 - "environment": Consul's own variables, used as the consul CLI uses them when the file does not set the key.
 - Bad input is reported as one line per problem naming the file and the key, all problems at once, exit status 78,
   before anything starts or is registered.

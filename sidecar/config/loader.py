@@ -173,14 +173,23 @@ class _Section:
         if v is None:
             return None
         if isinstance(v, str):
+            if not any(variables(v)):
+                # A TOML integer is written without quotes; a string only carries a variable ("${PORT}").
+                hint = f"{v!r}" if not v.strip().lstrip("+-").isdigit() else f'"{v}": write {v.strip()} without quotes'
+                self.problems.add(self.key(k), f"must be an integer, not a string ({hint})")
+                return None
             text = _interpolate(v, self.key(k), self.env, self.problems)
             try:
                 v = int(text)
             except ValueError:
-                self.problems.add(self.key(k), f"{text!r} is not a whole number")
+                self.problems.add(self.key(k), f"{text!r} (from a variable) is not a whole number")
                 return None
+        if isinstance(v, float):
+            whole = f" (write {int(v)})" if v.is_integer() else ""
+            self.problems.add(self.key(k), f"must be a whole number, not {v!r}{whole}")
+            return None
         if isinstance(v, bool) or not isinstance(v, int):
-            self.problems.add(self.key(k), f"must be a whole number, not {_kind(v)}")
+            self.problems.add(self.key(k), f"must be an integer, not {_kind(v)}")
             return None
         if not lo <= v <= hi:
             self.problems.add(self.key(k), f"{v} is outside {lo}..{hi}")

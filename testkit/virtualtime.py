@@ -34,8 +34,11 @@ class VirtualTime:
                 return real_select(None)
             ready = real_select(0)
             if not ready and timeout > 0:
-                self._now += timeout
-                self.jumped += timeout
+                # To the earliest timer exactly (adding ``timeout`` would drift by rounding).
+                timers: list[asyncio.TimerHandle] = loop._scheduled  # type: ignore[attr-defined]
+                when = timers[0].when() if timers else self._now + timeout
+                self.jumped += max(0.0, when - self._now)
+                self._now = max(self._now, when)
             return ready
 
         selector.select = select  # type: ignore[method-assign]

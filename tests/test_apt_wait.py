@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+# Runs scripts and apt-get as real processes: never a unit test.
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 LIB = ROOT / "scripts" / "lib" / "apt-wait.sh"
 

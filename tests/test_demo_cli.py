@@ -18,6 +18,9 @@ from examples.rollout.loadgen import Record
 from examples.rollout.rollout import RolloutResult
 from testkit import ROOT
 
+# Runs scripts/demo as a real process: never a unit test.
+pytestmark = pytest.mark.integration
+
 
 @pytest.mark.parametrize("args", [["--help"], ["-h"], ["--hot-restart", "--help"]])
 def test_demo_help_does_not_run_setup(args: list[str]) -> None:

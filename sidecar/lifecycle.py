@@ -70,7 +70,7 @@ from .registry.consul import (
     Deregistration,
 )
 from .registry.registration import registration_payload
-from .state import DrainEnd, State, Status
+from .state import AppView, DrainEnd, GenerationView, HotRestartView, State, Status
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -192,7 +192,7 @@ class Sidecar:
             )
         dispatcher = asyncio.create_task(self._dispatch_signals())
         if self._gens is not None:
-            self.status.hot_restart = {"state": "idle", "restarts": 0, "failures": 0, "last_error": None}
+            self.status.hot_restart = HotRestartView()
             if self._app_notify is not None:
                 self._gens.notify_socket = self._app_notify.env_value
                 self._app_notify.start(self._on_app_message)
@@ -211,7 +211,7 @@ class Sidecar:
             except OSError as e:
                 self.log.error("sidecar.app.start_failed", error=f"{e.__class__.__name__}: {e}")
                 return EX_NOT_FOUND if isinstance(e, FileNotFoundError) else EX_CANNOT_EXECUTE
-            self.status.app = {"description": self.app.description}
+            self.status.app = AppView(self.app.description)
             if self._gens is not None:
                 for gen in self._gens.generations:
                     gen.exited.add_done_callback(lambda _: self._show_generations())
@@ -1051,20 +1051,31 @@ class Sidecar:
         )
 
     def _hot_state(self, state: str, error: str | None | Literal[False] = False) -> None:
-        if self.status.hot_restart is None:
+        view = self.status.hot_restart
+        if view is None:
             return
-        self.status.hot_restart["state"] = state
-        self.status.hot_restart["restarts"] = self.status.hot_restarts_total
-        self.status.hot_restart["failures"] = self.status.hot_restart_failures_total
-        if error is not False:
-            self.status.hot_restart["last_error"] = error
+        self.status.hot_restart = HotRestartView(
+            state,
+            self.status.hot_restarts_total,
+            self.status.hot_restart_failures_total,
+            view.last_error if error is False else error,
+        )
 
     def _show_generations(self) -> None:
         if self._gens is not None:
-            self.status.app = {
-                "description": self._gens.description,
-                "generations": [g.as_json() for g in self._gens.generations],
-            }
+            self.status.app = AppView(
+                self._gens.description,
+                tuple(
+                    GenerationView(
+                        g.number,
+                        g.pid,
+                        g.state.value,
+                        g.status_text,
+                        g.exited.result() if g.exited.done() and not g.exited.cancelled() else None,
+                    )
+                    for g in self._gens.generations
+                ),
+            )
 
     def _on_app_message(self, pid: int, fields: dict[str, str]) -> None:
         """A message on the apps' NOTIFY_SOCKET, attributed to a generation by its sender's PID."""

@@ -50,6 +50,76 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
+@dataclass(frozen=True)
+class GenerationView:
+    """One app generation as /status shows it (hot restart)."""
+
+    generation: int
+    pid: int
+    state: str  # starting, serving, stopping, exited
+    status: str | None = None  # the generation's last STATUS= on NOTIFY_SOCKET
+    exit_status: int | None = None
+
+    def as_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"generation": self.generation, "pid": self.pid, "state": self.state}
+        if self.status is not None:
+            out["status"] = self.status
+        if self.exit_status is not None:
+            out["exit_status"] = self.exit_status
+        return out
+
+
+@dataclass(frozen=True)
+class AppView:
+    """The app as /status shows it: what runs, and its generations under hot restart."""
+
+    description: str
+    generations: tuple[GenerationView, ...] | None = None
+
+    def as_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"description": self.description}
+        if self.generations is not None:
+            out["generations"] = [g.as_json() for g in self.generations]
+        return out
+
+
+@dataclass(frozen=True)
+class DrainProgress:
+    """Where the wait before the app's signal is: its strategy, its step, what it sees (traffic)."""
+
+    strategy: str  # fixed, traffic
+    step: str  # not started, delay, catalog, dns, traffic, ...
+    sources: tuple[str, ...] | None = None  # the traffic view's sources
+    complete: bool | None = None  # whether those sources see short connections
+    seen: dict[str, Any] = field(default_factory=dict)  # the step's own figures (blind, open connections, ...)
+
+    def as_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"strategy": self.strategy, "step": self.step}
+        if self.sources is not None:
+            out["sources"] = list(self.sources)
+        if self.complete is not None:
+            out["complete"] = self.complete
+        return out | {k: v for k, v in self.seen.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class HotRestartView:
+    """Hot restart as /status shows it (when hot_restart.enabled)."""
+
+    state: str = "idle"  # idle, restarting, failed, interrupted
+    restarts: int = 0
+    failures: int = 0
+    last_error: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "restarts": self.restarts,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }
+
+
 @dataclass
 class Status:
     """What the lifecycle reports; the lifecycle is its only writer."""
@@ -61,9 +131,9 @@ class Status:
     since_mono: float = 0.0
     consul_reachable: bool | None = None
     last_error: str | None = None
-    app: dict[str, Any] = field(default_factory=dict)
-    drain: dict[str, Any] | None = None  # the drain's progress (which step, traffic seen)
-    hot_restart: dict[str, Any] | None = None  # {state, restarts, last_error} when hot_restart.enabled
+    app: AppView | None = None  # once the app has started
+    drain: DrainProgress | None = None  # the drain's progress (which step, traffic seen)
+    hot_restart: HotRestartView | None = None  # when hot_restart.enabled
     hot_restarts_total: int = 0  # completed hot restarts
     hot_restart_failures_total: int = 0  # hot restarts whose new generation was stopped, the old one serving on
     # For /metrics (sidecar/metrics.py): counters since start, and the last drain's figures.
@@ -92,9 +162,9 @@ class Status:
             "service_id": self.service_id,
             "consul_reachable": self.consul_reachable,
             "last_error": self.last_error,
-            "app": self.app,
-            "drain": self.drain,
-            **({"hot_restart": self.hot_restart} if self.hot_restart is not None else {}),
+            "app": self.app.as_json() if self.app is not None else {},
+            "drain": self.drain.as_json() if self.drain is not None else None,
+            **({"hot_restart": self.hot_restart.as_json()} if self.hot_restart is not None else {}),
             "maintenance": self.maintenance,
             "maintenance_reason": self.maintenance_reason,
         }

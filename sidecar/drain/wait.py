@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..clock import Clock
 from ..config import Config, Strategy
 from ..registry.consul import ConsulError
-from ..state import DrainEnd, Status
+from ..state import DrainEnd, DrainProgress, Status
 from .dns_probe import DnsError, resolve_addresses
 from .netns_counters import Counters, namespace_is_apps, read_counters
 from .tcp_events import DestroyEvents
@@ -260,12 +260,7 @@ class DrainWait:
             "sources": sources,
             "missing": missing or None,
         }
-        self.status.drain = {
-            "strategy": "traffic",
-            "step": "not started",
-            "sources": sources,
-            "complete": self.complete,
-        }
+        self.status.drain = DrainProgress("traffic", "not started", tuple(sources), self.complete)
         if self.blind is None:
             self.log.info("sidecar.drain.traffic_view", **fields)
         elif self.sd.traffic_poll_only_accepts_misses:
@@ -333,7 +328,7 @@ class DrainWait:
     async def _wait(self, confirmed_at: float) -> DrainEnd:
         upper = confirmed_at + self.sd.propagation_delay
         if self.sd.strategy is Strategy.FIXED or self._watcher is None:
-            self.status.drain = {"strategy": "fixed", "step": "delay"}
+            self.status.drain = DrainProgress("fixed", "delay")
             await self.clock.sleep(upper - self.clock.monotonic())
             return DrainEnd.FIXED if self.sd.strategy is Strategy.FIXED else DrainEnd.FIXED_VIEW_UNAVAILABLE
         if self.blind is not None and not self.sd.traffic_poll_only_accepts_misses:
@@ -570,12 +565,7 @@ class DrainWait:
         return self.clock.monotonic() < upper
 
     def _progress(self, step: str, **fields: Any) -> None:
-        self.status.drain = {
-            "strategy": "traffic",
-            "step": step,
-            "sources": self.sources,
-            **{k: v for k, v in fields.items() if v is not None},
-        }
+        self.status.drain = DrainProgress("traffic", step, tuple(self.sources), seen=fields)
 
     def _ms(self, since: float) -> int:
         return round((self.clock.monotonic() - since) * 1000)

@@ -283,10 +283,9 @@ def _check_config(config: Config) -> int:
 
 
 def _status_listen(config: Config) -> str | None:
-    if config.status is None:
-        return None
-    host = f"[{config.status.host}]" if ":" in config.status.host else config.status.host
-    return f"{host}:{config.status.port}"
+    from .wiring import status_listen
+
+    return status_listen(config)
 
 
 def _traffic_view_here(config: Config) -> dict[str, Any]:
@@ -430,133 +429,17 @@ def _maint(config: Config, enable: bool, reason: str | None) -> int:
 
 
 async def _run(config: Config, command: list[str], tokens: TokenCache) -> int:
-    import asyncio
-
     from . import log
-    from .clock import SystemClock
-    from .executor import DaemonThreadExecutor
-    from .http.server import StatusServer, bind, listen_warnings, raise_nofile_limit
-    from .lifecycle import Sidecar
-    from .process.app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
-    from .process.health import Prober
-    from .process.notify import SystemdNotifier
-    from .registry.consul import ConsulAgent
-    from .state import Status
+    from .wiring import WiringError, build_sidecar
 
-    # Blocking calls (host-name look-ups) in daemon threads: a resolver that does not answer must
-    # not keep the sidecar alive past its drain (asyncio.run waits for a pool's threads).
-    asyncio.get_running_loop().set_default_executor(DaemonThreadExecutor())
-    clock = SystemClock()
-    logger = log.get_logger()
-    sock = None
-    if config.status is not None:
-        conflicts = listen_warnings(config.status.host, config.status.port, config.consul.address)
-        try:
-            sock = bind(config.status.host, config.status.port)
-        except OSError as e:
-            why = f" ({conflicts[0]})" if conflicts else ""
-            return _fail(
-                [f"{config.source}: status.listen: cannot listen on {_status_listen(config)}: {e.strerror or e}{why}"],
-                EX_CONFIG,
-            )
-        for warning in conflicts:
-            logger.warning("sidecar.status.listen_warning", warning=warning)
-
-    listener = None
-    app_notify = None
-    if command and config.hot_restart.enabled:
-        from .process.listener import bind_listener
-        from .process.notify import AppNotifySocket
-
-        svc = config.service
-        try:
-            # Before the app starts: a port that cannot be had fails with nothing started.
-            listener = bind_listener(svc.address, svc.port)
-            app_notify = AppNotifySocket(logger)
-        except OSError as e:
-            if sock is not None:
-                sock.close()
-            return _fail(
-                [
-                    f"{config.source}: hot_restart.enabled: the sidecar cannot listen on service.address:service.port "
-                    f"{svc.address}:{svc.port}: {e.strerror or e}"
-                ],
-                EX_CONFIG,
-            )
-    app: App
-    child: ChildApp | None = None
-    if command:
-        # The app inherits our environment, except what fed the ACL token (CONSUL_HTTP_TOKEN,
-        # CONSUL_HTTP_TOKEN_FILE, every ${VAR} in consul.token): it is the sidecar's secret. Nor
-        # systemd's NOTIFY_SOCKET (the sidecar is the unit's main process) or socket-activation
-        # variables meant for the sidecar.
-        mine = {"NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"}
-        app_env = {k: v for k, v in os.environ.items() if k not in config.secret_env and k not in mine}
-        child = ChildApp(
-            command,
-            PosixLauncher(),
-            clock,
-            app_env,
-            follow_port=config.service.port,
-            log=logger.bind(service_id=config.service.id),
-            listener=listener,
-            fd_name=config.service.name,
-        )
-        app = child
-        # Orphans of the app become our children (PID 1 gets them anyway), so
-        # the reaper in ChildApp collects them and no zombie piles up.
-        become_subreaper()
-    elif config.app.pid is not None or config.app.pid_file is not None:
-        app = PidApp(
-            config.app.pid,
-            config.app.pid_file,
-            clock,
-            config.service.address,
-            config.service.port,
-            logger.bind(service_id=config.service.id),
-        )
-    elif config.app.shutdown_url is not None:
-        app = UrlApp(config.app.shutdown_url, config.check.http, clock)
-    else:
-        app = ExternalApp()
-
-    def own_io() -> None:
-        # Only once the app is spawned: the launcher's preexec_fn must run in a process with one
-        # thread, and the app keeps the platform's descriptor limit (select()-based code relies on 1024).
-        before, after = raise_nofile_limit()
-        log.start()
-        logger.debug("sidecar.limits.nofile", soft_before=before, soft=after)
-
-    status = Status(clock, config.service.id)
-    prober = Prober(config.check.http, config.check.timeout)
-    agent = ConsulAgent(config.consul, clock, tokens=tokens)
-    server = None
-    if sock is not None:
-        from .http.readiness import READ_TIMEOUT, Readiness
-
-        readiness = Readiness(status, agent.service_health, timeout=min(READ_TIMEOUT, config.consul.timeout))
-        server = StatusServer(status, sock, logger, readiness=readiness, request_errors=agent.request_errors)
-    sidecar = Sidecar(
-        config,
-        agent=agent,
-        app=app,
-        prober=prober,
-        clock=clock,
-        status=status,
-        log=logger,
-        status_server=server,
-        after_start=own_io,
-        systemd=SystemdNotifier(config.systemd_notify_socket, logger),
-        app_notify=app_notify,
-    )
     try:
-        return await sidecar.run()
+        wired = build_sidecar(config, command, tokens)
+    except WiringError as e:
+        return _fail([e.problem], EX_CONFIG)
+    try:
+        return await wired.sidecar.run()
     except Exception:
-        logger.exception("sidecar.crashed", hint="this is a bug in consul-sidecar; the app is being killed")
+        log.get_logger().exception("sidecar.crashed", hint="this is a bug in consul-sidecar; the app is being killed")
         return EX_SOFTWARE
     finally:
-        await prober.close()
-        if child is not None:
-            # The app must not outlive the sidecar, nor anything it started (a crash, or a
-            # process forked after the lifecycle's last sweep).
-            child.kill_descendants()
+        await wired.close()

@@ -18,6 +18,7 @@ PACKAGE = ROOT / "sidecar"
 # Top to bottom, as the program runs. A room is a sub-package or a top-level module.
 FLOORS: list[set[str]] = [
     {"__main__", "cli"},
+    {"wiring"},
     {"lifecycle"},
     {"http"},
     {"process"},

@@ -76,6 +76,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+FORWARD_LOG_WINDOW = 10.0  # seconds: one info line per forwarded signal name at most, the rest at debug
+
 _UNCONFIRMED_HINTS = {
     Deregistration.NO_LEADER: "the Consul servers have no leader (an election?): the agent removes the instance from "
     "the catalog once they have one",
@@ -158,6 +160,7 @@ class Sidecar:
         self._shutdown = asyncio.Event()
         self._skip_delay = asyncio.Event()
         self._sigints = 0
+        self._forwarded: dict[signal.Signals, tuple[float, int]] = {}  # signal -> (last info line, passed on since)
         # True from the moment a registration write is sent (or one with our ID is found) until an
         # answer proves it was not applied: the drain then has something to deregister.
         self._registration_attempted = False
@@ -845,7 +848,17 @@ class Sidecar:
             return
         if sig in FORWARDED:
             self.app.forward(sig)
-            self.log.info("sidecar.signal.forwarded", signal=sig.name)
+            # At info, but not a line per signal of a storm: a flood of info lines would push the drain's
+            # own events out of the bounded log queue. The first of each signal in FORWARD_LOG_WINDOW says
+            # how many were passed on since its last line; the rest are debug lines (expendable).
+            now = self.clock.monotonic()
+            last, count = self._forwarded.get(sig, (float("-inf"), 0))
+            if now - last >= FORWARD_LOG_WINDOW:
+                self._forwarded[sig] = (now, 0)
+                self.log.info("sidecar.signal.forwarded", signal=sig.name, since_last_line=count or None)
+            else:
+                self._forwarded[sig] = (last, count + 1)
+                self.log.debug("sidecar.signal.forwarded", signal=sig.name)
             return
         assert sig in SHUTDOWN
         if sig == signal.SIGINT:

@@ -142,6 +142,60 @@ def test_keeper_write_in_flight_cannot_land_after_the_deregistration(
 
 
 @pytest.mark.parametrize(
+    ("hold", "app_timeout", "expect_status"),
+    [(3.0, "10s", 0), (8.0, "1s", 75)],
+    ids=["lands-while-the-sidecar-still-reads", "lands-after-the-drains-worst-case"],
+)
+def test_unanswered_first_registration_landing_after_the_drain(
+    consul: Consul,
+    proxy: FaultProxy,
+    start_sidecar: StartSidecar,
+    service_name: str,
+    tmp_path: Path,
+    hold: float,
+    app_timeout: str,
+    expect_status: int,
+) -> None:
+    """1. A hop (the proxy) holds the first registration `hold` seconds and then delivers it, although
+       the sidecar gave up after consul.timeout (1 s). SIGTERM as soon as the request is held.
+    2. Expected: the sidecar never exits 0 while the agent lists the instance once the held write has
+       landed. lands-while-the-sidecar-still-reads (3 s): the drain keeps reading the agent until the
+       write's window has passed, sees it land, deregisters again: exit 0, nothing left.
+       lands-after-the-drains-worst-case (8 s, a 4.5 s worst case): the window outlasts the drain, so
+       its last word is left_registered (reason write_unanswered) and it exits 75; the write then does land.
+    """
+    port = free_port()
+    siglog = tmp_path / "signals.log"
+    sid = f"{service_name}-1"
+    proxy.add("PUT", REGISTER, "hold_request", hold, uses=1)
+    shutdown = {"propagation_delay": "500ms", "deregister_timeout": "2s", "app_timeout": app_timeout}
+    sc = start_sidecar(
+        through(proxy, base_config(consul, service_name, port, shutdown=shutdown)),
+        app_command(port, "127.0.0.1", "--signal-log", str(siglog)),
+    )
+    wait_for(lambda: proxy.seen("PUT", REGISTER), 20, what="the registration to reach the proxy")
+    sc.send(signal.SIGTERM)
+    code = sc.wait(40)
+    held = proxy.seen("PUT", REGISTER)[0]
+    wait_for(lambda: held.applied is not None, hold + 10, what="the held registration to reach the agent")
+    listed = consul.get(f"/v1/agent/service/{sid}") is not None
+    try:
+        assert not (code == 0 and listed), f"exit 0, yet the agent lists the instance: {sc.output()[-3000:]}"
+        assert code == expect_status, sc.output()[-3000:]
+        if expect_status == 0:
+            assert sc.event("sidecar.consul.reappeared") is not None, sc.output()[-3000:]
+            assert not listed and consul.service_ids(service_name) == []
+        else:
+            left = sc.event("sidecar.consul.left_registered")
+            assert left is not None and left["reason"] == "write_unanswered", sc.output()[-3000:]
+            assert listed, "the sidecar said the write might land; it did"
+        assert "Traceback" not in sc.output()
+    finally:
+        if listed:
+            remove_behind_its_back(consul, sid)
+
+
+@pytest.mark.parametrize(
     ("method", "prefix", "action", "status"),
     [
         ("PUT", DEREGISTER, "latin1", 0),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,10 +112,18 @@ def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return args, []
 
 
-def _fail(lines: Sequence[str], code: int) -> int:
+def _fail(lines: Sequence[str], code: int, secrets: Sequence[str] = ()) -> int:
+    """Print ``lines`` (through the scrubber the logs use: no token is ever printed) and return ``code``."""
+    from .redact import scrub
+
     for line in lines:
-        print(f"{PROG}: {line}", file=sys.stderr)
+        print(f"{PROG}: {scrub(line, secrets)}", file=sys.stderr)
     return code
+
+
+def _token_secrets(config: Config) -> Callable[[], list[str]]:
+    """The configured token as a secrets source for the scrubber (``redact.read_secrets`` guards it)."""
+    return lambda: [t for t in [config.consul.token.read()] if t]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,9 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from . import log
 
-    log.configure(
-        fmt=args.log_format, level=args.log_level, secrets=lambda: [t for t in [config.consul.token.read()] if t]
-    )
+    log.configure(fmt=args.log_format, level=args.log_level, secrets=_token_secrets(config))
     if not command:
         log.start()  # no child to fork: write from the start (wrapper mode starts it after the spawn)
     for warning in config.warnings:
@@ -361,6 +367,10 @@ def _maint(config: Config, enable: bool, reason: str | None) -> int:
     """Maintenance mode on or off, then read back: only the agent's answer to a read says it holds."""
     from .consul_client import BlockingMaintenance, ConsulError, ConsulPermissionDenied, ConsulRejected
     from .exit_codes import EX_NOPERM, EX_NOT_REGISTERED
+    from .redact import read_secrets
+
+    def fail(lines: Sequence[str], code: int) -> int:
+        return _fail(lines, code, read_secrets(_token_secrets(config)))  # an error may carry an echoed token
 
     svc = config.service
     agent = BlockingMaintenance(config.consul)
@@ -371,7 +381,7 @@ def _maint(config: Config, enable: bool, reason: str | None) -> int:
     what = "maintenance mode on" if enable else "maintenance mode off"
     try:
         if not agent.registered(svc.id):
-            return _fail([not_registered], EX_NOT_REGISTERED)
+            return fail([not_registered], EX_NOT_REGISTERED)
         before = agent.maintenance(svc.id)
         if (before is not None) == enable:
             note = ""
@@ -383,14 +393,14 @@ def _maint(config: Config, enable: bool, reason: str | None) -> int:
         write_error: ConsulError | None = None
         try:
             if not agent.set(svc.id, enable, reason):
-                return _fail([not_registered], EX_NOT_REGISTERED)
+                return fail([not_registered], EX_NOT_REGISTERED)
         except (ConsulPermissionDenied, ConsulRejected):
             raise  # answered: nothing was applied
         except ConsulError as e:  # no answer: maybe applied; the read below decides
             write_error = e
         after = agent.maintenance(svc.id)
     except ConsulPermissionDenied as e:
-        return _fail(
+        return fail(
             [
                 f"maint: {e}; maintenance mode needs service:write on {svc.name!r} "
                 "(the token from consul.token_file, CONSUL_HTTP_TOKEN_FILE or CONSUL_HTTP_TOKEN)"
@@ -398,14 +408,14 @@ def _maint(config: Config, enable: bool, reason: str | None) -> int:
             EX_NOPERM,
         )
     except ConsulRejected as e:
-        return _fail([f"maint: {e}"], EX_CONFIG)
+        return fail([f"maint: {e}"], EX_CONFIG)
     except ConsulError as e:
-        return _fail([f"maint: {what} for {svc.id!r} not done or not confirmed: {e}"], EX_UNAVAILABLE)
+        return fail([f"maint: {what} for {svc.id!r} not done or not confirmed: {e}"], EX_UNAVAILABLE)
     finally:
         agent.close()
     if (after is not None) != enable:
         why = f" (the request: {write_error})" if write_error is not None else ""
-        return _fail(
+        return fail(
             [f"maint: {what} for {svc.id!r} not confirmed: the agent still shows it {'off' if enable else 'on'}{why}"],
             EX_UNAVAILABLE,
         )
@@ -509,7 +519,7 @@ async def _run(config: Config, command: list[str]) -> int:
         log.start()
         logger.debug("sidecar.limits.nofile", soft_before=before, soft=after)
 
-    status = Status(clock, config.service.id)
+    status = Status(clock, config.service.id, secrets=_token_secrets(config))
     prober = Prober(config.check.http, config.check.timeout)
     agent = ConsulAgent(config.consul, clock)
     server = None

@@ -187,6 +187,7 @@ class Sidecar:
         # Writes that ended without an answer (or that the fence gave up on): they may land until that moment.
         self._unsettled: dict[asyncio.Future[None], float] = {}
         self._consul_ok: bool | None = None
+        self._consul_error: str | None = None  # the agent's last error, shown as /status's last_error
         # Consul's maintenance mode as the keeper last read it (its reason), and whether the agent lost it
         # with the service: a re-registration must not put back in rotation an instance taken out by hand.
         self._maintenance: str | None = None
@@ -1122,9 +1123,14 @@ class Sidecar:
     def _consul_state(
         self, reachable: bool, error: str | None, level: Literal["warning", "error"] = "warning", retrying: bool = False
     ) -> None:
-        """Log Consul reachability changes, not every failed request."""
+        """Log Consul reachability changes, not every failed request. An agent that answers again
+        clears /status's last_error when it is still the agent's error."""
         if error is not None:
-            self.status.last_error = error
+            self.status.last_error = self._consul_error = error
+        elif reachable and self._consul_error is not None:
+            if self.status.last_error == self._consul_error:
+                self.status.last_error = None
+            self._consul_error = None
         self.status.consul_reachable = reachable
         if reachable == self._consul_ok:
             return

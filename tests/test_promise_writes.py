@@ -348,3 +348,38 @@ def test_token_file_gone_mid_run_keeps_the_last_good_token(
     assert sc.event("sidecar.consul.deregister_unconfirmed") is None
     assert acl_consul.get(f"/v1/agent/service/{sid}") is None and acl_consul.service_ids(service_name) == []
     assert token not in sc.output() and "Traceback" not in sc.output()
+
+
+@pytest.mark.parametrize("status", [500, 403])
+def test_token_echoed_by_the_agents_address_never_reaches_status(
+    consul: Consul, proxy: FaultProxy, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, status: int
+) -> None:
+    """1. Registered through the proxy, with a token from a file. Then whatever answers at the agent's
+       address echoes each of the keeper's reads, headers and all (the token among them), into an
+       error body (500, or 403 as an ACL refusal would be).
+    2. Expected: /status's last_error shows that error without the token (nor any piece of it), the
+       log never shows it; once the agent answers again, last_error is cleared.
+    """
+    secret = "0a1b2c3d-4e5f-6789-abcd-ef0123456789"
+    tf = tmp_path / "token"
+    tf.write_text(secret + "\n")
+    port = free_port()
+    sc = start_sidecar(through(proxy, base_config(consul, service_name, port), token_file=str(tf)), app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    url = sc.status_url() + "/status"
+    proxy.add("GET", "/v1/agent/service/", "echo", status=status)
+    wait_for(
+        lambda: "rejected request" in (json.loads(http_get(url)[1])["last_error"] or ""),
+        15,
+        what="the echoed error in /status",
+    )
+    shown = json.loads(http_get(url)[1])["last_error"]
+    assert [s for s in proxy.seen("GET", "/v1/agent/service/") if s.action == "echo"]
+    assert "X-Consul-Token" in shown, shown  # the header's line is there: only its value is hidden
+    assert secret not in shown and secret[:8] not in shown, shown
+    proxy.clear()
+    wait_for(lambda: json.loads(http_get(url)[1])["last_error"] is None, 15, what="last_error to be cleared")
+    sc.send(signal.SIGTERM)
+    assert sc.wait(30) == 0, sc.output()[-3000:]
+    assert secret not in sc.output() and secret[:8] not in sc.output()
+    assert "Traceback" not in sc.output()

@@ -795,7 +795,8 @@ class Sidecar:
         a 0 while an unanswered registration write may still land. (A non-zero status of the app's
         wins: it is no success either, and it tells why the app ended.)"""
         if self._unsettled:
-            again = await self._verify_gone(bound, wait_again=False)
+            # Kept from the worst case: a last read's floor (0.25 s) and the log's flush at exit (0.5 s).
+            again = await self._verify_gone(bound - 0.75, wait_again=False)
             if again is not None:
                 last = again
         if last.outcome is not Deregistration.CONFIRMED and await self._final_check(last, bound):

@@ -38,12 +38,13 @@ import resource
 import socket
 import struct
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .listener import bind_listener
+from .redact import read_secrets, scrub
 
 if TYPE_CHECKING:
     # At run time the server's methods import asyncio: check-config imports this module for
@@ -111,6 +112,8 @@ class Status:
     drain_end: str | None = None  # why that wait ended (a DrainEnd value)
     maintenance: bool = False  # Consul's maintenance mode, as the keeper last read it
     maintenance_reason: str | None = None
+    # The token, for the scrubber the logs use: no error text shown here may carry it.
+    secrets: Callable[[], Iterable[str]] = field(default=lambda: (), repr=False)
 
     def __post_init__(self) -> None:
         self.since_wall = self.clock.wall()
@@ -121,6 +124,9 @@ class Status:
         self.since_wall = self.clock.wall()
         self.since_mono = self.clock.monotonic()
 
+    def _scrub(self, text: str | None) -> str | None:
+        return None if text is None else scrub(text, read_secrets(self.secrets))
+
     def as_json(self) -> dict[str, Any]:
         return {
             "state": self.state.value,
@@ -128,10 +134,14 @@ class Status:
             "seconds_in_state": round(self.clock.monotonic() - self.since_mono, 3),
             "service_id": self.service_id,
             "consul_reachable": self.consul_reachable,
-            "last_error": self.last_error,
+            "last_error": self._scrub(self.last_error),
             "app": self.app,
             "drain": self.drain,
-            **({"hot_restart": self.hot_restart} if self.hot_restart is not None else {}),
+            **(
+                {"hot_restart": {**self.hot_restart, "last_error": self._scrub(self.hot_restart.get("last_error"))}}
+                if self.hot_restart is not None
+                else {}
+            ),
             "maintenance": self.maintenance,
             "maintenance_reason": self.maintenance_reason,
         }

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,10 +113,18 @@ def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return args, []
 
 
-def _fail(lines: Sequence[str], code: int) -> int:
+def _fail(lines: Sequence[str], code: int, secrets: Sequence[str] = ()) -> int:
+    """Print ``lines`` (through the scrubber the logs use: no token is ever printed) and return ``code``."""
+    from .redact import scrub
+
     for line in lines:
-        print(f"{PROG}: {line}", file=sys.stderr)
+        print(f"{PROG}: {scrub(line, secrets)}", file=sys.stderr)
     return code
+
+
+def _token_secrets(config: Config) -> Callable[[], list[str]]:
+    """The configured token as a secrets source for the scrubber (``redact.read_secrets`` guards it)."""
+    return lambda: [t for t in [config.consul.token.read()] if t]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -369,7 +377,11 @@ def _wait(args: argparse.Namespace) -> int:
 def _maint(config: Config, enable: bool, reason: str | None) -> int:
     """Maintenance mode on or off, then read back: only the agent's answer to a read says it holds."""
     from .exit_codes import EX_NOPERM, EX_NOT_REGISTERED
+    from .redact import read_secrets
     from .registry.consul import BlockingMaintenance, ConsulError, ConsulPermissionDenied, ConsulRejected
+
+    def fail(lines: Sequence[str], code: int) -> int:
+        return _fail(lines, code, read_secrets(_token_secrets(config)))  # an error may carry an echoed token
 
     svc = config.service
     agent = BlockingMaintenance(config.consul)
@@ -380,7 +392,7 @@ def _maint(config: Config, enable: bool, reason: str | None) -> int:
     what = "maintenance mode on" if enable else "maintenance mode off"
     try:
         if not agent.registered(svc.id):
-            return _fail([not_registered], EX_NOT_REGISTERED)
+            return fail([not_registered], EX_NOT_REGISTERED)
         before = agent.maintenance(svc.id)
         if (before is not None) == enable:
             note = ""
@@ -392,14 +404,14 @@ def _maint(config: Config, enable: bool, reason: str | None) -> int:
         write_error: ConsulError | None = None
         try:
             if not agent.set(svc.id, enable, reason):
-                return _fail([not_registered], EX_NOT_REGISTERED)
+                return fail([not_registered], EX_NOT_REGISTERED)
         except (ConsulPermissionDenied, ConsulRejected):
             raise  # answered: nothing was applied
         except ConsulError as e:  # no answer: maybe applied; the read below decides
             write_error = e
         after = agent.maintenance(svc.id)
     except ConsulPermissionDenied as e:
-        return _fail(
+        return fail(
             [
                 f"maint: {e}; maintenance mode needs service:write on {svc.name!r} "
                 "(the token from consul.token_file, CONSUL_HTTP_TOKEN_FILE or CONSUL_HTTP_TOKEN)"
@@ -407,14 +419,14 @@ def _maint(config: Config, enable: bool, reason: str | None) -> int:
             EX_NOPERM,
         )
     except ConsulRejected as e:
-        return _fail([f"maint: {e}"], EX_CONFIG)
+        return fail([f"maint: {e}"], EX_CONFIG)
     except ConsulError as e:
-        return _fail([f"maint: {what} for {svc.id!r} not done or not confirmed: {e}"], EX_UNAVAILABLE)
+        return fail([f"maint: {what} for {svc.id!r} not done or not confirmed: {e}"], EX_UNAVAILABLE)
     finally:
         agent.close()
     if (after is not None) != enable:
         why = f" (the request: {write_error})" if write_error is not None else ""
-        return _fail(
+        return fail(
             [f"maint: {what} for {svc.id!r} not confirmed: the agent still shows it {'off' if enable else 'on'}{why}"],
             EX_UNAVAILABLE,
         )

@@ -18,6 +18,7 @@ __all__ = [
     "EX_CANNOT_EXECUTE",
     "EX_CONFIG",
     "EX_INTERRUPTED",
+    "EX_MAYBE_REGISTERED",
     "EX_NOPERM",
     "EX_NOT_FOUND",
     "EX_NOT_REGISTERED",
@@ -31,6 +32,9 @@ EX_UNAVAILABLE = os.EX_UNAVAILABLE  # 69: the app never became healthy, another 
 # `maint` could not reach the agent or confirm the change
 EX_SOFTWARE = os.EX_SOFTWARE  # 70: a bug in the sidecar
 EX_NOT_REGISTERED = os.EX_NOUSER  # 67, "addressee unknown": `maint` found no such service ID in the agent
+# 75, "temporary failure": the drain ended while a registration write that got no answer could still
+# reach the agent (the app itself exited 0; a non-zero status of the app's is passed on instead)
+EX_MAYBE_REGISTERED = os.EX_TEMPFAIL
 EX_NOPERM = os.EX_NOPERM  # 77: Consul's ACLs refused the registration (or a maintenance request)
 EX_CONFIG = os.EX_CONFIG  # 78: bad configuration, the agent rejected the registration, a duplicate live ID
 EX_CANNOT_EXECUTE = 126  # the shell's: the app's command exists but cannot be executed

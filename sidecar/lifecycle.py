@@ -4,8 +4,10 @@
     running:   keep the registration (re-register if the agent forgot it, in maintenance mode again if it
                was); follow Consul's maintenance mode for /status; follow the app
     SIGTERM:   stop re-registering -> fence registration writes in flight -> deregister and confirm
-               -> wait propagation_delay -> (re-read the agent if a write went unanswered)
-               -> signal the app -> wait app_timeout -> SIGKILL -> exit with the app's status
+               -> wait propagation_delay -> (re-read the agent while a write that went unanswered
+               may still land) -> signal the app -> wait app_timeout -> SIGKILL
+               -> (re-read until no such write can land) -> exit with the app's status
+               (75 instead of 0 if one may still land)
     app exits: fence writes -> deregister and confirm -> end what it left -> exit with the app's status
                (a direct child that exits 0 leaving descendants on the service port has
                daemonized: the daemon is the app until it exits, see ChildApp)
@@ -15,7 +17,10 @@ proves otherwise, and is never cancelled mid-flight: a SIGTERM (or the app's exi
 that interrupts its sender leaves it running, and the drain first waits for its
 answer (within the deregistration's deadline), so no write lands after the
 deregistration. A write that ended without an answer (a timeout) may still land
-later: then the agent is read once more right before the app is signalled.
+later, until its window has passed (``LATE_WRITE_WINDOW``): the agent is read again
+and again until a read that began after that moment finds the instance gone (before
+the app is signalled, and after it if the drain's bound comes first). If the drain's
+worst case ends first, its last word says the write may still land, and it exits 75.
 
 Every step has a deadline and logs one event with its elapsed time.
 Signals arrive through a queue (handlers only record); ``_on_signal`` decides
@@ -52,7 +57,15 @@ from .backoff import backoff
 from .clock import Clock
 from .config import Config, ReadyMode, same_host
 from .drain.wait import DrainWait
-from .exit_codes import EX_CANNOT_EXECUTE, EX_CONFIG, EX_NOPERM, EX_NOT_FOUND, EX_UNAVAILABLE, by_signal
+from .exit_codes import (
+    EX_CANNOT_EXECUTE,
+    EX_CONFIG,
+    EX_MAYBE_REGISTERED,
+    EX_NOPERM,
+    EX_NOT_FOUND,
+    EX_UNAVAILABLE,
+    by_signal,
+)
 from .process import early_signals
 from .process.accept_proof import describe_others
 from .process.app_control import App, ChildApp, Generation, PidApp, StopResult, app_processes
@@ -76,6 +89,17 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 T = TypeVar("T")
+
+FORWARD_LOG_WINDOW = 10.0  # seconds: one info line per forwarded signal name at most, the rest at debug
+
+# How long after its own deadline (send + consul.timeout) a registration write that got no answer is
+# still taken to be able to reach the agent. The client closes the connection at its deadline, but
+# a hop that has already read the request (a proxy, a tunnel) may forward it later, and an agent
+# that was stalled applies what sits in its socket buffer once it runs again. The second case is
+# covered whatever its length (only a read the agent *answered* after this window settles a write);
+# the first is a policy, not a proof: see docs/decisions.md.
+LATE_WRITE_WINDOW = 5.0
+SETTLE_READ_INTERVAL = 0.1  # seconds between the reads that wait out that window
 
 _UNCONFIRMED_HINTS = {
     Deregistration.NO_LEADER: "the Consul servers have no leader (an election?): the agent removes the instance from "
@@ -160,13 +184,17 @@ class Sidecar:
         self._shutdown = asyncio.Event()
         self._skip_delay = asyncio.Event()
         self._sigints = 0
+        self._forwarded: dict[signal.Signals, tuple[float, int]] = {}  # signal -> (last info line, passed on since)
         # True from the moment a registration write is sent (or one with our ID is found) until an
         # answer proves it was not applied: the drain then has something to deregister.
         self._registration_attempted = False
-        self._writes: set[asyncio.Future[None]] = set()  # registration writes not answered yet
+        # Registration writes not answered yet, each with the moment after which it can no longer land.
+        self._writes: dict[asyncio.Future[None], float] = {}
         self._fenced = False  # the drain has begun: no new registration write may start
-        self._unanswered_write = False  # a write ended without an answer: it may land later
+        # Writes that ended without an answer (or that the fence gave up on): they may land until that moment.
+        self._unsettled: dict[asyncio.Future[None], float] = {}
         self._consul_ok: bool | None = None
+        self._consul_error: str | None = None  # the agent's last error, shown as /status's last_error
         # Consul's maintenance mode as the keeper last read it (its reason), and whether the agent lost it
         # with the service: a re-registration must not put back in rotation an instance taken out by hand.
         self._maintenance: str | None = None
@@ -238,9 +266,10 @@ class Sidecar:
             self.status.enter(State.STOPPED)
             if self.status_server is not None:
                 await self.status_server.stop()
-            for write in self._writes:  # only one the fence gave up on: nobody waits for its answer now
+            writes = list(self._writes)
+            for write in writes:  # only one the fence gave up on: nobody waits for its answer now
                 write.cancel()
-            await asyncio.gather(*self._writes, return_exceptions=True)
+            await asyncio.gather(*writes, return_exceptions=True)
             await self.agent.close()
             self.inbox.uninstall()
 
@@ -454,19 +483,20 @@ class Sidecar:
             raise ConsulUnavailable("the sidecar is draining: no new registration", maybe_applied=False)
         before = self._registration_attempted
         self._registration_attempted = True  # maybe applied from now on
+        settle_by = self.clock.monotonic() + self.config.consul.timeout + LATE_WRITE_WINDOW
         task = asyncio.ensure_future(request)
-        self._writes.add(task)
+        self._writes[task] = settle_by
         task.add_done_callback(lambda t: self._write_done(t, before))
         await asyncio.shield(task)
 
     def _write_done(self, task: asyncio.Future[None], before: bool) -> None:
-        self._writes.discard(task)
+        settle_by = self._writes.pop(task)
         e = None if task.cancelled() else task.exception()
         if task.cancelled() or (e is not None and not isinstance(e, ConsulError)):
-            self._unanswered_write = True
+            self._unsettled[task] = settle_by
         elif isinstance(e, ConsulUnavailable):
             if e.maybe_applied:
-                self._unanswered_write = True  # a timeout or a 5xx: it may be applied, now or later
+                self._unsettled[task] = settle_by  # a timeout or a 5xx: it may be applied, now or later
             else:
                 self._registration_attempted = before  # never left this host
         elif isinstance(e, ConsulError):
@@ -484,46 +514,66 @@ class Sidecar:
             return True
         t = self.clock.monotonic()
         _, left = await asyncio.wait(pending, timeout=max(0.0, deadline - t))
-        if left:
-            self._unanswered_write = True
+        for write in left:  # may land later, whatever answer it gets after the deregistration
+            self._unsettled[write] = self._writes[write]
         self.log.info("sidecar.consul.write_fenced", in_flight=len(pending), settled=not left, elapsed_ms=self._ms(t))
         return not left
 
     async def _verify_gone(self, bound: float, wait_again: bool) -> DeregisterResult | None:
-        """After the deregistration: did a write that went unanswered land since? Read the agent.
+        """After the deregistration: can a write that went unanswered still land? Read the agent until it cannot.
 
-        If the instance is back, deregister it again and (``wait_again``) give consumers the
-        propagation delay again before the app is signalled. Everything here ends by ``bound``
-        (monotonic), so the worst case still holds. Returns what the caller must report as
-        unconfirmed (the final read failed, or the second deregistration did not confirm), else None.
+        Each such write may reach the agent until its window has passed (``_unsettled``). The agent
+        is read every ``SETTLE_READ_INTERVAL`` until a read that began after the last of those moments
+        finds the instance gone: then no write can land any more. If the instance is back, it is
+        deregistered again and (``wait_again``: the app has not been signalled yet) consumers get the
+        propagation delay again. Everything here ends by ``bound`` (monotonic), so the worst case
+        still holds; writes that may still land then stay in ``_unsettled`` for the caller. Returns
+        what the caller must report as unconfirmed (the last read failed, or the second
+        deregistration did not confirm), else None.
         """
-        if not self._unanswered_write:
+        if not self._unsettled:
             return None  # every write was answered before the deregistration: none can land later
         cfg = self.config
-        t = self.clock.monotonic()
-        try:
-            # A loopback read takes milliseconds: the floor only spares a bound already reached.
-            async with asyncio.timeout(max(0.25, min(cfg.consul.timeout, bound - t))):
-                back = await self.agent.registered(cfg.service.id) is not None
-        except (ConsulError, TimeoutError) as e:
-            error = str(e) or "timeout"
-            self.log.warning("sidecar.consul.final_read_failed", error=error, elapsed_ms=self._ms(t))
+        t0 = self.clock.monotonic()
+        error: str | None = None
+        while True:
+            t = self.clock.monotonic()
+            try:
+                # A loopback read takes milliseconds: the floor only spares a bound already reached.
+                async with asyncio.timeout(max(0.25, min(cfg.consul.timeout, bound - t))):
+                    back = await self.agent.registered(cfg.service.id) is not None
+            except (ConsulError, TimeoutError) as e:
+                error = str(e) or "timeout"
+            else:
+                error = None
+                if back:
+                    self.log.error(
+                        "sidecar.consul.reappeared",
+                        hint="a registration write that went unanswered landed after the deregistration; "
+                        "deregistering again" + (" and waiting the propagation delay again" if wait_again else ""),
+                    )
+                    if len(self._unsettled) == 1:
+                        self._unsettled.clear()  # the one write that could land has landed: it cannot again
+                    result = await self._deregister(deadline=max(bound, self.clock.monotonic() + 0.25))
+                    if result.outcome is not Deregistration.CONFIRMED:
+                        return result
+                    if wait_again and not self.app.exited.done():
+                        again = min(cfg.shutdown.propagation_delay, max(0.0, bound - self.clock.monotonic()))
+                        await self._first(self.clock.sleep(again), self._skip_delay.wait())
+                    if not self._unsettled:
+                        return None
+                elif t >= max(self._unsettled.values()):
+                    self._unsettled.clear()  # gone, read after every unanswered write's window: none can land
+                    self.log.debug("sidecar.consul.final_read", registered=False, elapsed_ms=self._ms(t0))
+                    return None
+            now = self.clock.monotonic()
+            if now >= bound or (wait_again and self._skip_delay.is_set()):
+                break
+            await self.clock.sleep(min(SETTLE_READ_INTERVAL, bound - now))
+        if error is not None:
+            self.log.warning("sidecar.consul.final_read_failed", error=error, elapsed_ms=self._ms(t0))
             return DeregisterResult(Deregistration.UNCONFIRMED, 0, f"the final read failed: {error}", answered=False)
-        if not back:
-            self.log.debug("sidecar.consul.final_read", registered=False, elapsed_ms=self._ms(t))
-            return None
-        self.log.error(
-            "sidecar.consul.reappeared",
-            hint="a registration write that went unanswered landed after the "
-            "deregistration; deregistering again" + (" and waiting the propagation delay again" if wait_again else ""),
-        )
-        result = await self._deregister(deadline=max(bound, self.clock.monotonic() + 0.25))
-        if result.outcome is not Deregistration.CONFIRMED:
-            return result
-        if wait_again and not self.app.exited.done():
-            again = min(cfg.shutdown.propagation_delay, max(0.0, bound - self.clock.monotonic()))
-            await self._first(self.clock.sleep(again), self._skip_delay.wait())
-        return None
+        return None  # gone so far; a write may still land after ``bound``: ``_unsettled`` says until when
 
     async def _abort_startup(self, code: int) -> int:
         """Startup failed: nothing stays registered, the app is stopped, exit non-zero."""
@@ -692,10 +742,9 @@ class Sidecar:
                 if again is not None:  # a landed write could not be taken out again: report it at the end
                     last, outcome = again, again.outcome
         result = await self._stop_app()
-        if outcome is not Deregistration.CONFIRMED:
-            await self._final_check(last, t0 + cfg.worst_case)
-        self.log.info("sidecar.stopped", exit_status=result.status, elapsed_ms=self._ms(t0))
-        return result.status
+        status = await self._last_word(last, t0 + cfg.worst_case, result.status)
+        self.log.info("sidecar.stopped", exit_status=status, app_status=result.status, elapsed_ms=self._ms(t0))
+        return status
 
     async def _after_app_exit(self) -> int:
         """The app ended on its own: take it out of discovery at once, pass its status on."""
@@ -726,10 +775,9 @@ class Sidecar:
                 again = await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
                 last = again or last
         await self._stop_app()  # what it left behind: app_signal, then SIGKILL
-        if self._registration_attempted and last.outcome is not Deregistration.CONFIRMED:
-            await self._final_check(last, t + self.config.shutdown.worst_case)  # the last word, as the drain gives it
-        self.log.info("sidecar.stopped", exit_status=status, elapsed_ms=self._ms(t))
-        return status
+        code = await self._last_word(last, t + self.config.shutdown.worst_case, status)  # as the drain gives it
+        self.log.info("sidecar.stopped", exit_status=code, app_status=status, elapsed_ms=self._ms(t))
+        return code
 
     async def _deregister(
         self, deadline: float | None = None, late: bool = False, retry_until: float | None = None
@@ -775,16 +823,45 @@ class Sidecar:
             )
         return result
 
-    async def _final_check(self, last: DeregisterResult, bound: float) -> None:
+    async def _last_word(self, last: DeregisterResult, bound: float, app_status: int) -> int:
+        """After the app has stopped: wait out the writes that may still land (until ``bound``), give
+        the drain's last word and return the exit status: the app's, or EX_MAYBE_REGISTERED instead of
+        a 0 while an unanswered registration write may still land. (A non-zero status of the app's
+        wins: it is no success either, and it tells why the app ended.)"""
+        if self._unsettled:
+            # Kept from the worst case: a last read's floor (0.25 s) and the log's flush at exit (0.5 s).
+            again = await self._verify_gone(bound - 0.75, wait_again=False)
+            if again is not None:
+                last = again
+        if last.outcome is not Deregistration.CONFIRMED and await self._final_check(last, bound):
+            pass  # said: left_registered
+        elif self._unsettled:
+            t = self.clock.monotonic()
+            self.log.error(
+                "sidecar.consul.left_registered",
+                reason="write_unanswered",
+                agent_dropped=None,
+                error=f"a registration write got no answer; it may still reach the agent for "
+                f"{max(self._unsettled.values()) - t:.1f}s (its deadline, consul.timeout, plus "
+                f"{LATE_WRITE_WINDOW:g}s for a hop that still holds it), longer than the drain's worst case",
+                hint="the agent did not list the instance at the last read; if the write lands, Consul removes the "
+                "instance once its check has been critical for check.deregister_critical_after",
+            )
+        if self._unsettled and app_status == 0:
+            return EX_MAYBE_REGISTERED
+        return app_status
+
+    async def _final_check(self, last: DeregisterResult, bound: float) -> bool:
         """After the app has stopped: one more look, so that the last word is what the agent shows now
-        (a deregistration may have landed late); ``last`` is what the drain knew before."""
+        (a deregistration may have landed late); ``last`` is what the drain knew before. True when the
+        last word is that the instance stays registered."""
         t = self.clock.monotonic()
         deadline = min(t + max(1.0, 2 * self.config.consul.timeout), bound)
         result = await self._deregister(deadline=max(deadline, t + 0.001), late=True)
         if not result.answered:
             result = last
         if result.outcome is Deregistration.CONFIRMED:
-            return
+            return False
         hint = self._acl_hint() if result.outcome is Deregistration.BLOCKED else _LEFT_HINTS[result.outcome]
         self.log.error(
             "sidecar.consul.left_registered",
@@ -793,6 +870,7 @@ class Sidecar:
             error=result.error,
             hint=hint,
         )
+        return True
 
     async def _skip_or_bound(self, bound: float) -> None:
         """Until a second SIGINT or the monotonic time ``bound``, whichever comes first."""
@@ -850,7 +928,17 @@ class Sidecar:
             return
         if sig in FORWARDED:
             self.app.forward(sig)
-            self.log.info("sidecar.signal.forwarded", signal=sig.name)
+            # At info, but not a line per signal of a storm: a flood of info lines would push the drain's
+            # own events out of the bounded log queue. The first of each signal in FORWARD_LOG_WINDOW says
+            # how many were passed on since its last line; the rest are debug lines (expendable).
+            now = self.clock.monotonic()
+            last, count = self._forwarded.get(sig, (float("-inf"), 0))
+            if now - last >= FORWARD_LOG_WINDOW:
+                self._forwarded[sig] = (now, 0)
+                self.log.info("sidecar.signal.forwarded", signal=sig.name, since_last_line=count or None)
+            else:
+                self._forwarded[sig] = (last, count + 1)
+                self.log.debug("sidecar.signal.forwarded", signal=sig.name)
             return
         assert sig in SHUTDOWN
         if sig == signal.SIGINT:
@@ -1128,9 +1216,14 @@ class Sidecar:
     def _consul_state(
         self, reachable: bool, error: str | None, level: Literal["warning", "error"] = "warning", retrying: bool = False
     ) -> None:
-        """Log Consul reachability changes, not every failed request."""
+        """Log Consul reachability changes, not every failed request. An agent that answers again
+        clears /status's last_error when it is still the agent's error."""
         if error is not None:
-            self.status.last_error = error
+            self.status.last_error = self._consul_error = error
+        elif reachable and self._consul_error is not None:
+            if self.status.last_error == self._consul_error:
+                self.status.last_error = None
+            self._consul_error = None
         self.status.consul_reachable = reachable
         if reachable == self._consul_ok:
             return

@@ -61,7 +61,8 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-REDACTED = "<redacted>"
+from .redact import read_secrets, scrub
+
 BUDGET = 256 * 1024  # bytes of log lines held while the reader stalls
 DEBUG_SHARE = 0.75  # debug lines may fill only this share of BUDGET
 CHUNK = 4096  # PIPE_BUF on Linux: a write up to this size is not interleaved with other writers'
@@ -72,21 +73,15 @@ LIBRARY_INTERVAL = 10.0  # seconds: one line per library log cause, at most
 def _scrubber(
     secrets: Callable[[], Iterable[str]],
 ) -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]:
-    def scrub(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        try:
-            found = [s for s in secrets() if s]
-        except Exception:  # noqa: BLE001 - an unreadable token file must not stop logging
-            found = []
+    def scrub_event(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        found = read_secrets(secrets)  # an unreadable token file must not stop logging
         if found:
             for key, value in list(event.items()):
-                text = value if isinstance(value, str) else None
-                if text is not None:
-                    for s in found:
-                        text = text.replace(s, REDACTED)
-                    event[key] = text
+                if isinstance(value, str):
+                    event[key] = scrub(value, found)
         return event
 
-    return scrub
+    return scrub_event
 
 
 def _drop_none(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

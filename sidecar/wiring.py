@@ -154,7 +154,14 @@ def build_sidecar(config: Config, command: list[str], tokens: TokenCache) -> Wir
         from .http.readiness import READ_TIMEOUT, Readiness
 
         readiness = Readiness(status, agent.service_health, timeout=min(READ_TIMEOUT, config.consul.timeout))
-        server = StatusServer(status, sock, logger, readiness=readiness, request_errors=agent.request_errors)
+        server = StatusServer(
+            status,
+            sock,
+            logger,
+            readiness=readiness,
+            request_errors=agent.request_errors,
+            secrets=tokens.secrets,
+        )
     sidecar = Sidecar(
         config,
         agent=agent,

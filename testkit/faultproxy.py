@@ -14,6 +14,8 @@ The proxy reads one request per connection and answers it, forwarded or forged, 
     latin1             answer a 502 HTML page in latin-1 (not UTF-8), forwarding nothing
     truncated          forward, then send the agent's headers and half its body, then close
     garbage            forward, then replace the body of a 200 by bytes that are not JSON
+    echo               answer that status itself with the request's head (its headers, the token
+                       among them) in the body, forwarding nothing: a server that echoes requests
 
 ``log`` records, per request, when it arrived, what was done and when it went upstream,
 so a test can wait until a request is in flight before it sends a signal.
@@ -45,7 +47,8 @@ class Rule:
     method: str
     prefix: str
     action: (
-        str  # "forward", "hold_request", "hold_response", "delay", "reset", "status", "latin1", "truncated", "garbage"
+        str  # "forward", "hold_request", "hold_response", "delay", "reset", "status", "latin1", "truncated", "garbage",
+        # "echo"
     )
     seconds: float = 0.0
     status: int = 500
@@ -59,6 +62,7 @@ class Seen:
     action: str
     arrived: float  # time.monotonic()
     forwarded: float | None = None  # when the request went to the agent
+    applied: float | None = None  # when the agent's whole answer came back (a write is applied by then)
     answered: float | None = None  # when the sidecar got the answer (or the reset)
 
 
@@ -153,6 +157,9 @@ class FaultProxy:
             elif action == "status":
                 assert rule is not None
                 _send(client, _response(rule.status, b'{"error":"injected by the fault proxy"}', "application/json"))
+            elif action == "echo":
+                assert rule is not None
+                _send(client, _response(rule.status, b"rejected request:\n" + head, "text/plain"))
             elif action == "latin1":
                 _send(client, _response(502, LATIN1_502, "text/html; charset=iso-8859-1"))
             else:
@@ -162,6 +169,7 @@ class FaultProxy:
                 self._stopping.wait(before)
                 seen.forwarded = time.monotonic()
                 answer = self._forward(head, body)
+                seen.applied = time.monotonic()
                 self._stopping.wait(after)
                 if action == "truncated":
                     head_end = answer.index(b"\r\n\r\n") + 4
@@ -211,6 +219,7 @@ def _read_request(sock: socket.socket) -> tuple[bytes, bytes]:
 def _response(status: int, body: bytes, content_type: str) -> bytes:
     reason = {
         200: "OK",
+        403: "Forbidden",
         404: "Not Found",
         429: "Too Many Requests",
         500: "Internal Server Error",

@@ -90,7 +90,7 @@ def test_exit_codes_are_the_documented_table() -> None:
             continue
         documented |= {int(n) for n in re.findall(r"\d+", cells[0])}
     defined = {v for k, v in vars(exit_codes).items() if k.startswith("EX_")}
-    assert documented == defined == {2, 67, 69, 70, 77, 78, 126, 127, 130, 143}
+    assert documented == defined == {2, 67, 69, 70, 75, 77, 78, 126, 127, 130, 143}
     assert (
         exit_codes.by_signal(9) == 137 and exit_codes.by_signal(34 + 3) == 165
     )  # a real-time signal has no Signals member

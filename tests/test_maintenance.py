@@ -24,6 +24,7 @@ from sidecar.state import State
 from testkit import PY, ROOT, Consul, Sidecar, http_get, wait_for, write_config
 from testkit.acl import api, make_token, writer_rules
 from testkit.fakes import FakeAgent, FakeApp, make_config, make_sidecar, until
+from testkit.faultproxy import FaultProxy
 from testkit.suite import RegisteredSidecar, base_config
 
 MAINT = "_service_maintenance:"
@@ -242,6 +243,27 @@ def test_bad_arguments_and_unreachable_agent(tmp_path: Path, service_name: str, 
     done = maint(write_config(tmp_path / "dead.toml", cfg_dead), "--enable")
     assert done.returncode == 69, done
     assert "unreachable" in done.stderr and "http://127.0.0.1:1" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("status", "exit_status"), [(500, 69), (403, 77)])
+def test_token_echoed_by_the_agents_address_is_not_printed(
+    consul: Consul, tmp_path: Path, service_name: str, status: int, exit_status: int
+) -> None:
+    """Whatever answers at the agent's address echoes `maint`'s request, headers and all (the token
+    among them), into an error body (500, or 403 as an ACL refusal would be). Expected: the usual
+    one-line error and exit status, without the token or any piece of it."""
+    secret = "0a1b2c3d-4e5f-6789-abcd-ef0123456789"
+    (tmp_path / "token").write_text(secret + "\n")
+    with FaultProxy(consul.http_port) as proxy:
+        proxy.add("*", "/", "echo", status=status)
+        cfg = base_config(consul, service_name, 8080)
+        cfg["consul"] = {**cfg["consul"], "address": proxy.address, "token_file": str(tmp_path / "token")}
+        done = maint(write_config(tmp_path / "c.toml", cfg), "--enable", "--reason", "x")
+        assert proxy.seen("GET", "/v1/agent/service/"), "the echo was never asked"
+    assert done.returncode == exit_status, done
+    assert "rejected request" in done.stderr and "X-Consul-Token" in done.stderr, done.stderr
+    assert secret not in done.stderr + done.stdout and secret[:8] not in done.stderr, done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 

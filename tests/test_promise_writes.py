@@ -130,6 +130,63 @@ def test_keeper_write_in_flight_cannot_land_after_the_deregistration(
 
 
 @pytest.mark.parametrize(
+    ("hold", "deregister_timeout", "app_timeout", "expect_status"),
+    [(3.0, "2s", "10s", 0), (8.0, "1s", "1500ms", 75)],
+    ids=["lands-while-the-sidecar-still-reads", "lands-after-the-drains-worst-case"],
+)
+def test_unanswered_first_registration_landing_after_the_drain(
+    consul: Consul,
+    proxy: FaultProxy,
+    start_sidecar: StartSidecar,
+    service_name: str,
+    tmp_path: Path,
+    hold: float,
+    deregister_timeout: str,
+    app_timeout: str,
+    expect_status: int,
+) -> None:
+    """1. A hop (the proxy) holds the first registration `hold` seconds and then delivers it, although
+       the sidecar gave up after consul.timeout (1 s). SIGTERM as soon as the request is held.
+    2. Expected: the sidecar never exits 0 while the agent lists the instance once the held write has
+       landed. lands-while-the-sidecar-still-reads (3 s): the drain keeps reading the agent until the
+       write's window has passed, sees it land, deregisters again: exit 0, nothing left.
+       lands-after-the-drains-worst-case (8 s, a 4 s worst case): the window (1 s + 5 s) outlasts the
+       drain, so its last word is left_registered (reason write_unanswered) and it exits 75 (or the app's
+       137 if load kept the app from exiting within its 1.5 s); the write then does land.
+    """
+    port = free_port()
+    siglog = tmp_path / "signals.log"
+    sid = f"{service_name}-1"
+    proxy.add("PUT", REGISTER, "hold_request", hold, uses=1)
+    shutdown = {"propagation_delay": "500ms", "deregister_timeout": deregister_timeout, "app_timeout": app_timeout}
+    sc = start_sidecar(
+        through(proxy, base_config(consul, service_name, port, shutdown=shutdown)),
+        app_command(port, "127.0.0.1", "--signal-log", str(siglog)),
+    )
+    wait_for(lambda: proxy.seen("PUT", REGISTER), 20, what="the registration to reach the proxy")
+    sc.send(signal.SIGTERM)
+    code = sc.wait(40)
+    held = proxy.seen("PUT", REGISTER)[0]
+    wait_for(lambda: held.applied is not None, hold + 10, what="the held registration to reach the agent")
+    listed = consul.get(f"/v1/agent/service/{sid}") is not None
+    try:
+        assert not (code == 0 and listed), f"exit 0, yet the agent lists the instance: {sc.output()[-3000:]}"
+        killed = code == 128 + signal.SIGKILL and sc.event("sidecar.app.killed") is not None
+        assert code == expect_status or (expect_status != 0 and killed), sc.output()[-3000:]
+        if expect_status == 0:
+            assert sc.event("sidecar.consul.reappeared") is not None, sc.output()[-3000:]
+            assert not listed and consul.service_ids(service_name) == []
+        else:
+            left = sc.event("sidecar.consul.left_registered")
+            assert left is not None and left["reason"] == "write_unanswered", sc.output()[-3000:]
+            assert listed, "the sidecar said the write might land; it did"
+        assert "Traceback" not in sc.output()
+    finally:
+        if listed:
+            remove_behind_its_back(consul, sid)
+
+
+@pytest.mark.parametrize(
     ("method", "prefix", "action", "status"),
     [
         ("PUT", DEREGISTER, "latin1", 0),
@@ -282,3 +339,38 @@ def test_token_file_gone_mid_run_keeps_the_last_good_token(
     assert sc.event("sidecar.consul.deregister_unconfirmed") is None
     assert acl_consul.get(f"/v1/agent/service/{sid}") is None and acl_consul.service_ids(service_name) == []
     assert token not in sc.output() and "Traceback" not in sc.output()
+
+
+@pytest.mark.parametrize("status", [500, 403])
+def test_token_echoed_by_the_agents_address_never_reaches_status(
+    consul: Consul, proxy: FaultProxy, start_sidecar: StartSidecar, service_name: str, tmp_path: Path, status: int
+) -> None:
+    """1. Registered through the proxy, with a token from a file. Then whatever answers at the agent's
+       address echoes each of the keeper's reads, headers and all (the token among them), into an
+       error body (500, or 403 as an ACL refusal would be).
+    2. Expected: /status's last_error shows that error without the token (nor any piece of it), the
+       log never shows it; once the agent answers again, last_error is cleared.
+    """
+    secret = "0a1b2c3d-4e5f-6789-abcd-ef0123456789"
+    tf = tmp_path / "token"
+    tf.write_text(secret + "\n")
+    port = free_port()
+    sc = start_sidecar(through(proxy, base_config(consul, service_name, port), token_file=str(tf)), app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    url = sc.status_url() + "/status"
+    proxy.add("GET", "/v1/agent/service/", "echo", status=status)
+    wait_for(
+        lambda: "rejected request" in (json.loads(http_get(url)[1])["last_error"] or ""),
+        15,
+        what="the echoed error in /status",
+    )
+    shown = json.loads(http_get(url)[1])["last_error"]
+    assert [s for s in proxy.seen("GET", "/v1/agent/service/") if s.action == "echo"]
+    assert "X-Consul-Token" in shown, shown  # the header's line is there: only its value is hidden
+    assert secret not in shown and secret[:8] not in shown, shown
+    proxy.clear()
+    wait_for(lambda: json.loads(http_get(url)[1])["last_error"] is None, 15, what="last_error to be cleared")
+    sc.send(signal.SIGTERM)
+    assert sc.wait(30) == 0, sc.output()[-3000:]
+    assert secret not in sc.output() and secret[:8] not in sc.output()
+    assert "Traceback" not in sc.output()

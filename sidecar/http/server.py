@@ -37,10 +37,11 @@ import resource
 import socket
 import struct
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..process.listener import bind_listener
+from ..redact import read_secrets, scrub
 
 if TYPE_CHECKING:
     # At run time the server's methods import asyncio: check-config imports this module for
@@ -148,10 +149,13 @@ class StatusServer:
         header_timeout: float = HEADER_TIMEOUT,
         readiness: Readiness | None = None,
         request_errors: Mapping[str, int] | None = None,
+        secrets: Callable[[], Iterable[str]] = lambda: (),
     ) -> None:
         """``readiness`` answers /ready (default: by the lifecycle's state alone); ``request_errors``
-        is the Consul client's live count of failed requests by operation, for /metrics."""
+        is the Consul client's live count of failed requests by operation, for /metrics; ``secrets``
+        (the token as the logs' scrubber has it): no error text /status shows may carry one."""
         self.status = status
+        self.secrets = secrets
         if readiness is None:
             from .readiness import Readiness
 
@@ -336,6 +340,11 @@ class StatusServer:
             return 200, metrics.CONTENT_TYPE, text, head_only
         if target == b"/status":
             doc = self.status.as_json()
+            secrets = read_secrets(self.secrets)
+            if doc["last_error"] is not None:
+                doc["last_error"] = scrub(doc["last_error"], secrets)
+            if doc.get("hot_restart", {}).get("last_error") is not None:
+                doc["hot_restart"]["last_error"] = scrub(doc["hot_restart"]["last_error"], secrets)
             doc["status_server"] = {
                 "listen": self.address,
                 "connections": len(self._conns),

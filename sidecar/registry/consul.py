@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from ..config import ConsulSettings, TokenError
 from ..config.files import read_ca_dir
 from ..durations import parse_duration
+from ..redact import scrub
 from ._consul_import import consul_base
 
 if TYPE_CHECKING:
@@ -49,7 +50,9 @@ if TYPE_CHECKING:
 
 
 class ConsulError(Exception):
-    """A request to the agent failed. The message never contains the token."""
+    """A request to the agent failed. The message never contains the token: what answers at the
+    agent's address may echo the request's headers into its error body, so every answer's body and
+    every error leaving a transport pass ``redact.scrub`` with the token sent and the last one read."""
 
 
 class ConsulUnavailable(ConsulError):
@@ -116,6 +119,15 @@ class _TokenReader:
         self._last_token = token
         return token
 
+    def _secrets(self, sent: str | None) -> tuple[str | None, ...]:
+        """What an answer or an error must not show: the token sent with the request, the last one read."""
+        return (sent, self._last_token)
+
+    def _scrubbed(self, e: ConsulError, sent: str | None) -> ConsulError:
+        """``e`` with the token removed from its message (the last safety net; answers are scrubbed first)."""
+        e.args = tuple(scrub(a, self._secrets(sent)) if isinstance(a, str) else a for a in e.args)
+        return e
+
     def _headers(self, headers: dict[str, str] | None) -> tuple[dict[str, str], str | None]:
         hdrs = dict(headers or {})
         token = self.token()
@@ -130,9 +142,14 @@ class _TokenReader:
         return path + query
 
 
-def _response(status: int, headers: Any, content: bytes) -> Any:
+def _response(status: int, headers: Any, content: bytes, secrets: tuple[str | None, ...]) -> Any:
     """python-consul2's Response. Whatever answers at the agent's address (a proxy's latin-1 502
-    page) may not be UTF-8: the status decides what it means, the body only explains."""
+    page) may not be UTF-8: the status decides what it means, the body only explains. The token is
+    taken out of the body before anything reads it (an agent's answer never contains it; a server that
+    echoes the request's headers into an error would put it into every message built from the body,
+    and a message cut at 300 characters would keep a piece of it that no later scrub recognises)."""
+    if any(s and s.encode() in content for s in secrets):
+        content = scrub(content.decode("utf-8", errors="replace"), secrets).encode()
     return consul_base.Response(status, headers, content.decode("utf-8", errors="replace"), content)
 
 
@@ -237,7 +254,7 @@ class _Transport(_TokenReader, consul_base.HTTPClient):  # type: ignore[misc]  #
             ssl=self._ssl or True,
             server_hostname=self.settings.tls_server_name,
         ) as resp:
-            return _response(resp.status, resp.headers, await resp.read())
+            return _response(resp.status, resp.headers, await resp.read(), self._secrets(headers.get("X-Consul-Token")))
 
     async def _read_again(self, uri: yarl.URL, headers: dict[str, str]) -> Any:
         """A read once more, on a connection of its own (never one from the pool)."""
@@ -261,10 +278,10 @@ class _Transport(_TokenReader, consul_base.HTTPClient):  # type: ignore[misc]  #
     ) -> Any:
         try:
             return await self._request(callback, method, path, params, data, headers, timeout)
-        except ConsulError:
+        except ConsulError as e:
             op = operation(method, path)
             self.errors[op] = self.errors.get(op, 0) + 1
-            raise
+            raise self._scrubbed(e, None) from None
 
     async def _request(
         self,
@@ -392,6 +409,22 @@ class _BlockingTransport(_TokenReader, consul_base.HTTPClient):  # type: ignore[
     ) -> Any:
         """As ``_Transport.request``; ``cutoff`` (monotonic), when sooner than the request's own
         deadline, ends it with ``_CutOff`` instead of an error."""
+        try:
+            return self._request(callback, method, path, params, data, headers, timeout, cutoff)
+        except ConsulError as e:
+            raise self._scrubbed(e, None) from None
+
+    def _request(
+        self,
+        callback: Callable[[Any], Any],
+        method: str,
+        path: str,
+        params: Any,
+        data: Any,
+        headers: dict[str, str] | None,
+        timeout: float | None,
+        cutoff: float | None,
+    ) -> Any:
         hdrs, token = self._headers(headers)
         own = self.settings.timeout if timeout is None else timeout
         limit = own if cutoff is None else max(0.001, min(own, cutoff - time.monotonic()))
@@ -418,7 +451,7 @@ class _BlockingTransport(_TokenReader, consul_base.HTTPClient):  # type: ignore[
             body = data.encode() if isinstance(data, str) else data
             conn.request(method, self._target(path, params), body=body or None, headers=hdrs)
             resp = conn.getresponse()
-            response = _response(resp.status, resp.headers, resp.read())
+            response = _response(resp.status, resp.headers, resp.read(), self._secrets(token))
         except Exception as e:  # noqa: BLE001 - sorted below, as _Transport sorts aiohttp's
             if expired.is_set() or isinstance(e, TimeoutError):
                 if cut:

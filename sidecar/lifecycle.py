@@ -49,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
@@ -83,6 +83,7 @@ from .registry.consul import (
     Deregistration,
 )
 from .registry.registration import registration_payload
+from .registry.writes import LATE_WRITE_WINDOW, WriteLedger
 from .state import AppView, DrainEnd, GenerationView, HotRestartView, State, Status
 
 if TYPE_CHECKING:
@@ -92,13 +93,6 @@ T = TypeVar("T")
 
 FORWARD_LOG_WINDOW = 10.0  # seconds: one info line per forwarded signal name at most, the rest at debug
 
-# How long after its own deadline (send + consul.timeout) a registration write that got no answer is
-# still taken to be able to reach the agent. The client closes the connection at its deadline, but
-# a hop that has already read the request (a proxy, a tunnel) may forward it later, and an agent
-# that was stalled applies what sits in its socket buffer once it runs again. The second case is
-# covered whatever its length (only a read the agent *answered* after this window settles a write);
-# the first is a policy, not a proof: see docs/decisions.md.
-LATE_WRITE_WINDOW = 5.0
 SETTLE_READ_INTERVAL = 0.1  # seconds between the reads that wait out that window
 
 _UNCONFIRMED_HINTS = {
@@ -185,14 +179,8 @@ class Sidecar:
         self._skip_delay = asyncio.Event()
         self._sigints = 0
         self._forwarded: dict[signal.Signals, tuple[float, int]] = {}  # signal -> (last info line, passed on since)
-        # True from the moment a registration write is sent (or one with our ID is found) until an
-        # answer proves it was not applied: the drain then has something to deregister.
-        self._registration_attempted = False
-        # Registration writes not answered yet, each with the moment after which it can no longer land.
-        self._writes: dict[asyncio.Future[None], float] = {}
-        self._fenced = False  # the drain has begun: no new registration write may start
-        # Writes that ended without an answer (or that the fence gave up on): they may land until that moment.
-        self._unsettled: dict[asyncio.Future[None], float] = {}
+        # What may be registered: every registration write, maybe applied until an answer says otherwise.
+        self.writes = WriteLedger(clock, config.consul.timeout)
         self._consul_ok: bool | None = None
         self._consul_error: str | None = None  # the agent's last error, shown as /status's last_error
         # Consul's maintenance mode as the keeper last read it (its reason), and whether the agent lost it
@@ -254,7 +242,7 @@ class Sidecar:
                 # A bug: the caller kills the app. Take the instance out of Consul first.
                 deadline = self.clock.monotonic() + self.config.shutdown.deregister_timeout
                 await self._fence_writes(deadline)
-                if self._registration_attempted:
+                if self.writes.attempted:
                     await self._deregister(deadline)
                 raise
         finally:
@@ -266,10 +254,7 @@ class Sidecar:
             self.status.enter(State.STOPPED)
             if self.status_server is not None:
                 await self.status_server.stop()
-            writes = list(self._writes)
-            for write in writes:  # only one the fence gave up on: nobody waits for its answer now
-                write.cancel()
-            await asyncio.gather(*writes, return_exceptions=True)
+            await self.writes.abandon()  # only one the fence gave up on: nobody waits for its answer now
             await self.agent.close()
             self.inbox.uninstall()
 
@@ -433,7 +418,7 @@ class Sidecar:
                     "(the default, <name>-<hostname>-<address>-<port>, is unique per address)"
                 )
             reason = "its check is critical"
-        self._registration_attempted = True  # it carries our ID: a drain from here on must remove it
+        self.writes.holds_entry()  # it carries our ID: a drain from here on must remove it
         t = self.clock.monotonic()
         result = await self.agent.deregister_confirmed(svc.name, svc.id, t + self.config.shutdown.deregister_timeout)
         self.log.warning(
@@ -444,7 +429,7 @@ class Sidecar:
             elapsed_ms=self._ms(t),
         )
         if result.outcome is Deregistration.CONFIRMED:
-            self._registration_attempted = False  # proven gone: nothing of ours is registered now
+            self.writes.entry_gone()  # proven gone: nothing of ours is registered now
 
     async def _check_catalog_visibility(self) -> None:
         svc = self.config.service
@@ -467,71 +452,34 @@ class Sidecar:
         healthy = False
         if not out_of_rotation:
             healthy, _ = await self.prober.probe()
-        await self._write(self.agent.register(registration_payload(self.config, passing=healthy)))
+        await self.writes.write(self.agent.register(registration_payload(self.config, passing=healthy)))
         self.status.registrations_total += 1
 
-    async def _write(self, request: Coroutine[Any, Any, None]) -> None:
-        """Send a registration write that no cancellation can cut off once it is sent.
-
-        Cancelling a request mid-flight does not unsend it: the agent may apply it (and
-        answer to nobody), or a stalled hop may deliver it later. So the request runs in a
-        task of its own; cancelling the caller (SIGTERM, the app's exit) only stops waiting
-        for it, and the drain fences it (``_fence_writes``) before deregistering.
-        """
-        if self._fenced:
-            request.close()
-            raise ConsulUnavailable("the sidecar is draining: no new registration", maybe_applied=False)
-        before = self._registration_attempted
-        self._registration_attempted = True  # maybe applied from now on
-        settle_by = self.clock.monotonic() + self.config.consul.timeout + LATE_WRITE_WINDOW
-        task = asyncio.ensure_future(request)
-        self._writes[task] = settle_by
-        task.add_done_callback(lambda t: self._write_done(t, before))
-        await asyncio.shield(task)
-
-    def _write_done(self, task: asyncio.Future[None], before: bool) -> None:
-        settle_by = self._writes.pop(task)
-        e = None if task.cancelled() else task.exception()
-        if task.cancelled() or (e is not None and not isinstance(e, ConsulError)):
-            self._unsettled[task] = settle_by
-        elif isinstance(e, ConsulUnavailable):
-            if e.maybe_applied:
-                self._unsettled[task] = settle_by  # a timeout or a 5xx: it may be applied, now or later
-            else:
-                self._registration_attempted = before  # never left this host
-        elif isinstance(e, ConsulError):
-            self._registration_attempted = before  # the agent answered: refused, not applied
-
     async def _fence_writes(self, deadline: float) -> bool:
-        """Allow no new registration write; wait (until ``deadline``) for those in flight.
-
-        True when none is left in flight. Each write ends within consul.timeout on its own;
-        one still running at the deadline is treated as unanswered (it may land later).
-        """
-        self._fenced = True
-        pending = [w for w in self._writes if not w.done()]
-        if not pending:
-            return True
+        """Allow no new registration write; wait (until ``deadline``) for those in flight (the ledger's
+        fence). True when none is left in flight."""
         t = self.clock.monotonic()
-        _, left = await asyncio.wait(pending, timeout=max(0.0, deadline - t))
-        for write in left:  # may land later, whatever answer it gets after the deregistration
-            self._unsettled[write] = self._writes[write]
-        self.log.info("sidecar.consul.write_fenced", in_flight=len(pending), settled=not left, elapsed_ms=self._ms(t))
-        return not left
+        fenced = await self.writes.fence(deadline)
+        if fenced is None:
+            return True
+        self.log.info(
+            "sidecar.consul.write_fenced", in_flight=fenced.in_flight, settled=fenced.settled, elapsed_ms=self._ms(t)
+        )
+        return fenced.settled
 
     async def _verify_gone(self, bound: float, wait_again: bool) -> DeregisterResult | None:
         """After the deregistration: can a write that went unanswered still land? Read the agent until it cannot.
 
-        Each such write may reach the agent until its window has passed (``_unsettled``). The agent
+        Each such write may reach the agent until its window has passed (the ledger's ``settle_by``). The agent
         is read every ``SETTLE_READ_INTERVAL`` until a read that began after the last of those moments
         finds the instance gone: then no write can land any more. If the instance is back, it is
         deregistered again and (``wait_again``: the app has not been signalled yet) consumers get the
         propagation delay again. Everything here ends by ``bound`` (monotonic), so the worst case
-        still holds; writes that may still land then stay in ``_unsettled`` for the caller. Returns
+        still holds; writes that may still land then stay in the ledger for the caller. Returns
         what the caller must report as unconfirmed (the last read failed, or the second
         deregistration did not confirm), else None.
         """
-        if not self._unsettled:
+        if not self.writes.may_land:
             return None  # every write was answered before the deregistration: none can land later
         cfg = self.config
         t0 = self.clock.monotonic()
@@ -552,18 +500,17 @@ class Sidecar:
                         hint="a registration write that went unanswered landed after the deregistration; "
                         "deregistering again" + (" and waiting the propagation delay again" if wait_again else ""),
                     )
-                    if len(self._unsettled) == 1:
-                        self._unsettled.clear()  # the one write that could land has landed: it cannot again
+                    self.writes.landed()  # if one write alone could land, it has: it cannot again
                     result = await self._deregister(deadline=max(bound, self.clock.monotonic() + 0.25))
                     if result.outcome is not Deregistration.CONFIRMED:
                         return result
                     if wait_again and not self.app.exited.done():
                         again = min(cfg.shutdown.propagation_delay, max(0.0, bound - self.clock.monotonic()))
                         await self._first(self.clock.sleep(again), self._skip_delay.wait())
-                    if not self._unsettled:
+                    if not self.writes.may_land:
                         return None
-                elif t >= max(self._unsettled.values()):
-                    self._unsettled.clear()  # gone, read after every unanswered write's window: none can land
+                elif t >= self.writes.settle_by:
+                    self.writes.settled()  # gone, read after every unanswered write's window: none can land
                     self.log.debug("sidecar.consul.final_read", registered=False, elapsed_ms=self._ms(t0))
                     return None
             now = self.clock.monotonic()
@@ -573,13 +520,13 @@ class Sidecar:
         if error is not None:
             self.log.warning("sidecar.consul.final_read_failed", error=error, elapsed_ms=self._ms(t0))
             return DeregisterResult(Deregistration.UNCONFIRMED, 0, f"the final read failed: {error}", answered=False)
-        return None  # gone so far; a write may still land after ``bound``: ``_unsettled`` says until when
+        return None  # gone so far; a write may still land after ``bound``: the ledger says until when
 
     async def _abort_startup(self, code: int) -> int:
         """Startup failed: nothing stays registered, the app is stopped, exit non-zero."""
         deadline = self.clock.monotonic() + self.config.shutdown.deregister_timeout
         await self._fence_writes(deadline)
-        if self._registration_attempted:
+        if self.writes.attempted:
             await self._deregister(deadline)
             await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
         result = await self._stop_app()
@@ -690,7 +637,7 @@ class Sidecar:
         # The deregistration's deadline covers waiting for a write in flight: the worst case holds.
         deadline = t0 + cfg.deregister_timeout
         await self._fence_writes(deadline)
-        if not self._registration_attempted:
+        if not self.writes.attempted:
             # Nothing ever reached the agent: nothing to take out, nobody to wait for.
             self.log.info("sidecar.drain.nothing_registered")
             result = await self._stop_app()
@@ -752,7 +699,7 @@ class Sidecar:
         oom = status == by_signal(signal.SIGKILL)
         emit = self.log.error if oom else self.log.info if status == 0 else self.log.warning
         hint = "killed by SIGKILL: out of memory?" if oom else None
-        if hint is None and status != 0 and self._gens is not None and not self._registration_attempted:
+        if hint is None and status != 0 and self._gens is not None and not self.writes.attempted:
             hint = (
                 "with hot_restart the sidecar holds service.port and hands it to the app as fd 3 (LISTEN_FDS): "
                 "an app that binds the port itself fails with 'address already in use'"
@@ -769,7 +716,7 @@ class Sidecar:
         deadline = t + self.config.shutdown.deregister_timeout
         await self._fence_writes(deadline)
         last = DeregisterResult(Deregistration.CONFIRMED, 0, None)  # nothing registered: nothing to report
-        if self._registration_attempted:
+        if self.writes.attempted:
             last = await self._deregister(deadline)
             if last.outcome is not Deregistration.UNCONFIRMED:
                 again = await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
@@ -828,26 +775,26 @@ class Sidecar:
         the drain's last word and return the exit status: the app's, or EX_MAYBE_REGISTERED instead of
         a 0 while an unanswered registration write may still land. (A non-zero status of the app's
         wins: it is no success either, and it tells why the app ended.)"""
-        if self._unsettled:
+        if self.writes.may_land:
             # Kept from the worst case: a last read's floor (0.25 s) and the log's flush at exit (0.5 s).
             again = await self._verify_gone(bound - 0.75, wait_again=False)
             if again is not None:
                 last = again
         if last.outcome is not Deregistration.CONFIRMED and await self._final_check(last, bound):
             pass  # said: left_registered
-        elif self._unsettled:
+        elif self.writes.may_land:
             t = self.clock.monotonic()
             self.log.error(
                 "sidecar.consul.left_registered",
                 reason="write_unanswered",
                 agent_dropped=None,
                 error=f"a registration write got no answer; it may still reach the agent for "
-                f"{max(self._unsettled.values()) - t:.1f}s (its deadline, consul.timeout, plus "
+                f"{self.writes.settle_by - t:.1f}s (its deadline, consul.timeout, plus "
                 f"{LATE_WRITE_WINDOW:g}s for a hop that still holds it), longer than the drain's worst case",
                 hint="the agent did not list the instance at the last read; if the write lands, Consul removes the "
                 "instance once its check has been critical for check.deregister_critical_after",
             )
-        if self._unsettled and app_status == 0:
+        if self.writes.may_land and app_status == 0:
             return EX_MAYBE_REGISTERED
         return app_status
 

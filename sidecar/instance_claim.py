@@ -16,7 +16,8 @@ user can open it, so none can take or squat the claim (flock works on any descri
 read-only one too). The kernel releases the lock when its holder dies, SIGKILL included,
 with nothing to clean up; the descriptor is close-on-exec, so the app never inherits it.
 The holder writes its PID and the address it registers into the file, for the message of a
-sidecar that finds the claim taken.
+sidecar that finds the claim taken, and removes the file when it exits normally (a SIGKILLed
+holder leaves it, unlocked, for the next one); a claimant locks only a file still at the path.
 """
 
 from __future__ import annotations
@@ -116,21 +117,31 @@ def claim(owner: object, service_id: str, address: str) -> Claim:
     path = lock_path(directory, service_id)
     if path in _held:
         return Claim(True, path)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except OSError as e:
-        return Claim(None, path, f"{path}: {e.strerror}")
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+    for _ in range(8):  # a holder that exits removes the file: lock only the file still at ``path``
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            return Claim(None, path, f"{path}: {e.strerror}")
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                os.close(fd)
+                return Claim(None, path, f"{path} is not a private regular file of uid {os.geteuid()}")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
             os.close(fd)
-            return Claim(None, path, f"{path} is not a private regular file of uid {os.geteuid()}")
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return Claim(False, path)
-        return Claim(None, path, f"{path}: {e.strerror}")
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return Claim(False, path)
+            return Claim(None, path, f"{path}: {e.strerror}")
+        try:
+            now = os.stat(path, follow_symlinks=False)
+        except OSError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            break
+        os.close(fd)  # removed (or replaced) by its last holder between our open and our lock: again
+    else:
+        return Claim(None, path, f"{path} keeps being replaced")
     note = json.dumps({"pid": os.getpid(), "service_id": service_id, "address": address}).encode()
     try:
         os.ftruncate(fd, 0)
@@ -141,6 +152,10 @@ def claim(owner: object, service_id: str, address: str) -> Claim:
 
     def release() -> None:
         _held.discard(path)
+        try:
+            os.unlink(path)  # still locked by us: whoever opened it meanwhile sees it gone and opens anew
+        except OSError:
+            pass
         os.close(fd)
 
     weakref.finalize(owner, release)

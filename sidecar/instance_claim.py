@@ -2,9 +2,9 @@
 
 The agent cannot tell a registration left by a killed sidecar from one whose sidecar
 is alive: both look the same. The claim can. It is an exclusive ``flock`` on a lock file
-named after the service ID alone (not after the agent's address as written: ``localhost``
-and ``127.0.0.1`` name one agent; a host normally has one), in a runtime directory that
-only root or the sidecar's own user can write:
+named after the service ID and the agent, the agent's address normalised (``agent_key``:
+``localhost``, ``127.0.0.1``, ``[::1]`` and every address of this host name one local agent,
+told apart by port only), in a runtime directory that only root or the sidecar's own user can write:
 
   - ``/run/consul-sidecar`` when it is (or, as root, can be made) a directory owned by root
     or by the sidecar's user and writable by no one else;
@@ -25,9 +25,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import ipaddress
 import json
 import os
+import socket
 import stat
+import urllib.parse
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,17 +107,56 @@ def runtime_dir() -> tuple[Path | None, str | None]:
     return None, "; ".join(problems) or "no runtime directory"
 
 
-def lock_path(directory: Path, service_id: str) -> Path:
-    digest = hashlib.sha256(service_id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+def _local(host: str) -> bool:
+    """Whether ``host`` (a name or an IP literal) is this host: loopback, or an address we can bind."""
+    if host.lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    try:
+        with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((str(ip), 0))  # succeeds only for an address of this host
+        return True
+    except OSError:
+        return False
+
+
+def agent_key(agent_address: str) -> str:
+    """One spelling per agent: ``local:<port>`` for an agent on this host however it is written,
+    ``unix:<real path>`` for a socket, else the host (IP normalised, names lower-cased) and port."""
+    if agent_address.startswith("unix://"):
+        return "unix:" + os.path.realpath(agent_address[len("unix://") :])
+    u = urllib.parse.urlsplit(agent_address if "://" in agent_address else f"http://{agent_address}")
+    host = (u.hostname or "").rstrip(".") or "localhost"
+    try:
+        port = u.port or (443 if u.scheme == "https" else 8500)
+    except ValueError:
+        port = 0
+    if _local(host):
+        return f"local:{port}"
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        host = host.lower()
+    return f"{host}:{port}"
+
+
+def lock_path(directory: Path, agent_address: str, service_id: str) -> Path:
+    key = f"{agent_key(agent_address)}\0{service_id}"
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
     return directory / f"{digest}.lock"
 
 
-def claim(owner: object, service_id: str, address: str) -> Claim:
-    """Claim ``service_id`` on this host for as long as ``owner`` lives; ``address`` is what we register."""
+def claim(owner: object, agent_address: str, service_id: str, address: str) -> Claim:
+    """Claim ``service_id`` at the agent for as long as ``owner`` lives; ``address`` is what we register."""
     directory, why = runtime_dir()
     if directory is None:
         return Claim(None, None, why)
-    path = lock_path(directory, service_id)
+    path = lock_path(directory, agent_address, service_id)
     if path in _held:
         return Claim(True, path)
     for _ in range(8):  # a holder that exits removes the file: lock only the file still at ``path``
@@ -142,7 +184,9 @@ def claim(owner: object, service_id: str, address: str) -> Claim:
         os.close(fd)  # removed (or replaced) by its last holder between our open and our lock: again
     else:
         return Claim(None, path, f"{path} keeps being replaced")
-    note = json.dumps({"pid": os.getpid(), "service_id": service_id, "address": address}).encode()
+    note = json.dumps(
+        {"pid": os.getpid(), "service_id": service_id, "agent": agent_key(agent_address), "address": address}
+    ).encode()
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, note, 0)

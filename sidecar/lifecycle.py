@@ -344,7 +344,7 @@ class Sidecar:
             await self.clock.sleep(next(delays))
 
     async def _take_claim(self) -> bool:
-        """Claim the service ID on this host before the agent is read or written (instance_claim).
+        """Claim the service ID at our agent before the agent is read or written (instance_claim).
 
         False (logged, /status says why) when a live sidecar holds it: this one must then register
         nothing and touch nothing it does not own, whatever the agent shows at this moment (the
@@ -352,7 +352,7 @@ class Sidecar:
         directory) is warned about and start-up goes on, as without a claim.
         """
         svc = self.config.service
-        self._claim = instance_claim.claim(self, svc.id, f"{svc.address}:{svc.port}")
+        self._claim = instance_claim.claim(self, self.agent.address, svc.id, f"{svc.address}:{svc.port}")
         if self._claim.held is None:
             self.log.warning(
                 "sidecar.consul.claim_unavailable",

@@ -7,7 +7,6 @@ its owner is provably gone; a live one makes the newcomer refuse to start.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -190,7 +189,7 @@ def test_claim_held_before_the_agent_has_an_entry_refuses_the_second(
     port = free_port_on("127.0.0.2", "127.0.0.3")
     sid = f"{service_name}-both"
     with FaultProxy(consul.http_port) as proxy:
-        proxy.add("PUT", "/v1/agent/service/register", "hold_request", seconds=8)
+        proxy.add("PUT", "/v1/agent/service/register", "hold_request", seconds=8, uses=1)  # the first's
         cfg = testkit.merge(
             config_at(consul, service_name, "127.0.0.2", port, sid),
             {"consul": {"address": proxy.address, "timeout": "10s"}},
@@ -200,7 +199,10 @@ def test_claim_held_before_the_agent_has_an_entry_refuses_the_second(
             lambda: proxy.seen("PUT", "/v1/agent/service/register"), 30, 0.05, "the first's registration in flight"
         )
         assert consul.get(f"/v1/agent/service/{sid}") is None
-        second = start_sidecar(config_at(consul, service_name, "127.0.0.3", port, sid), app_command(port, "127.0.0.3"))
+        cfg2 = testkit.merge(
+            config_at(consul, service_name, "127.0.0.3", port, sid), {"consul": {"address": proxy.address}}
+        )
+        second = start_sidecar(cfg2, app_command(port, "127.0.0.3"))  # the same agent, at once
         assert second.wait(30) == 78
         [err] = [e for e in second.events() if e.get("level") == "error"]
         assert "127.0.0.2" in err["error"] and "127.0.0.3" in err["error"] and "service.id" in err["error"], err
@@ -370,6 +372,16 @@ def test_claim_directory_trusted_only_if_no_one_else_can_write_it(tmp_path: Path
     assert "not a directory" in (instance_claim.dir_problem(link, os.geteuid()) or "")
 
 
+def test_agent_key_is_one_spelling_per_agent() -> None:
+    """Pure logic: the claim's key names the agent, not how its address is written."""
+    key = instance_claim.agent_key
+    assert key("http://127.0.0.1:8500") == key("localhost:8500") == key("http://[::1]:8500") == "local:8500"
+    assert key("https://LOCALHOST:8501") == key("127.0.0.2:8501") == "local:8501"
+    assert key("http://127.0.0.1:8500") != key("http://127.0.0.1:8600")
+    assert key("http://192.0.2.7:8500") == "192.0.2.7:8500"  # TEST-NET-1: never an address of this host
+    assert key("unix:///run/consul/../consul/http.sock") == "unix:/run/consul/http.sock"
+
+
 def abstract_names_of(pid: int) -> list[str]:
     """The abstract unix socket names a process holds (from /proc/net/unix, by its sockets' inodes)."""
     inodes = set()
@@ -398,8 +410,8 @@ def test_another_user_cannot_squat_the_claim(
         raise AssertionError("this test needs root (to run a process as another user)")
     port = free_port_on("127.0.0.1")
     cfg = base_config(consul, service_name, port)
-    # The lock file the claim on this ID uses (instance_claim.lock_path under /run/consul-sidecar, as root).
-    lock = f"/run/consul-sidecar/{hashlib.sha256(f'{service_name}-1'.encode()).hexdigest()[:40]}.lock"
+    # The lock file the claim on this ID uses (under /run/consul-sidecar, as root).
+    lock = str(instance_claim.lock_path(instance_claim.SYSTEM_DIR, consul.address, f"{service_name}-1"))
     first = start_sidecar(cfg, app_command(port))
     first.wait_event("sidecar.consul.registered")
     app1 = first.app_pid()

@@ -38,18 +38,20 @@ class FakeAgent:
         self.calls = calls
         self.register_errors = list(register_errors or [])
         self.held = False
+        self.entry: dict[str, Any] = {}  # what the last registration carried (its owner mark too)
 
     async def register(self, payload: dict[str, Any]) -> None:
         self.calls.append(f"register passing={payload['Check'].get('Status') == 'passing'}")
         if self.register_errors:
             raise self.register_errors.pop(0)
         self.held = True
+        self.entry = {k: payload[k] for k in ("Address", "Port", "Meta")}
 
     def token_rotated(self) -> bool:
         return False
 
     async def registered(self, service_id: str) -> dict[str, Any] | None:
-        return {"ID": service_id} if self.held else None
+        return {"ID": service_id, **self.entry} if self.held else None
 
     async def maintenance(self, service_id: str) -> str | None:
         return None

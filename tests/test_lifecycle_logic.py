@@ -7,6 +7,8 @@ calls and the meaning of each signal at each step, and run in milliseconds.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,11 +32,14 @@ from sidecar.exit_codes import EX_CONFIG, EX_NOPERM, EX_UNAVAILABLE
 from sidecar.lifecycle import Sidecar
 from sidecar.status import State, Status
 
+_fake_agents = itertools.count(1)
+
 
 class FakeAgent:
-    address = "http://fake:8500"
-
     def __init__(self, calls: list[str], register_errors: list[Exception] | None = None) -> None:
+        # An agent of its own: the sidecar claims its service ID per agent, host-wide, and another
+        # test (another pytest worker) may run a sidecar with the same ID at the same moment.
+        self.address = f"http://fake-{next(_fake_agents)}-{os.getpid()}:8500"
         self.calls = calls
         self.register_errors = list(register_errors or [])
         self.held = False

@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
+import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -82,7 +84,7 @@ from .registry.consul import (
     DeregisterResult,
     Deregistration,
 )
-from .registry.registration import registration_payload
+from .registry.registration import OWNER_META_KEY, registration_payload
 from .registry.writes import LATE_WRITE_WINDOW, WriteLedger
 from .state import AppView, DrainEnd, GenerationView, HotRestartView, State, Status
 
@@ -188,6 +190,13 @@ class Sidecar:
         self._maintenance: str | None = None
         self._maintenance_lost = False
         self._reapply_failed = False
+        # Duplicate IDs: our mark in the entry's meta; the claim on the ID (instance_claim); whether another
+        # live sidecar held it at start (then nothing is ours: the app, if not our child, is left alone); and
+        # whether the keeper found our entry replaced by another's (never re-registered over, never removed).
+        self._owner = f"{os.getpid()}-{secrets.token_hex(8)}"
+        self._claim: instance_claim.Claim | None = None
+        self._claim_refused = False
+        self._displaced = False
 
     # --- the whole life ---------------------------------------------------------
 
@@ -242,7 +251,7 @@ class Sidecar:
                 # A bug: the caller kills the app. Take the instance out of Consul first.
                 deadline = self.clock.monotonic() + self.config.shutdown.deregister_timeout
                 await self._fence_writes(deadline)
-                if self.writes.attempted:
+                if await self._ours_may_be_registered(deadline):
                     await self._deregister(deadline)
                 raise
         finally:
@@ -284,8 +293,10 @@ class Sidecar:
     # --- start --------------------------------------------------------------------
 
     async def _startup(self) -> int:
-        """Wait for the app to be healthy, then register. 0, or an exit status to abort with."""
+        """Claim the ID, wait for the app to be healthy, then register. 0, or an exit status to abort with."""
         cfg = self.config
+        if not await self._take_claim():
+            return EX_CONFIG
         pid_app = isinstance(self.app, PidApp)  # its PID must also prove to be the app's (listen on the port)
         if cfg.startup.wait_healthy or pid_app:
             t = self.clock.monotonic()
@@ -377,36 +388,65 @@ class Sidecar:
                 self._consul_state(False, str(e), retrying=True)
             await self.clock.sleep(next(delays))
 
+    async def _take_claim(self) -> bool:
+        """Claim the service ID at our agent before the agent is read or written (instance_claim).
+
+        False (logged, /status says why) when a live sidecar holds it: this one must then register
+        nothing and touch nothing it does not own, whatever the agent shows at this moment (the
+        holder may not have registered yet). None from the claim (no trustworthy runtime
+        directory) is warned about and start-up goes on, as without a claim.
+        """
+        svc = self.config.service
+        self._claim = instance_claim.claim(self, self.agent.address, svc.id, f"{svc.address}:{svc.port}")
+        if self._claim.held is None:
+            self.log.warning(
+                "sidecar.consul.claim_unavailable",
+                error=self._claim.detail,
+                hint="a second sidecar with this service.id cannot be detected before it registers",
+            )
+            return True
+        if self._claim.held:
+            return True
+        holder = self._claim.holder()
+        give_up = self.clock.monotonic() + 1.0
+        while (holder is None or "address" not in holder) and self.clock.monotonic() < give_up:
+            await self.clock.sleep(0.02)  # the holder writes its note right after taking the lock
+            holder = self._claim.holder()
+        theirs = str(holder.get("address")) if holder and "address" in holder else "an address it has not written yet"
+        pid = holder.get("pid") if holder else None
+        message = (
+            f"service.id {svc.id!r} is held by a live consul-sidecar on this host (pid {pid or 'unknown'}, "
+            f"registering {theirs}); this one ({svc.address}:{svc.port}) would take over its entry. Run one "
+            "sidecar per instance, or give each its own service.id (the default, "
+            "<name>-<hostname>-<address>-<port>, is unique per address)"
+        )
+        self._claim_refused = True
+        self.status.last_error = message
+        self.log.error("sidecar.consul.registration_rejected", error=message, claim=str(self._claim.path))
+        return False
+
     async def _drop_stale_registration(self) -> None:
         """A registration with our ID is replaced only if its owner is provably gone; else refuse.
 
         Registering over a registration left by a sidecar that died (SIGKILL, OOM) would keep
         its check's status (Consul keeps the status of an unchanged check), critical once the
         old app has gone, so the new instance would wait a check interval for traffic: it is
-        removed first. But the same ID may belong to a live instance (two sidecars configured
-        with one service.id): replacing it would take over its entry, and either one's drain
-        would then remove the other's. Its owner is provably gone when
+        removed first. We hold the claim on the ID already (``_take_claim``), so no live sidecar
+        on this host owns the entry. Its owner is provably gone when
 
-          - it is registered for our address and port, and no live process on this host holds
-            the claim on the ID (instance_claim: the kernel drops it when its holder dies), or
-          - it is registered for another address or port, and the agent's check of it is critical.
+          - it is registered for our address and port (its sidecar, on this host, is gone), or
+          - it is registered for another address or port (perhaps by a sidecar elsewhere that
+            registers into this agent), and the agent's check of it is critical.
 
         Otherwise: ConsulRejected (nothing registered, the app stopped, exit 78).
         """
         svc = self.config.service
-        claimed = instance_claim.claim(self, self.agent.address, svc.id)
         existing = await self.agent.registered(svc.id)
         if existing is None:
             return
         address, port = str(existing.get("Address") or ""), existing.get("Port")
         theirs = f"{address or '<the node address>'}:{port}"
         if same_host(address, svc.address) and port == svc.port:
-            if claimed is False:
-                raise ConsulRejected(
-                    f"service.id {svc.id!r} is already registered for {theirs} by a live consul-sidecar on this host; "
-                    f"this one ({svc.address}:{svc.port}) would take over its entry. Run one sidecar per instance, "
-                    "or give each its own service.id"
-                )
             reason = "its sidecar is gone (no live process on this host holds the service ID)"
         else:
             status = await self.agent.check_status(svc.id)
@@ -452,7 +492,8 @@ class Sidecar:
         healthy = False
         if not out_of_rotation:
             healthy, _ = await self.prober.probe()
-        await self.writes.write(self.agent.register(registration_payload(self.config, passing=healthy)))
+        payload = registration_payload(self.config, passing=healthy, owner=self._owner)
+        await self.writes.write(self.agent.register(payload))
         self.status.registrations_total += 1
 
     async def _fence_writes(self, deadline: float) -> bool:
@@ -489,7 +530,7 @@ class Sidecar:
             try:
                 # A loopback read takes milliseconds: the floor only spares a bound already reached.
                 async with asyncio.timeout(max(0.25, min(cfg.consul.timeout, bound - t))):
-                    back = await self.agent.registered(cfg.service.id) is not None
+                    back = self._is_own(await self.agent.registered(cfg.service.id))
             except (ConsulError, TimeoutError) as e:
                 error = str(e) or "timeout"
             else:
@@ -526,9 +567,13 @@ class Sidecar:
         """Startup failed: nothing stays registered, the app is stopped, exit non-zero."""
         deadline = self.clock.monotonic() + self.config.shutdown.deregister_timeout
         await self._fence_writes(deadline)
-        if self.writes.attempted:
+        if await self._ours_may_be_registered(deadline):
             await self._deregister(deadline)
             await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
+        if self._claim_refused and not isinstance(self.app, ChildApp):
+            # Alongside mode: the app is the live holder's (or another's), never ours to signal.
+            self.log.info("sidecar.stopped", exit_status=code, app_status=None, app="left alone: not ours")
+            return code
         result = await self._stop_app()
         self.log.info("sidecar.stopped", exit_status=code, app_status=result.status)
         return code
@@ -545,6 +590,7 @@ class Sidecar:
         while True:
             try:
                 await self._keep_registration_rounds()
+                return  # our entry was replaced by another's: nothing of ours is left to keep
             except Exception as e:  # noqa: BLE001 - a keeper that dies silently leaves the instance unguarded
                 failures += 1
                 error = f"{e.__class__.__name__}: {e}"
@@ -563,7 +609,11 @@ class Sidecar:
             await self.clock.sleep(interval)
             t = self.clock.monotonic()
             try:
-                if await self.agent.registered(sid) is None:
+                entry = await self.agent.registered(sid)
+                if entry is not None and not self._is_own(entry):
+                    self._report_displaced(entry)
+                    return
+                if entry is None:
                     # Consul 1.8.7 keeps maintenance mode over a re-registration of a service it holds, but
                     # an agent that forgot the service forgot its maintenance check too: apply it again.
                     self._maintenance_lost = self._maintenance is not None
@@ -590,6 +640,49 @@ class Sidecar:
                 self._consul_state(False, str(e), level="error")
             except ConsulError as e:
                 self._consul_state(False, str(e))
+
+    def _is_own(self, entry: dict[str, Any] | None) -> bool:
+        """Whether the agent's entry is this process's: our address, port and owner mark."""
+        if entry is None:
+            return False
+        svc, meta = self.config.service, entry.get("Meta")
+        return (
+            same_host(str(entry.get("Address") or ""), svc.address)
+            and entry.get("Port") == svc.port
+            and isinstance(meta, dict)
+            and meta.get(OWNER_META_KEY) == self._owner
+        )
+
+    def _report_displaced(self, entry: dict[str, Any]) -> None:
+        self._displaced = True
+        meta = entry.get("Meta")
+        mark = meta.get(OWNER_META_KEY) if isinstance(meta, dict) else None
+        theirs = f"{entry.get('Address') or '<the node address>'}:{entry.get('Port')}"
+        sid = self.config.service.id
+        self.status.last_error = f"service.id {sid!r} is now registered for {theirs} by another owner"
+        self.log.error(
+            "sidecar.consul.registration_taken",
+            registered=theirs,
+            owner=mark,
+            hint="another registration replaced ours under the same service.id: it is not re-registered over, "
+            "kept or deregistered by this sidecar. Give each instance its own service.id",
+        )
+
+    async def _ours_may_be_registered(self, deadline: float) -> bool:
+        """Whether the agent may hold an entry of ours (a drain must then deregister it).
+
+        After the keeper found our entry replaced by another's, one read decides: a write of ours
+        that went unanswered may have landed over it since (ours again), else the entry is not ours.
+        """
+        if not self.writes.attempted:
+            return False
+        if not self._displaced:
+            return True
+        try:
+            async with asyncio.timeout(max(0.25, min(self.config.consul.timeout, deadline - self.clock.monotonic()))):
+                return self._is_own(await self.agent.registered(self.config.service.id))
+        except (ConsulError, TimeoutError):
+            return self.writes.may_land  # unreadable: ours only if a write of ours may have landed
 
     async def _reapply_maintenance(self, sid: str, t: float) -> None:
         """Maintenance mode again, with the reason last read, after the agent lost it with the service.
@@ -637,8 +730,9 @@ class Sidecar:
         # The deregistration's deadline covers waiting for a write in flight: the worst case holds.
         deadline = t0 + cfg.deregister_timeout
         await self._fence_writes(deadline)
-        if not self.writes.attempted:
-            # Nothing ever reached the agent: nothing to take out, nobody to wait for.
+        if not await self._ours_may_be_registered(deadline):
+            # Nothing ever reached the agent (or our entry was replaced by another's, which is not
+            # ours to remove): nothing to take out, nobody to wait for.
             self.log.info("sidecar.drain.nothing_registered")
             result = await self._stop_app()
             self.log.info("sidecar.stopped", exit_status=result.status, elapsed_ms=self._ms(t0))
@@ -716,7 +810,7 @@ class Sidecar:
         deadline = t + self.config.shutdown.deregister_timeout
         await self._fence_writes(deadline)
         last = DeregisterResult(Deregistration.CONFIRMED, 0, None)  # nothing registered: nothing to report
-        if self.writes.attempted:
+        if await self._ours_may_be_registered(deadline):
             last = await self._deregister(deadline)
             if last.outcome is not Deregistration.UNCONFIRMED:
                 again = await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)

@@ -208,7 +208,8 @@ KEYS: tuple[Key, ...] = (
         "meta",
         Kind.TABLE,
         "as in Consul (keys: letters, digits, `-`, `_`, not starting with `consul-`; "
-        "at most 64 keys, values at most 512 characters)",
+        "at most 64 keys, values at most 512 characters); `consul_sidecar_owner` is reserved: the sidecar "
+        "adds it to mark its own entry",
         default_doc="none",
     ),
     # --- [check] ----------------------------------------------------------------------------------

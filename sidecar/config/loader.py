@@ -514,6 +514,8 @@ def _service_settings(
                     problems.add(
                         mk, "meta keys use letters, digits, '-' and '_' (at most 128) and must not start with 'consul-'"
                     )
+                elif k == "consul_sidecar_owner":
+                    problems.add(mk, "is reserved: the sidecar marks its own entry with it")
                 elif not isinstance(v, str):
                     problems.add(mk, f"must be a string, not {_kind(v)}")
                 else:

@@ -259,14 +259,10 @@ def test_the_file_wins_over_every_variable(tmp_path: Path) -> None:
             assert shows(c), path
 
 
-def test_the_loader_reads_the_environment_through_the_table(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_loader_reads_the_environment_through_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The variables a key falls back on are its Key.env and nothing written beside it: give a key a
     variable in the table and the loader uses it (and a variable a key no longer lists is not read)."""
-    keys = tuple(
-        dataclasses.replace(k, env=("SIDECAR_TEST_CHECK_URL",)) if k.path == "check.http" else k for k in loader.KEYS
-    )
+    keys = tuple(dataclasses.replace(k, env=("SIDECAR_TEST_CHECK_URL",)) if k.path == "check.http" else k for k in KEYS)
     monkeypatch.setattr(loader, "KEYS", keys)
     text = '[service]\nname = "web"\nport = 8080\naddress = "127.0.0.2"\n'
     c = load_env(tmp_path, {"SIDECAR_TEST_CHECK_URL": "http://127.0.0.2:9/ready"}, text)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Config
+from ..config.names import OWNER_META_KEY
 from ..durations import format_duration
 
-OWNER_META_KEY = "consul_sidecar_owner"
-"""The reserved meta key that marks an entry as one sidecar process's own (a random token per process):
-the keeper and the drain tell their own entry from another's with the same ID by it."""
+__all__ = ["OWNER_META_KEY", "registration_payload"]
 
 
 def registration_payload(config: Config, passing: bool, owner: str | None = None) -> dict[str, Any]:

@@ -31,17 +31,9 @@ what each one means at the current step:
     third SIGINT       SIGKILLs the app now.
     SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH   forwarded to the app (except hot_restart.signal).
 
-Hot restart (hot_restart.enabled, wrapper mode; the sidecar holds the listening socket):
-
-    hot_restart.signal: start generation N+1 with the same socket -> wait until it is ready
-               (READY=1 from it, or warmup alive; it holds the socket; and it is seen accepting a probe
-               connection on it, see accept_proof.py) within hot_restart.timeout
-               -> it becomes the app -> app_signal to generation N -> wait app_timeout -> SIGKILL it
-               and its descendants.
-               A new generation that exits or is not ready in time is stopped the same way; N
-               keeps serving. The registration is not touched. One restart at a time: a trigger
-               during one is refused (logged). A shutdown cancels the restart; the drain stops
-               every generation.
+Hot restart (hot_restart.enabled, wrapper mode; the sidecar holds the listening socket): the order of
+one restart is in sidecar/hot_restart.py. Here: hot_restart.signal starts one once the app is registered
+and not stopping; the drain (or the app's exit) cancels the restart in progress and stops every generation.
 """
 
 from __future__ import annotations
@@ -57,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_check
 
 from .backoff import backoff
 from .clock import Clock
-from .config import Config, ReadyMode, same_host
+from .config import Config, same_host
 from .drain.wait import DrainWait
 from .exit_codes import (
     EX_CANNOT_EXECUTE,
@@ -68,9 +60,9 @@ from .exit_codes import (
     EX_UNAVAILABLE,
     by_signal,
 )
+from .hot_restart import HotRestart
 from .process import early_signals
-from .process.accept_proof import describe_others
-from .process.app_control import App, ChildApp, Generation, PidApp, StopResult, app_processes
+from .process.app_control import App, ChildApp, PidApp, StopResult, app_processes
 from .process.notify import AppNotifySocket, SystemdNotifier
 from .process.port_owner import listen_hint, verify_app_port
 from .process.signals import FORWARDED, SHUTDOWN, Inbox, SignalInbox
@@ -86,7 +78,7 @@ from .registry.consul import (
 )
 from .registry.registration import OWNER_META_KEY, registration_payload
 from .registry.writes import LATE_WRITE_WINDOW, WriteLedger
-from .state import AppView, DrainEnd, GenerationView, HotRestartView, State, Status
+from .state import AppView, DrainEnd, State, Status
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -168,12 +160,16 @@ class Sidecar:
         self.log = log.bind(service_id=config.service.id)
         self.status_server = status_server
         hot = config.hot_restart
-        # Hot restart needs generations to run: the app started by us, holding our socket.
-        self._gens = app if hot.enabled and isinstance(app, ChildApp) and app.listener is not None else None
-        self.inbox: Inbox = inbox or SignalInbox(frozenset({hot.signal}) if self._gens is not None else frozenset())
         self.systemd = systemd or SystemdNotifier(None)
-        self._app_notify = app_notify
-        self._restart: asyncio.Task[None] | None = None
+        # Hot restart needs generations to run: the app started by us, holding our socket.
+        self._hot = (
+            HotRestart(config, app, clock, status, self.log, self.systemd, app_notify)
+            if hot.enabled and isinstance(app, ChildApp) and app.listener is not None
+            else None
+        )
+        if self._hot is None and app_notify is not None:
+            app_notify.close()  # no generations to hear from
+        self.inbox: Inbox = inbox or SignalInbox(frozenset({hot.signal}) if self._hot is not None else frozenset())
         self.drain_wait = drain_wait or DrainWait(
             config, agent, clock, self.log, status, own_opens=status_server.own_opens if status_server else None
         )
@@ -216,11 +212,8 @@ class Sidecar:
                 "sidecar.signal.ignored", signal=sig.name, reason="it came during start-up, before the app existed"
             )
         dispatcher = asyncio.create_task(self._dispatch_signals())
-        if self._gens is not None:
-            self.status.hot_restart = HotRestartView()
-            if self._app_notify is not None:
-                self._gens.notify_socket = self._app_notify.env_value
-                self._app_notify.start(self._on_app_message)
+        if self._hot is not None:
+            self._hot.start()
         try:
             if stop is not None:  # a Ctrl-C or SIGTERM while the sidecar started: the app is not started at all
                 self._after_start()
@@ -237,10 +230,8 @@ class Sidecar:
                 self.log.error("sidecar.app.start_failed", error=f"{e.__class__.__name__}: {e}")
                 return EX_NOT_FOUND if isinstance(e, FileNotFoundError) else EX_CANNOT_EXECUTE
             self.status.app = AppView(self.app.description)
-            if self._gens is not None:
-                for gen in self._gens.generations:
-                    gen.exited.add_done_callback(lambda _: self._show_generations())
-                self._show_generations()
+            if self._hot is not None:
+                self._hot.app_started()
             self.log.info("sidecar.app.started", app=self.app.description, elapsed_ms=self._ms(t0))
             if self.status_server is not None:
                 await self.status_server.start()
@@ -256,8 +247,8 @@ class Sidecar:
                 raise
         finally:
             dispatcher.cancel()
-            if self._app_notify is not None:
-                self._app_notify.close()
+            if self._hot is not None:
+                self._hot.close()
             self.systemd.close()
             self.drain_wait.close()
             self.status.enter(State.STOPPED)
@@ -279,9 +270,9 @@ class Sidecar:
             ended = await self._race(asyncio.Event().wait())  # until the app exits or a signal
         finally:
             keeper.cancel()
-            if self._restart is not None:  # the drain (or the app's exit) takes over every generation
-                self._restart.cancel()
-            await asyncio.gather(keeper, *([self._restart] if self._restart else []), return_exceptions=True)
+            if self._hot is not None:  # the drain (or the app's exit) takes over every generation
+                await self._hot.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
         assert isinstance(ended, _Interrupted)
         return await self._end(ended.reason)
 
@@ -793,7 +784,7 @@ class Sidecar:
         oom = status == by_signal(signal.SIGKILL)
         emit = self.log.error if oom else self.log.info if status == 0 else self.log.warning
         hint = "killed by SIGKILL: out of memory?" if oom else None
-        if hint is None and status != 0 and self._gens is not None and not self.writes.attempted:
+        if hint is None and status != 0 and self._hot is not None and not self.writes.attempted:
             hint = (
                 "with hot_restart the sidecar holds service.port and hands it to the app as fd 3 (LISTEN_FDS): "
                 "an app that binds the port itself fails with 'address already in use'"
@@ -928,8 +919,8 @@ class Sidecar:
         self.status.enter(State.STOPPING)
         self.systemd.notify(STATUS="stopping the app")
         t = self.clock.monotonic()
-        if self._gens is not None:  # no generation starts from here on: the socket ends with the app's copies
-            self._gens.release_listener()
+        if self._hot is not None:  # no generation starts from here on: the socket ends with the app's copies
+            self._hot.release_listener()
         result = await self.app.stop(cfg.app_signal, cfg.app_timeout)
         app = self.app
         extra = {
@@ -964,8 +955,12 @@ class Sidecar:
             self._on_signal(await self.inbox.queue.get())
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        if self._gens is not None and sig == self.config.hot_restart.signal:
-            self._trigger_hot_restart(sig)
+        if self._hot is not None and sig == self.config.hot_restart.signal:
+            self._hot.trigger(
+                sig,
+                registered=self.status.state is State.REGISTERED,
+                stopping=self._shutdown.is_set(),
+            )
             return
         if sig in FORWARDED:
             self.app.forward(sig)
@@ -995,231 +990,6 @@ class Sidecar:
             self.log.warning("sidecar.signal.received", signal=sig.name, action="SIGKILL the app now")
         else:
             self.log.debug("sidecar.signal.received", signal=sig.name, action="none: already draining")
-
-    # --- hot restart --------------------------------------------------------------
-
-    def _trigger_hot_restart(self, sig: signal.Signals) -> None:
-        refused = None
-        if self._shutdown.is_set() or (self._gens is not None and self._gens.exited.done()):
-            refused = "the sidecar is stopping"
-        elif self._restart is not None and not self._restart.done():
-            refused = "a hot restart is in progress (at most two generations at once)"
-        elif self.status.state is not State.REGISTERED:
-            refused = "the app is not registered yet"
-        if refused is not None:
-            self.log.warning("sidecar.hot_restart.refused", signal=sig.name, reason=refused)
-            return
-        self._restart = asyncio.create_task(self._hot_restart(sig))
-
-    async def _hot_restart(self, sig: signal.Signals) -> None:
-        """One hot restart, start to end (see the module docstring). Raises only CancelledError."""
-        gens = self._gens
-        assert gens is not None
-        cfg, sd = self.config.hot_restart, self.config.shutdown
-        t0 = self.clock.monotonic()
-        old = gens.current
-        assert old is not None
-        self._hot_state("restarting")
-        self.systemd.notify(
-            RELOADING="1",
-            STATUS=f"hot restart: starting the generation after {old.number}",
-            MONOTONIC_USEC=str(int(self.clock.monotonic() * 1_000_000)),
-        )
-        try:
-            try:
-                new = gens.start_next()
-            except OSError as e:
-                self._hot_failed(None, f"cannot start the next generation: {e.__class__.__name__}: {e}", t0)
-                return
-            new.exited.add_done_callback(lambda _: self._show_generations())
-            self._show_generations()
-            self.log.info(
-                "sidecar.hot_restart.started",
-                signal=sig.name,
-                generation=new.number,
-                pid=new.pid,
-                previous_generation=old.number,
-                previous_pid=old.pid,
-                ready=cfg.ready.value,
-                timeout_s=cfg.timeout,
-            )
-            ready, how, proof = await self._until_ready(new, t0 + cfg.timeout)
-            if not ready:
-                self._hot_failed(new, how, t0)
-                self.systemd.notify(STATUS=f"hot restart failed: stopping generation {new.number}")
-                t = self.clock.monotonic()
-                result = await gens.stop_generation(new, sd.app_signal, sd.app_timeout)
-                self._generation_stopped(new, result, t, "failed")
-                gens.forget_exited()
-                self._show_generations()
-                self.systemd.notify(READY="1", STATUS=f"serving (generation {old.number}; hot restart failed)")
-                return
-            gens.promote(new)
-            self._show_generations()
-            (self.log.info if proof.get("accepted_by") else self.log.warning)(
-                "sidecar.hot_restart.ready",
-                generation=new.number,
-                pid=new.pid,
-                how=how,
-                elapsed_ms=self._ms(t0),
-                **proof,
-            )
-            self.systemd.notify(STATUS=f"hot restart: generation {new.number} serving, stopping {old.number}")
-            t = self.clock.monotonic()
-            self.log.info(
-                "sidecar.hot_restart.old_signalled",
-                generation=old.number,
-                pid=old.pid,
-                signal=sd.app_signal.name,
-                app_timeout_s=sd.app_timeout,
-            )
-            result = await gens.stop_generation(old, sd.app_signal, sd.app_timeout)
-            self._generation_stopped(old, result, t, "replaced")
-            gens.forget_exited()
-            self.status.hot_restarts_total += 1
-            self._hot_state("idle", error=None)
-            if (self.status.last_error or "").startswith("hot restart failed"):
-                self.status.last_error = None  # this one succeeded: the failure is history (counted in the metrics)
-            self._show_generations()
-            self.log.info(
-                "sidecar.hot_restart.done",
-                generation=new.number,
-                pid=new.pid,
-                restarts=self.status.hot_restarts_total,
-                elapsed_ms=self._ms(t0),
-            )
-            self.systemd.notify(READY="1", STATUS=f"serving (generation {new.number})")
-        except asyncio.CancelledError:
-            self._hot_state("interrupted")
-            self.log.info("sidecar.hot_restart.interrupted", reason="the sidecar is stopping", elapsed_ms=self._ms(t0))
-            raise
-        except Exception as e:  # a bug: say so; the generations are left as they are, the drain ends them all
-            self._hot_failed(None, f"unexpected {e.__class__.__name__}: {e}", t0)
-            self.log.exception("sidecar.hot_restart.crashed", hint="this is a bug in consul-sidecar")
-
-    async def _until_ready(self, gen: Generation, deadline: float) -> tuple[bool, str, dict[str, Any]]:
-        """(True, how, the accept proof's fields) once ``gen`` is ready and seen accepting on the listening
-        socket; (False, why, {}) when it exits or ``deadline`` passes first."""
-        cfg = self.config.hot_restart
-        wait: list[asyncio.Future[Any]] = [
-            asyncio.ensure_future(asyncio.shield(gen.exited)),
-            asyncio.ensure_future(self.clock.sleep(max(0.0, deadline - self.clock.monotonic()))),
-        ]
-        if cfg.ready is ReadyMode.NOTIFY:
-            ready: asyncio.Future[Any] = asyncio.ensure_future(gen.ready.wait())
-        else:
-            ready = asyncio.ensure_future(self.clock.sleep(cfg.warmup))
-        try:
-            await asyncio.wait({ready, *wait}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for f in (ready, *wait):
-                f.cancel()
-        exited = f"generation {gen.number} exited with status {{}} before it was ready"
-        if gen.exited.done():
-            return False, exited.format(gen.exited.result()), {}
-        if ready.done() and not ready.cancelled():
-            how = "READY=1" if cfg.ready is ReadyMode.NOTIFY else f"alive for warmup {cfg.warmup:g}s"
-            # Else the old generation would be stopped with nobody left to accept: connections would
-            # queue unanswered and the check go critical.
-            gens = self._gens
-            assert gens is not None
-            if gens.holds_listener(gen) is False:
-                return (
-                    False,
-                    (
-                        f"generation {gen.number} is ready ({how}) but does not hold the listening socket (fd 3): "
-                        "it could not accept a connection (does it take the socket by socket activation?)"
-                    ),
-                    {},
-                )
-            t = self.clock.monotonic()
-            proof = await gens.seen_accepting(gen, deadline)
-            if gen.exited.done():
-                return False, exited.format(gen.exited.result()), {}
-            fields: dict[str, Any] = {"probes": proof.probes, "proof_ms": self._ms(t)}
-            if proof.seen is None:
-                return True, f"{how}; accepting not checked: {proof.detail}", fields
-            if proof.seen:
-                return True, how, {**fields, "accepted_by": proof.accepted_by}
-            took = describe_others(proof.by_others, gens.name_process)
-            return (
-                False,
-                (
-                    f"generation {gen.number} is ready ({how}) but was not seen accepting on the listening socket "
-                    f"(fd 3) within hot_restart.timeout {cfg.timeout:g}s: {proof.probes} probe connection(s), "
-                    f"{'accepted ' + took if took else 'none seen accepted'} (does it serve on fd 3, "
-                    "or another port?)"
-                ),
-                {},
-            )
-        said = " (it never sent READY=1 on NOTIFY_SOCKET)" if cfg.ready is ReadyMode.NOTIFY else ""
-        return False, f"generation {gen.number} was not ready within hot_restart.timeout {cfg.timeout:g}s{said}", {}
-
-    def _hot_failed(self, gen: Generation | None, why: str, t0: float) -> None:
-        self.status.hot_restart_failures_total += 1
-        self.status.last_error = f"hot restart failed: {why}"
-        self._hot_state("failed", error=why)
-        self.log.error(
-            "sidecar.hot_restart.failed",
-            generation=gen.number if gen else None,
-            pid=gen.pid if gen else None,
-            reason=why,
-            elapsed_ms=self._ms(t0),
-            hint="the previous generation keeps serving",
-        )
-
-    def _generation_stopped(self, gen: Generation, result: StopResult, t: float, why: str) -> None:
-        (self.log.error if result.killed else self.log.info)(
-            "sidecar.hot_restart.generation_stopped",
-            generation=gen.number,
-            pid=gen.pid,
-            why=why,
-            how=result.how,
-            exit_status=result.status,
-            elapsed_ms=self._ms(t),
-        )
-
-    def _hot_state(self, state: str, error: str | None | Literal[False] = False) -> None:
-        view = self.status.hot_restart
-        if view is None:
-            return
-        self.status.hot_restart = HotRestartView(
-            state,
-            self.status.hot_restarts_total,
-            self.status.hot_restart_failures_total,
-            view.last_error if error is False else error,
-        )
-
-    def _show_generations(self) -> None:
-        if self._gens is not None:
-            self.status.app = AppView(
-                self._gens.description,
-                tuple(
-                    GenerationView(
-                        g.number,
-                        g.pid,
-                        g.state.value,
-                        g.status_text,
-                        g.exited.result() if g.exited.done() and not g.exited.cancelled() else None,
-                    )
-                    for g in self._gens.generations
-                ),
-            )
-
-    def _on_app_message(self, pid: int, fields: dict[str, str]) -> None:
-        """A message on the apps' NOTIFY_SOCKET, attributed to a generation by its sender's PID."""
-        gen = self._gens.generation_of(pid) if self._gens is not None else None
-        if gen is None:
-            self.log.debug("sidecar.hot_restart.notify_unknown_sender", sender_pid=pid, fields=sorted(fields))
-            return
-        if "STATUS" in fields:
-            gen.status_text = fields["STATUS"][:200]
-        if fields.get("READY") == "1" and not gen.ready.is_set():
-            gen.ready.set()
-            self.log.debug("sidecar.hot_restart.notify_ready", generation=gen.number, pid=pid)
-        if fields.get("STOPPING") == "1":
-            self.log.debug("sidecar.hot_restart.notify_stopping", generation=gen.number, pid=pid)
-        self._show_generations()
 
     # --- helpers ------------------------------------------------------------------
 

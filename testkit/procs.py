@@ -332,7 +332,11 @@ class Sidecar:
     def event(self, name: str) -> dict[str, Any] | None:
         return next((e for e in self.events() if e.get("event") == name), None)
 
-    def wait_event(self, name: str, timeout: float = 15) -> dict[str, Any]:
+    def wait_event(self, name: str, timeout: float = 60) -> dict[str, Any]:
+        """The first ``name`` event, once logged. The default bound is a safety net, not a timing: it only
+        runs out when the event never comes (a sidecar that exits fails at once), and a loaded 2-core
+        machine has taken over 15 s to start an app and register it."""
+
         def found() -> dict[str, Any] | None:
             e = self.event(name)
             if e is None and self.proc.poll() is not None:

@@ -68,7 +68,10 @@ from .exit_codes import (
 )
 from .process import early_signals
 from .process.accept_proof import describe_others
-from .process.app_control import App, ChildApp, Generation, PidApp, StopResult, app_processes
+from .process.alongside import PidApp
+from .process.app_control import App, StopResult, app_processes
+from .process.child import ChildApp
+from .process.generations import Generation
 from .process.notify import AppNotifySocket, SystemdNotifier
 from .process.port_owner import listen_hint, verify_app_port
 from .process.signals import FORWARDED, SHUTDOWN, Inbox, SignalInbox
@@ -167,7 +170,7 @@ class Sidecar:
         self.status_server = status_server
         hot = config.hot_restart
         # Hot restart needs generations to run: the app started by us, holding our socket.
-        self._gens = app if hot.enabled and isinstance(app, ChildApp) and app.listener is not None else None
+        self._gens = app.gens if hot.enabled and isinstance(app, ChildApp) and app.listener is not None else None
         self.inbox: Inbox = inbox or SignalInbox(frozenset({hot.signal}) if self._gens is not None else frozenset())
         self.systemd = systemd or SystemdNotifier(None)
         self._app_notify = app_notify
@@ -906,7 +909,7 @@ class Sidecar:
 
     def _trigger_hot_restart(self, sig: signal.Signals) -> None:
         refused = None
-        if self._shutdown.is_set() or (self._gens is not None and self._gens.exited.done()):
+        if self._shutdown.is_set() or (self._gens is not None and self.app.exited.done()):
             refused = "the sidecar is stopping"
         elif self._restart is not None and not self._restart.done():
             refused = "a hot restart is in progress (at most two generations at once)"
@@ -1099,7 +1102,7 @@ class Sidecar:
     def _show_generations(self) -> None:
         if self._gens is not None:
             self.status.app = AppView(
-                self._gens.description,
+                self.app.description,
                 tuple(
                     GenerationView(
                         g.number,

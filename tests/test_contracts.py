@@ -14,7 +14,10 @@ import pytest
 
 from sidecar import exit_codes
 from sidecar.clock import SystemClock
-from sidecar.process.app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp
+from sidecar.process.alongside import ExternalApp, PidApp, UrlApp
+from sidecar.process.app_control import App
+from sidecar.process.child import ChildApp
+from sidecar.process.launcher import PosixLauncher
 from sidecar.state import DrainEnd
 
 ROOT = Path(__file__).resolve().parent.parent

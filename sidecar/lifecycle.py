@@ -31,23 +31,17 @@ what each one means at the current step:
     third SIGINT       SIGKILLs the app now.
     SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH   forwarded to the app (except hot_restart.signal).
 
-Hot restart (hot_restart.enabled, wrapper mode; the sidecar holds the listening socket):
-
-    hot_restart.signal: start generation N+1 with the same socket -> wait until it is ready
-               (READY=1 from it, or warmup alive; it holds the socket; and it is seen accepting a probe
-               connection on it, see accept_proof.py) within hot_restart.timeout
-               -> it becomes the app -> app_signal to generation N -> wait app_timeout -> SIGKILL it
-               and its descendants.
-               A new generation that exits or is not ready in time is stopped the same way; N
-               keeps serving. The registration is not touched. One restart at a time: a trigger
-               during one is refused (logged). A shutdown cancels the restart; the drain stops
-               every generation.
+Hot restart (hot_restart.enabled, wrapper mode; the sidecar holds the listening socket): the order of
+one restart is in sidecar/hot_restart.py. Here: hot_restart.signal starts one once the app is registered
+and not stopping; the drain (or the app's exit) cancels the restart in progress and stops every generation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import os
+import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -55,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_check
 
 from .backoff import backoff
 from .clock import Clock
-from .config import Config, ReadyMode, same_host
+from .config import Config, same_host
 from .drain.wait import DrainWait
 from .exit_codes import (
     EX_CANNOT_EXECUTE,
@@ -66,12 +60,11 @@ from .exit_codes import (
     EX_UNAVAILABLE,
     by_signal,
 )
+from .hot_restart import HotRestart
 from .process import early_signals
-from .process.accept_proof import describe_others
 from .process.alongside import PidApp
 from .process.app_control import App, StopResult, app_processes
 from .process.child import ChildApp
-from .process.generations import Generation
 from .process.notify import AppNotifySocket, SystemdNotifier
 from .process.port_owner import listen_hint, verify_app_port
 from .process.signals import FORWARDED, SHUTDOWN, Inbox, SignalInbox
@@ -85,9 +78,9 @@ from .registry.consul import (
     DeregisterResult,
     Deregistration,
 )
-from .registry.registration import registration_payload
+from .registry.registration import OWNER_META_KEY, registration_payload
 from .registry.writes import LATE_WRITE_WINDOW, WriteLedger
-from .state import AppView, DrainEnd, GenerationView, HotRestartView, State, Status
+from .state import AppView, DrainEnd, State, Status
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -169,12 +162,16 @@ class Sidecar:
         self.log = log.bind(service_id=config.service.id)
         self.status_server = status_server
         hot = config.hot_restart
-        # Hot restart needs generations to run: the app started by us, holding our socket.
-        self._gens = app.gens if hot.enabled and isinstance(app, ChildApp) and app.listener is not None else None
-        self.inbox: Inbox = inbox or SignalInbox(frozenset({hot.signal}) if self._gens is not None else frozenset())
         self.systemd = systemd or SystemdNotifier(None)
-        self._app_notify = app_notify
-        self._restart: asyncio.Task[None] | None = None
+        # Hot restart needs generations to run: the app started by us, holding our socket.
+        self._hot = (
+            HotRestart(config, app, clock, status, self.log, self.systemd, app_notify)
+            if hot.enabled and isinstance(app, ChildApp) and app.listener is not None
+            else None
+        )
+        if self._hot is None and app_notify is not None:
+            app_notify.close()  # no generations to hear from
+        self.inbox: Inbox = inbox or SignalInbox(frozenset({hot.signal}) if self._hot is not None else frozenset())
         self.drain_wait = drain_wait or DrainWait(
             config, agent, clock, self.log, status, own_opens=status_server.own_opens if status_server else None
         )
@@ -191,6 +188,13 @@ class Sidecar:
         self._maintenance: str | None = None
         self._maintenance_lost = False
         self._reapply_failed = False
+        # Duplicate IDs: our mark in the entry's meta; the claim on the ID (instance_claim); whether another
+        # live sidecar held it at start (then nothing is ours: the app, if not our child, is left alone); and
+        # whether the keeper found our entry replaced by another's (never re-registered over, never removed).
+        self._owner = f"{os.getpid()}-{secrets.token_hex(8)}"
+        self._claim: instance_claim.Claim | None = None
+        self._claim_refused = False
+        self._displaced = False
 
     # --- the whole life ---------------------------------------------------------
 
@@ -210,11 +214,8 @@ class Sidecar:
                 "sidecar.signal.ignored", signal=sig.name, reason="it came during start-up, before the app existed"
             )
         dispatcher = asyncio.create_task(self._dispatch_signals())
-        if self._gens is not None:
-            self.status.hot_restart = HotRestartView()
-            if self._app_notify is not None:
-                self._gens.notify_socket = self._app_notify.env_value
-                self._app_notify.start(self._on_app_message)
+        if self._hot is not None:
+            self._hot.start()
         try:
             if stop is not None:  # a Ctrl-C or SIGTERM while the sidecar started: the app is not started at all
                 self._after_start()
@@ -231,10 +232,8 @@ class Sidecar:
                 self.log.error("sidecar.app.start_failed", error=f"{e.__class__.__name__}: {e}")
                 return EX_NOT_FOUND if isinstance(e, FileNotFoundError) else EX_CANNOT_EXECUTE
             self.status.app = AppView(self.app.description)
-            if self._gens is not None:
-                for gen in self._gens.generations:
-                    gen.exited.add_done_callback(lambda _: self._show_generations())
-                self._show_generations()
+            if self._hot is not None:
+                self._hot.app_started()
             self.log.info("sidecar.app.started", app=self.app.description, elapsed_ms=self._ms(t0))
             if self.status_server is not None:
                 await self.status_server.start()
@@ -245,13 +244,13 @@ class Sidecar:
                 # A bug: the caller kills the app. Take the instance out of Consul first.
                 deadline = self.clock.monotonic() + self.config.shutdown.deregister_timeout
                 await self._fence_writes(deadline)
-                if self.writes.attempted:
+                if await self._ours_may_be_registered(deadline):
                     await self._deregister(deadline)
                 raise
         finally:
             dispatcher.cancel()
-            if self._app_notify is not None:
-                self._app_notify.close()
+            if self._hot is not None:
+                self._hot.close()
             self.systemd.close()
             self.drain_wait.close()
             self.status.enter(State.STOPPED)
@@ -273,9 +272,9 @@ class Sidecar:
             ended = await self._race(asyncio.Event().wait())  # until the app exits or a signal
         finally:
             keeper.cancel()
-            if self._restart is not None:  # the drain (or the app's exit) takes over every generation
-                self._restart.cancel()
-            await asyncio.gather(keeper, *([self._restart] if self._restart else []), return_exceptions=True)
+            if self._hot is not None:  # the drain (or the app's exit) takes over every generation
+                await self._hot.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
         assert isinstance(ended, _Interrupted)
         return await self._end(ended.reason)
 
@@ -287,8 +286,10 @@ class Sidecar:
     # --- start --------------------------------------------------------------------
 
     async def _startup(self) -> int:
-        """Wait for the app to be healthy, then register. 0, or an exit status to abort with."""
+        """Claim the ID, wait for the app to be healthy, then register. 0, or an exit status to abort with."""
         cfg = self.config
+        if not await self._take_claim():
+            return EX_CONFIG
         pid_app = isinstance(self.app, PidApp)  # its PID must also prove to be the app's (listen on the port)
         if cfg.startup.wait_healthy or pid_app:
             t = self.clock.monotonic()
@@ -380,36 +381,65 @@ class Sidecar:
                 self._consul_state(False, str(e), retrying=True)
             await self.clock.sleep(next(delays))
 
+    async def _take_claim(self) -> bool:
+        """Claim the service ID at our agent before the agent is read or written (instance_claim).
+
+        False (logged, /status says why) when a live sidecar holds it: this one must then register
+        nothing and touch nothing it does not own, whatever the agent shows at this moment (the
+        holder may not have registered yet). None from the claim (no trustworthy runtime
+        directory) is warned about and start-up goes on, as without a claim.
+        """
+        svc = self.config.service
+        self._claim = instance_claim.claim(self, self.agent.address, svc.id, f"{svc.address}:{svc.port}")
+        if self._claim.held is None:
+            self.log.warning(
+                "sidecar.consul.claim_unavailable",
+                error=self._claim.detail,
+                hint="a second sidecar with this service.id cannot be detected before it registers",
+            )
+            return True
+        if self._claim.held:
+            return True
+        holder = self._claim.holder()
+        give_up = self.clock.monotonic() + 1.0
+        while (holder is None or "address" not in holder) and self.clock.monotonic() < give_up:
+            await self.clock.sleep(0.02)  # the holder writes its note right after taking the lock
+            holder = self._claim.holder()
+        theirs = str(holder.get("address")) if holder and "address" in holder else "an address it has not written yet"
+        pid = holder.get("pid") if holder else None
+        message = (
+            f"service.id {svc.id!r} is held by a live consul-sidecar on this host (pid {pid or 'unknown'}, "
+            f"registering {theirs}); this one ({svc.address}:{svc.port}) would take over its entry. Run one "
+            "sidecar per instance, or give each its own service.id (the default, "
+            "<name>-<hostname>-<address>-<port>, is unique per address)"
+        )
+        self._claim_refused = True
+        self.status.last_error = message
+        self.log.error("sidecar.consul.registration_rejected", error=message, claim=str(self._claim.path))
+        return False
+
     async def _drop_stale_registration(self) -> None:
         """A registration with our ID is replaced only if its owner is provably gone; else refuse.
 
         Registering over a registration left by a sidecar that died (SIGKILL, OOM) would keep
         its check's status (Consul keeps the status of an unchanged check), critical once the
         old app has gone, so the new instance would wait a check interval for traffic: it is
-        removed first. But the same ID may belong to a live instance (two sidecars configured
-        with one service.id): replacing it would take over its entry, and either one's drain
-        would then remove the other's. Its owner is provably gone when
+        removed first. We hold the claim on the ID already (``_take_claim``), so no live sidecar
+        on this host owns the entry. Its owner is provably gone when
 
-          - it is registered for our address and port, and no live process on this host holds
-            the claim on the ID (instance_claim: the kernel drops it when its holder dies), or
-          - it is registered for another address or port, and the agent's check of it is critical.
+          - it is registered for our address and port (its sidecar, on this host, is gone), or
+          - it is registered for another address or port (perhaps by a sidecar elsewhere that
+            registers into this agent), and the agent's check of it is critical.
 
         Otherwise: ConsulRejected (nothing registered, the app stopped, exit 78).
         """
         svc = self.config.service
-        claimed = instance_claim.claim(self, self.agent.address, svc.id)
         existing = await self.agent.registered(svc.id)
         if existing is None:
             return
         address, port = str(existing.get("Address") or ""), existing.get("Port")
         theirs = f"{address or '<the node address>'}:{port}"
         if same_host(address, svc.address) and port == svc.port:
-            if claimed is False:
-                raise ConsulRejected(
-                    f"service.id {svc.id!r} is already registered for {theirs} by a live consul-sidecar on this host; "
-                    f"this one ({svc.address}:{svc.port}) would take over its entry. Run one sidecar per instance, "
-                    "or give each its own service.id"
-                )
             reason = "its sidecar is gone (no live process on this host holds the service ID)"
         else:
             status = await self.agent.check_status(svc.id)
@@ -455,7 +485,8 @@ class Sidecar:
         healthy = False
         if not out_of_rotation:
             healthy, _ = await self.prober.probe()
-        await self.writes.write(self.agent.register(registration_payload(self.config, passing=healthy)))
+        payload = registration_payload(self.config, passing=healthy, owner=self._owner)
+        await self.writes.write(self.agent.register(payload))
         self.status.registrations_total += 1
 
     async def _fence_writes(self, deadline: float) -> bool:
@@ -492,7 +523,7 @@ class Sidecar:
             try:
                 # A loopback read takes milliseconds: the floor only spares a bound already reached.
                 async with asyncio.timeout(max(0.25, min(cfg.consul.timeout, bound - t))):
-                    back = await self.agent.registered(cfg.service.id) is not None
+                    back = self._is_own(await self.agent.registered(cfg.service.id))
             except (ConsulError, TimeoutError) as e:
                 error = str(e) or "timeout"
             else:
@@ -529,9 +560,13 @@ class Sidecar:
         """Startup failed: nothing stays registered, the app is stopped, exit non-zero."""
         deadline = self.clock.monotonic() + self.config.shutdown.deregister_timeout
         await self._fence_writes(deadline)
-        if self.writes.attempted:
+        if await self._ours_may_be_registered(deadline):
             await self._deregister(deadline)
             await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
+        if self._claim_refused and not isinstance(self.app, ChildApp):
+            # Alongside mode: the app is the live holder's (or another's), never ours to signal.
+            self.log.info("sidecar.stopped", exit_status=code, app_status=None, app="left alone: not ours")
+            return code
         result = await self._stop_app()
         self.log.info("sidecar.stopped", exit_status=code, app_status=result.status)
         return code
@@ -548,6 +583,7 @@ class Sidecar:
         while True:
             try:
                 await self._keep_registration_rounds()
+                return  # our entry was replaced by another's: nothing of ours is left to keep
             except Exception as e:  # noqa: BLE001 - a keeper that dies silently leaves the instance unguarded
                 failures += 1
                 error = f"{e.__class__.__name__}: {e}"
@@ -566,7 +602,11 @@ class Sidecar:
             await self.clock.sleep(interval)
             t = self.clock.monotonic()
             try:
-                if await self.agent.registered(sid) is None:
+                entry = await self.agent.registered(sid)
+                if entry is not None and not self._is_own(entry):
+                    self._report_displaced(entry)
+                    return
+                if entry is None:
                     # Consul 1.8.7 keeps maintenance mode over a re-registration of a service it holds, but
                     # an agent that forgot the service forgot its maintenance check too: apply it again.
                     self._maintenance_lost = self._maintenance is not None
@@ -593,6 +633,49 @@ class Sidecar:
                 self._consul_state(False, str(e), level="error")
             except ConsulError as e:
                 self._consul_state(False, str(e))
+
+    def _is_own(self, entry: dict[str, Any] | None) -> bool:
+        """Whether the agent's entry is this process's: our address, port and owner mark."""
+        if entry is None:
+            return False
+        svc, meta = self.config.service, entry.get("Meta")
+        return (
+            same_host(str(entry.get("Address") or ""), svc.address)
+            and entry.get("Port") == svc.port
+            and isinstance(meta, dict)
+            and meta.get(OWNER_META_KEY) == self._owner
+        )
+
+    def _report_displaced(self, entry: dict[str, Any]) -> None:
+        self._displaced = True
+        meta = entry.get("Meta")
+        mark = meta.get(OWNER_META_KEY) if isinstance(meta, dict) else None
+        theirs = f"{entry.get('Address') or '<the node address>'}:{entry.get('Port')}"
+        sid = self.config.service.id
+        self.status.last_error = f"service.id {sid!r} is now registered for {theirs} by another owner"
+        self.log.error(
+            "sidecar.consul.registration_taken",
+            registered=theirs,
+            owner=mark,
+            hint="another registration replaced ours under the same service.id: it is not re-registered over, "
+            "kept or deregistered by this sidecar. Give each instance its own service.id",
+        )
+
+    async def _ours_may_be_registered(self, deadline: float) -> bool:
+        """Whether the agent may hold an entry of ours (a drain must then deregister it).
+
+        After the keeper found our entry replaced by another's, one read decides: a write of ours
+        that went unanswered may have landed over it since (ours again), else the entry is not ours.
+        """
+        if not self.writes.attempted:
+            return False
+        if not self._displaced:
+            return True
+        try:
+            async with asyncio.timeout(max(0.25, min(self.config.consul.timeout, deadline - self.clock.monotonic()))):
+                return self._is_own(await self.agent.registered(self.config.service.id))
+        except (ConsulError, TimeoutError):
+            return self.writes.may_land  # unreadable: ours only if a write of ours may have landed
 
     async def _reapply_maintenance(self, sid: str, t: float) -> None:
         """Maintenance mode again, with the reason last read, after the agent lost it with the service.
@@ -640,8 +723,9 @@ class Sidecar:
         # The deregistration's deadline covers waiting for a write in flight: the worst case holds.
         deadline = t0 + cfg.deregister_timeout
         await self._fence_writes(deadline)
-        if not self.writes.attempted:
-            # Nothing ever reached the agent: nothing to take out, nobody to wait for.
+        if not await self._ours_may_be_registered(deadline):
+            # Nothing ever reached the agent (or our entry was replaced by another's, which is not
+            # ours to remove): nothing to take out, nobody to wait for.
             self.log.info("sidecar.drain.nothing_registered")
             result = await self._stop_app()
             self.log.info("sidecar.stopped", exit_status=result.status, elapsed_ms=self._ms(t0))
@@ -702,7 +786,7 @@ class Sidecar:
         oom = status == by_signal(signal.SIGKILL)
         emit = self.log.error if oom else self.log.info if status == 0 else self.log.warning
         hint = "killed by SIGKILL: out of memory?" if oom else None
-        if hint is None and status != 0 and self._gens is not None and not self.writes.attempted:
+        if hint is None and status != 0 and self._hot is not None and not self.writes.attempted:
             hint = (
                 "with hot_restart the sidecar holds service.port and hands it to the app as fd 3 (LISTEN_FDS): "
                 "an app that binds the port itself fails with 'address already in use'"
@@ -719,7 +803,7 @@ class Sidecar:
         deadline = t + self.config.shutdown.deregister_timeout
         await self._fence_writes(deadline)
         last = DeregisterResult(Deregistration.CONFIRMED, 0, None)  # nothing registered: nothing to report
-        if self.writes.attempted:
+        if await self._ours_may_be_registered(deadline):
             last = await self._deregister(deadline)
             if last.outcome is not Deregistration.UNCONFIRMED:
                 again = await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
@@ -837,8 +921,8 @@ class Sidecar:
         self.status.enter(State.STOPPING)
         self.systemd.notify(STATUS="stopping the app")
         t = self.clock.monotonic()
-        if self._gens is not None:  # no generation starts from here on: the socket ends with the app's copies
-            self._gens.release_listener()
+        if self._hot is not None:  # no generation starts from here on: the socket ends with the app's copies
+            self._hot.release_listener()
         result = await self.app.stop(cfg.app_signal, cfg.app_timeout)
         app = self.app
         extra = {
@@ -873,8 +957,12 @@ class Sidecar:
             self._on_signal(await self.inbox.queue.get())
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        if self._gens is not None and sig == self.config.hot_restart.signal:
-            self._trigger_hot_restart(sig)
+        if self._hot is not None and sig == self.config.hot_restart.signal:
+            self._hot.trigger(
+                sig,
+                registered=self.status.state is State.REGISTERED,
+                stopping=self._shutdown.is_set(),
+            )
             return
         if sig in FORWARDED:
             self.app.forward(sig)
@@ -904,231 +992,6 @@ class Sidecar:
             self.log.warning("sidecar.signal.received", signal=sig.name, action="SIGKILL the app now")
         else:
             self.log.debug("sidecar.signal.received", signal=sig.name, action="none: already draining")
-
-    # --- hot restart --------------------------------------------------------------
-
-    def _trigger_hot_restart(self, sig: signal.Signals) -> None:
-        refused = None
-        if self._shutdown.is_set() or (self._gens is not None and self.app.exited.done()):
-            refused = "the sidecar is stopping"
-        elif self._restart is not None and not self._restart.done():
-            refused = "a hot restart is in progress (at most two generations at once)"
-        elif self.status.state is not State.REGISTERED:
-            refused = "the app is not registered yet"
-        if refused is not None:
-            self.log.warning("sidecar.hot_restart.refused", signal=sig.name, reason=refused)
-            return
-        self._restart = asyncio.create_task(self._hot_restart(sig))
-
-    async def _hot_restart(self, sig: signal.Signals) -> None:
-        """One hot restart, start to end (see the module docstring). Raises only CancelledError."""
-        gens = self._gens
-        assert gens is not None
-        cfg, sd = self.config.hot_restart, self.config.shutdown
-        t0 = self.clock.monotonic()
-        old = gens.current
-        assert old is not None
-        self._hot_state("restarting")
-        self.systemd.notify(
-            RELOADING="1",
-            STATUS=f"hot restart: starting the generation after {old.number}",
-            MONOTONIC_USEC=str(int(self.clock.monotonic() * 1_000_000)),
-        )
-        try:
-            try:
-                new = gens.start_next()
-            except OSError as e:
-                self._hot_failed(None, f"cannot start the next generation: {e.__class__.__name__}: {e}", t0)
-                return
-            new.exited.add_done_callback(lambda _: self._show_generations())
-            self._show_generations()
-            self.log.info(
-                "sidecar.hot_restart.started",
-                signal=sig.name,
-                generation=new.number,
-                pid=new.pid,
-                previous_generation=old.number,
-                previous_pid=old.pid,
-                ready=cfg.ready.value,
-                timeout_s=cfg.timeout,
-            )
-            ready, how, proof = await self._until_ready(new, t0 + cfg.timeout)
-            if not ready:
-                self._hot_failed(new, how, t0)
-                self.systemd.notify(STATUS=f"hot restart failed: stopping generation {new.number}")
-                t = self.clock.monotonic()
-                result = await gens.stop_generation(new, sd.app_signal, sd.app_timeout)
-                self._generation_stopped(new, result, t, "failed")
-                gens.forget_exited()
-                self._show_generations()
-                self.systemd.notify(READY="1", STATUS=f"serving (generation {old.number}; hot restart failed)")
-                return
-            gens.promote(new)
-            self._show_generations()
-            (self.log.info if proof.get("accepted_by") else self.log.warning)(
-                "sidecar.hot_restart.ready",
-                generation=new.number,
-                pid=new.pid,
-                how=how,
-                elapsed_ms=self._ms(t0),
-                **proof,
-            )
-            self.systemd.notify(STATUS=f"hot restart: generation {new.number} serving, stopping {old.number}")
-            t = self.clock.monotonic()
-            self.log.info(
-                "sidecar.hot_restart.old_signalled",
-                generation=old.number,
-                pid=old.pid,
-                signal=sd.app_signal.name,
-                app_timeout_s=sd.app_timeout,
-            )
-            result = await gens.stop_generation(old, sd.app_signal, sd.app_timeout)
-            self._generation_stopped(old, result, t, "replaced")
-            gens.forget_exited()
-            self.status.hot_restarts_total += 1
-            self._hot_state("idle", error=None)
-            if (self.status.last_error or "").startswith("hot restart failed"):
-                self.status.last_error = None  # this one succeeded: the failure is history (counted in the metrics)
-            self._show_generations()
-            self.log.info(
-                "sidecar.hot_restart.done",
-                generation=new.number,
-                pid=new.pid,
-                restarts=self.status.hot_restarts_total,
-                elapsed_ms=self._ms(t0),
-            )
-            self.systemd.notify(READY="1", STATUS=f"serving (generation {new.number})")
-        except asyncio.CancelledError:
-            self._hot_state("interrupted")
-            self.log.info("sidecar.hot_restart.interrupted", reason="the sidecar is stopping", elapsed_ms=self._ms(t0))
-            raise
-        except Exception as e:  # a bug: say so; the generations are left as they are, the drain ends them all
-            self._hot_failed(None, f"unexpected {e.__class__.__name__}: {e}", t0)
-            self.log.exception("sidecar.hot_restart.crashed", hint="this is a bug in consul-sidecar")
-
-    async def _until_ready(self, gen: Generation, deadline: float) -> tuple[bool, str, dict[str, Any]]:
-        """(True, how, the accept proof's fields) once ``gen`` is ready and seen accepting on the listening
-        socket; (False, why, {}) when it exits or ``deadline`` passes first."""
-        cfg = self.config.hot_restart
-        wait: list[asyncio.Future[Any]] = [
-            asyncio.ensure_future(asyncio.shield(gen.exited)),
-            asyncio.ensure_future(self.clock.sleep(max(0.0, deadline - self.clock.monotonic()))),
-        ]
-        if cfg.ready is ReadyMode.NOTIFY:
-            ready: asyncio.Future[Any] = asyncio.ensure_future(gen.ready.wait())
-        else:
-            ready = asyncio.ensure_future(self.clock.sleep(cfg.warmup))
-        try:
-            await asyncio.wait({ready, *wait}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for f in (ready, *wait):
-                f.cancel()
-        exited = f"generation {gen.number} exited with status {{}} before it was ready"
-        if gen.exited.done():
-            return False, exited.format(gen.exited.result()), {}
-        if ready.done() and not ready.cancelled():
-            how = "READY=1" if cfg.ready is ReadyMode.NOTIFY else f"alive for warmup {cfg.warmup:g}s"
-            # Else the old generation would be stopped with nobody left to accept: connections would
-            # queue unanswered and the check go critical.
-            gens = self._gens
-            assert gens is not None
-            if gens.holds_listener(gen) is False:
-                return (
-                    False,
-                    (
-                        f"generation {gen.number} is ready ({how}) but does not hold the listening socket (fd 3): "
-                        "it could not accept a connection (does it take the socket by socket activation?)"
-                    ),
-                    {},
-                )
-            t = self.clock.monotonic()
-            proof = await gens.seen_accepting(gen, deadline)
-            if gen.exited.done():
-                return False, exited.format(gen.exited.result()), {}
-            fields: dict[str, Any] = {"probes": proof.probes, "proof_ms": self._ms(t)}
-            if proof.seen is None:
-                return True, f"{how}; accepting not checked: {proof.detail}", fields
-            if proof.seen:
-                return True, how, {**fields, "accepted_by": proof.accepted_by}
-            took = describe_others(proof.by_others, gens.name_process)
-            return (
-                False,
-                (
-                    f"generation {gen.number} is ready ({how}) but was not seen accepting on the listening socket "
-                    f"(fd 3) within hot_restart.timeout {cfg.timeout:g}s: {proof.probes} probe connection(s), "
-                    f"{'accepted ' + took if took else 'none seen accepted'} (does it serve on fd 3, "
-                    "or another port?)"
-                ),
-                {},
-            )
-        said = " (it never sent READY=1 on NOTIFY_SOCKET)" if cfg.ready is ReadyMode.NOTIFY else ""
-        return False, f"generation {gen.number} was not ready within hot_restart.timeout {cfg.timeout:g}s{said}", {}
-
-    def _hot_failed(self, gen: Generation | None, why: str, t0: float) -> None:
-        self.status.hot_restart_failures_total += 1
-        self.status.last_error = f"hot restart failed: {why}"
-        self._hot_state("failed", error=why)
-        self.log.error(
-            "sidecar.hot_restart.failed",
-            generation=gen.number if gen else None,
-            pid=gen.pid if gen else None,
-            reason=why,
-            elapsed_ms=self._ms(t0),
-            hint="the previous generation keeps serving",
-        )
-
-    def _generation_stopped(self, gen: Generation, result: StopResult, t: float, why: str) -> None:
-        (self.log.error if result.killed else self.log.info)(
-            "sidecar.hot_restart.generation_stopped",
-            generation=gen.number,
-            pid=gen.pid,
-            why=why,
-            how=result.how,
-            exit_status=result.status,
-            elapsed_ms=self._ms(t),
-        )
-
-    def _hot_state(self, state: str, error: str | None | Literal[False] = False) -> None:
-        view = self.status.hot_restart
-        if view is None:
-            return
-        self.status.hot_restart = HotRestartView(
-            state,
-            self.status.hot_restarts_total,
-            self.status.hot_restart_failures_total,
-            view.last_error if error is False else error,
-        )
-
-    def _show_generations(self) -> None:
-        if self._gens is not None:
-            self.status.app = AppView(
-                self.app.description,
-                tuple(
-                    GenerationView(
-                        g.number,
-                        g.pid,
-                        g.state.value,
-                        g.status_text,
-                        g.exited.result() if g.exited.done() and not g.exited.cancelled() else None,
-                    )
-                    for g in self._gens.generations
-                ),
-            )
-
-    def _on_app_message(self, pid: int, fields: dict[str, str]) -> None:
-        """A message on the apps' NOTIFY_SOCKET, attributed to a generation by its sender's PID."""
-        gen = self._gens.generation_of(pid) if self._gens is not None else None
-        if gen is None:
-            self.log.debug("sidecar.hot_restart.notify_unknown_sender", sender_pid=pid, fields=sorted(fields))
-            return
-        if "STATUS" in fields:
-            gen.status_text = fields["STATUS"][:200]
-        if fields.get("READY") == "1" and not gen.ready.is_set():
-            gen.ready.set()
-            self.log.debug("sidecar.hot_restart.notify_ready", generation=gen.number, pid=pid)
-        if fields.get("STOPPING") == "1":
-            self.log.debug("sidecar.hot_restart.notify_stopping", generation=gen.number, pid=pid)
-        self._show_generations()
 
     # --- helpers ------------------------------------------------------------------
 

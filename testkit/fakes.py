@@ -9,6 +9,8 @@ The real-process tests prove the same paths against a real agent; these pin the 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -27,25 +29,31 @@ from testkit.virtualtime import VirtualTime
 __all__ = ["FakeAgent", "FakeApp", "FakeInbox", "FakeProber", "make_config", "make_sidecar", "until"]
 
 
-class FakeAgent:
-    address = "http://fake:8500"
+_fake_agents = itertools.count(1)
 
+
+class FakeAgent:
     def __init__(self, calls: list[str], register_errors: list[Exception] | None = None) -> None:
+        # An agent of its own: the sidecar claims its service ID per agent, host-wide, and another
+        # test (another pytest worker) may run a sidecar with the same ID at the same moment.
+        self.address = f"http://fake-{next(_fake_agents)}-{os.getpid()}:8500"
         self.calls = calls
         self.register_errors = list(register_errors or [])
         self.held = False
+        self.entry: dict[str, Any] = {}  # what the last registration carried (its owner mark too)
 
     async def register(self, payload: dict[str, Any]) -> None:
         self.calls.append(f"register passing={payload['Check'].get('Status') == 'passing'}")
         if self.register_errors:
             raise self.register_errors.pop(0)
         self.held = True
+        self.entry = {k: payload[k] for k in ("Address", "Port", "Meta")}
 
     def token_rotated(self) -> bool:
         return False
 
     async def registered(self, service_id: str) -> dict[str, Any] | None:
-        return {"ID": service_id} if self.held else None
+        return {"ID": service_id, **self.entry} if self.held else None
 
     async def check_status(self, service_id: str) -> str | None:
         return "passing" if self.held else None

@@ -129,9 +129,9 @@ def _nothing_left_behind() -> Iterator[None]:
 
 @pytest.fixture
 def service_name() -> str:
-    # Unique on the host, not only in this process: the pytest-xdist workers share the host, and an
-    # instance's ID is claimed host-wide (sidecar/instance_claim.py), whatever agent it registers in.
-    return f"svc{next(_names)}{os.environ.get('PYTEST_XDIST_WORKER', '')}"
+    # Unique on the host, not only in this process: the pytest-xdist workers (and other test runs on the
+    # same host) share it, and an instance's ID is claimed host-wide per agent (sidecar/instance_claim.py).
+    return f"svc{next(_names)}{os.environ.get('PYTEST_XDIST_WORKER', '')}p{os.getpid()}"
 
 
 @pytest.fixture

@@ -178,6 +178,7 @@ BAD = [
     ),
     ("name-trailing-newline", '[service]\nname = "web\\n"\nport = 8080\naddress = "127.0.0.2"\n', "service.name"),
     ("meta-key-trailing-newline", MINIMAL + '[service.meta]\n"v\\n" = "1"\n', "service.meta.v"),
+    ("meta-key-reserved", MINIMAL + '[service.meta]\nconsul_sidecar_owner = "x"\n', "consul_sidecar_owner"),
     ("token-with-newline", '[consul]\ntoken = "tok-1\\ntok-2"\n' + MINIMAL, "consul.token"),
     ("config-file-too-big", MINIMAL + "# " + "x" * (1 << 20) + "\n", "larger than"),
 ]

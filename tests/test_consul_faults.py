@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.registry.registration import OWNER_META_KEY
 from testkit import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
 from testkit.suite import StartSidecar, base_config
 
@@ -31,7 +32,10 @@ def test_agent_restart_without_data_dir_reregisters(
     took = time.monotonic() - back
     assert took <= 1.0 + 1.0, f"re-registered {took:.2f}s after the agent came back"
     [entry] = fresh_consul.instances(service_name)
-    assert entry["Service"]["Tags"] == ["v7"] and entry["Service"]["Meta"] == {"build": "42"}
+    assert entry["Service"]["Tags"] == ["v7"] and entry["Service"]["Meta"] == {
+        "build": "42",
+        OWNER_META_KEY: entry["Service"]["Meta"].get(OWNER_META_KEY),
+    }
     wait_for(
         lambda: [c["Status"] for c in fresh_consul.instances(service_name)[0]["Checks"]] == ["passing", "passing"],
         5,

@@ -20,6 +20,7 @@ FLOORS: list[set[str]] = [
     {"__main__", "cli"},
     {"wiring"},
     {"lifecycle"},
+    {"hot_restart"},
     {"http"},
     {"process"},
     {"drain"},

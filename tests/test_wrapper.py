@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from examples.rollout.fleet import CatalogWatcher
+from sidecar.registry.registration import OWNER_META_KEY
 from testkit import Consul, app_command, free_port, http_get, pid_alive, read_signal_log, wait_for
 from testkit.suite import RegisteredSidecar, StartSidecar, base_config
 
@@ -31,7 +33,11 @@ def test_registers_with_tags_meta_and_passing_at_once(
     [entry] = consul.instances(service_name)
     svc = entry["Service"]
     assert (svc["ID"], svc["Address"], svc["Port"]) == (f"{service_name}-1", "127.0.0.1", port)
-    assert svc["Tags"] == ["v1", "blue"] and svc["Meta"] == {"version": "1.2.3"}
+    assert svc["Tags"] == ["v1", "blue"] and svc["Meta"] == {
+        "version": "1.2.3",
+        OWNER_META_KEY: svc["Meta"][OWNER_META_KEY],  # the sidecar's mark: its PID and a random token
+    }
+    assert re.fullmatch(rf"{sc.proc.pid}-[0-9a-f]{{16}}", svc["Meta"][OWNER_META_KEY]), svc["Meta"]
     check = next(c for c in entry["Checks"] if c["ServiceID"] == svc["ID"])
     assert check["Status"] == "passing"
     assert check["Type"] == "http"

@@ -68,7 +68,7 @@ def _row(key: Key) -> str:
     shown = _code(key.default) if key.default not in (None, "") else ""
     dflt = key.default_doc or shown or "none"
     env = ", ".join(f"`{v}`" for v in key.env)
-    doc = f"{key.only_with} only: {key.doc}" if key.only_with else key.doc
+    doc = f"{key.only_with.words} only: {key.doc}" if key.only_with else key.doc
     cells = [f"`{key.name}`", key.kind.value, dflt, env, _bounds(key), doc]
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
@@ -133,16 +133,10 @@ def effective(config: Config, section: str) -> dict[str, Any]:
     for key in KEYS:
         if key.section != section or key.attr in out or settings is None:
             continue
-        if key.only_with and not _holds(settings, key.only_with):
+        if key.only_with is not None and not key.only_with.holds(settings):
             continue
         out[key.attr] = _json(getattr(settings, key.attr))
     return out
-
-
-def _holds(settings: object, condition: str) -> bool:
-    """``condition`` names a key of the same section (``strategy = "traffic"``)."""
-    name, _, value = condition.partition(" = ")
-    return str(getattr(settings, name, None)) == value.strip('"')
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,21 +1,30 @@
-"""Every configuration key, once: section, type, default, bounds, environment fallback, documentation.
+"""Every configuration key, once: section, type, default, bounds, environment fallback, parser, documentation.
 
-The loader validates with this table, the frozen settings take their defaults from it,
-``check-config`` prints the effective value of each key, and ``docs/configuration.md`` is
-generated from it (``python -m sidecar.config.docs``). A new key is one ``Key(...)`` here,
-then its use in the loader; a test fails until the docs are regenerated.
+The loader reads every key through this table in one generic pass (the file's value, else the
+first set variable of ``Key.env``, else the key's one default), parsing it by its ``kind`` and
+then by its own ``check``; only the rules that tie keys together are written in the loader.
+The frozen settings take their defaults from it (a test checks the settings' fields are the
+table's), ``check-config`` prints the effective value of each key, and ``docs/configuration.md``
+is generated from it (``python -m sidecar.config.docs``). A new key is one ``Key(...)`` here and
+its field in model.py; a test fails until the docs are regenerated.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
+import re
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from ..durations import parse_duration
+from .addresses import DEFAULT_CONSUL_ADDRESS, parse_listen, server_name, url_problem
+from .files import FileProblem, check_readable
+from .names import DNS_LABEL, SERVICE_NAME
 
 
 class Strategy(enum.StrEnum):
@@ -48,26 +57,67 @@ class Kind(enum.Enum):
     HOST_PORT = '"host:port"'
 
 
+_KEEP: Any = object()
+
+
+class Invalid(ValueError):
+    """What a key's ``check`` raises for a value it refuses: one line per problem. The loader reports each
+    and goes on with ``keep`` when given (so later rules see the value), else with the key's default."""
+
+    def __init__(self, *problems: str, keep: Any = _KEEP) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+        self.keeps = keep is not _KEEP
+        self.keep = None if keep is _KEEP else keep
+
+
+@dataclass(frozen=True)
+class OnlyWith:
+    """A key that is shown and used only while another key of its section has this value."""
+
+    key: str  # a key of the same section
+    value: enum.StrEnum
+
+    @property
+    def words(self) -> str:
+        return f'{self.key} = "{self.value}"'
+
+    def holds(self, settings: object) -> bool:
+        return bool(getattr(settings, self.key, None) == self.value)
+
+
 @dataclass(frozen=True)
 class Key:
-    """One configuration key. ``default`` is written as a file would write it (``"5s"``, ``true``);
-    None: none (``default_doc`` then says what happens instead)."""
+    """One configuration key. ``default`` is written as a file would write it (``"5s"``, ``true``,
+    ``()`` for an empty list or table); None: none (``default_doc`` then says what happens instead).
+    It is parsed by its ``kind`` (the loader's reader for that kind, with ``minimum``, ``maximum``,
+    ``choices`` and ``off``), then by ``check``: the key's own rule, which may refine the value (a
+    server name loses its port) or refuse it (raise Invalid)."""
 
     section: str
     name: str
     kind: Kind
     doc: str
-    default: str | bool | int | None = None
+    default: str | bool | int | tuple[()] | None = None
     default_doc: str = ""  # a computed default, in words
     env: tuple[str, ...] = ()  # Consul's variables used when the file does not set the key, first wins
     minimum: float | None = None  # durations: seconds; integers: the smallest value
     maximum: int | None = None  # integers
     why_minimum: str = ""  # appended to the "shorter than" message
     choices: type[enum.StrEnum] | None = None  # Kind.CHOICE
+    choice_words: tuple[str, ...] = ()  # Kind.CHOICE: what each choice means, in the problem for a bad one
     off: tuple[str, ...] = ()  # values that turn the feature off instead of being parsed
     required: bool = False
-    only_with: str = ""  # shown and used only with this setting (e.g. 'strategy = "traffic"')
+    only_with: OnlyWith | None = None  # shown and used only with this setting
     field: str = ""  # the attribute of the section's settings holding the value ("" = name)
+    fields: tuple[str, ...] = ()  # the settings' fields the value is stored in, when not just ``attr``
+    form: str = ""  # Kind.STRINGS and TABLE: how the value is written, for the problem when it is not
+    check: Callable[[Any], Any] | None = None  # the key's own rule, after the kind's parsing
+
+    @property
+    def value(self) -> Any:
+        """The parsed default (seconds for a duration, a Signals, a Strategy, ...); None when there is none."""
+        return None if self.default is None else _parse_default(self)
 
     @property
     def path(self) -> str:
@@ -76,6 +126,10 @@ class Key:
     @property
     def attr(self) -> str:
         return self.field or self.name
+
+    @property
+    def model_fields(self) -> tuple[str, ...]:
+        return self.fields or (self.attr,)
 
 
 def parse_signal(text: str) -> signal.Signals:
@@ -88,8 +142,106 @@ def parse_signal(text: str) -> signal.Signals:
         raise ValueError(f"{text!r} is not a signal name like SIGTERM, SIGINT or SIGQUIT") from None
 
 
+# --- the keys' own rules (Key.check): each takes the value parsed by its kind -------------------
+
+
+def _readable(path: Path | None) -> Path | None:
+    if path is not None:
+        try:
+            check_readable(path)
+        except FileProblem as e:
+            raise Invalid(str(e), keep=path) from None
+    return path
+
+
+def _web_url(text: str | None) -> str | None:
+    if not text:
+        return None
+    problem = url_problem(text)
+    if problem is not None:
+        raise Invalid(problem, keep=text)
+    return text
+
+
+def _check_url(text: str | None) -> str | None:
+    return _web_url(text) if text else None  # none or empty: built from the service's address
+
+
+def _server_name(text: str | None) -> str | None:
+    name = server_name(text or "") or None
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,253}", name):
+        raise Invalid(f"{name!r} is not a host name or IP address", keep=name)
+    return name
+
+
+def _service_name(text: str | None) -> str | None:
+    if text and not SERVICE_NAME.match(text):
+        raise Invalid(
+            f"{text!r}: use letters, digits, '-' and '_' (at most 63), so Consul DNS can answer for it", keep=text
+        )
+    return text
+
+
+def _dns_servers(texts: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    servers, problems = [], []
+    for d in texts:
+        try:
+            host, port = parse_listen(d)
+            if port == 0:
+                raise ValueError(f"{d!r}: port 0")
+            ipaddress.ip_address(host)
+            servers.append((host, port))
+        except ValueError as e:
+            problems.append(f'{e} (give an IP address and port, e.g. "127.0.0.1:8600")')
+    if problems:
+        raise Invalid(*problems, keep=tuple(servers))
+    return tuple(servers)
+
+
+def _dns_name(text: str | None) -> str:
+    name = (text or "").rstrip(".")
+    if name and (len(name) > 253 or not all(DNS_LABEL.match(label) for label in name.split("."))):
+        raise Invalid(
+            f"{name!r} is not a DNS name (labels of letters, digits, '-' and '_', e.g. \"v2.web.service.dc1.consul\")",
+            keep=name,
+        )
+    return name
+
+
+def _listen(text: str | None) -> tuple[str, int] | None:
+    if not text:
+        return None
+    try:
+        return parse_listen(text)
+    except ValueError as e:
+        raise Invalid(str(e), keep=None) from None
+
+
+def _app_signal(sig: signal.Signals) -> signal.Signals:
+    if sig in (signal.SIGKILL, signal.SIGSTOP):
+        raise Invalid(f"{sig.name} cannot be caught, so the app could not drain; use SIGTERM", keep=sig)
+    return sig
+
+
+# Signals that already mean something to the sidecar, or that cannot be caught.
+_NOT_A_RESTART_SIGNAL = {
+    signal.SIGTERM: "starts the drain",
+    signal.SIGINT: "starts the drain",
+    signal.SIGKILL: "cannot be caught",
+    signal.SIGSTOP: "cannot be caught",
+    signal.SIGCHLD: "is how the sidecar learns that a child exited",
+}
+
+
+def _restart_signal(sig: signal.Signals) -> signal.Signals:
+    why = _NOT_A_RESTART_SIGNAL.get(sig)
+    if why is not None:
+        raise Invalid(f"{sig.name} {why}; use SIGUSR2 (the default), SIGHUP or SIGUSR1", keep=sig)
+    return sig
+
+
 _POSITIVE = 0.001  # durations that bound a wait: "0" would mean "give up at once"
-_TRAFFIC = 'strategy = "traffic"'
+_TRAFFIC = OnlyWith("strategy", Strategy.TRAFFIC)
 
 KEYS: tuple[Key, ...] = (
     # --- [consul] ---------------------------------------------------------------------------------
@@ -99,8 +251,10 @@ KEYS: tuple[Key, ...] = (
         Kind.URL,
         "the local agent: `http://host:port`, `https://host:port`, `host:port` "
         "(https with `CONSUL_HTTP_SSL=true`) or `unix:///path/to/consul.sock`",
+        default=DEFAULT_CONSUL_ADDRESS,
         default_doc="`http://127.0.0.1:8500`",
         env=("CONSUL_HTTP_ADDR",),
+        fields=("scheme", "host", "port"),
     ),
     Key(
         "consul",
@@ -108,9 +262,10 @@ KEYS: tuple[Key, ...] = (
         Kind.STRING,
         "ACL token (set `token` or `token_file`, not both). Never logged; the app started in "
         "wrapper mode gets neither `CONSUL_HTTP_TOKEN`, `CONSUL_HTTP_TOKEN_FILE` nor any variable used here "
-        "(`${MY_TOKEN}`)",
+        "(`${MY_TOKEN}`). From the environment, `CONSUL_HTTP_TOKEN_FILE` (see `token_file`) wins over "
+        "`CONSUL_HTTP_TOKEN`",
         default_doc="none",
-        env=("CONSUL_HTTP_TOKEN_FILE", "CONSUL_HTTP_TOKEN"),
+        env=("CONSUL_HTTP_TOKEN",),
     ),
     Key(
         "consul",
@@ -131,6 +286,7 @@ KEYS: tuple[Key, ...] = (
         "CA certificate(s) that signed the agent's certificate (PEM); the system's CAs otherwise",
         default_doc="none",
         env=("CONSUL_CACERT",),
+        check=_readable,
     ),
     Key(
         "consul",
@@ -148,6 +304,7 @@ KEYS: tuple[Key, ...] = (
         "client certificate for TLS to the agent (with `key_file`)",
         default_doc="none",
         env=("CONSUL_CLIENT_CERT",),
+        check=_readable,
     ),
     Key(
         "consul",
@@ -156,6 +313,7 @@ KEYS: tuple[Key, ...] = (
         "the client certificate's private key (with `cert_file`)",
         default_doc="none",
         env=("CONSUL_CLIENT_KEY",),
+        check=_readable,
     ),
     Key(
         "consul",
@@ -165,6 +323,7 @@ KEYS: tuple[Key, ...] = (
         "instead of the address's host (a port in it is ignored)",
         default_doc="the address's host",
         env=("CONSUL_TLS_SERVER_NAME",),
+        check=_server_name,
     ),
     Key(
         "consul",
@@ -183,6 +342,7 @@ KEYS: tuple[Key, ...] = (
         Kind.STRING,
         "the name consumers look up (letters, digits, `-`, `_`; at most 63)",
         required=True,
+        check=_service_name,
     ),
     Key(
         "service",
@@ -202,14 +362,17 @@ KEYS: tuple[Key, ...] = (
         default_doc="this host's IP on the interface that reaches the agent",
     ),
     Key("service", "port", Kind.INTEGER, "the port the service listens on", minimum=1, maximum=65535, required=True),
-    Key("service", "tags", Kind.STRINGS, "as in Consul", default_doc="none"),
+    Key("service", "tags", Kind.STRINGS, "as in Consul", default=(), default_doc="none", form="a list of strings"),
     Key(
         "service",
         "meta",
         Kind.TABLE,
         "as in Consul (keys: letters, digits, `-`, `_`, not starting with `consul-`; "
-        "at most 64 keys, values at most 512 characters)",
+        "at most 64 keys, values at most 512 characters); `consul_sidecar_owner` is reserved: the sidecar "
+        "adds it to mark its own entry",
+        default=(),
         default_doc="none",
+        form='a table of strings, e.g. meta = { version = "1.0.0" }',
     ),
     # --- [check] ----------------------------------------------------------------------------------
     Key(
@@ -218,6 +381,7 @@ KEYS: tuple[Key, ...] = (
         Kind.URL,
         "the URL the sidecar probes and the agent polls",
         default_doc='`"http://<address>:<port>/healthz"`',
+        check=_check_url,
     ),
     Key(
         "check",
@@ -283,6 +447,7 @@ KEYS: tuple[Key, ...] = (
         "[Drain by evidence](../README.md#drain-by-evidence))",
         default="fixed",
         choices=Strategy,
+        choice_words=("wait propagation_delay", "wait until the app's port is quiet"),
     ),
     Key(
         "shutdown",
@@ -315,8 +480,11 @@ KEYS: tuple[Key, ...] = (
         Kind.STRINGS,
         'resolvers (`["127.0.0.1:8600"]`, IP address and port) that must stop returning '
         "the instance's address before the quiet window starts",
+        default=(),
         default_doc="none",
         only_with=_TRAFFIC,
+        form='a list of "host:port" strings, e.g. ["127.0.0.1:8600"]',
+        check=_dns_servers,
     ),
     Key(
         "shutdown",
@@ -326,6 +494,7 @@ KEYS: tuple[Key, ...] = (
         default="",
         default_doc="`<service.name>.service.consul`",
         only_with=_TRAFFIC,
+        check=_dns_name,
     ),
     Key(
         "shutdown",
@@ -352,6 +521,7 @@ KEYS: tuple[Key, ...] = (
         Kind.SIGNAL,
         "the signal that asks the app to finish in-flight work and exit (not SIGKILL or SIGSTOP)",
         default="SIGTERM",
+        check=_app_signal,
     ),
     Key(
         "shutdown",
@@ -384,6 +554,7 @@ KEYS: tuple[Key, ...] = (
         Kind.URL,
         "alongside mode: `POST`ed to stop the app (at most one of `pid_file`, `pid`, `shutdown_url`)",
         default_doc="none",
+        check=_web_url,
     ),
     # --- [status] ---------------------------------------------------------------------------------
     Key(
@@ -398,6 +569,8 @@ KEYS: tuple[Key, ...] = (
         "agent's address or one of Consul's ports (8500, 8501, ...)",
         default="127.0.0.1:0",
         off=("",),
+        fields=("host", "port"),
+        check=_listen,
     ),
     # --- [hot_restart] ----------------------------------------------------------------------------
     Key(
@@ -416,6 +589,7 @@ KEYS: tuple[Key, ...] = (
         Kind.SIGNAL,
         "what starts a hot restart (no longer forwarded to the app); not SIGTERM, SIGINT, SIGKILL, SIGSTOP or SIGCHLD",
         default="SIGUSR2",
+        check=_restart_signal,
     ),
     Key(
         "hot_restart",
@@ -426,6 +600,7 @@ KEYS: tuple[Key, ...] = (
         "connection on the socket before the old generation is stopped",
         default="notify",
         choices=ReadyMode,
+        choice_words=("the app sends READY=1 on NOTIFY_SOCKET", "it stays alive for warmup"),
     ),
     Key(
         "hot_restart",
@@ -433,7 +608,7 @@ KEYS: tuple[Key, ...] = (
         Kind.DURATION,
         "how long the new generation must stay alive to count as ready",
         default="2s",
-        only_with='ready = "warmup"',
+        only_with=OnlyWith("ready", ReadyMode.WARMUP),
     ),
     Key(
         "hot_restart",
@@ -474,9 +649,13 @@ SECTION_DOCS: Mapping[str, str] = MappingProxyType(
 def default(path: str) -> Any:
     """The parsed default of a key (seconds for a duration, a Signals, a Strategy, ...)."""
     key = BY_PATH[path]
-    raw = key.default
-    if raw is None:
+    if key.default is None:
         raise LookupError(f"{path} has no static default")
+    return key.value
+
+
+def _parse_default(key: Key) -> Any:
+    raw = key.default
     if key.kind is Kind.DURATION:
         assert isinstance(raw, str)
         return parse_duration(raw)
@@ -486,4 +665,13 @@ def default(path: str) -> Any:
     if key.kind is Kind.CHOICE:
         assert key.choices is not None and isinstance(raw, str)
         return key.choices(raw)
+    if key.kind is Kind.STRINGS:
+        assert raw == ()
+        return key.check(()) if key.check is not None else ()
+    if key.kind is Kind.TABLE:
+        assert raw == ()
+        return MappingProxyType({})
+    if key.kind is Kind.HOST_PORT:
+        assert isinstance(raw, str)
+        return parse_listen(raw)
     return raw

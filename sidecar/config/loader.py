@@ -8,31 +8,25 @@ key, all at once, so an operator fixes a file in one pass.
 
 from __future__ import annotations
 
-import ipaddress
+import dataclasses
+import enum
+import functools
 import re
 import signal
 import socket
 import tomllib
 import urllib.parse
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from ..durations import format_duration, parse_duration
-from .addresses import (
-    DEFAULT_CONSUL_ADDRESS,
-    address_toward,
-    parse_consul_address,
-    parse_listen,
-    same_host,
-    server_name,
-    url_problem,
-    valid_address,
-)
-from .files import CONFIG_MAX_BYTES, FileProblem, check_readable, read_ca_dir, read_capped
+from .addresses import address_toward, parse_consul_address, same_host, url_problem, valid_address
+from .files import CONFIG_MAX_BYTES, FileProblem, read_ca_dir, read_capped
 from .interpolation import interpolate, variables
-from .keys import BY_PATH, SECTIONS, Key, ReadyMode, Strategy, parse_signal
+from .keys import BY_PATH, KEYS, SECTIONS, Invalid, Key, Kind, ReadyMode, Strategy, parse_signal
 from .model import (
     AppSettings,
     CheckSettings,
@@ -45,7 +39,7 @@ from .model import (
     StartupSettings,
     StatusSettings,
 )
-from .names import DNS_LABEL, META_KEY, SERVICE_ID, SERVICE_NAME, default_service_id
+from .names import META_KEY, OWNER_META_KEY, SERVICE_ID, SERVICE_NAME, default_service_id
 from .tokens import TokenError, TokenSource, check_token_file, token_chars_ok
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -55,6 +49,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 _LEGACY = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+# Not a key's fallback but the consul CLI's switch for an address without a scheme (and the default one).
+_HTTPS_VAR = "CONSUL_HTTP_SSL"
 
 
 class _Problems:
@@ -85,22 +82,36 @@ def _interpolate(value: str, key: str, env: Mapping[str, str], problems: _Proble
     return interpolate(value, env, unset)
 
 
+def _go_bool(raw: str) -> bool | None:
+    """Go's forms of a boolean (and the yes/no/on/off this loader always took); None: neither."""
+    if raw in _TRUE or raw in _FALSE:
+        return raw in _TRUE
+    return _LEGACY.get(raw.strip().lower())
+
+
 def _env_bool(env: Mapping[str, str], var: str, problems: _Problems) -> bool | None:
     """A boolean CONSUL_* variable in Go's forms; None when unset or empty (as the consul CLI ignores it)."""
     raw = env.get(var, "")
     if raw == "":
         return None
-    if raw in _TRUE or raw in _FALSE:
-        return raw in _TRUE
-    legacy = _LEGACY.get(raw.strip().lower())
-    if legacy is not None:
-        return legacy
-    problems.add(f"{var} (environment)", f"{raw.strip().lower()!r} is not true or false (1, t, true, 0, f, false)")
-    return None
+    value = _go_bool(raw)
+    if value is None:
+        problems.add(f"{var} (environment)", f"{raw.strip().lower()!r} is not true or false (1, t, true, 0, f, false)")
+    return value
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A key's value after the generic pass, and where it came from."""
+
+    value: Any
+    where: str  # what a problem about it names: "consul.ca_file", or "CONSUL_CACERT (environment)"
+    source: str  # "file", "environment" or "default"
 
 
 class _Section:
-    """Typed access to one table of the file, by the key table; records a problem instead of raising."""
+    """One table of the file, read through the key table: every key's value from the file, else from
+    the first set variable of its ``env``, else its default; a problem is recorded instead of raised."""
 
     def __init__(self, name: str, data: Any, env: Mapping[str, str], problems: _Problems) -> None:
         self.name = name
@@ -116,9 +127,10 @@ class _Section:
             if key not in SECTIONS[name]:
                 known = ", ".join(sorted(SECTIONS[name]))
                 problems.add(f"{name}.{key}", f"unknown key (known keys in [{name}]: {known})")
+        self.values = {k.name: self._read(k) for k in KEYS if k.section == name}
 
-    def spec(self, k: str) -> Key:
-        return BY_PATH[f"{self.name}.{k}"]
+    def __getitem__(self, k: str) -> Any:
+        return self.values[k].value
 
     def key(self, k: str) -> str:
         return f"{self.name}.{k}"
@@ -126,90 +138,164 @@ class _Section:
     def has(self, k: str) -> bool:
         return k in self.data
 
-    def raw(self, k: str) -> Any:
-        if k in self.data:
-            return self.data[k]
-        return self.spec(k).default
+    def _read(self, key: Key) -> _Value:
+        if key.name in self.data:
+            return _Value(self._parsed(key, key.path, lambda: _FILE_READERS[key.kind](self, key)), key.path, "file")
+        for var in key.env:
+            text = self.env.get(var, "")
+            if text:  # an empty variable is unset, as for the consul CLI
+                where = f"{var} (environment)"
+                parse = functools.partial(_from_env, key, text, where)
+                return _Value(self._parsed(key, where, parse), where, "environment")
+        return _Value(key.value, key.path, "default")
 
-    def string(self, k: str, default: str | None = None) -> str | None:
-        v = self.raw(k)
-        if v is None:
-            return default
+    def _parsed(self, key: Key, where: str, parse: Callable[[], Any]) -> Any:
+        try:
+            value = parse()
+            return value if key.check is None else key.check(value)
+        except Invalid as e:
+            for problem in e.problems:
+                self.problems.add(where, problem)
+            return e.keep if e.keeps else key.value
+
+    # The readers of a file's value, one per Kind; each returns the typed value or raises Invalid.
+
+    def text(self, key: Key) -> str:
+        v = self.data[key.name]
         if not isinstance(v, str):
-            self.problems.add(self.key(k), f"must be a string, not {_kind(v)}")
-            return default
-        return _interpolate(v, self.key(k), self.env, self.problems)
+            raise Invalid(f"must be a string, not {_kind(v)}")
+        return _interpolate(v, key.path, self.env, self.problems)
 
-    def boolean(self, k: str) -> bool:
-        v = self.raw(k)
-        if isinstance(v, bool):
-            return v
-        self.problems.add(self.key(k), f"must be true or false, not {_kind(v)}")
-        return bool(self.spec(k).default)
+    def path(self, key: Key) -> Path | None:
+        text = self.text(key)
+        return Path(text) if text else None
 
-    def duration(self, k: str) -> float:
-        spec = self.spec(k)
-        fallback = parse_duration(str(spec.default))
-        v = self.raw(k)
+    def boolean(self, key: Key) -> bool:
+        v = self.data[key.name]
+        if not isinstance(v, bool):
+            raise Invalid(f"must be true or false, not {_kind(v)}")
+        return v
+
+    def duration(self, key: Key) -> float:
+        v = self.data[key.name]
+        if v in key.off:
+            return 0.0
         if not isinstance(v, str):
-            self.problems.add(self.key(k), f'must be a duration string like "5s", not {_kind(v)}')
-            return fallback
-        text = _interpolate(v, self.key(k), self.env, self.problems)
+            raise Invalid(f'must be a duration string like "5s", not {_kind(v)}')
+        text = _interpolate(v, key.path, self.env, self.problems)
         try:
             seconds = parse_duration(text)
         except ValueError as e:
-            self.problems.add(self.key(k), str(e))
-            return fallback
-        if spec.minimum is not None and seconds < spec.minimum:
-            self.problems.add(
-                self.key(k), f"{text!r} is shorter than {format_duration(spec.minimum)}{spec.why_minimum}"
-            )
+            raise Invalid(str(e)) from None
+        if key.minimum is not None and seconds < key.minimum:
+            raise Invalid(f"{text!r} is shorter than {format_duration(key.minimum)}{key.why_minimum}", keep=seconds)
         return seconds
 
-    def integer(self, k: str) -> int | None:
-        spec = self.spec(k)
-        lo, hi = int(spec.minimum or 0), int(spec.maximum or 0)
-        v = self.raw(k)
-        if v is None:
-            return None
+    def integer(self, key: Key) -> int:
+        lo, hi = int(key.minimum or 0), int(key.maximum or 0)
+        v = self.data[key.name]
         if isinstance(v, str):
             if not any(variables(v)):
                 # A TOML integer is written without quotes; a string only carries a variable ("${PORT}").
                 hint = f"{v!r}" if not v.strip().lstrip("+-").isdigit() else f'"{v}": write {v.strip()} without quotes'
-                self.problems.add(self.key(k), f"must be an integer, not a string ({hint})")
-                return None
-            text = _interpolate(v, self.key(k), self.env, self.problems)
+                raise Invalid(f"must be an integer, not a string ({hint})", keep=None)
+            text = _interpolate(v, key.path, self.env, self.problems)
             try:
                 v = int(text)
             except ValueError:
-                self.problems.add(self.key(k), f"{text!r} (from a variable) is not a whole number")
-                return None
+                raise Invalid(f"{text!r} (from a variable) is not a whole number", keep=None) from None
         if isinstance(v, float):
             whole = f" (write {int(v)})" if v.is_integer() else ""
-            self.problems.add(self.key(k), f"must be a whole number, not {v!r}{whole}")
-            return None
+            raise Invalid(f"must be a whole number, not {v!r}{whole}", keep=None)
         if isinstance(v, bool) or not isinstance(v, int):
-            self.problems.add(self.key(k), f"must be an integer, not {_kind(v)}")
-            return None
+            raise Invalid(f"must be an integer, not {_kind(v)}", keep=None)
         if not lo <= v <= hi:
-            self.problems.add(self.key(k), f"{v} is outside {lo}..{hi}")
-            return None
+            raise Invalid(f"{v} is outside {lo}..{hi}", keep=None)
         return v
 
-    def path(self, k: str, must_read: bool = True) -> Path | None:
-        text = self.string(k)
-        if not text:
-            return None
-        return _readable(Path(text), self.key(k), self.problems) if must_read else Path(text)
-
-    def strings(self, k: str) -> tuple[str, ...] | None:
-        """A list of strings, each interpolated; None when unset or not a list of strings."""
-        raw = self.raw(k)
-        if raw is None:
-            return None
+    def strings(self, key: Key) -> tuple[str, ...]:
+        raw = self.data[key.name]
         if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
-            return None
-        return tuple(_interpolate(t, self.key(k), self.env, self.problems) for t in raw)
+            raise Invalid(f"must be {key.form}")
+        return tuple(_interpolate(t, key.path, self.env, self.problems) for t in raw)
+
+    def table(self, key: Key) -> Mapping[str, str]:
+        raw = self.data[key.name]
+        if not isinstance(raw, dict):
+            raise Invalid(f"must be {key.form}")
+        table: dict[str, str] = {}
+        for k, v in raw.items():
+            mk = f"{key.path}.{k}"
+            if not META_KEY.match(k) or k.startswith("consul-"):
+                self.problems.add(
+                    mk, "meta keys use letters, digits, '-' and '_' (at most 128) and must not start with 'consul-'"
+                )
+            elif k == OWNER_META_KEY:
+                self.problems.add(mk, "is reserved: the sidecar marks its own entry with it")
+            elif not isinstance(v, str):
+                self.problems.add(mk, f"must be a string, not {_kind(v)}")
+            else:
+                table[k] = _interpolate(v, mk, self.env, self.problems)
+                if len(table[k]) > 512:
+                    self.problems.add(mk, "longer than 512 characters (Consul's limit)")
+        if len(raw) > 64:
+            self.problems.add(key.path, "more than 64 keys (Consul's limit)")
+        return MappingProxyType(table)
+
+    def signal(self, key: Key) -> signal.Signals:
+        text = self.text(key)
+        if not text:
+            return cast(signal.Signals, key.value)
+        try:
+            return parse_signal(text)
+        except ValueError as e:
+            raise Invalid(str(e)) from None
+
+    def choice(self, key: Key) -> enum.StrEnum:
+        assert key.choices is not None
+        text = self.text(key)
+        if not text:
+            return cast(enum.StrEnum, key.value)
+        try:
+            return key.choices(text)
+        except ValueError:
+            words = " or ".join(f'"{c.value}" ({w})' for c, w in zip(key.choices, key.choice_words, strict=True))
+            raise Invalid(f"{text!r}: use {words}") from None
+
+    def listen(self, key: Key) -> str | None:
+        text = self.text(key)
+        return None if text in key.off else text
+
+
+_FILE_READERS: Mapping[Kind, Callable[[_Section, Key], Any]] = MappingProxyType(
+    {
+        Kind.STRING: _Section.text,
+        Kind.URL: _Section.text,
+        Kind.PATH: _Section.path,
+        Kind.BOOL: _Section.boolean,
+        Kind.DURATION: _Section.duration,
+        Kind.INTEGER: _Section.integer,
+        Kind.STRINGS: _Section.strings,
+        Kind.TABLE: _Section.table,
+        Kind.SIGNAL: _Section.signal,
+        Kind.CHOICE: _Section.choice,
+        Kind.HOST_PORT: _Section.listen,
+    }
+)
+
+
+def _from_env(key: Key, text: str, where: str) -> Any:
+    """A CONSUL_* variable's text as the consul CLI reads it (taken literally: no ${VAR} in it)."""
+    if key.kind is Kind.BOOL:
+        value = _go_bool(text)
+        if value is None:
+            raise Invalid(f"{text.strip().lower()!r} is not true or false (1, t, true, 0, f, false)")
+        return value
+    if key.kind is Kind.PATH:
+        return Path(text)
+    if key.kind in (Kind.STRING, Kind.URL):
+        return text
+    raise AssertionError(f"{key.path}: no reader for {key.kind} from the environment ({where})")
 
 
 def _kind(v: Any) -> str:
@@ -226,14 +312,6 @@ def _kind(v: Any) -> str:
     if isinstance(v, dict):
         return "a table"
     return type(v).__name__
-
-
-def _readable(p: Path, key: str, problems: _Problems) -> Path:
-    try:
-        check_readable(p)
-    except FileProblem as e:
-        problems.add(key, str(e))
-    return p
 
 
 def load_config(
@@ -253,12 +331,10 @@ def load_config(
     consul = _consul_settings(s["consul"], env, problems)
     service = _service_settings(s["service"], consul, hostname, local_address, problems)
     check = _check_settings(s["check"], service, problems)
-    startup = StartupSettings(
-        wait_healthy=s["startup"].boolean("wait_healthy"), timeout=s["startup"].duration("timeout")
-    )
+    startup = StartupSettings(**_simple(s["startup"], StartupSettings))
     shutdown = _shutdown_settings(s["shutdown"], problems)
     app = _app_settings(s["app"], problems)
-    status = _status_settings(s["status"], problems)
+    status = _status_settings(s["status"])
     hot_restart = _hot_restart_settings(s["hot_restart"], problems)
     if hot_restart.enabled and app.configured:
         problems.add(
@@ -317,50 +393,18 @@ def load_consul_settings(path: Path | None, env: Mapping[str, str], address: str
 
 
 def _consul_settings(sec: _Section, env: Mapping[str, str], problems: _Problems) -> ConsulSettings:
-    if sec.has("address"):
-        addr_text, addr_key = sec.string("address") or "", sec.key("address")
-    elif env.get("CONSUL_HTTP_ADDR"):
-        addr_text, addr_key = env["CONSUL_HTTP_ADDR"], "CONSUL_HTTP_ADDR (environment)"
-    else:
-        addr_text, addr_key = DEFAULT_CONSUL_ADDRESS, sec.key("address")
+    address = sec.values["address"]
     # As the consul CLI: CONSUL_HTTP_SSL=true means https for an address that names no scheme.
-    ssl_on = _env_bool(env, "CONSUL_HTTP_SSL", problems)
+    ssl_on = _env_bool(env, _HTTPS_VAR, problems)
     try:
-        scheme, host, port = parse_consul_address(addr_text, "https" if ssl_on else "http")
+        scheme, host, port = parse_consul_address(address.value or "", "https" if ssl_on else "http")
     except ValueError as e:
-        problems.add(addr_key, str(e))
+        problems.add(address.where, str(e))
         scheme, host, port = "http", "127.0.0.1", 8500
-
-    token = _token_source(sec, env, problems)
-
-    def tls_path(key: str, var: str) -> Path | None:
-        if sec.has(key):
-            return sec.path(key)
-        if env.get(var):
-            return _readable(Path(env[var]), f"{var} (environment)", problems)
-        return None
-
-    ca_file = tls_path("ca_file", "CONSUL_CACERT")
-    cert_file = tls_path("cert_file", "CONSUL_CLIENT_CERT")
-    key_file = tls_path("key_file", "CONSUL_CLIENT_KEY")
+    token = _token_source(sec, problems)
+    ca_file, cert_file, key_file = sec["ca_file"], sec["cert_file"], sec["key_file"]
     if (cert_file is None) != (key_file is None):
         problems.add(sec.key("cert_file"), "cert_file and key_file go together: set both or neither")
-    ca_path = _ca_path(sec, env, ca_file, problems)
-
-    if sec.has("tls_server_name"):
-        name_text, name_key = sec.string("tls_server_name") or "", sec.key("tls_server_name")
-    else:
-        name_text, name_key = env.get("CONSUL_TLS_SERVER_NAME", ""), "CONSUL_TLS_SERVER_NAME (environment)"
-    tls_server_name = server_name(name_text) or None
-    if tls_server_name is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,253}", tls_server_name):
-        problems.add(name_key, f"{tls_server_name!r} is not a host name or IP address")
-
-    if sec.has("tls_verify"):
-        tls_verify = sec.boolean("tls_verify")
-    else:
-        verify = _env_bool(env, "CONSUL_HTTP_SSL_VERIFY", problems)
-        tls_verify = True if verify is None else verify
-    timeout = sec.duration("timeout")
     return ConsulSettings(
         scheme,
         host,
@@ -369,78 +413,69 @@ def _consul_settings(sec: _Section, env: Mapping[str, str], problems: _Problems)
         ca_file,
         cert_file,
         key_file,
-        tls_verify,
-        timeout,
-        ca_path=ca_path,
-        tls_server_name=tls_server_name,
+        sec["tls_verify"],
+        sec["timeout"],
+        ca_path=_ca_path(sec.values["ca_path"], ca_file, problems),
+        tls_server_name=sec["tls_server_name"],
     )
 
 
-def _ca_path(sec: _Section, env: Mapping[str, str], ca_file: Path | None, problems: _Problems) -> Path | None:
-    if sec.has("ca_path"):
-        text, key = sec.string("ca_path") or "", sec.key("ca_path")
-    else:
-        text, key = env.get("CONSUL_CAPATH", ""), "CONSUL_CAPATH (environment)"
-    if not text:
+def _ca_path(ca_path: _Value, ca_file: Path | None, problems: _Problems) -> Path | None:
+    if ca_path.value is None:
         return None
     if ca_file is not None:
         # The consul CLI (rootcerts.LoadCACerts) uses the CA file alone when both are set.
-        problems.warn(key, f"ignored: a CA file is set ({ca_file}), and it alone is used, as the consul CLI does")
+        problems.warn(
+            ca_path.where, f"ignored: a CA file is set ({ca_file}), and it alone is used, as the consul CLI does"
+        )
         return None
     try:
-        read_ca_dir(Path(text))  # what the transport will read: a bad file must fail here, not at the first request
+        read_ca_dir(ca_path.value)  # what the transport will read: a bad file must fail here, not at the first request
     except FileProblem as e:
-        problems.add(key, f"CA directory: {e}")
-    return Path(text)
+        problems.add(ca_path.where, f"CA directory: {e}")
+    return cast(Path, ca_path.value)
 
 
-def _token_source(sec: _Section, env: Mapping[str, str], problems: _Problems) -> TokenSource:
+def _token_source(sec: _Section, problems: _Problems) -> TokenSource:
+    """One token source: the file's token_file, else its token, else CONSUL_HTTP_TOKEN_FILE, else CONSUL_HTTP_TOKEN."""
     if sec.has("token") and sec.has("token_file"):
         problems.add(sec.key("token"), "set token or token_file, not both")
     # Consul's own variables hold the sidecar's token whichever source wins: never the app's.
-    problems.secret_env.update({"CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"})
-    if sec.has("token_file"):
-        text = sec.string("token_file")
-        if not text:
+    problems.secret_env.update(BY_PATH["consul.token"].env + BY_PATH["consul.token_file"].env)
+    token, token_file = sec.values["token"], sec.values["token_file"]
+    if token_file.source == "file" or token_file.source == "environment" and token.source != "file":
+        if token_file.value is None:
             return TokenSource()
-        src, key = TokenSource(file=Path(text), origin=sec.key("token_file")), sec.key("token_file")
-    elif sec.has("token"):
-        raw = sec.raw("token")
+        origin = sec.key("token_file") if token_file.source == "file" else token_file.where.split()[0]
+        src = TokenSource(file=token_file.value, origin=origin)
+    elif token.source == "default":
+        return TokenSource()
+    else:
+        raw = sec.data.get("token")
         if isinstance(raw, str):  # every ${VAR} in it carries (part of) the secret
             problems.secret_env.update(variables(raw))
-        value = sec.string("token") or None
+        value = token.value or None
         if value is not None and not token_chars_ok(value):
+            why = "(a line break from ${VAR}?)" if token.source == "file" else "(a trailing line break?)"
             problems.add(
-                sec.key("token"),
-                "the token contains a line break, control character, space or non-ASCII character "
-                "(a line break from ${VAR}?); it goes into an HTTP header",
+                token.where,
+                f"the token contains a line break, control character, space or non-ASCII character {why}; "
+                "it goes into an HTTP header",
             )
-        return TokenSource(value=value, origin=sec.key("token"))
-    elif env.get("CONSUL_HTTP_TOKEN_FILE"):
-        src = TokenSource(file=Path(env["CONSUL_HTTP_TOKEN_FILE"]), origin="CONSUL_HTTP_TOKEN_FILE")
-        key = "CONSUL_HTTP_TOKEN_FILE (environment)"
-    elif env.get("CONSUL_HTTP_TOKEN"):
-        if not token_chars_ok(env["CONSUL_HTTP_TOKEN"]):
-            problems.add(
-                "CONSUL_HTTP_TOKEN (environment)",
-                "the token contains a line break, control character, space or "
-                "non-ASCII character (a trailing line break?); it goes into an HTTP header",
-            )
-        return TokenSource(value=env["CONSUL_HTTP_TOKEN"], origin="CONSUL_HTTP_TOKEN")
-    else:
-        return TokenSource()
+        origin = sec.key("token") if token.source == "file" else token.where.split()[0]
+        return TokenSource(value=value, origin=origin)
     assert src.file is not None
     problem, warning = check_token_file(src.file)
     if warning is not None:
-        problems.warn(key, warning)
+        problems.warn(token_file.where, warning)
     if problem is not None:
-        problems.add(key, problem)
+        problems.add(token_file.where, problem)
     else:
         try:  # what every request will do: it must not fail later where a config error belongs now
             if src.read() is None:
-                problems.add(key, f"token file {src.file} is empty")
+                problems.add(token_file.where, f"token file {src.file} is empty")
         except TokenError as e:
-            problems.add(key, str(e))
+            problems.add(token_file.where, str(e))
     return src
 
 
@@ -451,18 +486,14 @@ def _service_settings(
     local_address: Callable[[str, int], str],
     problems: _Problems,
 ) -> ServiceSettings:
-    name = sec.string("name")
+    name = sec["name"]
     if not name:
         problems.add(sec.key("name"), "required: the service name consumers look up")
         name = "invalid"
-    elif not SERVICE_NAME.match(name):
-        problems.add(
-            sec.key("name"), f"{name!r}: use letters, digits, '-' and '_' (at most 63), so Consul DNS can answer for it"
-        )
     if not sec.has("port"):
         problems.add(sec.key("port"), "required: the port the service listens on (1..65535)")
-    port = sec.integer("port") or 0
-    address = sec.string("address") or ""
+    port = sec["port"] or 0
+    address = sec["address"] or ""
     if not address and consul.unix_socket is not None:
         problems.add(
             sec.key("address"),
@@ -482,7 +513,7 @@ def _service_settings(
             address = "127.0.0.1"
     if not valid_address(address):
         problems.add(sec.key("address"), f"{address!r}: give an IP address or host name, without scheme, port or path")
-    given_id = sec.string("id")
+    given_id = sec["id"]
     sid = given_id or default_service_id(name, hostname(), address, port)
     if not given_id and not SERVICE_NAME.match(name):
         pass  # the default ID is built from the name, whose problem is reported already
@@ -494,188 +525,55 @@ def _service_settings(
         problems.add(
             sec.key("id"), f"{sid!r} is a dot segment: URL libraries rewrite it, so the agent would never see this ID"
         )
-
-    tags: tuple[str, ...] = ()
-    if sec.raw("tags") is not None:
-        given_tags = sec.strings("tags")
-        if given_tags is None:
-            problems.add(sec.key("tags"), "must be a list of strings")
-        else:
-            tags = given_tags
-    meta: dict[str, str] = {}
-    raw_meta = sec.raw("meta")
-    if raw_meta is not None:
-        if not isinstance(raw_meta, dict):
-            problems.add(sec.key("meta"), 'must be a table of strings, e.g. meta = { version = "1.0.0" }')
-        else:
-            for k, v in raw_meta.items():
-                mk = f"{sec.key('meta')}.{k}"
-                if not META_KEY.match(k) or k.startswith("consul-"):
-                    problems.add(
-                        mk, "meta keys use letters, digits, '-' and '_' (at most 128) and must not start with 'consul-'"
-                    )
-                elif not isinstance(v, str):
-                    problems.add(mk, f"must be a string, not {_kind(v)}")
-                else:
-                    meta[k] = _interpolate(v, mk, sec.env, problems)
-                    if len(meta[k]) > 512:
-                        problems.add(mk, "longer than 512 characters (Consul's limit)")
-            if len(raw_meta) > 64:
-                problems.add(sec.key("meta"), "more than 64 keys (Consul's limit)")
-    return ServiceSettings(name, sid, address, port, tags, MappingProxyType(meta))
+    return ServiceSettings(name, sid, address, port, sec["tags"], sec["meta"])
 
 
 def _check_settings(sec: _Section, service: ServiceSettings, problems: _Problems) -> CheckSettings:
     host = f"[{service.address}]" if ":" in service.address else service.address
-    given = sec.string("http")
-    http = given or f"http://{host}:{service.port}/healthz"
-    allow_remote = sec.boolean("allow_remote")
-    bad_url = url_problem(http)
-    if bad_url is not None:
-        if given:  # a default built from a bad service.address: that key is already reported
-            problems.add(sec.key("http"), bad_url)
-    elif not allow_remote and not same_host(urllib.parse.urlsplit(http).hostname or "", service.address):
+    http = sec["http"] or f"http://{host}:{service.port}/healthz"
+    # A bad URL is reported already (given), or comes from a bad service.address (built), reported too.
+    target = urllib.parse.urlsplit(http).hostname if url_problem(http) is None else None
+    if target is not None and not sec["allow_remote"] and not same_host(target, service.address):
         problems.add(
             sec.key("http"),
-            f"{http!r} points at {urllib.parse.urlsplit(http).hostname}, not at the service's address "
-            f"{service.address}; "
+            f"{http!r} points at {target}, not at the service's address {service.address}; "
             "the agent fetches this URL, so set check.allow_remote = true only if that is intended",
         )
-    interval = sec.duration("interval")
-    timeout = sec.duration("timeout")
-    if sec.raw("deregister_critical_after") in sec.spec("deregister_critical_after").off:
-        deregister_after = 0.0
-    else:
-        deregister_after = sec.duration("deregister_critical_after")
-    return CheckSettings(http, interval, timeout, deregister_after, allow_remote)
+    return CheckSettings(http, **_simple(sec, CheckSettings, "http"))
 
 
-def _strategy(sec: _Section, problems: _Problems) -> Strategy:
-    text = sec.string("strategy") or Strategy.FIXED.value
-    try:
-        return Strategy(text)
-    except ValueError:
-        problems.add(
-            sec.key("strategy"),
-            f'{text!r}: use "fixed" (wait propagation_delay) or "traffic" (wait until the app\'s port is quiet)',
-        )
-        return Strategy.FIXED
+def _simple(sec: _Section, settings: type, *besides: str) -> dict[str, Any]:
+    """The section's values for the settings' fields that are exactly one key each (all but ``besides``)."""
+    return {f.name: sec[f.name] for f in dataclasses.fields(settings) if f.name not in besides}
 
 
 def _shutdown_settings(sec: _Section, problems: _Problems) -> ShutdownSettings:
-    sig_text = sec.string("app_signal") or "SIGTERM"
-    try:
-        sig = parse_signal(sig_text)
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            problems.add(sec.key("app_signal"), f"{sig.name} cannot be caught, so the app could not drain; use SIGTERM")
-    except ValueError as e:
-        problems.add(sec.key("app_signal"), str(e))
-        sig = signal.SIGTERM
-    strategy = _strategy(sec, problems)
-    propagation_delay = sec.duration("propagation_delay")
-    min_delay = sec.duration("min_delay")
-    quiet_period = sec.duration("quiet_period")
-    if strategy is Strategy.TRAFFIC and min_delay > propagation_delay:
+    settings = ShutdownSettings(**_simple(sec, ShutdownSettings))
+    if settings.strategy is Strategy.TRAFFIC and settings.min_delay > settings.propagation_delay:
         problems.add(sec.key("min_delay"), "is longer than shutdown.propagation_delay, the upper bound of the wait")
-    dns: list[tuple[str, int]] = []
-    if sec.raw("dns") is not None:
-        given_dns = sec.strings("dns")
-        if given_dns is None:
-            problems.add(sec.key("dns"), 'must be a list of "host:port" strings, e.g. ["127.0.0.1:8600"]')
-        else:
-            for d in given_dns:
-                try:
-                    host, port = parse_listen(d)
-                    if port == 0:
-                        raise ValueError(f"{d!r}: port 0")
-                    ipaddress.ip_address(host)
-                    dns.append((host, port))
-                except ValueError as e:
-                    problems.add(sec.key("dns"), f'{e} (give an IP address and port, e.g. "127.0.0.1:8600")')
-    dns_name = (sec.string("dns_name") or "").rstrip(".")
-    if dns_name and (len(dns_name) > 253 or not all(DNS_LABEL.match(label) for label in dns_name.split("."))):
-        problems.add(
-            sec.key("dns_name"),
-            f"{dns_name!r} is not a DNS name (labels of letters, digits, '-' and '_', "
-            'e.g. "v2.web.service.dc1.consul")',
-        )
-    return ShutdownSettings(
-        deregister_timeout=sec.duration("deregister_timeout"),
-        propagation_delay=propagation_delay,
-        app_signal=sig,
-        app_timeout=sec.duration("app_timeout"),
-        budget=sec.duration("budget"),
-        strategy=strategy,
-        min_delay=min_delay,
-        quiet_period=quiet_period,
-        dns=tuple(dns),
-        dns_name=dns_name,
-        traffic_poll_only_accepts_misses=sec.boolean("traffic_poll_only_accepts_misses"),
-    )
+    return settings
 
 
 def _app_settings(sec: _Section, problems: _Problems) -> AppSettings:
-    pid_file = sec.path("pid_file", must_read=False)
-    pid = sec.integer("pid")
-    url = sec.string("shutdown_url") or None
-    if url is not None:
-        bad_url = url_problem(url)
-        if bad_url is not None:
-            problems.add(sec.key("shutdown_url"), bad_url)
-    if sum(x is not None for x in (pid_file, pid, url)) > 1:
+    settings = AppSettings(**_simple(sec, AppSettings))
+    if sum(x is not None for x in (settings.pid_file, settings.pid, settings.shutdown_url)) > 1:
         problems.add("app", "set one of pid_file, pid or shutdown_url")
-    return AppSettings(pid_file, pid, url)
+    return settings
 
 
-def _status_settings(sec: _Section, problems: _Problems) -> StatusSettings | None:
-    listen = sec.string("listen")
-    if not listen:
-        return None
-    try:
-        host, port = parse_listen(listen)
-    except ValueError as e:
-        problems.add(sec.key("listen"), str(e))
-        return None
-    return StatusSettings(host, port)
-
-
-# Signals that already mean something to the sidecar, or that cannot be caught.
-_NOT_A_RESTART_SIGNAL = {
-    signal.SIGTERM: "starts the drain",
-    signal.SIGINT: "starts the drain",
-    signal.SIGKILL: "cannot be caught",
-    signal.SIGSTOP: "cannot be caught",
-    signal.SIGCHLD: "is how the sidecar learns that a child exited",
-}
+def _status_settings(sec: _Section) -> StatusSettings | None:
+    listen = sec["listen"]
+    return None if listen is None else StatusSettings(*listen)
 
 
 def _hot_restart_settings(sec: _Section, problems: _Problems) -> HotRestartSettings:
-    enabled = sec.boolean("enabled")
-    sig_text = sec.string("signal") or "SIGUSR2"
-    try:
-        sig = parse_signal(sig_text)
-        why = _NOT_A_RESTART_SIGNAL.get(sig)
-        if why is not None:
-            problems.add(sec.key("signal"), f"{sig.name} {why}; use SIGUSR2 (the default), SIGHUP or SIGUSR1")
-    except ValueError as e:
-        problems.add(sec.key("signal"), str(e))
-        sig = signal.SIGUSR2
-    text = sec.string("ready") or ReadyMode.NOTIFY.value
-    try:
-        ready = ReadyMode(text)
-    except ValueError:
-        problems.add(
-            sec.key("ready"),
-            f'{text!r}: use "notify" (the app sends READY=1 on NOTIFY_SOCKET) or "warmup" (it stays alive for warmup)',
-        )
-        ready = ReadyMode.NOTIFY
-    warmup, timeout = sec.duration("warmup"), sec.duration("timeout")
-    if ready is ReadyMode.WARMUP and warmup <= 0:
+    settings = HotRestartSettings(**_simple(sec, HotRestartSettings))
+    if settings.ready is ReadyMode.WARMUP and settings.warmup <= 0:
         problems.add(
             sec.key("warmup"),
             'must be more than 0s with ready = "warmup": the old generation would be stopped before the new one '
             "has shown it stays up",
         )
-    elif ready is ReadyMode.WARMUP and warmup >= timeout:
+    elif settings.ready is ReadyMode.WARMUP and settings.warmup >= settings.timeout:
         problems.add(sec.key("warmup"), "is not shorter than hot_restart.timeout: every hot restart would fail")
-    return HotRestartSettings(enabled=enabled, signal=sig, ready=ready, warmup=warmup, timeout=timeout)
+    return settings

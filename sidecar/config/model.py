@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..durations import format_duration
-from .addresses import parse_listen
 from .keys import ReadyMode, Strategy, default
 from .tokens import TokenSource
 
@@ -95,7 +94,9 @@ class ShutdownSettings:
     quiet_period: float = default(
         "shutdown.quiet_period"
     )  # traffic: no new connection and no inbound byte for this long
-    dns: tuple[tuple[str, int], ...] = ()  # traffic: resolvers that must stop returning our address
+    dns: tuple[tuple[str, int], ...] = default(
+        "shutdown.dns"
+    )  # traffic: resolvers that must stop returning our address
     dns_name: str = default(
         "shutdown.dns_name"
     )  # traffic: the name consumers look up ("" = <service.name>.service.consul)
@@ -135,7 +136,7 @@ class AppSettings:
         return self.pid_file is not None or self.pid is not None or self.shutdown_url is not None
 
 
-_LISTEN = parse_listen(default("status.listen"))
+_LISTEN: tuple[str, int] = default("status.listen")
 
 
 @dataclass(frozen=True)

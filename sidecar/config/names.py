@@ -31,3 +31,8 @@ def default_service_id(name: str, hostname: str, address: str, port: int) -> str
         return re.sub(r"[^A-Za-z0-9._:-]", "_", text)[:40] + "-" + digest
 
     return f"{name}-{part(hostname)}-{part(address)}-{port}"
+
+
+OWNER_META_KEY = "consul_sidecar_owner"
+"""The reserved meta key that marks an entry as one sidecar process's own (a random token per process):
+the keeper and the drain tell their own entry from another's with the same ID by it."""

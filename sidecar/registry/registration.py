@@ -5,15 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Config
+from ..config.names import OWNER_META_KEY
 from ..durations import format_duration
 
+__all__ = ["OWNER_META_KEY", "registration_payload"]
 
-def registration_payload(config: Config, passing: bool) -> dict[str, Any]:
+
+def registration_payload(config: Config, passing: bool, owner: str | None = None) -> dict[str, Any]:
     """The body of ``PUT /v1/agent/service/register``.
 
     ``passing`` is true when the sidecar has just seen the check URL answer 2xx:
     the check then starts passing and the instance takes traffic at once,
     instead of one check interval later (Consul starts new checks critical).
+    ``owner``: the running sidecar's mark, put in ``Meta`` under OWNER_META_KEY.
     """
     svc, chk = config.service, config.check
     check: dict[str, Any] = {
@@ -27,12 +31,15 @@ def registration_payload(config: Config, passing: bool) -> dict[str, Any]:
         check["DeregisterCriticalServiceAfter"] = format_duration(chk.deregister_critical_after)
     if passing:
         check["Status"] = "passing"
+    meta = dict(svc.meta)
+    if owner is not None:
+        meta[OWNER_META_KEY] = owner
     return {
         "ID": svc.id,
         "Name": svc.name,
         "Address": svc.address,
         "Port": svc.port,
         "Tags": list(svc.tags),
-        "Meta": dict(svc.meta),
+        "Meta": meta,
         "Check": check,
     }

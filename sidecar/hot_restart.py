@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from .clock import Clock
 from .config import Config, ReadyMode
 from .process.accept_proof import describe_others
-from .process.app_control import ChildApp, Generation, StopResult
+from .process.app_control import StopResult
+from .process.child import ChildApp
+from .process.generations import Generation
 from .process.notify import AppNotifySocket, SystemdNotifier
 from .state import AppView, GenerationView, HotRestartView, Status
 
@@ -35,12 +37,12 @@ if TYPE_CHECKING:
 
 
 class HotRestart:
-    """The app's generations (a ``ChildApp`` holding the sidecar's listening socket) and their restarts."""
+    """The app's generations (those of a ``ChildApp`` holding the sidecar's listening socket) and their restarts."""
 
     def __init__(
         self,
         config: Config,
-        gens: ChildApp,
+        app: ChildApp,
         clock: Clock,
         status: Status,
         log: FilteringBoundLogger,
@@ -48,7 +50,8 @@ class HotRestart:
         app_notify: AppNotifySocket | None = None,
     ) -> None:
         self.config = config
-        self._gens = gens
+        self._app = app  # the app as a whole: its exit, its description
+        self._gens = app.gens
         self.clock = clock
         self.status = status
         self.log = log
@@ -72,7 +75,7 @@ class HotRestart:
     def trigger(self, sig: signal.Signals, registered: bool, stopping: bool) -> None:
         """hot_restart.signal came: start a restart, or log why not."""
         refused = None
-        if stopping or self._gens.exited.done():
+        if stopping or self._app.exited.done():
             refused = "the sidecar is stopping"
         elif self._restart is not None and not self._restart.done():
             refused = "a hot restart is in progress (at most two generations at once)"
@@ -101,7 +104,7 @@ class HotRestart:
     def show_generations(self) -> None:
         """/status's app view: the generations as they are now."""
         self.status.app = AppView(
-            self._gens.description,
+            self._app.description,
             tuple(
                 GenerationView(
                     g.number,

@@ -62,7 +62,9 @@ from .exit_codes import (
 )
 from .hot_restart import HotRestart
 from .process import early_signals
-from .process.app_control import App, ChildApp, PidApp, StopResult, app_processes
+from .process.alongside import PidApp
+from .process.app_control import App, StopResult, app_processes
+from .process.child import ChildApp
 from .process.notify import AppNotifySocket, SystemdNotifier
 from .process.port_owner import listen_hint, verify_app_port
 from .process.signals import FORWARDED, SHUTDOWN, Inbox, SignalInbox

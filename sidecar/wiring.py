@@ -60,9 +60,13 @@ def build_sidecar(config: Config, command: list[str], tokens: TokenCache) -> Wir
     from .executor import DaemonThreadExecutor
     from .http.server import StatusServer, bind, listen_warnings, raise_nofile_limit
     from .lifecycle import Sidecar
-    from .process.app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp, become_subreaper
+    from .process.alongside import ExternalApp, PidApp, UrlApp
+    from .process.app_control import App
+    from .process.child import ChildApp
     from .process.health import Prober
+    from .process.launcher import PosixLauncher
     from .process.notify import SystemdNotifier
+    from .process.reaper import become_subreaper
     from .registry.consul import ConsulAgent
     from .state import Status
 

@@ -39,6 +39,8 @@ HEAVY = (
     "sidecar.log",
     "sidecar.lifecycle",
     "sidecar.process.app_control",
+    "sidecar.process.child",
+    "sidecar.process.alongside",
     "sidecar.registry.wait",
     "sidecar.process.health",
 )
@@ -53,6 +55,8 @@ NOT_FOR_WAIT = (
     "sidecar.log",
     "sidecar.lifecycle",
     "sidecar.process.app_control",
+    "sidecar.process.child",
+    "sidecar.process.alongside",
     "sidecar.http.server",
     "sidecar.process.health",
     "sidecar.drain.wait",

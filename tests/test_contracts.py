@@ -5,6 +5,7 @@ and one real process)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -14,7 +15,10 @@ import pytest
 
 from sidecar import exit_codes
 from sidecar.clock import SystemClock
-from sidecar.process.app_control import App, ChildApp, ExternalApp, PidApp, PosixLauncher, UrlApp
+from sidecar.process.alongside import ExternalApp, PidApp, UrlApp
+from sidecar.process.app_control import NO_PID, App, app_processes
+from sidecar.process.child import ChildApp
+from sidecar.process.launcher import PosixLauncher
 from sidecar.state import DrainEnd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +53,21 @@ async def test_every_app_mode_provides_every_member_of_the_protocol() -> None:
         assert missing == [], f"{type(app).__name__} lacks {missing}"
         assert app.followed == frozenset(), type(app).__name__
         assert (app.orphans_reaped, app.leftovers_signalled, app.leftovers_killed) == (0, 0, 0), type(app).__name__
+
+
+@pytest.mark.asyncio
+async def test_app_processes_asks_each_mode_for_its_own(tmp_path: Path) -> None:
+    """app_processes (the port-owner check's tree) in every mode: the PID's tree for PidApp, nothing
+    to go by (and why) for a child not started yet, a missing PID file, a shutdown URL, the orchestrator."""
+    clock = SystemClock()
+    me = os.getpid()
+    tree, why = app_processes(PidApp(me, None, clock))
+    assert tree is not None and me in tree and why == ""
+    assert app_processes(ChildApp(["true"], PosixLauncher(), clock)) == (None, NO_PID)
+    tree, why = app_processes(PidApp(None, tmp_path / "missing.pid", clock))
+    assert tree is None and why.startswith("the app's PID is not known") and "missing.pid" in why, why
+    for app in (UrlApp("http://127.0.0.1:1/s", "http://127.0.0.1:1/h", clock), ExternalApp()):
+        assert app_processes(app) == (None, NO_PID), type(app).__name__
 
 
 @pytest.mark.integration

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 from ..drain import traffic
 from ..drain.traffic import Listener, TrafficWatchError
-from ..drain.traffic import socket_inodes as socket_inodes  # read here by app_control and port_owner
+from ..drain.traffic import socket_inodes as socket_inodes  # read here by generations and port_owner
 
 
 @functools.cache
@@ -112,7 +112,7 @@ def descendants(root: int) -> set[int]:
 
 
 # --- who listens on a port ------------------------------------------------------
-# One mechanism for every caller (daemon following in app_control, the port-owner check before
+# One mechanism for every caller (daemon following in reaper.py, the port-owner check before
 # registering): the listening sockets from sock_diag, filtered to the port by the kernel (~0.05 ms),
 # their holders from /proc/<pid>/fd. Reading /proc/net/tcp{,6} instead costs a parse of every socket
 # of the namespace, TIME_WAIT included: ~0.5 s with 28,000 of them on a busy host.

@@ -48,14 +48,6 @@ class Generation:
     signalled: bool = False
     started: int | None = None  # its start time (proctree.start_time), where /proc tells
 
-    def as_json(self) -> dict[str, object]:
-        out: dict[str, object] = {"generation": self.number, "pid": self.pid, "state": self.state.value}
-        if self.status_text is not None:
-            out["status"] = self.status_text
-        if self.exited.done():
-            out["exit_status"] = self.exited.result()
-        return out
-
 
 class Generations:
     """The app's generations, oldest first: the live ones and those not yet collected (``forget_exited``).

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,28 @@ def test_demo_help_does_not_run_setup(args: list[str]) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: "), result.stdout
     assert "setup:" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--hot-restart", "--help"]])
+def test_demo_help_on_a_fresh_clone_needs_no_virtualenv(tmp_path: Path, args: list[str]) -> None:
+    """A fresh clone has no .venv: --help prints the options with the interpreter the virtualenv was
+    made from (no aiohttp, no structlog), without creating .venv or running scripts/setup."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for part in ("scripts", "examples", "testkit"):
+        (clone / part).symlink_to(ROOT / part)
+    base = getattr(sys, "_base_executable", sys.executable)
+    result = subprocess.run(
+        [str(clone / "scripts" / "demo"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": os.environ["PATH"], "PYTHON": base, "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: scripts/demo"), result.stdout
+    assert "setup:" not in result.stderr, result.stderr
+    assert not (clone / ".venv").exists()
 
 
 def test_demo_table_shows_p99_steady_and_during_the_rollout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

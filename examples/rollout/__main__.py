@@ -16,11 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from testkit import ROOT, kill_all_started, leftovers
 
-from .loadgen import Summary, summarize, write_csv
-from .rollout import Cluster, RolloutResult, rollout
+if TYPE_CHECKING:
+    from .loadgen import Summary
+    from .rollout import RolloutResult
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -57,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def row(label: str, s: Summary, r: RolloutResult) -> str:
+    from .loadgen import summarize
+
     v1, v2 = s.by_version.get("v1", 0), s.by_version.get("v2", 0)
     # p99 in steady state (before the rollout) and during it, as bench/rollout.py shows them: one p99
     # over the whole run mixes the machine's stalls with the rollout's cost.
@@ -75,6 +79,8 @@ HEADER = (
 
 
 def report(results: list[RolloutResult], out: Path, plot: bool, strategy: str = "fixed") -> None:
+    from .loadgen import summarize, write_csv
+
     strategy_note = f" (strategy {strategy})" if strategy != "fixed" else ""
     print()
     print(HEADER)
@@ -123,6 +129,8 @@ NAIVE_CAPTION = (
 
 
 async def run_modes(args: argparse.Namespace, work: Path) -> list[RolloutResult]:
+    from .rollout import Cluster, rollout
+
     modes = [True] if args.naive else [False] if args.sidecar_only else [False, True]
     results = []
     for naive in modes:
@@ -138,7 +146,9 @@ async def run_modes(args: argparse.Namespace, work: Path) -> list[RolloutResult]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # before the heavy imports: --help needs none of them (nor the virtualenv)
+    from .loadgen import summarize
+
     signal.signal(signal.SIGTERM, _on_sigterm)
     work = Path(tempfile.mkdtemp(prefix="consul-sidecar-demo-"))
     print(f"logs of every process (kept after the demo): {work}")

@@ -51,6 +51,12 @@ class StallFS:
             raise OSError(e, f"mount fuse on {mountpoint}: {os.strerror(e)}")
         self._thread = threading.Thread(target=self._serve, name="stallfs", daemon=True)
         self._thread.start()
+        # FLUSH is answered ENOSYS, and one open and close here has the kernel learn it now: it then
+        # sends nothing when a file is closed, as an NFS mount sends nothing when a file opened for
+        # reading is closed. Otherwise a process that dies with the file open (its read still held)
+        # would wait in the kernel for the FLUSH of its last close, in exit, for as long as the stall
+        # lasts: seen as a sidecar that logged sidecar.stopped and did not exit.
+        os.close(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC))
 
     def set(self, content: bytes) -> None:
         self._content = content
@@ -141,7 +147,9 @@ class StallFS:
         elif opcode == READ:
             _fh, offset, size = struct.unpack_from("<QQI", body)
             self._reply(unique, body=self._content[offset : offset + size])
-        elif opcode in (RELEASE, RELEASEDIR, FLUSH, DESTROY):
+        elif opcode == FLUSH:
+            self._reply(unique, errno.ENOSYS)  # never sent again: see __init__
+        elif opcode in (RELEASE, RELEASEDIR, DESTROY):
             self._reply(unique)
         else:
             self._reply(unique, errno.ENOSYS)

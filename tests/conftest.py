@@ -11,6 +11,7 @@ import pytest
 import testkit
 from testkit import Consul, ConsulCluster, Sidecar
 from testkit.acl import ACL_HCL, ROOT_TOKEN
+from testkit.etcd import Etcd, EtcdCluster
 from testkit.suite import RegisteredSidecar, StartSidecar, base_config
 
 _names = itertools.count(1)
@@ -70,6 +71,50 @@ def default_timing_cluster(tmp_path: Path) -> Iterator[ConsulCluster]:
         c.stop()
 
 
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etcd]:
+    """One real etcd member for the session (each xdist worker has its own): about 1 s to start, so one
+    per test would cost the suite more than it buys. Tests keep apart by key: each writes only under its
+    own ``etcd_prefix``. A test that kills, restarts or freezes etcd takes ``fresh_etcd`` instead.
+
+    Started by the first test that asks for it and kept for the session, like ``consul``."""
+    member = Etcd(tmp_path_factory.mktemp("etcd"))
+    member.start()
+    assert member.proc is not None
+    testkit.keep_for_session(member.proc)
+    yield member
+    member.stop()
+
+
+@pytest.fixture
+def etcd_prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix no other test (in this run, or another run on the same member) writes under."""
+    return f"/testkit/{os.environ.get('PYTEST_XDIST_WORKER', 'w')}p{os.getpid()}n{next(_names)}/"
+
+
+@pytest.fixture
+def fresh_etcd(tmp_path: Path) -> Iterator[Etcd]:
+    """A started etcd member of the test's own, for tests that stop, restart or freeze it."""
+    member = Etcd(tmp_path)
+    try:
+        member.start()
+        yield member
+    finally:
+        member.stop()
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """Three started etcd members of the test's own on loopback (default raft timing: an election
+    takes about 1-2 s), for tests that kill, restart or freeze members."""
+    c = EtcdCluster(tmp_path, size=3)
+    try:
+        c.start_all()
+        yield c
+    finally:
+        c.stop_all()
+
+
 # A test is a unit test (scripts/test unit) unless it asks for one of these fixtures or is marked
 # ``integration``; the guard below fails a unit test that starts a process all the same.
 REAL_PARTS = {
@@ -78,6 +123,9 @@ REAL_PARTS = {
     "fresh_consul",
     "cluster",
     "default_timing_cluster",
+    "etcd",
+    "fresh_etcd",
+    "etcd_cluster",
     "start_sidecar",
     "registered_sidecar",
 }

@@ -231,6 +231,7 @@ def failover(py: str, kind: str, workdir: Path) -> dict[str, Any]:
     from testkit.etcd import EtcdCluster
 
     cluster = EtcdCluster(workdir)
+    proc: subprocess.Popen[str] | None = None
     try:
         cluster.start_all()
         argv = [py, __file__, "--worker", kind, "--endpoints", ",".join(cluster.endpoints), "--failover"]
@@ -249,6 +250,9 @@ def failover(py: str, kind: str, workdir: Path) -> dict[str, Any]:
         )
         return result
     finally:
+        if proc is not None and proc.poll() is None:  # the worker failed half-way: it goes too
+            proc.kill()
+            proc.wait()
         cluster.stop_all()
 
 

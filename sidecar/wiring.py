@@ -70,6 +70,9 @@ def build_sidecar(config: Config, command: list[str], tokens: TokenCache) -> Wir
     from .registry.consul import ConsulAgent
     from .state import Status
 
+    if config.registry.kind.value == "etcd":
+        # Nothing may be registered in Consul for a configuration that asks for etcd.
+        raise WiringError(f'{config.source}: registry.kind: "etcd" is not available in this build yet')
     # Blocking calls (host-name look-ups) in daemon threads: a resolver that does not answer must
     # not keep the sidecar alive past its drain (asyncio.run waits for a pool's threads).
     asyncio.get_running_loop().set_default_executor(DaemonThreadExecutor())

@@ -67,12 +67,10 @@ def build_sidecar(config: Config, command: list[str], tokens: TokenCache) -> Wir
     from .process.launcher import PosixLauncher
     from .process.notify import SystemdNotifier
     from .process.reaper import become_subreaper
+    from .registry.base import Agent
     from .registry.consul import ConsulAgent
     from .state import Status
 
-    if config.registry.kind.value == "etcd":
-        # Nothing may be registered in Consul for a configuration that asks for etcd.
-        raise WiringError(f'{config.source}: registry.kind: "etcd" is not available in this build yet')
     # Blocking calls (host-name look-ups) in daemon threads: a resolver that does not answer must
     # not keep the sidecar alive past its drain (asyncio.run waits for a pool's threads).
     asyncio.get_running_loop().set_default_executor(DaemonThreadExecutor())
@@ -155,18 +153,27 @@ def build_sidecar(config: Config, command: list[str], tokens: TokenCache) -> Wir
 
     status = Status(clock, config.service.id)
     prober = Prober(config.check.http, config.check.timeout)
-    agent = ConsulAgent(config.consul, clock, tokens=tokens)
     server = None
-    if sock is not None:
+    agent: Agent
+    consul_agent: ConsulAgent | None = None
+    if config.registry.kind.value == "etcd":
+        from .registry.etcd import EtcdRegistry
+
+        agent = EtcdRegistry(config, clock, prober, logger.bind(service_id=config.service.id))
+        if sock is not None:
+            server = StatusServer(status, sock, logger, secrets=tokens.secrets)
+    else:
+        agent = consul_agent = ConsulAgent(config.consul, clock, tokens=tokens)
+    if sock is not None and consul_agent is not None:
         from .http.readiness import READ_TIMEOUT, Readiness
 
-        readiness = Readiness(status, agent.service_health, timeout=min(READ_TIMEOUT, config.consul.timeout))
+        readiness = Readiness(status, consul_agent.service_health, timeout=min(READ_TIMEOUT, config.consul.timeout))
         server = StatusServer(
             status,
             sock,
             logger,
             readiness=readiness,
-            request_errors=agent.request_errors,
+            request_errors=consul_agent.request_errors,
             secrets=tokens.secrets,
         )
     sidecar = Sidecar(

@@ -141,3 +141,92 @@ async def test_unreachable_etcd_is_unavailable_not_applied(tmp_path: Path) -> No
         assert e.value.maybe_applied is False
     finally:
         await reg.close()
+
+
+# --- the real sidecar with registry.kind = "etcd" ---------------------------------------------------------
+
+
+def sidecar_config(url: str, port: int, name: str, **shutdown: str) -> dict[str, dict[str, Any]]:
+    return {
+        "registry": {"kind": "etcd"},
+        "etcd": {"endpoints": [url], "lease_ttl": "3s"},
+        "service": {"name": name, "id": f"{name}-1", "address": "127.0.0.1", "port": port},
+        "check": {"interval": "1s", "timeout": "500ms"},
+        "shutdown": {"propagation_delay": "1s", "deregister_timeout": "3s", "app_timeout": "5s", **shutdown},
+    }
+
+
+def key_present(url: str, name: str) -> bool:
+    return "kvs" in etcdctl(url, "get", "--prefix", f"services/{name}/")
+
+
+def post(url: str) -> None:
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5).read()
+
+
+def test_sigterm_deletes_the_key_before_the_app_is_signalled(tmp_path: Path, etcd_url: str) -> None:
+    """The sidecar registers the key (etcdctl sees it); on SIGTERM the key is gone (polled with etcdctl)
+    before the app records its SIGTERM, and the drain logs a confirmed deregistration. Red if the app were
+    signalled first, or the key left behind."""
+    import os
+    import signal
+    import time
+
+    from testkit.procs import Sidecar, app_command, read_signal_log
+
+    port, log = free_port(), tmp_path / "signals"
+    sc = Sidecar(
+        tmp_path, sidecar_config(etcd_url, port, "etcdweb"), app_command(port, "127.0.0.1", "--signal-log", str(log))
+    )
+    sc.wait_event("sidecar.consul.registered")
+    assert key_present(etcd_url, "etcdweb")
+    os.kill(sc.pid, signal.SIGTERM)
+    wait_for(lambda: not key_present(etcd_url, "etcdweb"), timeout=10, interval=0.01, what="key gone")
+    gone_at = time.monotonic()
+    assert sc.wait() == 0, sc.tail()
+    [t_sig] = [t for name, t in read_signal_log(log) if name == "SIGTERM"]
+    assert gone_at < t_sig, (gone_at, t_sig)
+    assert sc.event("sidecar.consul.deregistered") is not None
+
+
+def test_a_failing_check_deletes_the_key_and_recovery_puts_it_back(tmp_path: Path, etcd_url: str) -> None:
+    """The app's /healthz answering 500 removes the key within a few check intervals (sidecar.etcd.check_critical);
+    answering again puts it back (sidecar.etcd.check_passing). Red if the key stayed while the check failed."""
+    import os
+    import signal
+
+    from testkit.procs import Sidecar, app_command
+
+    port = free_port()
+    sc = Sidecar(tmp_path, sidecar_config(etcd_url, port, "etcdhealth"), app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    post(f"http://127.0.0.1:{port}/health?status=500")
+    wait_for(lambda: not key_present(etcd_url, "etcdhealth"), timeout=10, what="key deleted")
+    sc.wait_event("sidecar.etcd.check_critical")
+    post(f"http://127.0.0.1:{port}/health?status=auto")
+    wait_for(lambda: key_present(etcd_url, "etcdhealth"), timeout=10, what="key back")
+    sc.wait_event("sidecar.etcd.check_passing")
+    os.kill(sc.pid, signal.SIGTERM)
+    assert sc.wait() == 0, sc.tail()
+    assert not key_present(etcd_url, "etcdhealth")
+
+
+def test_a_sigkilled_sidecar_leaves_a_key_that_expires_within_the_lease_ttl(tmp_path: Path, etcd_url: str) -> None:
+    """SIGKILL (no drain): the key outlives the sidecar by at most lease_ttl (3 s, plus etcd's expiry check).
+    Red if the key had no lease (it would stay forever)."""
+    import os
+    import signal
+    import time
+
+    from testkit.procs import Sidecar, app_command
+
+    port = free_port()
+    sc = Sidecar(tmp_path, sidecar_config(etcd_url, port, "etcdkill"), app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    os.kill(sc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    sc.wait()
+    wait_for(lambda: not key_present(etcd_url, "etcdkill"), timeout=10, interval=0.1, what="key expired")
+    assert time.monotonic() - killed < 3 + 1.5

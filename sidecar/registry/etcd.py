@@ -19,7 +19,7 @@ import asyncio
 import base64
 import json
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import Config, EtcdFormat
 from ..config.names import OWNER_META_KEY
@@ -34,8 +34,12 @@ from .base import (
 
 if TYPE_CHECKING:
     import aiohttp
+    from structlog.typing import FilteringBoundLogger
 
     from ..clock import Clock
+
+    class Probe(Protocol):
+        async def probe(self) -> tuple[bool, str]: ...
 
 
 def etcd_key(config: Config) -> str:
@@ -126,7 +130,9 @@ class EtcdRegistry:
     failures and puts it back, auth (user, password_file) and TLS; wiring.py refuses kind = "etcd" until then.
     """
 
-    def __init__(self, config: Config, clock: Clock) -> None:
+    def __init__(
+        self, config: Config, clock: Clock, prober: Probe | None = None, log: FilteringBoundLogger | None = None
+    ) -> None:
         self._config = config
         self._clock = clock
         self._endpoints = list(config.etcd.endpoints)
@@ -137,6 +143,12 @@ class EtcdRegistry:
         self._keeper: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self.keepalive_failures = 0
+        self._prober = prober
+        self._log = log
+        self._health: asyncio.Task[None] | None = None
+        self._withheld = False  # the check is failing: the key is deleted on purpose until it passes
+        self._in_flight: asyncio.Future[None] | None = None  # a background put, never cancelled mid-flight
+        self._stopping = False
 
     async def _call(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """POST ``body`` to the first endpoint that takes a connection; errors as the lifecycle reads them."""
@@ -184,14 +196,65 @@ class EtcdRegistry:
         if self._lease is None:
             answer = await self._call("/v3/lease/grant", {"TTL": max(1, round(self._config.etcd.lease_ttl))})
             self._lease = int(answer["ID"])
+        passing = (payload.get("Check") or {}).get("Status") == "passing"
+        if self._prober is not None and not passing:
+            self._withheld = True  # not seen healthy: the health loop puts the key once the check passes
+            if self._health is None or self._health.done():
+                self._health = asyncio.create_task(self._follow_health())
+            return
         try:
             await self._put()
         except EtcdUnavailable as e:
             if "lease not found" in str(e):
                 self._lease = None  # expired meanwhile: the next attempt grants a new one
             raise
+        self._withheld = False
         if self._keeper is None or self._keeper.done():
             self._keeper = asyncio.create_task(self._keep_alive())
+        if self._prober is not None and (self._health is None or self._health.done()):
+            self._health = asyncio.create_task(self._follow_health())
+
+    async def _background_put(self) -> None:
+        """A put of the keepalive or the health loop: in a task of its own, so that stopping the loop (the
+        drain) waits for it instead of cutting it off; one that lands late finds its lease revoked."""
+        if self._stopping:
+            return
+        self._in_flight = asyncio.ensure_future(self._put())
+        await asyncio.shield(self._in_flight)
+
+    async def _follow_health(self) -> None:
+        """Every check.interval, probe check.http: after failures_before_critical failures in a row the key
+        is deleted; it is put back once the check passes again."""
+        assert self._prober is not None
+        cfg = self._config.check
+        failures = 0
+        while not self._stopping:
+            await self._clock.sleep(cfg.interval)
+            ok, detail = await self._prober.probe()
+            try:
+                if ok:
+                    failures = 0
+                    if self._withheld:
+                        await self._background_put()
+                        self._withheld = False
+                        if self._log is not None:
+                            self._log.info("sidecar.etcd.check_passing", key=self._key, action="key put back")
+                    continue
+                failures += 1
+                if failures >= cfg.failures_before_critical and not self._withheld:
+                    await self._call("/v3/kv/deleterange", {"key": _b64(self._key)})
+                    self._withheld = True
+                    if self._log is not None:
+                        self._log.warning(
+                            "sidecar.etcd.check_critical",
+                            key=self._key,
+                            failures=failures,
+                            last_answer=detail,
+                            action="key deleted until the check passes",
+                        )
+            except RegistryError as e:
+                if self._log is not None:
+                    self._log.warning("sidecar.etcd.health_write_failed", error=str(e))
 
     async def _put(self) -> None:
         assert self._value is not None and self._lease is not None
@@ -213,7 +276,8 @@ class EtcdRegistry:
                     if self._value is not None:
                         grant = await self._call("/v3/lease/grant", {"TTL": max(1, round(self._config.etcd.lease_ttl))})
                         self._lease = int(grant["ID"])
-                        await self._put()
+                        if not self._withheld:
+                            await self._background_put()
             except RegistryError:
                 self.keepalive_failures += 1
 
@@ -227,6 +291,10 @@ class EtcdRegistry:
         return base64.b64decode(kvs[0].get("value") or "") if kvs else None
 
     async def registered(self, service_id: str) -> dict[str, Any] | None:
+        """The entry etcd holds; while the check fails (the key deleted on purpose) the entry as it will be
+        put back, so the keeper does not take the missing key for a lost registration."""
+        if self._withheld and self._value is not None and not self._stopping:
+            return entry_of(self._value)
         value = await self._read()
         return None if value is None else entry_of(value)
 
@@ -248,9 +316,15 @@ class EtcdRegistry:
     async def deregister_confirmed(self, name: str, service_id: str, deadline: float) -> DeregisterResult:
         """Delete the key, revoke the lease, and confirm by a linearizable read that the key is gone, until
         ``deadline``. Unconfirmed: the lease's TTL bounds how long the key can outlive this sidecar."""
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
+        self._stopping = True
+        for task in (self._keeper, self._health):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._in_flight is not None and not self._in_flight.done():
+            # A put in flight is waited for, never assumed unsent; one still unanswered at the deadline
+            # fails on the revoked lease if it lands later.
+            await asyncio.wait([self._in_flight], timeout=max(0.0, deadline - self._clock.monotonic()))
         attempts, error = 0, f"no answer from etcd ({self.address}) before the deregistration deadline"
         answered = False
         delay = 0.05
@@ -289,8 +363,10 @@ class EtcdRegistry:
             delay = min(delay * 2, 1.0)
 
     async def close(self) -> None:
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
+        self._stopping = True
+        for task in (self._keeper, self._health):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._session is not None:
             await self._session.close()

@@ -230,3 +230,44 @@ def test_a_sigkilled_sidecar_leaves_a_key_that_expires_within_the_lease_ttl(tmp_
     sc.wait()
     wait_for(lambda: not key_present(etcd_url, "etcdkill"), timeout=10, interval=0.1, what="key expired")
     assert time.monotonic() - killed < 3 + 1.5
+
+
+def test_etcd_unreachable_at_start_the_app_starts_and_registration_is_retried(tmp_path: Path) -> None:
+    """No etcd at the endpoint: the app is started and serves, the sidecar says etcd is unreachable and
+    retries; once etcd listens on that port the key appears. Red if the sidecar gave up or held the app back."""
+    import os
+    import signal
+
+    from testkit.procs import Sidecar, app_command
+
+    client, peer, port = free_port(), free_port(), free_port()
+    url = f"http://127.0.0.1:{client}"
+    sc = Sidecar(tmp_path, sidecar_config(url, port, "etcdlate"), app_command(port))
+    sc.wait_event("sidecar.consul.unreachable")
+    assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200  # the app runs meanwhile
+    proc = spawn(
+        [
+            "etcd",
+            "--data-dir",
+            str(tmp_path / "etcd"),
+            "--listen-client-urls",
+            url,
+            "--advertise-client-urls",
+            url,
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-cluster",
+            f"default=http://127.0.0.1:{peer}",
+        ],
+        tmp_path / "etcd.log",
+    )
+    try:
+        sc.wait_event("sidecar.consul.registered", timeout=45)  # backoff: 1 s to 30 s, jittered
+        assert key_present(url, "etcdlate")
+        os.kill(sc.pid, signal.SIGTERM)
+        assert sc.wait() == 0, sc.tail()
+    finally:
+        proc.kill()
+        proc.wait()

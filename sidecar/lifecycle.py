@@ -180,7 +180,7 @@ class Sidecar:
         self._sigints = 0
         self._forwarded: dict[signal.Signals, tuple[float, int]] = {}  # signal -> (last info line, passed on since)
         # What may be registered: every registration write, maybe applied until an answer says otherwise.
-        self.writes = WriteLedger(clock, config.consul.timeout)
+        self.writes = WriteLedger(clock, config.registry_timeout)
         self._consul_ok: bool | None = None
         self._consul_error: str | None = None  # the agent's last error, shown as /status's last_error
         # Consul's maintenance mode as the keeper last read it (its reason), and whether the agent lost it
@@ -522,7 +522,7 @@ class Sidecar:
             t = self.clock.monotonic()
             try:
                 # A loopback read takes milliseconds: the floor only spares a bound already reached.
-                async with asyncio.timeout(max(0.25, min(cfg.consul.timeout, bound - t))):
+                async with asyncio.timeout(max(0.25, min(cfg.registry_timeout, bound - t))):
                     back = self._is_own(await self.agent.registered(cfg.service.id))
             except (RegistryError, TimeoutError) as e:
                 error = str(e) or "timeout"
@@ -562,7 +562,7 @@ class Sidecar:
         await self._fence_writes(deadline)
         if await self._ours_may_be_registered(deadline):
             await self._deregister(deadline)
-            await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
+            await self._verify_gone(deadline + self.config.registry_timeout, wait_again=False)
         if self._claim_refused and not isinstance(self.app, ChildApp):
             # Alongside mode: the app is the live holder's (or another's), never ours to signal.
             self.log.info("sidecar.stopped", exit_status=code, app_status=None, app="left alone: not ours")
@@ -672,7 +672,7 @@ class Sidecar:
         if not self._displaced:
             return True
         try:
-            async with asyncio.timeout(max(0.25, min(self.config.consul.timeout, deadline - self.clock.monotonic()))):
+            async with asyncio.timeout(max(0.25, min(self.config.registry_timeout, deadline - self.clock.monotonic()))):
                 return self._is_own(await self.agent.registered(self.config.service.id))
         except (RegistryError, TimeoutError):
             return self.writes.may_land  # unreadable: ours only if a write of ours may have landed
@@ -806,7 +806,7 @@ class Sidecar:
         if await self._ours_may_be_registered(deadline):
             last = await self._deregister(deadline)
             if last.outcome is not Deregistration.UNCONFIRMED:
-                again = await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
+                again = await self._verify_gone(deadline + self.config.registry_timeout, wait_again=False)
                 last = again or last
         await self._stop_app()  # what it left behind: app_signal, then SIGKILL
         code = await self._last_word(last, t + self.config.shutdown.worst_case, status)  # as the drain gives it
@@ -890,7 +890,7 @@ class Sidecar:
         (a deregistration may have landed late); ``last`` is what the drain knew before. True when the
         last word is that the instance stays registered."""
         t = self.clock.monotonic()
-        deadline = min(t + max(1.0, 2 * self.config.consul.timeout), bound)
+        deadline = min(t + max(1.0, 2 * self.config.registry_timeout), bound)
         result = await self._deregister(deadline=max(deadline, t + 0.001), late=True)
         if not result.answered:
             result = last

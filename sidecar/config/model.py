@@ -205,3 +205,8 @@ class Config:
     secret_env: frozenset[str] = frozenset()
     # "key: text" lines worth a warning at start and in check-config (not errors).
     warnings: tuple[str, ...] = ()
+
+    @property
+    def registry_timeout(self) -> float:
+        """The deadline of one request to the registry in use: consul.timeout, or etcd.timeout."""
+        return self.etcd.timeout if self.registry.kind is RegistryKind.ETCD else self.consul.timeout

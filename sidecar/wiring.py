@@ -159,6 +159,13 @@ def build_sidecar(config: Config, command: list[str], tokens: TokenCache) -> Wir
     if config.registry.kind.value == "etcd":
         from .registry.etcd import EtcdRegistry
 
+        etcd = config.etcd
+        unsupported = [
+            k for k, v in (("ca_file", etcd.ca_file), ("cert_file", etcd.cert_file), ("user", etcd.user)) if v
+        ]
+        if unsupported:  # validated, not used yet: refuse rather than connect without them
+            raise WiringError(f"{config.source}: etcd.{unsupported[0]}: etcd TLS and auth are not supported yet")
+
         agent = EtcdRegistry(config, clock, prober, logger.bind(service_id=config.service.id))
         if sock is not None:
             server = StatusServer(status, sock, logger, secrets=tokens.secrets)

@@ -271,3 +271,26 @@ def test_etcd_unreachable_at_start_the_app_starts_and_registration_is_retried(tm
     finally:
         proc.kill()
         proc.wait()
+
+
+class _Failing:
+    async def probe(self) -> tuple[bool, str]:
+        return False, "HTTP 500"
+
+
+@pytest.mark.asyncio
+async def test_health_is_followed_after_a_stale_key_was_replaced(tmp_path: Path, etcd_url: str) -> None:
+    """At start the lifecycle may deregister a stale key (a dead sidecar's) and then register: the health loop
+    must run for the new registration. A failing check deletes the key within two intervals. Red if the
+    deregistration left the adapter stopped (the key would stay while the check fails)."""
+    import asyncio
+
+    reg = EtcdRegistry(config(tmp_path, etcd_url), SystemClock(), prober=_Failing())
+    try:
+        await reg.deregister_confirmed("web", "web-1", SystemClock().monotonic() + 2)
+        await reg.register({"Meta": {}, "Check": {"Status": "passing"}})
+        assert "kvs" in etcdctl(etcd_url, "get", "--prefix", "services/")
+        await asyncio.sleep(2.5)  # check.interval 1s, failures_before_critical 1
+        assert "kvs" not in etcdctl(etcd_url, "get", "--prefix", "services/")
+    finally:
+        await reg.close()

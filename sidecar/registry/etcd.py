@@ -191,6 +191,9 @@ class EtcdRegistry:
 
     async def register(self, payload: dict[str, Any]) -> None:
         """A lease (granted once, again when it is gone) and the key on it."""
+        # A registration after a deregistration (a stale key of a dead sidecar replaced at start) follows
+        # health and keeps its lease again; during a drain the lifecycle's fenced ledger sends none.
+        self._stopping = False
         owner = (payload.get("Meta") or {}).get(OWNER_META_KEY)
         self._value = etcd_value(self._config, owner)
         if self._lease is None:

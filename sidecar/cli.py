@@ -169,6 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in unresolved:
         print(f"{PROG}: warning: {args.config}: {warning}", file=sys.stderr)
     if args.command == "maint":
+        if config.registry.kind.value == "etcd":
+            return _fail(
+                [f'{config.source}: maint: maintenance mode is Consul\'s; with registry.kind = "etcd" there is none'],
+                EX_CONFIG,
+            )
         return _maint(config, enable=args.enable, reason=args.reason)
     if args.command == "check-config":
         for warning in config.warnings:
@@ -242,6 +247,10 @@ def _check_config(config: Config) -> int:
         **({"app": effective(config, "app")} if config.app.configured else {}),
         "status": _status_listen(config),
     }
+    if config.registry.kind.value == "etcd":  # a Consul user's output stays as it was
+        doc.pop("consul")
+        doc["registry"] = effective(config, "registry")
+        doc["etcd"] = effective(config, "etcd")
     hot = config.hot_restart
     bind_warning = None
     if hot.enabled:

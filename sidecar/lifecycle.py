@@ -69,14 +69,14 @@ from .process.notify import AppNotifySocket, SystemdNotifier
 from .process.port_owner import listen_hint, verify_app_port
 from .process.signals import FORWARDED, SHUTDOWN, Inbox, SignalInbox
 from .registry import claim as instance_claim
-from .registry.consul import (
+from .registry.base import (
     Agent,
-    ConsulError,
-    ConsulPermissionDenied,
-    ConsulRejected,
-    ConsulUnavailable,
     DeregisterResult,
     Deregistration,
+    RegistryError,
+    RegistryPermissionDenied,
+    RegistryRejected,
+    RegistryUnavailable,
 )
 from .registry.registration import OWNER_META_KEY, registration_payload
 from .registry.writes import LATE_WRITE_WINDOW, WriteLedger
@@ -180,7 +180,7 @@ class Sidecar:
         self._sigints = 0
         self._forwarded: dict[signal.Signals, tuple[float, int]] = {}  # signal -> (last info line, passed on since)
         # What may be registered: every registration write, maybe applied until an answer says otherwise.
-        self.writes = WriteLedger(clock, config.consul.timeout)
+        self.writes = WriteLedger(clock, config.registry_timeout)
         self._consul_ok: bool | None = None
         self._consul_error: str | None = None  # the agent's last error, shown as /status's last_error
         # Consul's maintenance mode as the keeper last read it (its reason), and whether the agent lost it
@@ -369,15 +369,15 @@ class Sidecar:
                 await self._check_catalog_visibility()
                 await self.drain_wait.prepare()
                 return 0
-            except ConsulPermissionDenied as e:
+            except RegistryPermissionDenied as e:
                 self.status.last_error = str(e)
                 self.log.error("sidecar.consul.permission_denied", error=str(e), hint=self._acl_hint())
                 return EX_NOPERM
-            except ConsulRejected as e:
+            except RegistryRejected as e:
                 self.status.last_error = str(e)
                 self.log.error("sidecar.consul.registration_rejected", error=str(e))
                 return EX_CONFIG
-            except ConsulError as e:
+            except RegistryError as e:
                 self._consul_state(False, str(e), retrying=True)
             await self.clock.sleep(next(delays))
 
@@ -431,7 +431,7 @@ class Sidecar:
           - it is registered for another address or port (perhaps by a sidecar elsewhere that
             registers into this agent), and the agent's check of it is critical.
 
-        Otherwise: ConsulRejected (nothing registered, the app stopped, exit 78).
+        Otherwise: RegistryRejected (nothing registered, the app stopped, exit 78).
         """
         svc = self.config.service
         existing = await self.agent.registered(svc.id)
@@ -444,7 +444,7 @@ class Sidecar:
         else:
             status = await self.agent.check_status(svc.id)
             if status != "critical":
-                raise ConsulRejected(
+                raise RegistryRejected(
                     f"service.id {svc.id!r} is already registered for {theirs} (check {status or 'absent'}): a live "
                     f"instance; this sidecar would register {svc.address}:{svc.port} "
                     "under the same ID and take over its entry. Give each instance its own service.id "
@@ -468,7 +468,7 @@ class Sidecar:
         svc = self.config.service
         try:
             visible = await self.agent.check_catalog_visibility(svc.name, svc.id)
-        except ConsulError as e:
+        except RegistryError as e:
             self.log.warning("sidecar.consul.catalog_unreadable", error=str(e))
             return
         if not visible:
@@ -522,9 +522,9 @@ class Sidecar:
             t = self.clock.monotonic()
             try:
                 # A loopback read takes milliseconds: the floor only spares a bound already reached.
-                async with asyncio.timeout(max(0.25, min(cfg.consul.timeout, bound - t))):
+                async with asyncio.timeout(max(0.25, min(cfg.registry_timeout, bound - t))):
                     back = self._is_own(await self.agent.registered(cfg.service.id))
-            except (ConsulError, TimeoutError) as e:
+            except (RegistryError, TimeoutError) as e:
                 error = str(e) or "timeout"
             else:
                 error = None
@@ -562,7 +562,7 @@ class Sidecar:
         await self._fence_writes(deadline)
         if await self._ours_may_be_registered(deadline):
             await self._deregister(deadline)
-            await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
+            await self._verify_gone(deadline + self.config.registry_timeout, wait_again=False)
         if self._claim_refused and not isinstance(self.app, ChildApp):
             # Alongside mode: the app is the live holder's (or another's), never ours to signal.
             self.log.info("sidecar.stopped", exit_status=code, app_status=None, app="left alone: not ours")
@@ -629,9 +629,9 @@ class Sidecar:
                     await self._reapply_maintenance(sid, t)
                 await self._follow_maintenance(sid)
                 self._consul_state(True, None)
-            except ConsulPermissionDenied as e:
+            except RegistryPermissionDenied as e:
                 self._consul_state(False, str(e), level="error")
-            except ConsulError as e:
+            except RegistryError as e:
                 self._consul_state(False, str(e))
 
     def _is_own(self, entry: dict[str, Any] | None) -> bool:
@@ -672,19 +672,19 @@ class Sidecar:
         if not self._displaced:
             return True
         try:
-            async with asyncio.timeout(max(0.25, min(self.config.consul.timeout, deadline - self.clock.monotonic()))):
+            async with asyncio.timeout(max(0.25, min(self.config.registry_timeout, deadline - self.clock.monotonic()))):
                 return self._is_own(await self.agent.registered(self.config.service.id))
-        except (ConsulError, TimeoutError):
+        except (RegistryError, TimeoutError):
             return self.writes.may_land  # unreadable: ours only if a write of ours may have landed
 
     async def _reapply_maintenance(self, sid: str, t: float) -> None:
         """Maintenance mode again, with the reason last read, after the agent lost it with the service.
-        A failure raises ConsulError and leaves it to the next round (the instance's own check starts
+        A failure raises RegistryError and leaves it to the next round (the instance's own check starts
         critical meanwhile: it is not routed to)."""
         reason = self._maintenance
         try:
             applied = await self.agent.set_maintenance(sid, True, reason)
-        except ConsulError as e:
+        except RegistryError as e:
             if not self._reapply_failed:  # once per episode, not every round
                 self.log.error(
                     "sidecar.maintenance.reapply_failed",
@@ -695,7 +695,7 @@ class Sidecar:
             self._reapply_failed = True
             raise
         if not applied:  # forgotten again in between: the next round registers it again
-            raise ConsulUnavailable(f"maintenance mode for {sid!r}: the agent no longer holds the service")
+            raise RegistryUnavailable(f"maintenance mode for {sid!r}: the agent no longer holds the service")
         self._maintenance_lost = self._reapply_failed = False
         self.log.warning("sidecar.maintenance.reapplied", reason=reason, elapsed_ms=self._ms(t))
 
@@ -806,7 +806,7 @@ class Sidecar:
         if await self._ours_may_be_registered(deadline):
             last = await self._deregister(deadline)
             if last.outcome is not Deregistration.UNCONFIRMED:
-                again = await self._verify_gone(deadline + self.config.consul.timeout, wait_again=False)
+                again = await self._verify_gone(deadline + self.config.registry_timeout, wait_again=False)
                 last = again or last
         await self._stop_app()  # what it left behind: app_signal, then SIGKILL
         code = await self._last_word(last, t + self.config.shutdown.worst_case, status)  # as the drain gives it
@@ -853,7 +853,7 @@ class Sidecar:
                 attempts=result.attempts,
                 elapsed_ms=self._ms(t),
                 retrying_for_s=retrying,
-                hint=_UNCONFIRMED_HINTS[result.outcome],
+                hint=result.hint or _UNCONFIRMED_HINTS[result.outcome],
             )
         return result
 
@@ -890,13 +890,15 @@ class Sidecar:
         (a deregistration may have landed late); ``last`` is what the drain knew before. True when the
         last word is that the instance stays registered."""
         t = self.clock.monotonic()
-        deadline = min(t + max(1.0, 2 * self.config.consul.timeout), bound)
+        deadline = min(t + max(1.0, 2 * self.config.registry_timeout), bound)
         result = await self._deregister(deadline=max(deadline, t + 0.001), late=True)
         if not result.answered:
             result = last
         if result.outcome is Deregistration.CONFIRMED:
             return False
-        hint = self._acl_hint() if result.outcome is Deregistration.BLOCKED else _LEFT_HINTS[result.outcome]
+        hint = (
+            self._acl_hint() if result.outcome is Deregistration.BLOCKED else result.hint or _LEFT_HINTS[result.outcome]
+        )
         self.log.error(
             "sidecar.consul.left_registered",
             reason=result.outcome.value,

@@ -67,6 +67,7 @@ def build_sidecar(config: Config, command: list[str], tokens: TokenCache) -> Wir
     from .process.launcher import PosixLauncher
     from .process.notify import SystemdNotifier
     from .process.reaper import become_subreaper
+    from .registry.base import Agent
     from .registry.consul import ConsulAgent
     from .state import Status
 
@@ -152,18 +153,34 @@ def build_sidecar(config: Config, command: list[str], tokens: TokenCache) -> Wir
 
     status = Status(clock, config.service.id)
     prober = Prober(config.check.http, config.check.timeout)
-    agent = ConsulAgent(config.consul, clock, tokens=tokens)
     server = None
-    if sock is not None:
+    agent: Agent
+    consul_agent: ConsulAgent | None = None
+    if config.registry.kind.value == "etcd":
+        from .registry.etcd import EtcdRegistry
+
+        etcd = config.etcd
+        unsupported = [
+            k for k, v in (("ca_file", etcd.ca_file), ("cert_file", etcd.cert_file), ("user", etcd.user)) if v
+        ]
+        if unsupported:  # validated, not used yet: refuse rather than connect without them
+            raise WiringError(f"{config.source}: etcd.{unsupported[0]}: etcd TLS and auth are not supported yet")
+
+        agent = EtcdRegistry(config, clock, prober, logger.bind(service_id=config.service.id))
+        if sock is not None:
+            server = StatusServer(status, sock, logger, secrets=tokens.secrets)
+    else:
+        agent = consul_agent = ConsulAgent(config.consul, clock, tokens=tokens)
+    if sock is not None and consul_agent is not None:
         from .http.readiness import READ_TIMEOUT, Readiness
 
-        readiness = Readiness(status, agent.service_health, timeout=min(READ_TIMEOUT, config.consul.timeout))
+        readiness = Readiness(status, consul_agent.service_health, timeout=min(READ_TIMEOUT, config.consul.timeout))
         server = StatusServer(
             status,
             sock,
             logger,
             readiness=readiness,
-            request_errors=agent.request_errors,
+            request_errors=consul_agent.request_errors,
             secrets=tokens.secrets,
         )
     sidecar = Sidecar(

@@ -22,7 +22,7 @@ from sidecar.config import Config, load_config
 from sidecar.lifecycle import Probe, Sidecar
 from sidecar.process.app_control import App, StopResult
 from sidecar.process.signals import Inbox
-from sidecar.registry.consul import Agent, DeregisterResult, Deregistration
+from sidecar.registry.base import Agent, DeregisterResult, Deregistration
 from sidecar.state import Status
 from testkit.virtualtime import VirtualTime
 

@@ -16,7 +16,9 @@ from sidecar.config.model import (
     AppSettings,
     CheckSettings,
     ConsulSettings,
+    EtcdSettings,
     HotRestartSettings,
+    RegistrySettings,
     ServiceSettings,
     ShutdownSettings,
     StartupSettings,
@@ -106,6 +108,8 @@ SETTINGS_OF: dict[str, type] = {
     "app": AppSettings,
     "status": StatusSettings,
     "hot_restart": HotRestartSettings,
+    "registry": RegistrySettings,
+    "etcd": EtcdSettings,
 }
 
 # A CA certificate (self-signed, EC), for a CA directory: CONSUL_CAPATH's files must hold PEM certificates.
@@ -193,6 +197,13 @@ def _every_variable(tmp_path: Path) -> dict[str, tuple[str, Callable[[Config], o
         "CONSUL_CLIENT_KEY": (str(tmp_path / "client.key"), lambda c: c.consul.key_file == tmp_path / "client.key"),
         "CONSUL_TLS_SERVER_NAME": ("server.dc9.consul", lambda c: c.consul.tls_server_name == "server.dc9.consul"),
         "CONSUL_HTTP_SSL_VERIFY": ("false", lambda c: c.consul.tls_verify is False),
+        "ETCDCTL_ENDPOINTS": (
+            "http://10.0.0.1:2379, http://10.0.0.2:2379",
+            lambda c: c.etcd.endpoints == ("http://10.0.0.1:2379", "http://10.0.0.2:2379"),
+        ),
+        "ETCDCTL_CACERT": (str(tmp_path / "ca.pem"), lambda c: c.etcd.ca_file == tmp_path / "ca.pem"),
+        "ETCDCTL_CERT": (str(tmp_path / "client.pem"), lambda c: c.etcd.cert_file == tmp_path / "client.pem"),
+        "ETCDCTL_KEY": (str(tmp_path / "client.key"), lambda c: c.etcd.key_file == tmp_path / "client.key"),
     }
 
 
@@ -251,9 +262,22 @@ def test_the_file_wins_over_every_variable(tmp_path: Path) -> None:
         ),
         "consul.ca_path": (f'"{tmp_path / "file-cas"}"', lambda c: c.consul.ca_path == tmp_path / "file-cas"),
     }
-    assert set(files) | set(second) == {k.path for k in KEYS if k.env}
-    for table, without in ((files, ()), (second, ("CONSUL_CACERT",))):
-        text = "[consul]\n" + "".join(f"{p.split('.')[1]} = {v}\n" for p, (v, _) in table.items()) + MINIMAL
+    etcd: dict[str, tuple[str, Callable[[Config], object]]] = {
+        "etcd.endpoints": ('["http://file.example:2379"]', lambda c: c.etcd.endpoints == ("http://file.example:2379",)),
+        "etcd.ca_file": (f'"{tmp_path / "file-ca.pem"}"', lambda c: c.etcd.ca_file == tmp_path / "file-ca.pem"),
+        "etcd.cert_file": (
+            f'"{tmp_path / "file-client.pem"}"',
+            lambda c: c.etcd.cert_file == tmp_path / "file-client.pem",
+        ),
+        "etcd.key_file": (
+            f'"{tmp_path / "file-client.key"}"',
+            lambda c: c.etcd.key_file == tmp_path / "file-client.key",
+        ),
+    }
+    assert set(files) | set(second) | set(etcd) == {k.path for k in KEYS if k.env}
+    for table, without in ((files, ()), (second, ("CONSUL_CACERT",)), (etcd, ())):
+        section = next(iter(table)).split(".")[0]
+        text = f"[{section}]\n" + "".join(f"{p.split('.')[1]} = {v}\n" for p, (v, _) in table.items()) + MINIMAL
         c = load_env(tmp_path, {v: t for v, t in env.items() if v not in without}, text)
         for path, (_, shows) in table.items():
             assert shows(c), path

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .addresses import address_toward, parse_consul_address, parse_listen, same_host
 from .files import CONFIG_MAX_BYTES, TOKEN_MAX_BYTES
-from .keys import KEYS, SECTIONS, Key, Kind, ReadyMode, Strategy, parse_signal
+from .keys import KEYS, SECTIONS, EtcdFormat, Key, Kind, ReadyMode, RegistryKind, Strategy, parse_signal
 from .loader import load_config, load_consul_settings
 from .model import (
     KILL_REAP_TIMEOUT,
@@ -23,7 +23,9 @@ from .model import (
     Config,
     ConfigError,
     ConsulSettings,
+    EtcdSettings,
     HotRestartSettings,
+    RegistrySettings,
     ServiceSettings,
     ShutdownSettings,
     StartupSettings,
@@ -46,6 +48,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConsulSettings",
+    "EtcdFormat",
+    "EtcdSettings",
+    "RegistryKind",
+    "RegistrySettings",
     "HotRestartSettings",
     "Key",
     "Kind",

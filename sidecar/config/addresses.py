@@ -73,7 +73,10 @@ def address_toward(host: str, port: int) -> str:
     Raises OSError when there is no route (or the agent's name does not resolve).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
+    try:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
+    except UnicodeError as e:  # a label IDNA cannot encode (longer than 63): a name that cannot resolve
+        raise OSError(f"{host[:80]!r} is not a resolvable host name: {e}") from None
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.connect(infos[0][4])
         return str(s.getsockname()[0])

@@ -41,6 +41,20 @@ class ReadyMode(enum.StrEnum):
     WARMUP = "warmup"  # it stays alive for hot_restart.warmup
 
 
+class RegistryKind(enum.StrEnum):
+    """Where the instance is registered."""
+
+    CONSUL = "consul"  # the local Consul agent
+    ETCD = "etcd"  # keys on a lease in etcd
+
+
+class EtcdFormat(enum.StrEnum):
+    """The layout of the key and value in etcd: who reads them."""
+
+    GRPC = "grpc"  # etcd's endpoints manager (the gRPC resolver)
+    SKYDNS = "skydns"  # CoreDNS's etcd plugin
+
+
 class Kind(enum.Enum):
     """A key's type: how the loader reads it and how the docs name it."""
 
@@ -208,6 +222,13 @@ def _dns_name(text: str | None) -> str:
     return name
 
 
+def _endpoints(texts: tuple[str, ...]) -> tuple[str, ...]:
+    problems = [p for p in (url_problem(t) for t in texts) if p is not None]
+    if problems:
+        raise Invalid(*problems, keep=texts)
+    return texts
+
+
 def _listen(text: str | None) -> tuple[str, int] | None:
     if not text:
         return None
@@ -335,6 +356,100 @@ KEYS: tuple[Key, ...] = (
         env=("CONSUL_HTTP_SSL_VERIFY",),
     ),
     Key("consul", "timeout", Kind.DURATION, "deadline of one request to the agent", default="2s", minimum=_POSITIVE),
+    # --- [registry] -------------------------------------------------------------------------------
+    Key(
+        "registry",
+        "kind",
+        Kind.CHOICE,
+        '`"consul"`: the local Consul agent; `"etcd"`: a key on a lease in etcd, kept only while the check passes',
+        default="consul",
+        choices=RegistryKind,
+        choice_words=("the local Consul agent", "a key on a lease in etcd"),
+    ),
+    # --- [etcd] -----------------------------------------------------------------------------------
+    Key(
+        "etcd",
+        "endpoints",
+        Kind.STRINGS,
+        "the etcd members' client URLs (`http://host:2379`, `https://...`); from the environment comma-separated, "
+        "as etcdctl reads it",
+        default=(),
+        default_doc='none: required with kind = "etcd"',
+        env=("ETCDCTL_ENDPOINTS",),
+        form='a list of URLs, e.g. ["http://127.0.0.1:2379"]',
+        check=_endpoints,
+    ),
+    Key(
+        "etcd",
+        "prefix",
+        Kind.STRING,
+        "`grpc`: the keys' prefix (`<prefix>/<service.name>/<service.id>`)",
+        default="services",
+    ),
+    Key(
+        "etcd",
+        "format",
+        Kind.CHOICE,
+        '`"grpc"`: the etcd endpoints manager\'s JSON (gRPC resolver, target `etcd:///<prefix>/<service.name>`); '
+        '`"skydns"`: CoreDNS\'s etcd plugin (`/skydns/<reversed dns_domain>/<service.name>/<service.id>`)',
+        default="grpc",
+        choices=EtcdFormat,
+        choice_words=("the gRPC resolver's endpoints", "CoreDNS's etcd plugin"),
+    ),
+    Key(
+        "etcd",
+        "dns_domain",
+        Kind.STRING,
+        '`skydns`: the DNS domain (e.g. `"skydns.local"`)',
+        default="",
+        check=_dns_name,
+    ),
+    Key(
+        "etcd",
+        "lease_ttl",
+        Kind.DURATION,
+        "the key's lease: kept alive every third of it; a sidecar that dies without a drain leaves a key that "
+        "expires within it (Consul's deregister_critical_after, here)",
+        default="10s",
+        minimum=2.0,
+    ),
+    Key("etcd", "timeout", Kind.DURATION, "deadline of one request to etcd", default="2s", minimum=_POSITIVE),
+    Key(
+        "etcd",
+        "ca_file",
+        Kind.PATH,
+        "CA certificate(s) of etcd's server certificate (PEM)",
+        default_doc="none",
+        env=("ETCDCTL_CACERT",),
+        check=_readable,
+    ),
+    Key(
+        "etcd",
+        "cert_file",
+        Kind.PATH,
+        "client certificate (with `key_file`)",
+        default_doc="none",
+        env=("ETCDCTL_CERT",),
+        check=_readable,
+    ),
+    Key(
+        "etcd",
+        "key_file",
+        Kind.PATH,
+        "the client certificate's private key",
+        default_doc="none",
+        env=("ETCDCTL_KEY",),
+        check=_readable,
+    ),
+    Key("etcd", "user", Kind.STRING, "etcd auth: the user (with `password_file`)", default_doc="none"),
+    Key(
+        "etcd",
+        "password_file",
+        Kind.PATH,
+        "etcd auth: a file holding the user's password (never logged)",
+        default_doc="none",
+        check=_readable,
+    ),
     # --- [service] --------------------------------------------------------------------------------
     Key(
         "service",
@@ -410,6 +525,16 @@ KEYS: tuple[Key, ...] = (
         minimum=60.0,
         off=("", "0"),
         why_minimum=' (Consul raises shorter values to 1m; "0" turns it off)',
+    ),
+    Key(
+        "check",
+        "failures_before_critical",
+        Kind.INTEGER,
+        "consecutive failed checks before the instance counts as critical (etcd: its key is deleted, and put "
+        "back when the check passes again)",
+        default=1,
+        minimum=1,
+        maximum=1000,
     ),
     # --- [startup] --------------------------------------------------------------------------------
     Key(
@@ -634,6 +759,10 @@ SECTION_DOCS: Mapping[str, str] = MappingProxyType(
         "variables apply, as for the consul CLI. `CONSUL_HTTP_SSL=true` (Go's boolean forms: "
         "`1 t T TRUE true True`, and their false counterparts) makes an address without a scheme "
         "(`host:port`, or the default) https.",
+        "registry": "Which registry the instance is kept in.",
+        "etcd": 'With `registry.kind = "etcd"`: how to reach etcd and how the key looks. `ETCDCTL_*` variables apply '
+        "as for etcdctl where the file is silent. Consul-only settings (`[consul]`, "
+        "`check.deregister_critical_after`) are errors with etcd.",
         "service": "What is registered.",
         "check": "The HTTP check the agent runs (and the sidecar's own startup probe).",
         "startup": "Before registering.",

@@ -26,14 +26,28 @@ from ..durations import format_duration, parse_duration
 from .addresses import address_toward, parse_consul_address, same_host, url_problem, valid_address
 from .files import CONFIG_MAX_BYTES, FileProblem, read_ca_dir, read_capped
 from .interpolation import interpolate, variables
-from .keys import BY_PATH, KEYS, SECTIONS, Invalid, Key, Kind, ReadyMode, Strategy, parse_signal
+from .keys import (
+    BY_PATH,
+    KEYS,
+    SECTIONS,
+    EtcdFormat,
+    Invalid,
+    Key,
+    Kind,
+    ReadyMode,
+    RegistryKind,
+    Strategy,
+    parse_signal,
+)
 from .model import (
     AppSettings,
     CheckSettings,
     Config,
     ConfigError,
     ConsulSettings,
+    EtcdSettings,
     HotRestartSettings,
+    RegistrySettings,
     ServiceSettings,
     ShutdownSettings,
     StartupSettings,
@@ -295,6 +309,8 @@ def _from_env(key: Key, text: str, where: str) -> Any:
         return Path(text)
     if key.kind in (Kind.STRING, Kind.URL):
         return text
+    if key.kind is Kind.STRINGS:  # comma-separated, as etcdctl reads ETCDCTL_ENDPOINTS
+        return tuple(t.strip() for t in text.split(",") if t.strip())
     raise AssertionError(f"{key.path}: no reader for {key.kind} from the environment ({where})")
 
 
@@ -343,6 +359,9 @@ def load_config(
             "holds no socket to hand over",
         )
 
+    registry = RegistrySettings(**_simple(s["registry"], RegistrySettings))
+    etcd = _etcd_settings(s["etcd"], registry, s, doc, problems)
+
     if problems.lines:
         raise ConfigError(problems.lines)
     return Config(
@@ -355,6 +374,8 @@ def load_config(
         app,
         status,
         hot_restart=hot_restart,
+        registry=registry,
+        etcd=etcd,
         systemd_notify_socket=env.get("NOTIFY_SOCKET") or None,
         secret_env=frozenset(problems.secret_env),
         warnings=tuple(problems.warnings),
@@ -576,4 +597,31 @@ def _hot_restart_settings(sec: _Section, problems: _Problems) -> HotRestartSetti
         )
     elif settings.ready is ReadyMode.WARMUP and settings.warmup >= settings.timeout:
         problems.add(sec.key("warmup"), "is not shorter than hot_restart.timeout: every hot restart would fail")
+    return settings
+
+
+def _etcd_settings(
+    sec: _Section, registry: RegistrySettings, s: Mapping[str, _Section], doc: Mapping[str, Any], problems: _Problems
+) -> EtcdSettings:
+    settings = EtcdSettings(**_simple(sec, EtcdSettings))
+    if registry.kind is not RegistryKind.ETCD:
+        return settings
+    if "consul" in doc:
+        problems.add("consul", 'is Consul\'s: remove it with registry.kind = "etcd"')
+    if s["check"].has("deregister_critical_after"):
+        problems.add(
+            "check.deregister_critical_after",
+            'is Consul\'s: with registry.kind = "etcd" a key outlives its sidecar by at most etcd.lease_ttl',
+        )
+    if not settings.endpoints:
+        problems.add(
+            sec.values["endpoints"].where,
+            'empty: give the etcd members\' client URLs (e.g. ["http://127.0.0.1:2379"]) or ETCDCTL_ENDPOINTS',
+        )
+    if settings.format is EtcdFormat.SKYDNS and not settings.dns_domain:
+        problems.add(sec.key("dns_domain"), 'required with format = "skydns": the domain CoreDNS serves')
+    if (settings.cert_file is None) != (settings.key_file is None):
+        problems.add(sec.key("cert_file"), "cert_file and key_file go together: set both or neither")
+    if (settings.user is None) != (settings.password_file is None):
+        problems.add(sec.key("user"), "user and password_file go together: set both or neither")
     return settings

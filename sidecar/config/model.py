@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..durations import format_duration
-from .keys import ReadyMode, Strategy, default
+from .keys import EtcdFormat, ReadyMode, RegistryKind, Strategy, default
 from .tokens import TokenSource
 
 # How long the sidecar waits for the app to be reaped after SIGKILL. Not
@@ -72,6 +72,27 @@ class CheckSettings:
     timeout: float = default("check.timeout")
     deregister_critical_after: float = default("check.deregister_critical_after")  # 0: never
     allow_remote: bool = default("check.allow_remote")
+    failures_before_critical: int = default("check.failures_before_critical")
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    kind: RegistryKind = default("registry.kind")
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    endpoints: tuple[str, ...] = ()
+    prefix: str = default("etcd.prefix")
+    format: EtcdFormat = default("etcd.format")
+    dns_domain: str = default("etcd.dns_domain")
+    lease_ttl: float = default("etcd.lease_ttl")
+    timeout: float = default("etcd.timeout")
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    user: str | None = None
+    password_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +196,8 @@ class Config:
     app: AppSettings
     status: StatusSettings | None
     hot_restart: HotRestartSettings = HotRestartSettings()
+    registry: RegistrySettings = RegistrySettings()
+    etcd: EtcdSettings = EtcdSettings()
     # systemd's NOTIFY_SOCKET when the sidecar itself runs under Type=notify (never passed to the app)
     systemd_notify_socket: str | None = None
     # Environment variables that fed a secret (the token, ${VAR}s in consul.token,
@@ -182,3 +205,8 @@ class Config:
     secret_env: frozenset[str] = frozenset()
     # "key: text" lines worth a warning at start and in check-config (not errors).
     warnings: tuple[str, ...] = ()
+
+    @property
+    def registry_timeout(self) -> float:
+        """The deadline of one request to the registry in use: consul.timeout, or etcd.timeout."""
+        return self.etcd.timeout if self.registry.kind is RegistryKind.ETCD else self.consul.timeout

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..clock import Clock
 from ..config import Config, Strategy
-from ..registry.consul import ConsulError
+from ..registry.base import RegistryError
 from ..state import DrainEnd, DrainProgress, Status
 from .dns_probe import DnsError, resolve_addresses
 from .netns_counters import Counters, namespace_is_apps, read_counters
@@ -354,7 +354,7 @@ class DrainWait:
                 if not listed:
                     self.log.info("sidecar.drain.catalog_clear", elapsed_ms=self._ms(t))
                     return True
-            except (ConsulError, TimeoutError):
+            except (RegistryError, TimeoutError):
                 pass  # unknown: look again
             if not await self._tick(upper):
                 self.log.warning("sidecar.drain.catalog_not_clear", elapsed_ms=self._ms(t))

@@ -91,9 +91,9 @@ class Readiness:
         except TimeoutError:
             return Verdict(False, "consul unreachable", f"no answer from the agent within {self.timeout:g}s")
         except Exception as e:  # noqa: BLE001 - any failure to read the agent means: not known to be ready
-            from ..registry.consul import ConsulPermissionDenied
+            from ..registry.base import RegistryPermissionDenied
 
-            reason = "consul permission denied" if isinstance(e, ConsulPermissionDenied) else "consul unreachable"
+            reason = "consul permission denied" if isinstance(e, RegistryPermissionDenied) else "consul unreachable"
             return Verdict(False, reason, str(e) or e.__class__.__name__)
         if answer is None:
             return Verdict(False, "not registered", "the agent does not hold the service (the sidecar re-registers it)")

@@ -18,7 +18,6 @@ asyncio are imported where the asynchronous transport runs, never at this module
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import http.client
 import json
@@ -30,13 +29,22 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 from ..config import ConsulSettings, TokenError
 from ..config.files import read_ca_dir
 from ..durations import parse_duration
 from ..redact import scrub
 from ._consul_import import consul_base
+from .base import Agent as Agent  # re-exported: the names the lifecycle once took from here
+from .base import DeregisterResult as DeregisterResult
+from .base import Deregistration as Deregistration
+from .base import (
+    RegistryError,
+    RegistryPermissionDenied,
+    RegistryRejected,
+    RegistryUnavailable,
+)
 
 if TYPE_CHECKING:
     import ssl
@@ -49,29 +57,25 @@ if TYPE_CHECKING:
     from .token_cache import TokenCache
 
 
-class ConsulError(Exception):
+class ConsulError(RegistryError):
     """A request to the agent failed. The message never contains the token: what answers at the
     agent's address may echo the request's headers into its error body, so every answer's body and
     every error leaving a transport pass ``redact.scrub`` with the token sent and the last one read."""
 
 
-class ConsulUnavailable(ConsulError):
+class ConsulUnavailable(ConsulError, RegistryUnavailable):
     """No answer, a timeout or a 5xx: retrying may help.
 
     ``maybe_applied`` is False only when the request cannot have reached the agent (the
     connection was refused or the name did not resolve): then a write is known not to be done.
     """
 
-    def __init__(self, message: str, maybe_applied: bool = True) -> None:
-        super().__init__(message)
-        self.maybe_applied = maybe_applied
 
-
-class ConsulPermissionDenied(ConsulError):
+class ConsulPermissionDenied(ConsulError, RegistryPermissionDenied):
     """403 from the ACL system: retrying with the same token will not help."""
 
 
-class ConsulRejected(ConsulError):
+class ConsulRejected(ConsulError, RegistryRejected):
     """400: the agent refused the request as malformed."""
 
 
@@ -773,56 +777,6 @@ class BlockingMaintenance:
         """Turn maintenance mode on or off; False when the agent holds no such service."""
         path, params = _maintenance_request(service_id, enable, reason)
         return bool(self._transport.put(_maintenance_answer, path, params))
-
-
-class Deregistration(enum.Enum):
-    CONFIRMED = "confirmed"  # the agent and the catalog no longer list the instance
-    # The agent dropped it; the servers cannot answer a catalog read (no cluster leader, an election
-    # under way): the agent syncs the removal once they can.
-    NO_LEADER = "no_leader"
-    # The agent dropped it; a leader answers and its catalog still lists it, on an agent that does
-    # not enforce ACLs: the agent's sync to the servers has not succeeded yet.
-    CATALOG_STALE = "catalog_stale"
-    # The agent dropped it; a leader answers and its catalog still lists it, on an agent that
-    # enforces ACLs: its sync is most likely refused (the registering token is gone).
-    BLOCKED = "blocked"
-    UNCONFIRMED = "unconfirmed"  # the agent still holds it, or never answered before the deadline
-
-
-@dataclass(frozen=True)
-class DeregisterResult:
-    outcome: Deregistration
-    attempts: int
-    error: str | None
-    answered: bool = True  # False: no round finished before the deadline, the outcome says nothing new
-    agent_dropped: bool = False  # the agent's own answer showed it no longer holds the instance
-
-
-@runtime_checkable
-class Agent(Protocol):
-    """What the lifecycle needs from Consul; tests of pure logic may pass a fake."""
-
-    address: str
-
-    async def register(self, payload: dict[str, Any]) -> None: ...
-
-    def token_rotated(self) -> bool: ...
-
-    async def registered(self, service_id: str) -> dict[str, Any] | None: ...
-
-    async def check_status(self, service_id: str) -> str | None: ...
-
-    async def maintenance(self, service_id: str) -> str | None: ...
-
-    async def set_maintenance(self, service_id: str, enable: bool, reason: str | None) -> bool: ...
-
-    async def catalog_lists(self, name: str, service_id: str, consistent: bool = False) -> bool: ...
-
-    async def check_catalog_visibility(self, name: str, service_id: str) -> bool: ...
-
-    async def deregister_confirmed(self, name: str, service_id: str, deadline: float) -> DeregisterResult: ...
-
-    async def close(self) -> None: ...
 
 
 class ConsulAgent:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..clock import Clock
-from .consul import ConsulError, ConsulUnavailable
+from .base import RegistryError, RegistryUnavailable
 
 # How long after its own deadline (send + consul.timeout) a registration write that got no answer is
 # still taken to be able to reach the agent. The client closes the connection at its deadline, but
@@ -67,10 +67,10 @@ class WriteLedger:
     async def write(self, request: Coroutine[Any, Any, None]) -> None:
         """Send ``request`` (a registration write) in a task no cancellation of the caller can cut off.
 
-        Raises ConsulUnavailable (not applied) once the ledger is fenced; else what the request raises."""
+        Raises RegistryUnavailable (not applied) once the ledger is fenced; else what the request raises."""
         if self._fenced:
             request.close()
-            raise ConsulUnavailable("the sidecar is draining: no new registration", maybe_applied=False)
+            raise RegistryUnavailable("the sidecar is draining: no new registration", maybe_applied=False)
         before = self.attempted
         self.attempted = True  # maybe applied from now on
         task = asyncio.ensure_future(request)
@@ -81,14 +81,14 @@ class WriteLedger:
     def _done(self, task: asyncio.Future[None], before: bool) -> None:
         settle_by = self._in_flight.pop(task)
         e = None if task.cancelled() else task.exception()
-        if task.cancelled() or (e is not None and not isinstance(e, ConsulError)):
+        if task.cancelled() or (e is not None and not isinstance(e, RegistryError)):
             self._unsettled[task] = settle_by
-        elif isinstance(e, ConsulUnavailable):
+        elif isinstance(e, RegistryUnavailable):
             if e.maybe_applied:
                 self._unsettled[task] = settle_by  # a timeout or a 5xx: it may be applied, now or later
             else:
                 self.attempted = before  # never left this host
-        elif isinstance(e, ConsulError):
+        elif isinstance(e, RegistryError):
             self.attempted = before  # the agent answered: refused, not applied
 
     @property

@@ -1,0 +1,375 @@
+"""etcd as the registry (issue 19): the key and value each format writes, and how an entry reads back.
+
+Imported only when ``registry.kind = "etcd"``: a Consul user never loads it.
+
+    format = "grpc"    key   <prefix>/<service.name>/<service.id>
+                       value {"Op": 0, "Addr": "<address>:<port>", "Metadata": {"tags": [...], "meta": {...}}}
+                       etcd's endpoints manager: resolver.NewBuilder with target etcd:///<prefix>/<service.name>
+    format = "skydns"  key   /skydns/<reversed dns_domain labels>/<service.name>/<service.id>
+                       value {"host": "<address>", "port": <port>, "ttl": <seconds>, "metadata": {...}}
+                       CoreDNS's etcd plugin (it ignores the extra "metadata" field)
+
+The sidecar's owner mark (OWNER_META_KEY, as in Consul's Meta) is in the metadata's ``meta``, so the
+keeper's "is this entry mine" check reads an etcd entry as it reads a Consul one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..config import Config, EtcdFormat
+from ..config.names import OWNER_META_KEY
+from .base import (
+    DeregisterResult,
+    Deregistration,
+    RegistryError,
+    RegistryPermissionDenied,
+    RegistryRejected,
+    RegistryUnavailable,
+)
+
+if TYPE_CHECKING:
+    import aiohttp
+    from structlog.typing import FilteringBoundLogger
+
+    from ..clock import Clock
+
+    class Probe(Protocol):
+        async def probe(self) -> tuple[bool, str]: ...
+
+
+def etcd_key(config: Config) -> str:
+    """The instance's key in etcd."""
+    svc, etcd = config.service, config.etcd
+    if etcd.format is EtcdFormat.SKYDNS:
+        labels = [label for label in reversed(etcd.dns_domain.rstrip(".").split(".")) if label]
+        return "/skydns/" + "/".join([*labels, svc.name, svc.id])
+    return f"{etcd.prefix.rstrip('/')}/{svc.name}/{svc.id}"
+
+
+def dns_ttl(config: Config) -> int:
+    """skydns: the records' TTL. No longer than the propagation delay (at least 1 s): a resolver's cached
+    answer has expired by the time the app is signalled."""
+    return max(1, math.floor(config.shutdown.propagation_delay))
+
+
+def etcd_value(config: Config, owner: str | None) -> str:
+    """The JSON value of the instance's key."""
+    svc = config.service
+    meta = dict(svc.meta)
+    if owner is not None:
+        meta[OWNER_META_KEY] = owner
+    metadata = {"tags": list(svc.tags), "meta": meta}
+    if config.etcd.format is EtcdFormat.SKYDNS:
+        doc: dict[str, Any] = {"host": svc.address, "port": svc.port, "ttl": dns_ttl(config), "metadata": metadata}
+    else:
+        host = f"[{svc.address}]" if ":" in svc.address else svc.address
+        doc = {"Op": 0, "Addr": f"{host}:{svc.port}", "Metadata": metadata}
+    return json.dumps(doc, separators=(",", ":"), sort_keys=False)
+
+
+def entry_of(value: bytes | str) -> dict[str, Any] | None:
+    """A value read back, in the shape the lifecycle reads entries in (``Address``, ``Port``, ``Meta``);
+    None when it is no value of either format."""
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    if "Addr" in doc:
+        host, _, port = str(doc.get("Addr") or "").rpartition(":")
+        metadata = doc.get("Metadata")
+        address = host.removeprefix("[").removesuffix("]")
+    elif "host" in doc:
+        address, port = str(doc.get("host") or ""), str(doc.get("port"))
+        metadata = doc.get("metadata")
+    else:
+        return None
+    meta = metadata.get("meta") if isinstance(metadata, dict) else None
+    return {
+        "Address": address,
+        "Port": int(port) if port.isdigit() else None,
+        "Meta": dict(meta) if isinstance(meta, dict) else {},
+        "Tags": list(metadata.get("tags") or []) if isinstance(metadata, dict) else [],
+    }
+
+
+# --- the adapter: etcd's JSON gateway over aiohttp --------------------------------------------------
+
+
+class EtcdError(RegistryError):
+    """A request to etcd failed (base class of the three below)."""
+
+
+class EtcdUnavailable(EtcdError, RegistryUnavailable):
+    """No answer, a timeout, no leader: retrying may help (``maybe_applied`` as for Consul)."""
+
+
+class EtcdPermissionDenied(EtcdError, RegistryPermissionDenied):
+    """etcd's auth refused the request or the credentials."""
+
+
+class EtcdRejected(EtcdError, RegistryRejected):
+    """etcd refused the request as malformed, or asked for what the sidecar cannot do (maintenance mode)."""
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+class EtcdRegistry:
+    """The instance's key on a lease in etcd, through the JSON gateway (``/v3/...``), each request within
+    ``etcd.timeout``. Entries read back in the lifecycle's shape (``entry_of``).
+
+    Not yet here (issue 19): the probe of check.http that deletes the key after failures_before_critical
+    failures and puts it back, auth (user, password_file) and TLS; wiring.py refuses kind = "etcd" until then.
+    """
+
+    def __init__(
+        self, config: Config, clock: Clock, prober: Probe | None = None, log: FilteringBoundLogger | None = None
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._endpoints = list(config.etcd.endpoints)
+        self.address = self._endpoints[0]
+        self._key = etcd_key(config)
+        self._lease: int | None = None
+        self._value: str | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.keepalive_failures = 0
+        self._prober = prober
+        self._log = log
+        self._health: asyncio.Task[None] | None = None
+        self._withheld = False  # the check is failing: the key is deleted on purpose until it passes
+        self._in_flight: asyncio.Future[None] | None = None  # a background put, never cancelled mid-flight
+        self._stopping = False
+
+    async def _call(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """POST ``body`` to the first endpoint that takes a connection; errors as the lifecycle reads them."""
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        limit = self._config.etcd.timeout if timeout is None else timeout
+        last: Exception | None = None
+        for endpoint in self._endpoints:
+            try:
+                async with asyncio.timeout(limit):
+                    async with self._session.post(endpoint.rstrip("/") + path, json=body) as resp:
+                        raw = await resp.read()
+                        status = resp.status
+            except TimeoutError:
+                raise EtcdUnavailable(f"POST {path}: no answer from {endpoint} within {limit:g}s") from None
+            except aiohttp.ClientConnectorError as e:
+                last = e  # never sent: the next member may take it
+                continue
+            except (aiohttp.ClientError, OSError) as e:
+                raise EtcdUnavailable(f"POST {path}: {endpoint}: {e.__class__.__name__}: {e}") from None
+            self.address = endpoint
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                raise EtcdUnavailable(f"POST {path}: {endpoint} (HTTP {status}): not etcd's JSON gateway") from None
+            if status == 200 and isinstance(doc, dict) and "error" not in doc:
+                return doc
+            message = str(doc.get("message") or doc.get("error") or raw[:200]) if isinstance(doc, dict) else str(raw)
+            code = doc.get("code") if isinstance(doc, dict) else None
+            if code in (7, 16) or "permission denied" in message or "authentication" in message:
+                raise EtcdPermissionDenied(f"POST {path}: {endpoint}: {message}")
+            if code == 3:
+                raise EtcdRejected(f"POST {path}: {endpoint}: {message}")
+            raise EtcdUnavailable(f"POST {path}: {endpoint}: {message}")
+        raise EtcdUnavailable(f"POST {path}: no etcd member reachable: {last}", maybe_applied=False)
+
+    # --- the Agent protocol ---------------------------------------------------------------------------
+
+    async def register(self, payload: dict[str, Any]) -> None:
+        """A lease (granted once, again when it is gone) and the key on it."""
+        # A registration after a deregistration (a stale key of a dead sidecar replaced at start) follows
+        # health and keeps its lease again; during a drain the lifecycle's fenced ledger sends none.
+        self._stopping = False
+        owner = (payload.get("Meta") or {}).get(OWNER_META_KEY)
+        self._value = etcd_value(self._config, owner)
+        if self._lease is None:
+            answer = await self._call("/v3/lease/grant", {"TTL": max(1, round(self._config.etcd.lease_ttl))})
+            self._lease = int(answer["ID"])
+        passing = (payload.get("Check") or {}).get("Status") == "passing"
+        if self._prober is not None and not passing:
+            self._withheld = True  # not seen healthy: the health loop puts the key once the check passes
+            if self._health is None or self._health.done():
+                self._health = asyncio.create_task(self._follow_health())
+            return
+        try:
+            await self._put()
+        except EtcdUnavailable as e:
+            if "lease not found" in str(e):
+                self._lease = None  # expired meanwhile: the next attempt grants a new one
+            raise
+        self._withheld = False
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep_alive())
+        if self._prober is not None and (self._health is None or self._health.done()):
+            self._health = asyncio.create_task(self._follow_health())
+
+    async def _background_put(self) -> None:
+        """A put of the keepalive or the health loop: in a task of its own, so that stopping the loop (the
+        drain) waits for it instead of cutting it off; one that lands late finds its lease revoked."""
+        if self._stopping:
+            return
+        self._in_flight = asyncio.ensure_future(self._put())
+        await asyncio.shield(self._in_flight)
+
+    async def _follow_health(self) -> None:
+        """Every check.interval, probe check.http: after failures_before_critical failures in a row the key
+        is deleted; it is put back once the check passes again."""
+        assert self._prober is not None
+        cfg = self._config.check
+        failures = 0
+        while not self._stopping:
+            await self._clock.sleep(cfg.interval)
+            ok, detail = await self._prober.probe()
+            try:
+                if ok:
+                    failures = 0
+                    if self._withheld:
+                        await self._background_put()
+                        self._withheld = False
+                        if self._log is not None:
+                            self._log.info("sidecar.etcd.check_passing", key=self._key, action="key put back")
+                    continue
+                failures += 1
+                if failures >= cfg.failures_before_critical and not self._withheld:
+                    await self._call("/v3/kv/deleterange", {"key": _b64(self._key)})
+                    self._withheld = True
+                    if self._log is not None:
+                        self._log.warning(
+                            "sidecar.etcd.check_critical",
+                            key=self._key,
+                            failures=failures,
+                            last_answer=detail,
+                            action="key deleted until the check passes",
+                        )
+            except RegistryError as e:
+                if self._log is not None:
+                    self._log.warning("sidecar.etcd.health_write_failed", error=str(e))
+
+    async def _put(self) -> None:
+        assert self._value is not None and self._lease is not None
+        await self._call("/v3/kv/put", {"key": _b64(self._key), "value": _b64(self._value), "lease": str(self._lease)})
+
+    async def _keep_alive(self) -> None:
+        """Every lease_ttl / 3: keep the lease alive; a lease gone (expired while etcd was unreachable) is
+        granted again and the key put back on it."""
+        every = self._config.etcd.lease_ttl / 3
+        while True:
+            await self._clock.sleep(every)
+            if self._lease is None:
+                continue
+            try:
+                answer = await self._call("/v3/lease/keepalive", {"ID": str(self._lease)})
+                if not (answer.get("result") or {}).get("TTL"):
+                    self.keepalive_failures += 1
+                    self._lease = None
+                    if self._value is not None:
+                        grant = await self._call("/v3/lease/grant", {"TTL": max(1, round(self._config.etcd.lease_ttl))})
+                        self._lease = int(grant["ID"])
+                        if not self._withheld:
+                            await self._background_put()
+            except RegistryError:
+                self.keepalive_failures += 1
+
+    def token_rotated(self) -> bool:
+        return False
+
+    async def _read(self) -> bytes | None:
+        """The key's value by a linearizable range (etcd's default), or None."""
+        answer = await self._call("/v3/kv/range", {"key": _b64(self._key)})
+        kvs = answer.get("kvs") or []
+        return base64.b64decode(kvs[0].get("value") or "") if kvs else None
+
+    async def registered(self, service_id: str) -> dict[str, Any] | None:
+        """The entry etcd holds; while the check fails (the key deleted on purpose) the entry as it will be
+        put back, so the keeper does not take the missing key for a lost registration."""
+        if self._withheld and self._value is not None and not self._stopping:
+            return entry_of(self._value)
+        value = await self._read()
+        return None if value is None else entry_of(value)
+
+    async def check_status(self, service_id: str) -> str | None:
+        return "passing" if await self._read() is not None else None  # a key exists only while its check passes
+
+    async def maintenance(self, service_id: str) -> str | None:
+        return None  # maintenance mode is Consul's
+
+    async def set_maintenance(self, service_id: str, enable: bool, reason: str | None) -> bool:
+        raise EtcdRejected("maintenance mode is Consul's; etcd has none")
+
+    async def catalog_lists(self, name: str, service_id: str, consistent: bool = False) -> bool:
+        return await self._read() is not None
+
+    async def check_catalog_visibility(self, name: str, service_id: str) -> bool:
+        return True
+
+    async def deregister_confirmed(self, name: str, service_id: str, deadline: float) -> DeregisterResult:
+        """Delete the key, revoke the lease, and confirm by a linearizable read that the key is gone, until
+        ``deadline``. Unconfirmed: the lease's TTL bounds how long the key can outlive this sidecar."""
+        self._stopping = True
+        for task in (self._keeper, self._health):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._in_flight is not None and not self._in_flight.done():
+            # A put in flight is waited for, never assumed unsent; one still unanswered at the deadline
+            # fails on the revoked lease if it lands later.
+            await asyncio.wait([self._in_flight], timeout=max(0.0, deadline - self._clock.monotonic()))
+        attempts, error = 0, f"no answer from etcd ({self.address}) before the deregistration deadline"
+        answered = False
+        delay = 0.05
+        while True:
+            attempts += 1
+            try:
+                async with asyncio.timeout(max(0.001, deadline - self._clock.monotonic())):
+                    await self._call("/v3/kv/deleterange", {"key": _b64(self._key)})
+                    if self._lease is not None:
+                        try:
+                            await self._call("/v3/lease/revoke", {"ID": str(self._lease)})
+                        except EtcdUnavailable as e:
+                            if "lease not found" not in str(e):
+                                raise
+                        self._lease = None
+                    gone = await self._read() is None
+                    answered = True
+                    if gone:
+                        return DeregisterResult(Deregistration.CONFIRMED, attempts, None, True, True)
+                    error = "etcd still holds the key after deleting it"
+            except TimeoutError:
+                pass
+            except RegistryError as e:
+                error = str(e)
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                return DeregisterResult(
+                    Deregistration.UNCONFIRMED,
+                    attempts,
+                    error,
+                    answered,
+                    hint=f"etcd may still hold the key; its lease expires within etcd.lease_ttl "
+                    f"({self._config.etcd.lease_ttl:g}s) of the last keepalive",
+                )
+            await self._clock.sleep(min(delay, remaining))
+            delay = min(delay * 2, 1.0)
+
+    async def close(self) -> None:
+        self._stopping = True
+        for task in (self._keeper, self._health):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()

@@ -180,7 +180,9 @@ class Sidecar:
         self._sigints = 0
         self._forwarded: dict[signal.Signals, tuple[float, int]] = {}  # signal -> (last info line, passed on since)
         # What may be registered: every registration write, maybe applied until an answer says otherwise.
-        self.writes = WriteLedger(clock, config.registry_timeout)
+        self.writes = WriteLedger(
+            clock, config.registry_timeout, fenced_error=getattr(agent, "unavailable_error", None)
+        )
         self._consul_ok: bool | None = None
         self._consul_error: str | None = None  # the agent's last error, shown as /status's last_error
         # Consul's maintenance mode as the keeper last read it (its reason), and whether the agent lost it

@@ -308,7 +308,7 @@ class Sidecar:
             argv = ["nice", "-n", str(nice), *argv]  # nice execs the sidecar: the same process
         full_env = dict(os.environ)
         for k in list(full_env):
-            if k.startswith("CONSUL_"):
+            if k.startswith(("CONSUL_", "ETCDCTL_")):  # the operator's own settings must not reach a test
                 del full_env[k]
         full_env.update(env or {})
         full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")

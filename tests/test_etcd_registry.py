@@ -1,15 +1,12 @@
 """The etcd adapter (sidecar/registry/etcd.py) against a real etcd member, read back with the real etcdctl.
 
-A small local fixture starts `etcd` on free ports (to be replaced by the shared one of testkit/etcd.py).
+Each test has an etcd member of its own (testkit's ``fresh_etcd``); the one that starts etcd late makes its own.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,60 +17,16 @@ from sidecar.config import Config, load_config
 from sidecar.config.names import OWNER_META_KEY
 from sidecar.registry.base import Deregistration, RegistryUnavailable
 from sidecar.registry.etcd import EtcdRegistry
-from testkit.procs import free_port, http_get, spawn, wait_for
+from testkit.etcd import Etcd, etcdctl
+from testkit.procs import free_port, http_get, wait_for
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd is not installed (Debian's etcd-server)"),
-]
+pytestmark = [pytest.mark.integration]
 
 
 @pytest.fixture
-def etcd_url(tmp_path: Path) -> Iterator[str]:
-    client, peer = free_port(), free_port()
-    url = f"http://127.0.0.1:{client}"
-    proc = spawn(
-        [
-            "etcd",
-            "--data-dir",
-            str(tmp_path / "etcd"),
-            "--listen-client-urls",
-            url,
-            "--advertise-client-urls",
-            url,
-            "--listen-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-cluster",
-            f"default=http://127.0.0.1:{peer}",
-        ],
-        tmp_path / "etcd.log",
-    )
-
-    def healthy() -> bool:
-        try:
-            return http_get(f"{url}/health")[0] == 200
-        except OSError:
-            return False
-
-    wait_for(healthy, timeout=20, what="etcd healthy")
-    yield url
-    proc.kill()
-    proc.wait()
-
-
-def etcdctl(url: str, *args: str) -> dict[str, object]:
-    out = subprocess.run(
-        ["etcdctl", "--endpoints", url, *args, "-w", "json"],
-        env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        check=True,
-        timeout=10,
-    )
-    doc = json.loads(out.stdout)
-    assert isinstance(doc, dict)
-    return doc
+def etcd_url(fresh_etcd: Etcd) -> str:
+    """A member of the test's own: these tests read and write the default prefix ``services/``."""
+    return fresh_etcd.endpoint
 
 
 def config(tmp_path: Path, url: str) -> Config:
@@ -105,13 +58,13 @@ async def test_registered_key_value_and_lease_as_etcdctl_reads_them_then_deregis
         lease = int(kv["lease"])
         assert lease != 0
         ttl = etcdctl(etcd_url, "lease", "timetolive", format(lease, "x"))
-        assert 0 < int(ttl["ttl"]) <= 3  # type: ignore[call-overload]
+        assert 0 < int(ttl["ttl"]) <= 3
         entry = await reg.registered("web-1")
         assert entry is not None and entry["Meta"][OWNER_META_KEY] == "owner-1"
         result = await reg.deregister_confirmed("web", "web-1", SystemClock().monotonic() + 3)
         assert result.outcome is Deregistration.CONFIRMED
         assert "kvs" not in etcdctl(etcd_url, "get", "--prefix", "services/")
-        assert int(etcdctl(etcd_url, "lease", "timetolive", format(lease, "x"))["ttl"]) == -1  # type: ignore[call-overload]
+        assert int(etcdctl(etcd_url, "lease", "timetolive", format(lease, "x"))["ttl"]) == -1
     finally:
         await reg.close()
 
@@ -240,37 +193,20 @@ def test_etcd_unreachable_at_start_the_app_starts_and_registration_is_retried(tm
 
     from testkit.procs import Sidecar, app_command
 
-    client, peer, port = free_port(), free_port(), free_port()
-    url = f"http://127.0.0.1:{client}"
+    late = Etcd(tmp_path)  # its ports chosen now, started below
+    port = free_port()
+    url = late.endpoint
     sc = Sidecar(tmp_path, sidecar_config(url, port, "etcdlate"), app_command(port))
     sc.wait_event("sidecar.consul.unreachable")
     assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200  # the app runs meanwhile
-    proc = spawn(
-        [
-            "etcd",
-            "--data-dir",
-            str(tmp_path / "etcd"),
-            "--listen-client-urls",
-            url,
-            "--advertise-client-urls",
-            url,
-            "--listen-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-cluster",
-            f"default=http://127.0.0.1:{peer}",
-        ],
-        tmp_path / "etcd.log",
-    )
     try:
+        late.start()
         sc.wait_event("sidecar.consul.registered", timeout=45)  # backoff: 1 s to 30 s, jittered
         assert key_present(url, "etcdlate")
         os.kill(sc.pid, signal.SIGTERM)
         assert sc.wait() == 0, sc.tail()
     finally:
-        proc.kill()
-        proc.wait()
+        late.stop()
 
 
 class _Failing:

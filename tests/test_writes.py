@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 
-from sidecar.registry.base import RegistryUnavailable
 from sidecar.registry.consul import ConsulRejected, ConsulUnavailable
 from sidecar.registry.writes import LATE_WRITE_WINDOW, WriteLedger
 from testkit.virtualtime import VirtualTime
@@ -46,7 +45,7 @@ async def test_no_write_starts_once_fenced() -> None:
     ledger = WriteLedger(VirtualTime.install(), request_timeout=1.0)
     assert await ledger.fence(0.0) is None
     request = answered_after(0.0)
-    with pytest.raises(RegistryUnavailable) as e:
+    with pytest.raises(ConsulUnavailable) as e:
         await ledger.write(request)
     assert e.value.maybe_applied is False and not ledger.attempted
 

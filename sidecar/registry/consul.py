@@ -782,6 +782,8 @@ class BlockingMaintenance:
 class ConsulAgent:
     """The local Consul agent, reached through python-consul2 with deadlines."""
 
+    unavailable_error: type[RegistryUnavailable] = ConsulUnavailable  # what a write refused by the drain raises
+
     def __init__(
         self,
         settings: ConsulSettings,

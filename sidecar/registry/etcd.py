@@ -130,6 +130,8 @@ class EtcdRegistry:
     failures and puts it back, auth (user, password_file) and TLS; wiring.py refuses kind = "etcd" until then.
     """
 
+    unavailable_error: type[RegistryUnavailable] = EtcdUnavailable  # what a write refused by the drain raises
+
     def __init__(
         self, config: Config, clock: Clock, prober: Probe | None = None, log: FilteringBoundLogger | None = None
     ) -> None:

@@ -42,7 +42,20 @@ class Fenced:
 
 
 class WriteLedger:
-    def __init__(self, clock: Clock, request_timeout: float, late_window: float = LATE_WRITE_WINDOW) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        request_timeout: float,
+        late_window: float = LATE_WRITE_WINDOW,
+        fenced_error: type[RegistryUnavailable] | None = None,
+    ) -> None:
+        """``fenced_error``: what a write refused once fenced raises, the registry's own "unavailable"
+        (None: Consul's, the default registry; imported only then, so an etcd sidecar never loads it)."""
+        if fenced_error is None:
+            from .consul import ConsulUnavailable
+
+            fenced_error = ConsulUnavailable
+        self._fenced_error = fenced_error
         self._clock = clock
         self._window = request_timeout + late_window
         # True from the moment a registration write is sent (or one with our ID is found) until an
@@ -67,10 +80,11 @@ class WriteLedger:
     async def write(self, request: Coroutine[Any, Any, None]) -> None:
         """Send ``request`` (a registration write) in a task no cancellation of the caller can cut off.
 
-        Raises RegistryUnavailable (not applied) once the ledger is fenced; else what the request raises."""
+        Raises ``fenced_error`` (a RegistryUnavailable, not applied) once the ledger is fenced; else what
+        the request raises."""
         if self._fenced:
             request.close()
-            raise RegistryUnavailable("the sidecar is draining: no new registration", maybe_applied=False)
+            raise self._fenced_error("the sidecar is draining: no new registration", maybe_applied=False)
         before = self.attempted
         self.attempted = True  # maybe applied from now on
         task = asyncio.ensure_future(request)

@@ -12,11 +12,14 @@ from .exit_codes import EX_INTERRUPTED  # os and signal only: loaded before any 
 
 
 def entry() -> int:
-    if sys.argv[1:2] == ["run"]:
-        from .process.early_signals import hold
-
-        hold()  # a reload signal before run's own handlers exist must not end the sidecar
     try:
+        if sys.argv[1:2] == ["run"]:
+            from .process.early_signals import hold
+
+            # A reload signal before run's own handlers exist must not end the sidecar. Inside the try:
+            # a Ctrl-C that lands while hold() installs its handlers (signal.signal runs Python code
+            # after each one) is still Python's KeyboardInterrupt.
+            hold()
         from .cli import main
 
         return main()

@@ -9,6 +9,8 @@ from the current set of keys, reload the balancer. It runs as a process of its o
 - **Watch.** A linearizable range of the prefix through etcd's JSON gateway (``/v3/kv/range``) gives the set and
   its revision; a watch (``/v3/watch``, one streaming POST; etcd answers one JSON object a line) from revision + 1
   follows every put and delete. A broken stream, a cancelled or compacted watch: range and watch again.
+  A member that stops answering without closing the connection (frozen) is not noticed: the watch asks for no
+  progress notifications; this watcher is for tests and demos on loopback, not for production.
 - **Values** (the sidecar's ``format = "grpc"``, the etcd endpoints manager's JSON): ``{"Op":0,"Addr":"host:port",
   "Metadata":...}`` is a server ``host:port``; any other ``Op``, an ``Addr`` that is not ``host:port``, or a value
   that is not JSON is left out of the upstream (and logged once per key and revision).

@@ -111,6 +111,29 @@ def test_watcher_renders_reloads_after_the_lag_and_stops_on_signals(
         etcdctl(etcd.endpoint, "del", "--prefix", etcd_prefix)
 
 
+@pytest.mark.integration
+def test_watcher_follows_etcd_across_a_restart(tmp_path: Path, fresh_etcd: Etcd) -> None:
+    """etcd restarted under the watcher: the broken watch is logged (``watch.broken``), the watcher ranges and
+    watches again, and a key put after the restart reaches nginx's upstream. Red if a broken stream ended the
+    watcher or left it following nothing."""
+    nginx = UpstreamNginx(tmp_path / "nginx", free_port())
+    nginx.start()
+    try:
+        wait_for(nginx.pid_written, 10, 0.05, "nginx's pid file")
+        watcher = EtcdWatcher(tmp_path, fresh_etcd.endpoint, "services/web/", nginx.upstream, nginx.pid_file, 0.0)
+        watcher.start()
+        put(fresh_etcd.endpoint, "services/web/a", "127.0.0.2:8080")
+        watcher.wait_applied(["127.0.0.2:8080"])
+        fresh_etcd.restart()
+        watcher.wait_event(lambda e: e["event"] == "watch.broken", 30, "the broken watch")
+        put(fresh_etcd.endpoint, "services/web/b", "127.0.0.3:8080")
+        watcher.wait_applied(["127.0.0.2:8080", "127.0.0.3:8080"])
+        wait_for(lambda: "server 127.0.0.3:8080" in nginx.upstream.read_text(), 10, 0.05, "the upstream file")
+        assert watcher.stop() == 0
+    finally:
+        nginx.stop()
+
+
 def http_get_status(url: str) -> tuple[int, bytes]:
     import urllib.error
 

@@ -5,6 +5,8 @@ Per run: failed requests, p99 latency during the rollout and in steady state
 requests in every sidecar run, failures in every naive run.
 
 Usage: python bench/rollout.py [--runs 5] [--rate 300] [--replicas 3] [--propagation-delay 3s]
+                               [--registry consul|etcd] [--lag 1]
+--registry etcd: etcd, and nginx's upstream rendered from the prefix by testkit/etcd_watch.py --lag s late.
 Everything it starts is stopped at the end, also on Ctrl-C.
 """
 
@@ -20,12 +22,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.rollout.loadgen import summarize  # noqa: E402
-from examples.rollout.rollout import Cluster, RolloutResult, rollout  # noqa: E402
+from examples.rollout.rollout import Cluster, EtcdWatchCluster, RolloutCluster, RolloutResult, rollout  # noqa: E402
 from testkit import kill_all_started  # noqa: E402
 
 
 async def one(work: Path, naive: bool, args: argparse.Namespace) -> RolloutResult:
-    cluster = Cluster(work, propagation_delay=args.propagation_delay, log=lambda _: None)
+    cluster: RolloutCluster
+    if args.registry == "etcd":
+        cluster = EtcdWatchCluster(work, propagation_delay=args.propagation_delay, log=lambda _: None, lag=args.lag)
+    else:
+        cluster = Cluster(work, propagation_delay=args.propagation_delay, log=lambda _: None)
     try:
         cluster.start()
         return await rollout(cluster, naive, replicas=args.replicas, rate=args.rate, log=lambda _: None)
@@ -42,7 +48,9 @@ async def main_async(args: argparse.Namespace) -> list[RolloutResult]:
             s = summarize(r.records)
             print(
                 f"run {i + 1}/{args.runs} {r.mode:7}: {s.failed} failed of {s.requests}, "
-                f"rollout {r.rollout_seconds:.1f}s",
+                f"rollout {r.rollout_seconds:.1f}s"
+                + (" (" + ", ".join(f"{k} x{v}" for k, v in sorted(s.errors.items(), key=lambda kv: -kv[1])) + ")")
+                * bool(s.errors),
                 file=sys.stderr,
             )
             results.append(r)
@@ -55,15 +63,24 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=300.0)
     ap.add_argument("--replicas", type=int, default=3)
     ap.add_argument("--propagation-delay", default="3s")
+    ap.add_argument("--registry", choices=("consul", "etcd"), default="consul")
+    ap.add_argument("--lag", type=float, default=1.0, help="etcd: the watcher's delay in seconds (default 1)")
     args = ap.parse_args()
+    if not args.lag >= 0:
+        ap.error("--lag must be >= 0")
     try:
         results = asyncio.run(main_async(args))
     finally:
         kill_all_started()
 
+    follows = (
+        f"upstream rendered from etcd by the watcher, lag {args.lag:g}s"
+        if args.registry == "etcd"
+        else "Consul DNS, resolver valid=1s"
+    )
     print(
-        f"\nrollout benchmark: {args.runs} runs per mode, {args.replicas} instances v1 -> v2, "
-        f"{args.rate:g} requests/s through nginx (resolver valid=1s), propagation_delay {args.propagation_delay}"
+        f"\nrollout benchmark ({args.registry}): {args.runs} runs per mode, {args.replicas} instances v1 -> v2, "
+        f"{args.rate:g} requests/s through nginx ({follows}), propagation_delay {args.propagation_delay}"
     )
     print(
         f"{'mode':8} {'run':>3} {'requests':>9} {'failed':>7} {'p99 steady ms':>14} {'p99 rollout ms':>15} "

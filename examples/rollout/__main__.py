@@ -3,6 +3,10 @@
 By default it runs the rollout twice on fresh clusters: once with the sidecar's
 drain, once naive (SIGTERM straight to the app), and prints both side by side.
 Everything it starts is stopped at the end, also on failure, Ctrl-C or SIGTERM.
+
+--registry consul (the default): Consul, nginx following Consul DNS (resolver valid=1s).
+--registry etcd: etcd (registry.kind = "etcd"), nginx whose upstream a confd-like watcher
+(testkit/etcd_watch.py) renders from the etcd prefix and reloads --lag seconds after each change.
 """
 
 from __future__ import annotations
@@ -40,6 +44,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--naive", action="store_true", help="only the control: SIGTERM straight to the old apps")
     mode.add_argument("--sidecar-only", action="store_true", help="only the rollout with the sidecar's drain")
+    ap.add_argument(
+        "--registry",
+        choices=("consul", "etcd"),
+        default="consul",
+        help="where the instances register and what nginx follows (default consul)",
+    )
+    ap.add_argument(
+        "--lag",
+        type=float,
+        default=1.0,
+        help="etcd: seconds the watcher waits before applying a change to nginx, a consumer's horizon (default 1)",
+    )
     ap.add_argument("--replicas", type=int, default=3, help="instances of v1 to replace (default 3)")
     ap.add_argument("--rate", type=float, default=300.0, help="requests per second through nginx (default 300)")
     ap.add_argument(
@@ -55,7 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", type=Path, default=ROOT / "out", help="where the PNG timeline and the CSVs go (default out/)"
     )
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG timeline")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not args.lag >= 0:
+        ap.error(f"--lag must be a number of seconds >= 0, not {args.lag}")
+    return args
 
 
 def row(label: str, s: Summary, r: RolloutResult) -> str:
@@ -78,10 +97,18 @@ HEADER = (
 )
 
 
-def report(results: list[RolloutResult], out: Path, plot: bool, strategy: str = "fixed") -> None:
+def report(
+    results: list[RolloutResult],
+    out: Path,
+    plot: bool,
+    strategy: str = "fixed",
+    registry: str = "consul",
+    lag: float = 1.0,
+) -> None:
     from .loadgen import summarize, write_csv
 
     strategy_note = f" (strategy {strategy})" if strategy != "fixed" else ""
+    follows = f" following etcd (watcher, lag {lag:g}s)" if registry == "etcd" else ""
     print()
     print(HEADER)
     for r in results:
@@ -115,7 +142,10 @@ def report(results: list[RolloutResult], out: Path, plot: bool, strategy: str = 
                 )
             )
         plot_comparison(
-            panels, out / "rollout.png", f"rolling update v1 -> v2 behind nginx{strategy_note}", caption=NAIVE_CAPTION
+            panels,
+            out / "rollout.png",
+            f"rolling update v1 -> v2 behind nginx{follows}{strategy_note}",
+            caption=ETCD_CAPTION.format(lag=lag) if registry == "etcd" else NAIVE_CAPTION,
         )
     print(f"\nper-request records: {out}/rollout-*.csv" + (f"; timeline: {out}/rollout.png" if plot else ""))
 
@@ -128,15 +158,28 @@ NAIVE_CAPTION = (
 )
 
 
+ETCD_CAPTION = (
+    "Naive: the app gets SIGTERM while its key is still in etcd; its sidecar deletes the key only after the app "
+    "has gone. Failures go on after each stop because the watcher applies etcd's changes to nginx {lag:g}s late "
+    "(the consumer's horizon). With the sidecar, the app is signalled only after the confirmed delete and the delay."
+)
+
+
 async def run_modes(args: argparse.Namespace, work: Path) -> list[RolloutResult]:
-    from .rollout import Cluster, rollout
+    from .rollout import Cluster, EtcdWatchCluster, RolloutCluster, rollout
 
     modes = [True] if args.naive else [False] if args.sidecar_only else [False, True]
     results = []
     for naive in modes:
         mode = "naive" if naive else "sidecar"
         shutdown = {"strategy": "traffic", "propagation_delay": "30s"} if args.strategy == "traffic" else None
-        cluster = Cluster(work / mode, propagation_delay=args.propagation_delay, shutdown=shutdown)
+        cluster: RolloutCluster
+        if args.registry == "etcd":
+            cluster = EtcdWatchCluster(
+                work / mode, propagation_delay=args.propagation_delay, shutdown=shutdown, lag=args.lag
+            )
+        else:
+            cluster = Cluster(work / mode, propagation_delay=args.propagation_delay, shutdown=shutdown)
         try:
             cluster.start()
             results.append(await rollout(cluster, naive, replicas=args.replicas, rate=args.rate))
@@ -163,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         left = leftovers()
         if left:
             print(f"warning: processes still alive: {left}", file=sys.stderr)
-    report(results, args.out, plot=not args.no_plot, strategy=args.strategy)
+    report(results, args.out, plot=not args.no_plot, strategy=args.strategy, registry=args.registry, lag=args.lag)
     print(f"demo took {time.monotonic() - t:.0f}s")
     # An overloaded host makes healthy instances miss their 1 s checks (Consul then marks them
-    # critical and DNS answers NXDOMAIN): failures in *both* runs then say nothing about the sidecar.
+    # critical and DNS answers NXDOMAIN; with etcd the sidecar deletes the key): failures in *both*
+    # runs then say nothing about the sidecar.
     load = os.getloadavg()[0]
     cores = os.cpu_count() or 1
     if load > 2 * cores:

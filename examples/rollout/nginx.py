@@ -1,8 +1,10 @@
-"""nginx in front of the instances, following Consul DNS the way operators run it.
+"""nginx in front of the instances, following Consul DNS or etcd the way operators run it.
 
-``resolver ... valid=1s``: nginx re-resolves ``web.service.consul`` at most once a
+``Nginx`` (Consul): ``resolver ... valid=1s``: nginx re-resolves ``web.service.consul`` at most once a
 second, so an instance that leaves Consul stops getting new requests within
-about two seconds. ``proxy_next_upstream off``: nginx must not retry a failed
+about two seconds. ``UpstreamNginx`` (etcd): an ``upstream`` block that includes a file rendered
+by testkit/etcd_watch.py (confd-like: watch the prefix, render, reload nginx).
+Both: ``proxy_next_upstream off``: nginx must not retry a failed
 request on another instance, which would hide exactly the failures we count.
 """
 
@@ -41,6 +43,40 @@ http {{
             # A variable in proxy_pass makes nginx resolve at request time (through the resolver above).
             set $backend {service}.service.consul;
             proxy_pass http://$backend:{app_port};
+            # Never retry on another instance: a failed request must show as failed.
+            proxy_next_upstream off;
+            proxy_connect_timeout 1s;
+            proxy_read_timeout 30s;
+        }}
+    }}
+}}
+"""
+
+
+UPSTREAM_CONF = """\
+worker_processes 1;
+daemon off;
+master_process on;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+
+    # The servers come from etcd: testkit/etcd_watch.py renders this file and reloads nginx (SIGHUP).
+    upstream {service} {{
+        include {upstream};
+    }}
+
+    server {{
+        listen {listen_host}:{listen_port};
+        location / {{
+            proxy_pass http://{service};
             # Never retry on another instance: a failed request must show as failed.
             proxy_next_upstream off;
             proxy_connect_timeout 1s;
@@ -112,3 +148,33 @@ class Nginx:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
+
+
+class UpstreamNginx(Nginx):
+    """nginx whose upstream ``service`` is the file ``upstream`` (``prefix/upstream.conf``), rendered from etcd by
+    testkit/etcd_watch.py; until the watcher's first render it holds the ``down`` placeholder (502 at once)."""
+
+    def __init__(self, prefix: Path, listen_port: int, service: str = "web") -> None:
+        from testkit.etcd_watch import render as render_upstream
+
+        self.prefix = prefix
+        self.listen_port = listen_port
+        (prefix / "tmp").mkdir(parents=True, exist_ok=True)
+        self.upstream = prefix / "upstream.conf"
+        self.upstream.write_text(render_upstream([], "(not rendered yet)"))
+        self.pid_file = prefix / "nginx.pid"
+        self.conf = prefix / "nginx.conf"
+        self.conf.write_text(
+            UPSTREAM_CONF.format(
+                prefix=prefix, upstream=self.upstream, listen_host="127.0.0.1", listen_port=listen_port, service=service
+            )
+        )
+        self.proc = None
+
+    def pid_written(self) -> bool:
+        """nginx's master has written its pid file (the watcher's SIGHUP needs it)."""
+        assert self.proc is not None
+        try:
+            return self.pid_file.read_text().split()[0] == str(self.proc.pid)
+        except (OSError, IndexError):
+            return False

@@ -238,7 +238,7 @@ def plot_timeline(
 
 # Mark kinds: colour, line style, legend text.
 MARK_STYLES: dict[str, tuple[str, str, str]] = {
-    "passing": ("#9467bd", "-", "new instance passing in Consul"),
+    "passing": ("#9467bd", "-", "new instance passing in the registry"),
     "stop": ("#333333", ":", "stop sent to the old container/instance"),
     "deregistered": ("#1f77b4", "--", "deregistration confirmed"),
     "signalled": ("#ff7f0e", "-.", "app signalled (SIGTERM)"),

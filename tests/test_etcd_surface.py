@@ -1,0 +1,161 @@
+"""What an operator reads of a sidecar with ``registry.kind = "etcd"``: /ready, /status and /metrics, the
+``wait``, ``check-config`` and ``maint`` commands, and the traffic strategy's catalog step.
+
+Real sidecars (testkit's ``Sidecar``) with real apps against real etcd members; what the sidecar says is
+cross-checked with ``etcdctl``. Tests on the shared member write under their own ``etcd_prefix``; those
+that freeze etcd have a member of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testkit.etcd import Etcd, get_prefix, lease_ttl
+from testkit.procs import Sidecar, app_command, free_port, http_get, wait_for
+
+pytestmark = [pytest.mark.integration]
+
+CONSUL_ONLY_FAMILIES = (
+    "consul_sidecar_consul_reachable",
+    "consul_sidecar_consul_request_errors_total",
+    "consul_sidecar_maintenance",
+)
+
+
+def etcd_config(url: str, prefix: str, port: int, name: str, **over: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    cfg: dict[str, dict[str, Any]] = {
+        "registry": {"kind": "etcd"},
+        "etcd": {"endpoints": [url], "prefix": prefix, "lease_ttl": "3s", "timeout": "1s"},
+        "service": {"name": name, "id": f"{name}-{port}", "address": "127.0.0.1", "port": port},
+        "check": {"interval": "1s", "timeout": "500ms"},
+        "shutdown": {"propagation_delay": "1s", "deregister_timeout": "3s", "app_timeout": "5s"},
+    }
+    for section, values in over.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def get_json(sc: Sidecar, path: str) -> tuple[int, dict[str, Any]]:
+    code, body = http_get(sc.status_url() + path, timeout=5)
+    return code, json.loads(body)
+
+
+def families(sc: Sidecar) -> dict[str, str]:
+    """/metrics as {sample name with labels: value}, with a ``# TYPE`` line required for each family."""
+    code, body = http_get(sc.status_url() + "/metrics", timeout=5)
+    assert code == 200
+    text = body.decode()
+    types = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            assert name.split("{")[0] in types, line
+            out[name] = value
+    return out
+
+
+def post(url: str) -> None:
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5).read()
+
+
+# --- /status, /metrics, /ready ---------------------------------------------------------------------------
+
+
+def test_status_and_metrics_show_the_key_and_lease_etcdctl_sees(tmp_path: Path, etcd: Etcd, etcd_prefix: str) -> None:
+    """1. Registered: /status's ``registry`` names kind etcd, the key and the lease that etcdctl shows the key
+    on (hex), lease_ttl 3 s, etcd reachable, no keepalive failure; Consul's ``consul_reachable`` and
+    ``maintenance`` are not there. 2. /metrics has consul_sidecar_etcd_reachable 1,
+    consul_sidecar_etcd_keepalive_failures_total 0 and etcd_key_withheld 0, and none of Consul's own families.
+    Red if /status or /metrics spoke of Consul with etcd, or named a key or lease etcd does not hold."""
+    port = free_port()
+    sc = Sidecar(tmp_path, etcd_config(etcd.endpoint, etcd_prefix, port, "surf"), app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    key = f"{etcd_prefix}surf/surf-{port}"
+    [(value, lease)] = get_prefix(etcd.endpoint, key).values()
+    assert json.loads(value)["Addr"] == f"127.0.0.1:{port}"
+
+    code, doc = get_json(sc, "/status")
+    assert code == 200
+    reg = doc["registry"]
+    assert reg["kind"] == "etcd" and reg["reachable"] is True and reg["endpoint"] == etcd.endpoint
+    assert reg["key"] == key and reg["lease_id"] == format(lease, "x") and reg["lease_ttl_s"] == 3
+    assert 0 < lease_ttl(etcd.endpoint, int(reg["lease_id"], 16)) <= 3
+    assert reg["key_withheld"] is False and reg["keepalive_failures"] == 0
+    assert not {"consul_reachable", "maintenance", "maintenance_reason"} & set(doc), doc
+
+    m = families(sc)
+    assert m["consul_sidecar_etcd_reachable"] == "1"
+    assert m["consul_sidecar_etcd_keepalive_failures_total"] == "0"
+    assert m["consul_sidecar_etcd_key_withheld"] == "0"
+    assert m["consul_sidecar_registrations_total"] == "1"
+    assert not [n for n in m if n.split("{")[0] in CONSUL_ONLY_FAMILIES], m
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0, sc.tail()
+    assert get_prefix(etcd.endpoint, key) == {}
+
+
+def test_ready_follows_the_key_and_the_drain(tmp_path: Path, etcd: Etcd, etcd_prefix: str) -> None:
+    """1. Registered: /ready 200 "registered". 2. The app's check fails: etcdctl sees the key deleted, /ready
+    answers 503 "check critical" and /metrics' etcd_key_withheld is 1. 3. The check passes again: the key is
+    back and /ready 200. 4. SIGTERM with a 4 s propagation delay: once etcdctl sees the key gone, /ready
+    answers 503 "draining". Red if /ready judged by the lifecycle's state alone (it said 200 while the key
+    was deleted, as before this change)."""
+    port = free_port()
+    cfg = etcd_config(etcd.endpoint, etcd_prefix, port, "ready", shutdown={"propagation_delay": "4s"})
+    sc = Sidecar(tmp_path, cfg, app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    prefix = f"{etcd_prefix}ready/"
+    assert get_json(sc, "/ready") == (200, {"ready": True, "reason": "registered"})
+
+    post(f"http://127.0.0.1:{port}/health?status=500")
+    wait_for(lambda: get_prefix(etcd.endpoint, prefix) == {}, 10, 0.1, "key deleted while the check fails")
+    code, doc = wait_for(lambda: r if (r := get_json(sc, "/ready"))[0] == 503 else None, 5, 0.2, "503")
+    assert doc["reason"] == "check critical" and "deleted" in doc["detail"], doc
+    assert families(sc)["consul_sidecar_etcd_key_withheld"] == "1"
+
+    post(f"http://127.0.0.1:{port}/health?status=auto")
+    wait_for(lambda: get_prefix(etcd.endpoint, prefix) != {}, 10, 0.1, "key back")
+    wait_for(lambda: get_json(sc, "/ready")[0] == 200, 5, 0.2, "ready again")
+
+    sc.send(signal.SIGTERM)
+    wait_for(lambda: get_prefix(etcd.endpoint, prefix) == {}, 10, 0.05, "key deleted by the drain")
+    assert get_json(sc, "/ready") == (503, {"ready": False, "reason": "draining"})
+    assert sc.wait() == 0, sc.tail()
+
+
+def test_a_failing_keepalive_is_counted_and_the_registration_re_established(tmp_path: Path, fresh_etcd: Etcd) -> None:
+    """etcd frozen (SIGSTOP) past a keepalive: /ready says 503 "etcd unreachable", /metrics'
+    consul_sidecar_etcd_keepalive_failures_total and /status's keepalive_failures rise to at least 1. Thawed:
+    the key is there again (etcdctl) on a live lease, /ready 200, and the counter keeps its count.
+    Red if keepalive failures were not counted in /metrics, or /ready still said 200 with etcd frozen."""
+    port = free_port()
+    url = fresh_etcd.endpoint
+    sc = Sidecar(tmp_path, etcd_config(url, "services", port, "keep"), app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    assert fresh_etcd.proc is not None
+    import os
+
+    os.killpg(fresh_etcd.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: int(families(sc)["consul_sidecar_etcd_keepalive_failures_total"]) >= 1, 15, 0.2, "counted")
+        code, doc = wait_for(lambda: r if (r := get_json(sc, "/ready"))[0] == 503 else None, 10, 0.2, "503")
+        assert doc["reason"] == "etcd unreachable", doc
+    finally:
+        os.killpg(fresh_etcd.proc.pid, signal.SIGCONT)
+    wait_for(lambda: get_prefix(url, "services/keep/") != {}, 20, 0.1, "key there after the thaw")
+    wait_for(lambda: get_json(sc, "/ready")[0] == 200, 20, 0.2, "ready after the thaw")
+    [(_, lease)] = get_prefix(url, "services/keep/").values()
+    assert lease_ttl(url, lease) > 0
+    failures = int(families(sc)["consul_sidecar_etcd_keepalive_failures_total"])
+    assert failures >= 1 and get_json(sc, "/status")[1]["registry"]["keepalive_failures"] == failures
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0, sc.tail()

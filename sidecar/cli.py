@@ -341,10 +341,12 @@ def _traffic_view_here(config: Config) -> dict[str, Any]:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_consul_settings
+    from .config import ConfigError, load_consul_settings, load_etcd_settings
     from .durations import format_duration, parse_duration
     from .registry import wait
-    from .registry.consul import BlockingHealth
+
+    if TYPE_CHECKING:
+        from .registry.consul import BlockingHealth
 
     if (args.passing or args.gone) and not args.id:
         return _fail(["wait: --passing and --gone need --id ID"], EX_BAD_COMMAND_LINE)
@@ -355,9 +357,18 @@ def _wait(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail([f"wait: --timeout: {e}"], EX_BAD_COMMAND_LINE)
     try:
-        settings = load_consul_settings(args.config, os.environ, args.consul_address)
+        etcd = load_etcd_settings(args.config, os.environ) if args.config is not None else None
+        settings = None if etcd is not None else load_consul_settings(args.config, os.environ, args.consul_address)
     except ConfigError as e:
         return _fail(e.problems, EX_CONFIG)
+    if etcd is not None and args.consul_address is not None:
+        return _fail(
+            [f'wait: --http-addr is the Consul agent\'s; {args.config} has registry.kind = "etcd" (etcd.endpoints)'],
+            EX_BAD_COMMAND_LINE,
+        )
+    if etcd is not None and (etcd.ca_file or etcd.cert_file or etcd.user):
+        key = "ca_file" if etcd.ca_file else "cert_file" if etcd.cert_file else "user"
+        return _fail([f"{args.config}: etcd.{key}: wait does not support etcd TLS and auth yet"], EX_CONFIG)
     if args.passing:
         cond = wait.instance_passing(args.service, args.id)
     elif args.gone:
@@ -365,13 +376,19 @@ def _wait(args: argparse.Namespace) -> int:
     else:
         cond = wait.min_passing(args.service, args.min_passing)
 
-    print(
-        f"waiting for {cond.description} (Consul {settings.address}, timeout {format_duration(timeout)})",
-        file=sys.stderr,
-    )
-    agent = BlockingHealth(settings)
+    agent: BlockingHealth | wait.EtcdHealth
+    if etcd is not None:
+        agent, registry = wait.EtcdHealth(etcd), "etcd"
+        where = f"etcd {agent.address}, keys under {wait.service_prefix(etcd, args.service)}"
+    else:
+        from .registry.consul import BlockingHealth
+
+        assert settings is not None
+        agent, registry = BlockingHealth(settings), "Consul"
+        where = f"Consul {settings.address}"
+    print(f"waiting for {cond.description} ({where}, timeout {format_duration(timeout)})", file=sys.stderr)
     try:
-        result = wait.wait_for_condition(agent, args.service, cond, timeout, wait.SystemWaitClock())
+        result = wait.wait_for_condition(agent, args.service, cond, timeout, wait.SystemWaitClock(), registry)
     except KeyboardInterrupt:
         return EX_INTERRUPTED
     finally:

@@ -9,15 +9,18 @@ that freeze etcd have a member of their own.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from testkit.etcd import Etcd, get_prefix, lease_ttl
-from testkit.procs import Sidecar, app_command, free_port, http_get, wait_for
+from testkit.etcd import Etcd, etcdctl, get_prefix, lease_ttl
+from testkit.procs import PY, ROOT, Sidecar, app_command, free_port, http_get, wait_for, write_config
 
 pytestmark = [pytest.mark.integration]
 
@@ -142,8 +145,6 @@ def test_a_failing_keepalive_is_counted_and_the_registration_re_established(tmp_
     sc = Sidecar(tmp_path, etcd_config(url, "services", port, "keep"), app_command(port))
     sc.wait_event("sidecar.consul.registered")
     assert fresh_etcd.proc is not None
-    import os
-
     os.killpg(fresh_etcd.proc.pid, signal.SIGSTOP)
     try:
         wait_for(lambda: int(families(sc)["consul_sidecar_etcd_keepalive_failures_total"]) >= 1, 15, 0.2, "counted")
@@ -159,3 +160,106 @@ def test_a_failing_keepalive_is_counted_and_the_registration_re_established(tmp_
     assert failures >= 1 and get_json(sc, "/status")[1]["registry"]["keepalive_failures"] == failures
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0, sc.tail()
+
+
+# --- consul-sidecar wait ------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "ETCDCTL_"))}
+    return subprocess.run(
+        [PY, "-m", "sidecar", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
+    )
+
+
+def test_wait_counts_the_passing_instances_under_the_prefix(tmp_path: Path, etcd: Etcd, etcd_prefix: str) -> None:
+    """1. Two sidecars register "waitweb" under the test's prefix (etcdctl sees two keys): ``wait -c FILE
+    --service waitweb --min-passing 2`` exits 0 and says "2 passing". 2. One drains (SIGTERM, its key gone):
+    ``--min-passing 2 --timeout 2s`` exits 1 after about 2 s, one line saying it timed out with 1 passing;
+    ``--id <its ID> --gone`` exits 0, ``--id <the other> --passing`` exits 0. Red if wait read Consul with an
+    etcd file (no agent here: it would time out in step 1), or counted keys of another service."""
+    cfg = write_config(tmp_path / "wait.toml", etcd_config(etcd.endpoint, etcd_prefix, 1, "waitweb"))
+    decoy = etcd_prefix + "waitwebx/other"  # another service whose name starts alike: not counted
+    etcdctl(etcd.endpoint, "put", decoy, "{}")
+    ports = [free_port(), free_port()]
+    sidecars = [Sidecar(tmp_path, etcd_config(etcd.endpoint, etcd_prefix, p, "waitweb"), app_command(p)) for p in ports]
+    done = run_cli("wait", "-c", str(cfg), "--service", "waitweb", "--min-passing", "2", "--timeout", "60s")
+    assert done.returncode == 0, done.stderr
+    assert "at least 2 passing instance(s) of waitweb" in done.stdout and "(2 passing of 2 registered)" in done.stdout
+    assert len(get_prefix(etcd.endpoint, etcd_prefix + "waitweb/")) == 2
+
+    sidecars[0].send(signal.SIGTERM)
+    assert sidecars[0].wait() == 0, sidecars[0].tail()
+    assert len(get_prefix(etcd.endpoint, etcd_prefix + "waitweb/")) == 1
+    t = time.monotonic()
+    done = run_cli("wait", "-c", str(cfg), "--service", "waitweb", "--min-passing", "2", "--timeout", "2s")
+    assert done.returncode == 1 and 2 <= time.monotonic() - t < 20, done
+    [line] = done.stderr.strip().splitlines()[1:]
+    assert "timed out after 2." in line and "last seen: 1 passing of 1 registered" in line, line
+    gone = run_cli("wait", "-c", str(cfg), "--service", "waitweb", "--id", f"waitweb-{ports[0]}", "--gone")
+    assert gone.returncode == 0, gone.stderr
+    passing = run_cli("wait", "-c", str(cfg), "--service", "waitweb", "--id", f"waitweb-{ports[1]}", "--passing")
+    assert passing.returncode == 0 and f"waitweb-{ports[1]} is registered" in passing.stdout, passing
+    sidecars[1].send(signal.SIGTERM)
+    assert sidecars[1].wait() == 0, sidecars[1].tail()
+
+
+def test_wait_returns_as_the_instance_registers(tmp_path: Path, etcd: Etcd, etcd_prefix: str) -> None:
+    """``wait --id ID --passing`` started before the sidecar returns 0 once the key is put, within a
+    second of etcdctl seeing it (the poll is 100 ms). Red if it read once and never again."""
+    port = free_port()
+    cfg = etcd_config(etcd.endpoint, etcd_prefix, port, "late")
+    path = write_config(tmp_path / "wait.toml", cfg)
+    argv = [PY, "-m", "sidecar", "wait", "-c", str(path), "--service", "late", "--id", f"late-{port}", "--passing"]
+    waiter = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sc = Sidecar(tmp_path, cfg, app_command(port))
+        wait_for(lambda: get_prefix(etcd.endpoint, etcd_prefix + "late/") != {}, 60, 0.02, "key put")
+        seen = time.monotonic()
+        out, err = waiter.communicate(timeout=30)
+        assert waiter.returncode == 0, err
+        assert time.monotonic() - seen < 1.5
+        sc.send(signal.SIGTERM)
+        assert sc.wait() == 0, sc.tail()
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+
+
+def test_wait_with_etcd_loads_neither_asyncio_nor_aiohttp(tmp_path: Path, etcd: Etcd, etcd_prefix: str) -> None:
+    """As Consul's wait (tests/test_cli_imports.py): the etcd wait runs on http.client; sys.modules at exit has
+    no asyncio, aiohttp, structlog, the etcd adapter or the Consul client. Red if it went through the
+    adapter (aiohttp) to read etcd."""
+    cfg = write_config(tmp_path / "wait.toml", etcd_config(etcd.endpoint, etcd_prefix, 1, "imports"))
+    out = tmp_path / "modules.json"
+    probe = (
+        "import atexit, json, os, sys\n"
+        "atexit.register(lambda: open(os.environ['MODULES_OUT'], 'w').write(json.dumps(sorted(sys.modules))))\n"
+        "from sidecar.__main__ import entry\n"
+        "sys.exit(entry())\n"
+    )
+    args = ["wait", "-c", str(cfg), "--service", "imports", "--id", "x", "--gone", "--timeout", "5s"]
+    done = subprocess.run(
+        [PY, "-c", probe, *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "MODULES_OUT": str(out)}
+    )
+    assert done.returncode == 0, done.stderr
+    modules = set(json.loads(out.read_text()))
+    heavy = {"asyncio", "aiohttp", "structlog", "sidecar.registry.etcd", "sidecar.registry.consul", "consul"}
+    assert sorted(modules & heavy) == []
+    assert "sidecar.registry.wait" in modules
+
+
+@pytest.mark.parametrize("fmt", ["grpc", "skydns"])
+def test_wait_looks_under_the_prefix_the_sidecar_writes(tmp_path: Path, fmt: str) -> None:
+    """Pure: wait's service prefix is the adapter's key less the instance ID, in both formats. Red if the
+    two layouts drifted apart (wait would count nothing)."""
+    from sidecar.config import load_config
+    from sidecar.registry.etcd import etcd_key
+    from sidecar.registry.wait import service_prefix
+
+    extra = {"format": fmt, "dns_domain": "svc.example.org"} if fmt == "skydns" else {"prefix": "/p/q/"}
+    cfg = etcd_config("http://127.0.0.1:2379", "services", 80, "web")
+    cfg["etcd"] |= extra
+    config = load_config(write_config(tmp_path / "c.toml", cfg), {})
+    assert etcd_key(config) == service_prefix(config.etcd, "web") + "web-80"

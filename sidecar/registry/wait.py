@@ -1,20 +1,41 @@
-"""``consul-sidecar wait``: block until Consul shows a condition, for deploy scripts.
+"""``consul-sidecar wait``: block until the registry shows a condition, for deploy scripts.
 
-It follows ``/v1/health/service/<name>`` with blocking queries, so it answers
+Consul: it follows ``/v1/health/service/<name>`` with blocking queries, so it answers
 within milliseconds of the change and costs nothing while it waits. One query at
 a time, nothing concurrent: it runs on the Consul client's blocking transport,
 without asyncio or aiohttp, whose import alone would be most of its run time.
+
+etcd (``-c FILE`` with ``registry.kind = "etcd"``): ``EtcdHealth`` reads the keys under
+``<prefix>/<service>/`` (skydns: ``/skydns/<reversed domain>/<service>/``) by a linearizable range over
+etcd's JSON gateway with ``http.client``, every ``POLL`` seconds. A key exists only while its instance's
+check passes, so each key is a passing instance. Same conditions, messages and exit statuses as Consul's.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..durations import format_duration
-from .consul import BlockingHealth, ConsulPermissionDenied, ConsulRejected, ConsulUnavailable
+from .base import RegistryPermissionDenied, RegistryRejected, RegistryUnavailable
+
+if TYPE_CHECKING:
+    from ..config import EtcdSettings
+
+POLL = 0.1  # seconds between two reads of etcd's keys
+
+
+class HealthSource(Protocol):
+    """What the wait reads: consul.BlockingHealth, or EtcdHealth below."""
+
+    def health_service(
+        self, name: str, index: str | None = None, wait: str | None = None, *, cutoff: float | None = None
+    ) -> tuple[str, list[dict[str, Any]]]: ...
 
 
 class WaitClock(Protocol):
@@ -52,6 +73,8 @@ def instance_passing(service: str, sid: str) -> Condition:
         mine = [e for e in entries if e["Service"]["ID"] == sid]
         if not mine:
             return f"{sid} is not registered"
+        if not mine[0].get("Checks"):
+            return f"{sid} is registered" + (f" (key {mine[0]['Key']})" if "Key" in mine[0] else "")
         return f"{sid} checks: " + ", ".join(f"{c.get('CheckID')}={c.get('Status')}" for c in mine[0].get("Checks", []))
 
     return Condition(f"{service} instance {sid} passing", holds, seen)
@@ -86,12 +109,12 @@ class WaitResult:
 
 
 def wait_for_condition(
-    agent: BlockingHealth, service: str, cond: Condition, timeout: float, clock: WaitClock
+    agent: HealthSource, service: str, cond: Condition, timeout: float, clock: WaitClock, registry: str = "Consul"
 ) -> WaitResult:
     t0 = clock.monotonic()
     deadline = t0 + timeout
     index: str | None = None
-    last_seen = "no answer from Consul yet"
+    last_seen = f"no answer from {registry} yet"
     error: str | None = None
     while True:
         remaining = deadline - clock.monotonic()
@@ -108,9 +131,9 @@ def wait_for_condition(
             error = None
         except TimeoutError:
             continue  # a blocking query still open at our deadline: the condition did not come true
-        except (ConsulPermissionDenied, ConsulRejected) as e:
+        except (RegistryPermissionDenied, RegistryRejected) as e:
             return WaitResult(False, clock.monotonic() - t0, last_seen, str(e))
-        except ConsulUnavailable as e:
+        except RegistryUnavailable as e:
             error = str(e)
             clock.sleep(min(0.5, max(0.0, deadline - clock.monotonic())))
             continue
@@ -122,3 +145,106 @@ def wait_for_condition(
         if index == "0":
             index = None
             clock.sleep(0.05)
+
+
+# --- etcd ------------------------------------------------------------------------------------------------
+
+
+def service_prefix(settings: EtcdSettings, service: str) -> str:
+    """The prefix under which every instance of ``service`` has its key (registry/etcd.py's etcd_key, less
+    the ID; tests/test_etcd_surface.py holds the two together)."""
+    from ..config import EtcdFormat
+
+    if settings.format is EtcdFormat.SKYDNS:
+        labels = [label for label in reversed(settings.dns_domain.rstrip(".").split(".")) if label]
+        return "/skydns/" + "/".join([*labels, service]) + "/"
+    return f"{settings.prefix.rstrip('/')}/{service}/"
+
+
+def _range_end(prefix: bytes) -> bytes:
+    """etcd's end of a prefix range: the prefix with its last byte incremented."""
+    end = bytearray(prefix)
+    while end and end[-1] == 0xFF:
+        end.pop()
+    if not end:
+        return b"\0"
+    end[-1] += 1
+    return bytes(end)
+
+
+class EtcdHealth:
+    """``wait``'s reads of etcd: each instance's key under the service's prefix, in the shape the conditions
+    read (``{"Service": {"ID": ...}, "Key": ..., "Checks": []}``: no check fails, the key's existence is the
+    check). The first read at once, then one every ``POLL``; the index is etcd's revision."""
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        self._settings = settings
+        self._endpoints = list(settings.endpoints)
+        self.address = ", ".join(self._endpoints)
+
+    def health_service(
+        self, name: str, index: str | None = None, wait: str | None = None, *, cutoff: float | None = None
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """Raises TimeoutError when ``cutoff`` (monotonic) comes before an answer."""
+        if index is not None:
+            pause = POLL if cutoff is None else min(POLL, cutoff - time.monotonic())
+            if pause > 0:
+                time.sleep(pause)
+        prefix = service_prefix(self._settings, name)
+        body = {
+            "key": base64.b64encode(prefix.encode()).decode(),
+            "range_end": base64.b64encode(_range_end(prefix.encode())).decode(),
+        }
+        answer = self._post("/v3/kv/range", body, cutoff)
+        entries = []
+        for kv in answer.get("kvs") or []:
+            key = base64.b64decode(kv.get("key") or "").decode(errors="replace")
+            entries.append({"Service": {"ID": key[len(prefix) :]}, "Key": key, "Checks": []})
+        return str((answer.get("header") or {}).get("revision") or "0"), entries
+
+    def _post(self, path: str, body: dict[str, Any], cutoff: float | None) -> dict[str, Any]:
+        import http.client
+
+        last: Exception | None = None
+        for endpoint in self._endpoints:
+            limit = self._settings.timeout
+            if cutoff is not None:
+                limit = min(limit, cutoff - time.monotonic())
+                if limit <= 0:
+                    raise TimeoutError
+            u = urllib.parse.urlsplit(endpoint)
+            conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 2379, timeout=limit)
+            try:
+                try:
+                    conn.connect()
+                except (ConnectionRefusedError, OSError) as e:
+                    last = e  # never sent: the next member may answer
+                    continue
+                try:
+                    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+                    resp = conn.getresponse()
+                    raw, status = resp.read(), resp.status
+                except TimeoutError:
+                    if cutoff is not None and time.monotonic() >= cutoff:
+                        raise
+                    raise RegistryUnavailable(f"POST {path}: no answer from {endpoint} within {limit:g}s") from None
+                except (http.client.HTTPException, OSError) as e:
+                    raise RegistryUnavailable(f"POST {path}: {endpoint}: {e.__class__.__name__}: {e}") from None
+            finally:
+                conn.close()
+            self.address = endpoint
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                raise RegistryUnavailable(f"POST {path}: {endpoint} (HTTP {status}): not etcd's JSON gateway") from None
+            if status == 200 and isinstance(doc, dict) and "error" not in doc:
+                return doc
+            message = str(doc.get("message") or doc.get("error") or "") if isinstance(doc, dict) else ""
+            code = doc.get("code") if isinstance(doc, dict) else None
+            if code in (7, 16) or "permission denied" in message or "authentication" in message:
+                raise RegistryPermissionDenied(f"POST {path}: {endpoint}: {message or status}")
+            raise RegistryUnavailable(f"POST {path}: {endpoint}: {message or f'HTTP {status}'}")
+        raise RegistryUnavailable(f"POST {path}: no etcd member reachable ({self.address}): {last}", False)
+
+    def close(self) -> None:
+        pass  # one connection per read, closed after it

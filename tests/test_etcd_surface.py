@@ -263,3 +263,55 @@ def test_wait_looks_under_the_prefix_the_sidecar_writes(tmp_path: Path, fmt: str
     cfg["etcd"] |= extra
     config = load_config(write_config(tmp_path / "c.toml", cfg), {})
     assert etcd_key(config) == service_prefix(config.etcd, "web") + "web-80"
+
+
+# --- check-config and maint ---------------------------------------------------------------------------------
+
+
+def test_check_config_prints_the_etcd_settings_and_key_never_the_password(tmp_path: Path) -> None:
+    """``check-config`` with an etcd file (auth set, the password in a file): exit 0; the JSON has the
+    endpoints, prefix, format, lease_ttl, the key it would write (prefix/name/id) and its value, the check it
+    runs itself; not Consul's section or service definition; the password's text is nowhere in the output;
+    one stderr line gives the lease and keepalive period. With skydns the key is the reversed domain's.
+    Red if check-config printed Consul's registration for etcd, or the password."""
+    secret = "pw-" + os.urandom(8).hex()
+    (tmp_path / "pw").write_text(secret)
+    cfg = etcd_config("http://127.0.0.1:2379", "/svc", 8080, "web")
+    cfg["etcd"] |= {"user": "web", "password_file": str(tmp_path / "pw"), "lease_ttl": "6s"}
+    done = run_cli("check-config", "-c", str(write_config(tmp_path / "c.toml", cfg)))
+    assert done.returncode == 0, done.stderr
+    assert secret not in done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert "consul" not in doc and "registration" not in doc, list(doc)
+    etcd = doc["etcd"]
+    assert etcd["endpoints"] == ["http://127.0.0.1:2379"] and etcd["prefix"] == "/svc" and etcd["format"] == "grpc"
+    assert etcd["lease_ttl"] == "6s" and etcd["user"] == "web" and etcd["password_file"] == str(tmp_path / "pw")
+    assert etcd["key"] == "/svc/web/web-8080" and etcd["value"]["Addr"] == "127.0.0.1:8080"
+    assert doc["registry"] == {"kind": "etcd"} and doc["check"]["interval"] == "1s"
+    assert "etcd: the key lives on a lease of 6s, kept alive every 2s" in done.stderr, done.stderr
+
+    cfg["etcd"] |= {"format": "skydns", "dns_domain": "svc.example.org"}
+    done = run_cli("check-config", "-c", str(write_config(tmp_path / "s.toml", cfg)))
+    assert done.returncode == 0, done.stderr
+    skydns = json.loads(done.stdout)["etcd"]
+    assert skydns["key"] == "/skydns/org/example/svc/web/web-8080"
+    assert skydns["value"]["host"] == "127.0.0.1" and skydns["value"]["port"] == 8080
+
+
+@pytest.mark.parametrize("how", [["--enable", "--reason", "disk swap"], ["--disable"]])
+def test_maint_with_etcd_is_one_line_and_exit_78(tmp_path: Path, etcd: Etcd, etcd_prefix: str, how: list[str]) -> None:
+    """``maint`` with an etcd file, the instance registered: exit 78, one line on stderr saying maintenance mode
+    is Consul's, nothing on stdout, no traceback, and the key untouched (etcdctl: same value, same lease).
+    Red if maint tried Consul (exit 69/67 and another message) or changed the key."""
+    port = free_port()
+    cfg = etcd_config(etcd.endpoint, etcd_prefix, port, "maint")
+    sc = Sidecar(tmp_path, cfg, app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    before = get_prefix(etcd.endpoint, etcd_prefix + "maint/")
+    done = run_cli("maint", "-c", str(sc.config_path), *how)
+    assert done.returncode == 78 and done.stdout == "", done
+    [line] = done.stderr.splitlines()
+    assert "maintenance mode is Consul's" in line and 'registry.kind = "etcd"' in line, line
+    assert get_prefix(etcd.endpoint, etcd_prefix + "maint/") == before != {}
+    sc.send(signal.SIGTERM)
+    assert sc.wait() == 0, sc.tail()

@@ -236,7 +236,7 @@ def _check_config(config: Config) -> int:
     shutdown = effective(config, "shutdown")
     if sd.strategy is Strategy.TRAFFIC:
         shutdown |= {
-            "dns_name": sd.dns_name or f"{config.service.name}.service.consul",
+            "dns_name": config.dns_query_name,
             "traffic_view_here": _traffic_view_here(config),
         }
     doc: dict[str, Any] = {

@@ -315,3 +315,138 @@ def test_maint_with_etcd_is_one_line_and_exit_78(tmp_path: Path, etcd: Etcd, etc
     assert get_prefix(etcd.endpoint, etcd_prefix + "maint/") == before != {}
     sc.send(signal.SIGTERM)
     assert sc.wait() == 0, sc.tail()
+
+
+# --- the traffic strategy's catalog step ----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_the_traffic_catalog_step_reads_the_key_in_etcd(tmp_path: Path, etcd: Etcd, etcd_prefix: str) -> None:
+    """The drain's wait (sidecar/drain/wait.py, strategy traffic) with the real etcd adapter and a real
+    listening port. 1. The key is still in etcd (etcdctl sees it): the catalog step never passes, logs
+    ``sidecar.drain.catalog_not_clear`` and the wait ends "upper bound (propagation_delay)" after ~1.5 s.
+    2. etcdctl deletes the key 0.5 s into the step: ``sidecar.drain.catalog_clear`` comes after the delete,
+    then the quiet step, and the wait ends "traffic quiet". Red if the catalog step did not read etcd (it
+    would pass at once in 1), or did not read it again (it would never pass in 2)."""
+    import asyncio
+    import socket
+
+    import structlog
+
+    from sidecar.clock import SystemClock
+    from sidecar.config import load_config
+    from sidecar.drain.wait import DrainWait
+    from sidecar.registry.etcd import EtcdRegistry
+    from sidecar.state import DrainEnd, Status
+
+    port = free_port()
+    cfg = etcd_config(etcd.endpoint, etcd_prefix, port, "drain")
+    cfg["shutdown"] |= {"strategy": "traffic", "propagation_delay": "1500ms", "min_delay": "100ms"}
+    cfg["shutdown"] |= {"quiet_period": "200ms"}
+    config = load_config(write_config(tmp_path / "c.toml", cfg), {})
+    clock = SystemClock()
+    key = f"{etcd_prefix}drain/drain-{port}"
+    with socket.create_server(("127.0.0.1", port)):
+        reg = EtcdRegistry(config, clock)
+        try:
+            await reg.register({"Meta": {}, "Check": {"Status": "passing"}})
+            assert key in get_prefix(etcd.endpoint, key)
+            for step in (1, 2):
+                drain = DrainWait(config, reg, clock, structlog.get_logger(), Status(clock, config.service.id))
+                await drain.prepare()
+                try:
+                    with structlog.testing.capture_logs() as logs:
+                        t0 = clock.monotonic()
+                        if step == 1:
+                            end = await drain.wait(t0)
+                        else:
+                            waiting = asyncio.ensure_future(drain.wait(t0))
+                            await asyncio.sleep(0.5)
+                            await asyncio.to_thread(etcdctl, etcd.endpoint, "del", key)
+                            deleted = clock.monotonic() - t0
+                            end = await waiting
+                        took = clock.monotonic() - t0
+                finally:
+                    drain.close()
+                events = {e["event"]: e for e in logs}
+                if step == 1:
+                    assert end is DrainEnd.UPPER_BOUND and 1.4 < took < 5, (end, took)
+                    assert "sidecar.drain.catalog_not_clear" in events and "sidecar.drain.catalog_clear" not in events
+                    assert key in get_prefix(etcd.endpoint, key)
+                else:
+                    assert end is DrainEnd.TRAFFIC_QUIET, (end, logs)
+                    assert events["sidecar.drain.catalog_clear"]["elapsed_ms"] >= deleted * 1000 - 150
+                    assert "sidecar.drain.quiet" in events
+        finally:
+            await reg.close()
+
+
+def test_a_traffic_drain_with_etcd_is_truthful_end_to_end(tmp_path: Path, etcd: Etcd, etcd_prefix: str) -> None:
+    """The real sidecar, strategy traffic, against etcd: on SIGTERM the key is gone (etcdctl) before the app is
+    signalled; the drain logs deregistered, catalog_clear, quiet and delay_done ("traffic quiet",
+    deregistration "confirmed"), in that order; no logged field of the whole run (event names aside) speaks
+    of Consul. Red if the catalog step or the quiet step were skipped, or a message named Consul falsely."""
+    from testkit.procs import read_signal_log
+
+    port, signals = free_port(), tmp_path / "signals"
+    cfg = etcd_config(etcd.endpoint, etcd_prefix, port, "traffic")
+    cfg["shutdown"] |= {"strategy": "traffic", "propagation_delay": "5s", "min_delay": "200ms", "quiet_period": "300ms"}
+    sc = Sidecar(tmp_path, cfg, app_command(port, "127.0.0.1", "--signal-log", str(signals)))
+    sc.wait_event("sidecar.consul.registered")
+    sc.send(signal.SIGTERM)
+    wait_for(lambda: get_prefix(etcd.endpoint, etcd_prefix + "traffic/") == {}, 10, 0.01, "key gone")
+    gone_at = time.monotonic()
+    assert sc.wait() == 0, sc.tail()
+    [t_sig] = [t for name, t in read_signal_log(signals) if name == "SIGTERM"]
+    assert gone_at < t_sig
+    names = [e["event"] for e in sc.events()]
+    order = ["sidecar.consul.deregistered", "sidecar.drain.catalog_clear", "sidecar.drain.quiet"]
+    order.append("sidecar.drain.delay_done")
+    assert [names.index(n) for n in order] == sorted(names.index(n) for n in order), names
+    done = sc.event("sidecar.drain.delay_done")
+    assert done is not None and (done["reason"], done["deregistration"]) == ("traffic quiet", "confirmed"), done
+    said = [
+        (e["event"], k, v)
+        for e in sc.events()
+        for k, v in e.items()
+        if k != "event" and "consul" in json.dumps(v).lower().replace("consul_sidecar_owner", "")
+    ]
+    assert said == []
+
+
+@pytest.mark.parametrize(
+    ("registry", "shutdown", "expected"),
+    [
+        ({}, {}, "web.service.consul"),
+        (
+            {"registry": {"kind": "etcd"}, "etcd": {"format": "skydns", "dns_domain": "svc.example.org."}},
+            {},
+            "web.svc.example.org",
+        ),
+        (
+            {"registry": {"kind": "etcd"}, "etcd": {"format": "skydns", "dns_domain": "x.org"}},
+            {"dns_name": "v2.web.x.org"},
+            "v2.web.x.org",
+        ),
+    ],
+)
+def test_the_dns_step_asks_for_the_name_coredns_serves(
+    tmp_path: Path, registry: dict[str, dict[str, Any]], shutdown: dict[str, str], expected: str
+) -> None:
+    """The traffic strategy's DNS step (and check-config's shutdown.dns_name) asks Consul's name with Consul,
+    and with etcd's skydns format the name CoreDNS serves the key under; dns_name wins in both. The real
+    check-config prints it. Red if etcd's DNS step asked for <name>.service.consul (as it did)."""
+    from sidecar.config import load_config
+
+    sections: dict[str, dict[str, Any]] = {
+        "service": {"name": "web", "port": 8080, "address": "127.0.0.1"},
+        "shutdown": {"strategy": "traffic", "dns": ["127.0.0.1:8600"], **shutdown},
+    }
+    if registry:
+        sections |= registry
+        sections["etcd"]["endpoints"] = ["http://127.0.0.1:2379"]
+    path = write_config(tmp_path / "c.toml", sections)
+    assert load_config(path, {}).dns_query_name == expected
+    done = run_cli("check-config", "-c", str(path))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["shutdown"]["dns_name"] == expected

@@ -69,9 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         help="block until Consul shows a condition (for deploy scripts)",
         description="Block until Consul shows the condition, following it with blocking queries; exit 0 when it "
         "holds, 1 at --timeout. Consul settings come from --http-addr, the [consul] section of -c FILE, "
-        "or the CONSUL_* environment, in that order.",
+        'or the CONSUL_* environment, in that order. With registry.kind = "etcd" in -c FILE, etcd is read '
+        "instead: each key under <prefix>/<service>/ is a passing instance.",
     )
-    wt.add_argument("-c", "--config", type=Path, help="a sidecar configuration file (only [consul] is used)")
+    wt.add_argument(
+        "-c", "--config", type=Path, help="a sidecar configuration file (only [consul], or [registry] and [etcd])"
+    )
     # The consul CLI's name for it (-http-addr; Go takes --http-addr too); --consul-address is the older alias.
     wt.add_argument(
         "--http-addr",

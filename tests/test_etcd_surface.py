@@ -450,3 +450,24 @@ def test_the_dns_step_asks_for_the_name_coredns_serves(
     done = run_cli("check-config", "-c", str(path))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["shutdown"]["dns_name"] == expected
+
+
+def test_every_metric_family_of_either_registry_is_documented() -> None:
+    """Pure: the families /metrics renders for a Consul sidecar and for an etcd one, together, are exactly the
+    rows of docs/events.md's /metrics table; the etcd exposition has none of Consul's own families, the Consul
+    one none of etcd's. Red if a family were added or renamed without its row (or the other way round)."""
+    from sidecar.clock import SystemClock
+    from sidecar.http import metrics
+    from sidecar.state import Status
+
+    status = Status(SystemClock(), "web-1")
+    view = {"keepalive_failures": 2, "key_withheld": False}
+    consul = set(re.findall(r"^# TYPE (\S+) ", metrics.render(status, {"register": 0}).decode(), re.M))
+    etcd = set(re.findall(r"^# TYPE (\S+) ", metrics.render(status, etcd=view).decode(), re.M))
+    text = (ROOT / "docs" / "events.md").read_text(encoding="utf-8")
+    table = text[text.index("\n### `/metrics`\n") :]
+    documented = set(re.findall(r"^\| `(consul_sidecar_[a-z_]+)", table, re.M))
+    assert consul | etcd == documented
+    assert not etcd & set(CONSUL_ONLY_FAMILIES) and set(CONSUL_ONLY_FAMILIES) <= consul
+    assert not {n for n in consul if "_etcd_" in n}
+    assert "consul_sidecar_etcd_keepalive_failures_total 2\n" in metrics.render(status, etcd=view).decode()

@@ -384,9 +384,18 @@ def _wait(args: argparse.Namespace) -> int:
             [f'wait: --http-addr is the Consul agent\'s; {args.config} has registry.kind = "etcd" (etcd.endpoints)'],
             EX_BAD_COMMAND_LINE,
         )
-    if etcd is not None and (etcd.ca_file or etcd.cert_file or etcd.user):
-        key = "ca_file" if etcd.ca_file else "cert_file" if etcd.cert_file else "user"
-        return _fail([f"{args.config}: etcd.{key}: wait does not support etcd TLS and auth yet"], EX_CONFIG)
+    if etcd is not None and (etcd.ca_file or etcd.cert_file):
+        key = "ca_file" if etcd.ca_file else "cert_file"
+        return _fail([f"{args.config}: etcd.{key}: wait does not support etcd TLS yet"], EX_CONFIG)
+    password = None
+    if etcd is not None and etcd.password_file is not None:
+        from .config.files import FileProblem, read_capped
+
+        try:
+            password = read_capped(etcd.password_file, 4096)[0].decode().rstrip("\r\n")
+        except (FileProblem, UnicodeDecodeError) as e:
+            why = e if isinstance(e, FileProblem) else f"{etcd.password_file} is not UTF-8 text"
+            return _fail([f"{args.config}: etcd.password_file: {why}"], EX_CONFIG)
     if args.passing:
         cond = wait.instance_passing(args.service, args.id)
     elif args.gone:
@@ -396,7 +405,7 @@ def _wait(args: argparse.Namespace) -> int:
 
     agent: BlockingHealth | wait.EtcdHealth
     if etcd is not None:
-        agent, registry = wait.EtcdHealth(etcd), "etcd"
+        agent, registry = wait.EtcdHealth(etcd, password), "etcd"
         where = f"etcd {agent.address}, keys under {wait.service_prefix(etcd, args.service)}"
     else:
         from .registry.consul import BlockingHealth
@@ -415,7 +424,7 @@ def _wait(args: argparse.Namespace) -> int:
         print(f"{cond.description}: after {result.elapsed:.2f}s ({result.last_seen})")
         return 0
     why = result.error or f"timed out after {result.elapsed:.2f}s"
-    return _fail([f"wait: {cond.description}: {why}; last seen: {result.last_seen}"], 1)
+    return _fail([f"wait: {cond.description}: {why}; last seen: {result.last_seen}"], 1, [password] if password else ())
 
 
 def _maint(config: Config, enable: bool, reason: str | None) -> int:

@@ -250,6 +250,45 @@ def test_wait_with_etcd_loads_neither_asyncio_nor_aiohttp(tmp_path: Path, etcd: 
     assert "sidecar.registry.wait" in modules
 
 
+def test_wait_authenticates_with_the_files_user(tmp_path: Path, fresh_etcd: Etcd) -> None:
+    """etcd with auth on (etcdctl: users root and web, web may read services/): ``wait -c FILE`` with
+    etcd.user = "web" and its password_file counts the two keys root put (exit 0). A wrong password: exit 1,
+    one line saying authentication failed, the password nowhere in the output. No user in the file: exit 1,
+    the line says etcd requires auth. Red if wait sent no token (etcd answers "user name is empty")."""
+    from testkit.etcd import etcdctl_binary
+
+    url = fresh_etcd.endpoint
+    etcdctl(url, "user", "add", "root:rootpw")
+    etcdctl(url, "user", "add", "web:webpw")
+    etcdctl(url, "role", "add", "reader")
+    etcdctl(url, "role", "grant-permission", "reader", "--prefix=true", "read", "services/")
+    etcdctl(url, "user", "grant-role", "web", "reader")
+    subprocess.run(  # etcdctl prints plain text here even with -w json
+        [etcdctl_binary(), f"--endpoints={url}", "auth", "enable"], env={"ETCDCTL_API": "3"}, check=True, timeout=30
+    )
+    for i in (1, 2):
+        etcdctl(url, "--user=root:rootpw", "put", f"services/authweb/i{i}", "{}")
+    wrong = "not-" + os.urandom(6).hex()
+    for name, password in (("good", "webpw\n"), ("bad", wrong)):
+        (tmp_path / name).write_text(password)
+    cfg = etcd_config(url, "services", 1, "authweb")
+    args = ["--service", "authweb", "--min-passing", "2", "--timeout", "3s"]
+
+    cfg["etcd"] |= {"user": "web", "password_file": str(tmp_path / "good")}
+    done = run_cli("wait", "-c", str(write_config(tmp_path / "good.toml", cfg)), *args)
+    assert done.returncode == 0 and "(2 passing of 2 registered)" in done.stdout, done
+
+    cfg["etcd"]["password_file"] = str(tmp_path / "bad")
+    done = run_cli("wait", "-c", str(write_config(tmp_path / "bad.toml", cfg)), *args)
+    assert done.returncode == 1 and wrong not in done.stdout + done.stderr, done
+    [line] = done.stderr.strip().splitlines()[1:]
+    assert "authentication failed" in line, line
+
+    del cfg["etcd"]["user"], cfg["etcd"]["password_file"]
+    done = run_cli("wait", "-c", str(write_config(tmp_path / "none.toml", cfg)), *args)
+    assert done.returncode == 1 and "etcd requires auth" in done.stderr, done
+
+
 @pytest.mark.parametrize("fmt", ["grpc", "skydns"])
 def test_wait_looks_under_the_prefix_the_sidecar_writes(tmp_path: Path, fmt: str) -> None:
     """Pure: wait's service prefix is the adapter's key less the instance ID, in both formats. Red if the

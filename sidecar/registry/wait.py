@@ -175,10 +175,14 @@ def _range_end(prefix: bytes) -> bytes:
 class EtcdHealth:
     """``wait``'s reads of etcd: each instance's key under the service's prefix, in the shape the conditions
     read (``{"Service": {"ID": ...}, "Key": ..., "Checks": []}``: no check fails, the key's existence is the
-    check). The first read at once, then one every ``POLL``; the index is etcd's revision."""
+    check). The first read at once, then one every ``POLL``; the index is etcd's revision. With
+    ``etcd.user``, a token from ``/v3/auth/authenticate`` (again once when etcd says it is no longer valid);
+    ``password`` is never part of an error."""
 
-    def __init__(self, settings: EtcdSettings) -> None:
+    def __init__(self, settings: EtcdSettings, password: str | None = None) -> None:
         self._settings = settings
+        self._password = password
+        self._token: str | None = None
         self._endpoints = list(settings.endpoints)
         self.address = ", ".join(self._endpoints)
 
@@ -203,9 +207,23 @@ class EtcdHealth:
         return str((answer.get("header") or {}).get("revision") or "0"), entries
 
     def _post(self, path: str, body: dict[str, Any], cutoff: float | None) -> dict[str, Any]:
+        for attempt in (1, 2):
+            if self._settings.user is not None and self._token is None:
+                auth = {"name": self._settings.user, "password": self._password or ""}
+                self._token = str(self._send("/v3/auth/authenticate", auth, cutoff, None).get("token") or "")
+            try:
+                return self._send(path, body, cutoff, self._token)
+            except _TokenRefused as e:
+                self._token = None  # expired (etcd's simple tokens last 5 minutes) or the member restarted
+                if attempt == 2:
+                    raise RegistryPermissionDenied(f"POST {path}: {e}") from None
+        raise AssertionError("unreachable")
+
+    def _send(self, path: str, body: dict[str, Any], cutoff: float | None, token: str | None) -> dict[str, Any]:
         import http.client
 
         last: Exception | None = None
+        headers = {"Content-Type": "application/json", **({"Authorization": token} if token else {})}
         for endpoint in self._endpoints:
             limit = self._settings.timeout
             if cutoff is not None:
@@ -221,7 +239,7 @@ class EtcdHealth:
                     last = e  # never sent: the next member may answer
                     continue
                 try:
-                    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+                    conn.request("POST", path, json.dumps(body), headers)
                     resp = conn.getresponse()
                     raw, status = resp.read(), resp.status
                 except TimeoutError:
@@ -241,6 +259,12 @@ class EtcdHealth:
                 return doc
             message = str(doc.get("message") or doc.get("error") or "") if isinstance(doc, dict) else ""
             code = doc.get("code") if isinstance(doc, dict) else None
+            if code == 16 and token is not None:
+                raise _TokenRefused(message)
+            if "user name is empty" in message:
+                raise RegistryPermissionDenied(
+                    f"POST {path}: {endpoint}: etcd requires auth ({message}): set etcd.user and etcd.password_file"
+                )
             if code in (7, 16) or "permission denied" in message or "authentication" in message:
                 raise RegistryPermissionDenied(f"POST {path}: {endpoint}: {message or status}")
             raise RegistryUnavailable(f"POST {path}: {endpoint}: {message or f'HTTP {status}'}")
@@ -248,3 +272,7 @@ class EtcdHealth:
 
     def close(self) -> None:
         pass  # one connection per read, closed after it
+
+
+class _TokenRefused(Exception):
+    """etcd no longer takes the auth token: authenticate again."""

@@ -384,9 +384,12 @@ def _wait(args: argparse.Namespace) -> int:
             [f'wait: --http-addr is the Consul agent\'s; {args.config} has registry.kind = "etcd" (etcd.endpoints)'],
             EX_BAD_COMMAND_LINE,
         )
-    if etcd is not None and (etcd.ca_file or etcd.cert_file):
-        key = "ca_file" if etcd.ca_file else "cert_file"
-        return _fail([f"{args.config}: etcd.{key}: wait does not support etcd TLS yet"], EX_CONFIG)
+    tls = None
+    if etcd is not None:
+        try:
+            tls = wait.tls_context(etcd)
+        except wait.TlsFileProblem as e:
+            return _fail([f"{args.config}: {e}"], EX_CONFIG)
     password = None
     if etcd is not None and etcd.password_file is not None:
         from .config.files import FileProblem, read_capped
@@ -405,7 +408,7 @@ def _wait(args: argparse.Namespace) -> int:
 
     agent: BlockingHealth | wait.EtcdHealth
     if etcd is not None:
-        agent, registry = wait.EtcdHealth(etcd, password), "etcd"
+        agent, registry = wait.EtcdHealth(etcd, password, tls), "etcd"
         where = f"etcd {agent.address}, keys under {wait.service_prefix(etcd, args.service)}"
     else:
         from .registry.consul import BlockingHealth

@@ -289,6 +289,78 @@ def test_wait_authenticates_with_the_files_user(tmp_path: Path, fresh_etcd: Etcd
     assert done.returncode == 1 and "etcd requires auth" in done.stderr, done
 
 
+def make_certs(d: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, with the real openssl."""
+
+    def openssl(args: str) -> None:
+        subprocess.run(["openssl", *args.split()], cwd=d, check=True, capture_output=True, timeout=60)
+
+    openssl("req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=test-ca")
+    for name, usage in (("server", "serverAuth,clientAuth"), ("client", "clientAuth")):
+        (d / f"{name}.ext").write_text(f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n")
+        openssl(f"req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name}")
+        sign = "x509 -req -CA ca.pem -CAkey ca.key -CAcreateserial -days 2"
+        openssl(f"{sign} -in {name}.csr -out {name}.pem -extfile {name}.ext")
+
+
+def test_wait_reads_etcd_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    """etcd on https with client certificates required (a real etcd, certificates from openssl): ``wait -c
+    FILE`` with etcd.ca_file, cert_file and key_file counts the key etcdctl put (exit 0). Without the client
+    certificate: exit 1, one line naming the TLS failure. A CA file that is no certificate: exit 78, one line
+    naming etcd.ca_file. Red if wait spoke plain HTTP to an https endpoint or ignored the certificate files."""
+    from testkit.etcd import etcd_binary, etcdctl_binary
+    from testkit.procs import spawn
+
+    make_certs(tmp_path)
+    client, peer = free_port(), free_port()
+    url = f"https://127.0.0.1:{client}"
+    tls = {"ca_file": str(tmp_path / "ca.pem"), "cert_file": str(tmp_path / "client.pem")}
+    tls["key_file"] = str(tmp_path / "client.key")
+    argv = [
+        etcd_binary(),
+        f"--data-dir={tmp_path / 'etcd.data'}",
+        f"--listen-client-urls={url}",
+        f"--advertise-client-urls={url}",
+        f"--listen-peer-urls=http://127.0.0.1:{peer}",
+        f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+        f"--initial-cluster=default=http://127.0.0.1:{peer}",
+        f"--cert-file={tmp_path / 'server.pem'}",
+        f"--key-file={tmp_path / 'server.key'}",
+        f"--trusted-ca-file={tmp_path / 'ca.pem'}",
+        "--client-cert-auth",
+    ]
+    proc = spawn(argv, tmp_path / "etcd.log")
+    try:
+        put = [etcdctl_binary(), f"--endpoints={url}", f"--cacert={tls['ca_file']}", f"--cert={tls['cert_file']}"]
+        put += [f"--key={tls['key_file']}", "put", "services/tlsweb/a", "{}"]
+
+        def stored() -> bool:
+            assert proc.poll() is None, (tmp_path / "etcd.log").read_text()[-2000:]
+            done = subprocess.run(put, env={"ETCDCTL_API": "3"}, capture_output=True, timeout=30)
+            return done.returncode == 0
+
+        wait_for(stored, 30, 0.1, "etcd on TLS takes a put")
+        cfg = etcd_config(url, "services", 1, "tlsweb")
+        args = ["--service", "tlsweb", "--min-passing", "1", "--timeout", "3s"]
+        cfg["etcd"] |= tls
+        done = run_cli("wait", "-c", str(write_config(tmp_path / "tls.toml", cfg)), *args)
+        assert done.returncode == 0 and "(1 passing of 1 registered)" in done.stdout, done
+
+        del cfg["etcd"]["cert_file"], cfg["etcd"]["key_file"]
+        done = run_cli("wait", "-c", str(write_config(tmp_path / "nocert.toml", cfg)), *args)
+        assert done.returncode == 1, done
+        [line] = done.stderr.strip().splitlines()[1:]
+        assert "TLS refused: check etcd.cert_file and etcd.key_file" in line, line
+
+        (tmp_path / "bad.pem").write_text("not a certificate\n")
+        cfg["etcd"]["ca_file"] = str(tmp_path / "bad.pem")
+        done = run_cli("wait", "-c", str(write_config(tmp_path / "badca.toml", cfg)), *args)
+        assert done.returncode == 78 and "etcd.ca_file" in done.stderr and len(done.stderr.splitlines()) == 1, done
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 @pytest.mark.parametrize("fmt", ["grpc", "skydns"])
 def test_wait_looks_under_the_prefix_the_sidecar_writes(tmp_path: Path, fmt: str) -> None:
     """Pure: wait's service prefix is the adapter's key less the instance ID, in both formats. Red if the

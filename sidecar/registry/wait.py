@@ -25,6 +25,8 @@ from ..durations import format_duration
 from .base import RegistryPermissionDenied, RegistryRejected, RegistryUnavailable
 
 if TYPE_CHECKING:
+    import ssl
+
     from ..config import EtcdSettings
 
 POLL = 0.1  # seconds between two reads of etcd's keys
@@ -161,6 +163,35 @@ def service_prefix(settings: EtcdSettings, service: str) -> str:
     return f"{settings.prefix.rstrip('/')}/{service}/"
 
 
+class TlsFileProblem(Exception):
+    """A TLS file of [etcd] that cannot be used: ``key`` names it."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"etcd.{key}: {problem}")
+        self.key = key
+
+
+def tls_context(settings: EtcdSettings) -> ssl.SSLContext | None:
+    """The TLS context for https endpoints (etcd.ca_file, etcd.cert_file and key_file), or None when no
+    TLS file is set (the system's CAs then verify an https endpoint). Raises TlsFileProblem."""
+    if settings.ca_file is None and settings.cert_file is None:
+        return None
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    except (OSError, ssl.SSLError) as e:
+        problem = f"cannot use {settings.ca_file} as CA certificates: {e.strerror or e}"
+        raise TlsFileProblem("ca_file", problem) from None
+    if settings.cert_file is not None and settings.key_file is not None:
+        try:
+            context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+        except (OSError, ssl.SSLError) as e:
+            problem = f"cannot use {settings.cert_file} with key_file {settings.key_file}: {e.strerror or e}"
+            raise TlsFileProblem("cert_file", problem) from None
+    return context
+
+
 def _range_end(prefix: bytes) -> bytes:
     """etcd's end of a prefix range: the prefix with its last byte incremented."""
     end = bytearray(prefix)
@@ -179,8 +210,9 @@ class EtcdHealth:
     ``etcd.user``, a token from ``/v3/auth/authenticate`` (again once when etcd says it is no longer valid);
     ``password`` is never part of an error."""
 
-    def __init__(self, settings: EtcdSettings, password: str | None = None) -> None:
+    def __init__(self, settings: EtcdSettings, password: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self._settings = settings
+        self._tls = tls
         self._password = password
         self._token: str | None = None
         self._endpoints = list(settings.endpoints)
@@ -231,12 +263,17 @@ class EtcdHealth:
                 if limit <= 0:
                     raise TimeoutError
             u = urllib.parse.urlsplit(endpoint)
-            conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 2379, timeout=limit)
+            host, port = u.hostname or "127.0.0.1", u.port or 2379
+            conn: http.client.HTTPConnection
+            if u.scheme == "https":
+                conn = http.client.HTTPSConnection(host, port, timeout=limit, context=self._tls)
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=limit)
             try:
                 try:
                     conn.connect()
                 except (ConnectionRefusedError, OSError) as e:
-                    last = e  # never sent: the next member may answer
+                    last = e  # never sent (refused, or a TLS handshake that failed): the next member may answer
                     continue
                 try:
                     conn.request("POST", path, json.dumps(body), headers)
@@ -247,7 +284,10 @@ class EtcdHealth:
                         raise
                     raise RegistryUnavailable(f"POST {path}: no answer from {endpoint} within {limit:g}s") from None
                 except (http.client.HTTPException, OSError) as e:
-                    raise RegistryUnavailable(f"POST {path}: {endpoint}: {e.__class__.__name__}: {e}") from None
+                    hint = ""
+                    if "SSL" in e.__class__.__name__:  # etcd ended the TLS session: a client certificate it refused
+                        hint = " (TLS refused: check etcd.cert_file and etcd.key_file against etcd's trusted CA)"
+                    raise RegistryUnavailable(f"POST {path}: {endpoint}: {e.__class__.__name__}: {e}{hint}") from None
             finally:
                 conn.close()
             self.address = endpoint

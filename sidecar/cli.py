@@ -69,9 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         help="block until Consul shows a condition (for deploy scripts)",
         description="Block until Consul shows the condition, following it with blocking queries; exit 0 when it "
         "holds, 1 at --timeout. Consul settings come from --http-addr, the [consul] section of -c FILE, "
-        "or the CONSUL_* environment, in that order.",
+        'or the CONSUL_* environment, in that order. With registry.kind = "etcd" in -c FILE, etcd is read '
+        "instead: each key under <prefix>/<service>/ is a passing instance.",
     )
-    wt.add_argument("-c", "--config", type=Path, help="a sidecar configuration file (only [consul] is used)")
+    wt.add_argument(
+        "-c", "--config", type=Path, help="a sidecar configuration file (only [consul], or [registry] and [etcd])"
+    )
     # The consul CLI's name for it (-http-addr; Go takes --http-addr too); --consul-address is the older alias.
     wt.add_argument(
         "--http-addr",
@@ -236,7 +239,7 @@ def _check_config(config: Config) -> int:
     shutdown = effective(config, "shutdown")
     if sd.strategy is Strategy.TRAFFIC:
         shutdown |= {
-            "dns_name": sd.dns_name or f"{config.service.name}.service.consul",
+            "dns_name": config.dns_query_name,
             "traffic_view_here": _traffic_view_here(config),
         }
     doc: dict[str, Any] = {
@@ -248,9 +251,17 @@ def _check_config(config: Config) -> int:
         "status": _status_listen(config),
     }
     if config.registry.kind.value == "etcd":  # a Consul user's output stays as it was
+        # The key and value the adapter's own functions write (its import brings asyncio: ~40 ms, etcd only).
+        from .registry.etcd import etcd_key, etcd_value
+
         doc.pop("consul")
+        doc.pop("registration")  # Consul's service definition: etcd gets the key below and runs the check itself
         doc["registry"] = effective(config, "registry")
-        doc["etcd"] = effective(config, "etcd")
+        doc["etcd"] = effective(config, "etcd") | {
+            "key": etcd_key(config),
+            "value": json.loads(etcd_value(config, owner="<the running sidecar's mark>")),
+        }
+        doc["check"] = {k: v for k, v in effective(config, "check").items() if k != "deregister_critical_after"}
     hot = config.hot_restart
     bind_warning = None
     if hot.enabled:
@@ -282,6 +293,13 @@ def _check_config(config: Config) -> int:
             f"{sd.app_signal.name}. Worst case from the signal to one generation left: "
             f"{format_duration(hot.worst_case(sd))} (timeout + app_timeout + 1s); the worst-case shutdown above "
             "holds during a restart too",
+            file=sys.stderr,
+        )
+    if config.registry.kind.value == "etcd":
+        ttl = config.etcd.lease_ttl
+        print(
+            f"etcd: the key lives on a lease of {format_duration(ttl)}, kept alive every {format_duration(ttl / 3)} "
+            f"while check.http passes; a sidecar killed without a drain leaves it for at most {format_duration(ttl)}",
             file=sys.stderr,
         )
     if config.status is not None and config.status.port == 0:
@@ -341,10 +359,12 @@ def _traffic_view_here(config: Config) -> dict[str, Any]:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_consul_settings
+    from .config import ConfigError, load_consul_settings, load_etcd_settings
     from .durations import format_duration, parse_duration
     from .registry import wait
-    from .registry.consul import BlockingHealth
+
+    if TYPE_CHECKING:
+        from .registry.consul import BlockingHealth
 
     if (args.passing or args.gone) and not args.id:
         return _fail(["wait: --passing and --gone need --id ID"], EX_BAD_COMMAND_LINE)
@@ -355,9 +375,30 @@ def _wait(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail([f"wait: --timeout: {e}"], EX_BAD_COMMAND_LINE)
     try:
-        settings = load_consul_settings(args.config, os.environ, args.consul_address)
+        etcd = load_etcd_settings(args.config, os.environ) if args.config is not None else None
+        settings = None if etcd is not None else load_consul_settings(args.config, os.environ, args.consul_address)
     except ConfigError as e:
         return _fail(e.problems, EX_CONFIG)
+    if etcd is not None and args.consul_address is not None:
+        return _fail(
+            [f'wait: --http-addr is the Consul agent\'s; {args.config} has registry.kind = "etcd" (etcd.endpoints)'],
+            EX_BAD_COMMAND_LINE,
+        )
+    tls = None
+    if etcd is not None:
+        try:
+            tls = wait.tls_context(etcd)
+        except wait.TlsFileProblem as e:
+            return _fail([f"{args.config}: {e}"], EX_CONFIG)
+    password = None
+    if etcd is not None and etcd.password_file is not None:
+        from .config.files import FileProblem, read_capped
+
+        try:
+            password = read_capped(etcd.password_file, 4096)[0].decode().rstrip("\r\n")
+        except (FileProblem, UnicodeDecodeError) as e:
+            why = e if isinstance(e, FileProblem) else f"{etcd.password_file} is not UTF-8 text"
+            return _fail([f"{args.config}: etcd.password_file: {why}"], EX_CONFIG)
     if args.passing:
         cond = wait.instance_passing(args.service, args.id)
     elif args.gone:
@@ -365,13 +406,19 @@ def _wait(args: argparse.Namespace) -> int:
     else:
         cond = wait.min_passing(args.service, args.min_passing)
 
-    print(
-        f"waiting for {cond.description} (Consul {settings.address}, timeout {format_duration(timeout)})",
-        file=sys.stderr,
-    )
-    agent = BlockingHealth(settings)
+    agent: BlockingHealth | wait.EtcdHealth
+    if etcd is not None:
+        agent, registry = wait.EtcdHealth(etcd, password, tls), "etcd"
+        where = f"etcd {agent.address}, keys under {wait.service_prefix(etcd, args.service)}"
+    else:
+        from .registry.consul import BlockingHealth
+
+        assert settings is not None
+        agent, registry = BlockingHealth(settings), "Consul"
+        where = f"Consul {settings.address}"
+    print(f"waiting for {cond.description} ({where}, timeout {format_duration(timeout)})", file=sys.stderr)
     try:
-        result = wait.wait_for_condition(agent, args.service, cond, timeout, wait.SystemWaitClock())
+        result = wait.wait_for_condition(agent, args.service, cond, timeout, wait.SystemWaitClock(), registry)
     except KeyboardInterrupt:
         return EX_INTERRUPTED
     finally:
@@ -380,7 +427,7 @@ def _wait(args: argparse.Namespace) -> int:
         print(f"{cond.description}: after {result.elapsed:.2f}s ({result.last_seen})")
         return 0
     why = result.error or f"timed out after {result.elapsed:.2f}s"
-    return _fail([f"wait: {cond.description}: {why}; last seen: {result.last_seen}"], 1)
+    return _fail([f"wait: {cond.description}: {why}; last seen: {result.last_seen}"], 1, [password] if password else ())
 
 
 def _maint(config: Config, enable: bool, reason: str | None) -> int:

@@ -166,9 +166,13 @@ def build_sidecar(config: Config, command: list[str], tokens: TokenCache) -> Wir
         if unsupported:  # validated, not used yet: refuse rather than connect without them
             raise WiringError(f"{config.source}: etcd.{unsupported[0]}: etcd TLS and auth are not supported yet")
 
-        agent = EtcdRegistry(config, clock, prober, logger.bind(service_id=config.service.id))
+        agent = etcd_agent = EtcdRegistry(config, clock, prober, logger.bind(service_id=config.service.id))
         if sock is not None:
-            server = StatusServer(status, sock, logger, secrets=tokens.secrets)
+            from .http import etcd_view
+            from .http.readiness import READ_TIMEOUT
+
+            ready = etcd_view.readiness(status, etcd_agent, timeout=min(READ_TIMEOUT, etcd.timeout))
+            server = StatusServer(status, sock, logger, readiness=ready, secrets=tokens.secrets, etcd=etcd_agent)
     else:
         agent = consul_agent = ConsulAgent(config.consul, clock, tokens=tokens)
     if sock is not None and consul_agent is not None:

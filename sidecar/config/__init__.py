@@ -15,7 +15,7 @@ from __future__ import annotations
 from .addresses import address_toward, parse_consul_address, parse_listen, same_host
 from .files import CONFIG_MAX_BYTES, TOKEN_MAX_BYTES
 from .keys import KEYS, SECTIONS, EtcdFormat, Key, Kind, ReadyMode, RegistryKind, Strategy, parse_signal
-from .loader import load_config, load_consul_settings
+from .loader import load_config, load_consul_settings, load_etcd_settings
 from .model import (
     KILL_REAP_TIMEOUT,
     AppSettings,
@@ -67,6 +67,7 @@ __all__ = [
     "default_service_id",
     "load_config",
     "load_consul_settings",
+    "load_etcd_settings",
     "parse_consul_address",
     "parse_listen",
     "parse_signal",

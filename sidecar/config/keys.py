@@ -617,7 +617,7 @@ KEYS: tuple[Key, ...] = (
         Kind.STRING,
         'the name asked of `dns` (A and AAAA), e.g. with a tag or datacenter: `"v2.web.service.dc1.consul"`',
         default="",
-        default_doc="`<service.name>.service.consul`",
+        default_doc="`<service.name>.service.consul`; with etcd `<service.name>.<etcd.dns_domain>` (skydns)",
         only_with=_TRAFFIC,
         check=_dns_name,
     ),

@@ -625,3 +625,21 @@ def _etcd_settings(
     if (settings.user is None) != (settings.password_file is None):
         problems.add(sec.key("user"), "user and password_file go together: set both or neither")
     return settings
+
+
+def load_etcd_settings(path: Path, env: Mapping[str, str]) -> EtcdSettings | None:
+    """``[registry]`` and ``[etcd]`` of a sidecar file alone (for ``wait -c FILE``): None when its
+    ``registry.kind`` is not etcd. Validated as ``load_config`` validates them."""
+    problems = _Problems(path)
+    doc = _read_toml(path)
+    s = {"registry": _Section("registry", doc.get("registry"), env, problems)}
+    registry = RegistrySettings(**_simple(s["registry"], RegistrySettings))
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    if registry.kind is not RegistryKind.ETCD:
+        return None  # a Consul file: wait reads its [consul] alone, as before
+    s |= {name: _Section(name, doc.get(name), env, problems) for name in ("etcd", "check")}
+    settings = _etcd_settings(s["etcd"], registry, s, doc, problems)
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    return settings

@@ -210,3 +210,15 @@ class Config:
     def registry_timeout(self) -> float:
         """The deadline of one request to the registry in use: consul.timeout, or etcd.timeout."""
         return self.etcd.timeout if self.registry.kind is RegistryKind.ETCD else self.consul.timeout
+
+    @property
+    def dns_query_name(self) -> str:
+        """The name the traffic strategy's DNS step asks the resolvers in ``shutdown.dns`` about: dns_name, else
+        Consul's ``<service.name>.service.consul``, or with etcd the name CoreDNS serves the key under
+        (``<service.name>.<etcd.dns_domain>``, skydns) or, without a domain (grpc), ``<service.name>``."""
+        if self.shutdown.dns_name:
+            return self.shutdown.dns_name
+        if self.registry.kind is RegistryKind.ETCD:
+            domain = self.etcd.dns_domain.rstrip(".")
+            return f"{self.service.name}.{domain}" if domain else self.service.name
+        return f"{self.service.name}.service.consul"

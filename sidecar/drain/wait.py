@@ -363,8 +363,7 @@ class DrainWait:
     async def _dns_clear(self, upper: float) -> bool:
         if not self.sd.dns:
             return True
-        svc = self.config.service
-        name = self.sd.dns_name or f"{svc.name}.service.consul"
+        name = self.config.dns_query_name
         self._progress("dns")
         t = self.clock.monotonic()
         pending = list(self.sd.dns)

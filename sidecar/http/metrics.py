@@ -6,12 +6,17 @@ sidecar's start and memory for what is a few lines of text (docs/benchmarks.md h
 Rendering happens on each scrape, from the values as they are; nothing here keeps state.
 
 The names and labels are a contract (issue 12): dashboards and alerts match on them.
+
+With ``registry.kind = "etcd"`` (``etcd``: the adapter's ``status_view``) the families that speak of
+Consul alone are absent rather than 0 (``consul_reachable``, ``consul_request_errors_total``,
+``maintenance``); ``etcd_reachable``, ``etcd_keepalive_failures_total`` and ``etcd_key_withheld``
+stand in their place. A Consul sidecar's exposition is as it was.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 
@@ -58,6 +63,7 @@ def render(
     request_errors: Mapping[str, int] | None = None,
     log_lines_dropped: int = 0,
     drain_end_reasons: Iterable[str] = (),
+    etcd: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The exposition of ``status`` (and the counters kept outside it): bytes of ``CONTENT_TYPE``."""
     from ..state import State
@@ -71,32 +77,60 @@ def render(
         "The sidecar's lifecycle state: 1 for the current one, 0 for the others.",
         [({"state": s.value}, 1 if s is status.state else 0) for s in State],
     )
-    w.family(
-        p + "consul_reachable",
-        "gauge",
-        "1 when the sidecar's last registration or registration check reached the Consul agent, "
-        "0 otherwise or before the first.",
-        [({}, 1 if status.consul_reachable else 0)],
-    )
+    if etcd is None:
+        w.family(
+            p + "consul_reachable",
+            "gauge",
+            "1 when the sidecar's last registration or registration check reached the Consul agent, "
+            "0 otherwise or before the first.",
+            [({}, 1 if status.consul_reachable else 0)],
+        )
+    else:
+        w.family(
+            p + "etcd_reachable",
+            "gauge",
+            "1 when the sidecar's last registration or registration check reached etcd, "
+            "0 otherwise or before the first.",
+            [({}, 1 if status.consul_reachable else 0)],
+        )
     w.family(
         p + "registrations_total",
         "counter",
-        "Registration writes the agent accepted, re-registrations included.",
+        "Registration writes the agent accepted, re-registrations included."
+        if etcd is None
+        else "Registrations etcd accepted (the key put on its lease), re-registrations included.",
         [({}, status.registrations_total)],
     )
     w.family(
         p + "reregistrations_total",
         "counter",
         "Re-registrations by the keeper: the agent had forgotten the service (service_missing), "
-        "or the ACL token changed (token_rotated).",
+        "or the ACL token changed (token_rotated)."
+        if etcd is None
+        else "Re-registrations by the keeper: etcd no longer held the key (service_missing); token_rotated "
+        "is Consul's and stays 0.",
         [({"reason": r}, n) for r, n in status.reregistrations_total.items()],
     )
-    w.family(
-        p + "consul_request_errors_total",
-        "counter",
-        "Requests to the Consul agent that failed (no answer, a timeout, an error status), by operation.",
-        [({"operation": op}, n) for op, n in (request_errors or {}).items()],
-    )
+    if etcd is None:
+        w.family(
+            p + "consul_request_errors_total",
+            "counter",
+            "Requests to the Consul agent that failed (no answer, a timeout, an error status), by operation.",
+            [({"operation": op}, n) for op, n in (request_errors or {}).items()],
+        )
+    else:
+        w.family(
+            p + "etcd_keepalive_failures_total",
+            "counter",
+            "Lease keepalives that failed (no answer, an error, the lease found gone and granted again).",
+            [({}, int(etcd.get("keepalive_failures") or 0))],
+        )
+        w.family(
+            p + "etcd_key_withheld",
+            "gauge",
+            "1 while the app's check fails and the key is deleted until it passes again.",
+            [({}, 1 if etcd.get("key_withheld") else 0)],
+        )
     w.family(
         p + "deregistration_seconds",
         "gauge",
@@ -132,11 +166,12 @@ def render(
         "Log lines dropped because the log's reader did not keep up.",
         [({}, log_lines_dropped)],
     )
-    w.family(
-        p + "maintenance",
-        "gauge",
-        "1 when the instance is in Consul's maintenance mode.",
-        [({}, 1 if status.maintenance else 0)],
-    )
+    if etcd is None:
+        w.family(
+            p + "maintenance",
+            "gauge",
+            "1 when the instance is in Consul's maintenance mode.",
+            [({}, 1 if status.maintenance else 0)],
+        )
     w.lines.append("")
     return "\n".join(w.lines).encode()

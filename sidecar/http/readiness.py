@@ -12,6 +12,10 @@ answer. That read is bounded so probes cannot hurt the agent or the sidecar:
 - it has ``READ_TIMEOUT`` to answer (at most consul.timeout): a frozen agent makes /ready answer
   503 "consul unreachable" within that, and each probe runs in its own connection task, so nothing
   else the status server or the lifecycle does waits for it.
+
+With ``registry.kind = "etcd"`` the read is etcd's (sidecar/http/etcd_view.py): a linearizable read of
+the instance's key, which exists only while the app's check passes; a check that fails (the key
+withheld) answers "check critical" without a read, and the reasons say "etcd" where they say "consul".
 """
 
 from __future__ import annotations
@@ -51,10 +55,16 @@ class Readiness:
         read_health: HealthReader | None,
         timeout: float = READ_TIMEOUT,
         ttl: float = CACHE_TTL,
+        registry: str = "consul",
+        missing: str = "the agent does not hold the service (the sidecar re-registers it)",
     ) -> None:
         """``read_health(service_id, timeout)``: the agent's (aggregated status, checks), None when it
-        holds no such service; raises on failure. None: judge by the lifecycle's state alone."""
+        holds no such service; raises on failure. None: judge by the lifecycle's state alone.
+        ``registry`` names what is read in the reasons ("consul unreachable", "etcd unreachable");
+        ``missing`` is the detail of "not registered"."""
         self.status = status
+        self.registry = registry
+        self.missing = missing
         self._read_health = read_health
         self.timeout = timeout
         self.ttl = ttl
@@ -89,14 +99,16 @@ class Readiness:
             async with asyncio.timeout(self.timeout):
                 answer = await self._read_health(sid, self.timeout)
         except TimeoutError:
-            return Verdict(False, "consul unreachable", f"no answer from the agent within {self.timeout:g}s")
+            source = "the agent" if self.registry == "consul" else self.registry
+            return Verdict(False, f"{self.registry} unreachable", f"no answer from {source} within {self.timeout:g}s")
         except Exception as e:  # noqa: BLE001 - any failure to read the agent means: not known to be ready
             from ..registry.base import RegistryPermissionDenied
 
-            reason = "consul permission denied" if isinstance(e, RegistryPermissionDenied) else "consul unreachable"
+            denied = isinstance(e, RegistryPermissionDenied)
+            reason = f"{self.registry} permission denied" if denied else f"{self.registry} unreachable"
             return Verdict(False, reason, str(e) or e.__class__.__name__)
         if answer is None:
-            return Verdict(False, "not registered", "the agent does not hold the service (the sidecar re-registers it)")
+            return Verdict(False, "not registered", self.missing)
         aggregated, checks = answer
         for c in checks:
             if c.get("CheckID") == MAINTENANCE_CHECK + sid:

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from ..state import Status
+    from .etcd_view import EtcdView
     from .readiness import Readiness
 
 DEFAULT_LISTEN = "127.0.0.1:0"
@@ -150,11 +151,15 @@ class StatusServer:
         readiness: Readiness | None = None,
         request_errors: Mapping[str, int] | None = None,
         secrets: Callable[[], Iterable[str]] = lambda: (),
+        etcd: EtcdView | None = None,
     ) -> None:
         """``readiness`` answers /ready (default: by the lifecycle's state alone); ``request_errors``
         is the Consul client's live count of failed requests by operation, for /metrics; ``secrets``
-        (the token as the logs' scrubber has it): no error text /status shows may carry one."""
+        (the token as the logs' scrubber has it): no error text /status shows may carry one; ``etcd``:
+        the etcd adapter's view, with ``registry.kind = "etcd"`` (/status and /metrics show it instead
+        of what is Consul's alone)."""
         self.status = status
+        self.etcd = etcd
         self.secrets = secrets
         if readiness is None:
             from .readiness import Readiness
@@ -336,10 +341,15 @@ class StatusServer:
                 request_errors=self.request_errors,
                 log_lines_dropped=_log.dropped_total(),
                 drain_end_reasons=[e.value for e in DrainEnd],
+                etcd=self.etcd.status_view() if self.etcd is not None else None,
             )
             return 200, metrics.CONTENT_TYPE, text, head_only
         if target == b"/status":
             doc = self.status.as_json()
+            if self.etcd is not None:
+                from .etcd_view import status_doc
+
+                doc = status_doc(doc, self.status, self.etcd)
             secrets = read_secrets(self.secrets)
             if doc["last_error"] is not None:
                 doc["last_error"] = scrub(doc["last_error"], secrets)

@@ -375,3 +375,17 @@ class EtcdRegistry:
                 await asyncio.gather(task, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+
+    # --- read-only view for /status, /ready and /metrics (sidecar/http/etcd_view.py) ---------------------
+
+    def status_view(self) -> dict[str, Any]:
+        """What this adapter holds now, without a request: the key, the lease (hex, as etcdctl takes it),
+        whether the key is withheld because the check fails, the member last answered, the failure counts."""
+        return {
+            "endpoint": self.address,
+            "key": self._key,
+            "lease_id": None if self._lease is None else format(self._lease, "x"),
+            "lease_ttl_s": self._config.etcd.lease_ttl,
+            "key_withheld": self._withheld and not self._stopping,
+            "keepalive_failures": self.keepalive_failures,
+        }

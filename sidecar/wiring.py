@@ -160,11 +160,9 @@ def build_sidecar(config: Config, command: list[str], tokens: TokenCache) -> Wir
         from .registry.etcd import EtcdRegistry
 
         etcd = config.etcd
-        unsupported = [
-            k for k, v in (("ca_file", etcd.ca_file), ("cert_file", etcd.cert_file), ("user", etcd.user)) if v
-        ]
+        unsupported = [k for k, v in (("ca_file", etcd.ca_file), ("cert_file", etcd.cert_file)) if v]
         if unsupported:  # validated, not used yet: refuse rather than connect without them
-            raise WiringError(f"{config.source}: etcd.{unsupported[0]}: etcd TLS and auth are not supported yet")
+            raise WiringError(f"{config.source}: etcd.{unsupported[0]}: etcd TLS is not supported yet")
 
         agent = EtcdRegistry(config, clock, prober, logger.bind(service_id=config.service.id))
         if sock is not None:

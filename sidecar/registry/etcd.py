@@ -240,7 +240,9 @@ class EtcdRegistry:
                 # authenticate again, once per request.
                 self._token, self._auth_off = None, False
                 return await self._call(path, body, max(0.001, end - loop.time()), again=True)
-            if code in (7, 16) or "permission denied" in message or "authentication" in message:
+            if code in (7, 16) or any(
+                w in message for w in ("permission denied", "authentication", "user name is empty")
+            ):
                 raise EtcdPermissionDenied(f"POST {path}: {endpoint}: {message}{self._who()}")
             if code == 3:
                 raise EtcdRejected(f"POST {path}: {endpoint}: {message}")
@@ -265,7 +267,11 @@ class EtcdRegistry:
     def permission_hint(self) -> str:
         """What the lifecycle says when etcd refuses a request (exit 77)."""
         if self._user is None:
-            return "etcd's auth is on: set etcd.user and etcd.password_file"
+            # etcdctl's ETCDCTL_USER ("user:password") and ETCDCTL_PASSWORD are not read: a password
+            # belongs in a file, never in the environment a wrapped app inherits.
+            return (
+                "etcd's auth is on: set etcd.user and etcd.password_file (ETCDCTL_USER/ETCDCTL_PASSWORD are not read)"
+            )
         return (
             f"etcd.user {self._user!r} needs a role with readwrite on the key {self._key!r} (or its prefix), "
             "and etcd.password_file its password"
@@ -332,8 +338,7 @@ class EtcdRegistry:
                 self._lease = None  # expired meanwhile: the next attempt grants a new one
             raise
         except EtcdPermissionDenied:
-            # The user may grant leases but not write the key: leave no empty lease behind (it would
-            # expire by its TTL anyway).
+            # A user who may read and grant leases but not write the key: leave no empty lease behind.
             lease, self._lease = self._lease, None
             with contextlib.suppress(RegistryError):
                 await self._call("/v3/lease/revoke", {"ID": str(lease)})

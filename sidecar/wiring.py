@@ -157,14 +157,13 @@ def build_sidecar(config: Config, command: list[str], tokens: TokenCache) -> Wir
     agent: Agent
     consul_agent: ConsulAgent | None = None
     if config.registry.kind.value == "etcd":
+        from .registry.base import RegistryRejected
         from .registry.etcd import EtcdRegistry
 
-        etcd = config.etcd
-        unsupported = [k for k, v in (("ca_file", etcd.ca_file), ("cert_file", etcd.cert_file)) if v]
-        if unsupported:  # validated, not used yet: refuse rather than connect without them
-            raise WiringError(f"{config.source}: etcd.{unsupported[0]}: etcd TLS is not supported yet")
-
-        agent = EtcdRegistry(config, clock, prober, logger.bind(service_id=config.service.id))
+        try:
+            agent = EtcdRegistry(config, clock, prober, logger.bind(service_id=config.service.id))
+        except RegistryRejected as e:  # a TLS file that is no certificate or key
+            raise WiringError(f"{config.source}: {e}") from None
         if sock is not None:
             server = StatusServer(status, sock, logger, secrets=tokens.secrets)
     else:

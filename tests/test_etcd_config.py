@@ -95,9 +95,9 @@ def test_maint_with_etcd_is_one_line_and_fails(tmp_path: Path, capsys: pytest.Ca
     assert "maintenance mode is Consul's" in line
 
 
-def test_run_refuses_etcd_tls_it_cannot_use_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """etcd TLS is validated but not implemented: run exits 78 with one line before starting the app, never
-    connecting without it. Red if run started (the app's command would create the marker)."""
+def test_run_refuses_a_ca_file_that_is_no_certificate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """etcd.ca_file readable but no PEM certificate: run exits 78 with one line naming the key, before starting
+    the app. Red if run started (the app's command would create the marker) or the line named no key."""
     (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     p = tmp_path / "c.toml"
     p.write_text(ETCD + f'ca_file = "{tmp_path / "ca.pem"}"\n' + SERVICE + '[status]\nlisten = ""\n')

@@ -20,9 +20,11 @@ import base64
 import contextlib
 import json
 import math
+import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import Config, EtcdFormat
+from ..config.model import EtcdSettings
 from ..config.names import OWNER_META_KEY
 from .base import (
     DeregisterResult,
@@ -34,6 +36,8 @@ from .base import (
 )
 
 if TYPE_CHECKING:
+    import ssl
+
     import aiohttp
     from structlog.typing import FilteringBoundLogger
 
@@ -119,6 +123,28 @@ class EtcdRejected(EtcdError, RegistryRejected):
     """etcd refused the request as malformed, or asked for what the sidecar cannot do (maintenance mode)."""
 
 
+def tls_context(etcd: EtcdSettings) -> ssl.SSLContext | None:
+    """TLS to etcd's members (``https://`` endpoints): etcd.ca_file to verify them, etcd.cert_file and
+    etcd.key_file as the client certificate; None when none is set (the system's CAs then, for https).
+    A file that is no PEM certificate or key is an EtcdRejected naming the key."""
+    if not (etcd.ca_file or etcd.cert_file):
+        return None
+    import ssl
+
+    try:
+        ctx = ssl.create_default_context(cafile=str(etcd.ca_file) if etcd.ca_file else None)
+    except (ssl.SSLError, OSError) as e:
+        raise EtcdRejected(f"etcd.ca_file {str(etcd.ca_file)!r}: no PEM certificate ({e})") from None
+    if etcd.cert_file:
+        try:
+            ctx.load_cert_chain(str(etcd.cert_file), str(etcd.key_file) if etcd.key_file else None)
+        except (ssl.SSLError, OSError) as e:
+            raise EtcdRejected(
+                f"etcd.cert_file {str(etcd.cert_file)!r} / etcd.key_file: not a certificate and its key ({e})"
+            ) from None
+    return ctx
+
+
 def aiohttp_error(message: str) -> Exception:
     """An error of the kind ``_call`` passes over to the next member (the answer was no etcd's)."""
     import aiohttp
@@ -167,13 +193,31 @@ class EtcdRegistry:
         self._password_file = config.etcd.password_file
         self._token: str | None = None
         self._auth_off = False  # etcd said its auth is not enabled: no token to send
+        self._tls = tls_context(config.etcd)
 
     def _client(self) -> aiohttp.ClientSession:
         import aiohttp
 
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            connector = aiohttp.TCPConnector(ssl=self._tls) if self._tls is not None else None
+            self._session = aiohttp.ClientSession(connector=connector)
         return self._session
+
+    def _tls_failed(self, path: str, endpoint: str, e: BaseException) -> EtcdRejected | None:
+        """A certificate problem in the handshake: configuration, not an outage (as with Consul: exit 78)."""
+        ssl = sys.modules.get("ssl")  # not imported: no TLS was attempted
+        seen: BaseException | None = e
+        while seen is not None:
+            text = str(seen).upper()
+            if ((ssl is not None and isinstance(seen, ssl.SSLError)) or "[SSL" in text) and "CERTIFICATE" in text:
+                hint = (
+                    ""
+                    if self._config.etcd.cert_file
+                    else (" (does etcd require a client certificate? set etcd.cert_file and etcd.key_file)")
+                )
+                return EtcdRejected(f"POST {path}: TLS handshake with {endpoint} failed: {e}{hint}")
+            seen = seen.__cause__ or seen.__context__
+        return None
 
     async def _call(
         self, path: str, body: dict[str, Any], timeout: float | None = None, again: bool = False
@@ -214,9 +258,13 @@ class EtcdRegistry:
                 errors.append(f"{endpoint}: no answer within {share:.2g}s")
                 continue
             except aiohttp.ClientConnectorError as e:
+                if (tls := self._tls_failed(path, endpoint, e)) is not None:
+                    raise tls from None
                 errors.append(f"{endpoint}: {e.__class__.__name__}: {e.strerror or e}")  # never sent
                 continue
             except (aiohttp.ClientError, OSError) as e:
+                if (tls := self._tls_failed(path, endpoint, e)) is not None:
+                    raise tls from None
                 maybe_applied = True
                 errors.append(f"{endpoint}: {e.__class__.__name__}: {e}")
                 continue

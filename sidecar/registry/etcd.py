@@ -249,7 +249,7 @@ class EtcdRegistry:
             try:
                 async with asyncio.timeout(share):
                     async with session.post(
-                        endpoint.rstrip("/") + path, json=body, headers=await self._auth_headers(endpoint, end)
+                        endpoint.rstrip("/") + path, json=body, headers=await self._auth_headers(endpoint)
                     ) as resp:
                         raw = await resp.read()
                         status = resp.status
@@ -325,7 +325,7 @@ class EtcdRegistry:
             "and etcd.password_file its password"
         )
 
-    async def _auth_headers(self, endpoint: str, end: float) -> dict[str, str]:
+    async def _auth_headers(self, endpoint: str) -> dict[str, str]:
         """The ``Authorization`` header with etcd's token, authenticating first when there is none. The
         password is read from its file here, for this request alone: never kept, logged or put in an error."""
         if self._user is None or self._auth_off:

@@ -1060,6 +1060,9 @@ class Sidecar:
         counts[reason] = counts.get(reason, 0) + 1
 
     def _acl_hint(self) -> str | None:
+        own = getattr(self.agent, "permission_hint", None)  # a registry with access control of its own (etcd)
+        if own is not None:
+            return str(own())
         if self.config.consul.token.describe() is None:
             return "no ACL token is configured: set consul.token_file (or CONSUL_HTTP_TOKEN_FILE)"
         return f"the token needs service:write on {self.config.service.name!r}"

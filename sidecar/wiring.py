@@ -157,16 +157,14 @@ def build_sidecar(config: Config, command: list[str], tokens: TokenCache) -> Wir
     agent: Agent
     consul_agent: ConsulAgent | None = None
     if config.registry.kind.value == "etcd":
+        from .registry.base import RegistryRejected
         from .registry.etcd import EtcdRegistry
 
         etcd = config.etcd
-        unsupported = [
-            k for k, v in (("ca_file", etcd.ca_file), ("cert_file", etcd.cert_file), ("user", etcd.user)) if v
-        ]
-        if unsupported:  # validated, not used yet: refuse rather than connect without them
-            raise WiringError(f"{config.source}: etcd.{unsupported[0]}: etcd TLS and auth are not supported yet")
-
-        agent = etcd_agent = EtcdRegistry(config, clock, prober, logger.bind(service_id=config.service.id))
+        try:
+            agent = etcd_agent = EtcdRegistry(config, clock, prober, logger.bind(service_id=config.service.id))
+        except RegistryRejected as e:  # a TLS file that is no certificate or key
+            raise WiringError(f"{config.source}: {e}") from None
         if sock is not None:
             from .http import etcd_view
             from .http.readiness import READ_TIMEOUT

@@ -95,13 +95,13 @@ def test_maint_with_etcd_is_one_line_and_fails(tmp_path: Path, capsys: pytest.Ca
     assert "maintenance mode is Consul's" in line
 
 
-def test_run_refuses_etcd_tls_and_auth_it_cannot_use_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """etcd auth and TLS are validated but not implemented: run exits 78 with one line before starting the app,
-    never connecting without them. Red if run started (the app's command would create the marker)."""
-    (tmp_path / "pw").write_text("secret\n")
+def test_run_refuses_a_ca_file_that_is_no_certificate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """etcd.ca_file readable but no PEM certificate: run exits 78 with one line naming the key, before starting
+    the app. Red if run started (the app's command would create the marker) or the line named no key."""
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     p = tmp_path / "c.toml"
-    p.write_text(ETCD + f'user = "u"\npassword_file = "{tmp_path / "pw"}"\n' + SERVICE + '[status]\nlisten = ""\n')
+    p.write_text(ETCD + f'ca_file = "{tmp_path / "ca.pem"}"\n' + SERVICE + '[status]\nlisten = ""\n')
     marker = tmp_path / "started"
     assert cli.main(["run", "-c", str(p), "--", "touch", str(marker)]) == 78
     err = capsys.readouterr().err
-    assert "etcd.user" in err and "secret" not in err and not marker.exists()
+    assert "etcd.ca_file" in err and not marker.exists()

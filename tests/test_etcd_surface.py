@@ -572,7 +572,7 @@ def test_every_metric_family_of_either_registry_is_documented() -> None:
     from sidecar.state import Status
 
     status = Status(SystemClock(), "web-1")
-    view = {"keepalive_failures": 2, "key_withheld": False}
+    view = {"keepalive_failures": 2, "failovers": 3, "key_withheld": False}
     consul = set(re.findall(r"^# TYPE (\S+) ", metrics.render(status, {"register": 0}).decode(), re.M))
     etcd = set(re.findall(r"^# TYPE (\S+) ", metrics.render(status, etcd=view).decode(), re.M))
     text = (ROOT / "docs" / "events.md").read_text(encoding="utf-8")
@@ -582,3 +582,4 @@ def test_every_metric_family_of_either_registry_is_documented() -> None:
     assert not etcd & set(CONSUL_ONLY_FAMILIES) and set(CONSUL_ONLY_FAMILIES) <= consul
     assert not {n for n in consul if "_etcd_" in n}
     assert "consul_sidecar_etcd_keepalive_failures_total 2\n" in metrics.render(status, etcd=view).decode()
+    assert "consul_sidecar_etcd_failovers_total 3\n" in metrics.render(status, etcd=view).decode()

@@ -126,6 +126,12 @@ def render(
             [({}, int(etcd.get("keepalive_failures") or 0))],
         )
         w.family(
+            p + "etcd_failovers_total",
+            "counter",
+            "Requests passed on to the next etcd member (no answer, a dropped connection, no leader).",
+            [({}, int(etcd.get("failovers") or 0))],
+        )
+        w.family(
             p + "etcd_key_withheld",
             "gauge",
             "1 while the app's check fails and the key is deleted until it passes again.",

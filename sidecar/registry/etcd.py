@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import math
+import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import Config, EtcdFormat
+from ..config.model import EtcdSettings
 from ..config.names import OWNER_META_KEY
 from .base import (
     DeregisterResult,
@@ -33,6 +36,8 @@ from .base import (
 )
 
 if TYPE_CHECKING:
+    import ssl
+
     import aiohttp
     from structlog.typing import FilteringBoundLogger
 
@@ -118,16 +123,48 @@ class EtcdRejected(EtcdError, RegistryRejected):
     """etcd refused the request as malformed, or asked for what the sidecar cannot do (maintenance mode)."""
 
 
+def tls_context(etcd: EtcdSettings) -> ssl.SSLContext | None:
+    """TLS to etcd's members (``https://`` endpoints): etcd.ca_file to verify them, etcd.cert_file and
+    etcd.key_file as the client certificate; None when none is set (the system's CAs then, for https).
+    A file that is no PEM certificate or key is an EtcdRejected naming the key."""
+    if not (etcd.ca_file or etcd.cert_file):
+        return None
+    import ssl
+
+    try:
+        ctx = ssl.create_default_context(cafile=str(etcd.ca_file) if etcd.ca_file else None)
+    except (ssl.SSLError, OSError) as e:
+        raise EtcdRejected(f"etcd.ca_file {str(etcd.ca_file)!r}: no PEM certificate ({e})") from None
+    if etcd.cert_file:
+        try:
+            ctx.load_cert_chain(str(etcd.cert_file), str(etcd.key_file) if etcd.key_file else None)
+        except (ssl.SSLError, OSError) as e:
+            raise EtcdRejected(
+                f"etcd.cert_file {str(etcd.cert_file)!r} / etcd.key_file: not a certificate and its key ({e})"
+            ) from None
+    return ctx
+
+
+def aiohttp_error(message: str) -> Exception:
+    """An error of the kind ``_call`` passes over to the next member (the answer was no etcd's)."""
+    import aiohttp
+
+    return aiohttp.ClientError(message)
+
+
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
 class EtcdRegistry:
     """The instance's key on a lease in etcd, through the JSON gateway (``/v3/...``), each request within
-    ``etcd.timeout``. Entries read back in the lifecycle's shape (``entry_of``).
+    ``etcd.timeout`` and passed over to the next member when one does not answer (``_call``). Entries
+    read back in the lifecycle's shape (``entry_of``). With a prober, the key exists only while check.http
+    passes (``_follow_health``). With ``etcd.user``, requests carry the token etcd's ``/v3/auth/authenticate``
+    gave for the password in ``etcd.password_file``.
 
-    Not yet here (issue 19): the probe of check.http that deletes the key after failures_before_critical
-    failures and puts it back, auth (user, password_file) and TLS; wiring.py refuses kind = "etcd" until then.
+    Counters (read by /metrics): ``keepalive_failures`` (a keepalive round that failed or found its lease
+    gone), ``failovers`` (a request passed on to the next member).
     """
 
     unavailable_error: type[RegistryUnavailable] = EtcdUnavailable  # what a write refused by the drain raises
@@ -151,43 +188,178 @@ class EtcdRegistry:
         self._withheld = False  # the check is failing: the key is deleted on purpose until it passes
         self._in_flight: asyncio.Future[None] | None = None  # a background put, never cancelled mid-flight
         self._stopping = False
+        self.failovers = 0  # requests passed on to the next member (no answer, a dropped connection, no leader)
+        self._user = config.etcd.user
+        self._password_file = config.etcd.password_file
+        self._token: str | None = None
+        self._auth_off = False  # etcd said its auth is not enabled: no token to send
+        self._tls = tls_context(config.etcd)
 
-    async def _call(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """POST ``body`` to the first endpoint that takes a connection; errors as the lifecycle reads them."""
+    def _client(self) -> aiohttp.ClientSession:
         import aiohttp
 
         if self._session is None:
-            self._session = aiohttp.ClientSession()
-        limit = self._config.etcd.timeout if timeout is None else timeout
-        last: Exception | None = None
-        for endpoint in self._endpoints:
+            connector = aiohttp.TCPConnector(ssl=self._tls) if self._tls is not None else None
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    def _tls_failed(self, path: str, endpoint: str, e: BaseException) -> EtcdRejected | None:
+        """A certificate problem in the handshake: configuration, not an outage (as with Consul: exit 78)."""
+        ssl = sys.modules.get("ssl")  # not imported: no TLS was attempted
+        seen: BaseException | None = e
+        while seen is not None:
+            text = str(seen).upper()
+            if ((ssl is not None and isinstance(seen, ssl.SSLError)) or "[SSL" in text) and "CERTIFICATE" in text:
+                hint = (
+                    ""
+                    if self._config.etcd.cert_file
+                    else (" (does etcd require a client certificate? set etcd.cert_file and etcd.key_file)")
+                )
+                return EtcdRejected(f"POST {path}: TLS handshake with {endpoint} failed: {e}{hint}")
+            seen = seen.__cause__ or seen.__context__
+        return None
+
+    async def _call(
+        self, path: str, body: dict[str, Any], timeout: float | None = None, again: bool = False
+    ) -> dict[str, Any]:
+        """POST ``body`` to the members in turn, the one that answered last first, within ``etcd.timeout``
+        in all; errors as the lifecycle reads them.
+
+        Each member gets an equal share of what is left of the deadline, so a frozen member (its socket
+        accepts, nobody answers) costs a share, not the whole deadline. A member that does not answer,
+        drops the connection or has no leader is passed over for the next one: every request the adapter
+        sends is idempotent (a put of the same value on the same lease, a delete, a revoke, a keepalive,
+        a read; a grant repeated elsewhere leaves at most an empty lease that expires by its TTL). Only
+        when every member refused the connection is the request known not to be applied."""
+        import aiohttp
+
+        session = self._client()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (self._config.etcd.timeout if timeout is None else timeout)
+        first = self._endpoints.index(self.address) if self.address in self._endpoints else 0
+        order = self._endpoints[first:] + self._endpoints[:first]
+        errors: list[str] = []
+        maybe_applied = False
+        for i, endpoint in enumerate(order):
+            share = (end - loop.time()) / (len(order) - i)
+            if share <= 0:
+                break
+            if i > 0:
+                self.failovers += 1
             try:
-                async with asyncio.timeout(limit):
-                    async with self._session.post(endpoint.rstrip("/") + path, json=body) as resp:
+                async with asyncio.timeout(share):
+                    async with session.post(
+                        endpoint.rstrip("/") + path, json=body, headers=await self._auth_headers(endpoint)
+                    ) as resp:
                         raw = await resp.read()
                         status = resp.status
             except TimeoutError:
-                raise EtcdUnavailable(f"POST {path}: no answer from {endpoint} within {limit:g}s") from None
+                maybe_applied = True
+                errors.append(f"{endpoint}: no answer within {share:.2g}s")
+                continue
             except aiohttp.ClientConnectorError as e:
-                last = e  # never sent: the next member may take it
+                if (tls := self._tls_failed(path, endpoint, e)) is not None:
+                    raise tls from None
+                errors.append(f"{endpoint}: {e.__class__.__name__}: {e.strerror or e}")  # never sent
                 continue
             except (aiohttp.ClientError, OSError) as e:
-                raise EtcdUnavailable(f"POST {path}: {endpoint}: {e.__class__.__name__}: {e}") from None
-            self.address = endpoint
+                if (tls := self._tls_failed(path, endpoint, e)) is not None:
+                    raise tls from None
+                maybe_applied = True
+                errors.append(f"{endpoint}: {e.__class__.__name__}: {e}")
+                continue
             try:
                 doc = json.loads(raw)
             except ValueError:
-                raise EtcdUnavailable(f"POST {path}: {endpoint} (HTTP {status}): not etcd's JSON gateway") from None
+                maybe_applied = True
+                errors.append(f"{endpoint} (HTTP {status}): not etcd's JSON gateway")
+                continue
             if status == 200 and isinstance(doc, dict) and "error" not in doc:
+                self.address = endpoint
                 return doc
             message = str(doc.get("message") or doc.get("error") or raw[:200]) if isinstance(doc, dict) else str(raw)
             code = doc.get("code") if isinstance(doc, dict) else None
-            if code in (7, 16) or "permission denied" in message or "authentication" in message:
-                raise EtcdPermissionDenied(f"POST {path}: {endpoint}: {message}")
+            if (
+                self._user is not None
+                and not again
+                and (code == 16 or "auth token" in message or "user name is empty" in message)
+            ):
+                # The token expired (simple tokens do after minutes unused), or auth was enabled since:
+                # authenticate again, once per request.
+                self._token, self._auth_off = None, False
+                return await self._call(path, body, max(0.001, end - loop.time()), again=True)
+            if code in (7, 16) or any(
+                w in message for w in ("permission denied", "authentication", "user name is empty")
+            ):
+                raise EtcdPermissionDenied(f"POST {path}: {endpoint}: {message}{self._who()}")
             if code == 3:
                 raise EtcdRejected(f"POST {path}: {endpoint}: {message}")
+            if code in (4, 14) or status >= 500 and code is None or "leader" in message or "timed out" in message:
+                # No leader, an election, a request timed out inside etcd: another member may do better.
+                maybe_applied = True
+                errors.append(f"{endpoint}: {message}")
+                continue
+            self.address = endpoint
             raise EtcdUnavailable(f"POST {path}: {endpoint}: {message}")
-        raise EtcdUnavailable(f"POST {path}: no etcd member reachable: {last}", maybe_applied=False)
+        if not errors:
+            errors.append(f"no time left of {self._config.etcd.timeout if timeout is None else timeout:g}s")
+        raise EtcdUnavailable(f"POST {path}: no etcd member answered: {'; '.join(errors)}", maybe_applied=maybe_applied)
+
+    # --- auth: etcd.user and etcd.password_file -------------------------------------------------------
+
+    def _who(self) -> str:
+        if self._user is None:
+            return " (no etcd.user is configured: etcd's auth is on)"
+        return f" (etcd.user {self._user!r} needs a role with readwrite on {self._key!r})"
+
+    def permission_hint(self) -> str:
+        """What the lifecycle says when etcd refuses a request (exit 77)."""
+        if self._user is None:
+            # etcdctl's ETCDCTL_USER ("user:password") and ETCDCTL_PASSWORD are not read: a password
+            # belongs in a file, never in the environment a wrapped app inherits.
+            return (
+                "etcd's auth is on: set etcd.user and etcd.password_file (ETCDCTL_USER/ETCDCTL_PASSWORD are not read)"
+            )
+        return (
+            f"etcd.user {self._user!r} needs a role with readwrite on the key {self._key!r} (or its prefix), "
+            "and etcd.password_file its password"
+        )
+
+    async def _auth_headers(self, endpoint: str) -> dict[str, str]:
+        """The ``Authorization`` header with etcd's token, authenticating first when there is none. The
+        password is read from its file here, for this request alone: never kept, logged or put in an error."""
+        if self._user is None or self._auth_off:
+            return {}
+        if self._token is None:
+            assert self._password_file is not None
+            try:
+                password = self._password_file.read_text().rstrip("\r\n")
+            except OSError as e:
+                raise EtcdPermissionDenied(
+                    f"etcd.password_file {str(self._password_file)!r}: cannot be read ({e.strerror})"
+                ) from None
+            url = endpoint.rstrip("/") + "/v3/auth/authenticate"
+            async with self._client().post(url, json={"name": self._user, "password": password}) as resp:
+                raw, status = await resp.read(), resp.status
+            del password
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                raise aiohttp_error(f"{endpoint} (HTTP {status}): not etcd's JSON gateway") from None
+            if status == 200 and isinstance(doc, dict) and doc.get("token"):
+                self._token = str(doc["token"])
+            else:
+                message = str(doc.get("message") or doc.get("error")) if isinstance(doc, dict) else str(raw[:200])
+                if "not enabled" in message:
+                    self._auth_off = True  # nothing to authenticate to: requests need no token
+                    return {}
+                if "authentication failed" in message or "permission denied" in message:
+                    raise EtcdPermissionDenied(
+                        f"etcd refused etcd.user {self._user!r} with the password in etcd.password_file "
+                        f"({endpoint}: {message})"
+                    )
+                raise aiohttp_error(f"{endpoint}: authenticate: {message}")
+        return {"Authorization": self._token}
 
     # --- the Agent protocol ---------------------------------------------------------------------------
 
@@ -212,6 +384,12 @@ class EtcdRegistry:
         except EtcdUnavailable as e:
             if "lease not found" in str(e):
                 self._lease = None  # expired meanwhile: the next attempt grants a new one
+            raise
+        except EtcdPermissionDenied:
+            # A user who may read and grant leases but not write the key: leave no empty lease behind.
+            lease, self._lease = self._lease, None
+            with contextlib.suppress(RegistryError):
+                await self._call("/v3/lease/revoke", {"ID": str(lease)})
             raise
         self._withheld = False
         if self._keeper is None or self._keeper.done():
@@ -388,4 +566,5 @@ class EtcdRegistry:
             "lease_ttl_s": self._config.etcd.lease_ttl,
             "key_withheld": self._withheld and not self._stopping,
             "keepalive_failures": self.keepalive_failures,
+            "failovers": self.failovers,
         }

@@ -531,7 +531,8 @@ KEYS: tuple[Key, ...] = (
         "failures_before_critical",
         Kind.INTEGER,
         "consecutive failed checks before the instance counts as critical (etcd: its key is deleted, and put "
-        "back when the check passes again)",
+        "back when the check passes again; Consul: sent as the check's FailuresBeforeCritical, which Consul "
+        "1.9 and later follow and 1.8.7 ignores)",
         default=1,
         minimum=1,
         maximum=1000,

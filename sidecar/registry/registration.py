@@ -29,6 +29,10 @@ def registration_payload(config: Config, passing: bool, owner: str | None = None
     }
     if chk.deregister_critical_after > 0:
         check["DeregisterCriticalServiceAfter"] = format_duration(chk.deregister_critical_after)
+    if chk.failures_before_critical > 1:
+        # Consul's field of the same name (Consul 1.9 and later; 1.8.7, Debian bullseye's, accepts it and
+        # ignores it: measured). Left out at 1, Consul's behaviour without it, so a default payload is as before.
+        check["FailuresBeforeCritical"] = chk.failures_before_critical
     if passing:
         check["Status"] = "passing"
     meta = dict(svc.meta)

@@ -130,8 +130,12 @@ class DestroyEvents:
             raise TrafficWatchError("DestroyEvents is closed")
         return self._sock.fileno()
 
-    def read(self) -> EventBatch:
-        """Take what is queued, without blocking (at most ``max_messages`` datagrams)."""
+    def read(self, records: list[DiagSocket] | None = None) -> EventBatch:
+        """Take what is queued, without blocking (at most ``max_messages`` datagrams).
+
+        With ``records``, each ended connection's record is appended to it as well (decoded: its peer, its
+        cookie and its ``tcp_info`` as the kernel gave it at the end), for who must know which connection
+        ended, not only how many (the drain's horizon, horizon.py)."""
         if self._sock is None:
             raise TrafficWatchError("DestroyEvents is closed")
         ended, lost, n = 0, False, 0
@@ -147,10 +151,13 @@ class DestroyEvents:
                     continue
                 raise TrafficWatchError(f"reading socket destruction events failed: {e}", e.errno) from e
             n += 1
-            ended += 1 if self.filtered else self._count(buf[:size])
+            if records is not None:
+                ended += self._count(buf[:size], records)
+            else:
+                ended += 1 if self.filtered else self._count(buf[:size])
         return EventBatch(ended, lost, True)
 
-    def _count(self, datagram: memoryview) -> int:
+    def _count(self, datagram: memoryview, records: list[DiagSocket] | None = None) -> int:
         found = 0
         try:
             for rec in parse(datagram):
@@ -162,6 +169,8 @@ class DestroyEvents:
                 if self._wanted is not None and rec.src not in self._wanted:
                     continue
                 found += 1
+                if records is not None:
+                    records.append(rec)
         except DecodeError:
             found += 1  # a message we cannot read may be ours: count it, never miss it
         return found

@@ -13,14 +13,16 @@ is dated by its last inbound data (``tcpi_last_data_recv``; a connection that ne
 its handshake): for a connection per request that is its request, a few milliseconds after it
 opened; for a new connection that keeps sending, its last request. So a date is never before the
 connection opened: the horizon errs long, never short. A destroy event's date also carries how late
-it was read (at most ``EVENT_HOLD``, 50 ms, under load).
+it was read: at most ``EVENT_HOLD`` (100 ms) under load, the first after a pause at once.
 
 Without destroy events the view is not had: the socket table alone misses the short connections
 (the common case), and the namespace's counters name no peer. The sidecar then says so once
 (``sidecar.drain.horizon_unavailable``) and records nothing, rather than a horizon too short.
 
-Cost: the events are read in batches, as the traffic strategy reads them (one wake-up per
-``EVENT_HOLD`` at most), and decoded (a few µs each); the socket table is looked at twice per drain.
+Cost: what costs is waking the event loop (~150 µs each on a busy 2-core VM, more than a batch of
+events), so the reader rests ``EVENT_HOLD`` after each read: at most 10 wake-ups a second, at a
+dating error of at most 100 ms. Each event is decoded only as far as needed (sock_diag.ended: ~5 µs).
+The socket table is looked at twice per drain, outside the wait. Figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..clock import Clock
-from .sock_diag import DiagSocket
+from .sock_diag import Ended
 from .tcp_events import DestroyEvents
 from .traffic import PortSnapshot, PortWatcher, TrafficWatchError
 
 __all__ = ["EVENT_HOLD", "Horizon", "HorizonRecorder", "NewConnections", "PeerHorizon"]
 
-EVENT_HOLD = 0.05  # as the traffic strategy's reader (wait.py): at most 20 wake-ups a second
+EVENT_HOLD = 0.1  # the reader rests this long after each read: at most 10 wake-ups a second (see the cost above)
 PEERS_SHOWN = 5  # the slowest peers in sidecar.drain.done
 PEERS_KEPT = 10_000  # distinct peers tracked in one drain; more are counted, not named
 
@@ -160,7 +162,7 @@ class HorizonRecorder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rearm: asyncio.TimerHandle | None = None
         self._reading = False
-        self._records: list[DiagSocket] = []
+        self._records: list[Ended] = []
 
     def start(self, at: float) -> None:
         """Subscribe, then look (a connection that ends between the two is dated before ``at`` or counts
@@ -193,19 +195,21 @@ class HorizonRecorder:
             self._loop.remove_reader(self._events.fileno())  # by our open descriptor, never a reused number
         self._reading = False
 
-    def _take(self) -> None:
-        """Everything queued, each ended connection dated by its last inbound data."""
+    def _take(self) -> bool:
+        """Everything queued, each ended connection dated by its last inbound data; whether any came."""
         if self._events is None or self._tally is None:
-            return
+            return False
         records = self._records
+        found = False
         try:
             while True:
                 records.clear()
                 batch = self._events.read(records)
+                found = found or batch.ended > 0 or batch.lost
                 now = self.clock.monotonic()
                 for rec in records:
-                    idle = rec.last_data_recv_ms
-                    self._tally.ended(rec.cookie, rec.dst, now - (idle / 1000 if idle is not None else 0.0))
+                    idle = rec.idle_ms
+                    self._tally.ended(rec.cookie, rec.peer, now - (idle / 1000 if idle is not None else 0.0))
                 if batch.lost and self._lost is None:
                     self._lost = "the kernel dropped socket destruction events (its queue was full)"
                 if batch.ended > len(records) and self._lost is None:
@@ -217,6 +221,7 @@ class HorizonRecorder:
             self._close_events()
         finally:
             records.clear()
+        return found
 
     def _look(self) -> None:
         assert self._tally is not None

@@ -25,8 +25,8 @@ from examples.rollout.loadgen import summarize
 from sidecar.drain.horizon import NewConnections
 from sidecar.drain.sock_diag import Ended
 from sidecar.drain.tcp_events import DestroyEvents
-from testkit import APP, PY, Consul, Sidecar, app_command, free_port, read_signal_log, spawn, wait_for
-from testkit.suite import StartSidecar, base_config
+from testkit import APP, PY, Consul, Sidecar, app_command, free_port, http_get, read_signal_log, spawn, wait_for
+from testkit.suite import RegisteredSidecar, StartSidecar, base_config
 
 CONSUMER = "127.0.0.77"  # the consumer's own source address: the peer the horizon must name
 
@@ -115,11 +115,12 @@ def _two_instances(consul: Consul, workdir: Path, name: str, shutdown: dict[str,
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("horizon", [2.0, 4.0])
-async def test_fixed_drain_measures_a_known_horizon_and_names_the_peer(
-    consul: Consul, tmp_path: Path, horizon: float
+@pytest.mark.parametrize("strategy, horizon", [("fixed", 2.0), ("fixed", 4.0), ("traffic", 2.0)])
+async def test_a_drain_measures_a_known_horizon_and_names_the_peer(
+    consul: Consul, tmp_path: Path, strategy: str, horizon: float
 ) -> None:
-    """1. Two instances, the fixed strategy with a delay H + 1.5 s; a consumer (100 requests/s, a new
+    """1. Two instances, the fixed strategy with a delay H + 1.5 s (or the traffic strategy: quiet_period
+       1 s, bound 30 s, so the drain ends 1 s after the consumer's last connection); a consumer (100 requests/s, a new
        connection each, from 127.0.0.77) routes by Consul's answer of H seconds ago, so it keeps opening
        connections to the first instance for H after it sees it leave.
     2. SIGTERM the first instance's sidecar.
@@ -135,9 +136,14 @@ async def test_fixed_drain_measures_a_known_horizon_and_names_the_peer(
     (a consistent read after the deregistration) returns, and its requests come every 10 ms.
     Red when the horizon is not measured (null), when connections open before the deregistration or
     the consumer's requests to the other instance count, or when dates are off by more than that."""
-    name = f"hz{int(horizon)}"
+    name = f"hz{strategy[0]}{int(horizon)}"
     delay = horizon + 1.5
-    sidecars, port = _two_instances(consul, tmp_path, name, {"propagation_delay": f"{delay:g}s"})
+    shutdown = (
+        {"propagation_delay": f"{delay:g}s"}
+        if strategy == "fixed"
+        else {"strategy": "traffic", "propagation_delay": "30s", "min_delay": "1s", "quiet_period": "1s"}
+    )
+    sidecars, port = _two_instances(consul, tmp_path, name, shutdown)
     consumer = _FromOwnAddress(consul.address, name, port, horizon=horizon, rate=100.0)
     stop = asyncio.Event()
     load: asyncio.Task[Any] | None = None
@@ -177,7 +183,8 @@ async def test_fixed_drain_measures_a_known_horizon_and_names_the_peer(
     assert 0.25 * 50 * horizon <= done["new_connections"] <= 2 * 50 * horizon + 50, done
     slowest = done["slowest_peers"][0]
     assert slowest["peer"] == CONSUMER and slowest["last_ms"] == h_ms, done
-    assert done["window_ms"] >= delay * 1000, done
+    # The window: the fixed delay, or the traffic drain's quiet period after the last connection.
+    assert done["window_ms"] >= (delay * 1000 if strategy == "fixed" else h_ms + 1000), done
     s = summarize(records)
     assert s.requests > 100 * horizon and s.failed == 0, (s.requests, s.failed, s.errors)
 
@@ -284,3 +291,39 @@ def test_no_view_says_so_once_and_records_nothing(consul: Consul, tmp_path: Path
         if app.poll() is None:
             app.kill()
         app.wait(10)
+
+
+def _metric(sidecar: Sidecar, name: str) -> float | None:
+    """One unlabelled series of the sidecar's /metrics, or None when absent."""
+    _, body = http_get(sidecar.status_url() + "/metrics", timeout=5)
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def test_metrics_carry_the_last_drains_horizon_and_its_new_connections(
+    registered_sidecar: RegisteredSidecar,
+) -> None:
+    """1. Registered: no horizon gauge yet, the new-connection counter 0.
+    2. SIGTERM (fixed 1.5 s, the app slow to stop: 3 s); after the confirmed deregistration three new
+       connections reach the app, 0.5 s apart.
+    Expected, while the app stops: ``consul_sidecar_drain_horizon_seconds`` equals ``horizon_ms`` of
+    ``sidecar.drain.done`` (at least 1 s: the third came 1 s after the first), and
+    ``consul_sidecar_drain_new_connections_total`` its ``new_connections`` (at least 3). Red when the
+    drain's figures do not reach /metrics."""
+    sc, port = registered_sidecar("--drain-seconds", "3", shutdown={"propagation_delay": "1.5s", "app_timeout": "15s"})
+    assert _metric(sc, "consul_sidecar_drain_horizon_seconds") is None
+    assert _metric(sc, "consul_sidecar_drain_new_connections_total") == 0
+    sc.send(signal.SIGTERM)
+    sc.wait_event("sidecar.consul.deregistered")
+    first = time.monotonic()
+    for i in range(3):
+        # A scenario of three connections 0.5 s apart, not a wait for anything.
+        time.sleep(max(0.0, first + 0.5 * i - time.monotonic()))
+        assert http_get(f"http://127.0.0.1:{port}/", timeout=5)[0] == 200
+    done = sc.wait_event("sidecar.drain.done", timeout=30)
+    assert done["new_connections"] >= 3 and done["horizon_ms"] >= 1000, done
+    assert _metric(sc, "consul_sidecar_drain_horizon_seconds") == round(done["horizon_ms"] / 1000, 3)
+    assert _metric(sc, "consul_sidecar_drain_new_connections_total") == done["new_connections"]
+    assert sc.wait(30) == 0

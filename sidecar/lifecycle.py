@@ -802,7 +802,8 @@ class Sidecar:
             horizon_ms=seen.horizon_ms or 0,  # 0 with new_connections 0: none came
             new_connections=seen.new_connections,
             slowest_peers=seen.slowest(),
-            peers=len(seen.peers) + (1 if seen.peers_unnamed else 0),
+            peers=len(seen.peers),
+            unnamed_connections=seen.peers_unnamed or None,  # of peers beyond the 10,000 tracked
             window_ms=seen.window_ms,
             lost=seen.lost,
         )

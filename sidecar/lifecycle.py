@@ -750,6 +750,7 @@ class Sidecar:
             ended: DrainEnd | None = None
             confirmed_at = self.clock.monotonic()
             if outcome is Deregistration.CONFIRMED:
+                self.drain_wait.measure_from(confirmed_at)  # the horizon, whatever the strategy
                 # A late confirmation shortens the delay rather than push the app past the worst case.
                 _, ended = await self._first(self.drain_wait.wait(confirmed_at), self._skip_or_bound(bound))
             if ended is None:
@@ -777,10 +778,35 @@ class Sidecar:
                 again = await self._verify_gone(bound, wait_again=True)
                 if again is not None:  # a landed write could not be taken out again: report it at the end
                     last, outcome = again, again.outcome
+            self._drain_done(outcome is Deregistration.CONFIRMED)
         result = await self._stop_app()
         status = await self._last_word(last, t0 + cfg.worst_case, result.status)
         self.log.info("sidecar.stopped", exit_status=status, app_status=result.status, elapsed_ms=self._ms(t0))
         return status
+
+    def _drain_done(self, confirmed: bool) -> None:
+        """The drain's last event before the app's signal: its horizon (drain/horizon.py)."""
+        seen = self.drain_wait.measured()
+        if seen is None:
+            why = (
+                self.drain_wait.horizon_unavailable or "not measured"
+                if confirmed
+                else "the deregistration was not confirmed: no moment to measure from"
+            )
+            self.log.info("sidecar.drain.done", reason=why)  # no figure rather than an invented one
+            return
+        self.status.drain_horizon_seconds = (seen.horizon_ms or 0) / 1000
+        self.status.drain_new_connections_total += seen.new_connections
+        (self.log.warning if seen.lost else self.log.info)(
+            "sidecar.drain.done",
+            horizon_ms=seen.horizon_ms or 0,  # 0 with new_connections 0: none came
+            new_connections=seen.new_connections,
+            slowest_peers=seen.slowest(),
+            peers=len(seen.peers),
+            unnamed_connections=seen.peers_unnamed or None,  # of peers beyond the 10,000 tracked
+            window_ms=seen.window_ms,
+            lost=seen.lost,
+        )
 
     async def _after_app_exit(self) -> int:
         """The app ended on its own: take it out of discovery at once, pass its status on."""

@@ -142,6 +142,8 @@ class Status:
     deregistration_seconds: float | None = None  # the last confirmed deregistration took this long
     drain_seconds: float | None = None  # the last wait between the confirmation and the app's signal
     drain_end: str | None = None  # why that wait ended (a DrainEnd value)
+    drain_horizon_seconds: float | None = None  # the last measured drain's horizon (0: no new connection)
+    drain_new_connections_total: int = 0  # new connections on the app's port after confirmed deregistrations
     maintenance: bool = False  # Consul's maintenance mode, as the keeper last read it
     maintenance_reason: str | None = None
 

@@ -15,12 +15,14 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 __all__ = [
     "ALL_BUT_TIME_WAIT",
     "DecodeError",
     "DiagSocket",
     "End",
+    "Ended",
     "NETLINK_SOCK_DIAG",
     "SOCK_DIAG_BY_FAMILY",
     "TCP_LISTEN",
@@ -28,6 +30,7 @@ __all__ = [
     "address",
     "destroy_filter",
     "dump_request",
+    "ended",
     "normal_address",
     "parse",
 ]
@@ -201,6 +204,46 @@ def parse(buf: bytes | bytearray | memoryview, seq: int | None = None) -> Iterat
             received,
             drops,
         )
+
+
+class Ended(NamedTuple):
+    """What the horizon needs of one destroy event: the socket's cookie, its peer address, and
+    ``tcpi_last_data_recv`` at its end (None without tcp_info)."""
+
+    cookie: int
+    peer: str
+    idle_ms: int | None
+
+
+_HEAD = struct.Struct("=IHHIIBB2x2s2s16s16s4xII")  # nlmsghdr, then inet_diag_msg up to its cookie
+_ATTRS_AT = NLMSGHDR.size + _MSG.size
+
+
+def ended(datagram: bytes | bytearray | memoryview, port: int) -> Ended | None | Literal[False]:
+    """One destroy-event datagram, decoded only as far as the horizon needs (a few µs, where
+    :func:`parse` takes ~10): an :class:`Ended` for a connection of local port ``port`` with a peer;
+    None for another socket (a listener, another port); False when the datagram is not the single
+    message this expects (the caller then uses :func:`parse`)."""
+    n = len(datagram)
+    if n < _ATTRS_AT:
+        return False
+    length, kind, _, _, _, fam, state, sport, dport, _, dst, c0, c1 = _HEAD.unpack_from(datagram, 0)
+    if length != n or kind != SOCK_DIAG_BY_FAMILY:
+        return False
+    if state == TCP_LISTEN or dport == b"\0\0" or int.from_bytes(sport, "big") != port:
+        return None
+    idle: int | None = None
+    a = _ATTRS_AT
+    while a + _NLATTR.size <= n:
+        alen, atype = _NLATTR.unpack_from(datagram, a)
+        if alen < _NLATTR.size or a + alen > n:
+            return False
+        if atype & 0x3FFF == _INET_DIAG_INFO:
+            if alen >= _NLATTR.size + _TCPI_LAST_DATA_RECV_AT + 4:
+                idle = _U32.unpack_from(datagram, a + _NLATTR.size + _TCPI_LAST_DATA_RECV_AT)[0]
+            break
+        a += (alen + 3) & ~3
+    return Ended(c0 | c1 << 32, address(fam, dst), idle)
 
 
 # --- the destroy multicast's filter ---------------------------------------------------------------

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
 
-from .sock_diag import TCP_LISTEN, DecodeError, DiagSocket, destroy_filter, normal_address, parse
+from .sock_diag import TCP_LISTEN, DecodeError, DiagSocket, Ended, destroy_filter, ended, normal_address, parse
 from .traffic import TrafficWatchError
 
 __all__ = ["DestroyEvents", "EventBatch", "can_join"]
@@ -130,27 +130,41 @@ class DestroyEvents:
             raise TrafficWatchError("DestroyEvents is closed")
         return self._sock.fileno()
 
-    def read(self) -> EventBatch:
-        """Take what is queued, without blocking (at most ``max_messages`` datagrams)."""
+    def read(self, records: list[Ended] | None = None) -> EventBatch:
+        """Take what is queued, without blocking (at most ``max_messages`` datagrams).
+
+        With ``records``, each ended connection's record is appended to it as well (decoded: its peer, its
+        cookie and its ``tcp_info`` as the kernel gave it at the end), for who must know which connection
+        ended, not only how many (the drain's horizon, horizon.py)."""
         if self._sock is None:
             raise TrafficWatchError("DestroyEvents is closed")
-        ended, lost, n = 0, False, 0
+        count, lost, n = 0, False, 0
         buf = memoryview(self._buf)
         while n < self._max:
             try:
                 size = self._sock.recv_into(buf)
             except (BlockingIOError, InterruptedError):
-                return EventBatch(ended, lost, False)
+                return EventBatch(count, lost, False)
             except OSError as e:
                 if e.errno == errno.ENOBUFS:  # the kernel dropped events: the queue overflowed
                     lost = True
                     continue
                 raise TrafficWatchError(f"reading socket destruction events failed: {e}", e.errno) from e
             n += 1
-            ended += 1 if self.filtered else self._count(buf[:size])
-        return EventBatch(ended, lost, True)
+            if records is None:
+                count += 1 if self.filtered else self._count(buf[:size])
+                continue
+            # The kernel's filter already kept only the port's connections (and addresses): decode the
+            # little the horizon needs. Otherwise, or for a datagram of another shape, the full parse.
+            one = ended(buf[:size], self.port) if self.filtered else False
+            if one is False:
+                count += self._count(buf[:size], records)
+            elif isinstance(one, Ended):
+                records.append(one)
+                count += 1
+        return EventBatch(count, lost, True)
 
-    def _count(self, datagram: memoryview) -> int:
+    def _count(self, datagram: memoryview, records: list[Ended] | None = None) -> int:
         found = 0
         try:
             for rec in parse(datagram):
@@ -162,6 +176,8 @@ class DestroyEvents:
                 if self._wanted is not None and rec.src not in self._wanted:
                     continue
                 found += 1
+                if records is not None:
+                    records.append(Ended(rec.cookie, rec.dst, rec.last_data_recv_ms))
         except DecodeError:
             found += 1  # a message we cannot read may be ours: count it, never miss it
         return found

@@ -54,6 +54,7 @@ from ..config import Config, Strategy
 from ..registry.base import RegistryError
 from ..state import DrainEnd, DrainProgress, Status
 from .dns_probe import DnsError, resolve_addresses
+from .horizon import Horizon, HorizonRecorder
 from .netns_counters import Counters, namespace_is_apps, read_counters
 from .tcp_events import DestroyEvents
 from .traffic import PortSnapshot, PortWatcher, TrafficWatchError, activity_between
@@ -201,14 +202,82 @@ class DrainWait:
         self.blind: str | None = None  # why the view misses short connections (poll alone), else None
         self.addresses: frozenset[str] | None = None  # the instance's addresses, for the DNS step
         self.cpu_ms: float | None = None
+        # The horizon (horizon.py), whatever the strategy: why it cannot be measured here (None: it can),
+        # the watcher it looks through, and the recorder of the drain in progress.
+        self.horizon_unavailable: str | None = None
+        self._horizon_watcher: PortWatcher | None = None
+        self._recorder: HorizonRecorder | None = None
+        self._horizon_prepared = False
 
     @property
     def complete(self) -> bool:
         return "destroy_events" in self.sources or "passive_opens" in self.sources
 
     async def prepare(self) -> None:
-        """With the traffic strategy: check once, early, that the app's port is visible, choose the
-        sources this host allows, and say which (and what a missing one costs)."""
+        """Check once, early, that the app's port is visible: with the traffic strategy, choose the
+        sources this host allows, and say which (and what a missing one costs); with any strategy, whether
+        the drain's horizon can be measured (and say once if not)."""
+        await self._prepare_traffic()
+        self._prepare_horizon()
+
+    def _prepare_horizon(self) -> None:
+        if self._horizon_prepared:
+            return
+        self._horizon_prepared = True
+        svc = self.config.service
+        why: str | None = None
+        if self.sd.strategy is Strategy.TRAFFIC:
+            if self._watcher is None:
+                why = self.unavailable or "the app's port is not visible"
+            elif "destroy_events" not in self.sources:
+                why = "socket destruction events cannot be had here"
+            else:
+                self._horizon_watcher = self._watcher
+        else:
+            try:
+                watcher = self._factory(svc.port, _ip_or_none(svc.address))
+                if not watcher.snapshot(narrow=True).listening:
+                    watcher.close()
+                    raise TrafficWatchError(f"no listening socket on port {svc.port} in this network namespace")
+                try:
+                    self._events_factory(svc.port, _ip_or_none(svc.address)).close()
+                except BaseException:
+                    watcher.close()
+                    raise
+                self._horizon_watcher = watcher
+            except (TrafficWatchError, OSError) as e:
+                why = str(e)
+        if why is not None:
+            self.horizon_unavailable = why
+            self.log.info(
+                "sidecar.drain.horizon_unavailable",
+                reason=why,
+                consequence="drains record no horizon: sidecar.drain.done carries horizon_ms null",
+                hint="the horizon needs sock_diag's TCP destroy events for the app's port: the sidecar in the "
+                "app's network namespace, with CAP_NET_ADMIN where the runtime asks for it",
+            )
+
+    def measure_from(self, confirmed_at: float) -> None:
+        """Start recording new connections on the app's port (the deregistration was just confirmed)."""
+        if self._horizon_watcher is None or self._recorder is not None:
+            return
+        svc = self.config.service
+        recorder = HorizonRecorder(
+            self._horizon_watcher, self._events_factory, svc.port, _ip_or_none(svc.address), self.clock
+        )
+        try:
+            recorder.start(confirmed_at)
+        except (TrafficWatchError, OSError) as e:
+            self.horizon_unavailable = f"at drain time: {e}"
+            return
+        self._recorder = recorder
+
+    def measured(self) -> Horizon | None:
+        """Stop recording; what this drain saw, or None when it recorded nothing (``horizon_unavailable``)."""
+        recorder, self._recorder = self._recorder, None
+        return recorder.stop() if recorder is not None else None
+
+    async def _prepare_traffic(self) -> None:
         if self.sd.strategy is not Strategy.TRAFFIC or self._watcher is not None:
             return
         svc = self.config.service
@@ -310,6 +379,12 @@ class DrainWait:
         return found
 
     def close(self) -> None:
+        if self._recorder is not None:
+            self._recorder.close()
+            self._recorder = None
+        if self._horizon_watcher is not None and self._horizon_watcher is not self._watcher:
+            self._horizon_watcher.close()
+        self._horizon_watcher = None
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None

@@ -159,6 +159,19 @@ def render(
         "Why the last drain's wait ended: 1 for its reason, 0 for the others (all 0 before the first drain).",
         [({"reason": r}, 1 if r == status.drain_end else 0) for r in reasons],
     )
+    w.family(
+        p + "drain_horizon_seconds",
+        "gauge",
+        "The last measured drain's horizon: from the confirmed deregistration to the last new connection "
+        "on the app's port (0 without one; absent before the first).",
+        [] if status.drain_horizon_seconds is None else [({}, round(status.drain_horizon_seconds, 3))],
+    )
+    w.family(
+        p + "drain_new_connections_total",
+        "counter",
+        "New connections on the app's port between a confirmed deregistration and the app's signal.",
+        [({}, status.drain_new_connections_total)],
+    )
     w.family(p + "app_restarts_total", "counter", "Hot restarts of the app.", [({}, status.hot_restarts_total)])
     w.family(
         p + "app_restart_failures_total",

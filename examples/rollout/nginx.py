@@ -18,7 +18,7 @@ from pathlib import Path
 
 from testkit import spawn, wait_for
 
-CONF = """\
+_HEAD = """\
 worker_processes 1;
 daemon off;
 master_process on;
@@ -32,6 +32,21 @@ http {{
     fastcgi_temp_path {prefix}/tmp/fastcgi;
     uwsgi_temp_path {prefix}/tmp/uwsgi;
     scgi_temp_path {prefix}/tmp/scgi;
+"""
+# Closes the location, the server and http: each config ends with its proxy settings.
+_TAIL = """\
+            # Never retry on another instance: a failed request must show as failed.
+            proxy_next_upstream off;
+            proxy_connect_timeout 1s;
+            proxy_read_timeout 30s;
+        }}
+    }}
+}}
+"""
+
+CONF = (
+    _HEAD
+    + """\
 
     # Consul DNS; valid=1s caps nginx's own cache of the answer.
     resolver 127.0.0.1:{dns_port} valid=1s ipv6=off;
@@ -43,30 +58,14 @@ http {{
             # A variable in proxy_pass makes nginx resolve at request time (through the resolver above).
             set $backend {service}.service.consul;
             proxy_pass http://$backend:{app_port};
-            # Never retry on another instance: a failed request must show as failed.
-            proxy_next_upstream off;
-            proxy_connect_timeout 1s;
-            proxy_read_timeout 30s;
-        }}
-    }}
-}}
 """
+    + _TAIL
+)
 
 
-UPSTREAM_CONF = """\
-worker_processes 1;
-daemon off;
-master_process on;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
+UPSTREAM_CONF = (
+    _HEAD
+    + """\
 
     # The servers come from etcd: testkit/etcd_watch.py renders this file and reloads nginx (SIGHUP).
     upstream {service} {{
@@ -77,14 +76,9 @@ http {{
         listen {listen_host}:{listen_port};
         location / {{
             proxy_pass http://{service};
-            # Never retry on another instance: a failed request must show as failed.
-            proxy_next_upstream off;
-            proxy_connect_timeout 1s;
-            proxy_read_timeout 30s;
-        }}
-    }}
-}}
 """
+    + _TAIL
+)
 
 
 def nginx_binary() -> str:

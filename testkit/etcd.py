@@ -186,6 +186,23 @@ class Etcd:
         self.stop(signal.SIGTERM)
         self.start(timeout)
 
+    def freeze(self) -> None:
+        """SIGSTOP: its sockets stay open, it answers nobody (see EtcdCluster). ``stop`` thaws it first."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+        wait_for(self.frozen, 10, 0.01, f"etcd {self.name} frozen")
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def frozen(self) -> bool:
+        """Every thread of the process is stopped (SIGSTOP reaches each thread in turn: a busy one may
+        still run for a moment)."""
+        assert self.proc is not None
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for t in tasks.iterdir())
+
     def member_id(self) -> int:
         return int(etcdctl(self.endpoint, "endpoint", "status")[0]["Status"]["header"]["member_id"])
 

@@ -57,11 +57,7 @@ def start(tmp_path: Path, endpoints: list[str], name: str, **shutdown: str) -> t
 
 
 def frozen(member: Etcd) -> bool:
-    """Every thread of the member's process is stopped (SIGSTOP is delivered to each thread in turn: a
-    busy one may still run for a moment)."""
-    assert member.proc is not None
-    tasks = Path(f"/proc/{member.proc.pid}/task")
-    return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for t in tasks.iterdir())
+    return member.frozen()
 
 
 def leader_and_followers(cluster: EtcdCluster) -> tuple[Etcd, list[Etcd]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import json
 import math
@@ -156,6 +157,48 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+MAX_BODY = 4 * 1024 * 1024  # an answer larger than this is no answer of etcd's to our requests (one key, a lease)
+
+
+class _NotEtcd(Exception):
+    """An answer that is not etcd's JSON gateway's: too large, not JSON, or without etcd's header."""
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The body, at most MAX_BODY bytes (an endpoint streaming without end must not fill the memory)."""
+    if resp.content_length is not None and resp.content_length > MAX_BODY:
+        raise _NotEtcd(f"an answer of {resp.content_length} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _NotEtcd(f"an answer over {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _cluster_of(doc: dict[str, Any]) -> str | None:
+    """The cluster ID in etcd's response header (``header``, or ``result.header`` for a keepalive), or None:
+    every answer of etcd's gateway carries one, so an answer without it is not etcd's."""
+    header = doc.get("header")
+    if not isinstance(header, dict):
+        result = doc.get("result")
+        header = result.get("header") if isinstance(result, dict) else None
+    cluster = header.get("cluster_id") if isinstance(header, dict) else None
+    return str(cluster) if cluster else None
+
+
+def _lease_id(answer: dict[str, Any]) -> int:
+    try:
+        lease = int(answer["ID"])
+    except (KeyError, TypeError, ValueError):
+        raise EtcdUnavailable("POST /v3/lease/grant: etcd's answer has no lease ID") from None
+    if lease <= 0:
+        raise EtcdUnavailable(f"POST /v3/lease/grant: etcd's answer has no lease ID ({lease})")
+    return lease
+
+
 class EtcdRegistry:
     """The instance's key on a lease in etcd, through the JSON gateway (``/v3/...``), each request within
     ``etcd.timeout`` and passed over to the next member when one does not answer (``_call``). Entries
@@ -188,6 +231,7 @@ class EtcdRegistry:
         self._withheld = False  # the check is failing: the key is deleted on purpose until it passes
         self._in_flight: asyncio.Future[None] | None = None  # a background put, never cancelled mid-flight
         self._stopping = False
+        self._cluster: str | None = None  # the cluster ID of the first answer: a member of another is not ours
         self.failovers = 0  # requests passed on to the next member (no answer, a dropped connection, no leader)
         self._user = config.etcd.user
         self._password_file = config.etcd.password_file
@@ -251,8 +295,12 @@ class EtcdRegistry:
                     async with session.post(
                         endpoint.rstrip("/") + path, json=body, headers=await self._auth_headers(endpoint)
                     ) as resp:
-                        raw = await resp.read()
+                        raw = await _read_capped(resp)
                         status = resp.status
+            except _NotEtcd as e:
+                maybe_applied = True
+                errors.append(f"{endpoint}: not etcd's JSON gateway ({e})")
+                continue
             except TimeoutError:
                 maybe_applied = True
                 errors.append(f"{endpoint}: no answer within {share:.2g}s")
@@ -275,6 +323,18 @@ class EtcdRegistry:
                 errors.append(f"{endpoint} (HTTP {status}): not etcd's JSON gateway")
                 continue
             if status == 200 and isinstance(doc, dict) and "error" not in doc:
+                # A 200 is etcd's only with etcd's header: an answer without it (a proxy's, another
+                # service's on that port) must never read as "no key" and confirm a deregistration.
+                cluster = _cluster_of(doc)
+                if cluster is None or (self._cluster is not None and cluster != self._cluster):
+                    maybe_applied = True
+                    errors.append(
+                        f"{endpoint}: not etcd's JSON gateway (no response header)"
+                        if cluster is None
+                        else f"{endpoint}: a member of another etcd cluster ({cluster}, not {self._cluster})"
+                    )
+                    continue
+                self._cluster = cluster
                 self.address = endpoint
                 return doc
             message = str(doc.get("message") or doc.get("error") or raw[:200]) if isinstance(doc, dict) else str(raw)
@@ -340,7 +400,10 @@ class EtcdRegistry:
                 ) from None
             url = endpoint.rstrip("/") + "/v3/auth/authenticate"
             async with self._client().post(url, json={"name": self._user, "password": password}) as resp:
-                raw, status = await resp.read(), resp.status
+                try:
+                    raw, status = await _read_capped(resp), resp.status
+                except _NotEtcd as e:
+                    raise aiohttp_error(f"{endpoint}: authenticate: not etcd's JSON gateway ({e})") from None
             del password
             try:
                 doc = json.loads(raw)
@@ -370,9 +433,7 @@ class EtcdRegistry:
         self._stopping = False
         owner = (payload.get("Meta") or {}).get(OWNER_META_KEY)
         self._value = etcd_value(self._config, owner)
-        if self._lease is None:
-            answer = await self._call("/v3/lease/grant", {"TTL": max(1, round(self._config.etcd.lease_ttl))})
-            self._lease = int(answer["ID"])
+        await self._ensure_lease()
         passing = (payload.get("Check") or {}).get("Status") == "passing"
         if self._prober is not None and not passing:
             self._withheld = True  # not seen healthy: the health loop puts the key once the check passes
@@ -418,6 +479,7 @@ class EtcdRegistry:
                 if ok:
                     failures = 0
                     if self._withheld:
+                        await self._ensure_lease()  # it may have expired while the key was withheld
                         await self._background_put()
                         self._withheld = False
                         if self._log is not None:
@@ -439,8 +501,25 @@ class EtcdRegistry:
                 if self._log is not None:
                     self._log.warning("sidecar.etcd.health_write_failed", error=str(e))
 
+    async def _ensure_lease(self) -> None:
+        """A lease to put the key on: granted when there is none. A grant answered once the drain has begun
+        (it was in flight at SIGTERM) is revoked at once and nothing is put on it: the drain may already
+        have confirmed the key gone, and the app be signalled."""
+        if self._lease is not None:
+            return
+        answer = await self._call("/v3/lease/grant", {"TTL": max(1, round(self._config.etcd.lease_ttl))})
+        lease = _lease_id(answer)
+        if self._stopping:
+            with contextlib.suppress(RegistryError):
+                await self._call("/v3/lease/revoke", {"ID": str(lease)})
+            raise EtcdUnavailable("the sidecar is draining: no key is put", maybe_applied=False)
+        self._lease = lease
+
     async def _put(self) -> None:
-        assert self._value is not None and self._lease is not None
+        if self._stopping:
+            raise EtcdUnavailable("the sidecar is draining: no key is put", maybe_applied=False)
+        if self._value is None or self._lease is None:
+            raise EtcdUnavailable("no lease to put the key on (it is granted again first)", maybe_applied=False)
         await self._call("/v3/kv/put", {"key": _b64(self._key), "value": _b64(self._value), "lease": str(self._lease)})
 
     async def _keep_alive(self) -> None:
@@ -449,18 +528,19 @@ class EtcdRegistry:
         every = self._config.etcd.lease_ttl / 3
         while True:
             await self._clock.sleep(every)
-            if self._lease is None:
-                continue
             try:
-                answer = await self._call("/v3/lease/keepalive", {"ID": str(self._lease)})
-                if not (answer.get("result") or {}).get("TTL"):
-                    self.keepalive_failures += 1
+                if self._lease is not None:
+                    answer = await self._call("/v3/lease/keepalive", {"ID": str(self._lease)})
+                    result = answer.get("result")
+                    if isinstance(result, dict) and result.get("TTL"):
+                        continue
+                    self.keepalive_failures += 1  # the lease is gone (expired while etcd was out of reach)
                     self._lease = None
-                    if self._value is not None:
-                        grant = await self._call("/v3/lease/grant", {"TTL": max(1, round(self._config.etcd.lease_ttl))})
-                        self._lease = int(grant["ID"])
-                        if not self._withheld:
-                            await self._background_put()
+                if self._value is not None:
+                    # No lease (gone, or its grant failed last round): grant one and put the key back on it.
+                    await self._ensure_lease()
+                    if not self._withheld:
+                        await self._background_put()
             except RegistryError:
                 self.keepalive_failures += 1
 
@@ -471,7 +551,12 @@ class EtcdRegistry:
         """The key's value by a linearizable range (etcd's default), or None."""
         answer = await self._call("/v3/kv/range", {"key": _b64(self._key)})
         kvs = answer.get("kvs") or []
-        return base64.b64decode(kvs[0].get("value") or "") if kvs else None
+        if not kvs:
+            return None
+        try:
+            return base64.b64decode(kvs[0].get("value") or "", validate=True)
+        except (AttributeError, TypeError, IndexError, KeyError, binascii.Error):
+            raise EtcdUnavailable(f"POST /v3/kv/range: {self.address}: a value etcd's gateway does not send") from None
 
     async def registered(self, service_id: str) -> dict[str, Any] | None:
         """The entry etcd holds; while the check fails (the key deleted on purpose) the entry as it will be

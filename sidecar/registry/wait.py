@@ -163,6 +163,29 @@ def service_prefix(settings: EtcdSettings, service: str) -> str:
     return f"{settings.prefix.rstrip('/')}/{service}/"
 
 
+MAX_BODY = 4 * 1024 * 1024  # the keys of one service; an answer larger than this is not etcd's to our range
+
+
+def _read_bounded(resp: Any, sock: Any, deadline: float) -> bytes:
+    """The body, read a piece at a time until ``deadline`` (monotonic) and at most MAX_BODY bytes: the
+    socket's timeout bounds one read only, so a body that drips in a byte at a time would outlast it."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        if sock is not None:
+            sock.settimeout(remaining)
+        chunk = resp.read1(64 * 1024)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ValueError(f"an answer over {MAX_BODY} bytes")
+        chunks.append(chunk)
+
+
 class TlsFileProblem(Exception):
     """A TLS file of [etcd] that cannot be used: ``key`` names it."""
 
@@ -233,8 +256,14 @@ class EtcdHealth:
         }
         answer = self._post("/v3/kv/range", body, cutoff)
         entries = []
-        for kv in answer.get("kvs") or []:
-            key = base64.b64decode(kv.get("key") or "").decode(errors="replace")
+        kvs = answer.get("kvs") or []
+        for kv in kvs if isinstance(kvs, list) else []:
+            try:
+                key = base64.b64decode(kv.get("key") or "", validate=True).decode(errors="replace")
+            except (AttributeError, ValueError):
+                continue  # no key of etcd's: counts as no instance
+            if not key.startswith(prefix) or len(key) == len(prefix):
+                continue  # not an instance's key under the service's prefix
             entries.append({"Service": {"ID": key[len(prefix) :]}, "Key": key, "Checks": []})
         return str((answer.get("header") or {}).get("revision") or "0"), entries
 
@@ -278,7 +307,10 @@ class EtcdHealth:
                 try:
                     conn.request("POST", path, json.dumps(body), headers)
                     resp = conn.getresponse()
-                    raw, status = resp.read(), resp.status
+                    deadline = time.monotonic() + limit
+                    raw, status = _read_bounded(resp, conn.sock, deadline), resp.status
+                except ValueError as e:  # too large: not etcd's answer to a range of one service's keys
+                    raise RegistryUnavailable(f"POST {path}: {endpoint}: not etcd's JSON gateway ({e})") from None
                 except TimeoutError:
                     if cutoff is not None and time.monotonic() >= cutoff:
                         raise
@@ -296,6 +328,11 @@ class EtcdHealth:
             except ValueError:
                 raise RegistryUnavailable(f"POST {path}: {endpoint} (HTTP {status}): not etcd's JSON gateway") from None
             if status == 200 and isinstance(doc, dict) and "error" not in doc:
+                header = doc.get("header")
+                if path != "/v3/auth/authenticate" and not (isinstance(header, dict) and header.get("cluster_id")):
+                    # Every answer of etcd's gateway has its header: without it, "no keys" could be anyone's
+                    # (a proxy's, another service's on the port), and --gone would be satisfied falsely.
+                    raise RegistryUnavailable(f"POST {path}: {endpoint}: not etcd's JSON gateway (no response header)")
                 return doc
             message = str(doc.get("message") or doc.get("error") or "") if isinstance(doc, dict) else ""
             code = doc.get("code") if isinstance(doc, dict) else None

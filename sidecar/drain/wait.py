@@ -208,6 +208,9 @@ class DrainWait:
         self._horizon_watcher: PortWatcher | None = None
         self._recorder: HorizonRecorder | None = None
         self._horizon_prepared = False
+        self._traffic_prepared = False
+        self._prepared = False  # prepare() ran to its end
+        self._measure_at: float | None = None  # measure_from's moment, kept when it came before prepare()
 
     @property
     def complete(self) -> bool:
@@ -219,6 +222,7 @@ class DrainWait:
         the drain's horizon can be measured (and say once if not)."""
         await self._prepare_traffic()
         self._prepare_horizon()
+        self._prepared = True
 
     def _prepare_horizon(self) -> None:
         if self._horizon_prepared:
@@ -258,7 +262,9 @@ class DrainWait:
             )
 
     def measure_from(self, confirmed_at: float) -> None:
-        """Start recording new connections on the app's port (the deregistration was just confirmed)."""
+        """Start recording new connections on the app's port (the deregistration was just confirmed). Before
+        prepare() has run (a SIGTERM cut the start-up short), ``wait`` prepares and starts it."""
+        self._measure_at = confirmed_at
         if self._horizon_watcher is None or self._recorder is not None:
             return
         svc = self.config.service
@@ -278,11 +284,12 @@ class DrainWait:
         return recorder.stop() if recorder is not None else None
 
     async def _prepare_traffic(self) -> None:
-        if self.sd.strategy is not Strategy.TRAFFIC or self._watcher is not None:
+        if self.sd.strategy is not Strategy.TRAFFIC or self._watcher is not None or self._traffic_prepared:
             return
         svc = self.config.service
         if self.sd.dns:
             self.addresses = await self._instance_addresses(svc.address, svc.port)
+        self._traffic_prepared = True  # from here on nothing awaits: the look below is done once, whatever it finds
         try:
             watcher = self._factory(svc.port, _ip_or_none(svc.address))
             if not watcher.snapshot(narrow=True).listening:
@@ -402,6 +409,13 @@ class DrainWait:
 
     async def _wait(self, confirmed_at: float) -> DrainEnd:
         upper = confirmed_at + self.sd.propagation_delay
+        if not self._prepared:
+            # A SIGTERM that came between the registration and the end of the start-up cancelled its
+            # prepare(): look at the port now, within the wait (its bound counts from confirmed_at), rather
+            # than fall back to the fixed delay as if the port could not be seen.
+            await self.prepare()
+            if self._measure_at is not None:
+                self.measure_from(self._measure_at)
         if self.sd.strategy is Strategy.FIXED or self._watcher is None:
             self.status.drain = DrainProgress("fixed", "delay")
             await self.clock.sleep(upper - self.clock.monotonic())

@@ -35,6 +35,7 @@ __all__ = [
     "percentile",
     "samples",
     "summarise",
+    "table",
 ]
 
 KEY_PREFIX = "consul-sidecar/horizon/"
@@ -119,6 +120,36 @@ class Summary:
 def margin(p99_ms: float) -> int:
     """The margin added to p99: a fifth of it, at least MARGIN_MIN_MS, at most MARGIN_MAX_MS."""
     return int(min(MARGIN_MAX_MS, max(MARGIN_MIN_MS, math.ceil(MARGIN_FRACTION * p99_ms))))
+
+
+def _s(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms / 1000:.2f} s"
+
+
+def table(service: str, summary: Summary) -> str:
+    """The summary for a terminal."""
+    lines = [f"horizon of {service}: {summary.count} drain{'s' if summary.count != 1 else ''} recorded"]
+    for label, ms in (
+        ("p50", summary.p50_ms),
+        ("p90", summary.p90_ms),
+        ("p99", summary.p99_ms),
+        ("max", summary.max_ms),
+    ):
+        lines.append(f"  {label:<18} {_s(ms):>10}")
+    if summary.recommended_ms is None:
+        lines.append(
+            f"  {'recommended delay':<18} {'-':>10}  ({summary.needed} more samples needed, {MIN_SAMPLES} in all)"
+        )
+    else:
+        why = f"p99 {_s(summary.p99_ms)} + margin {_s(summary.margin_ms)}"
+        if summary.capped:
+            why += f", capped at {_s(RECOMMEND_MAX_MS)}: a consumer that never lets go"
+        lines.append(f"  {'recommended delay':<18} {_s(summary.recommended_ms):>10}  ({why})")
+    if summary.slowest_peers:
+        lines.append("slowest peers (their last new connection after a confirmed deregistration):")
+        for p in summary.slowest_peers:
+            lines.append(f"  {p['peer']:<40} {_s(p['last_ms']):>10}  {p.get('service_id') or ''}".rstrip())
+    return "\n".join(lines)
 
 
 def summarise(found: Sequence[dict[str, Any]], peers: int = 5) -> Summary:

@@ -80,7 +80,7 @@ def drain(consul: Consul, work: Path, tree: Path, name: str, n: int) -> dict[str
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--old", default="HEAD~1", metavar="REF", help="code without the write (default HEAD~1)")
+    ap.add_argument("--old", default="b07ae78", metavar="REF", help="code without the write (default b07ae78)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)

@@ -471,8 +471,8 @@ def _horizon(args: argparse.Namespace) -> int:
             if config.registry.kind.value == "etcd":
                 return _fail(
                     [
-                        f"{config.source}: horizon: the record is kept in Consul's KV store; "
-                        'with registry.kind = "etcd" there is none yet'
+                        f'{config.source}: horizon: reads Consul\'s KV store; with registry.kind = "etcd" the '
+                        "record is beside etcd.prefix (docs/drain.md): read it with etcdctl get"
                     ],
                     EX_CONFIG,
                 )

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_check
 
 from .backoff import backoff
 from .clock import Clock
-from .config import Config, same_host
+from .config import Config, RegistryKind, same_host
 from .drain import record as horizon_record
 from .drain.horizon import PEERS_SHOWN, Horizon
 from .drain.wait import DrainWait
@@ -824,7 +824,7 @@ class Sidecar:
         at once leaves one read and one check-and-set. Its deadline: two requests (consul.timeout each),
         within the worst case less the exit's own margin (a last read and the log's flush)."""
         if seen is None or seen.lost or not isinstance(self.agent, KeyValueStore):
-            return None  # a floor is no sample; etcd keeps no record yet
+            return None  # a floor is no sample
         sample: dict[str, Any] = {
             "time": round(self.clock.wall(), 3),
             "service_id": self.config.service.id,
@@ -852,7 +852,11 @@ class Sidecar:
             why, error, hint = "deadline", f"no answer within {deadline - started:.1f}s", None
         except RegistryPermissionDenied as e:
             why, error = "permission_denied", str(e)
-            hint = f'the token needs key:write on "{key}" (key_prefix "{horizon_record.KEY_PREFIX}")'
+            hint = (
+                f"the etcd user needs a readwrite role on the record's key ({key} beside etcd.prefix)"
+                if self.config.registry.kind is RegistryKind.ETCD
+                else f'the token needs key:write on "{key}" (key_prefix "{horizon_record.KEY_PREFIX}")'
+            )
         except RegistryError as e:
             why, error, hint = "registry_error", str(e), None
         else:

@@ -21,7 +21,7 @@ from sidecar.clock import SystemClock
 from sidecar.config import ConsulSettings, TokenSource, parse_consul_address
 from sidecar.drain import record
 from sidecar.registry.consul import ConsulAgent
-from testkit import Consul, Sidecar, app_command, free_port, wait_for
+from testkit import Consul, Sidecar, app_command, free_port, wait_for, write_config
 from testkit.acl import make_token, writer_rules
 from testkit.suite import StartSidecar, base_config
 
@@ -187,3 +187,85 @@ def test_a_token_without_key_write_is_one_warning_not_a_failed_drain(
     assert token not in sc.output()
     assert acl_consul.service_ids(service_name) == []
     wait_for(lambda: acl_consul.get(f"/v1/kv/{record.key(service_name)}") is None, 5, what="no record stored")
+
+
+def test_a_sample_already_in_the_record_is_not_added_again() -> None:
+    """A write that got no answer but landed, sent again (etcd passes a request over to another member), must
+    leave one sample. Red when merge appends it twice."""
+    once = record.merge(None, _sample(5))
+    assert record.samples(record.merge(once, _sample(5))) == [_sample(5)]
+    assert record.samples(record.merge(once, _sample(6))) == [_sample(5), _sample(6)]
+
+
+# --- etcd: the record beside etcd.prefix, written with a transaction comparing mod_revision -------------
+
+
+def test_the_etcd_record_lives_beside_the_prefix_never_under_it() -> None:
+    """Consumers take every key under <prefix>/<service>/ for an instance: the record must not be there.
+    Red when the place is under the prefix, or loses the prefix's root."""
+    from sidecar.registry.etcd import kv_place
+
+    k = record.key("web")
+    assert kv_place("services", k) == "consul-sidecar/horizon/web"
+    assert kv_place("/services/", k) == "/consul-sidecar/horizon/web"
+    assert kv_place("/srv/services", k) == "/srv/consul-sidecar/horizon/web"
+
+
+def _etcd_record(url: str, prefix: str, name: str) -> list[dict[str, Any]]:
+    from sidecar.registry.etcd import kv_place
+    from testkit.etcd import etcdctl
+
+    reply = etcdctl(url, "get", kv_place(prefix, record.key(name)))
+    kvs = reply.get("kvs") or []
+    return record.samples(base64.b64decode(kvs[0]["value"])) if kvs else []
+
+
+def _etcd_config(url: str, prefix: str, name: str, i: int, port: int) -> dict[str, dict[str, Any]]:
+    return {
+        "registry": {"kind": "etcd"},
+        "etcd": {"endpoints": [url], "lease_ttl": "3s", "prefix": prefix},
+        "service": {"name": name, "id": f"{name}-{i}", "address": "127.0.0.1", "port": port},
+        "check": {"interval": "1s", "timeout": "500ms"},
+        "shutdown": {"propagation_delay": "1s", "deregister_timeout": "3s", "app_timeout": "5s"},
+        "status": {"listen": ""},
+    }
+
+
+@pytest.mark.asyncio
+async def test_etcd_concurrent_appends_lose_no_sample(etcd: Any, etcd_prefix: str, tmp_path: Path) -> None:
+    """As for Consul: three adapters append 15 samples each at once to one record on a real etcd member.
+    Expected: all 45 kept (etcdctl reads them back), some appends took more than one transaction. Red
+    without the compare on mod_revision (each put overwrites the others' samples)."""
+    from sidecar.config import load_config
+    from sidecar.registry.etcd import EtcdRegistry
+
+    name = "hzetcd"
+    path = write_config(tmp_path / "c.toml", _etcd_config(etcd.endpoint, etcd_prefix, name, 1, 8080))
+    adapters = [EtcdRegistry(load_config(path, {}), SystemClock()) for _ in range(3)]
+    try:
+
+        async def appender(i: int, adapter: EtcdRegistry) -> list[int]:
+            key = record.key(name)
+            return [await adapter.update_kv(key, _appends(_sample(100 * i + n, f"{name}-{i}"))) for n in range(15)]
+
+        writes = await asyncio.gather(*(appender(i, a) for i, a in enumerate(adapters)))
+    finally:
+        for a in adapters:
+            await a.close()
+    kept = await asyncio.to_thread(_etcd_record, etcd.endpoint, etcd_prefix, name)
+    assert sorted(s["horizon_ms"] for s in kept) == sorted(100 * i + n for i in range(3) for n in range(15))
+    assert max(max(w) for w in writes) > 1, writes
+
+
+def test_etcd_one_drain_writes_one_sample(etcd: Any, etcd_prefix: str, tmp_path: Path) -> None:
+    """A real sidecar with registry.kind = "etcd" drains: ``horizon_saved`` once and etcdctl reads one sample
+    with the drain's figures beside the prefix. Red when the etcd adapter keeps no record."""
+    name = "hzetcd1"
+    port = free_port()
+    sc = Sidecar(tmp_path, _etcd_config(etcd.endpoint, etcd_prefix, name, 1, port), app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    sc.send(signal.SIGTERM)
+    done, saved = _drained(sc)
+    [only] = _etcd_record(etcd.endpoint, etcd_prefix, name)
+    assert only["service_id"] == f"{name}-1" and only["horizon_ms"] == done["horizon_ms"], (only, done)
+    assert saved["writes"] == 1, saved

@@ -71,8 +71,10 @@ def samples(document: bytes | str | None) -> list[dict[str, Any]]:
 
 
 def merge(document: bytes | str | None, sample: dict[str, Any], limit: int = RECORD_LIMIT) -> bytes:
-    """The document with ``sample`` appended, keeping the last ``limit`` samples."""
-    kept = [*samples(document), sample][-limit:]
+    """The document with ``sample`` appended, keeping the last ``limit`` samples. A sample already there is
+    not added again: a write that got no answer but landed, then sent again, leaves one."""
+    found = samples(document)
+    kept = (found if sample in found else [*found, sample])[-limit:]
     return json.dumps({"version": VERSION, "samples": kept}, separators=(",", ":")).encode()
 
 

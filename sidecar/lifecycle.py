@@ -200,6 +200,8 @@ class Sidecar:
         self._claim: instance_claim.Claim | None = None
         self._claim_refused = False
         self._displaced = False
+        # The fleet's record of horizons, read during the drain's wait (drain/record.py).
+        self._record_read: asyncio.Future[tuple[int, bytes | None]] | None = None
 
     # --- the whole life ---------------------------------------------------------
 
@@ -741,7 +743,7 @@ class Sidecar:
         last = await self._deregister(deadline, retry_until=None if self.app.exited.done() else bound)
         outcome = last.outcome
         self.systemd.notify(STATUS=f"deregistration {outcome.value}: waiting before stopping the app")
-        saving: tuple[asyncio.Task[int], float, float] | None = None
+        saving: tuple[asyncio.Task[int], float, float, bool] | None = None
         if self.app.exited.done():
             pass  # nothing left to protect
         else:
@@ -755,6 +757,7 @@ class Sidecar:
             confirmed_at = self.clock.monotonic()
             if outcome is Deregistration.CONFIRMED:
                 self.drain_wait.measure_from(confirmed_at)  # the horizon, whatever the strategy
+                self._read_record()  # during the wait: the write after it is then one round trip
                 # A late confirmation shortens the delay rather than push the app past the worst case.
                 _, ended = await self._first(self.drain_wait.wait(confirmed_at), self._skip_or_bound(bound))
             if ended is None:
@@ -815,14 +818,27 @@ class Sidecar:
         )
         return seen
 
-    def _save_horizon(self, seen: Horizon | None, t0: float) -> tuple[asyncio.Task[int], float, float] | None:
+    def _read_record(self) -> None:
+        """Read the fleet's record of horizons while the drain waits anyway, so that appending to it after
+        the wait takes one check-and-set (one round trip) when no other instance wrote meanwhile."""
+        if isinstance(self.agent, KeyValueStore):
+            self._record_read = asyncio.ensure_future(self.agent.read_kv(horizon_record.key(self.config.service.name)))
+
+    def _save_horizon(self, seen: Horizon | None, t0: float) -> tuple[asyncio.Task[int], float, float, bool] | None:
         """Start appending the drain's horizon to the fleet's record (drain/record.py) and return the
         write, when it started and its deadline; None when there is nothing to save or nowhere to save it.
 
         The write runs while the app is signalled and exits (``_horizon_saved`` waits for what is left
-        of it after): only its part beyond the app's own exit lengthens the drain, and an app that exits
-        at once leaves one read and one check-and-set. Its deadline: two requests (consul.timeout each),
-        within the worst case less the exit's own margin (a last read and the log's flush)."""
+        of it after): only its part beyond the app's own exit lengthens the drain. The record was read
+        during the wait (``_read_record``), so an app that exits at once leaves one check-and-set, one
+        round trip, unless another instance wrote since (then a read and a write more). Its deadline:
+        two requests (consul.timeout each), within the worst case less the exit's own margin (a last
+        read and the log's flush)."""
+        read, self._record_read = self._record_read, None
+        if read is not None and not read.done():
+            read.cancel()  # not back yet: the write reads again
+        ok = read is not None and read.done() and not read.cancelled() and read.exception() is None
+        known = read.result() if ok and read is not None else None  # a failed read: the write reads again
         if seen is None or seen.lost or not isinstance(self.agent, KeyValueStore):
             return None  # a floor is no sample
         sample: dict[str, Any] = {
@@ -835,10 +851,10 @@ class Sidecar:
         t = self.clock.monotonic()
         deadline = min(t + 2 * self.config.registry_timeout, t0 + self.config.shutdown.worst_case - 0.75)
         key = horizon_record.key(self.config.service.name)
-        write = self.agent.update_kv(key, lambda value: horizon_record.merge(value, sample))
-        return asyncio.ensure_future(write), t, deadline
+        write = self.agent.update_kv(key, lambda value: horizon_record.merge(value, sample), known)
+        return asyncio.ensure_future(write), t, deadline, known is not None
 
-    async def _horizon_saved(self, write: asyncio.Task[int], started: float, deadline: float) -> None:
+    async def _horizon_saved(self, write: asyncio.Task[int], started: float, deadline: float, read_ahead: bool) -> None:
         """After the app's exit: wait for the horizon's write until its deadline; one event either way. A
         refusal (no key:write) or a failure is a warning, never a failed drain: the record is the fleet's
         evidence, not the drain's work."""
@@ -864,6 +880,7 @@ class Sidecar:
                 "sidecar.drain.horizon_saved",
                 key=key,
                 writes=writes,
+                read_during_wait=read_ahead,  # the record was read while the drain waited: one round trip after
                 elapsed_ms=self._ms(started),
                 after_app_ms=self._ms(t),  # what it added to the drain
             )

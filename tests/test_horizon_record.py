@@ -114,7 +114,8 @@ def _drained(sc: Sidecar) -> tuple[dict[str, Any], dict[str, Any]]:
 def test_one_drain_writes_one_sample(consul: Consul, start_sidecar: StartSidecar, service_name: str) -> None:
     """A real sidecar's drain (fixed delay 1 s): ``horizon_saved`` once, after the app stopped, and the record
     read back over HTTP holds exactly one sample with the drain's own figures. Red when nothing is written, or
-    a sample differs from ``sidecar.drain.done``'s."""
+    a sample differs from ``sidecar.drain.done``'s, or the record is not read during the wait (the write
+    after it would then take two round trips, not one)."""
     port = free_port()
     sc = start_sidecar(_config(consul, service_name, 1, port), app_command(port))
     sc.wait_event("sidecar.consul.registered")
@@ -128,6 +129,7 @@ def test_one_drain_writes_one_sample(consul: Consul, start_sidecar: StartSidecar
         < events.index("sidecar.stopped")
     ), events
     assert saved["key"] == f"consul-sidecar/horizon/{service_name}" and saved["writes"] == 1, saved
+    assert saved["read_during_wait"] is True, saved  # after the wait: the check-and-set alone, one round trip
     [only] = stored(consul, service_name)
     assert only["service_id"] == f"{service_name}-1"
     assert only["horizon_ms"] == done["horizon_ms"] and only["new_connections"] == done["new_connections"]
@@ -268,4 +270,4 @@ def test_etcd_one_drain_writes_one_sample(etcd: Any, etcd_prefix: str, tmp_path:
     done, saved = _drained(sc)
     [only] = _etcd_record(etcd.endpoint, etcd_prefix, name)
     assert only["service_id"] == f"{name}-1" and only["horizon_ms"] == done["horizon_ms"], (only, done)
-    assert saved["writes"] == 1, saved
+    assert saved["writes"] == 1 and saved["read_during_wait"] is True, saved

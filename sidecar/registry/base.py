@@ -100,4 +100,8 @@ class KeyValueStore(Protocol):
     """A registry with a key-value store written with check-and-set (Consul's KV): where the fleet's record
     of drain horizons is kept (drain/record.py)."""
 
-    async def update_kv(self, key: str, change: Callable[[bytes | None], bytes]) -> int: ...
+    async def read_kv(self, key: str) -> tuple[int, bytes | None]: ...
+
+    async def update_kv(
+        self, key: str, change: Callable[[bytes | None], bytes], read: tuple[int, bytes | None] | None = None
+    ) -> int: ...

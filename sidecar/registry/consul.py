@@ -971,20 +971,28 @@ class ConsulAgent:
         )
         return str(idx), list(entries or [])
 
-    async def update_kv(self, key: str, change: Callable[[bytes | None], bytes]) -> int:
+    async def read_kv(self, key: str) -> tuple[int, bytes | None]:
+        """The value under ``key`` and its ModifyIndex ((0, None): no value), for a later ``update_kv``."""
+        return await self._transport.get(_kv_entry, _kv_path(key))  # type: ignore[no-any-return]
+
+    async def update_kv(
+        self, key: str, change: Callable[[bytes | None], bytes], read: tuple[int, bytes | None] | None = None
+    ) -> int:
         """Replace the value under ``key`` in the KV store by ``change(value)`` (None: no value yet) with
         check-and-set: read the value and its ModifyIndex, write the change with ``?cas=<index>``, and on
         a lost check-and-set (another writer in between) read and change again, so that no concurrent
         change is lost (the fleet's record of horizons, drain/record.py). Returns the number of writes it
-        took. No deadline of its own: the caller bounds it. Raises ConsulPermissionDenied (no key:read or
-        key:write on ``key``), ConsulError."""
+        took. ``read``: what ``read_kv`` answered earlier, used for the first write (one round trip when
+        nobody wrote since). No deadline of its own: the caller bounds it. Raises ConsulPermissionDenied
+        (no key:read or key:write on ``key``), ConsulError."""
         import random
 
         path = _kv_path(key)
         attempts = 0
         while True:
             attempts += 1
-            index, value = await self._transport.get(_kv_entry, path)
+            index, value = read if read is not None else await self._transport.get(_kv_entry, path)
+            read = None
             if await self._transport.put(_cas_answer, path, [("cas", str(index))], change(value)):
                 return attempts
             # Lost to a concurrent writer: a few ms apart, so that two losers do not meet again at once.

@@ -556,10 +556,20 @@ class EtcdRegistry:
             await self._clock.sleep(min(delay, remaining))
             delay = min(delay * 2, 1.0)
 
-    async def update_kv(self, key: str, change: Callable[[bytes | None], bytes]) -> int:
+    async def read_kv(self, key: str) -> tuple[int, bytes | None]:
+        """The value of ``key`` (placed by ``kv_place``) and its mod_revision ((0, None): no key)."""
+        kvs = (await self._call("/v3/kv/range", {"key": _b64(kv_place(self._config.etcd.prefix, key))})).get("kvs")
+        if not kvs:
+            return 0, None
+        return int(kvs[0].get("mod_revision") or 0), base64.b64decode(kvs[0].get("value") or "")
+
+    async def update_kv(
+        self, key: str, change: Callable[[bytes | None], bytes], read: tuple[int, bytes | None] | None = None
+    ) -> int:
         """Replace the value of ``key`` (placed by ``kv_place``) by ``change(value)`` with a transaction that
         compares the key's mod_revision (0: no key yet) with the one read; on a failed compare (another
-        writer in between) read and change again. Returns the number of transactions it took. No deadline
+        writer in between) read and change again. Returns the number of transactions it took. ``read``: what
+        ``read_kv`` answered earlier, for the first transaction. No deadline
         of its own: the caller bounds it. (A transaction passed over to another member may have been
         applied by the first: ``change`` must leave a value that already holds its change as it is.)"""
         import random
@@ -568,10 +578,9 @@ class EtcdRegistry:
         attempts = 0
         while True:
             attempts += 1
-            kvs = (await self._call("/v3/kv/range", {"key": place})).get("kvs") or []
-            value = base64.b64decode(kvs[0].get("value") or "") if kvs else None
-            revision = str(kvs[0].get("mod_revision") or 0) if kvs else "0"
-            compare = {"key": place, "target": "MOD", "result": "EQUAL", "mod_revision": revision}
+            revision, value = read if read is not None else await self.read_kv(key)
+            read = None
+            compare = {"key": place, "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
             put = {"request_put": {"key": place, "value": base64.b64encode(change(value)).decode()}}
             if (await self._call("/v3/kv/txn", {"compare": [compare], "success": [put]})).get("succeeded"):
                 return attempts

@@ -4,11 +4,12 @@
     consul-sidecar check-config -c FILE
     consul-sidecar wait [-c FILE] --service NAME (--id ID --passing | --min-passing N | --id ID --gone)
     consul-sidecar maint -c FILE (--enable [--reason TEXT] | --disable)
+    consul-sidecar horizon (-c FILE | --service NAME [--http-addr ADDRESS]) [--json]
 
 Each command imports what it needs when it runs, not here: aiohttp alone (its client loads the
 system's CA certificates twice at import) costs several times the interpreter's own start, which
-``--version`` and ``check-config`` never need; ``wait`` and ``maint`` speak to the agent through the Consul client's
-blocking transport, without aiohttp, asyncio, structlog or the lifecycle.
+``--version`` and ``check-config`` never need; ``wait``, ``maint`` and ``horizon`` speak to the agent through the
+Consul client's blocking transport, without aiohttp, asyncio, structlog or the lifecycle.
 tests/test_cli_imports.py holds each command to its list.
 """
 
@@ -105,6 +106,27 @@ def _parser() -> argparse.ArgumentParser:
     on_off.add_argument("--enable", action="store_true", help="take the instance out of rotation")
     on_off.add_argument("--disable", action="store_true", help="put it back")
     mt.add_argument("--reason", metavar="TEXT", help="with --enable: why, shown by Consul and in /status")
+
+    hz = sub.add_parser(
+        "horizon",
+        help="what the fleet's drains measured: the horizon's statistics and a recommended propagation delay",
+        description="Read the record of the service's last 100 drain horizons from Consul's KV store "
+        "(consul-sidecar/horizon/<service>) and print their count, p50, p90, p99 and max, the slowest peers, and "
+        "a recommended propagation delay (p99 plus a margin, bounded: docs/drain.md). Exit 0 with a "
+        "recommendation, 1 with too few samples for one. Consul settings as for wait.",
+        usage=f"{PROG} horizon (-c FILE | --service NAME [--http-addr ADDRESS]) [--json]",
+    )
+    hz.add_argument("-c", "--config", type=Path, help="the sidecar's configuration file: its service.name and [consul]")
+    hz.add_argument("--service", metavar="NAME", help="the service (default: service.name of -c FILE)")
+    hz.add_argument(
+        "--http-addr",
+        "-http-addr",
+        "--consul-address",
+        dest="consul_address",
+        metavar="ADDRESS",
+        help="the agent, as for the consul CLI: http://127.0.0.1:8500, host:port, unix:///path/to/consul.sock",
+    )
+    hz.add_argument("--json", action="store_true", help="one JSON document instead of the table")
     return p
 
 
@@ -145,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail([f"'{args.command}' takes no command after '--'"], EX_BAD_COMMAND_LINE)
     if args.command == "wait":
         return _wait(args)
+    if args.command == "horizon":
+        return _horizon(args)
     if args.command == "maint" and args.reason is not None and (args.disable or not args.reason.strip()):
         why = "only with --enable" if args.disable else "must not be empty"
         return _fail([f"maint: --reason: {why}"], EX_BAD_COMMAND_LINE)
@@ -428,6 +452,60 @@ def _wait(args: argparse.Namespace) -> int:
         return 0
     why = result.error or f"timed out after {result.elapsed:.2f}s"
     return _fail([f"wait: {cond.description}: {why}; last seen: {result.last_seen}"], 1, [password] if password else ())
+
+
+def _horizon(args: argparse.Namespace) -> int:
+    """The fleet's record of horizons (drain/record.py): statistics, slowest peers, a recommended delay."""
+    import json
+
+    from .config import ConfigError, load_config, load_consul_settings
+    from .drain import record
+    from .exit_codes import EX_NOPERM
+
+    if args.config is None and not args.service:
+        return _fail(["horizon: -c FILE or --service NAME"], EX_BAD_COMMAND_LINE)
+    name = args.service
+    try:
+        if args.config is not None:
+            config = load_config(args.config, os.environ, local_address=lambda host, port: "127.0.0.1")
+            if config.registry.kind.value == "etcd":
+                return _fail(
+                    [
+                        f'{config.source}: horizon: reads Consul\'s KV store; with registry.kind = "etcd" the '
+                        "record is beside etcd.prefix (docs/drain.md): read it with etcdctl get"
+                    ],
+                    EX_CONFIG,
+                )
+            name = name or config.service.name
+        settings = load_consul_settings(args.config, os.environ, args.consul_address)
+    except ConfigError as e:
+        return _fail(e.problems, EX_CONFIG)
+    from .registry.consul import ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, read_kv
+
+    key = record.key(name)
+    try:
+        found = record.samples(read_kv(settings, key))
+    except ConsulPermissionDenied as e:
+        return _fail([f"horizon: {e}; reading the record needs key:read on {key!r}"], EX_NOPERM)
+    except ConsulRejected as e:
+        return _fail([f"horizon: {e}"], EX_CONFIG)
+    except ConsulUnavailable as e:
+        return _fail([f"horizon: {e}"], EX_UNAVAILABLE)
+    summary = record.summarise(found)
+    if args.json:
+        print(json.dumps({"service": name, "key": key, **summary.as_json()}, indent=2))
+    else:
+        print(record.table(name, summary))
+    if summary.needed:
+        return _fail(
+            [
+                f"horizon: {summary.count} sample{'s' if summary.count != 1 else ''} of {name!r} under {key!r}; "
+                f"a recommendation needs {record.MIN_SAMPLES} ({summary.needed} more drain"
+                f"{'s' if summary.needed != 1 else ''} with a measured horizon)"
+            ],
+            1,
+        )
+    return 0
 
 
 def _maint(config: Config, enable: bool, reason: str | None) -> int:

@@ -49,7 +49,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_check
 
 from .backoff import backoff
 from .clock import Clock
-from .config import Config, same_host
+from .config import Config, RegistryKind, same_host
+from .drain import record as horizon_record
+from .drain.horizon import PEERS_SHOWN, Horizon
 from .drain.wait import DrainWait
 from .exit_codes import (
     EX_CANNOT_EXECUTE,
@@ -73,6 +75,7 @@ from .registry.base import (
     Agent,
     DeregisterResult,
     Deregistration,
+    KeyValueStore,
     RegistryError,
     RegistryPermissionDenied,
     RegistryRejected,
@@ -197,6 +200,8 @@ class Sidecar:
         self._claim: instance_claim.Claim | None = None
         self._claim_refused = False
         self._displaced = False
+        # The fleet's record of horizons, read during the drain's wait (drain/record.py).
+        self._record_read: asyncio.Future[tuple[int, bytes | None]] | None = None
 
     # --- the whole life ---------------------------------------------------------
 
@@ -738,6 +743,7 @@ class Sidecar:
         last = await self._deregister(deadline, retry_until=None if self.app.exited.done() else bound)
         outcome = last.outcome
         self.systemd.notify(STATUS=f"deregistration {outcome.value}: waiting before stopping the app")
+        saving: tuple[asyncio.Task[int], float, float, bool] | None = None
         if self.app.exited.done():
             pass  # nothing left to protect
         else:
@@ -751,6 +757,7 @@ class Sidecar:
             confirmed_at = self.clock.monotonic()
             if outcome is Deregistration.CONFIRMED:
                 self.drain_wait.measure_from(confirmed_at)  # the horizon, whatever the strategy
+                self._read_record()  # during the wait: the write after it is then one round trip
                 # A late confirmation shortens the delay rather than push the app past the worst case.
                 _, ended = await self._first(self.drain_wait.wait(confirmed_at), self._skip_or_bound(bound))
             if ended is None:
@@ -778,14 +785,16 @@ class Sidecar:
                 again = await self._verify_gone(bound, wait_again=True)
                 if again is not None:  # a landed write could not be taken out again: report it at the end
                     last, outcome = again, again.outcome
-            self._drain_done(outcome is Deregistration.CONFIRMED)
+            saving = self._save_horizon(self._drain_done(outcome is Deregistration.CONFIRMED), t0)
         result = await self._stop_app()
+        if saving is not None:
+            await self._horizon_saved(*saving)
         status = await self._last_word(last, t0 + cfg.worst_case, result.status)
         self.log.info("sidecar.stopped", exit_status=status, app_status=result.status, elapsed_ms=self._ms(t0))
         return status
 
-    def _drain_done(self, confirmed: bool) -> None:
-        """The drain's last event before the app's signal: its horizon (drain/horizon.py)."""
+    def _drain_done(self, confirmed: bool) -> Horizon | None:
+        """The drain's last event before the app's signal: its horizon (drain/horizon.py), returned."""
         seen = self.drain_wait.measured()
         if seen is None:
             why = (
@@ -794,7 +803,7 @@ class Sidecar:
                 else "the deregistration was not confirmed: no moment to measure from"
             )
             self.log.info("sidecar.drain.done", reason=why)  # no figure rather than an invented one
-            return
+            return None
         self.status.drain_horizon_seconds = (seen.horizon_ms or 0) / 1000
         self.status.drain_new_connections_total += seen.new_connections
         (self.log.warning if seen.lost else self.log.info)(
@@ -806,6 +815,84 @@ class Sidecar:
             unnamed_connections=seen.peers_unnamed or None,  # of peers beyond the 10,000 tracked
             window_ms=seen.window_ms,
             lost=seen.lost,
+        )
+        return seen
+
+    def _read_record(self) -> None:
+        """Read the fleet's record of horizons while the drain waits anyway, so that appending to it after
+        the wait takes one check-and-set (one round trip) when no other instance wrote meanwhile."""
+        if isinstance(self.agent, KeyValueStore):
+            self._record_read = asyncio.ensure_future(self.agent.read_kv(horizon_record.key(self.config.service.name)))
+
+    def _save_horizon(self, seen: Horizon | None, t0: float) -> tuple[asyncio.Task[int], float, float, bool] | None:
+        """Start appending the drain's horizon to the fleet's record (drain/record.py) and return the
+        write, when it started and its deadline; None when there is nothing to save or nowhere to save it.
+
+        The write runs while the app is signalled and exits (``_horizon_saved`` waits for what is left
+        of it after): only its part beyond the app's own exit lengthens the drain. The record was read
+        during the wait (``_read_record``), so an app that exits at once leaves one check-and-set, one
+        round trip, unless another instance wrote since (then a read and a write more). Its deadline:
+        two requests (consul.timeout each), within the worst case less the exit's own margin (a last
+        read and the log's flush)."""
+        read, self._record_read = self._record_read, None
+        if read is not None and not read.done():
+            read.cancel()  # not back yet: the write reads again
+        ok = read is not None and read.done() and not read.cancelled() and read.exception() is None
+        known = read.result() if ok and read is not None else None  # a failed read: the write reads again
+        if seen is None or seen.lost or not isinstance(self.agent, KeyValueStore):
+            return None  # a floor is no sample
+        sample: dict[str, Any] = {
+            "time": round(self.clock.wall(), 3),
+            "service_id": self.config.service.id,
+            "horizon_ms": seen.horizon_ms or 0,
+            "new_connections": seen.new_connections,
+            "slowest_peers": [{"peer": p.peer, "last_ms": p.last_ms} for p in seen.peers[:PEERS_SHOWN]],
+        }
+        t = self.clock.monotonic()
+        deadline = min(t + 2 * self.config.registry_timeout, t0 + self.config.shutdown.worst_case - 0.75)
+        key = horizon_record.key(self.config.service.name)
+        write = self.agent.update_kv(key, lambda value: horizon_record.merge(value, sample), known)
+        return asyncio.ensure_future(write), t, deadline, known is not None
+
+    async def _horizon_saved(self, write: asyncio.Task[int], started: float, deadline: float, read_ahead: bool) -> None:
+        """After the app's exit: wait for the horizon's write until its deadline; one event either way. A
+        refusal (no key:write) or a failure is a warning, never a failed drain: the record is the fleet's
+        evidence, not the drain's work."""
+        t = self.clock.monotonic()
+        key = horizon_record.key(self.config.service.name)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - t)):
+                writes = await asyncio.shield(write)
+        except TimeoutError:
+            write.cancel()  # a check-and-set that lands later still holds a whole, valid record
+            why, error, hint = "deadline", f"no answer within {deadline - started:.1f}s", None
+        except RegistryPermissionDenied as e:
+            why, error = "permission_denied", str(e)
+            hint = (
+                f"the etcd user needs a readwrite role on the record's key ({key} beside etcd.prefix)"
+                if self.config.registry.kind is RegistryKind.ETCD
+                else f'the token needs key:write on "{key}" (key_prefix "{horizon_record.KEY_PREFIX}")'
+            )
+        except RegistryError as e:
+            why, error, hint = "registry_error", str(e), None
+        else:
+            self.log.info(
+                "sidecar.drain.horizon_saved",
+                key=key,
+                writes=writes,
+                read_during_wait=read_ahead,  # the record was read while the drain waited: one round trip after
+                elapsed_ms=self._ms(started),
+                after_app_ms=self._ms(t),  # what it added to the drain
+            )
+            return
+        self.log.warning(
+            "sidecar.drain.horizon_not_saved",
+            key=key,
+            reason=why,
+            error=error,
+            elapsed_ms=self._ms(started),
+            after_app_ms=self._ms(t),
+            hint=hint,
         )
 
     async def _after_app_exit(self) -> int:

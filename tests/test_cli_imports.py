@@ -181,3 +181,16 @@ def test_maint_imports_the_client_without_aiohttp_asyncio_logging_or_lifecycle(c
         urllib.request.urlopen(
             urllib.request.Request(f"{consul.address}/v1/agent/service/deregister/{name}-1", method="PUT"), timeout=5
         ).close()
+
+
+def test_horizon_imports_the_client_without_aiohttp_asyncio_logging_or_lifecycle(
+    consul: Consul, tmp_path: Path
+) -> None:
+    """`horizon --service NAME` reads the record (none here: exit 1, "0 samples") on the client's blocking
+    transport: python-consul2 and the Consul client, but neither aiohttp, asyncio, structlog nor the
+    lifecycle's modules; the same for an unreachable agent (its error path, exit 69)."""
+    for address, code in ((consul.address, 1), ("http://127.0.0.1:1", 69)):
+        done, modules = run_probe(tmp_path, "horizon", "--service", "cli-imports-horizon", "--http-addr", address)
+        assert done.returncode == code, done.stderr
+        assert {"sidecar.registry.consul", "sidecar._consul_base", "sidecar.drain.record"} <= modules
+        assert sorted(modules.intersection((*NOT_FOR_WAIT, "sidecar.registry.wait"))) == []

@@ -9,6 +9,7 @@ these three, so the lifecycle's decisions (retry, exit 77, exit 78, "maybe appli
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -92,3 +93,15 @@ class Agent(Protocol):
     async def deregister_confirmed(self, name: str, service_id: str, deadline: float) -> DeregisterResult: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class KeyValueStore(Protocol):
+    """A registry with a key-value store written with check-and-set (Consul's KV): where the fleet's record
+    of drain horizons is kept (drain/record.py)."""
+
+    async def read_kv(self, key: str) -> tuple[int, bytes | None]: ...
+
+    async def update_kv(
+        self, key: str, change: Callable[[bytes | None], bytes], read: tuple[int, bytes | None] | None = None
+    ) -> int: ...

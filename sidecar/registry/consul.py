@@ -18,6 +18,7 @@ asyncio are imported where the asynchronous transport runs, never at this module
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -779,6 +780,39 @@ class BlockingMaintenance:
         return bool(self._transport.put(_maintenance_answer, path, params))
 
 
+def _kv_entry(response: Any) -> tuple[int, bytes | None]:
+    """Callback of ``GET /v1/kv/<key>``: (ModifyIndex, value); (0, None) when the key does not exist
+    (a check-and-set with index 0 then writes it only if it still does not)."""
+    if response.code == 404:
+        return 0, None
+    consul_base.CB._status(response)
+    entries = json.loads(response.body)
+    entry = entries[0] if isinstance(entries, list) and entries and isinstance(entries[0], dict) else {}
+    value = entry.get("Value")
+    return int(entry.get("ModifyIndex") or 0), base64.b64decode(value) if isinstance(value, str) else None
+
+
+def _cas_answer(response: Any) -> bool:
+    """Callback of ``PUT /v1/kv/<key>?cas=<index>``: whether the check-and-set won."""
+    consul_base.CB._status(response)
+    return bool(json.loads(response.body) is True)
+
+
+def _kv_path(key: str) -> str:
+    """``/v1/kv/<key>``, each of the key's segments checked and encoded as ``_segment`` does."""
+    return "/v1/kv/" + "/".join(_segment(part) for part in key.split("/"))
+
+
+def read_kv(settings: ConsulSettings, key: str) -> bytes | None:
+    """The value under ``key`` in the KV store, blocking, within consul.timeout; None when there is none.
+    For ``consul-sidecar horizon``: no aiohttp, no asyncio."""
+    transport = _BlockingTransport(settings)
+    try:
+        return transport.get(_kv_entry, _kv_path(key))[1]  # type: ignore[no-any-return]
+    finally:
+        transport.close()
+
+
 class ConsulAgent:
     """The local Consul agent, reached through python-consul2 with deadlines."""
 
@@ -936,6 +970,33 @@ class ConsulAgent:
             consul_base.CB.json(index=True), "GET", path, params, timeout=limit
         )
         return str(idx), list(entries or [])
+
+    async def read_kv(self, key: str) -> tuple[int, bytes | None]:
+        """The value under ``key`` and its ModifyIndex ((0, None): no value), for a later ``update_kv``."""
+        return await self._transport.get(_kv_entry, _kv_path(key))  # type: ignore[no-any-return]
+
+    async def update_kv(
+        self, key: str, change: Callable[[bytes | None], bytes], read: tuple[int, bytes | None] | None = None
+    ) -> int:
+        """Replace the value under ``key`` in the KV store by ``change(value)`` (None: no value yet) with
+        check-and-set: read the value and its ModifyIndex, write the change with ``?cas=<index>``, and on
+        a lost check-and-set (another writer in between) read and change again, so that no concurrent
+        change is lost (the fleet's record of horizons, drain/record.py). Returns the number of writes it
+        took. ``read``: what ``read_kv`` answered earlier, used for the first write (one round trip when
+        nobody wrote since). No deadline of its own: the caller bounds it. Raises ConsulPermissionDenied
+        (no key:read or key:write on ``key``), ConsulError."""
+        import random
+
+        path = _kv_path(key)
+        attempts = 0
+        while True:
+            attempts += 1
+            index, value = read if read is not None else await self._transport.get(_kv_entry, path)
+            read = None
+            if await self._transport.put(_cas_answer, path, [("cas", str(index))], change(value)):
+                return attempts
+            # Lost to a concurrent writer: a few ms apart, so that two losers do not meet again at once.
+            await self._clock.sleep(random.uniform(0.0, 0.02 * min(attempts, 5)))
 
     async def deregister_confirmed(self, name: str, service_id: str, deadline: float) -> DeregisterResult:
         """Deregister through the agent and prove it, retrying until ``deadline`` (monotonic).

@@ -21,7 +21,9 @@ import binascii
 import contextlib
 import json
 import math
+import posixpath
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import Config, EtcdFormat
@@ -55,6 +57,15 @@ def etcd_key(config: Config) -> str:
         labels = [label for label in reversed(etcd.dns_domain.rstrip(".").split(".")) if label]
         return "/skydns/" + "/".join([*labels, svc.name, svc.id])
     return f"{etcd.prefix.rstrip('/')}/{svc.name}/{svc.id}"
+
+
+def kv_place(prefix: str, key: str) -> str:
+    """Where a key of the sidecar's own (the fleet's record of horizons: ``consul-sidecar/horizon/<name>``)
+    lives in etcd: beside ``etcd.prefix``, not under it, where consumers take every key under
+    ``<prefix>/<service>/`` for an instance (``services`` -> ``consul-sidecar/horizon/<name>``,
+    ``/srv/services/`` -> ``/srv/consul-sidecar/horizon/<name>``)."""
+    parent = posixpath.dirname(prefix.rstrip("/"))
+    return f"{parent.rstrip('/')}/{key}" if parent else key
 
 
 def dns_ttl(config: Config) -> int:
@@ -629,6 +640,36 @@ class EtcdRegistry:
                 )
             await self._clock.sleep(min(delay, remaining))
             delay = min(delay * 2, 1.0)
+
+    async def read_kv(self, key: str) -> tuple[int, bytes | None]:
+        """The value of ``key`` (placed by ``kv_place``) and its mod_revision ((0, None): no key)."""
+        kvs = (await self._call("/v3/kv/range", {"key": _b64(kv_place(self._config.etcd.prefix, key))})).get("kvs")
+        if not kvs:
+            return 0, None
+        return int(kvs[0].get("mod_revision") or 0), base64.b64decode(kvs[0].get("value") or "")
+
+    async def update_kv(
+        self, key: str, change: Callable[[bytes | None], bytes], read: tuple[int, bytes | None] | None = None
+    ) -> int:
+        """Replace the value of ``key`` (placed by ``kv_place``) by ``change(value)`` with a transaction that
+        compares the key's mod_revision (0: no key yet) with the one read; on a failed compare (another
+        writer in between) read and change again. Returns the number of transactions it took. ``read``: what
+        ``read_kv`` answered earlier, for the first transaction. No deadline
+        of its own: the caller bounds it. (A transaction passed over to another member may have been
+        applied by the first: ``change`` must leave a value that already holds its change as it is.)"""
+        import random
+
+        place = _b64(kv_place(self._config.etcd.prefix, key))
+        attempts = 0
+        while True:
+            attempts += 1
+            revision, value = read if read is not None else await self.read_kv(key)
+            read = None
+            compare = {"key": place, "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
+            put = {"request_put": {"key": place, "value": base64.b64encode(change(value)).decode()}}
+            if (await self._call("/v3/kv/txn", {"compare": [compare], "success": [put]})).get("succeeded"):
+                return attempts
+            await self._clock.sleep(random.uniform(0.0, 0.02 * min(attempts, 5)))
 
     async def close(self) -> None:
         self._stopping = True

@@ -779,7 +779,16 @@ class Sidecar:
                 deregistration=outcome.value,
                 cpu_ms=self.drain_wait.cpu_ms,
                 elapsed_ms=self._ms(confirmed_at),
-                hint="the app is signalled although the catalog may still list the instance" if unconfirmed else None,
+                hint=(
+                    "the app is signalled although "
+                    + (
+                        "etcd may still hold the key"
+                        if self.config.registry.kind is RegistryKind.ETCD
+                        else "the catalog may still list the instance"
+                    )
+                )
+                if unconfirmed
+                else None,
             )
             if outcome is Deregistration.CONFIRMED:
                 again = await self._verify_gone(bound, wait_again=True)

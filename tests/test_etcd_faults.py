@@ -159,6 +159,7 @@ def test_quorum_lost_the_drain_ends_at_its_bound_unconfirmed_naming_the_lease_tt
     assert unconfirmed is not None and "etcd.lease_ttl (3s)" in unconfirmed["hint"], out
     delay = sc.event("sidecar.drain.delay_done")
     assert delay is not None and delay["deregistration"] == "unconfirmed" and delay["level"] == "error", delay
+    assert delay["hint"] == "the app is signalled although etcd may still hold the key", delay
     left = sc.event("sidecar.consul.left_registered")
     assert left is not None and "etcd.lease_ttl (3s)" in left["hint"], out
     etcd_cluster.start(followers[1])

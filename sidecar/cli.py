@@ -76,15 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     wt.add_argument(
         "-c", "--config", type=Path, help="a sidecar configuration file (only [consul], or [registry] and [etcd])"
     )
-    # The consul CLI's name for it (-http-addr; Go takes --http-addr too); --consul-address is the older alias.
-    wt.add_argument(
-        "--http-addr",
-        "-http-addr",
-        "--consul-address",
-        dest="consul_address",
-        metavar="ADDRESS",
-        help="the agent, as for the consul CLI: http://127.0.0.1:8500, host:port, unix:///path/to/consul.sock",
-    )
+    _http_addr_argument(wt)
     wt.add_argument("--service", required=True, metavar="NAME")
     wt.add_argument("--id", metavar="ID", help="the instance (service ID), with --passing or --gone")
     what = wt.add_mutually_exclusive_group(required=True)
@@ -118,7 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     hz.add_argument("-c", "--config", type=Path, help="the sidecar's configuration file: its service.name and [consul]")
     hz.add_argument("--service", metavar="NAME", help="the service (default: service.name of -c FILE)")
-    hz.add_argument(
+    _http_addr_argument(hz)
+    hz.add_argument("--json", action="store_true", help="one JSON document instead of the table")
+    return p
+
+
+def _http_addr_argument(parser: argparse.ArgumentParser) -> None:
+    # The consul CLI's name for it (-http-addr; Go takes --http-addr too); --consul-address is the older alias.
+    parser.add_argument(
         "--http-addr",
         "-http-addr",
         "--consul-address",
@@ -126,8 +125,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help="the agent, as for the consul CLI: http://127.0.0.1:8500, host:port, unix:///path/to/consul.sock",
     )
-    hz.add_argument("--json", action="store_true", help="one JSON document instead of the table")
-    return p
 
 
 def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -63,11 +63,7 @@ def test_the_quick_decoder_reads_the_kernels_events_as_the_full_parse_does(famil
     Expected: the same cookies, peers and idle times; the peer is the client's address; each idle time
     about the 0.2 s the connection stayed idle. Red when the quick decoder reads a wrong offset (peer,
     cookie, tcp_info)."""
-    try:
-        server = socket.socket(family)
-    except OSError:
-        pytest.skip(f"no {host} here")
-    with server:
+    with socket.socket(family) as server:  # IPv6 loopback is part of the machines this runs on: no skip
         server.bind((host, 0))
         server.listen(8)
         port = server.getsockname()[1]

@@ -14,7 +14,6 @@ Everything it starts is stopped at the end, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -28,21 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from testkit import Consul, app_command, free_port, kill_all_started, spawn, wait_for, write_config  # noqa: E402
-
-
-def events(log: Path) -> list[dict[str, object]]:
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
+from testkit.procs import log_events  # noqa: E402
 
 
 def find(log: Path, name: str) -> dict[str, object] | None:
-    return next((e for e in events(log) if e.get("event") == name), None)
+    return next((e for e in log_events(log) if e.get("event") == name), None)
 
 
 def drain(consul: Consul, work: Path, tree: Path, name: str, n: int) -> dict[str, float]:

@@ -325,15 +325,9 @@ class EtcdWatcher:
         self.wait_event(lambda e: e["event"] == "watch.applied", timeout, "its first watch.applied")
 
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        if self.log.exists():
-            for line in self.log.read_text(errors="replace").splitlines():
-                if line.startswith("{"):
-                    try:
-                        out.append(json.loads(line))
-                    except ValueError:
-                        pass
-        return out
+        from testkit.procs import log_events
+
+        return log_events(self.log)
 
     def wait_event(self, pred: Any, timeout: float, what: str) -> dict[str, Any]:
         from testkit.procs import wait_for

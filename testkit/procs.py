@@ -284,6 +284,20 @@ def merge(base: dict[str, dict[str, Any]], over: dict[str, dict[str, Any]]) -> d
     return out
 
 
+def log_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON events of a log file (a sidecar's, the etcd watcher's), in order; none when it does not exist.
+    A process that shares the log with another (the app writes to the sidecar's stderr) can leave its text
+    in front of a JSON line: the event is read from its first '{"'."""
+    out = []
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            start = line.find('{"')
+            if start >= 0:
+                with contextlib.suppress(json.JSONDecodeError):
+                    out.append(json.loads(line[start:]))
+    return out
+
+
 class Sidecar:
     """``python -m sidecar run`` as a real process, with its JSON log lines at hand."""
 
@@ -319,15 +333,7 @@ class Sidecar:
         return self.proc.pid
 
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            # The app shares the sidecar's stderr: an app that writes a line in two pieces can leave
-            # its text in front of one of the sidecar's JSON lines.
-            start = line.find('{"')
-            if start >= 0:
-                with contextlib.suppress(json.JSONDecodeError):
-                    out.append(json.loads(line[start:]))
-        return out
+        return log_events(self.log)
 
     def event(self, name: str) -> dict[str, Any] | None:
         return next((e for e in self.events() if e.get("event") == name), None)

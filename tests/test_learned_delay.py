@@ -31,6 +31,11 @@ def _samples(*horizons_ms: int) -> list[dict[str, Any]]:
     return [{"time": 1.0, "service_id": "web-1", "horizon_ms": ms, "new_connections": 1} for ms in horizons_ms]
 
 
+def _raw_record(horizon: str) -> bytes:
+    """Twelve samples whose horizon_ms is ``horizon`` written as is (json.loads takes NaN and Infinity)."""
+    return ('{"samples": [' + ", ".join([f'{{"horizon_ms": {horizon}}}'] * 12) + "]}").encode()
+
+
 # --- the rule ---------------------------------------------------------------------------------------------
 
 
@@ -57,6 +62,9 @@ def test_without_a_recommendation_the_learned_delay_is_learned_max() -> None:
     nine = record.learned_delay(_samples(*([100] * 9)), 1.0, 7.0)
     assert (nine.delay_s, nine.reason, nine.count) == (7.0, "too_few_samples", 9) and "9 of the 10" in nine.why
     assert record.learned_delay([], 1.0, 7.0).delay_s == 7.0
+    for junk in ("NaN", "Infinity"):  # what json.loads takes and no drain measures
+        bad = record.learned_delay(record.samples(_raw_record(junk)), 1.0, 7.0)
+        assert (bad.delay_s, bad.reason) == (7.0, "record_unreadable") or bad.reason == "too_few_samples", bad
     gone = record.learned_delay(None, 1.0, 7.0, unreadable="no answer within 1s")
     assert (gone.delay_s, gone.reason) == (7.0, "record_unreadable") and "no answer within 1s" in gone.why
 
@@ -177,6 +185,28 @@ async def test_a_read_that_never_answers_waits_learned_max_not_longer(tmp_path: 
     for agent in (_RecordAgent([], hang=True), _RecordAgent([], error=True)):
         elapsed = await _drain(tmp_path, agent, learned_max="4s")
         assert 4.0 - 1e-6 <= elapsed < 4.1, (elapsed, agent.calls)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "document",
+    [
+        _raw_record("NaN"),
+        _raw_record("Infinity"),
+        _raw_record("1e300"),
+        _raw_record("-5000"),
+        bytes([0xFF, 0xFE]) + b" not even text",
+    ],
+    ids=["nan", "infinity", "huge", "negative", "binary"],
+)
+async def test_a_hostile_record_never_breaks_the_drain_nor_shortens_it(tmp_path: Path, document: bytes) -> None:
+    """Anyone with key:write on the record can fill it with what ``json.loads`` accepts and no drain ever
+    measured: NaN, Infinity, 1e300, negative horizons, or bytes that are not text. The drain must still wait
+    (at least learned_min, at most learned_max) and stop the app; never crash on the arithmetic. Red when
+    NaN or Infinity reach ``math.ceil`` (ValueError, OverflowError) and the drain dies with the app unsignalled."""
+    agent = _RecordAgent([], document)
+    elapsed = await _drain(tmp_path, agent, learned_min="1500ms", learned_max="6s")
+    assert 1.5 - 1e-6 <= elapsed < 6.1, elapsed
 
 
 @pytest.mark.asyncio

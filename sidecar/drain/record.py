@@ -244,7 +244,10 @@ def learned_delay(
             None,
         )
     margin_ms = None if learned_margin is None else int(round(learned_margin * 1000))
-    summary = summarise(found, peers=0, margin_ms=margin_ms)
+    try:
+        summary = summarise(found, peers=0, margin_ms=margin_ms)
+    except (ValueError, OverflowError) as e:  # NaN or Infinity: json.loads takes them, no drain measures them
+        return learned_delay(None, learned_min, learned_max, learned_margin, f"a horizon no drain measured: {e}")
     if summary.recommended_ms is None:
         return Learned(
             float(learned_max),

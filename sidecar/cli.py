@@ -405,21 +405,14 @@ def _wait(args: argparse.Namespace) -> int:
             [f'wait: --http-addr is the Consul agent\'s; {args.config} has registry.kind = "etcd" (etcd.endpoints)'],
             EX_BAD_COMMAND_LINE,
         )
-    tls = None
+    reader = None
     if etcd is not None:
-        try:
-            tls = wait.tls_context(etcd)
-        except wait.TlsFileProblem as e:
-            return _fail([f"{args.config}: {e}"], EX_CONFIG)
-    password = None
-    if etcd is not None and etcd.password_file is not None:
-        from .config.files import FileProblem, read_capped
+        from .registry.etcd_blocking import EtcdFileProblem, open_etcd
 
         try:
-            password = read_capped(etcd.password_file, 4096)[0].decode().rstrip("\r\n")
-        except (FileProblem, UnicodeDecodeError) as e:
-            why = e if isinstance(e, FileProblem) else f"{etcd.password_file} is not UTF-8 text"
-            return _fail([f"{args.config}: etcd.password_file: {why}"], EX_CONFIG)
+            reader = open_etcd(etcd)
+        except EtcdFileProblem as e:
+            return _fail([f"{args.config}: {e}"], EX_CONFIG)
     if args.passing:
         cond = wait.instance_passing(args.service, args.id)
     elif args.gone:
@@ -429,7 +422,8 @@ def _wait(args: argparse.Namespace) -> int:
 
     agent: BlockingHealth | wait.EtcdHealth
     if etcd is not None:
-        agent, registry = wait.EtcdHealth(etcd, password, tls), "etcd"
+        assert reader is not None
+        agent, registry = wait.EtcdHealth(reader, etcd), "etcd"
         where = f"etcd {agent.address}, keys under {wait.service_prefix(etcd, args.service)}"
     else:
         from .registry.consul import BlockingHealth
@@ -448,7 +442,8 @@ def _wait(args: argparse.Namespace) -> int:
         print(f"{cond.description}: after {result.elapsed:.2f}s ({result.last_seen})")
         return 0
     why = result.error or f"timed out after {result.elapsed:.2f}s"
-    return _fail([f"wait: {cond.description}: {why}; last seen: {result.last_seen}"], 1, [password] if password else ())
+    secrets = reader.secrets() if reader is not None else []
+    return _fail([f"wait: {cond.description}: {why}; last seen: {result.last_seen}"], 1, secrets)
 
 
 def _horizon(args: argparse.Namespace) -> int:

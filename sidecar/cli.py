@@ -4,12 +4,13 @@
     consul-sidecar check-config -c FILE
     consul-sidecar wait [-c FILE] --service NAME (--id ID --passing | --min-passing N | --id ID --gone)
     consul-sidecar maint -c FILE (--enable [--reason TEXT] | --disable)
-    consul-sidecar horizon (-c FILE | --service NAME [--http-addr ADDRESS]) [--json]
+    consul-sidecar horizon (-c FILE [--service NAME] | --service NAME [--http-addr ADDRESS]) [--json]
 
 Each command imports what it needs when it runs, not here: aiohttp alone (its client loads the
 system's CA certificates twice at import) costs several times the interpreter's own start, which
 ``--version`` and ``check-config`` never need; ``wait``, ``maint`` and ``horizon`` speak to the agent through the
-Consul client's blocking transport, without aiohttp, asyncio, structlog or the lifecycle.
+Consul client's blocking transport, without aiohttp, asyncio, structlog or the lifecycle (``wait`` and
+``horizon`` to etcd through registry/etcd_blocking.py, on the standard library).
 tests/test_cli_imports.py holds each command to its list.
 """
 
@@ -26,7 +27,7 @@ from . import __version__
 from .exit_codes import EX_BAD_COMMAND_LINE, EX_CONFIG, EX_INTERRUPTED, EX_SOFTWARE, EX_UNAVAILABLE
 
 if TYPE_CHECKING:
-    from .config import Config
+    from .config import Config, ConsulSettings
     from .registry.token_cache import TokenCache
 
 PROG = "consul-sidecar"
@@ -105,11 +106,20 @@ def _parser() -> argparse.ArgumentParser:
         description="Read the record of the service's last 100 drain horizons from Consul's KV store "
         "(consul-sidecar/horizon/<service>) and print their count, p50, p90, p99 and max, the slowest peers, and "
         "a recommended propagation delay (p99 plus a margin, bounded: docs/drain.md). Exit 0 with a "
-        "recommendation, 1 with too few samples for one. Consul settings as for wait.",
-        usage=f"{PROG} horizon (-c FILE | --service NAME [--http-addr ADDRESS]) [--json]",
+        "recommendation, 1 with too few samples for one. Consul settings as for wait. With "
+        'registry.kind = "etcd" in -c FILE, the record is read from etcd instead, beside etcd.prefix '
+        "(prefix /srv/services: /srv/consul-sidecar/horizon/<service>); --service alone always reads Consul.",
+        usage=f"{PROG} horizon (-c FILE [--service NAME] | --service NAME [--http-addr ADDRESS]) [--json]",
     )
-    hz.add_argument("-c", "--config", type=Path, help="the sidecar's configuration file: its service.name and [consul]")
-    hz.add_argument("--service", metavar="NAME", help="the service (default: service.name of -c FILE)")
+    hz.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="the sidecar's configuration file: its service.name, and [consul] or [registry] and [etcd]",
+    )
+    hz.add_argument(
+        "--service", metavar="NAME", help="the service (default: service.name of -c FILE); without -c, in Consul"
+    )
     _http_addr_argument(hz)
     hz.add_argument("--json", action="store_true", help="one JSON document instead of the table")
     return p
@@ -447,43 +457,39 @@ def _wait(args: argparse.Namespace) -> int:
 
 
 def _horizon(args: argparse.Namespace) -> int:
-    """The fleet's record of horizons (drain/record.py): statistics, slowest peers, a recommended delay."""
+    """The fleet's record of horizons (drain/record.py): statistics, slowest peers, a recommended delay.
+    Read from Consul's KV store, or from etcd (beside etcd.prefix) when -c FILE has registry.kind = "etcd"."""
     import json
 
     from .config import ConfigError, load_config, load_consul_settings
     from .drain import record
-    from .exit_codes import EX_NOPERM
 
     if args.config is None and not args.service:
         return _fail(["horizon: -c FILE or --service NAME"], EX_BAD_COMMAND_LINE)
     name = args.service
+    config = None
     try:
         if args.config is not None:
             config = load_config(args.config, os.environ, local_address=lambda host, port: "127.0.0.1")
-            if config.registry.kind.value == "etcd":
-                return _fail(
-                    [
-                        f'{config.source}: horizon: reads Consul\'s KV store; with registry.kind = "etcd" the '
-                        "record is beside etcd.prefix (docs/drain.md): read it with etcdctl get"
-                    ],
-                    EX_CONFIG,
-                )
             name = name or config.service.name
-        settings = load_consul_settings(args.config, os.environ, args.consul_address)
+        etcd = config is not None and config.registry.kind.value == "etcd"
+        settings = None if etcd else load_consul_settings(args.config, os.environ, args.consul_address)
     except ConfigError as e:
         return _fail(e.problems, EX_CONFIG)
-    from .registry.consul import ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, read_kv
-
-    key = record.key(name)
-    try:
-        found = record.samples(read_kv(settings, key))
-    except ConsulPermissionDenied as e:
-        return _fail([f"horizon: {e}; reading the record needs key:read on {key!r}"], EX_NOPERM)
-    except ConsulRejected as e:
-        return _fail([f"horizon: {e}"], EX_CONFIG)
-    except ConsulUnavailable as e:
-        return _fail([f"horizon: {e}"], EX_UNAVAILABLE)
-    summary = record.summarise(found)
+    if config is not None and etcd:
+        if args.consul_address is not None:
+            return _fail(
+                [f'horizon: --http-addr is the Consul agent\'s; {args.config} has registry.kind = "etcd"'],
+                EX_BAD_COMMAND_LINE,
+            )
+        read = _horizon_from_etcd(config, record.key(name))
+    else:
+        assert settings is not None
+        read = _horizon_from_consul(settings, record.key(name), hint=args.config is None)
+    if isinstance(read, int):
+        return read
+    key, document = read
+    summary = record.summarise(record.samples(document))
     if args.json:
         print(json.dumps({"service": name, "key": key, **summary.as_json()}, indent=2))
     else:
@@ -498,6 +504,52 @@ def _horizon(args: argparse.Namespace) -> int:
             1,
         )
     return 0
+
+
+def _horizon_from_consul(settings: ConsulSettings, key: str, hint: bool) -> tuple[str, bytes | None] | int:
+    """The record's key and document in Consul's KV store, or the exit status of a failed read."""
+    from .exit_codes import EX_NOPERM
+    from .registry.consul import ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, read_kv
+
+    try:
+        return key, read_kv(settings, key)
+    except ConsulPermissionDenied as e:
+        return _fail([f"horizon: {e}; reading the record needs key:read on {key!r}"], EX_NOPERM)
+    except ConsulRejected as e:
+        return _fail([f"horizon: {e}"], EX_CONFIG)
+    except ConsulUnavailable as e:
+        # An etcd user who typed --service alone reads Consul: say where an etcd record is read from.
+        where = ' (--service alone reads Consul; a record in etcd needs -c FILE with registry.kind = "etcd")'
+        return _fail([f"horizon: {e}{where if hint else ''}"], EX_UNAVAILABLE)
+
+
+def _horizon_from_etcd(config: Config, key: str) -> tuple[str, bytes | None] | int:
+    """The record's key and document in etcd, beside etcd.prefix (etcd_blocking.kv_place, where the adapter
+    writes it), or the exit status of a failed read. The password is in no line printed."""
+    from .exit_codes import EX_NOPERM
+    from .registry.base import RegistryPermissionDenied, RegistryUnavailable
+    from .registry.etcd_blocking import EtcdFileProblem, kv_place, open_etcd
+
+    place = kv_place(config.etcd.prefix, key)
+    try:
+        reader = open_etcd(config.etcd)
+    except EtcdFileProblem as e:
+        return _fail([f"{config.source}: {e}"], EX_CONFIG)
+    user = config.etcd.user
+    try:
+        return place, reader.get(place)
+    except RegistryPermissionDenied as e:
+        if user is None:
+            why = f"reading the record needs read on {place!r}"  # etcd's own words say to set etcd.user
+        elif "authentication failed" in str(e):
+            why = f"etcd refused etcd.user {user!r} with the password in etcd.password_file"
+        else:
+            why = f"reading the record needs read on {place!r}: a role of etcd.user {user!r} with it"
+        return _fail([f"horizon: {e}; {why}"], EX_NOPERM, reader.secrets())
+    except (RegistryUnavailable, TimeoutError) as e:
+        return _fail([f"horizon: {str(e) or 'no answer from etcd'}"], EX_UNAVAILABLE, reader.secrets())
+    finally:
+        reader.close()
 
 
 def _maint(config: Config, enable: bool, reason: str | None) -> int:

@@ -4,12 +4,13 @@
     consul-sidecar check-config -c FILE
     consul-sidecar wait [-c FILE] --service NAME (--id ID --passing | --min-passing N | --id ID --gone)
     consul-sidecar maint -c FILE (--enable [--reason TEXT] | --disable)
-    consul-sidecar horizon (-c FILE | --service NAME [--http-addr ADDRESS]) [--json]
+    consul-sidecar horizon (-c FILE [--service NAME] | --service NAME [--http-addr ADDRESS]) [--json]
 
 Each command imports what it needs when it runs, not here: aiohttp alone (its client loads the
 system's CA certificates twice at import) costs several times the interpreter's own start, which
 ``--version`` and ``check-config`` never need; ``wait``, ``maint`` and ``horizon`` speak to the agent through the
-Consul client's blocking transport, without aiohttp, asyncio, structlog or the lifecycle.
+Consul client's blocking transport, without aiohttp, asyncio, structlog or the lifecycle (``wait`` and
+``horizon`` to etcd through registry/etcd_blocking.py, on the standard library).
 tests/test_cli_imports.py holds each command to its list.
 """
 
@@ -26,7 +27,7 @@ from . import __version__
 from .exit_codes import EX_BAD_COMMAND_LINE, EX_CONFIG, EX_INTERRUPTED, EX_SOFTWARE, EX_UNAVAILABLE
 
 if TYPE_CHECKING:
-    from .config import Config
+    from .config import Config, ConsulSettings
     from .drain.record import Learned
     from .registry.token_cache import TokenCache
 
@@ -106,11 +107,20 @@ def _parser() -> argparse.ArgumentParser:
         description="Read the record of the service's last 100 drain horizons from Consul's KV store "
         "(consul-sidecar/horizon/<service>) and print their count, p50, p90, p99 and max, the slowest peers, and "
         "a recommended propagation delay (p99 plus a margin, bounded: docs/drain.md). Exit 0 with a "
-        "recommendation, 1 with too few samples for one. Consul settings as for wait.",
-        usage=f"{PROG} horizon (-c FILE | --service NAME [--http-addr ADDRESS]) [--json]",
+        "recommendation, 1 with too few samples for one. Consul settings as for wait. With "
+        'registry.kind = "etcd" in -c FILE, the record is read from etcd instead, beside etcd.prefix '
+        "(prefix /srv/services: /srv/consul-sidecar/horizon/<service>); --service alone always reads Consul.",
+        usage=f"{PROG} horizon (-c FILE [--service NAME] | --service NAME [--http-addr ADDRESS]) [--json]",
     )
-    hz.add_argument("-c", "--config", type=Path, help="the sidecar's configuration file: its service.name and [consul]")
-    hz.add_argument("--service", metavar="NAME", help="the service (default: service.name of -c FILE)")
+    hz.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="the sidecar's configuration file: its service.name, and [consul] or [registry] and [etcd]",
+    )
+    hz.add_argument(
+        "--service", metavar="NAME", help="the service (default: service.name of -c FILE); without -c, in Consul"
+    )
     _http_addr_argument(hz)
     hz.add_argument("--json", action="store_true", help="one JSON document instead of the table")
     return p
@@ -356,42 +366,21 @@ def _status_listen(config: Config) -> str | None:
 
 def _learned_now(config: Config) -> Learned:
     """What ``propagation_delay = "learned"`` would wait now, from the fleet's record as it is: the drain's
-    own rule (drain/record.py ``learned_delay``), read the blocking way within the registry's timeout."""
+    own rule (drain/record.py ``learned_delay``), read the blocking way, as ``horizon -c FILE`` reads it."""
     from .drain import record
+    from .redact import scrub
 
     sd = config.shutdown
-    try:
-        found, unreadable = record.samples(_read_record(config)), None
-    except _RecordUnreadable as e:
-        found, unreadable = None, str(e)
-    return record.learned_delay(found, sd.learned_min, sd.learned_max, sd.learned_margin, unreadable)
-
-
-class _RecordUnreadable(Exception):
-    """The fleet's record of horizons could not be read: one line saying why."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _read_record(config: Config) -> bytes | None:
-    """The record of ``config``'s service (drain/record.py), blocking; raises _RecordUnreadable."""
-    from .drain import record
-    from .exit_codes import EX_NOPERM
-    from .registry.consul import ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, read_kv
-
     key = record.key(config.service.name)
-    if config.registry.kind.value == "etcd":
-        raise _RecordUnreadable("reading the etcd record here is not supported yet", EX_CONFIG)
     try:
-        return read_kv(config.consul, key)
-    except ConsulPermissionDenied as e:
-        raise _RecordUnreadable(f"{e}; reading the record needs key:read on {key!r}", EX_NOPERM) from None
-    except ConsulRejected as e:
-        raise _RecordUnreadable(str(e), EX_CONFIG) from None
-    except ConsulUnavailable as e:
-        raise _RecordUnreadable(str(e), EX_UNAVAILABLE) from None
+        if config.registry.kind.value == "etcd":
+            _, document = _record_from_etcd(config, key)
+        else:
+            _, document = _record_from_consul(config.consul, key, hint=False)
+    except _RecordUnreadable as e:
+        return record.learned_delay(None, sd.learned_min, sd.learned_max, sd.learned_margin, scrub(str(e), e.secrets))
+    found = record.samples(document)
+    return record.learned_delay(found, sd.learned_min, sd.learned_max, sd.learned_margin)
 
 
 def _traffic_view_here(config: Config) -> dict[str, Any]:
@@ -455,21 +444,14 @@ def _wait(args: argparse.Namespace) -> int:
             [f'wait: --http-addr is the Consul agent\'s; {args.config} has registry.kind = "etcd" (etcd.endpoints)'],
             EX_BAD_COMMAND_LINE,
         )
-    tls = None
+    reader = None
     if etcd is not None:
-        try:
-            tls = wait.tls_context(etcd)
-        except wait.TlsFileProblem as e:
-            return _fail([f"{args.config}: {e}"], EX_CONFIG)
-    password = None
-    if etcd is not None and etcd.password_file is not None:
-        from .config.files import FileProblem, read_capped
+        from .registry.etcd_blocking import EtcdFileProblem, open_etcd
 
         try:
-            password = read_capped(etcd.password_file, 4096)[0].decode().rstrip("\r\n")
-        except (FileProblem, UnicodeDecodeError) as e:
-            why = e if isinstance(e, FileProblem) else f"{etcd.password_file} is not UTF-8 text"
-            return _fail([f"{args.config}: etcd.password_file: {why}"], EX_CONFIG)
+            reader = open_etcd(etcd)
+        except EtcdFileProblem as e:
+            return _fail([f"{args.config}: {e}"], EX_CONFIG)
     if args.passing:
         cond = wait.instance_passing(args.service, args.id)
     elif args.gone:
@@ -479,7 +461,8 @@ def _wait(args: argparse.Namespace) -> int:
 
     agent: BlockingHealth | wait.EtcdHealth
     if etcd is not None:
-        agent, registry = wait.EtcdHealth(etcd, password, tls), "etcd"
+        assert reader is not None
+        agent, registry = wait.EtcdHealth(reader, etcd), "etcd"
         where = f"etcd {agent.address}, keys under {wait.service_prefix(etcd, args.service)}"
     else:
         from .registry.consul import BlockingHealth
@@ -498,47 +481,44 @@ def _wait(args: argparse.Namespace) -> int:
         print(f"{cond.description}: after {result.elapsed:.2f}s ({result.last_seen})")
         return 0
     why = result.error or f"timed out after {result.elapsed:.2f}s"
-    return _fail([f"wait: {cond.description}: {why}; last seen: {result.last_seen}"], 1, [password] if password else ())
+    secrets = reader.secrets() if reader is not None else []
+    return _fail([f"wait: {cond.description}: {why}; last seen: {result.last_seen}"], 1, secrets)
 
 
 def _horizon(args: argparse.Namespace) -> int:
-    """The fleet's record of horizons (drain/record.py): statistics, slowest peers, a recommended delay."""
+    """The fleet's record of horizons (drain/record.py): statistics, slowest peers, a recommended delay.
+    Read from Consul's KV store, or from etcd (beside etcd.prefix) when -c FILE has registry.kind = "etcd"."""
     import json
 
     from .config import ConfigError, load_config, load_consul_settings
     from .drain import record
-    from .exit_codes import EX_NOPERM
 
     if args.config is None and not args.service:
         return _fail(["horizon: -c FILE or --service NAME"], EX_BAD_COMMAND_LINE)
     name = args.service
+    config = None
     try:
         if args.config is not None:
             config = load_config(args.config, os.environ, local_address=lambda host, port: "127.0.0.1")
-            if config.registry.kind.value == "etcd":
-                return _fail(
-                    [
-                        f'{config.source}: horizon: reads Consul\'s KV store; with registry.kind = "etcd" the '
-                        "record is beside etcd.prefix (docs/drain.md): read it with etcdctl get"
-                    ],
-                    EX_CONFIG,
-                )
             name = name or config.service.name
-        settings = load_consul_settings(args.config, os.environ, args.consul_address)
+        etcd = config is not None and config.registry.kind.value == "etcd"
+        settings = None if etcd else load_consul_settings(args.config, os.environ, args.consul_address)
     except ConfigError as e:
         return _fail(e.problems, EX_CONFIG)
-    from .registry.consul import ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, read_kv
-
-    key = record.key(name)
+    if config is not None and etcd and args.consul_address is not None:
+        return _fail(
+            [f'horizon: --http-addr is the Consul agent\'s; {args.config} has registry.kind = "etcd"'],
+            EX_BAD_COMMAND_LINE,
+        )
     try:
-        found = record.samples(read_kv(settings, key))
-    except ConsulPermissionDenied as e:
-        return _fail([f"horizon: {e}; reading the record needs key:read on {key!r}"], EX_NOPERM)
-    except ConsulRejected as e:
-        return _fail([f"horizon: {e}"], EX_CONFIG)
-    except ConsulUnavailable as e:
-        return _fail([f"horizon: {e}"], EX_UNAVAILABLE)
-    summary = record.summarise(found)
+        if config is not None and etcd:
+            key, document = _record_from_etcd(config, record.key(name))
+        else:
+            assert settings is not None
+            key, document = _record_from_consul(settings, record.key(name), hint=args.config is None)
+    except _RecordUnreadable as e:
+        return _fail([f"horizon: {e}"], e.code, e.secrets)
+    summary = record.summarise(record.samples(document))
     if args.json:
         print(json.dumps({"service": name, "key": key, **summary.as_json()}, indent=2))
     else:
@@ -553,6 +533,62 @@ def _horizon(args: argparse.Namespace) -> int:
             1,
         )
     return 0
+
+
+class _RecordUnreadable(Exception):
+    """The fleet's record of horizons could not be read: one line saying why, the exit status it means, and
+    what the line must not show (etcd's password)."""
+
+    def __init__(self, message: str, code: int, secrets: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.secrets = list(secrets)
+
+
+def _record_from_consul(settings: ConsulSettings, key: str, hint: bool) -> tuple[str, bytes | None]:
+    """The record's key and document in Consul's KV store; raises _RecordUnreadable."""
+    from .exit_codes import EX_NOPERM
+    from .registry.consul import ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, read_kv
+
+    try:
+        return key, read_kv(settings, key)
+    except ConsulPermissionDenied as e:
+        raise _RecordUnreadable(f"{e}; reading the record needs key:read on {key!r}", EX_NOPERM) from None
+    except ConsulRejected as e:
+        raise _RecordUnreadable(str(e), EX_CONFIG) from None
+    except ConsulUnavailable as e:
+        # An etcd user who typed --service alone reads Consul: say where an etcd record is read from.
+        where = ' (--service alone reads Consul; a record in etcd needs -c FILE with registry.kind = "etcd")'
+        raise _RecordUnreadable(f"{e}{where if hint else ''}", EX_UNAVAILABLE) from None
+
+
+def _record_from_etcd(config: Config, key: str) -> tuple[str, bytes | None]:
+    """The record's key and document in etcd, beside etcd.prefix (etcd_blocking.kv_place, where the adapter
+    writes it); raises _RecordUnreadable, whose ``secrets`` hold the password for the scrubber."""
+    from .exit_codes import EX_NOPERM
+    from .registry.base import RegistryPermissionDenied, RegistryUnavailable
+    from .registry.etcd_blocking import EtcdFileProblem, kv_place, open_etcd
+
+    place = kv_place(config.etcd.prefix, key)
+    try:
+        reader = open_etcd(config.etcd)
+    except EtcdFileProblem as e:
+        raise _RecordUnreadable(f"{config.source}: {e}", EX_CONFIG) from None
+    user = config.etcd.user
+    try:
+        return place, reader.get(place)
+    except RegistryPermissionDenied as e:
+        if user is None:
+            why = f"reading the record needs read on {place!r}"  # etcd's own words say to set etcd.user
+        elif "authentication failed" in str(e):
+            why = f"etcd refused etcd.user {user!r} with the password in etcd.password_file"
+        else:
+            why = f"reading the record needs read on {place!r}: a role of etcd.user {user!r} with it"
+        raise _RecordUnreadable(f"{e}; {why}", EX_NOPERM, reader.secrets()) from None
+    except (RegistryUnavailable, TimeoutError) as e:
+        raise _RecordUnreadable(str(e) or "no answer from etcd", EX_UNAVAILABLE, reader.secrets()) from None
+    finally:
+        reader.close()
 
 
 def _maint(config: Config, enable: bool, reason: str | None) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from testkit import PY, ROOT, Consul, write_config
+from testkit import PY, ROOT, Consul, free_port, write_config
+from testkit.etcd import Etcd
 
 # Runs the command as the console script does and records sys.modules as the process exits.
 PROBE = (
@@ -194,3 +195,26 @@ def test_horizon_imports_the_client_without_aiohttp_asyncio_logging_or_lifecycle
         assert done.returncode == code, done.stderr
         assert {"sidecar.registry.consul", "sidecar._consul_base", "sidecar.drain.record"} <= modules
         assert sorted(modules.intersection((*NOT_FOR_WAIT, "sidecar.registry.wait"))) == []
+
+
+def test_horizon_with_etcd_imports_neither_asyncio_aiohttp_the_adapter_nor_consul(
+    etcd: Etcd, etcd_prefix: str, tmp_path: Path
+) -> None:
+    """`horizon -c FILE` with registry.kind = "etcd" reads the record (none here: exit 1, "0 samples") over
+    registry/etcd_blocking.py: neither asyncio, aiohttp, structlog, the etcd adapter (registry/etcd.py, which
+    imports asyncio) nor the Consul client; the same for unreachable endpoints (exit 69). Red when horizon
+    reads etcd through the adapter."""
+    for endpoint, code in ((etcd.endpoint, 1), (f"http://127.0.0.1:{free_port()}", 69)):
+        cfg = write_config(
+            tmp_path / "etcd.toml",
+            {
+                "registry": {"kind": "etcd"},
+                "etcd": {"endpoints": [endpoint], "prefix": etcd_prefix},
+                "service": {"name": "cli-imports-horizon", "address": "127.0.0.1", "port": 8080},
+            },
+        )
+        done, modules = run_probe(tmp_path, "horizon", "-c", str(cfg))
+        assert done.returncode == code, done.stderr
+        assert {"sidecar.registry.etcd_blocking", "sidecar.drain.record"} <= modules
+        heavy = {"sidecar.registry.etcd", "sidecar.registry.consul", "consul", "sidecar.registry.wait"}
+        assert sorted(modules.intersection((*NOT_FOR_WAIT, *heavy))) == []

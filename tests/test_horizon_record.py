@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -45,6 +46,29 @@ def test_a_document_that_is_not_a_record_is_replaced_not_fatal() -> None:
     write starts a fresh record. Red when merge raises on it."""
     for junk in (b"not json", b"[1, 2]", b'{"samples": "x"}', b'{"samples": [{"horizon_ms": "1"}, 3]}', b""):
         assert record.samples(record.merge(junk, _sample(7))) == [_sample(7)]
+
+
+def test_a_horizon_that_is_no_duration_is_dropped_never_a_crash() -> None:
+    """json.loads takes NaN and Infinity: a record holding them (or a negative horizon, or true, which is an
+    int to isinstance) keeps its good samples only, ``summarise`` answers, and the next write leaves JSON
+    that any reader takes. Same for a slowest peer's ``last_ms``. Red when samples() keeps them: summarise
+    then raises (int(nan)) or p99 is NaN, and merge writes NaN back."""
+    good = _sample(7)
+    one = '{"time": 7.0, "service_id": "web-1", "horizon_ms": %s, "new_connections": 1, "slowest_peers": []}'
+    texts = [one % v for v in ("7", "NaN", "Infinity", "-Infinity", "-5", "-0.5", "true")]
+    document = '{"version": 1, "samples": [' + ", ".join(texts) + "]}"
+    assert len(json.loads(document)["samples"]) == 7  # the control: json.loads takes every one of them
+    assert record.samples(document) == [good]
+    assert record.samples(record.merge(document, _sample(8))) == [good, _sample(8)]
+    assert "NaN" not in record.merge(document, _sample(8)).decode()
+    zero = {**good, "horizon_ms": 0}
+    assert record.samples(json.dumps({"samples": [zero]})) == [zero]  # no consumer came late: a horizon of 0
+
+    peers = [{"peer": "10.0.0.1", "last_ms": float(v)} for v in ("nan", "inf", "-inf")]
+    peers.append({"peer": "10.0.0.2", "last_ms": 40})
+    s = record.summarise([{**good, "slowest_peers": peers}])
+    assert (s.count, s.p99_ms) == (1, 7)
+    assert s.slowest_peers == [{"peer": "10.0.0.2", "last_ms": 40, "service_id": "web-1"}]
 
 
 def _appends(sample: dict[str, Any]) -> Callable[[bytes | None], bytes]:

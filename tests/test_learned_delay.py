@@ -335,3 +335,37 @@ def test_check_config_says_what_a_drain_would_wait_now_and_why(
     assert json.loads(down.stdout)["shutdown"]["learned_now"]["delay_s"] == 9.0
     [line] = [x for x in down.stderr.splitlines() if x.startswith("learned delay:")]
     assert "would wait 9s" in line and "could not be read" in line and "unreachable" in line, line
+
+
+def test_with_etcd_the_record_beside_the_prefix_sets_the_delay(
+    etcd: Any, etcd_prefix: str, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """registry.kind = "etcd": the record of twelve 1.5 s drains put with etcdctl beside the prefix (where the
+    adapter keeps it). check-config says 2 s and a real drain waits 2 s (learned_max 9 s), reason record.
+    Red when the etcd adapter's record is not read (learned_max), or check-config reads Consul for it."""
+    from sidecar.registry.etcd_blocking import kv_place
+    from testkit.etcd import etcdctl
+
+    name = "learnedetcd"
+    etcdctl(etcd.endpoint, "put", kv_place(etcd_prefix, record.key(name)), _document(*([1500] * 12)).decode())
+    port = free_port()
+    sections: dict[str, dict[str, Any]] = {
+        "registry": {"kind": "etcd"},
+        "etcd": {"endpoints": [etcd.endpoint], "lease_ttl": "3s", "prefix": etcd_prefix},
+        "service": {"name": name, "id": f"{name}-1", "address": "127.0.0.1", "port": port},
+        "check": {"interval": "1s", "timeout": "500ms"},
+        "shutdown": {"propagation_delay": "learned", "learned_max": "9s", "app_timeout": "5s"},
+        "status": {"listen": ""},
+    }
+    checked = _check_config(write_config(tmp_path / "c.toml", sections))
+    assert checked.returncode == 0, checked.stderr
+    now = json.loads(checked.stdout)["shutdown"]["learned_now"]
+    assert (now["delay_s"], now["reason"], now["samples"]) == (2.0, "record", 12), (now, checked.stderr)
+    sc = start_sidecar(sections, app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    sc.send(signal.SIGTERM)
+    done = sc.wait_event("sidecar.drain.delay_done", timeout=60)
+    assert sc.wait(60) == 0, sc.tail()
+    learned = sc.event("sidecar.drain.learned_delay")
+    assert learned is not None and (learned["delay_s"], learned["reason"]) == (2.0, "record"), learned
+    assert done["bound_s"] == 2.0 and 2000 <= done["elapsed_ms"] < 8000, done

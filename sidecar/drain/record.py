@@ -69,7 +69,13 @@ def samples(document: bytes | str | None) -> list[dict[str, Any]]:
     found = parsed.get("samples") if isinstance(parsed, dict) else None
     if not isinstance(found, list):
         return []
-    return [s for s in found if isinstance(s, dict) and isinstance(s.get("horizon_ms"), int | float)]
+    return [s for s in found if isinstance(s, dict) and _duration_ms(s.get("horizon_ms"))]
+
+
+def _duration_ms(value: Any) -> bool:
+    """A duration in milliseconds: a finite number, not negative. json.loads takes NaN and Infinity (which
+    would make every statistic NaN, or crash int()), and true is an int to isinstance."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def merge(document: bytes | str | None, sample: dict[str, Any], limit: int = RECORD_LIMIT) -> bytes:
@@ -164,7 +170,7 @@ def summarise(found: Sequence[dict[str, Any]], peers: int = 5, margin_ms: int | 
     slowest: dict[str, dict[str, Any]] = {}
     for s in found:
         for p in s.get("slowest_peers") or []:
-            if not isinstance(p, dict) or not isinstance(p.get("last_ms"), int | float):
+            if not isinstance(p, dict) or not _duration_ms(p.get("last_ms")):
                 continue
             name = str(p.get("peer"))
             seen = slowest.get(name)

@@ -21,7 +21,6 @@ import binascii
 import contextlib
 import json
 import math
-import posixpath
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,6 +36,7 @@ from .base import (
     RegistryRejected,
     RegistryUnavailable,
 )
+from .etcd_blocking import kv_place as kv_place  # the record's place: written here, read by `horizon`
 
 if TYPE_CHECKING:
     import ssl
@@ -57,15 +57,6 @@ def etcd_key(config: Config) -> str:
         labels = [label for label in reversed(etcd.dns_domain.rstrip(".").split(".")) if label]
         return "/skydns/" + "/".join([*labels, svc.name, svc.id])
     return f"{etcd.prefix.rstrip('/')}/{svc.name}/{svc.id}"
-
-
-def kv_place(prefix: str, key: str) -> str:
-    """Where a key of the sidecar's own (the fleet's record of horizons: ``consul-sidecar/horizon/<name>``)
-    lives in etcd: beside ``etcd.prefix``, not under it, where consumers take every key under
-    ``<prefix>/<service>/`` for an instance (``services`` -> ``consul-sidecar/horizon/<name>``,
-    ``/srv/services/`` -> ``/srv/consul-sidecar/horizon/<name>``)."""
-    parent = posixpath.dirname(prefix.rstrip("/"))
-    return f"{parent.rstrip('/')}/{key}" if parent else key
 
 
 def dns_ttl(config: Config) -> int:

@@ -547,7 +547,7 @@ class Sidecar:
                     if result.outcome is not Deregistration.CONFIRMED:
                         return result
                     if wait_again and not self.app.exited.done():
-                        again = min(cfg.shutdown.propagation_delay, max(0.0, bound - self.clock.monotonic()))
+                        again = min(self._delay_s, max(0.0, bound - self.clock.monotonic()))  # learned or not
                         await self._first(self.clock.sleep(again), self._skip_delay.wait())
                     if not self.writes.may_land:
                         return None

@@ -49,6 +49,13 @@ def test_skydns_key_and_value_are_corednss(tmp_path: Path) -> None:
     value = json.loads(etcd_value(c, owner="me"))
     assert (value["host"], value["port"], value["ttl"]) == ("127.0.0.2", 8080, 5)  # ttl: propagation_delay 5s
     assert value["metadata"]["meta"][OWNER_META_KEY] == "me"
+    # A learned delay may be as short as learned_min: the TTL follows it, not learned_max (the upper bound).
+    learned = load(
+        tmp_path,
+        'format = "skydns"\ndns_domain = "skydns.local"\n'
+        '[shutdown]\npropagation_delay = "learned"\nlearned_min = "2s"\n',
+    )
+    assert json.loads(etcd_value(learned, owner="me"))["ttl"] == 2
     entry = entry_of(etcd_value(c, owner="me"))
     assert entry is not None and (entry["Address"], entry["Port"]) == ("127.0.0.2", 8080)
 

@@ -61,8 +61,9 @@ def etcd_key(config: Config) -> str:
 
 def dns_ttl(config: Config) -> int:
     """skydns: the records' TTL. No longer than the propagation delay (at least 1 s): a resolver's cached
-    answer has expired by the time the app is signalled."""
-    return max(1, math.floor(config.shutdown.propagation_delay))
+    answer has expired by the time the app is signalled. A learned delay is never shorter than learned_min."""
+    sd = config.shutdown
+    return max(1, math.floor(sd.learned_min if sd.learned else sd.propagation_delay))
 
 
 def etcd_value(config: Config, owner: str | None) -> str:

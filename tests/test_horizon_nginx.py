@@ -67,8 +67,12 @@ async def test_the_horizon_behind_nginx_is_its_resolver_validity(
       the rest is slack for a loaded 2-core machine;
     - counted from nginx's look-up before the drain, the horizon within [valid - 0.3 s, valid + 1.4 s]:
       nginx's validity, and for the two settings disjoint ranges, so the horizon follows the setting;
-    - nginx kept the answer within [valid - 0.05 s, valid + 1.3 s] (the relay's view: nginx does honour
-      ``valid``), and no request through nginx failed (the delay covers it).
+    - nginx kept the answer within [valid - 0.2 s, valid + 1.3 s] (the relay's view: nginx does honour
+      ``valid``; below it only by nginx's own clock, read once per turn of its loop), and no request
+      through nginx failed (the delay covers it).
+    No chance in it: the drain's phase in nginx's cache period is set (right after a look-up), so no
+    bound here rests on a random phase; the slack is for a loaded machine (measured: within 60 ms of
+    the expectation, bench/horizon_nginx.py).
     Red when the horizon is not measured or mis-dated, when the connections counted are not nginx's,
     when nginx's resolver is set to another validity than the test expects (seen red with valid=3s in
     the config while the test expected 1 s), or when the delay does not cover nginx's cache (the control
@@ -84,7 +88,8 @@ async def test_the_horizon_behind_nginx_is_its_resolver_validity(
     )
     assert d.expected_ms - 300 <= d.horizon_ms <= d.expected_ms + 400, facts
     assert valid * 1000 - 300 <= d.since_lookup_ms <= (valid + 1) * 1000 + 400, facts
-    assert valid * 1000 - 50 <= d.cache_ms <= (valid + 1) * 1000 + 300, facts
+    assert valid * 1000 - 200 <= d.cache_ms <= (valid + 1) * 1000 + 300, facts
+    assert 0 < d.horizon_ms <= (valid + 1) * 1000 + 400, facts
     s = summarize(d.records)
     assert s.requests > RATE * (valid + 2) and s.failed == 0, (s.requests, s.failed, s.errors)
 

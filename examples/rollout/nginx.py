@@ -48,8 +48,8 @@ CONF = (
     _HEAD
     + """\
 
-    # Consul DNS; valid=1s caps nginx's own cache of the answer.
-    resolver 127.0.0.1:{dns_port} valid=1s ipv6=off;
+    # Consul DNS; valid= caps nginx's own cache of the answer (1s by default).
+    resolver 127.0.0.1:{dns_port} valid={valid} ipv6=off;
     resolver_timeout 1s;
 
     server {{
@@ -58,7 +58,7 @@ CONF = (
             # A variable in proxy_pass makes nginx resolve at request time (through the resolver above).
             set $backend {service}.service.consul;
             proxy_pass http://$backend:{app_port};
-"""
+{proxy_bind}"""
     + _TAIL
 )
 
@@ -89,8 +89,17 @@ def nginx_binary() -> str:
 
 
 def render(
-    prefix: Path, dns_port: int, listen_port: int, app_port: int, service: str = "web", listen_host: str = "127.0.0.1"
+    prefix: Path,
+    dns_port: int,
+    listen_port: int,
+    app_port: int,
+    service: str = "web",
+    listen_host: str = "127.0.0.1",
+    valid: str = "1s",
+    source: str | None = None,
 ) -> str:
+    """``valid``: the resolver's validity (nginx's time syntax); ``source``: the address nginx connects to
+    the instances from (``proxy_bind``), so that they can tell nginx from other peers on loopback."""
     return CONF.format(
         prefix=prefix,
         dns_port=dns_port,
@@ -98,16 +107,27 @@ def render(
         listen_port=listen_port,
         app_port=app_port,
         service=service,
+        valid=valid,
+        proxy_bind=f"            proxy_bind {source};\n" if source else "",
     )
 
 
 class Nginx:
-    def __init__(self, prefix: Path, dns_port: int, listen_port: int, app_port: int, service: str = "web") -> None:
+    def __init__(
+        self,
+        prefix: Path,
+        dns_port: int,
+        listen_port: int,
+        app_port: int,
+        service: str = "web",
+        valid: str = "1s",
+        source: str | None = None,
+    ) -> None:
         self.prefix = prefix
         self.listen_port = listen_port
         (prefix / "tmp").mkdir(parents=True, exist_ok=True)
         self.conf = prefix / "nginx.conf"
-        self.conf.write_text(render(prefix, dns_port, listen_port, app_port, service))
+        self.conf.write_text(render(prefix, dns_port, listen_port, app_port, service, valid=valid, source=source))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

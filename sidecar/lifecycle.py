@@ -745,6 +745,7 @@ class Sidecar:
         outcome = last.outcome
         self.systemd.notify(STATUS=f"deregistration {outcome.value}: waiting before stopping the app")
         saving: tuple[asyncio.Task[int], float, float, bool] | None = None
+        look_after_signal = confirmed = False
         if self.app.exited.done():
             pass  # nothing left to protect
         else:
@@ -796,8 +797,19 @@ class Sidecar:
                 again = await self._verify_gone(bound, wait_again=True)
                 if again is not None:  # a landed write could not be taken out again: report it at the end
                     last, outcome = again, again.outcome
-            saving = self._save_horizon(self._drain_done(outcome is Deregistration.CONFIRMED), t0)
-        result = await self._stop_app()
+            confirmed = outcome is Deregistration.CONFIRMED
+            self.drain_wait.close_window()  # the horizon's window ends here, at the app's signal
+            # The horizon's last look walks the host's whole socket table (~6 ms with 15,000 sockets in
+            # TIME_WAIT): it comes right after the signal, while the app shuts down, so the drain is not
+            # longer for it. Not with a shutdown URL: that stop connects to the app's port itself.
+            look_after_signal = self.config.app.shutdown_url is None
+            if not look_after_signal:
+                saving = self._save_horizon(self._drain_done(confirmed), t0)
+        stopping = asyncio.ensure_future(self._stop_app())
+        if look_after_signal:
+            await asyncio.sleep(0)  # the stop's first step signals the app (a child, a PID) before the look
+            saving = self._save_horizon(self._drain_done(confirmed), t0)
+        result = await stopping
         if saving is not None:
             await self._horizon_saved(*saving)
         status = await self._last_word(last, t0 + cfg.worst_case, result.status)
@@ -805,10 +817,16 @@ class Sidecar:
         return status
 
     def _drain_done(self, confirmed: bool) -> Horizon | None:
-        """The drain's last event before the app's signal: its horizon (drain/horizon.py), returned."""
-        seen = self.drain_wait.measured()
+        """The drain's horizon (drain/horizon.py) up to the app's signal, logged and returned; logged right
+        after the signal (or before it, with a shutdown URL). A measurement that fails is no figure, never
+        a broken drain: the app's stop is under way."""
+        failed: str | None = None
+        try:
+            seen = self.drain_wait.measured()
+        except Exception as e:  # noqa: BLE001 - the sidecar's own view must not break the drain
+            seen, failed = None, f"the horizon's last look failed: {e.__class__.__name__}: {e}"
         if seen is None:
-            why = (
+            why = failed or (
                 self.drain_wait.horizon_unavailable or "not measured"
                 if confirmed
                 else "the deregistration was not confirmed: no moment to measure from"

@@ -59,6 +59,9 @@ def test_shutdown_url(consul: Consul, start_sidecar: StartSidecar, service_name:
     """1. The app is reachable only over HTTP; [app] shutdown_url = POST /shutdown.
     2. SIGTERM to the sidecar: deregistered, then the POST; the sidecar waits until the
        check URL stops answering and exits 0; the app exits 0.
+    3. The drain's horizon does not count the sidecar's own POST and polls of the app's port (its last
+       look comes before the POST here, not after the signal as with a PID): no new connection near the
+       window's end. Red when the look comes after the POST (horizon_ms = window_ms).
     """
     port = free_port()
     app = spawn(app_command(port), tmp_path / "app.log")
@@ -77,6 +80,10 @@ def test_shutdown_url(consul: Consul, start_sidecar: StartSidecar, service_name:
     stopped = sc.event("sidecar.app.stopped")
     assert stopped is not None and "stopped answering" in str(stopped["how"])
     assert "POST /shutdown" in (tmp_path / "app.log").read_text()
+    done = sc.event("sidecar.drain.done")
+    assert done is not None and "window_ms" in done, sc.tail()  # measured, alongside too
+    # At most a Consul check in flight at the deregistration, a few ms after it.
+    assert done["horizon_ms"] < done["window_ms"] - 200, done
 
 
 def test_no_app_setting_deregisters_waits_and_exits(

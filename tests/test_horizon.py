@@ -53,6 +53,21 @@ def test_the_tally_counts_only_new_connections_once_and_dates_them_per_peer() ->
     assert empty.horizon_ms is None and empty.new_connections == 0 and empty.peers == ()
 
 
+def test_what_the_last_look_after_the_signal_sees_is_dated_at_most_the_windows_end() -> None:
+    """Pure logic. The last look comes right after the app's signal (off the drain's path): a new connection
+    still sending then (its last data after the signal) or opened since is dated at the window's end, never
+    later, and still counted (consumers were coming then); nothing old becomes new. Red when such a date
+    passes the window's end (a horizon longer than the drain's wait) or the connection is dropped."""
+    tally = NewConnections(100.0, [1])
+    tally.ended(2, "10.0.0.2", 100.4)
+    tally.end = 102.0  # the app is signalled
+    tally.open_now(3, "10.0.0.3", 102.004)  # sent again 4 ms after the signal
+    tally.ended(1, "10.0.0.1", 102.003)  # open before the confirmation: still not new
+    h = tally.result(102.0)
+    assert (h.new_connections, h.horizon_ms, h.window_ms) == (2, 2000, 2000), h
+    assert h.slowest()[0] == {"peer": "10.0.0.3", "last_ms": 2000, "connections": 1}
+
+
 @pytest.mark.parametrize(
     "family, host, peer", [(socket.AF_INET, "127.0.0.1", CONSUMER), (socket.AF_INET6, "::1", "::1")]
 )

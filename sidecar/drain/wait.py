@@ -278,10 +278,16 @@ class DrainWait:
             return
         self._recorder = recorder
 
+    def close_window(self) -> None:
+        """The horizon's window ends now, at the app's signal (``measured`` may come after the signal)."""
+        if self._recorder is not None:
+            self._recorder.close_window(self.clock.monotonic())
+
     def measured(self) -> Horizon | None:
-        """Stop recording; what this drain saw, or None when it recorded nothing (``horizon_unavailable``)."""
+        """Stop recording; what this drain saw up to the window's end (now, without ``close_window``), or None
+        when it recorded nothing (``horizon_unavailable``)."""
         recorder, self._recorder = self._recorder, None
-        return recorder.stop() if recorder is not None else None
+        return recorder.finish() if recorder is not None else None
 
     async def _prepare_traffic(self) -> None:
         if self.sd.strategy is not Strategy.TRAFFIC or self._watcher is not None or self._traffic_prepared:

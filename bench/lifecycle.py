@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from trees import unpack  # noqa: E402
+
 from testkit import (  # noqa: E402
     Consul,
     Sidecar,
@@ -224,11 +226,7 @@ def status_cost(work: Path, consul: Consul, port: int, runs: int) -> dict[str, d
 
 def start_old(work: Path, ref: str, cfg: dict[str, dict[str, object]]) -> subprocess.Popen[bytes]:
     """A sidecar running ``ref``'s code: its package from git, the same interpreter and virtualenv."""
-    tree = work / "old"
-    tree.mkdir()
-    git = ["git", "-C", str(ROOT), "archive", ref, "sidecar"]
-    archive = subprocess.run(git, check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    tree = unpack(ref, work / "old")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
     env["PYTHONPATH"] = str(tree)  # -P below: the current directory does not come first
     config_file = write_config(work / "old.toml", cfg)

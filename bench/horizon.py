@@ -23,7 +23,6 @@ import asyncio
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from trees import base_python  # noqa: E402
 
 from examples.rollout.consumers import HorizonConsumer  # noqa: E402
 from testkit import APP, Consul, Sidecar, free_port, kill_all_started, procs, wait_for  # noqa: E402
@@ -47,18 +48,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     },
     "traffic": {"strategy": "traffic", "propagation_delay": f"{DELAY:g}s", "min_delay": "1s", "quiet_period": "1s"},
 }
-
-
-def base_python(commit: str, work: Path) -> str:
-    """A python that runs ``commit``'s sidecar/ (unpacked under ``work``) for ``-m sidecar``."""
-    tree = work / "base"
-    tree.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "sidecar"], check=True, capture_output=True)
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
-    wrapper = work / "base-python"
-    wrapper.write_text(f'#!/bin/sh\ncd {tree} && PYTHONPATH={tree} exec {sys.executable} "$@"\n')
-    wrapper.chmod(0o755)
-    return str(wrapper)
 
 
 async def one_drain(consul: Consul, work: Path, name: str, shutdown: dict[str, str], rate: float) -> dict[str, Any]:

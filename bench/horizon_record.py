@@ -17,7 +17,6 @@ import argparse
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from trees import unpack  # noqa: E402
 
 from testkit import Consul, app_command, free_port, kill_all_started, spawn, wait_for, write_config  # noqa: E402
 from testkit.procs import log_events  # noqa: E402
@@ -73,12 +74,7 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        old_tree = work / "old"
-        old_tree.mkdir()
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", args.old, "sidecar"], check=True, capture_output=True
-        )
-        subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
+        old_tree = unpack(args.old, work / "old")
         (work / "consul").mkdir()
         consul = Consul(work / "consul")
         consul.start()

@@ -9,7 +9,26 @@
       start -> registered and passing (wall and CPU time), RSS after a scrape of /metrics and /ready
                                                medians, over and ratio   [<= 30 ms, <= 3 MB over]
 
+With --compare-horizon, only this (issue 20: the horizon's measurement must not lengthen a drain by
+more than one agent round trip): drains of a sidecar that wraps the example app (fixed delay
+--delay), in three variants interleaved, their order turning each run, so all see the same noise:
+
+    on               this tree: the horizon measured from the confirmed deregistration to the app's
+                     signal (two looks at the socket table, the destroy events' reader), the record
+                     read during the wait and written while the app exits
+    off, no view     this tree under a seccomp filter that refuses joining sock_diag's destroy groups
+                     (testkit/restricted.py): the sidecar says horizon_unavailable at start and
+                     measures and writes nothing; all else as "on"
+    off, before      the code before the horizon (--base, unpacked aside): no view, no record
+
+Per drain: SIGTERM -> the app's SIGTERM (the app's --signal-log, the same monotonic clock),
+deregistration confirmed -> the app's SIGTERM (the drain's own part; judged), SIGTERM -> the
+sidecar's exit, and their parts (event timestamps; the exits through pidfds); and one agent round
+trip measured beside them: GET /v1/agent/self on a kept-alive connection, five after each drain.
+Medians of each, the differences on - off, and whether the judged ones stay within one round trip.
+
 Usage: python bench/lifecycle.py [--runs 50] [--idle 60] [--old REF]
+       python bench/lifecycle.py --compare-horizon [--runs 15] [--base 941e7c2] [--delay 1]
 The status server's runs alternate (off, on) so both see the same load on the machine.
 With --old, a sidecar of REF's code (``git archive REF sidecar``) idles beside the new one over the
 same window, so both CPU figures see the same load on the machine.
@@ -20,9 +39,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import http.client
 import json
 import os
+import select
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +57,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from trees import base_python, unpack  # noqa: E402
+
 from testkit import (  # noqa: E402
     Consul,
     Sidecar,
@@ -42,10 +66,13 @@ from testkit import (  # noqa: E402
     free_port,
     http_get,
     kill_all_started,
+    procs,
     spawn,
     wait_for,
     write_config,
 )
+from testkit.procs import APP, read_signal_log  # noqa: E402
+from testkit.restricted import start_restricted  # noqa: E402
 
 
 def config(consul: Consul, name: str, port: int, **extra: dict[str, object]) -> dict[str, dict[str, object]]:
@@ -100,7 +127,14 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--idle", type=float, default=60.0, help="seconds of idle CPU measurement")
     ap.add_argument("--old", metavar="REF", help="also measure the idle CPU of this git ref's code, in the same window")
+    ap.add_argument(
+        "--compare-horizon", action="store_true", help="only the drain's length with the horizon's measurement on/off"
+    )
+    ap.add_argument("--base", default="941e7c2", help="with --compare-horizon: the commit before the horizon")
+    ap.add_argument("--delay", type=float, default=1.0, help="with --compare-horizon: the fixed delay, seconds")
     args = ap.parse_args()
+    if args.compare_horizon:
+        return compare_horizon(args.runs, args.base, args.delay)
     work = Path(tempfile.mkdtemp(prefix="bench-lifecycle-"))
     consul = Consul(work)
     try:
@@ -224,16 +258,175 @@ def status_cost(work: Path, consul: Consul, port: int, runs: int) -> dict[str, d
 
 def start_old(work: Path, ref: str, cfg: dict[str, dict[str, object]]) -> subprocess.Popen[bytes]:
     """A sidecar running ``ref``'s code: its package from git, the same interpreter and virtualenv."""
-    tree = work / "old"
-    tree.mkdir()
-    git = ["git", "-C", str(ROOT), "archive", ref, "sidecar"]
-    archive = subprocess.run(git, check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    tree = unpack(ref, work / "old")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
     env["PYTHONPATH"] = str(tree)  # -P below: the current directory does not come first
     config_file = write_config(work / "old.toml", cfg)
     argv = [sys.executable, "-P", "-m", "sidecar", "run", "-c", str(config_file), "--log-format", "json"]
     return spawn(argv, work / "old.log", env)
+
+
+HORIZON_VARIANTS = ("on", "off, no view", "off, before")
+
+
+def compare_horizon(runs: int, base: str, delay: float) -> int:
+    """The drain's length with the horizon's measurement on and off (see the module's docstring)."""
+    work = Path(tempfile.mkdtemp(prefix="bench-horizon-on-off-"))
+    consul = Consul(work)
+    own = procs.PY
+    rows: dict[str, list[dict[str, float]]] = {v: [] for v in HORIZON_VARIANTS}
+    rtt: list[float] = []
+    time_wait: list[int] = []
+    try:
+        consul.start()
+        version = consul_version(consul)
+        before = base_python(base, work)
+        for i in range(runs):
+            turn = HORIZON_VARIANTS[i % 3 :] + HORIZON_VARIANTS[: i % 3]
+            for variant in turn:
+                procs.PY = before if variant == "off, before" else own
+                time_wait.append(sockets_in_time_wait())
+                try:
+                    row = horizon_drain(work, consul, variant, f"hz{i}{HORIZON_VARIANTS.index(variant)}", delay)
+                finally:
+                    procs.PY = own
+                rows[variant].append(row)
+                rtt.extend(round_trips(consul, 5))
+            print(
+                f"run {i + 1}/{runs}: "
+                + ", ".join(f"{v} {rows[v][-1]['confirmed_to_app_ms']:.1f}" for v in HORIZON_VARIANTS)
+                + " ms (confirmed -> app signalled)",
+                file=sys.stderr,
+            )
+    finally:
+        kill_all_started()
+        print(f"logs (the sidecars', the signal logs): {work}", file=sys.stderr)
+    one = statistics.median(rtt)
+    print()
+    print(
+        f"drain with the horizon's measurement on vs off ({runs} drains each, interleaved; fixed delay "
+        f"{delay:g} s; Consul {version}, {os.cpu_count()} cores): medians, ms"
+    )
+    print(f"{'measure':42} {'on':>8} {'off:view':>9} {'off:base':>9} {'on-view':>8} {'on-base':>8}")
+    verdict = True
+    for what, key, judged in (
+        ("SIGTERM -> app signalled", "sigterm_to_app_ms", True),
+        ("deregistration confirmed -> app signalled", "confirmed_to_app_ms", True),
+        ("  of which: the wait's end -> app signalled", "wait_end_to_app_ms", False),
+        ("SIGTERM -> deregistration confirmed", "sigterm_to_confirmed_ms", False),
+        ("SIGTERM -> sidecar exit", "sigterm_to_exit_ms", False),
+        ("  the app signalled -> its exit", "app_exit_ms", False),
+        ("  the app's exit -> the sidecar's", "app_exit_to_exit_ms", False),
+        ("  the sidecar's last line -> its exit", "last_line_to_exit_ms", False),
+        ("the app signalled -> stopped (app.stopped)", "app_ms", False),
+    ):
+        on, view, old = (statistics.median(r[key] for r in rows[v]) for v in HORIZON_VARIANTS)
+        mark = "" if not judged else "  <- judged" if max(on - view, on - old) <= one else "  <- OVER"
+        verdict = verdict and (not judged or max(on - view, on - old) <= one)
+        print(f"{what:42} {on:8.1f} {view:9.1f} {old:9.1f} {on - view:+8.1f} {on - old:+8.1f}{mark}")
+    print(
+        f"{'one agent round trip (GET /v1/agent/self)':42} {one:8.2f}   (median of {len(rtt)}, p90 {pct(rtt, 90):.2f})"
+    )
+    print(
+        f"TCP sockets in TIME_WAIT here (the socket table's looks walk them all): median "
+        f"{statistics.median(time_wait):.0f}, {min(time_wait)}-{max(time_wait)}"
+    )
+    print(
+        "target (issue 20): the measurement lengthens the drain (to the app's signal) by no more than one "
+        f"round trip: {'met' if verdict else 'NOT met'}"
+    )
+    return 0
+
+
+def horizon_drain(work: Path, consul: Consul, variant: str, name: str, delay: float) -> dict[str, float]:
+    """One drain of a sidecar wrapping the example app; its figures (see compare_horizon)."""
+    port = free_port()
+    signals = work / f"{name}.signals"
+    app = [sys.executable, str(APP), "--port", str(port), "--signal-log", str(signals)]
+    cfg = config(consul, name, port, shutdown={"propagation_delay": f"{delay:g}s"})
+    # READY=1 on NOTIFY_SOCKET: the start-up (the horizon's preparation included) is over. The sidecar
+    # keeps the variable from its app; the socket stays open until it exits, so its drain's messages land.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(work / f"{name}.notify"))
+    notify.settimeout(60)
+    os.environ["NOTIFY_SOCKET"] = str(work / f"{name}.notify")
+    try:
+        if variant == "off, no view":
+            sc = start_restricted(work, cfg, app, [], deny_events=True)
+        else:
+            sc = Sidecar(work, cfg, app)
+        del os.environ["NOTIFY_SOCKET"]
+        while b"READY=1" not in notify.recv(4096):
+            pass
+        # The sidecar's exit and the app's, seen from here (pidfds: no polling interval in the figures).
+        [app_pid] = Path(f"/proc/{sc.pid}/task/{sc.pid}/children").read_text().split()
+        pending = {os.pidfd_open(sc.pid): "sidecar", os.pidfd_open(int(app_pid)): "app"}
+        fds = list(pending)
+        at: dict[str, float] = {}
+        try:
+            sent_wall, sent = time.time(), time.monotonic()
+            sc.send(signal.SIGTERM)
+            while "sidecar" not in at:
+                ready = select.select(list(pending), [], [], 60)[0]
+                if not ready:
+                    raise SystemExit(f"{variant}: the sidecar did not exit within 60 s:\n{sc.tail()}")
+                now = time.monotonic()
+                at.update((pending.pop(fd), now) for fd in ready)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        os.environ.pop("NOTIFY_SOCKET", None)
+        notify.close()
+    if sc.wait(5) != 0:
+        raise SystemExit(f"{variant}: the sidecar exited {sc.proc.returncode}:\n{sc.tail()}")
+    [(sig, app_signalled)] = read_signal_log(signals)
+    confirmed = ts(sc.wait_event("sidecar.consul.deregistered")) - sent_wall
+    waited = ts(sc.wait_event("sidecar.drain.delay_done")) - sent_wall
+    done = sc.event("sidecar.drain.done")
+    measured = done is not None and done.get("horizon_ms") is not None
+    if measured != (variant == "on"):
+        raise SystemExit(f"{variant}: the horizon was {'' if measured else 'not '}measured ({done})")
+    if variant == "off, no view" and sc.event("sidecar.drain.horizon_unavailable") is None:
+        raise SystemExit(f"{variant}: no sidecar.drain.horizon_unavailable")
+    return {
+        "sigterm_to_app_ms": (app_signalled - sent) * 1000,
+        "confirmed_to_app_ms": (app_signalled - sent - confirmed) * 1000,
+        "wait_end_to_app_ms": (app_signalled - sent - waited) * 1000,
+        "sigterm_to_confirmed_ms": confirmed * 1000,
+        "sigterm_to_exit_ms": (at["sidecar"] - sent) * 1000,
+        "app_exit_ms": (at.get("app", at["sidecar"]) - app_signalled) * 1000,
+        "app_exit_to_exit_ms": (at["sidecar"] - at.get("app", at["sidecar"])) * 1000,
+        "last_line_to_exit_ms": (at["sidecar"] - sent - (ts(sc.wait_event("sidecar.stopped")) - sent_wall)) * 1000,
+        "app_ms": float(sc.wait_event("sidecar.app.stopped")["elapsed_ms"]),
+    }
+
+
+def sockets_in_time_wait() -> int:
+    """This network namespace's TCP sockets in TIME_WAIT (/proc/net/sockstat's ``tw``)."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()
+            return int(fields[fields.index("tw") + 1])
+    return -1
+
+
+def round_trips(consul: Consul, n: int) -> list[float]:
+    """``n`` GETs of /v1/agent/self on one kept-alive connection (the sidecar keeps its own alive), in ms."""
+    host, port = consul.address.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    out = []
+    try:
+        conn.request("GET", "/v1/agent/self")
+        conn.getresponse().read()  # the connection's set-up is not a round trip's
+        for _ in range(n):
+            t = time.monotonic()
+            conn.request("GET", "/v1/agent/self")
+            conn.getresponse().read()
+            out.append((time.monotonic() - t) * 1000)
+    finally:
+        conn.close()
+    return out
 
 
 def _answers(port: int) -> bool:

@@ -10,6 +10,7 @@ real apps and signals against a real Consul agent (one with ACLs), and the real 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import signal
 import subprocess
@@ -369,3 +370,58 @@ def test_with_etcd_the_record_beside_the_prefix_sets_the_delay(
     learned = sc.event("sidecar.drain.learned_delay")
     assert learned is not None and (learned["delay_s"], learned["reason"]) == (2.0, "record"), learned
     assert done["bound_s"] == 2.0 and 2000 <= done["elapsed_ms"] < 8000, done
+
+
+# --- found by the adversary of the learned delay ----------------------------------------------------------
+
+
+def _put_raw(consul: Consul, name: str, document: bytes) -> None:
+    req = urllib.request.Request(f"{consul.address}/v1/kv/{record.key(name)}", data=document, method="PUT")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert json.loads(r.read()) is True
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b'{"samples": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+    ids=["nested-100000-deep"],
+)
+def test_a_record_json_loads_chokes_on_never_breaks_a_real_drain(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, document: bytes, tmp_path: Path
+) -> None:
+    """Anyone with key:write on the record can put in it JSON that ``json.loads`` refuses with RecursionError
+    (arrays nested 100,000 deep: Consul takes the 200 kB). A real drain must still wait learned_max (the
+    record recommends nothing), pass the app's exit status on (3), write a whole record in place of the
+    garbage, and log no traceback; check-config and ``horizon`` must not die with a traceback. Red before
+    the fix (``record.samples`` let RecursionError out): check-config and ``horizon`` died with a traceback,
+    and the horizon's write (``merge``) raised out of the drain after the app's stop (exit 70,
+    "sidecar.crashed", the app's 3 lost)."""
+    _put_raw(consul, service_name, document)
+    port = free_port()
+    cfg = _learned_config(consul, service_name, port, learned_max="2s", learned_min="500ms")
+    checked = _check_config(write_config(tmp_path / "c.toml", cfg))
+    assert checked.returncode == 0 and "Traceback" not in checked.stderr, checked.stderr
+    assert json.loads(checked.stdout)["shutdown"]["learned_now"]["delay_s"] == 2.0
+    shown = subprocess.run(
+        [PY, "-m", "sidecar", "horizon", "-c", str(tmp_path / "c.toml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr, shown.stderr
+    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--exit-code", "3"))
+    sc.wait_event("sidecar.consul.registered")
+    sc.send(signal.SIGTERM)
+    done = sc.wait_event("sidecar.drain.delay_done", timeout=60)
+    assert sc.wait(60) == 3, sc.tail()
+    learned = sc.event("sidecar.drain.learned_delay")
+    assert learned is not None and learned["delay_s"] == 2.0, learned
+    assert done["elapsed_ms"] >= 2000, done
+    assert "Traceback" not in sc.output(), sc.tail()
+    sc.wait_event("sidecar.drain.horizon_saved")
+    [entry] = consul.get(f"/v1/kv/{record.key(service_name)}")
+    assert len(record.samples(base64.b64decode(entry["Value"]))) == 1, entry

@@ -64,7 +64,7 @@ def samples(document: bytes | str | None) -> list[dict[str, Any]]:
         return []
     try:
         parsed = json.loads(document)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested deeper than Python's stack
         return []
     found = parsed.get("samples") if isinstance(parsed, dict) else None
     if not isinstance(found, list):

@@ -385,19 +385,21 @@ def _put_raw(consul: Consul, name: str, document: bytes) -> None:
     "document",
     [
         b'{"samples": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"samples": [' + b", ".join([b'{"horizon_ms": ' + b"9" * 400 + b"}"] * 12) + b"]}",
     ],
-    ids=["nested-100000-deep"],
+    ids=["nested-100000-deep", "int-of-400-digits"],
 )
 def test_a_record_json_loads_chokes_on_never_breaks_a_real_drain(
     consul: Consul, start_sidecar: StartSidecar, service_name: str, document: bytes, tmp_path: Path
 ) -> None:
     """Anyone with key:write on the record can put in it JSON that ``json.loads`` refuses with RecursionError
-    (arrays nested 100,000 deep: Consul takes the 200 kB). A real drain must still wait learned_max (the
+    (arrays nested 100,000 deep: Consul takes the 200 kB), or samples whose horizon no float holds (an
+    integer of 400 digits: ``math.isfinite`` raises OverflowError). A real drain must still wait learned_max (the
     record recommends nothing), pass the app's exit status on (3), write a whole record in place of the
     garbage, and log no traceback; check-config and ``horizon`` must not die with a traceback. Red before
-    the fix (``record.samples`` let RecursionError out): check-config and ``horizon`` died with a traceback,
-    and the horizon's write (``merge``) raised out of the drain after the app's stop (exit 70,
-    "sidecar.crashed", the app's 3 lost)."""
+    the fixes (``record.samples`` let RecursionError and OverflowError out): check-config and ``horizon``
+    died with a traceback, and the horizon's write (``merge``) raised out of the drain after the app's stop
+    (exit 70, "sidecar.crashed", the app's 3 lost)."""
     _put_raw(consul, service_name, document)
     port = free_port()
     cfg = _learned_config(consul, service_name, port, learned_max="2s", learned_min="500ms")

@@ -74,8 +74,14 @@ def samples(document: bytes | str | None) -> list[dict[str, Any]]:
 
 def _duration_ms(value: Any) -> bool:
     """A duration in milliseconds: a finite number, not negative. json.loads takes NaN and Infinity (which
-    would make every statistic NaN, or crash int()), and true is an int to isinstance."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    would make every statistic NaN, or crash int()), and true is an int to isinstance. An int of 400 digits
+    (json.loads takes any) is no float: math.isfinite raises OverflowError."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and value >= 0
+    except OverflowError:
+        return False
 
 
 def merge(document: bytes | str | None, sample: dict[str, Any], limit: int = RECORD_LIMIT) -> bytes:

@@ -427,3 +427,29 @@ def test_a_record_json_loads_chokes_on_never_breaks_a_real_drain(
     sc.wait_event("sidecar.drain.horizon_saved")
     [entry] = consul.get(f"/v1/kv/{record.key(service_name)}")
     assert len(record.samples(base64.b64decode(entry["Value"]))) == 1, entry
+
+
+def test_slowest_peers_that_are_no_list_are_left_out_not_a_traceback(
+    consul: Consul, service_name: str, tmp_path: Path
+) -> None:
+    """Twelve good 1.5 s horizons whose ``slowest_peers`` is a number (anyone with key:write can put it): the
+    peers are no evidence, the horizons are. check-config says 2 s (p99 + margin) and ``horizon`` exits 0 with
+    its table; the drain's rule says the same. Red before the fix: ``summarise`` iterated the number
+    (TypeError): check-config and ``horizon`` died with a traceback, and a drain waited learned_max
+    (record_unreadable) in spite of twelve good samples."""
+    document = json.dumps({"samples": [{"horizon_ms": 1500, "slowest_peers": 5}] * 12}).encode()
+    assert record.learned_delay(record.samples(document), 1.0, 9.0).delay_s == 2.0
+    _put_raw(consul, service_name, document)
+    cfg = _learned_config(consul, service_name, free_port(), learned_max="9s")
+    checked = _check_config(write_config(tmp_path / "c.toml", cfg))
+    assert checked.returncode == 0 and "Traceback" not in checked.stderr, checked.stderr
+    assert json.loads(checked.stdout)["shutdown"]["learned_now"]["delay_s"] == 2.0, checked.stdout
+    shown = subprocess.run(
+        [PY, "-m", "sidecar", "horizon", "-c", str(tmp_path / "c.toml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0 and "recommended delay" in shown.stdout, (shown.stdout, shown.stderr)

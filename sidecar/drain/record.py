@@ -175,7 +175,8 @@ def summarise(found: Sequence[dict[str, Any]], peers: int = 5, margin_ms: int | 
     values = [float(s["horizon_ms"]) for s in found]
     slowest: dict[str, dict[str, Any]] = {}
     for s in found:
-        for p in s.get("slowest_peers") or []:
+        listed = s.get("slowest_peers")
+        for p in listed if isinstance(listed, list) else []:  # a number there: no peers, not a TypeError
             if not isinstance(p, dict) or not _duration_ms(p.get("last_ms")):
                 continue
             name = str(p.get("peer"))

@@ -796,7 +796,8 @@ class Sidecar:
                 again = await self._verify_gone(bound, wait_again=True)
                 if again is not None:  # a landed write could not be taken out again: report it at the end
                     last, outcome = again, again.outcome
-            saving = self._save_horizon(self._drain_done(outcome is Deregistration.CONFIRMED), t0)
+            cut_short = ended in (DrainEnd.SECOND_SIGINT, DrainEnd.APP_EXITED, DrainEnd.DRAIN_BOUND)
+            saving = self._save_horizon(self._drain_done(outcome is Deregistration.CONFIRMED), t0, cut_short)
         result = await self._stop_app()
         if saving is not None:
             await self._horizon_saved(*saving)
@@ -887,7 +888,9 @@ class Sidecar:
         if isinstance(self.agent, KeyValueStore):
             self._record_read = asyncio.ensure_future(self.agent.read_kv(horizon_record.key(self.config.service.name)))
 
-    def _save_horizon(self, seen: Horizon | None, t0: float) -> tuple[asyncio.Task[int], float, float, bool] | None:
+    def _save_horizon(
+        self, seen: Horizon | None, t0: float, cut_short: bool
+    ) -> tuple[asyncio.Task[int], float, float, bool] | None:
         """Start appending the drain's horizon to the fleet's record (drain/record.py) and return the
         write, when it started and its deadline; None when there is nothing to save or nowhere to save it.
 
@@ -902,8 +905,10 @@ class Sidecar:
             read.cancel()  # not back yet: the write reads again
         ok = read is not None and read.done() and not read.cancelled() and read.exception() is None
         known = read.result() if ok and read is not None else None  # a failed read: the write reads again
-        if seen is None or seen.lost or not isinstance(self.agent, KeyValueStore):
-            return None  # a floor is no sample
+        if seen is None or seen.lost or cut_short or not isinstance(self.agent, KeyValueStore):
+            # A floor is no sample: events lost, or a window the lifecycle closed early (its horizon, often
+            # 0, says nothing of when consumers stop: ten of them would make every learned delay learned_min).
+            return None
         sample: dict[str, Any] = {
             "time": round(self.clock.wall(), 3),
             "service_id": self.config.service.id,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import signal
 import subprocess
 import urllib.request
@@ -453,3 +454,33 @@ def test_slowest_peers_that_are_no_list_are_left_out_not_a_traceback(
         check=False,
     )
     assert shown.returncode == 0 and "recommended delay" in shown.stdout, (shown.stdout, shown.stderr)
+
+
+@pytest.mark.parametrize("cut", ["second-sigint", "app-exits"])
+def test_a_wait_cut_short_leaves_no_sample_in_the_record(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, cut: str
+) -> None:
+    """The drain's wait (learned_max 20 s: the record is empty) is cut short by the operator's second Ctrl-C,
+    or by the app exiting on its own: the window closed after a few ms, so its horizon (0: nobody came yet) says
+    nothing about when consumers stop. Expected: the record gets no sample (no ``horizon_saved``, no key), exit
+    as the app's. Red before the fix: the drain appended ``horizon_ms: 0``; ten such drains (a few Ctrl-Cs in
+    staging) make a recommendation of 0 s + margin, and every later learned drain waits learned_min."""
+    port = free_port()
+    cfg = _learned_config(consul, service_name, port, learned_max="20s", app_timeout="5s")
+    sc = start_sidecar(cfg, app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    sc.send(signal.SIGINT if cut == "second-sigint" else signal.SIGTERM)
+    sc.wait_event("sidecar.drain.learned_delay", timeout=30)
+    if cut == "second-sigint":
+        sc.send(signal.SIGINT)
+    else:
+        started = sc.event("sidecar.app.started")
+        assert started is not None
+        pid = int(str(started["app"]).split()[1])  # "pid N (...)"
+        os.kill(pid, signal.SIGTERM)
+    done = sc.wait_event("sidecar.drain.delay_done", timeout=30)
+    assert done["elapsed_ms"] < 10_000, done
+    assert sc.wait(60) == 0, sc.tail()
+    events = [e["event"] for e in sc.events() if e["event"].startswith("sidecar.drain")]
+    assert "sidecar.drain.done" in events and "sidecar.drain.horizon_saved" not in events, events
+    assert consul.get(f"/v1/kv/{record.key(service_name)}") is None

@@ -745,7 +745,7 @@ class Sidecar:
         outcome = last.outcome
         self.systemd.notify(STATUS=f"deregistration {outcome.value}: waiting before stopping the app")
         saving: tuple[asyncio.Task[int], float, float, bool] | None = None
-        look_after_signal = confirmed = False
+        look_after_signal = confirmed = cut_short = False
         if self.app.exited.done():
             pass  # nothing left to protect
         else:
@@ -798,17 +798,18 @@ class Sidecar:
                 if again is not None:  # a landed write could not be taken out again: report it at the end
                     last, outcome = again, again.outcome
             confirmed = outcome is Deregistration.CONFIRMED
+            cut_short = ended in (DrainEnd.SECOND_SIGINT, DrainEnd.APP_EXITED, DrainEnd.DRAIN_BOUND)
             self.drain_wait.close_window()  # the horizon's window ends here, at the app's signal
             # The horizon's last look walks the host's whole socket table (~6 ms with 15,000 sockets in
             # TIME_WAIT): it comes right after the signal, while the app shuts down, so the drain is not
             # longer for it. Not with a shutdown URL: that stop connects to the app's port itself.
             look_after_signal = self.config.app.shutdown_url is None
             if not look_after_signal:
-                saving = self._save_horizon(self._drain_done(confirmed), t0)
+                saving = self._save_horizon(self._drain_done(confirmed), t0, cut_short)
         stopping = asyncio.ensure_future(self._stop_app())
         if look_after_signal:
             await asyncio.sleep(0)  # the stop's first step signals the app (a child, a PID) before the look
-            saving = self._save_horizon(self._drain_done(confirmed), t0)
+            saving = self._save_horizon(self._drain_done(confirmed), t0, cut_short)
         result = await stopping
         if saving is not None:
             await self._horizon_saved(*saving)
@@ -905,7 +906,9 @@ class Sidecar:
         if isinstance(self.agent, KeyValueStore):
             self._record_read = asyncio.ensure_future(self.agent.read_kv(horizon_record.key(self.config.service.name)))
 
-    def _save_horizon(self, seen: Horizon | None, t0: float) -> tuple[asyncio.Task[int], float, float, bool] | None:
+    def _save_horizon(
+        self, seen: Horizon | None, t0: float, cut_short: bool
+    ) -> tuple[asyncio.Task[int], float, float, bool] | None:
         """Start appending the drain's horizon to the fleet's record (drain/record.py) and return the
         write, when it started and its deadline; None when there is nothing to save or nowhere to save it.
 
@@ -920,8 +923,10 @@ class Sidecar:
             read.cancel()  # not back yet: the write reads again
         ok = read is not None and read.done() and not read.cancelled() and read.exception() is None
         known = read.result() if ok and read is not None else None  # a failed read: the write reads again
-        if seen is None or seen.lost or not isinstance(self.agent, KeyValueStore):
-            return None  # a floor is no sample
+        if seen is None or seen.lost or cut_short or not isinstance(self.agent, KeyValueStore):
+            # A floor is no sample: events lost, or a window the lifecycle closed early (its horizon, often
+            # 0, says nothing of when consumers stop: ten of them would make every learned delay learned_min).
+            return None
         sample: dict[str, Any] = {
             "time": round(self.clock.wall(), 3),
             "service_id": self.config.service.id,

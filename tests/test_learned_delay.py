@@ -10,7 +10,9 @@ real apps and signals against a real Consul agent (one with ACLs), and the real 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import signal
 import subprocess
 import urllib.request
@@ -97,11 +99,20 @@ def test_learned_is_read_and_learned_max_bounds_the_worst_case(tmp_path: Path) -
     ("shutdown", "key", "words"),
     [
         ('strategy = "traffic"\npropagation_delay = "learned"\n', "shutdown.propagation_delay", 'strategy = "fixed"'),
-        ('propagation_delay = "learned"\nlearned_min = "8s"\n', "shutdown.learned_min", "learned_max"),
+        (
+            'propagation_delay = "learned"\nlearned_min = "8s"\n',
+            "shutdown.learned_min",
+            "8s is longer than learned_max 5s",
+        ),
+        (
+            'propagation_delay = "learned"\nlearned_max = "500ms"\n',
+            "shutdown.learned_max",
+            "shorter than learned_min 1s",
+        ),
         ('propagation_delay = "learnt"\n', "shutdown.propagation_delay", 'or "learned"'),
         ("propagation_delay = 5\n", "shutdown.propagation_delay", 'or "learned"'),
     ],
-    ids=["with-traffic", "min-over-max", "misspelt", "a-number"],
+    ids=["with-traffic", "min-over-max", "max-under-default-min", "misspelt", "a-number"],
 )
 def test_bad_learned_settings_are_one_problem_naming_the_key(
     tmp_path: Path, shutdown: str, key: str, words: str
@@ -369,3 +380,116 @@ def test_with_etcd_the_record_beside_the_prefix_sets_the_delay(
     learned = sc.event("sidecar.drain.learned_delay")
     assert learned is not None and (learned["delay_s"], learned["reason"]) == (2.0, "record"), learned
     assert done["bound_s"] == 2.0 and 2000 <= done["elapsed_ms"] < 8000, done
+
+
+# --- found by the adversary of the learned delay ----------------------------------------------------------
+
+
+def _put_raw(consul: Consul, name: str, document: bytes) -> None:
+    req = urllib.request.Request(f"{consul.address}/v1/kv/{record.key(name)}", data=document, method="PUT")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert json.loads(r.read()) is True
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b'{"samples": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"samples": [' + b", ".join([b'{"horizon_ms": ' + b"9" * 400 + b"}"] * 12) + b"]}",
+    ],
+    ids=["nested-100000-deep", "int-of-400-digits"],
+)
+def test_a_record_json_loads_chokes_on_never_breaks_a_real_drain(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, document: bytes, tmp_path: Path
+) -> None:
+    """Anyone with key:write on the record can put in it JSON that ``json.loads`` refuses with RecursionError
+    (arrays nested 100,000 deep: Consul takes the 200 kB), or samples whose horizon no float holds (an
+    integer of 400 digits: ``math.isfinite`` raises OverflowError). A real drain must still wait learned_max (the
+    record recommends nothing), pass the app's exit status on (3), write a whole record in place of the
+    garbage, and log no traceback; check-config and ``horizon`` must not die with a traceback. Red before
+    the fixes (``record.samples`` let RecursionError and OverflowError out): check-config and ``horizon``
+    died with a traceback, and the horizon's write (``merge``) raised out of the drain after the app's stop
+    (exit 70, "sidecar.crashed", the app's 3 lost)."""
+    _put_raw(consul, service_name, document)
+    port = free_port()
+    cfg = _learned_config(consul, service_name, port, learned_max="2s", learned_min="500ms")
+    checked = _check_config(write_config(tmp_path / "c.toml", cfg))
+    assert checked.returncode == 0 and "Traceback" not in checked.stderr, checked.stderr
+    assert json.loads(checked.stdout)["shutdown"]["learned_now"]["delay_s"] == 2.0
+    shown = subprocess.run(
+        [PY, "-m", "sidecar", "horizon", "-c", str(tmp_path / "c.toml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr, shown.stderr
+    sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--exit-code", "3"))
+    sc.wait_event("sidecar.consul.registered")
+    sc.send(signal.SIGTERM)
+    done = sc.wait_event("sidecar.drain.delay_done", timeout=60)
+    assert sc.wait(60) == 3, sc.tail()
+    learned = sc.event("sidecar.drain.learned_delay")
+    assert learned is not None and learned["delay_s"] == 2.0, learned
+    assert done["elapsed_ms"] >= 2000, done
+    assert "Traceback" not in sc.output(), sc.tail()
+    sc.wait_event("sidecar.drain.horizon_saved")
+    [entry] = consul.get(f"/v1/kv/{record.key(service_name)}")
+    assert len(record.samples(base64.b64decode(entry["Value"]))) == 1, entry
+
+
+def test_slowest_peers_that_are_no_list_are_left_out_not_a_traceback(
+    consul: Consul, service_name: str, tmp_path: Path
+) -> None:
+    """Twelve good 1.5 s horizons whose ``slowest_peers`` is a number (anyone with key:write can put it): the
+    peers are no evidence, the horizons are. check-config says 2 s (p99 + margin) and ``horizon`` exits 0 with
+    its table; the drain's rule says the same. Red before the fix: ``summarise`` iterated the number
+    (TypeError): check-config and ``horizon`` died with a traceback, and a drain waited learned_max
+    (record_unreadable) in spite of twelve good samples."""
+    document = json.dumps({"samples": [{"horizon_ms": 1500, "slowest_peers": 5}] * 12}).encode()
+    assert record.learned_delay(record.samples(document), 1.0, 9.0).delay_s == 2.0
+    _put_raw(consul, service_name, document)
+    cfg = _learned_config(consul, service_name, free_port(), learned_max="9s")
+    checked = _check_config(write_config(tmp_path / "c.toml", cfg))
+    assert checked.returncode == 0 and "Traceback" not in checked.stderr, checked.stderr
+    assert json.loads(checked.stdout)["shutdown"]["learned_now"]["delay_s"] == 2.0, checked.stdout
+    shown = subprocess.run(
+        [PY, "-m", "sidecar", "horizon", "-c", str(tmp_path / "c.toml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0 and "recommended delay" in shown.stdout, (shown.stdout, shown.stderr)
+
+
+@pytest.mark.parametrize("cut", ["second-sigint", "app-exits"])
+def test_a_wait_cut_short_leaves_no_sample_in_the_record(
+    consul: Consul, start_sidecar: StartSidecar, service_name: str, cut: str
+) -> None:
+    """The drain's wait (learned_max 20 s: the record is empty) is cut short by the operator's second Ctrl-C,
+    or by the app exiting on its own: the window closed after a few ms, so its horizon (0: nobody came yet) says
+    nothing about when consumers stop. Expected: the record gets no sample (no ``horizon_saved``, no key), exit
+    as the app's. Red before the fix: the drain appended ``horizon_ms: 0``; ten such drains (a few Ctrl-Cs in
+    staging) make a recommendation of 0 s + margin, and every later learned drain waits learned_min."""
+    port = free_port()
+    cfg = _learned_config(consul, service_name, port, learned_max="20s", app_timeout="5s")
+    sc = start_sidecar(cfg, app_command(port))
+    sc.wait_event("sidecar.consul.registered")
+    sc.send(signal.SIGINT if cut == "second-sigint" else signal.SIGTERM)
+    sc.wait_event("sidecar.drain.learned_delay", timeout=30)
+    if cut == "second-sigint":
+        sc.send(signal.SIGINT)
+    else:
+        started = sc.event("sidecar.app.started")
+        assert started is not None
+        pid = int(str(started["app"]).split()[1])  # "pid N (...)"
+        os.kill(pid, signal.SIGTERM)
+    done = sc.wait_event("sidecar.drain.delay_done", timeout=30)
+    assert done["elapsed_ms"] < 10_000, done
+    assert sc.wait(60) == 0, sc.tail()
+    events = [e["event"] for e in sc.events() if e["event"].startswith("sidecar.drain")]
+    assert "sidecar.drain.done" in events and "sidecar.drain.horizon_saved" not in events, events
+    assert consul.get(f"/v1/kv/{record.key(service_name)}") is None

@@ -584,8 +584,16 @@ def _shutdown_settings(sec: _Section, problems: _Problems) -> ShutdownSettings:
                 '"learned" works with strategy = "fixed": the traffic strategy ends each drain on its own '
                 "evidence; give it a duration, the upper bound of its wait",
             )
-        if sec["learned_min"] > sec["learned_max"]:
-            problems.add(sec.key("learned_min"), "is longer than shutdown.learned_max")
+        lo, hi = sec["learned_min"], sec["learned_max"]
+        if lo > hi:  # name the key the file set (learned_max = "500ms" against learned_min's default 1s)
+            if sec.has("learned_min"):
+                problems.add(
+                    sec.key("learned_min"), f"{format_duration(lo)} is longer than learned_max {format_duration(hi)}"
+                )
+            else:
+                problems.add(
+                    sec.key("learned_max"), f"{format_duration(hi)} is shorter than learned_min {format_duration(lo)}"
+                )
     fields = _simple(sec, ShutdownSettings, "propagation_delay", "learned")
     settings = ShutdownSettings(propagation_delay=seconds, learned=learned, **fields)
     if settings.strategy is Strategy.TRAFFIC and settings.min_delay > settings.propagation_delay:

@@ -64,7 +64,7 @@ def samples(document: bytes | str | None) -> list[dict[str, Any]]:
         return []
     try:
         parsed = json.loads(document)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested deeper than Python's stack
         return []
     found = parsed.get("samples") if isinstance(parsed, dict) else None
     if not isinstance(found, list):
@@ -74,8 +74,14 @@ def samples(document: bytes | str | None) -> list[dict[str, Any]]:
 
 def _duration_ms(value: Any) -> bool:
     """A duration in milliseconds: a finite number, not negative. json.loads takes NaN and Infinity (which
-    would make every statistic NaN, or crash int()), and true is an int to isinstance."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    would make every statistic NaN, or crash int()), and true is an int to isinstance. An int of 400 digits
+    (json.loads takes any) is no float: math.isfinite raises OverflowError."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and value >= 0
+    except OverflowError:
+        return False
 
 
 def merge(document: bytes | str | None, sample: dict[str, Any], limit: int = RECORD_LIMIT) -> bytes:
@@ -169,7 +175,8 @@ def summarise(found: Sequence[dict[str, Any]], peers: int = 5, margin_ms: int | 
     values = [float(s["horizon_ms"]) for s in found]
     slowest: dict[str, dict[str, Any]] = {}
     for s in found:
-        for p in s.get("slowest_peers") or []:
+        listed = s.get("slowest_peers")
+        for p in listed if isinstance(listed, list) else []:  # a number there: no peers, not a TypeError
             if not isinstance(p, dict) or not _duration_ms(p.get("last_ms")):
                 continue
             name = str(p.get("peer"))

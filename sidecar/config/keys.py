@@ -254,6 +254,7 @@ def _app_signal(sig: signal.Signals) -> signal.Signals:
 _NOT_A_RESTART_SIGNAL = {
     signal.SIGTERM: "starts the drain",
     signal.SIGINT: "starts the drain",
+    signal.SIGQUIT: "starts the drain",
     signal.SIGKILL: "cannot be caught",
     signal.SIGSTOP: "cannot be caught",
     signal.SIGCHLD: "is how the sidecar learns that a child exited",
@@ -750,7 +751,8 @@ KEYS: tuple[Key, ...] = (
         "hot_restart",
         "signal",
         Kind.SIGNAL,
-        "what starts a hot restart (no longer forwarded to the app); not SIGTERM, SIGINT, SIGKILL, SIGSTOP or SIGCHLD",
+        "what starts a hot restart (no longer forwarded to the app); "
+        "not SIGTERM, SIGINT, SIGQUIT, SIGKILL, SIGSTOP or SIGCHLD",
         default="SIGUSR2",
         check=_restart_signal,
     ),

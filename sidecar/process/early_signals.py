@@ -24,7 +24,7 @@ import signal
 from types import FrameType
 
 HELD = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
-SHUTDOWN_HELD = (signal.SIGINT, signal.SIGTERM)
+SHUTDOWN_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
 _received: list[int] = []
 
 
@@ -38,7 +38,7 @@ def hold() -> None:
 
 
 def hold_shutdown() -> None:
-    """Record SIGINT and SIGTERM too (before the event loop starts; see the module's text)."""
+    """Record SIGINT, SIGTERM and SIGQUIT too (before the event loop starts; see the module's text)."""
     for sig in SHUTDOWN_HELD:
         signal.signal(sig, _record)
 

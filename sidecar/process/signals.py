@@ -6,8 +6,10 @@ import asyncio
 import signal
 from typing import Protocol, runtime_checkable
 
-# Ends the sidecar's life (drain first).
-SHUTDOWN = frozenset({signal.SIGTERM, signal.SIGINT})
+# Ends the sidecar's life (drain first). SIGQUIT too: its default action (a core dump) would end the
+# sidecar with the instance registered and the app unsignalled; a Ctrl-\ or an image's STOPSIGNAL
+# SIGQUIT (nginx's graceful stop) asks for a stop, so it drains like SIGTERM.
+SHUTDOWN = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 # Passed on to the app untouched, as a good init does.
 FORWARDED = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH})
 

@@ -961,6 +961,8 @@ class Sidecar:
             )
         except RegistryError as e:
             why, error, hint = "registry_error", str(e), None
+        except Exception as e:  # noqa: BLE001 - an answer no adapter foresaw: the record is not the drain's work
+            why, error, hint = "registry_error", f"{e.__class__.__name__}: {e}", None
         else:
             self.log.info(
                 "sidecar.drain.horizon_saved",

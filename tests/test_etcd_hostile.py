@@ -225,6 +225,32 @@ async def test_garbage_where_etcd_would_answer_is_unavailable_not_a_crash(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "kvs",
+    [b'[{"mod_revision": "x", "value": ""}]', b'[{"mod_revision": "3", "value": "%%%"}]', b'"a string"', b"[7]"],
+    ids=["revision-no-number", "value-no-base64", "kvs-no-list", "entry-no-object"],
+)
+async def test_a_record_read_answered_with_garbage_is_unavailable_not_a_crash(
+    tmp_path: Path, endpoints: Callable[..., Endpoint], kvs: bytes
+) -> None:
+    """The fleet's record of horizons read (and appended to) from an endpoint whose range answer carries
+    etcd's header but garbage entries: read_kv and update_kv raise RegistryUnavailable (the drain's
+    warning ``horizon_not_saved``, a learned delay's learned_max), never ValueError, binascii.Error or
+    TypeError: after the app's exit such an error ended the sidecar with exit 70, the app's status lost.
+    Red before read_kv checked its answer."""
+    body = b'{"header":{"cluster_id":"1"},"kvs":' + kvs + b"}"
+    fake = endpoints(lambda path: (200, body))
+    reg = EtcdRegistry(config(tmp_path, [fake.url], timeout="2s"), SystemClock())
+    try:
+        with pytest.raises(RegistryUnavailable):
+            await reg.read_kv("consul-sidecar/horizon/web")
+        with pytest.raises(RegistryUnavailable):
+            await reg.update_kv("consul-sidecar/horizon/web", lambda value: b"{}")
+    finally:
+        await reg.close()
+
+
+@pytest.mark.asyncio
 async def test_the_key_comes_back_after_its_lease_expired_and_grants_failed_while_the_check_failed(
     tmp_path: Path, fresh_etcd: Etcd, endpoints: Callable[..., Endpoint]
 ) -> None:

@@ -128,11 +128,19 @@ def test_bad_learned_settings_are_one_problem_naming_the_key(
 
 
 class _RecordAgent(FakeAgent):
-    """The fake agent with a KV store: the record's read answers ``document``, never (``hang``), or fails."""
+    """The fake agent with a KV store: the record's read answers ``document``, never (``hang``), or fails;
+    the write raises what ``write_error`` says."""
 
-    def __init__(self, calls: list[str], document: bytes | None = None, hang: bool = False, error: bool = False):
+    def __init__(
+        self,
+        calls: list[str],
+        document: bytes | None = None,
+        hang: bool = False,
+        error: bool = False,
+        write_error: Exception | None = None,
+    ):
         super().__init__(calls)
-        self.document, self.hang, self.error = document, hang, error
+        self.document, self.hang, self.error, self.write_error = document, hang, error, write_error
 
     async def read_kv(self, key: str) -> tuple[int, bytes | None]:
         self.calls.append("read record")
@@ -144,6 +152,8 @@ class _RecordAgent(FakeAgent):
 
     async def update_kv(self, key: str, change: Any, read: tuple[int, bytes | None] | None = None) -> int:
         self.calls.append("write record")
+        if self.write_error is not None:
+            raise self.write_error
         return 1
 
 

@@ -638,7 +638,10 @@ class EtcdRegistry:
         kvs = (await self._call("/v3/kv/range", {"key": _b64(kv_place(self._config.etcd.prefix, key))})).get("kvs")
         if not kvs:
             return 0, None
-        return int(kvs[0].get("mod_revision") or 0), base64.b64decode(kvs[0].get("value") or "")
+        try:
+            return int(kvs[0].get("mod_revision") or 0), base64.b64decode(kvs[0].get("value") or "", validate=True)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:  # binascii.Error is a ValueError
+            raise EtcdUnavailable(f"{self.address}: the record's range answer is not etcd's: {e}") from None
 
     async def update_kv(
         self, key: str, change: Callable[[bytes | None], bytes], read: tuple[int, bytes | None] | None = None

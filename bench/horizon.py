@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from trees import base_python  # noqa: E402
 
-from examples.rollout.consumers import HorizonConsumer  # noqa: E402
+from examples.rollout.consumers import HorizonConsumer, end_drain  # noqa: E402
 from testkit import APP, Consul, Sidecar, free_port, kill_all_started, procs, wait_for  # noqa: E402
 
 DELAY = 5.0
@@ -74,14 +74,7 @@ async def one_drain(consul: Consul, work: Path, name: str, shutdown: dict[str, s
         await asyncio.to_thread(sidecars[0].wait, 60)
         horizon = sidecars[0].event("sidecar.drain.done")
     finally:
-        stop.set()
-        if load is not None:
-            await asyncio.gather(load, return_exceptions=True)
-        for sc in sidecars:
-            if sc.proc.poll() is None:
-                sc.send(signal.SIGTERM)
-        for sc in sidecars:
-            await asyncio.to_thread(sc.wait, 60)
+        await end_drain(stop, load, sidecars)
     return {"cpu_ms": done["cpu_ms"], "elapsed_ms": done["elapsed_ms"], "done": horizon}
 
 

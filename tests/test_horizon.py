@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from examples.rollout.consumers import HorizonConsumer
+from examples.rollout.consumers import HorizonConsumer, end_drain
 from examples.rollout.loadgen import summarize
 from sidecar.drain.horizon import NewConnections
 from sidecar.drain.sock_diag import Ended
@@ -175,14 +175,7 @@ async def test_a_drain_measures_a_known_horizon_and_names_the_peer(
         records = await load
         load = None
     finally:
-        stop.set()
-        if load is not None:
-            await asyncio.gather(load, return_exceptions=True)
-        for sc in sidecars:
-            if sc.proc.poll() is None:
-                sc.send(signal.SIGTERM)
-        for sc in sidecars:
-            await asyncio.to_thread(sc.wait, 60)
+        await end_drain(stop, load, sidecars)
     events = [e["event"] for e in sidecars[0].events()]
     assert events.count("sidecar.drain.done") == 1, events
     assert events.index("sidecar.drain.delay_done") < events.index("sidecar.drain.done"), events

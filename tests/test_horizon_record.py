@@ -22,7 +22,7 @@ from sidecar.clock import SystemClock
 from sidecar.config import ConsulSettings, TokenSource, parse_consul_address
 from sidecar.drain import record
 from sidecar.registry.consul import ConsulAgent
-from testkit import Consul, Sidecar, app_command, free_port, wait_for, write_config
+from testkit import Consul, Sidecar, app_command, free_port, terminate_all, wait_for, write_config
 from testkit.acl import make_token, writer_rules
 from testkit.suite import StartSidecar, base_config
 
@@ -180,11 +180,7 @@ def test_three_instances_draining_at_once_all_land_their_samples(
         for sc in sidecars:
             _drained(sc)
     finally:
-        for sc in sidecars:
-            if sc.proc.poll() is None:
-                sc.send(signal.SIGTERM)
-        for sc in sidecars:
-            sc.wait(60)
+        terminate_all(sidecars)
     assert sorted(s["service_id"] for s in stored(consul, service_name)) == [f"{service_name}-{i}" for i in range(3)]
 
 

@@ -319,15 +319,15 @@ def test_a_token_without_key_read_waits_learned_max_and_says_so(
     assert token not in sc.output()
 
 
-def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``consul-sidecar ARGS`` as a process of its own."""
     return subprocess.run(
-        [PY, "-m", "sidecar", "check-config", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
+        [PY, "-m", "sidecar", *args], capture_output=True, text=True, cwd=ROOT, timeout=60, check=False
     )
+
+
+def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return _cli("check-config", "-c", str(path))
 
 
 def test_check_config_says_what_a_drain_would_wait_now_and_why(
@@ -426,14 +426,7 @@ def test_a_record_json_loads_chokes_on_never_breaks_a_real_drain(
     checked = _check_config(write_config(tmp_path / "c.toml", cfg))
     assert checked.returncode == 0 and "Traceback" not in checked.stderr, checked.stderr
     assert json.loads(checked.stdout)["shutdown"]["learned_now"]["delay_s"] == 2.0
-    shown = subprocess.run(
-        [PY, "-m", "sidecar", "horizon", "-c", str(tmp_path / "c.toml")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    shown = _cli("horizon", "-c", str(tmp_path / "c.toml"))
     assert shown.returncode == 1 and "Traceback" not in shown.stderr, shown.stderr
     sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--exit-code", "3"))
     sc.wait_event("sidecar.consul.registered")
@@ -464,14 +457,7 @@ def test_slowest_peers_that_are_no_list_are_left_out_not_a_traceback(
     checked = _check_config(write_config(tmp_path / "c.toml", cfg))
     assert checked.returncode == 0 and "Traceback" not in checked.stderr, checked.stderr
     assert json.loads(checked.stdout)["shutdown"]["learned_now"]["delay_s"] == 2.0, checked.stdout
-    shown = subprocess.run(
-        [PY, "-m", "sidecar", "horizon", "-c", str(tmp_path / "c.toml")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    shown = _cli("horizon", "-c", str(tmp_path / "c.toml"))
     assert shown.returncode == 0 and "recommended delay" in shown.stdout, (shown.stdout, shown.stderr)
 
 

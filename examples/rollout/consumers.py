@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from testkit import APP, PY, Consul, Sidecar, free_port
+from testkit import APP, PY, Consul, Sidecar, free_port, terminate_all
 
 from .loadgen import Record, summarize
 
@@ -156,6 +156,14 @@ class PooledConsumer(_Consumer):
         return aiohttp.TCPConnector(limit_per_host=1, keepalive_timeout=300)
 
 
+async def end_drain(stop: asyncio.Event, load: asyncio.Task[Any] | None, sidecars: list[Sidecar]) -> None:
+    """A drain's teardown under load: stop the load (and wait for it), then every sidecar still running."""
+    stop.set()
+    if load is not None:
+        await asyncio.gather(load, return_exceptions=True)
+    await asyncio.to_thread(terminate_all, sidecars)
+
+
 async def horizon_drain(
     consul: Consul,
     workdir: Path,
@@ -194,10 +202,6 @@ async def horizon_drain(
         records = await load
         event = sidecars[0].event("sidecar.drain.delay_done") or {}
     finally:
-        for sc in sidecars:
-            if sc.proc.poll() is None:
-                sc.send(signal.SIGTERM)
-        for sc in sidecars:
-            await asyncio.to_thread(sc.wait, 60)
+        await asyncio.to_thread(terminate_all, sidecars)
     s = summarize(records)
     return s.requests, s.failed, event

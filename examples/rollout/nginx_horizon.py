@@ -32,6 +32,7 @@ from typing import Any
 from testkit import Consul, Sidecar, app_command, free_port, private_loopback_net
 from testkit.dns_relay import DnsRelay, Lookup
 
+from .consumers import end_drain
 from .loadgen import Record, run_load
 from .nginx import Nginx
 
@@ -158,15 +159,10 @@ async def drain_behind_nginx(
             records = await load
             load = None
         finally:
-            stop.set()
-            if load is not None:
-                await asyncio.gather(load, return_exceptions=True)
-            for sc in sidecars:
-                if sc.proc.poll() is None:
-                    sc.send(signal.SIGTERM)
-            for sc in sidecars:
-                await asyncio.to_thread(sc.wait, 60)
-            nginx.stop()
+            try:
+                await end_drain(stop, load, sidecars)
+            finally:
+                nginx.stop()
     lookups = relay.of(fqdn)
     after_i = next(i for i, x in enumerate(lookups) if x.asked > terminated and addrs[0] not in x.addresses)
     before = next(x for x in reversed(lookups[:after_i]) if addrs[0] in x.addresses)

@@ -27,6 +27,7 @@ from .exit_codes import EX_BAD_COMMAND_LINE, EX_CONFIG, EX_INTERRUPTED, EX_SOFTW
 
 if TYPE_CHECKING:
     from .config import Config
+    from .drain.record import Learned
     from .registry.token_cache import TokenCache
 
 PROG = "consul-sidecar"
@@ -263,6 +264,9 @@ def _check_config(config: Config) -> int:
             "dns_name": config.dns_query_name,
             "traffic_view_here": _traffic_view_here(config),
         }
+    learned = _learned_now(config) if sd.learned else None
+    if learned is not None:
+        shutdown["learned_now"] = learned.as_json()
     doc: dict[str, Any] = {
         "consul": effective(config, "consul"),
         "registration": registration_payload(config, passing=config.startup.wait_healthy),
@@ -297,10 +301,16 @@ def _check_config(config: Config) -> int:
     print(json.dumps(doc, indent=2))
     print(
         f"worst-case shutdown: {format_duration(sd.worst_case)} "
-        "(deregister_timeout + propagation_delay + app_timeout + 1s to reap after SIGKILL); "
-        "give the platform's stop timeout at least this much",
+        f"(deregister_timeout + {'learned_max' if sd.learned else 'propagation_delay'} + app_timeout + 1s to reap "
+        "after SIGKILL); give the platform's stop timeout at least this much",
         file=sys.stderr,
     )
+    if learned is not None:
+        print(
+            f"learned delay: a drain now would wait {format_duration(learned.delay_s)} after the confirmed "
+            f"deregistration: {learned.why}",
+            file=sys.stderr,
+        )
     if hot.enabled:
         ready = (
             "it sends READY=1 on NOTIFY_SOCKET"
@@ -342,6 +352,46 @@ def _status_listen(config: Config) -> str | None:
     from .wiring import status_listen
 
     return status_listen(config)
+
+
+def _learned_now(config: Config) -> Learned:
+    """What ``propagation_delay = "learned"`` would wait now, from the fleet's record as it is: the drain's
+    own rule (drain/record.py ``learned_delay``), read the blocking way within the registry's timeout."""
+    from .drain import record
+
+    sd = config.shutdown
+    try:
+        found, unreadable = record.samples(_read_record(config)), None
+    except _RecordUnreadable as e:
+        found, unreadable = None, str(e)
+    return record.learned_delay(found, sd.learned_min, sd.learned_max, sd.learned_margin, unreadable)
+
+
+class _RecordUnreadable(Exception):
+    """The fleet's record of horizons could not be read: one line saying why."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _read_record(config: Config) -> bytes | None:
+    """The record of ``config``'s service (drain/record.py), blocking; raises _RecordUnreadable."""
+    from .drain import record
+    from .exit_codes import EX_NOPERM
+    from .registry.consul import ConsulPermissionDenied, ConsulRejected, ConsulUnavailable, read_kv
+
+    key = record.key(config.service.name)
+    if config.registry.kind.value == "etcd":
+        raise _RecordUnreadable("reading the etcd record here is not supported yet", EX_CONFIG)
+    try:
+        return read_kv(config.consul, key)
+    except ConsulPermissionDenied as e:
+        raise _RecordUnreadable(f"{e}; reading the record needs key:read on {key!r}", EX_NOPERM) from None
+    except ConsulRejected as e:
+        raise _RecordUnreadable(str(e), EX_CONFIG) from None
+    except ConsulUnavailable as e:
+        raise _RecordUnreadable(str(e), EX_UNAVAILABLE) from None
 
 
 def _traffic_view_here(config: Config) -> dict[str, Any]:

@@ -202,6 +202,7 @@ class Sidecar:
         self._displaced = False
         # The fleet's record of horizons, read during the drain's wait (drain/record.py).
         self._record_read: asyncio.Future[tuple[int, bytes | None]] | None = None
+        self._delay_s = config.shutdown.propagation_delay  # the drain's wait: propagation_delay, or the learned one
 
     # --- the whole life ---------------------------------------------------------
 
@@ -755,11 +756,12 @@ class Sidecar:
                     last, outcome = late, late.outcome
             ended: DrainEnd | None = None
             confirmed_at = self.clock.monotonic()
+            self._delay_s = cfg.propagation_delay  # the wait's bound: a learned delay replaces it (_wait)
             if outcome is Deregistration.CONFIRMED:
                 self.drain_wait.measure_from(confirmed_at)  # the horizon, whatever the strategy
                 self._read_record()  # during the wait: the write after it is then one round trip
                 # A late confirmation shortens the delay rather than push the app past the worst case.
-                _, ended = await self._first(self.drain_wait.wait(confirmed_at), self._skip_or_bound(bound))
+                _, ended = await self._first(self._wait(confirmed_at), self._skip_or_bound(bound))
             if ended is None:
                 ended = (
                     DrainEnd.SECOND_SIGINT
@@ -775,7 +777,7 @@ class Sidecar:
                 "sidecar.drain.delay_done",
                 strategy=cfg.strategy,
                 reason=ended.value,
-                bound_s=cfg.propagation_delay,
+                bound_s=self._delay_s,
                 deregistration=outcome.value,
                 cpu_ms=self.drain_wait.cpu_ms,
                 elapsed_ms=self._ms(confirmed_at),
@@ -826,6 +828,58 @@ class Sidecar:
             lost=seen.lost,
         )
         return seen
+
+    async def _wait(self, confirmed_at: float) -> DrainEnd:
+        """The wait after the confirmed deregistration: with ``propagation_delay = "learned"``, first the delay
+        the fleet's record recommends (read since the confirmation: the read counts within the delay)."""
+        if self.config.shutdown.learned:
+            self._delay_s = await self._learned_delay(confirmed_at)
+            return await self.drain_wait.wait(confirmed_at, self._delay_s)
+        return await self.drain_wait.wait(confirmed_at)
+
+    async def _learned_delay(self, confirmed_at: float) -> float:
+        """The learned delay (drain/record.py ``learned_delay``) from the record read at the confirmation
+        (``_read_record``), within a deadline: the registry's timeout, at most learned_max. A record that
+        cannot be read (no answer, a refusal, garbage) means learned_max, the safe side; one event either way."""
+        sd = self.config.shutdown
+        read = self._record_read
+        found: list[dict[str, Any]] | None = None
+        unreadable: str | None = None
+        deadline = min(self.config.registry_timeout, sd.learned_max)
+        if read is None:
+            unreadable = "this registry keeps no record"
+        else:
+            try:
+                async with asyncio.timeout(max(0.0, confirmed_at + deadline - self.clock.monotonic())):
+                    _, value = await asyncio.shield(read)  # the record's write after the wait reuses this read
+                found = horizon_record.samples(value)
+            except TimeoutError:
+                unreadable = f"no answer within {deadline:g}s"
+            except RegistryPermissionDenied as e:
+                unreadable = f"{e} (the token needs key:read on the record)"
+            except Exception as e:  # noqa: BLE001 - whatever the read met, the drain waits learned_max
+                unreadable = str(e) or type(e).__name__
+        learned = horizon_record.learned_delay(found, sd.learned_min, sd.learned_max, sd.learned_margin, unreadable)
+        (
+            self.log.warning
+            if learned.reason == "record_unreadable" or learned.clamped == "learned_max"
+            else self.log.info
+        )(
+            "sidecar.drain.learned_delay",
+            delay_s=learned.delay_s,
+            reason=learned.reason,
+            why=learned.why,
+            samples=learned.count,
+            p99_ms=learned.p99_ms,
+            margin_ms=learned.margin_ms,
+            clamped=learned.clamped,
+            key=horizon_record.key(self.config.service.name),
+            elapsed_ms=self._ms(confirmed_at),
+            hint="raise shutdown.learned_max (and shutdown.budget with it): consumers kept sending longer"
+            if learned.clamped == "learned_max"
+            else None,
+        )
+        return learned.delay_s
 
     def _read_record(self) -> None:
         """Read the fleet's record of horizons while the drain waits anyway, so that appending to it after

@@ -71,9 +71,11 @@ def test_settings_defaults_are_the_tables() -> None:
     """What a file that sets nothing gets equals the settings' own defaults, which equal the table's."""
     sd = ShutdownSettings()
     assert (sd.propagation_delay, sd.app_timeout, sd.strategy) == (5.0, 20.0, Strategy.FIXED)
+    assert (sd.learned, sd.learned_margin) == (False, None)  # propagation_delay's second field; no static default
     for f in dataclasses.fields(ShutdownSettings):
-        if f.name != "dns":
+        if f.name not in ("dns", "propagation_delay", "learned", "learned_margin"):
             assert getattr(sd, f.name) == default(f"shutdown.{f.name}"), f.name
+    assert sd.propagation_delay == default("shutdown.propagation_delay")[0]
     assert StartupSettings() == StartupSettings(default("startup.wait_healthy"), default("startup.timeout"))
     assert (StatusSettings().host, StatusSettings().port) == ("127.0.0.1", 0)
 
@@ -169,8 +171,9 @@ def test_each_key_has_one_default(tmp_path: Path) -> None:
         got = getattr(getattr(c, key.section), key.attr)
         if key.path == "consul.address":
             assert got == f"http://{key.value}"
-        elif key.path == "status.listen":
-            assert (c.status.host, c.status.port) == key.value  # type: ignore[union-attr]
+        elif len(key.model_fields) > 1:  # status.listen, shutdown.propagation_delay: one field per part
+            section = getattr(c, key.section)
+            assert tuple(getattr(section, f) for f in key.model_fields) == key.value, key.path
         else:
             assert got == key.value, key.path
 
@@ -297,15 +300,22 @@ def test_the_loader_reads_the_environment_through_the_table(tmp_path: Path, monk
 
 
 def test_only_with_is_a_typed_condition() -> None:
-    """only_with names a choice key of the same section and one of its values; effective() shows the
-    traffic keys only with strategy = "traffic"."""
+    """only_with names a choice key of the same section and one of its values, or a duration key and its
+    word (held in the settings' flag); effective() shows the traffic keys only with strategy = "traffic",
+    the learned ones only with propagation_delay = "learned"."""
     conditional = [k for k in KEYS if k.only_with is not None]
     assert {k.path for k in conditional} >= {"shutdown.min_delay", "shutdown.dns", "hot_restart.warmup"}
     for k in conditional:
         assert k.only_with is not None
         other = BY_PATH[f"{k.section}.{k.only_with.key}"]
-        assert other.choices is not None and k.only_with.value in other.choices, k.path
+        if k.only_with.flag:
+            assert other.word == k.only_with.value and k.only_with.flag in other.model_fields, k.path
+        else:
+            assert other.choices is not None and k.only_with.value in list(other.choices), k.path
     min_delay = BY_PATH["shutdown.min_delay"].only_with
     assert min_delay is not None and min_delay.words == 'strategy = "traffic"'
     assert min_delay.holds(ShutdownSettings(strategy=Strategy.TRAFFIC))
     assert not min_delay.holds(ShutdownSettings())
+    learned = BY_PATH["shutdown.learned_max"].only_with
+    assert learned is not None and learned.words == 'propagation_delay = "learned"'
+    assert learned.holds(ShutdownSettings(learned=True)) and not learned.holds(ShutdownSettings())

@@ -61,6 +61,8 @@ def _bounds(key: Key) -> str:
     if key.choices is not None:
         parts.append(" or ".join(_code(c.value) for c in key.choices))
     parts += [f"{_code(v)}: off" for v in key.off if v]
+    if key.word:
+        parts.append(f"or {_code(key.word)}")
     return ", ".join(parts)
 
 
@@ -88,7 +90,7 @@ def render_markdown() -> str:
         out.append("")
     worst = (
         default("shutdown.deregister_timeout")
-        + default("shutdown.propagation_delay")
+        + default("shutdown.propagation_delay")[0]
         + default("shutdown.app_timeout")
         + KILL_REAP_TIMEOUT
     )
@@ -135,7 +137,8 @@ def effective(config: Config, section: str) -> dict[str, Any]:
             continue
         if key.only_with is not None and not key.only_with.holds(settings):
             continue
-        out[key.attr] = _json(getattr(settings, key.attr))
+        value = getattr(settings, key.attr)
+        out[key.attr] = key.word if key.word and getattr(settings, key.model_fields[1]) else _json(value)
     return out
 
 

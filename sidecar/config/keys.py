@@ -90,13 +90,16 @@ class OnlyWith:
     """A key that is shown and used only while another key of its section has this value."""
 
     key: str  # a key of the same section
-    value: enum.StrEnum
+    value: enum.StrEnum | str
+    flag: str = ""  # the settings' boolean field that says the key has this value, when the key's own does not
 
     @property
     def words(self) -> str:
         return f'{self.key} = "{self.value}"'
 
     def holds(self, settings: object) -> bool:
+        if self.flag:
+            return bool(getattr(settings, self.flag, False))
         return bool(getattr(settings, self.key, None) == self.value)
 
 
@@ -121,6 +124,9 @@ class Key:
     choices: type[enum.StrEnum] | None = None  # Kind.CHOICE
     choice_words: tuple[str, ...] = ()  # Kind.CHOICE: what each choice means, in the problem for a bad one
     off: tuple[str, ...] = ()  # values that turn the feature off instead of being parsed
+    # Kind.DURATION: the one word the key takes instead of a duration. The key then fills two fields: the
+    # seconds (None for the word) and whether the word was given (shutdown.propagation_delay = "learned").
+    word: str = ""
     required: bool = False
     only_with: OnlyWith | None = None  # shown and used only with this setting
     field: str = ""  # the attribute of the section's settings holding the value ("" = name)
@@ -263,6 +269,7 @@ def _restart_signal(sig: signal.Signals) -> signal.Signals:
 
 _POSITIVE = 0.001  # durations that bound a wait: "0" would mean "give up at once"
 _TRAFFIC = OnlyWith("strategy", Strategy.TRAFFIC)
+_LEARNED = OnlyWith("propagation_delay", "learned", flag="learned")
 
 KEYS: tuple[Key, ...] = (
     # --- [consul] ---------------------------------------------------------------------------------
@@ -580,8 +587,38 @@ KEYS: tuple[Key, ...] = (
         "propagation_delay",
         Kind.DURATION,
         "`fixed`: from confirmed deregistration to the app's signal "
-        "(monotonic clock). `traffic`: the upper bound of the wait (30s is a good value)",
+        "(monotonic clock). `traffic`: the upper bound of the wait (30s is a good value). "
+        '`"learned"` (`fixed` only): the delay the fleet\'s record of drain horizons recommends, within '
+        "`learned_min` .. `learned_max` (see [Learned delay](drain.md#the-learned-delay))",
         default="5s",
+        word="learned",
+        fields=("propagation_delay", "learned"),
+    ),
+    Key(
+        "shutdown",
+        "learned_min",
+        Kind.DURATION,
+        "the shortest learned delay, whatever the record says",
+        default="1s",
+        only_with=_LEARNED,
+    ),
+    Key(
+        "shutdown",
+        "learned_max",
+        Kind.DURATION,
+        "the longest learned delay; also the delay while the record holds fewer than 10 drains or cannot be "
+        "read, and the upper bound in the worst case",
+        default="5s",
+        minimum=_POSITIVE,
+        only_with=_LEARNED,
+    ),
+    Key(
+        "shutdown",
+        "learned_margin",
+        Kind.DURATION,
+        "added to the record's p99 horizon",
+        default_doc="a fifth of the p99, at least 0.5s and at most 5s (what `consul-sidecar horizon` recommends)",
+        only_with=_LEARNED,
     ),
     Key(
         "shutdown",
@@ -788,7 +825,7 @@ def _parse_default(key: Key) -> Any:
     raw = key.default
     if key.kind is Kind.DURATION:
         assert isinstance(raw, str)
-        return parse_duration(raw)
+        return (parse_duration(raw), False) if key.word else parse_duration(raw)
     if key.kind is Kind.SIGNAL:
         assert isinstance(raw, str)
         return parse_signal(raw)

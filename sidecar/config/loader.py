@@ -190,20 +190,26 @@ class _Section:
             raise Invalid(f"must be true or false, not {_kind(v)}")
         return v
 
-    def duration(self, key: Key) -> float:
+    def duration(self, key: Key) -> float | tuple[float | None, bool]:
         v = self.data[key.name]
         if v in key.off:
             return 0.0
         if not isinstance(v, str):
-            raise Invalid(f'must be a duration string like "5s", not {_kind(v)}')
+            raise Invalid(f'must be a duration string like "5s"{self._or_word(key)}, not {_kind(v)}')
         text = _interpolate(v, key.path, self.env, self.problems)
+        if key.word and text.strip() == key.word:
+            return (None, True)
         try:
             seconds = parse_duration(text)
         except ValueError as e:
-            raise Invalid(str(e)) from None
+            raise Invalid(f"{e}{self._or_word(key)}") from None
         if key.minimum is not None and seconds < key.minimum:
             raise Invalid(f"{text!r} is shorter than {format_duration(key.minimum)}{key.why_minimum}", keep=seconds)
-        return seconds
+        return (seconds, False) if key.word else seconds
+
+    @staticmethod
+    def _or_word(key: Key) -> str:
+        return f' or "{key.word}"' if key.word else ""
 
     def integer(self, key: Key) -> int:
         lo, hi = int(key.minimum or 0), int(key.maximum or 0)
@@ -569,7 +575,19 @@ def _simple(sec: _Section, settings: type, *besides: str) -> dict[str, Any]:
 
 
 def _shutdown_settings(sec: _Section, problems: _Problems) -> ShutdownSettings:
-    settings = ShutdownSettings(**_simple(sec, ShutdownSettings))
+    seconds, learned = sec["propagation_delay"]
+    if learned:  # the wait's upper bound, in the worst case and every rule that needs one, is learned_max
+        seconds = sec["learned_max"]
+        if sec["strategy"] is Strategy.TRAFFIC:
+            problems.add(
+                sec.key("propagation_delay"),
+                '"learned" works with strategy = "fixed": the traffic strategy ends each drain on its own '
+                "evidence; give it a duration, the upper bound of its wait",
+            )
+        if sec["learned_min"] > sec["learned_max"]:
+            problems.add(sec.key("learned_min"), "is longer than shutdown.learned_max")
+    fields = _simple(sec, ShutdownSettings, "propagation_delay", "learned")
+    settings = ShutdownSettings(propagation_delay=seconds, learned=learned, **fields)
     if settings.strategy is Strategy.TRAFFIC and settings.min_delay > settings.propagation_delay:
         problems.add(sec.key("min_delay"), "is longer than shutdown.propagation_delay, the upper bound of the wait")
     return settings

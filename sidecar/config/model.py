@@ -104,7 +104,12 @@ class StartupSettings:
 @dataclass(frozen=True)
 class ShutdownSettings:
     deregister_timeout: float = default("shutdown.deregister_timeout")
-    propagation_delay: float = default("shutdown.propagation_delay")
+    # The wait's length, or with ``learned`` its upper bound (learned_max): the worst case counts it.
+    propagation_delay: float = default("shutdown.propagation_delay")[0]
+    learned: bool = False  # propagation_delay = "learned": the fleet's record of horizons sets the delay
+    learned_min: float = default("shutdown.learned_min")
+    learned_max: float = default("shutdown.learned_max")
+    learned_margin: float | None = None  # None: record.margin's rule, as consul-sidecar horizon recommends
     app_signal: signal.Signals = default("shutdown.app_signal")
     app_timeout: float = default("shutdown.app_timeout")
     budget: float = default("shutdown.budget")  # the platform's stop timeout we must fit in (Kubernetes' default: 30 s)
@@ -136,7 +141,7 @@ class ShutdownSettings:
             return None
         biggest = max(
             (self.app_timeout, "shutdown.app_timeout"),
-            (self.propagation_delay, "shutdown.propagation_delay"),
+            (self.propagation_delay, "shutdown.learned_max" if self.learned else "shutdown.propagation_delay"),
             (self.deregister_timeout, "shutdown.deregister_timeout"),
         )[1]
         return (

@@ -24,6 +24,7 @@ from typing import Any
 
 __all__ = [
     "KEY_PREFIX",
+    "Learned",
     "MARGIN_MAX_MS",
     "MARGIN_MIN_MS",
     "MIN_SAMPLES",
@@ -31,6 +32,7 @@ __all__ = [
     "RECOMMEND_MAX_MS",
     "Summary",
     "key",
+    "learned_delay",
     "merge",
     "percentile",
     "samples",
@@ -154,9 +156,10 @@ def table(service: str, summary: Summary) -> str:
     return "\n".join(lines)
 
 
-def summarise(found: Sequence[dict[str, Any]], peers: int = 5) -> Summary:
+def summarise(found: Sequence[dict[str, Any]], peers: int = 5, margin_ms: int | None = None) -> Summary:
     """The statistics of the samples' ``horizon_ms``, the slowest peers over all samples (each peer's
-    latest ``last_ms``), and the recommendation."""
+    latest ``last_ms``), and the recommendation: p99 plus ``margin_ms``, or plus ``margin(p99)``."""
+    fixed_margin = margin_ms
     values = [float(s["horizon_ms"]) for s in found]
     slowest: dict[str, dict[str, Any]] = {}
     for s in found:
@@ -172,10 +175,11 @@ def summarise(found: Sequence[dict[str, Any]], peers: int = 5) -> Summary:
     if not values:
         return Summary(0, None, None, None, None, top, None, None, needed, False)
     p99 = percentile(values, 99)
-    recommended = margin_ms = None
+    recommended = None
+    margin_ms = None
     capped = False
     if not needed:
-        margin_ms = margin(p99)
+        margin_ms = margin(p99) if fixed_margin is None else fixed_margin
         recommended = int(math.ceil(p99)) + margin_ms
         capped = recommended > RECOMMEND_MAX_MS
         recommended = min(recommended, RECOMMEND_MAX_MS)
@@ -191,3 +195,75 @@ def summarise(found: Sequence[dict[str, Any]], peers: int = 5) -> Summary:
         needed=needed,
         capped=capped,
     )
+
+
+@dataclass(frozen=True)
+class Learned:
+    """The delay ``propagation_delay = "learned"`` waits, and why: the record's recommendation within
+    [learned_min, learned_max], or learned_max when the record cannot recommend anything."""
+
+    delay_s: float
+    reason: str  # "record", "too_few_samples" or "record_unreadable"
+    why: str  # the same, in words, with the figures
+    count: int  # samples in the record (0 when unreadable)
+    p99_ms: int | None
+    margin_ms: int | None
+    clamped: str | None  # "learned_min" or "learned_max" when the recommendation was outside them
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "delay_s": self.delay_s,
+            "reason": self.reason,
+            "why": self.why,
+            "samples": self.count,
+            "p99_ms": self.p99_ms,
+            "margin_ms": self.margin_ms,
+            "clamped": self.clamped,
+        }
+
+
+def learned_delay(
+    found: Sequence[dict[str, Any]] | None,
+    learned_min: float,
+    learned_max: float,
+    learned_margin: float | None = None,
+    unreadable: str | None = None,
+) -> Learned:
+    """What a learned drain waits, given the record's samples (None: the record could not be read,
+    ``unreadable`` says why). The recommendation is ``consul-sidecar horizon``'s (p99 plus the margin),
+    with ``learned_margin`` (seconds) in place of the computed margin when set."""
+    bounds = f"learned_min {learned_min:g}s .. learned_max {learned_max:g}s"
+    if found is None:
+        return Learned(
+            learned_max,
+            "record_unreadable",
+            f"the record could not be read ({unreadable}): learned_max",
+            0,
+            None,
+            None,
+            None,
+        )
+    margin_ms = None if learned_margin is None else int(round(learned_margin * 1000))
+    try:
+        summary = summarise(found, peers=0, margin_ms=margin_ms)
+    except (ValueError, OverflowError) as e:  # NaN or Infinity: json.loads takes them, no drain measures them
+        return learned_delay(None, learned_min, learned_max, learned_margin, f"a horizon no drain measured: {e}")
+    if summary.recommended_ms is None:
+        return Learned(
+            float(learned_max),
+            "too_few_samples",
+            f"{summary.count} of the {MIN_SAMPLES} drains a recommendation needs: learned_max",
+            summary.count,
+            summary.p99_ms,
+            None,
+            None,
+        )
+    wanted = summary.recommended_ms / 1000
+    delay = min(learned_max, max(learned_min, wanted))
+    clamped = "learned_max" if wanted > learned_max else "learned_min" if wanted < learned_min else None
+    why = f"p99 {_s(summary.p99_ms)} + margin {_s(summary.margin_ms)} over {summary.count} drains"
+    if summary.capped:
+        why += f", capped at {_s(RECOMMEND_MAX_MS)}"
+    if clamped is not None:
+        why += f" = {wanted:g}s, outside {bounds}: {clamped}"
+    return Learned(float(delay), "record", why, summary.count, summary.p99_ms, summary.margin_ms, clamped)

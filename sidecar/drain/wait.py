@@ -396,19 +396,20 @@ class DrainWait:
             self._watcher.close()
             self._watcher = None
 
-    async def wait(self, confirmed_at: float) -> DrainEnd:
+    async def wait(self, confirmed_at: float, delay: float | None = None) -> DrainEnd:
         """Wait as the strategy says, counting from ``confirmed_at`` (monotonic); return why it ended.
+        ``delay``: the fixed strategy's wait when not ``propagation_delay`` (a learned delay).
 
         ``cpu_ms`` afterwards: the process CPU time the wait used (the cost of polling).
         """
         cpu0 = time.process_time()
         try:
-            return await self._wait(confirmed_at)
+            return await self._wait(confirmed_at, self.sd.propagation_delay if delay is None else delay)
         finally:
             self.cpu_ms = round((time.process_time() - cpu0) * 1000, 1)
 
-    async def _wait(self, confirmed_at: float) -> DrainEnd:
-        upper = confirmed_at + self.sd.propagation_delay
+    async def _wait(self, confirmed_at: float, delay: float) -> DrainEnd:
+        upper = confirmed_at + delay
         if not self._prepared:
             # A SIGTERM that came between the registration and the end of the start-up cancelled its
             # prepare(): look at the port now, within the wait (its bound counts from confirmed_at), rather

@@ -21,7 +21,7 @@ loose bounds):
 Failures are counted per phase from the consumer's own records (a phase ends once the consumer no longer
 routes to any drained instance).
 
-Usage: python bench/horizon_proof.py [--horizons 2 4] [--fixed]     (~4 min for H = 2 and 4 s)
+Usage: python bench/horizon_proof.py [--horizons 2 4] [--fixed]     (~3.5 min for H = 2 and 4 s)
 Everything it starts is stopped at the end, also on Ctrl-C.
 """
 

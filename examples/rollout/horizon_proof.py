@@ -224,10 +224,11 @@ class KnownHorizonRollout:
         """Start the new instance, wait until it passes, drain the oldest (which must belong to ``phase``)."""
         new = self._start(slot)
         await asyncio.to_thread(self._wait_passing, new)
-        old = self.live.pop(0)
+        old = self.live[0]  # live until it has exited: teardown stops whatever is left there
         assert old.phase == phase.name, (old.phase, phase.name)
         old.sidecar.send(signal.SIGTERM)
         code = await asyncio.to_thread(old.sidecar.wait, 90)
+        self.live.remove(old)
         self.drained.append(old)
         sc = old.sidecar
         delay_done = sc.event("sidecar.drain.delay_done")

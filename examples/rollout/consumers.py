@@ -105,6 +105,7 @@ class _Consumer(abc.ABC):
         self.consul_address, self.name, self.port, self.rate = consul_address, name, port, rate
         self.records: list[Record] = []
         self.t0 = time.monotonic()
+        self.history = _History()
 
     @abc.abstractmethod
     def connector(self) -> aiohttp.TCPConnector:
@@ -113,8 +114,12 @@ class _Consumer(abc.ABC):
     def answer(self, history: _History) -> list[str]:
         return history.as_of(time.monotonic())
 
+    def routes_to(self) -> list[str]:
+        """The addresses a request started now would choose from."""
+        return self.answer(self.history)
+
     async def run(self, stop: asyncio.Event) -> list[Record]:
-        history = _History()
+        history = self.history
         follower = asyncio.create_task(_follow(self.consul_address, self.name, history, stop))
         rr = count()
         async with aiohttp.ClientSession(connector=self.connector(), timeout=aiohttp.ClientTimeout(total=5)) as session:

@@ -24,7 +24,6 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from trees import base_python  # noqa: E402
 
 from examples.rollout.consumers import HorizonConsumer, end_drain  # noqa: E402
-from testkit import APP, Consul, Sidecar, free_port, kill_all_started, procs, wait_for  # noqa: E402
+from testkit import APP, Consul, Sidecar, free_port, procs, scratch_agent, wait_for  # noqa: E402
 
 DELAY = 5.0
 VARIANTS: dict[str, dict[str, str]] = {
@@ -85,13 +84,9 @@ async def main() -> None:
     ap.add_argument("--rate", type=float, default=200.0)
     args = ap.parse_args()
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+    with scratch_agent() as (work, consul):
         base = base_python(args.base, work)
         own = procs.PY
-        (work / "consul").mkdir()
-        consul = Consul(work / "consul")
-        consul.start()
         try:
             for run in range(args.runs):
                 for variant, shutdown in VARIANTS.items():
@@ -108,8 +103,6 @@ async def main() -> None:
                     print(f"run {run} {variant}: cpu {r['cpu_ms']} ms over {r['elapsed_ms']} ms{extra}", flush=True)
         finally:
             procs.PY = own
-            consul.stop()
-            kill_all_started()
     print(f"\nmedians over {args.runs} runs, {args.rate:g} requests/s (about half to the draining instance):")
     print("| variant | sidecar CPU during the 5 s wait | per second | new connections seen |")
     print("|---|---|---|---|")

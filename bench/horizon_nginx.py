@@ -22,7 +22,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from examples.rollout.loadgen import summarize  # noqa: E402
 from examples.rollout.nginx_horizon import NginxDrain, drain_behind_nginx  # noqa: E402
-from testkit import Consul, kill_all_started  # noqa: E402
+from testkit import scratch_agent  # noqa: E402
 
 
 def _row(label: str, values: list[float]) -> str:
@@ -45,29 +44,21 @@ async def main() -> None:
     args = ap.parse_args()
     rng = random.SystemRandom()
     results: dict[int, list[NginxDrain]] = {v: [] for v in args.valid}
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        (work / "consul").mkdir()
-        consul = Consul(work / "consul")
-        consul.start()
-        try:
-            for run in range(args.drains):
-                for valid in args.valid:  # interleaved: both see the same machine noise
-                    d = work / f"{valid}-{run}"
-                    d.mkdir()
-                    phase = rng.uniform(0, valid)
-                    r = await drain_behind_nginx(consul, d, f"hn{valid}r{run}", valid, valid + 2.5, args.rate, phase)
-                    failed = summarize(r.records).failed
-                    results[valid].append(r)
-                    print(
-                        f"valid={valid}s drain {run}: phase {phase:.2f} s, measured {r.horizon_ms} ms,"
-                        f" expected {r.expected_ms:.0f} ms, validity {r.predicted_ms:.0f} ms,"
-                        f" nginx kept the answer {r.cache_ms:.0f} ms, failed requests {failed}",
-                        flush=True,
-                    )
-        finally:
-            consul.stop()
-            kill_all_started()
+    with scratch_agent() as (work, consul):
+        for run in range(args.drains):
+            for valid in args.valid:  # interleaved: both see the same machine noise
+                d = work / f"{valid}-{run}"
+                d.mkdir()
+                phase = rng.uniform(0, valid)
+                r = await drain_behind_nginx(consul, d, f"hn{valid}r{run}", valid, valid + 2.5, args.rate, phase)
+                failed = summarize(r.records).failed
+                results[valid].append(r)
+                print(
+                    f"valid={valid}s drain {run}: phase {phase:.2f} s, measured {r.horizon_ms} ms,"
+                    f" expected {r.expected_ms:.0f} ms, validity {r.predicted_ms:.0f} ms,"
+                    f" nginx kept the answer {r.cache_ms:.0f} ms, failed requests {failed}",
+                    flush=True,
+                )
     for valid, rs in results.items():
         print(f"\nvalid={valid}s, {len(rs)} drains, {args.rate:g} requests/s through nginx:")
         print("| | median | min | max |")

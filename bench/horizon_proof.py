@@ -32,7 +32,6 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from examples.rollout.horizon_proof import KnownHorizonRollout, PhaseResult, ProofPlan  # noqa: E402
 from sidecar.drain import record  # noqa: E402
-from testkit import Consul, kill_all_started  # noqa: E402
+from testkit import Consul, scratch_agent  # noqa: E402
 
 
 def _s(ms: float | None) -> str:
@@ -118,18 +117,10 @@ async def main() -> int:
     ap.add_argument("--quiet", action="store_true", help="only the summary, not each drain")
     args = ap.parse_args()
     summary: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        (work / "consul").mkdir()
-        consul = Consul(work / "consul")
-        consul.start()
-        try:
-            for horizon in args.horizons:
-                summary += await one_horizon(consul, work, horizon, not args.fixed, args.rate, _log(args.quiet))
-                summary.append("")
-        finally:
-            consul.stop()
-            kill_all_started()
+    with scratch_agent() as (work, consul):
+        for horizon in args.horizons:
+            summary += await one_horizon(consul, work, horizon, not args.fixed, args.rate, _log(args.quiet))
+            summary.append("")
     print("\n".join(summary))
     return 0
 

@@ -18,7 +18,6 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from trees import unpack  # noqa: E402
 
-from testkit import Consul, app_command, free_port, kill_all_started, spawn, wait_for, write_config  # noqa: E402
+from testkit import Consul, app_command, free_port, scratch_agent, spawn, wait_for, write_config  # noqa: E402
 from testkit.procs import log_events  # noqa: E402
 
 
@@ -72,20 +71,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--old", default="b07ae78", metavar="REF", help="code without the write (default b07ae78)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        work = Path(d)
+    with scratch_agent() as (work, consul):
         old_tree = unpack(args.old, work / "old")
-        (work / "consul").mkdir()
-        consul = Consul(work / "consul")
-        consul.start()
-        try:
-            old, new = [], []
-            for n in range(args.runs):
-                old.append(drain(consul, work, old_tree, "bench-old", n))
-                new.append(drain(consul, work, ROOT, "bench-new", n))
-        finally:
-            kill_all_started()
-            consul.stop()
+        old, new = [], []
+        for n in range(args.runs):
+            old.append(drain(consul, work, old_tree, "bench-old", n))
+            new.append(drain(consul, work, ROOT, "bench-new", n))
 
     def med(rows: list[dict[str, float]], k: str) -> float:
         return statistics.median(r[k] for r in rows)

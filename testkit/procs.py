@@ -18,10 +18,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +374,22 @@ class Sidecar:
     def app_pid(self) -> int:
         desc = self.wait_event("sidecar.app.started")["app"]
         return int(desc.split()[1])
+
+
+@contextlib.contextmanager
+def scratch_agent() -> Iterator[tuple[Path, Consul]]:
+    """A bench's ground: a scratch directory and a Consul dev agent started in it; on leaving (also on an
+    error or Ctrl-C), everything started is killed, the agent stopped and the directory removed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "consul").mkdir()
+        consul = Consul(work / "consul")
+        consul.start()
+        try:
+            yield work, consul
+        finally:
+            kill_all_started()
+            consul.stop()
 
 
 def terminate_all(sidecars: list[Sidecar], timeout: float = 60) -> None:

@@ -23,7 +23,7 @@ import pytest
 
 from sidecar.config import ConfigError, load_config
 from sidecar.drain import record
-from testkit import PY, ROOT, Consul, app_command, free_port, write_config
+from testkit import PY, ROOT, Consul, Sidecar, app_command, free_port, write_config
 from testkit.acl import make_token, writer_rules
 from testkit.fakes import FakeAgent, FakeApp, FakeProber, make_config, make_sidecar, until
 from testkit.suite import StartSidecar, base_config
@@ -254,6 +254,15 @@ def _learned_config(consul: Consul, name: str, port: int, **shutdown: str) -> di
     return base_config(consul, name, port, shutdown={"propagation_delay": "learned", **shutdown})
 
 
+def _sigterm_drain(sc: Sidecar, status: int = 0) -> dict[str, Any]:
+    """Registered, SIGTERMed, drained: its ``delay_done`` event, once the sidecar exited with ``status``."""
+    sc.wait_event("sidecar.consul.registered")
+    sc.send(signal.SIGTERM)
+    done = sc.wait_event("sidecar.drain.delay_done", timeout=60)
+    assert sc.wait(60) == status, sc.tail()
+    return done
+
+
 def test_a_real_drain_waits_what_the_record_recommends(
     consul: Consul, start_sidecar: StartSidecar, service_name: str
 ) -> None:
@@ -264,10 +273,7 @@ def test_a_real_drain_waits_what_the_record_recommends(
     _put_record(consul, service_name, [1500] * 12)
     port = free_port()
     sc = start_sidecar(_learned_config(consul, service_name, port, learned_max="12s"), app_command(port))
-    sc.wait_event("sidecar.consul.registered")
-    sc.send(signal.SIGTERM)
-    done = sc.wait_event("sidecar.drain.delay_done", timeout=60)
-    assert sc.wait(60) == 0, sc.tail()
+    done = _sigterm_drain(sc)
     [learned] = [e for e in sc.events() if e["event"] == "sidecar.drain.learned_delay"]
     assert (learned["delay_s"], learned["reason"], learned["samples"]) == (2.0, "record", 12), learned
     assert "clamped" not in learned, learned  # None fields are left out of the log
@@ -286,10 +292,7 @@ def test_a_real_drain_with_too_few_samples_waits_learned_max(
     _put_record(consul, service_name, [100, 100, 100])
     port = free_port()
     sc = start_sidecar(_learned_config(consul, service_name, port, learned_max="3s"), app_command(port))
-    sc.wait_event("sidecar.consul.registered")
-    sc.send(signal.SIGTERM)
-    done = sc.wait_event("sidecar.drain.delay_done", timeout=60)
-    assert sc.wait(60) == 0, sc.tail()
+    done = _sigterm_drain(sc)
     learned = sc.event("sidecar.drain.learned_delay")
     assert learned is not None and (learned["delay_s"], learned["reason"]) == (3.0, "too_few_samples"), learned
     assert done["bound_s"] == 3.0 and done["elapsed_ms"] >= 3000, done
@@ -308,10 +311,7 @@ def test_a_token_without_key_read_waits_learned_max_and_says_so(
     cfg = _learned_config(acl_consul, service_name, port, learned_max="2s", learned_min="500ms")
     cfg["consul"]["token_file"] = str(tmp_path / "token")
     sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--exit-code", "3"))
-    sc.wait_event("sidecar.consul.registered")
-    sc.send(signal.SIGTERM)
-    done = sc.wait_event("sidecar.drain.delay_done", timeout=60)
-    assert sc.wait(60) == 3, sc.tail()
+    done = _sigterm_drain(sc, 3)
     learned = sc.event("sidecar.drain.learned_delay")
     assert learned is not None and learned["level"] == "warning", learned
     assert (learned["delay_s"], learned["reason"]) == (2.0, "record_unreadable") and "key:read" in learned["why"]
@@ -383,10 +383,7 @@ def test_with_etcd_the_record_beside_the_prefix_sets_the_delay(
     now = json.loads(checked.stdout)["shutdown"]["learned_now"]
     assert (now["delay_s"], now["reason"], now["samples"]) == (2.0, "record", 12), (now, checked.stderr)
     sc = start_sidecar(sections, app_command(port))
-    sc.wait_event("sidecar.consul.registered")
-    sc.send(signal.SIGTERM)
-    done = sc.wait_event("sidecar.drain.delay_done", timeout=60)
-    assert sc.wait(60) == 0, sc.tail()
+    done = _sigterm_drain(sc)
     learned = sc.event("sidecar.drain.learned_delay")
     assert learned is not None and (learned["delay_s"], learned["reason"]) == (2.0, "record"), learned
     assert done["bound_s"] == 2.0 and 2000 <= done["elapsed_ms"] < 8000, done
@@ -429,10 +426,7 @@ def test_a_record_json_loads_chokes_on_never_breaks_a_real_drain(
     shown = _cli("horizon", "-c", str(tmp_path / "c.toml"))
     assert shown.returncode == 1 and "Traceback" not in shown.stderr, shown.stderr
     sc = start_sidecar(cfg, app_command(port, "127.0.0.1", "--exit-code", "3"))
-    sc.wait_event("sidecar.consul.registered")
-    sc.send(signal.SIGTERM)
-    done = sc.wait_event("sidecar.drain.delay_done", timeout=60)
-    assert sc.wait(60) == 3, sc.tail()
+    done = _sigterm_drain(sc, 3)
     learned = sc.event("sidecar.drain.learned_delay")
     assert learned is not None and learned["delay_s"] == 2.0, learned
     assert done["elapsed_ms"] >= 2000, done

@@ -72,6 +72,12 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     return track(proc)
 
 
+def spawn_unseen(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """``spawn`` in a network namespace of its own (``unshare --net``, its loopback up): the sidecar cannot
+    see its sockets."""
+    return spawn(["unshare", "--net", "sh", "-c", f"ip link set lo up; exec {' '.join(argv)}"], log)
+
+
 def track(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
     """Count a process started elsewhere (in a session of its own) among those teardown kills."""
     _started.append(proc)

@@ -20,7 +20,7 @@ import pytest
 from examples.rollout.consumers import PooledConsumer, horizon_drain
 from examples.rollout.loadgen import summarize
 from examples.rollout.rollout import Cluster, rollout
-from testkit import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, spawn, wait_for
+from testkit import Consul, Sidecar, app_command, free_port, http_get, read_signal_log, spawn_unseen, wait_for
 from testkit.suite import StartSidecar, base_config
 
 TRAFFIC = {
@@ -194,16 +194,7 @@ def test_port_not_visible_falls_back_to_the_fixed_delay(consul: Consul, tmp_path
     says so once, and waits the full propagation_delay (2 s here), never less."""
     port = free_port()
     siglog = tmp_path / "signals.log"
-    app = spawn(
-        [
-            "unshare",
-            "--net",
-            "sh",
-            "-c",
-            f"ip link set lo up; exec {' '.join(app_command(port, '127.0.0.1', '--signal-log', str(siglog)))}",
-        ],
-        tmp_path / "app.log",
-    )
+    app = spawn_unseen(app_command(port, "127.0.0.1", "--signal-log", str(siglog)), tmp_path / "app.log")
     time.sleep(0.5)
     cfg = base_config(
         consul,

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from examples.rollout.loadgen import summarize
 from examples.rollout.nginx import UpstreamNginx
-from examples.rollout.rollout import EtcdWatchCluster, rollout
+from examples.rollout.rollout import EtcdWatchCluster, counted_rollout
 from testkit import free_port, http_get, session_members, wait_for
 from testkit.etcd import Etcd, etcdctl
 from testkit.etcd_watch import EMPTY, EtcdWatcher, prefix_range_end, render, server_of
@@ -155,13 +154,7 @@ def nginx_workers(nginx: UpstreamNginx) -> set[int]:
 async def one_rollout(workdir: Path, etcd: Etcd, prefix: str, naive: bool) -> tuple[int, int, dict[str, int]]:
     # lag 1 s + an nginx reload (tens of ms) is well inside the sidecar's 3 s propagation_delay.
     cluster = EtcdWatchCluster(workdir, propagation_delay="3s", log=lambda _: None, lag=1.0, etcd=etcd, prefix=prefix)
-    try:
-        cluster.start()
-        result = await rollout(cluster, naive, replicas=2, rate=200.0, warmup=2.0, cooldown=2.0, log=lambda _: None)
-    finally:
-        cluster.stop()
-    s = summarize(result.records)
-    return s.requests, s.failed, s.by_version
+    return await counted_rollout(cluster, naive)
 
 
 @pytest.mark.integration

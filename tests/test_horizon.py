@@ -25,7 +25,18 @@ from examples.rollout.loadgen import summarize
 from sidecar.drain.horizon import NewConnections
 from sidecar.drain.sock_diag import Ended
 from sidecar.drain.tcp_events import DestroyEvents
-from testkit import APP, PY, Consul, Sidecar, app_command, free_port, http_get, read_signal_log, spawn, wait_for
+from testkit import (
+    APP,
+    PY,
+    Consul,
+    Sidecar,
+    app_command,
+    free_port,
+    http_get,
+    read_signal_log,
+    spawn_unseen,
+    wait_for,
+)
 from testkit.suite import RegisteredSidecar, StartSidecar, base_config
 
 CONSUMER = "127.0.0.77"  # the consumer's own source address: the peer the horizon must name
@@ -261,16 +272,7 @@ def test_no_view_says_so_once_and_records_nothing(consul: Consul, tmp_path: Path
     horizon (even 0) is invented where nothing could be seen."""
     port = free_port()
     siglog = tmp_path / "signals.log"
-    app = spawn(
-        [
-            "unshare",
-            "--net",
-            "sh",
-            "-c",
-            f"ip link set lo up; exec {' '.join(app_command(port, '127.0.0.1', '--signal-log', str(siglog)))}",
-        ],
-        tmp_path / "app.log",
-    )
+    app = spawn_unseen(app_command(port, "127.0.0.1", "--signal-log", str(siglog)), tmp_path / "app.log")
     try:
         cfg = base_config(
             consul,

@@ -11,19 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from examples.rollout.loadgen import summarize
-from examples.rollout.rollout import Cluster, rollout
+from examples.rollout.rollout import Cluster, counted_rollout
 
 
 async def one_rollout(workdir: Path, naive: bool) -> tuple[int, int, dict[str, int]]:
-    cluster = Cluster(workdir, propagation_delay="3s", log=lambda _: None)
-    try:
-        cluster.start()
-        result = await rollout(cluster, naive, replicas=2, rate=200.0, warmup=2.0, cooldown=2.0, log=lambda _: None)
-    finally:
-        cluster.stop()
-    s = summarize(result.records)
-    return s.requests, s.failed, s.by_version
+    return await counted_rollout(Cluster(workdir, propagation_delay="3s", log=lambda _: None), naive)
 
 
 @pytest.mark.integration

@@ -31,7 +31,7 @@ from testkit import APP, PY, ROOT, Consul, Sidecar, free_port, pid_alive, wait_f
 from testkit.etcd import Etcd, get_prefix
 from testkit.etcd_watch import EtcdWatcher
 
-from .loadgen import Record, run_load
+from .loadgen import Record, run_load, summarize
 from .nginx import Nginx, UpstreamNginx
 
 
@@ -386,6 +386,18 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+async def counted_rollout(cluster: RolloutCluster, naive: bool) -> tuple[int, int, dict[str, int]]:
+    """The tests' rollout: start ``cluster``, two v1 instances rolled to v2 at 200 requests/s, stop it all;
+    (requests, failed, requests by version)."""
+    try:
+        cluster.start()
+        result = await rollout(cluster, naive, replicas=2, rate=200.0, warmup=2.0, cooldown=2.0, log=lambda _: None)
+    finally:
+        cluster.stop()
+    s = summarize(result.records)
+    return s.requests, s.failed, s.by_version
 
 
 async def rollout(
